@@ -1,0 +1,286 @@
+"""The low-dimensional crystal model: parameters -> complex voxel object.
+
+A crystal is ``o(r) = s(r) rho(r) exp(i phi(r))`` centred on the grid (index ``N // 2``):
+
+* ``s``: a star-shaped body whose surface is ``R(n) = r0 (1 + sqrt(4 pi) sum_{l>=2} c_lm Y_lm(n))``
+  with a one-voxel linear (anti-aliased) edge, so the object changes smoothly with the
+  parameters. ``l = 0`` is the mean radius ``r0``; ``l = 1`` is left out because to first order
+  it only translates the crystal, which no intensity measurement can see.
+* ``rho``: uniform density plus Gaussian radial basis functions (voids when the amplitude is
+  negative, ramps when a broad one sits off centre), clipped at zero.
+* ``phi``: the projected lattice displacement as a polynomial of degree 2..``phase_order`` in
+  ``u = r / r0``; the constant (global phase) and linear (a shift of the Bragg peak) terms are
+  unobservable and left out.
+
+Lengths are relative to the grid (``radius`` is ``r0 / N``) or to ``r0`` (RBF centres and
+widths, the phase coordinates), so one parameter vector renders the same crystal on any ``N``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from ._harmonics import check_lmax, fibonacci_directions, grid_table, real_sph_harm
+
+_SQRT_4PI = float(np.sqrt(4.0 * np.pi))
+_MIN_RELATIVE_RADIUS = 0.2  # the surface never comes closer to the centre than 0.2 r0
+_AXES = "zyx"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A crystal rendered on the voxels it can reach (see :meth:`CrystalModel.render`)."""
+
+    n: int
+    flat_index: np.ndarray  # (K,) indices into the raveled N^3 grid
+    shape: np.ndarray  # (K,) soft support in [0, 1]
+    density: np.ndarray  # (K,) density (>= 0)
+    phase: np.ndarray  # (K,) phase in radians
+
+    def to_object(self) -> np.ndarray:
+        """The complex64 ``N^3`` object."""
+        obj = np.zeros(self.n**3, dtype=np.complex64)
+        amp = (self.shape * self.density).astype(np.float32)
+        obj[self.flat_index] = amp * np.exp(1j * self.phase.astype(np.float32))
+        return obj.reshape((self.n,) * 3)
+
+
+@dataclass(frozen=True)
+class CrystalModel:
+    """Layout, bounds and rendering of the crystal parameter vector.
+
+    Parameters
+    ----------
+    n : int
+        Grid size ``N`` of the rendered object (``N^3`` voxels).
+    lmax : int
+        Largest spherical-harmonic degree of the surface (coefficients for ``l = 2..lmax``).
+    n_rbf : int
+        Number of Gaussian radial basis functions in the density.
+    phase_order : int
+        Largest polynomial degree of the phase field (terms of degree 2..phase_order).
+    """
+
+    n: int = 64
+    lmax: int = 4
+    n_rbf: int = 3
+    phase_order: int = 3
+    _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        check_lmax(self.lmax)
+        if self.lmax < 2:
+            raise ValueError(f"lmax must be at least 2 (l = 0, 1 carry no shape), got {self.lmax}")
+        if not isinstance(self.n, (int, np.integer)) or self.n < 16:
+            raise ValueError(f"grid size n must be an integer >= 16, got {self.n!r}")
+        if not 0 <= self.n_rbf <= 16:
+            raise ValueError(f"n_rbf must be in [0, 16], got {self.n_rbf}")
+        if not 1 <= self.phase_order <= 5:
+            raise ValueError(f"phase_order must be in [1, 5] (1: no phase field), got "
+                             f"{self.phase_order}")
+
+    # ----------------------------------------------------------------- layout
+    @cached_property
+    def sh_degrees(self) -> np.ndarray:
+        """Degree ``l`` of each surface coefficient, in vector order."""
+        return np.array([l for l in range(2, self.lmax + 1) for _ in range(2 * l + 1)])
+
+    @cached_property
+    def phase_exponents(self) -> list[tuple[int, int, int]]:
+        """Exponents ``(a, b, c)`` of each phase monomial ``u_z^a u_y^b u_x^c``."""
+        out = []
+        for degree in range(2, self.phase_order + 1):
+            for combo in itertools.combinations_with_replacement(range(3), degree):
+                out.append(tuple(combo.count(k) for k in range(3)))
+        return out
+
+    @cached_property
+    def slices(self) -> dict[str, slice]:
+        """Where each group of parameters sits in the flat vector."""
+        sizes = {
+            "radius": 1,
+            "sh": len(self.sh_degrees),
+            "rbf_centre": 3 * self.n_rbf,
+            "rbf_amplitude": self.n_rbf,
+            "rbf_width": self.n_rbf,
+            "phase": len(self.phase_exponents),
+        }
+        out, start = {}, 0
+        for name, size in sizes.items():
+            out[name] = slice(start, start + size)
+            start += size
+        return out
+
+    @property
+    def size(self) -> int:
+        """Length of the parameter vector."""
+        return self.slices["phase"].stop
+
+    @cached_property
+    def names(self) -> list[str]:
+        """Parameter names, in vector order."""
+        names = ["radius"]
+        for l in range(2, self.lmax + 1):  # noqa: E741
+            names += [f"sh_l{l}_m{m}" for m in range(-l, l + 1)]
+        names += [f"rbf{k}_c{a}" for k in range(self.n_rbf) for a in _AXES]
+        names += [f"rbf{k}_amplitude" for k in range(self.n_rbf)]
+        names += [f"rbf{k}_width" for k in range(self.n_rbf)]
+        names += ["phase_" + "".join(a * e for a, e in zip(_AXES, ex, strict=True))
+                  for ex in self.phase_exponents]
+        return names
+
+    @cached_property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds of every parameter (physical units)."""
+        hi = np.empty(self.size)
+        s = self.slices
+        hi[s["radius"]] = 0.25
+        hi[s["sh"]] = np.select([self.sh_degrees == 2, self.sh_degrees == 3], [0.35, 0.2], 0.15)
+        hi[s["rbf_centre"]] = 0.8
+        hi[s["rbf_amplitude"]] = 1.0
+        hi[s["rbf_width"]] = 0.8
+        degree = np.array([sum(e) for e in self.phase_exponents])
+        hi[s["phase"]] = np.where(degree == 2, 3.0, 2.0)
+        lo = -hi
+        lo[s["radius"]] = 0.07
+        lo[s["rbf_width"]] = 0.15
+        for arr in (lo, hi):
+            arr.setflags(write=False)
+        return lo, hi
+
+    @cached_property
+    def twin_signs(self) -> np.ndarray:
+        """Signs that map a parameter vector to its twin ``conj(o(-r))``.
+
+        ``c_lm -> (-1)^l c_lm``, RBF centres ``-> -c``, phase terms of even degree change sign
+        (``phi'(r) = -phi(-r)``). The flipped parameters have bounds symmetric about zero, so the
+        same signs apply to the normalised vector.
+        """
+        signs = np.ones(self.size)
+        s = self.slices
+        signs[s["sh"]] = (-1.0) ** self.sh_degrees
+        signs[s["rbf_centre"]] = -1.0
+        degree = np.array([sum(e) for e in self.phase_exponents])
+        signs[s["phase"]] = -((-1.0) ** degree)
+        signs.setflags(write=False)
+        return signs
+
+    # ---------------------------------------------------------- conversions
+    def check_vector(self, params: np.ndarray) -> np.ndarray:
+        """Return ``params`` as a float64 vector, or raise ``ValueError``."""
+        p = np.asarray(params, dtype=np.float64)
+        if p.shape != (self.size,):
+            raise ValueError(f"parameter vector must have shape ({self.size},), got {p.shape}")
+        if not np.all(np.isfinite(p)):
+            raise ValueError("parameter vector contains NaN or inf")
+        return p
+
+    def normalise(self, params: np.ndarray) -> np.ndarray:
+        """Map physical parameters to [-1, 1] (bounds to -1 and +1)."""
+        lo, hi = self.bounds
+        return 2.0 * (self.check_vector(params) - lo) / (hi - lo) - 1.0
+
+    def denormalise(self, normalised: np.ndarray) -> np.ndarray:
+        """Map [-1, 1] back to physical parameters (values outside are clipped)."""
+        lo, hi = self.bounds
+        p = np.clip(self.check_vector(normalised), -1.0, 1.0)
+        return lo + (p + 1.0) * 0.5 * (hi - lo)
+
+    def clip(self, params: np.ndarray) -> np.ndarray:
+        """Clip physical parameters into their bounds."""
+        lo, hi = self.bounds
+        return np.clip(self.check_vector(params), lo, hi)
+
+    def twin(self, params: np.ndarray) -> np.ndarray:
+        """The parameters of the twin crystal ``conj(o(-r))`` (same intensity)."""
+        return self.check_vector(params) * self.twin_signs
+
+    def structured(self, params: np.ndarray) -> dict[str, np.ndarray | float]:
+        """A readable view: radius, SH coefficients by degree, RBFs, phase terms."""
+        p = self.check_vector(params)
+        s = self.slices
+        return {
+            "radius": float(p[s["radius"]][0]),
+            "sh": {l: p[s["sh"]][self.sh_degrees == l] for l in range(2, self.lmax + 1)},
+            "rbf_centre": p[s["rbf_centre"]].reshape(self.n_rbf, 3),
+            "rbf_amplitude": p[s["rbf_amplitude"]],
+            "rbf_width": p[s["rbf_width"]],
+            "phase": dict(zip(self.names[s["phase"]], p[s["phase"]], strict=True)),
+        }
+
+    def with_grid(self, n: int) -> CrystalModel:
+        """The same model rendered on an ``n^3`` grid."""
+        return CrystalModel(n=n, lmax=self.lmax, n_rbf=self.n_rbf, phase_order=self.phase_order)
+
+    def to_dict(self) -> dict:
+        """JSON-able description of the layout (for model cards and result files)."""
+        lo, hi = self.bounds
+        return {
+            "n": self.n, "lmax": self.lmax, "n_rbf": self.n_rbf, "phase_order": self.phase_order,
+            "names": self.names, "lower": lo.tolist(), "upper": hi.tolist(),
+            "twin_signs": self.twin_signs.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CrystalModel:
+        """Inverse of :meth:`to_dict` (checks that names match)."""
+        model = cls(n=int(d["n"]), lmax=int(d["lmax"]), n_rbf=int(d["n_rbf"]),
+                    phase_order=int(d["phase_order"]))
+        if "names" in d and list(d["names"]) != model.names:
+            raise ValueError("parameter names in the description do not match the model layout")
+        return model
+
+    # -------------------------------------------------------------- rendering
+    def surface_radius(self, params: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """Surface distance from the centre (voxels) along unit ``directions`` (..., 3)."""
+        p = self.check_vector(params)
+        y = real_sph_harm(self.lmax, directions)[4:]
+        return self._surface(p, np.tensordot(p[self.slices["sh"]], y, axes=1))
+
+    def _surface(self, p: np.ndarray, sh_sum: np.ndarray) -> np.ndarray:
+        r0 = p[0] * self.n
+        r = r0 * np.maximum(1.0 + _SQRT_4PI * sh_sum, _MIN_RELATIVE_RADIUS)
+        return np.minimum(r, self.n // 2 - 2.5)
+
+    def _max_extent(self, p: np.ndarray) -> float:
+        key = ("fib", self.lmax)
+        if key not in self._cache:
+            self._cache[key] = real_sph_harm(self.lmax, fibonacci_directions())[4:]
+        return float(self._surface(p, p[self.slices["sh"]] @ self._cache[key]).max())
+
+    def render(self, params: np.ndarray) -> Rendered:
+        """Evaluate shape, density and phase on the voxels the crystal can reach."""
+        p = self.check_vector(params)
+        s = self.slices
+        table = grid_table(self.n, self.lmax)
+        r0 = p[0] * self.n
+        # A Fibonacci-sampled maximum plus a margin bounds the surface; only voxels closer
+        # than that are evaluated (a prefix of the radius-sorted table).
+        k = table.prefix(self._max_extent(p) * 1.03 + 1.5)
+        sh_sum = p[s["sh"]].astype(np.float32) @ table.harmonics[4:, :k]
+        shape = np.clip(self._surface(p, sh_sum) - table.radius[:k] + 0.5, 0.0, 1.0)
+        inside = np.flatnonzero(shape > 0)
+        shape = shape[inside].astype(np.float32)
+        u = table.coords[:, inside] / np.float32(r0)
+
+        density = np.ones(inside.size, dtype=np.float32)
+        centres = p[s["rbf_centre"]].reshape(self.n_rbf, 3)
+        for c, a, w in zip(centres, p[s["rbf_amplitude"]], p[s["rbf_width"]], strict=True):
+            if a != 0.0:
+                d2 = np.sum((u - c[:, None].astype(np.float32)) ** 2, axis=0)
+                density += np.float32(a) * np.exp(d2 * np.float32(-0.5 / (w * w)))
+        np.maximum(density, 0.0, out=density)
+
+        phase = np.zeros(inside.size, dtype=np.float32)
+        for coeff, (ez, ey, ex) in zip(p[s["phase"]], self.phase_exponents, strict=True):
+            if coeff != 0.0:
+                phase += np.float32(coeff) * (u[0] ** ez) * (u[1] ** ey) * (u[2] ** ex)
+        return Rendered(self.n, table.flat_index[inside], shape, density, phase)
+
+    def voxelise(self, params: np.ndarray) -> np.ndarray:
+        """Render the complex64 ``N^3`` object of a parameter vector."""
+        return self.render(params).to_object()
