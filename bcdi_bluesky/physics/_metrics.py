@@ -125,12 +125,13 @@ def _remove_ramp(ref: np.ndarray, obj: np.ndarray, weight: np.ndarray) -> np.nda
     return (obj * np.exp(1j * ramp)).astype(np.complex64)
 
 
-def align(reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+def align(reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2,
+          phase: bool = True) -> np.ndarray:
     """Return ``obj`` or its twin, translated, with phase ramp and offset matched to ``reference``.
 
     The twin and translation are chosen by the amplitude cross-correlation; the ramp and the
-    global phase by a weighted fit over the voxels where both amplitudes exceed ``threshold``
-    of their maxima.
+    global phase (unless ``phase`` is False) by a weighted fit over the voxels where both
+    amplitudes exceed ``threshold`` of their maxima.
     """
     ref = check_volume(reference, "reference object", allow_complex=True, allow_negative=True)
     o = check_volume(obj, "object", allow_complex=True, allow_negative=True)
@@ -143,6 +144,8 @@ def align(reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2) -> np.
         if best is None or score > best[1]:
             best = (np.roll(cand, shift, axis=(0, 1, 2)), score)
     moved = best[0]
+    if not phase:
+        return moved
     a, b = ref_amp, np.abs(moved)
     weight = a * b * ((a > threshold * a.max()) & (b > threshold * b.max()))
     if not weight.any():
@@ -159,7 +162,7 @@ def support(obj: np.ndarray, threshold: float = 0.2) -> np.ndarray:
 def support_iou(reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2,
                 aligned: bool = False) -> float:
     """Intersection over union of the supports (after :func:`align` unless ``aligned``)."""
-    o = obj if aligned else align(reference, obj, threshold)
+    o = obj if aligned else align(reference, obj, threshold, phase=False)
     a, b = support(reference, threshold), support(o, threshold)
     union = np.count_nonzero(a | b)
     return float(np.count_nonzero(a & b) / union) if union else 1.0

@@ -1,0 +1,102 @@
+"""The 3D CNN (torch; training and export only): network input -> normalised crystal parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..physics import CrystalModel
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    """Stride-2 downsampling conv followed by a same-size conv, each with BatchNorm + ReLU."""
+    return nn.Sequential(
+        nn.Conv3d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm3d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm3d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class CrystalCNN(nn.Module):
+    """Encoder of four stride-2 stages (64^3 -> 4^3) and a dense head.
+
+    The head sees the flattened 4^3 feature map, not a global pool: the orientation of the
+    crystal is in *where* the streaks are, which pooling would throw away. The output goes
+    through ``tanh``, so predictions stay inside the normalised bounds [-1, 1].
+
+    Parameters
+    ----------
+    n_params : int
+        Length of the crystal parameter vector.
+    grid : int
+        Input size ``N`` (a multiple of 16).
+    width : int
+        Channels of the first stage (doubling at each stage).
+    hidden : int
+        Units of the dense layer.
+    """
+
+    def __init__(self, n_params: int, grid: int = 64, width: int = 16, hidden: int = 256):
+        super().__init__()
+        if grid % 16:
+            raise ValueError(f"grid must be a multiple of 16, got {grid}")
+        self.config = {"n_params": n_params, "grid": grid, "width": width, "hidden": hidden}
+        w = width
+        self.encoder = nn.Sequential(
+            nn.Conv3d(1, w, 4, stride=2, padding=1, bias=False),
+            nn.BatchNorm3d(w),
+            nn.ReLU(inplace=True),
+            _block(w, 2 * w),
+            _block(2 * w, 4 * w),
+            _block(4 * w, 8 * w),
+        )
+        flat = 8 * w * (grid // 16) ** 3
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.1),
+            nn.Linear(flat, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, n_params),
+            nn.Tanh(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, N, N, N)`` inputs -> ``(B, P)`` normalised parameters."""
+        return self.head(self.encoder(x))
+
+
+def parameter_weights(model: CrystalModel) -> np.ndarray:
+    """Loss weight of each parameter: the support (size, low-order shape) counts most."""
+    w = np.ones(model.size)
+    s = model.slices
+    w[s["radius"]] = 6.0
+    w[s["sh"]] = np.select([model.sh_degrees == 2, model.sh_degrees == 3], [3.0, 1.5], 1.0)
+    w[s["rbf_centre"]] = 0.3
+    w[s["rbf_amplitude"]] = 0.6
+    w[s["rbf_width"]] = 0.3
+    w[s["phase"]] = 0.6
+    return w / w.mean()
+
+
+class TwinInvariantLoss(nn.Module):
+    """Weighted MSE against the truth or its twin, whichever is closer, per sample.
+
+    The twin ``conj(o(-r))`` has the same intensity, so no network can tell the two apart: a
+    plain regression would average them and predict zero for every odd-``l`` coefficient.
+    """
+
+    def __init__(self, model: CrystalModel):
+        super().__init__()
+        self.register_buffer("signs", torch.tensor(np.array(model.twin_signs), dtype=torch.float32))
+        self.register_buffer("weights",
+                             torch.tensor(parameter_weights(model), dtype=torch.float32))
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of the per-sample minimum of the two weighted MSEs."""
+        direct = ((pred - target) ** 2 * self.weights).mean(dim=1)
+        twin = ((pred - target * self.signs) ** 2 * self.weights).mean(dim=1)
+        return torch.minimum(direct, twin).mean()

@@ -1,0 +1,205 @@
+"""Training of the crystal CNN on streamed simulated samples, resumable from checkpoints.
+
+Every sample is a deterministic function of ``(seed, stream, index)``, so a resumed run sees
+exactly the data it would have seen without the interruption, and no data set is stored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..physics import CrystalModel, CrystalPrior
+from .data import TRAIN_STREAM, VALIDATION_STREAM, make_batch
+from .evaluate import validate
+from .network import CrystalCNN, TwinInvariantLoss
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint)."""
+
+    name: str = "bcdi_cnn64"
+    grid: int = 64
+    lmax: int = 4
+    n_rbf: int = 3
+    phase_order: int = 3
+    width: int = 16
+    hidden: int = 256
+    batch_size: int = 16
+    steps: int = 4000
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    seed: int = 0
+    validate_every: int = 250
+    checkpoint_every: int = 100
+    validation_size: int = 128
+    extra: dict = field(default_factory=dict)
+
+    def crystal_model(self) -> CrystalModel:
+        """The parameter layout this run trains on."""
+        return CrystalModel(n=self.grid, lmax=self.lmax, n_rbf=self.n_rbf,
+                            phase_order=self.phase_order)
+
+
+class _BatchStream(Dataset):
+    """Batch ``i`` of the training stream, generated on demand (workers run this)."""
+
+    def __init__(self, config: TrainConfig, first_step: int):
+        self.config = config
+        self.model = config.crystal_model()
+        self.prior = CrystalPrior(self.model)
+        self.first_step = first_step
+
+    def __len__(self) -> int:
+        return max(self.config.steps - self.first_step, 0)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.first_step + i
+        b = self.config.batch_size
+        x, y = make_batch(self.model, self.prior, self.config.seed, TRAIN_STREAM, step * b, b)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 2% over ``config.steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    t = min((step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1), 1.0)
+    return config.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def checkpoint_path(directory: Path, name: str) -> Path:
+    """Where the latest checkpoint of run ``name`` lives."""
+    return Path(directory) / name / "last.pt"
+
+
+def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted save never corrupts the last checkpoint
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by :func:`train` (CPU tensors)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def build_network(config: TrainConfig) -> CrystalCNN:
+    """The network a config describes."""
+    return CrystalCNN(config.crystal_model().size, config.grid, config.width, config.hidden)
+
+
+def train(config: TrainConfig, directory: Path, *, resume: bool = False, device: str = "cpu",
+          workers: int = 1, time_limit_s: float | None = None, threads: int | None = None,
+          progress: bool = True) -> dict:
+    """Train (or continue training) and checkpoint; returns the final checkpoint state.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run. With ``resume``, the stored config is used, except ``steps`` which may be
+        raised to train longer.
+    directory : Path
+        Checkpoint folder (``<directory>/<name>/last.pt``).
+    resume : bool
+        Continue from the last checkpoint when there is one.
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    workers : int
+        Data-generation processes (0: generate in the training process).
+    time_limit_s : float, optional
+        Stop cleanly (with a checkpoint) after this many seconds of this call.
+    threads : int, optional
+        Torch intra-op threads on the CPU.
+    progress : bool
+        Show a progress bar (loss, validation IoU, ETA).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    path = checkpoint_path(directory, config.name)
+    state = None
+    if resume and path.is_file():
+        state = load_checkpoint(path)
+        stored = TrainConfig(**state["config"])
+        stored.steps = max(stored.steps, config.steps)
+        config = stored
+    torch.manual_seed(config.seed)
+    net = build_network(config).to(device)
+    loss_fn = TwinInvariantLoss(config.crystal_model()).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step, elapsed, history = 0, 0.0, []
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, history = state["step"], state["elapsed_s"], state["history"]
+
+    model = config.crystal_model()
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        net.eval()
+        with torch.no_grad():
+            out = net(torch.from_numpy(x[:, None]).to(device)).cpu().numpy()
+        net.train()
+        return out
+
+    def snapshot(elapsed_s: float) -> dict:
+        return {"config": asdict(config), "model": net.state_dict(),
+                "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed_s,
+                "history": history, "machine": platform.platform(),
+                "device": torch.cuda.get_device_name() if device.startswith("cuda") else
+                platform.processor() or platform.machine()}
+
+    loader = DataLoader(_BatchStream(config, step), batch_size=None, shuffle=False,
+                        num_workers=workers, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    started = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step",
+               dynamic_ncols=True, desc=config.name)
+    net.train()
+    running = None
+    for x, y in loader:
+        lr = _learning_rate(config, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        step += 1
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        now = time.perf_counter()
+        total_elapsed = elapsed + (now - started)
+        if step % config.validate_every == 0 or step == config.steps:
+            v = validate(predict, model, config.validation_size, config.seed,
+                         stream=VALIDATION_STREAM).summary()
+            history.append({"step": step, "loss": running, "elapsed_s": total_elapsed, **v})
+            bar.set_postfix(loss=f"{running:.4f}", val_iou=f"{v['iou_median']:.3f}", lr=f"{lr:.1e}")
+        elif step % 10 == 0:
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        out_of_time = time_limit_s is not None and now - started > time_limit_s
+        if step % config.checkpoint_every == 0 or out_of_time:
+            _save(path, snapshot(total_elapsed))
+        if out_of_time:
+            break
+    bar.close()
+    final = snapshot(elapsed + time.perf_counter() - started)
+    _save(path, final)
+    return final

@@ -1,0 +1,105 @@
+"""Measured volume -> the CNN's input: centre on the Bragg peak, fit to the model grid, log-scale.
+
+The same functions prepare the training data, so that simulated and measured volumes reach the
+network identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage
+
+from .physics import check_mask, check_volume
+
+
+def peak_position(intensity: np.ndarray, mask: np.ndarray | None = None,
+                  smooth: float = 1.0) -> tuple[int, int, int]:
+    """Index of the Bragg peak: the maximum after a light Gaussian smoothing.
+
+    Smoothing keeps a single hot pixel (or a noisy background voxel) from being taken for the
+    peak; masked voxels are ignored.
+    """
+    data = intensity if mask is None else np.where(mask, intensity, 0.0)
+    if smooth > 0:
+        data = scipy.ndimage.gaussian_filter(data.astype(np.float32), smooth, mode="wrap")
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(data)), data.shape))
+
+
+def centre_shift(intensity: np.ndarray, mask: np.ndarray | None = None) -> tuple[int, int, int]:
+    """Circular shift that brings the Bragg peak to index ``N // 2`` on every axis."""
+    peak = peak_position(intensity, mask)
+    return tuple(s // 2 - p for s, p in zip(intensity.shape, peak, strict=True))
+
+
+def remove_hot_pixels(intensity: np.ndarray, mask: np.ndarray | None = None,
+                      factor: float = 20.0) -> np.ndarray:
+    """Mask (True = valid) that also excludes isolated hot voxels.
+
+    A voxel is hot when it exceeds ``factor`` times the largest of its 26 neighbours plus one
+    count: a diffraction pattern is smooth on the speckle scale, a hot pixel is not.
+    """
+    footprint = np.ones((3, 3, 3), dtype=bool)
+    footprint[1, 1, 1] = False
+    neighbours = scipy.ndimage.maximum_filter(intensity, footprint=footprint, mode="nearest")
+    hot = intensity > factor * (neighbours + 1.0)
+    valid = ~hot if mask is None else (mask & ~hot)
+    return valid
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A measured volume brought onto the model's grid.
+
+    ``intensity`` and ``mask`` are centred ``n^3`` arrays; ``shift`` is the circular shift that
+    centred the input, ``crop`` the per-axis start of the ``n^3`` window in the shifted input,
+    and ``bin`` the binning factor applied after cropping (1 or more).
+    """
+
+    intensity: np.ndarray
+    mask: np.ndarray | None
+    shift: tuple[int, int, int]
+    crop: tuple[int, int, int]
+    bin: int
+
+
+def fit_to_grid(intensity: np.ndarray, n: int, mask: np.ndarray | None = None) -> Prepared:
+    """Centre a volume on its Bragg peak and bring it to an ``n^3`` grid.
+
+    Larger axes are cropped around the peak (which keeps the real-space field of view and so
+    the oversampling); smaller axes are zero-padded (and masked).
+    """
+    intensity = check_volume(intensity)
+    mask = check_mask(mask, intensity.shape)
+    shift = centre_shift(intensity, mask)
+    data = np.roll(intensity, shift, axis=(0, 1, 2))
+    m = None if mask is None else np.roll(mask, shift, axis=(0, 1, 2))
+    out = np.zeros((n, n, n), dtype=np.float32)
+    out_mask = np.zeros((n, n, n), dtype=bool)
+    src, dst, crop = [], [], []
+    for size in data.shape:
+        start = size // 2 - n // 2
+        lo, hi = max(start, 0), min(start + n, size)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+        crop.append(start)
+    out[tuple(dst)] = data[tuple(src)]
+    out_mask[tuple(dst)] = True if m is None else m[tuple(src)]
+    padded = any(s < n for s in data.shape)
+    final_mask = out_mask if (m is not None or padded) else None
+    return Prepared(out, final_mask, shift, tuple(crop), 1)
+
+
+def network_input(intensity: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """``log(1 + I)`` scaled to [0, 1] (masked voxels 0): the CNN's input convention.
+
+    The volume must already be centred on its peak (see :func:`fit_to_grid`).
+    """
+    x = np.log1p(np.asarray(intensity, dtype=np.float32))
+    if mask is not None:
+        x = np.where(mask, x, np.float32(0.0))
+    top = float(x.max())
+    if top <= 0:
+        raise ValueError("intensity has no signal in the valid voxels")
+    return (x / np.float32(top)).astype(np.float32, copy=False)

@@ -1,0 +1,74 @@
+"""ONNX Runtime latency and throughput on a GPU (CUDA, TensorRT) against the CPU provider.
+
+Run on a machine with a GPU and onnxruntime-gpu installed::
+
+    python benchmarks/bench_gpu_inference.py [MODEL.onnx] [--runs 50]
+
+Prints a table (median latency of one 64^3 volume, throughput at batch 8) per provider and the
+largest difference of each provider's output from the CPU provider's on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+
+def _session(path: str, provider: str) -> ort.InferenceSession | None:
+    if provider not in ort.get_available_providers():
+        return None
+    try:
+        s = ort.InferenceSession(path, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+    except Exception as exc:  # a provider that is listed can still fail to initialise
+        print(f"{provider}: failed to start ({str(exc).splitlines()[0][:120]})")
+        return None
+    return s if s.get_providers()[0] == provider else None
+
+
+def _median_ms(session: ort.InferenceSession, x: np.ndarray, runs: int) -> float:
+    name = session.get_inputs()[0].name
+    for _ in range(5):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    """Measure every available provider and print the table."""
+    from bcdi_bluesky.model.runtime import default_model_path
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args()
+    path = str(args.model or default_model_path())
+    rng = np.random.default_rng(0)
+    grid = 64
+    one = rng.uniform(size=(1, 1, grid, grid, grid)).astype(np.float32)
+    eight = rng.uniform(size=(8, 1, grid, grid, grid)).astype(np.float32)
+    print(f"onnxruntime {ort.__version__}; available: {ort.get_available_providers()}")
+    cpu = _session(path, "CPUExecutionProvider")
+    reference = cpu.run(None, {cpu.get_inputs()[0].name: eight})[0]
+    print(f"{'provider':<28}{'latency ms (b=1)':>18}{'volumes/s (b=8)':>18}{'max |diff| vs CPU':>20}")
+    for provider in ("CPUExecutionProvider", "CUDAExecutionProvider",
+                     "TensorrtExecutionProvider"):
+        s = cpu if provider == "CPUExecutionProvider" else _session(path, provider)
+        if s is None:
+            print(f"{provider:<28}{'not available':>18}")
+            continue
+        lat = _median_ms(s, one, args.runs)
+        thr = 8e3 / _median_ms(s, eight, max(args.runs // 5, 5))
+        diff = float(np.abs(s.run(None, {s.get_inputs()[0].name: eight})[0] - reference).max())
+        print(f"{provider:<28}{lat:>18.2f}{thr:>18.1f}{diff:>20.2e}")
+
+
+if __name__ == "__main__":
+    main()
