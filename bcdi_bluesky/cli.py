@@ -19,7 +19,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"training needs torch: pip install 'bcdi-bluesky[train]' ({exc})") from None
     config = TrainConfig(name=args.name, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, width=args.width,
+                         lr=args.lr, seed=args.seed, width=args.width, hidden=args.hidden,
                          validate_every=args.validate_every,
                          checkpoint_every=args.checkpoint_every)
     state = train(config, Path(args.checkpoints), resume=args.resume, device=args.device,
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=16, help="channels of the first conv stage")
+    p.add_argument("--hidden", type=int, default=256, help="units of the dense layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")

@@ -6,11 +6,13 @@
 set -u
 seconds=${1:-420}
 steps=${2:-5000}
+width=${3:-16}
+hidden=${4:-256}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 BCDI_FFT_WORKERS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import onnxruntime as o, torch; print('ort', o.__version__, o.get_available_providers(), 'torch', torch.__version__)"
 python3 -m bcdi_bluesky.cli train --device cuda --workers 15 --batch-size 32 --steps "$steps" \
-    --lr 2e-3 --time-limit "$seconds" --validate-every 1000 --checkpoint-every 500 \
+    --width "$width" --hidden "$hidden" --lr 2e-3 --time-limit "$seconds" --validate-every 2500 --checkpoint-every 500 \
     --checkpoints /tmp/ck --quiet 2>&1 | grep -v Warning | tail -5
 python3 - <<'PY'
 import os, torch
