@@ -144,7 +144,8 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
     step, elapsed, history = 0, 0.0, []
     if state is not None:
         net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # absent in checkpoints trimmed for transfer
+            opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed_s"], state["history"]
 
     model = config.crystal_model()
