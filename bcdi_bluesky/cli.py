@@ -19,12 +19,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"training needs torch: pip install 'bcdi-bluesky[train]' ({exc})") from None
     config = TrainConfig(name=args.name, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, width=args.width, hidden=args.hidden,
+                         lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, width=args.width, hidden=args.hidden,
                          validate_every=args.validate_every,
                          checkpoint_every=args.checkpoint_every)
     state = train(config, Path(args.checkpoints), resume=args.resume, device=args.device,
                   workers=args.workers, time_limit_s=args.time_limit,
-                  threads=args.threads, progress=not args.quiet)
+                  threads=args.threads, progress=not args.quiet,
+                  init_from=Path(args.init_from) if args.init_from else None)
     last = state["history"][-1] if state["history"] else {}
     print(json.dumps({"name": state["config"]["name"], "step": state["step"],
                       "elapsed_s": round(state["elapsed_s"], 1), "last_validation": last}))
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4000, help="total optimiser steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--width", type=int, default=16, help="channels of the first conv stage")
     p.add_argument("--hidden", type=int, default=256, help="units of the dense layer")
     p.add_argument("--seed", type=int, default=0)
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, default=250)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--init-from", default=None,
+                   help="warm-start a new run from another checkpoint's weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

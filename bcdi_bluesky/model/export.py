@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .encoding import ENCODING_NAME, TwinInvariantEncoding
 from .evaluate import training_mean, validate
 from .runtime import OnnxCrystalModel, sha256_of
 from .train import TrainConfig, build_network, load_checkpoint
@@ -64,8 +65,12 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
             "normalisation": "log(1 + I) / max(log(1 + I)) after rolling the Bragg peak "
                              "(smoothed maximum) to index N//2; masked voxels 0",
         },
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", model.size], "dtype": "float32",
-                   "meaning": "crystal parameters normalised to [-1, 1] by the bounds below"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", TwinInvariantEncoding(model).size],
+                   "dtype": "float32", "encoding": ENCODING_NAME,
+                   "meaning": "twin-invariant encoding of the crystal parameters normalised to "
+                              "[-1, 1] by the bounds below: the twin-even parameters, then the "
+                              "upper triangle of w w^T / |w| for the twin-odd ones "
+                              "(bcdi_bluesky.model.encoding)"},
         "parameters": model.to_dict(),
         "network": build_network(config).config,
         "training": {
@@ -79,7 +84,8 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
             "device": state.get("device", ""),
             "optimiser": f"AdamW lr {config.lr} (warm-up {config.warmup_steps} steps, cosine), "
                          f"weight decay {config.weight_decay}",
-            "loss": "twin-invariant weighted MSE on normalised parameters",
+            "loss": "weighted MSE on the twin-invariant encoding",
+            "warm_start": config.extra.get("warm_start", ""),
             "history": state.get("history", [])[-10:],
         },
         "training_mean": training_mean(model, config.seed).round(6).tolist(),

@@ -26,25 +26,32 @@ class CrystalCNN(nn.Module):
 
     The head sees the flattened 4^3 feature map, not a global pool: the orientation of the
     crystal is in *where* the streaks are, which pooling would throw away. The output goes
-    through ``tanh``, so predictions stay inside the normalised bounds [-1, 1].
+    through ``tanh`` for the first ``n_bounded`` outputs (parameters, inside their normalised
+    bounds [-1, 1]) and is linear for the rest (the twin-invariant matrix entries, see
+    :mod:`bcdi_bluesky.model.encoding`).
 
     Parameters
     ----------
     n_params : int
-        Length of the crystal parameter vector.
+        Number of outputs.
     grid : int
         Input size ``N`` (a multiple of 16).
     width : int
         Channels of the first stage (doubling at each stage).
     hidden : int
         Units of the dense layer.
+    n_bounded : int, optional
+        Outputs passed through ``tanh`` (default: all).
     """
 
-    def __init__(self, n_params: int, grid: int = 64, width: int = 16, hidden: int = 256):
+    def __init__(self, n_params: int, grid: int = 64, width: int = 16, hidden: int = 256,
+                 n_bounded: int | None = None):
         super().__init__()
         if grid % 16:
             raise ValueError(f"grid must be a multiple of 16, got {grid}")
-        self.config = {"n_params": n_params, "grid": grid, "width": width, "hidden": hidden}
+        self.n_bounded = n_params if n_bounded is None else int(n_bounded)
+        self.config = {"n_params": n_params, "grid": grid, "width": width, "hidden": hidden,
+                       "n_bounded": self.n_bounded}
         w = width
         self.encoder = nn.Sequential(
             nn.Conv3d(1, w, 4, stride=2, padding=1, bias=False),
@@ -61,12 +68,13 @@ class CrystalCNN(nn.Module):
             nn.Linear(flat, hidden),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, n_params),
-            nn.Tanh(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, N, N, N)`` inputs -> ``(B, P)`` normalised parameters."""
-        return self.head(self.encoder(x))
+        """``(B, 1, N, N, N)`` inputs -> ``(B, n_params)`` outputs."""
+        y = self.head(self.encoder(x))
+        k = self.n_bounded
+        return torch.cat([torch.tanh(y[:, :k]), y[:, k:]], dim=1)
 
 
 def parameter_weights(model: CrystalModel) -> np.ndarray:
@@ -82,21 +90,17 @@ def parameter_weights(model: CrystalModel) -> np.ndarray:
     return w / w.mean()
 
 
-class TwinInvariantLoss(nn.Module):
-    """Weighted MSE against the truth or its twin, whichever is closer, per sample.
+class WeightedMSE(nn.Module):
+    """Sum of weighted squared errors over the outputs, averaged over the batch.
 
-    The twin ``conj(o(-r))`` has the same intensity, so no network can tell the two apart: a
-    plain regression would average them and predict zero for every odd-``l`` coefficient.
+    With the twin-invariant encoding as targets this loss is twin-invariant by construction.
     """
 
-    def __init__(self, model: CrystalModel):
+    def __init__(self, weights: np.ndarray):
         super().__init__()
-        self.register_buffer("signs", torch.tensor(np.array(model.twin_signs), dtype=torch.float32))
-        self.register_buffer("weights",
-                             torch.tensor(parameter_weights(model), dtype=torch.float32))
+        w = np.asarray(weights, dtype=np.float64)
+        self.register_buffer("weights", torch.tensor(w / w.sum() * 64.0, dtype=torch.float32))
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch of the per-sample minimum of the two weighted MSEs."""
-        direct = ((pred - target) ** 2 * self.weights).mean(dim=1)
-        twin = ((pred - target * self.signs) ** 2 * self.weights).mean(dim=1)
-        return torch.minimum(direct, twin).mean()
+        """Batch mean of ``sum_k w_k (pred_k - target_k)^2``."""
+        return ((pred - target) ** 2 * self.weights).sum(dim=1).mean()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..physics import CrystalModel
+from .encoding import ENCODING_NAME, TwinInvariantEncoding
 
 DEFAULT_MODEL_NAME = "bcdi_cnn64"
 #: Providers tried in this order when the caller does not choose.
@@ -134,6 +135,15 @@ class OnnxCrystalModel:
         """The crystal-parameter layout the network predicts."""
         return CrystalModel.from_dict(self.card["parameters"])
 
+    @cached_property
+    def encoding(self) -> TwinInvariantEncoding:
+        """How the network's outputs encode the parameters."""
+        name = self.card.get("output", {}).get("encoding")
+        if name != ENCODING_NAME:
+            raise ModelError(f"model card {self.path.with_suffix('.json')} names output encoding "
+                             f"{name!r}; this version reads {ENCODING_NAME!r}")
+        return TwinInvariantEncoding(self.crystal_model)
+
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Normalised parameters for network inputs.
 
@@ -162,5 +172,6 @@ class OnnxCrystalModel:
         x = np.ascontiguousarray(x, dtype=np.dtype(np.float32).newbyteorder("="))
         if not np.all(np.isfinite(x)):
             raise ValueError("network input contains NaN or inf")
-        out = self.session.run(None, {self.input_name: x})[0]
+        out = self.encoding.decode(self.session.run(None, {self.input_name: x})[0])
+        out = out.astype(np.float32)
         return out[0] if single else out

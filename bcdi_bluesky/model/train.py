@@ -21,7 +21,8 @@ from tqdm import tqdm
 from ..physics import CrystalModel, CrystalPrior
 from .data import TRAIN_STREAM, VALIDATION_STREAM, make_batch
 from .evaluate import validate
-from .network import CrystalCNN, TwinInvariantLoss
+from .encoding import TwinInvariantEncoding
+from .network import CrystalCNN, WeightedMSE, parameter_weights
 
 
 @dataclass
@@ -59,6 +60,7 @@ class _BatchStream(Dataset):
         self.config = config
         self.model = config.crystal_model()
         self.prior = CrystalPrior(self.model)
+        self.encoding = TwinInvariantEncoding(self.model)
         self.first_step = first_step
 
     def __len__(self) -> int:
@@ -68,6 +70,7 @@ class _BatchStream(Dataset):
         step = self.first_step + i
         b = self.config.batch_size
         x, y = make_batch(self.model, self.prior, self.config.seed, TRAIN_STREAM, step * b, b)
+        y = self.encoding.encode(y).astype(np.float32)
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -99,13 +102,40 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def build_network(config: TrainConfig) -> CrystalCNN:
-    """The network a config describes."""
-    return CrystalCNN(config.crystal_model().size, config.grid, config.width, config.hidden)
+    """The network a config describes (outputs: the twin-invariant encoding)."""
+    enc = TwinInvariantEncoding(config.crystal_model())
+    return CrystalCNN(enc.size, config.grid, config.width, config.hidden, n_bounded=enc.n_even)
+
+
+def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
+    """Initialise ``net`` from another run's weights where they fit; returns tensors copied.
+
+    Every tensor of the same name and shape is copied. The last layer of a network that
+    predicted the plain parameter vector gives its rows for the twin-even parameters.
+    """
+    old = load_checkpoint(checkpoint)["model"]
+    own = net.state_dict()
+    copied = 0
+    for key, value in old.items():
+        if key in own and own[key].shape == value.shape:
+            own[key] = value.clone()
+            copied += 1
+    enc = TwinInvariantEncoding(config.crystal_model())
+    last_w, last_b = [k for k in own if k.startswith("head.")][-2:]
+    if old[last_w].shape[0] == enc.model.size and own[last_w].shape != old[last_w].shape:
+        own[last_w][: enc.n_even] = old[last_w][enc.even]
+        own[last_b][: enc.n_even] = old[last_b][enc.even]
+        # Start the matrix entries at zero: the old network's (collapsed) odd parameters.
+        own[last_w][enc.n_even:] = 0.0
+        own[last_b][enc.n_even:] = 0.0
+        copied += 2
+    net.load_state_dict(own)
+    return copied
 
 
 def train(config: TrainConfig, directory: Path, *, resume: bool = False, device: str = "cpu",
           workers: int = 1, time_limit_s: float | None = None, threads: int | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, init_from: Path | None = None) -> dict:
     """Train (or continue training) and checkpoint; returns the final checkpoint state.
 
     Parameters
@@ -127,6 +157,8 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
         Torch intra-op threads on the CPU.
     progress : bool
         Show a progress bar (loss, validation IoU, ETA).
+    init_from : Path, optional
+        Warm-start a new run from another checkpoint (see :func:`warm_start`).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -138,8 +170,13 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
         stored.steps = max(stored.steps, config.steps)
         config = stored
     torch.manual_seed(config.seed)
-    net = build_network(config).to(device)
-    loss_fn = TwinInvariantLoss(config.crystal_model()).to(device)
+    net = build_network(config)
+    if init_from is not None and state is None:
+        warm_start(net, Path(init_from), config)
+        config.extra["warm_start"] = str(init_from)
+    net = net.to(device)
+    encoding = TwinInvariantEncoding(config.crystal_model())
+    loss_fn = WeightedMSE(encoding.weights(parameter_weights(encoding.model))).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, elapsed, history = 0, 0.0, []
     if state is not None:
@@ -155,7 +192,7 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
         with torch.no_grad():
             out = net(torch.from_numpy(x[:, None]).to(device)).cpu().numpy()
         net.train()
-        return out
+        return encoding.decode(out)
 
     def snapshot(elapsed_s: float) -> dict:
         return {"config": asdict(config), "model": net.state_dict(),
