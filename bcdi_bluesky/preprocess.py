@@ -16,12 +16,12 @@ from .physics import check_mask, check_volume
 
 def peak_position(intensity: np.ndarray, mask: np.ndarray | None = None,
                   smooth: float = 1.0) -> tuple[int, int, int]:
-    """Index of the Bragg peak: the maximum after a light Gaussian smoothing.
+    """Index of the Bragg peak: the maximum after hot-pixel removal and a light smoothing.
 
-    Smoothing keeps a single hot pixel (or a noisy background voxel) from being taken for the
-    peak; masked voxels are ignored.
+    Hot pixels (see :func:`remove_hot_pixels`) and masked voxels are ignored; the smoothing
+    keeps a noisy background voxel from being taken for the peak.
     """
-    data = intensity if mask is None else np.where(mask, intensity, 0.0)
+    data = np.where(remove_hot_pixels(intensity, mask), intensity, 0.0)
     if smooth > 0:
         data = scipy.ndimage.gaussian_filter(data.astype(np.float32), smooth, mode="wrap")
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(data)), data.shape))

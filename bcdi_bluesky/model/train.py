@@ -184,6 +184,8 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
         if "optimizer" in state:  # absent in checkpoints trimmed for transfer
             opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed_s"], state["history"]
+        if "torch_rng" in state:  # dropout masks continue as if never interrupted
+            torch.set_rng_state(state["torch_rng"])
 
     model = config.crystal_model()
 
@@ -197,13 +199,17 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
     def snapshot(elapsed_s: float) -> dict:
         return {"config": asdict(config), "model": net.state_dict(),
                 "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed_s,
+                "torch_rng": torch.get_rng_state(),
                 "history": history, "machine": platform.platform(),
                 "device": torch.cuda.get_device_name() if device.startswith("cuda") else
                 platform.processor() or platform.machine()}
 
     loader = DataLoader(_BatchStream(config, step), batch_size=None, shuffle=False,
                         num_workers=workers, prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False,
+                        # Its own generator: a loader seeding itself from the global RNG
+                        # would shift the dropout masks of a resumed run.
+                        generator=torch.Generator().manual_seed(config.seed))
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step",
                dynamic_ncols=True, desc=config.name)

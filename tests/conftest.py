@@ -1,0 +1,47 @@
+"""Shared fixtures: the measured data sets and small crystal models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bcdi_bluesky.physics import CrystalModel, CrystalPrior
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+EXAMPLE_DATA = REPO / "examples" / "data"
+
+
+@pytest.fixture(scope="session")
+def model64() -> CrystalModel:
+    """The default crystal model on a 64^3 grid."""
+    return CrystalModel()
+
+
+@pytest.fixture(scope="session")
+def prior64(model64: CrystalModel) -> CrystalPrior:
+    """The default prior."""
+    return CrystalPrior(model64)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A fresh seeded generator per test."""
+    return np.random.default_rng(20261126)
+
+
+@pytest.fixture(scope="session")
+def scan54_64() -> np.ndarray:
+    """APS 34-ID-C scan 54, 64^3 crop (shipped in examples/data)."""
+    return np.load(EXAMPLE_DATA / "S0054_intensity_64.npy")
+
+
+@pytest.fixture(scope="session")
+def cdinn_64() -> np.ndarray:
+    """The 3D-CDI-NN example crop (measured counts, one voxel off centre)."""
+    path = SHARED_DATA / "3dcdinn_example" / "ft_crop_64_intensity.npy"
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path}")
+    return np.load(path)

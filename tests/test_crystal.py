@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from bcdi_bluesky.physics import CrystalModel, intensity, support, twin_object
+
+
+def _sample(prior, seed):
+    return prior.sample(np.random.default_rng(seed))
+
+
+def test_layout_names_bounds_and_round_trip(model64, prior64):
+    m = model64
+    assert len(m.names) == m.size == len(set(m.names))
+    lo, hi = m.bounds
+    assert np.all(lo < hi)
+    p = _sample(prior64, 1)
+    assert np.all((p >= lo) & (p <= hi))
+    q = m.normalise(p)
+    assert np.all(np.abs(q) <= 1 + 1e-12)
+    np.testing.assert_allclose(m.denormalise(q), p, atol=1e-12)
+    assert m.structured(p)["radius"] == p[0]
+    assert CrystalModel.from_dict(m.to_dict()) == m
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_twin_has_the_same_intensity(model64, prior64, seed):
+    p = _sample(prior64, seed)
+    obj = model64.voxelise(p)
+    twin = model64.voxelise(model64.twin(p))
+    # Rendering the twin parameters is the twin of the rendered object, voxel for voxel.
+    np.testing.assert_allclose(twin, twin_object(obj), atol=2e-6)
+    i0, i1 = intensity(obj), intensity(twin)
+    assert np.abs(i1 - i0).max() <= 1e-5 * i0.max()
+
+
+def test_twin_signs_flip_odd_l_and_even_phase(model64):
+    s = model64.twin_signs
+    names = model64.names
+    assert s[names.index("sh_l3_m0")] == -1 and s[names.index("sh_l2_m0")] == 1
+    assert s[names.index("phase_zz")] == -1 and s[names.index("phase_zzz")] == 1
+    assert s[names.index("rbf0_cz")] == -1 and s[names.index("rbf0_width")] == 1
+
+
+def test_voxelisation_is_smooth_in_the_parameters(model64, prior64):
+    p = _sample(prior64, 5)
+    base = model64.voxelise(p)
+    changes = []
+    for eps in (1e-3, 2e-3, 4e-3):
+        q = p.copy()
+        q[0] += eps * 0.01  # radius
+        changes.append(np.linalg.norm(model64.voxelise(q) - base))
+    # A soft edge makes the change grow linearly, not jump by whole voxels.
+    assert 0 < changes[0] < changes[1] < changes[2]
+    np.testing.assert_allclose(changes[2] / changes[0], 4.0, rtol=0.25)
+
+
+def test_object_is_centred_complex64_and_inside_the_grid(model64, prior64):
+    for seed in range(10):
+        obj = model64.voxelise(_sample(prior64, seed))
+        assert obj.dtype == np.complex64 and obj.shape == (64, 64, 64)
+        idx = np.argwhere(support(obj, 0.01))
+        assert idx.min() >= 2 and idx.max() <= 61
+        centre = idx.mean(axis=0)
+        assert np.all(np.abs(centre - 32) < 6)
+
+
+def test_same_crystal_on_another_grid(model64, prior64):
+    p = _sample(prior64, 7)
+    small = support(model64.voxelise(p)).sum()
+    big = support(model64.with_grid(128).voxelise(p)).sum()
+    np.testing.assert_allclose(big / small, 8.0, rtol=0.1)
+
+
+def test_bad_parameter_vectors_are_clear_errors(model64):
+    with pytest.raises(ValueError, match="shape"):
+        model64.voxelise(np.zeros(3))
+    p = np.zeros(model64.size)
+    p[0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model64.voxelise(p)
+    with pytest.raises(ValueError, match="lmax"):
+        CrystalModel(lmax=99)
+    with pytest.raises(ValueError, match="lmax"):
+        CrystalModel(lmax=1)

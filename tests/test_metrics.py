@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from bcdi_bluesky.physics import (
+    align,
+    check_volume,
+    chi,
+    compare_objects,
+    complex_overlap,
+    intensity,
+    phase_rms,
+    poisson_nll,
+    r_factor,
+    support,
+    support_iou,
+    twin_object,
+)
+
+
+@pytest.fixture(scope="module")
+def crystal(model64, prior64):
+    p = prior64.sample(np.random.default_rng(42))
+    return model64.voxelise(p)
+
+
+def test_perfect_against_itself_its_twin_and_a_shifted_copy(crystal):
+    ramp = np.exp(1j * (0.3 * np.indices(crystal.shape)[2] * 2 * np.pi / 64 + 1.1))
+    for other in (crystal, twin_object(crystal),
+                  np.roll(crystal, (4, -3, 6), axis=(0, 1, 2)) * np.exp(0.7j),
+                  crystal * ramp.astype(np.complex64)):
+        c = compare_objects(crystal, other)
+        assert c.iou == pytest.approx(1.0)
+        assert c.overlap == pytest.approx(1.0, abs=1e-5)
+        assert c.phase_rms == pytest.approx(0.0, abs=1e-3)
+        assert c.ssim == pytest.approx(1.0, abs=1e-6)
+    i = intensity(crystal)
+    assert chi(i, i) == pytest.approx(0.0, abs=1e-6)
+    assert chi(intensity(twin_object(crystal)), i) == pytest.approx(0.0, abs=1e-5)
+    assert r_factor(3.0 * i, i) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sphere_of_the_same_volume_scores_clearly_worse(model64, crystal):
+    volume = support(crystal).sum()
+    p = np.zeros(model64.size)
+    p[0] = (3 * volume / (4 * np.pi)) ** (1 / 3) / 64
+    p[model64.slices["rbf_width"]] = 0.5
+    sphere = model64.voxelise(p)
+    c = compare_objects(crystal, sphere)
+    assert c.iou < 0.85 and c.overlap < 0.9
+    assert chi(intensity(sphere), intensity(crystal)) > 0.2
+
+
+def test_hand_computed_values():
+    measured = np.zeros((2, 2, 2), dtype=np.float32)
+    model = np.zeros((2, 2, 2), dtype=np.float32)
+    measured.flat[:2] = [4.0, 1.0]  # amplitudes b = [2, 1]
+    model.flat[:2] = [1.0, 4.0]  # amplitudes a = [1, 2]
+    # s = <a,b>/<a,a> = 4/5; residual = [4/5-2, 8/5-1] = [-6/5, 3/5]
+    assert chi(model, measured) == pytest.approx(np.sqrt(36 / 25 + 9 / 25) / np.sqrt(5))
+    assert r_factor(model, measured) == pytest.approx((6 / 5 + 3 / 5) / 3)
+    mask = np.ones((2, 2, 2), dtype=bool)
+    mask.flat[1] = False  # only voxel 0 (and the zeros) remain: a perfect fit
+    assert chi(model, measured, mask) == pytest.approx(0.0)
+    counts = np.zeros((2, 2, 2), dtype=np.float32)
+    counts.flat[:2] = [2.0, 0.0]
+    lam = np.maximum(model.ravel().astype(float) * 2 / 5, 1e-6)
+    k = counts.ravel().astype(float)
+    expected = np.mean(lam - k * np.log(lam) + np.log([2, 1, 1, 1, 1, 1, 1, 1]))
+    assert poisson_nll(model, counts) == pytest.approx(expected)
+    a = np.array([1, 1j, 0]).reshape(1, 1, 3)
+    assert complex_overlap(a, a * 1j) == pytest.approx(1.0)
+
+
+def test_phase_rms_sees_a_strain_difference(crystal):
+    idx = np.indices(crystal.shape) - 32
+    strained = crystal * np.exp(1j * 0.004 * (idx[0] ** 2)).astype(np.complex64)
+    assert 0.05 < phase_rms(crystal, strained) < 1.0
+    assert support_iou(crystal, strained) == pytest.approx(1.0)
+    assert align(crystal, strained).dtype == np.complex64
+
+
+def test_bad_inputs_are_clear_errors():
+    good = np.ones((4, 4, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="3D"):
+        check_volume(np.ones((4, 4)))
+    bad = good.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        chi(good, bad)
+    with pytest.raises(ValueError, match="negative"):
+        chi(good, -good)
+    with pytest.raises(ValueError, match="shape"):
+        chi(good, np.ones((4, 4, 5)))
+    with pytest.raises(ValueError, match="mask"):
+        chi(good, good, mask=np.ones((2, 2, 2), dtype=bool))
+    with pytest.raises(ValueError, match="empty"):
+        check_volume(np.zeros((4, 4, 4)))
+    with pytest.raises(ValueError, match="complex"):
+        check_volume(good.astype(np.complex64))
+    big_endian = good.astype(">f4")
+    assert check_volume(big_endian).dtype.byteorder in ("=", "<", "|")

@@ -1,0 +1,106 @@
+"""Network, training, export and runtime on a small (32^3) model: fast and deterministic."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bcdi_bluesky.model.encoding import TwinInvariantEncoding  # noqa: E402
+from bcdi_bluesky.model.export import export_onnx  # noqa: E402
+from bcdi_bluesky.model.runtime import ModelError, OnnxCrystalModel, load_card, sha256_of  # noqa: E402
+from bcdi_bluesky.model.train import TrainConfig, build_network, load_checkpoint, train  # noqa: E402
+
+SMALL = dict(name="tiny", grid=32, width=4, hidden=16, batch_size=2, steps=4, warmup_steps=2,
+             validate_every=4, checkpoint_every=2, validation_size=2)
+
+
+def test_encoding_round_trip_and_twin_invariance(model64, prior64):
+    enc = TwinInvariantEncoding(model64)
+    rng = np.random.default_rng(0)
+    p = np.array([model64.normalise(prior64.sample(rng)) for _ in range(10)])
+    e = enc.encode(p)
+    np.testing.assert_allclose(enc.encode(p * model64.twin_signs), e, atol=1e-12)
+    back = enc.decode(e)
+    err = np.minimum(np.abs(back - p).max(axis=1),
+                     np.abs(back - p * model64.twin_signs).max(axis=1))
+    assert err.max() < 1e-9
+    with pytest.raises(ValueError, match="length"):
+        enc.decode(np.zeros(3))
+
+
+def test_training_resumes_exactly(tmp_path):
+    straight = train(TrainConfig(**SMALL), tmp_path / "a", workers=0, progress=False)
+    first = TrainConfig(**{**SMALL, "steps": 2})
+    train(first, tmp_path / "b", workers=0, progress=False)
+    resumed = train(TrainConfig(**SMALL), tmp_path / "b", resume=True, workers=0,
+                    progress=False)
+    assert resumed["step"] == straight["step"] == 4
+    for key, value in straight["model"].items():
+        np.testing.assert_allclose(resumed["model"][key].numpy(), value.numpy(), atol=1e-6,
+                                   err_msg=key)
+    assert resumed["history"][-1]["step"] == 4
+    assert load_checkpoint(tmp_path / "b" / "tiny" / "last.pt")["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """A randomly initialised small network exported with a valid card."""
+    folder = tmp_path_factory.mktemp("models")
+    config = TrainConfig(**SMALL)
+    torch.manual_seed(0)
+    net = build_network(config).eval()
+    path = folder / "tiny.onnx"
+    export_onnx(net, config.grid, path)
+    card = {"name": "tiny", "sha256": sha256_of(path),
+            "input": {"shape": ["batch", 1, 32, 32, 32]},
+            "output": {"encoding": "twin_invariant_v1"},
+            "parameters": config.crystal_model().to_dict()}
+    path.with_suffix(".json").write_text(json.dumps(card))
+    return net, path
+
+
+def test_torch_and_onnx_runtime_agree(tiny_onnx):
+    net, path = tiny_onnx
+    runtime = OnnxCrystalModel(path, providers=["CPUExecutionProvider"])
+    assert runtime.provider == "CPUExecutionProvider"
+    x = np.random.default_rng(1).uniform(size=(3, 1, 32, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    raw = runtime.session.run(None, {runtime.input_name: x})[0]
+    assert np.abs(raw - expected).max() <= 1e-4
+    decoded = runtime.predict(x[:, 0])
+    assert decoded.shape == (3, runtime.crystal_model.size)
+    np.testing.assert_allclose(decoded, runtime.encoding.decode(expected), atol=1e-3)
+    # Batch 1, a single volume, and a big-endian copy give the same answer.
+    single = runtime.predict(x[0, 0])
+    np.testing.assert_allclose(single, decoded[0], atol=1e-5)
+    np.testing.assert_allclose(runtime.predict(x[0, 0].astype(">f4")), single, atol=1e-6)
+    with pytest.raises(ValueError, match="network input"):
+        runtime.predict(np.zeros((16, 16, 16)))
+    bad = x[0, 0].copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        runtime.predict(bad)
+
+
+def test_missing_corrupt_or_mismatched_models_name_the_file(tiny_onnx, tmp_path):
+    _, path = tiny_onnx
+    with pytest.raises(ModelError, match="not found"):
+        OnnxCrystalModel(tmp_path / "nothing.onnx")
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(ModelError, match="card not found"):
+        load_card(copy)
+    card = json.loads(path.with_suffix(".json").read_text())
+    copy.with_suffix(".json").write_text(json.dumps({**card, "sha256": "0" * 64}))
+    with pytest.raises(ModelError, match=r"copy\.onnx does not match"):
+        OnnxCrystalModel(copy)
+    copy.write_bytes(b"not an onnx file")
+    copy.with_suffix(".json").write_text(json.dumps({**card, "sha256": sha256_of(copy)}))
+    with pytest.raises(ModelError, match=r"cannot load model .*copy\.onnx"):
+        OnnxCrystalModel(copy)
+    copy.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        OnnxCrystalModel(copy)

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from bcdi_bluesky.physics import intensity, scale_to_photons
+from bcdi_bluesky.preprocess import (
+    fit_to_grid,
+    network_input,
+    peak_position,
+    remove_hot_pixels,
+)
+
+
+@pytest.fixture(scope="module")
+def pattern(model64, prior64):
+    p = prior64.sample(np.random.default_rng(8))
+    p[model64.slices["phase"]] = 0.0
+    return scale_to_photons(intensity(model64.voxelise(p)), 1e8)
+
+
+def test_off_centre_peak_is_centred(pattern):
+    moved = np.roll(pattern, (5, -7, 3), axis=(0, 1, 2))
+    prepared = fit_to_grid(moved, 64)
+    assert prepared.shift == (-5, 7, -3)
+    assert peak_position(prepared.intensity) == (32, 32, 32)
+    assert prepared.mask is None
+
+
+def test_larger_volume_is_cropped_and_smaller_padded(pattern):
+    big = np.zeros((96, 80, 72), dtype=np.float32)
+    big[10:74, 8:72, 4:68] = pattern
+    prepared = fit_to_grid(big, 64)
+    assert prepared.intensity.shape == (64, 64, 64)
+    np.testing.assert_allclose(prepared.intensity, pattern)
+    small = pattern[8:56, 8:56, 8:56]
+    padded = fit_to_grid(small, 64)
+    assert padded.mask is not None and padded.mask.sum() == 48**3
+    assert padded.intensity[~padded.mask].sum() == 0
+
+
+def test_network_input_is_log_scaled_to_unit_range(pattern):
+    x = network_input(pattern)
+    assert x.dtype == np.float32 and x.max() == pytest.approx(1.0) and x.min() >= 0
+    mask = np.ones(pattern.shape, dtype=bool)
+    mask[:, :, :5] = False
+    assert network_input(pattern, mask)[:, :, :5].max() == 0
+
+
+def test_a_hot_pixel_is_masked_and_not_taken_for_the_peak(pattern):
+    hot = pattern.copy()
+    hot[3, 4, 5] = pattern.max() * 50
+    assert peak_position(hot) == (32, 32, 32)
+    valid = remove_hot_pixels(hot)
+    assert not valid[3, 4, 5] and valid.sum() == hot.size - 1
+
+
+def test_measured_scan_is_centred(scan54_64):
+    prepared = fit_to_grid(scan54_64, 64)
+    assert prepared.shift == (0, 0, 0)
+    x = network_input(prepared.intensity)
+    assert x.shape == (64, 64, 64) and np.isfinite(x).all()
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="3D"):
+        fit_to_grid(np.ones((8, 8)), 64)
+    with pytest.raises(ValueError, match="negative"):
+        fit_to_grid(-np.ones((8, 8, 8)), 64)
+    with pytest.raises(ValueError, match="mask"):
+        fit_to_grid(np.ones((8, 8, 8)), 64, mask=np.ones((4, 4, 4), dtype=bool))
