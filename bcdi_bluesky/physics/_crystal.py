@@ -250,7 +250,8 @@ class CrystalModel:
         key = ("fib", self.lmax)
         if key not in self._cache:
             self._cache[key] = real_sph_harm(self.lmax, fibonacci_directions())[4:]
-        return float(self._surface(p, p[self.slices["sh"]] @ self._cache[key]).max())
+        sh_sum = np.einsum("i,ij->j", p[self.slices["sh"]], self._cache[key])
+        return float(self._surface(p, sh_sum).max())
 
     def render(self, params: np.ndarray) -> Rendered:
         """Evaluate shape, density and phase on the voxels the crystal can reach."""
@@ -261,7 +262,9 @@ class CrystalModel:
         # A Fibonacci-sampled maximum plus a margin bounds the surface; only voxels closer
         # than that are evaluated (a prefix of the radius-sorted table).
         k = table.prefix(self._max_extent(p) * 1.03 + 1.5)
-        sh_sum = p[s["sh"]].astype(np.float32) @ table.harmonics[4:, :k]
+        # einsum, not BLAS: a multithreaded BLAS gemv this small is 100x slower when another
+        # process keeps the cores busy (as an acquisition host does).
+        sh_sum = np.einsum("i,ij->j", p[s["sh"]].astype(np.float32), table.harmonics[4:, :k])
         shape = np.clip(self._surface(p, sh_sum) - table.radius[:k] + 0.5, 0.0, 1.0)
         inside = np.flatnonzero(shape > 0)
         shape = shape[inside].astype(np.float32)
@@ -276,9 +279,13 @@ class CrystalModel:
         np.maximum(density, 0.0, out=density)
 
         phase = np.zeros(inside.size, dtype=np.float32)
+        powers = [[np.ones_like(u[a]), u[a]] for a in range(3)]
+        for a in range(3):
+            for _ in range(2, self.phase_order + 1):
+                powers[a].append(powers[a][-1] * u[a])
         for coeff, (ez, ey, ex) in zip(p[s["phase"]], self.phase_exponents, strict=True):
             if coeff != 0.0:
-                phase += np.float32(coeff) * (u[0] ** ez) * (u[1] ** ey) * (u[2] ** ex)
+                phase += np.float32(coeff) * (powers[0][ez] * powers[1][ey] * powers[2][ex])
         return Rendered(self.n, table.flat_index[inside], shape, density, phase)
 
     def voxelise(self, params: np.ndarray) -> np.ndarray:

@@ -1,0 +1,60 @@
+"""Forward model speed: parameters -> voxel object -> centred intensity, against the bare FFT.
+
+    python benchmarks/bench_forward.py [--runs 30]
+
+For each grid size it prints the median wall time of (a) a bare ``scipy.fft.fftn`` of a complex64
+grid, (b) voxelisation alone, (c) the whole forward model (voxelise + ``|fftshift(fftn)|^2``), and
+the ratio (c)/(a), all measured in the same run on prior crystals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import scipy.fft
+
+from bcdi_bluesky.physics import CrystalPrior, intensity
+from bcdi_bluesky.physics._forward import FFT_WORKERS
+
+
+def _median_s(fn, runs: int) -> float:
+    fn()  # warm caches (SH tables, FFT plans)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    """Print the table."""
+    from bcdi_bluesky.physics import CrystalModel
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"numpy {np.__version__}, scipy {scipy.__version__}; FFT workers {FFT_WORKERS}")
+    print(f"{'N':>5}{'bare fftn ms':>14}{'voxelise ms':>13}{'forward ms':>12}{'forward/fft':>13}")
+    for n in (64, 128):
+        model = CrystalModel(n=n)
+        prior = CrystalPrior(model)
+        params = [prior.sample(np.random.default_rng(i)) for i in range(8)]
+        grid = np.zeros((n, n, n), dtype=np.complex64)
+        grid[n // 4: 3 * n // 4, n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
+        fft = _median_s(lambda g=grid: scipy.fft.fftn(g, workers=FFT_WORKERS), args.runs)
+        counter = iter(range(10**9))
+        vox = _median_s(lambda m=model: m.voxelise(params[next(counter) % 8]), args.runs)
+        fwd = _median_s(lambda m=model: intensity(m.voxelise(params[next(counter) % 8])),
+                        args.runs)
+        print(f"{n:>5}{fft * 1e3:>14.2f}{vox * 1e3:>13.2f}{fwd * 1e3:>12.2f}{fwd / fft:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
