@@ -1,0 +1,260 @@
+"""The reconstruction pipeline: preprocess -> CNN -> extremum seeking -> phase-retrieval polish.
+
+It knows nothing of Bluesky or EPICS: arrays in, a :class:`ReconstructionResult` out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.fft
+
+from .model.runtime import OnnxCrystalModel
+from .physics import CrystalModel, check_mask, check_volume, intensity
+from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
+from .tuning.phase_retrieval import polish
+from .tuning.refine import ChiCost, refine_crystal
+
+REFINE_MODES = ("none", "es", "full")
+
+#: ``progress(stage, info)``: called after each stage ("preprocess", "inference", "refine",
+#: "polish", "done") and during ES ("es_step") and polish ("polish_step").
+ProgressHook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class ReconstructionResult:
+    """A reconstruction on the input grid, in the input's convention.
+
+    ``|fftshift(fftn(object))|^2`` approximates the input intensity (up to scale).
+    """
+
+    object: np.ndarray
+    support: np.ndarray
+    params: np.ndarray
+    chi: float
+    timings: dict[str, float]
+    provider: str
+    model_name: str
+    crystal_model: CrystalModel
+    stage_chi: dict[str, float] = field(default_factory=dict)
+    es_costs: list[float] = field(default_factory=list)
+    polish_errors: list[float] = field(default_factory=list)
+    refine: str = "full"
+    shift: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def params_structured(self) -> dict:
+        """A readable view of :attr:`params` (radius, SH by degree, RBFs, phase terms)."""
+        return self.crystal_model.structured(self.params)
+
+    @property
+    def chi_cnn(self) -> float:
+        """chi of the CNN's estimate alone (on the model grid)."""
+        return self.stage_chi.get("cnn", float("nan"))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able figures of the run."""
+        return {
+            "chi": self.chi,
+            "stage_chi": self.stage_chi,
+            "timings_s": self.timings,
+            "provider": self.provider,
+            "model": self.model_name,
+            "refine": self.refine,
+            "es_iterations": len(self.es_costs),
+            "polish_iterations": len(self.polish_errors),
+            "support_voxels": int(self.support.sum()),
+            "shape": list(self.object.shape),
+        }
+
+
+def to_input_grid(obj: np.ndarray, prepared: Prepared, shape: tuple[int, ...]) -> np.ndarray:
+    """Carry an object from the model grid to the input grid.
+
+    The model grid's far field is the input's, rolled by ``prepared.shift`` and cropped at
+    ``prepared.crop``: putting it back where it came from (zeros elsewhere) and transforming
+    back gives the object on the input grid (Fourier interpolation when the grids differ).
+    """
+    n = obj.shape[0]
+    field_model = scipy.fft.fftshift(scipy.fft.fftn(obj))
+    field_input = np.zeros(shape, dtype=np.complex64)
+    src, dst = [], []
+    for size, start, shift in zip(shape, prepared.crop, prepared.shift, strict=True):
+        j = np.arange(n)
+        rolled = start + j  # index in the rolled input
+        keep = (rolled >= 0) & (rolled < size)
+        src.append(j[keep])
+        dst.append((rolled[keep] - shift) % size)
+    field_input[np.ix_(*dst)] = field_model[np.ix_(*src)]
+    out = scipy.fft.ifftn(scipy.fft.ifftshift(field_input)) * (np.prod(shape) / n**3)
+    return out.astype(np.complex64)
+
+
+class Reconstructor:
+    """Turns a measured diffraction volume into a 3D crystal, in seconds.
+
+    Parameters
+    ----------
+    model_path : path-like, optional
+        ONNX model (card beside it). Default: the packaged model.
+    providers : sequence of str, optional
+        ONNX Runtime providers in order of preference (default TensorRT -> CUDA -> CPU).
+    threads : int, optional
+        ONNX Runtime CPU threads.
+    es_coarse_iterations, es_fine_iterations : int
+        Extremum-seeking steps on the central half-size cube of q, then on the full grid.
+    es_time_budget_s : float
+        Wall-time budget of the ES stage.
+    polish_iterations : int
+        ER/HIO steps of the polish (refine="full").
+    polish_time_budget_s : float
+        Wall-time budget of the polish.
+    support_threshold : float
+        Fraction of the maximum amplitude that defines the reported support.
+    track : bool
+        Tracking mode: start each ES run from the better (by chi) of the CNN's estimate and
+        the previous reconstruction, to follow an evolving sample across a series of scans.
+    seed : int
+        Seed of the ES dither assignment (runs are deterministic).
+    """
+
+    def __init__(self, model_path=None, providers=None, threads: int | None = None, *,
+                 es_coarse_iterations: int = 300, es_fine_iterations: int = 100,
+                 es_time_budget_s: float = 5.0, polish_iterations: int = 150,
+                 polish_time_budget_s: float = 5.0, support_threshold: float = 0.2,
+                 track: bool = False, seed: int = 0) -> None:
+        self.runtime = OnnxCrystalModel(model_path, providers=providers, threads=threads)
+        self.model = self.runtime.crystal_model
+        self.es_coarse_iterations = es_coarse_iterations
+        self.es_fine_iterations = es_fine_iterations
+        self.es_time_budget_s = es_time_budget_s
+        self.polish_iterations = polish_iterations
+        self.polish_time_budget_s = polish_time_budget_s
+        self.support_threshold = support_threshold
+        self.track = track
+        self.seed = seed
+        self.previous_params: np.ndarray | None = None
+
+    @property
+    def provider(self) -> str:
+        """The ONNX Runtime provider that really runs."""
+        return self.runtime.provider
+
+    @property
+    def model_name(self) -> str:
+        """Name of the CNN (from its card)."""
+        return self.runtime.name
+
+    def reconstruct(self, intensity_: np.ndarray, mask: np.ndarray | None = None,
+                    refine: str = "full", progress: ProgressHook | None = None,
+                    initial_params: np.ndarray | None = None) -> ReconstructionResult:
+        """Reconstruct a crystal from a diffraction volume.
+
+        Parameters
+        ----------
+        intensity_ : array_like
+            3D intensity (photon counts or corrected intensities), any shape, centred or not.
+        mask : array_like of bool, optional
+            True for valid voxels (detector gaps, beamstop and hot pixels False).
+        refine : {"none", "es", "full"}
+            CNN only; CNN + extremum seeking; CNN + ES + phase-retrieval polish.
+        progress : callable, optional
+            ``progress(stage, info)`` hook (see :data:`ProgressHook`).
+        initial_params : ndarray, optional
+            Start ES from these physical parameters instead of (or, in tracking mode, besides)
+            the CNN's estimate.
+
+        Raises
+        ------
+        ValueError
+            Wrong rank, NaN/inf, negative values, an empty volume, a mask of the wrong shape,
+            or an unknown ``refine``.
+        """
+        if refine not in REFINE_MODES:
+            raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+        notify = progress or (lambda stage, info: None)
+        t0 = time.perf_counter()
+        timings = {"preprocess": 0.0, "inference": 0.0, "refine": 0.0, "polish": 0.0}
+
+        data = check_volume(intensity_)
+        valid = check_mask(mask, data.shape)
+        valid = remove_hot_pixels(data, valid)
+        if valid.all():
+            valid = None
+        prepared = fit_to_grid(data, self.model.n, valid)
+        x = network_input(prepared.intensity, prepared.mask)
+        timings["preprocess"] = time.perf_counter() - t0
+        notify("preprocess", {"seconds": timings["preprocess"], "shift": prepared.shift})
+
+        t = time.perf_counter()
+        params = self.model.denormalise(self.runtime.predict(x).astype(np.float64))
+        timings["inference"] = time.perf_counter() - t
+        chi_of = ChiCost(prepared.intensity, prepared.mask)
+        stage_chi = {"cnn": chi_of(intensity(self.model.voxelise(params)))}
+        notify("inference", {"seconds": timings["inference"], "chi": stage_chi["cnn"],
+                             "params": params})
+
+        starts = [params]
+        if initial_params is not None:
+            starts.append(self.model.clip(np.asarray(initial_params, dtype=np.float64)))
+        if self.track and self.previous_params is not None:
+            starts.append(self.previous_params)
+        if len(starts) > 1:
+            scored = [(chi_of(intensity(self.model.voxelise(p))), i) for i, p in
+                      enumerate(starts)]
+            params = starts[min(scored)[1]]
+
+        es_costs: list[float] = []
+        if refine in ("es", "full"):
+            t = time.perf_counter()
+
+            def es_hook(iteration: int, cost: float) -> None:
+                if iteration % 10 == 0:
+                    notify("es_step", {"iteration": iteration, "cost": cost})
+
+            refined = refine_crystal(
+                self.model, params, prepared.intensity, prepared.mask,
+                coarse_iterations=self.es_coarse_iterations,
+                fine_iterations=self.es_fine_iterations, time_budget_s=self.es_time_budget_s,
+                seed=self.seed, hook=es_hook)
+            params, es_costs = refined.params, refined.costs
+            stage_chi["es"] = refined.chi
+            timings["refine"] = time.perf_counter() - t
+            notify("refine", {"seconds": timings["refine"], "chi": refined.chi,
+                              "params": params})
+        self.previous_params = params
+
+        model_object = self.model.voxelise(params)
+        obj = to_input_grid(model_object, prepared, data.shape)
+        polish_errors: list[float] = []
+        if refine == "full" and self.polish_iterations > 0:
+            t = time.perf_counter()
+            seed_support = np.abs(obj) > 0.1 * np.abs(obj).max()
+            polished = polish(data, obj, seed_support, valid,
+                              iterations=self.polish_iterations,
+                              time_budget_s=self.polish_time_budget_s,
+                              hook=lambda i, e: notify("polish_step", {"iteration": i,
+                                                                       "error": e})
+                              if i % 10 == 0 else None)
+            obj, polish_errors = polished.object, polished.errors
+            timings["polish"] = time.perf_counter() - t
+            notify("polish", {"seconds": timings["polish"]})
+
+        amp = np.abs(obj)
+        support = amp > self.support_threshold * amp.max()
+        final_chi = ChiCost(data, valid)(intensity(obj))
+        if refine == "full":
+            stage_chi["polish"] = final_chi
+        timings["total"] = time.perf_counter() - t0
+        result = ReconstructionResult(
+            object=obj, support=support, params=params, chi=final_chi, timings=timings,
+            provider=self.provider, model_name=self.model_name, crystal_model=self.model,
+            stage_chi=stage_chi, es_costs=es_costs, polish_errors=polish_errors,
+            refine=refine, shift=prepared.shift)
+        notify("done", {"seconds": timings["total"], "chi": final_chi})
+        return result
