@@ -49,12 +49,74 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .io import DataError, read_intensity, write_result
+    from .model.runtime import ModelError
+
+    try:
+        data, mask = read_intensity(args.input, args.dataset)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        from .pipeline import Reconstructor
+
+        rec = Reconstructor(args.model, es_time_budget_s=args.es_time_budget,
+                            polish_iterations=args.polish_iterations)
+    except ModelError as exc:
+        raise UserError(str(exc)) from None
+
+    def progress(stage: str, info: dict) -> None:
+        if args.json or stage.endswith("_step"):
+            return
+        figures = ", ".join(f"{k} {v:.3g}" for k, v in info.items()
+                            if isinstance(v, float))
+        print(f"{stage:>10}: {figures}", file=sys.stderr)
+
+    try:
+        result = rec.reconstruct(data, mask, refine=args.refine, progress=progress)
+    except ValueError as exc:
+        raise UserError(f"{args.input}: {exc}") from None
+    outputs = {}
+    if args.output:
+        try:
+            outputs["output"] = str(write_result(result, args.output,
+                                                 {"input": str(args.input)}))
+        except (DataError, OSError) as exc:
+            raise UserError(str(exc)) from None
+    if args.plot:
+        from .plotting import plot_reconstruction
+
+        outputs["plot"] = str(plot_reconstruction(result, args.plot, title=str(args.input)))
+    summary = {**result.summary(), **outputs, "input": str(args.input)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        t = result.timings
+        print(f"{args.input}: chi {result.chi:.4f} (CNN {result.chi_cnn:.4f}), support "
+              f"{int(result.support.sum())} voxels, {t['total']:.2f} s on {result.provider}")
+        for key, value in outputs.items():
+            print(f"  {key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
         prog="bcdi-bluesky",
         description="Real-time BCDI reconstruction for Bluesky beamlines.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reconstruct", help="reconstruct a crystal from a diffraction volume")
+    p.add_argument("input", help=".npy, .npz (intensity, mask), .h5/.cxi/.nxs or TIFF stack")
+    p.add_argument("--output", "-o", default=None, help="result file (.npz, .cxi or .h5)")
+    p.add_argument("--refine", choices=("none", "es", "full"), default="full")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
+    p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
+    p.add_argument("--dataset", default=None, help="HDF5 dataset holding the intensity")
+    p.add_argument("--es-time-budget", type=float, default=5.0, help="seconds for ES")
+    p.add_argument("--polish-iterations", type=int, default=150)
+    p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("train", help="train the CNN on simulated crystals (needs torch)")
     p.add_argument("--name", default="bcdi_cnn64")
