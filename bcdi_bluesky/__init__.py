@@ -1,10 +1,34 @@
-"""bcdi-bluesky: real-time Bragg coherent diffraction imaging for Bluesky beamlines."""
+"""bcdi-bluesky: real-time Bragg coherent diffraction imaging for Bluesky beamlines.
 
+The public API lives here::
+
+    from bcdi_bluesky import Reconstructor
+    result = Reconstructor().reconstruct(intensity, mask=None, refine="full")
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("bcdi-bluesky")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+# Imported on first use, so that `import bcdi_bluesky` stays cheap (no ONNX Runtime, no
+# plotting) for scripts that only need the physics core.
+_LAZY = {
+    "Reconstructor": "bcdi_bluesky.pipeline",
+    "ReconstructionResult": "bcdi_bluesky.pipeline",
+    "read_intensity": "bcdi_bluesky.io",
+    "write_result": "bcdi_bluesky.io",
+}
+
+__all__ = ["ReconstructionResult", "Reconstructor", "__version__", "read_intensity",
+           "write_result"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bcdi_bluesky' has no attribute {name!r}")

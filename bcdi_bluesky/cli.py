@@ -17,11 +17,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         from .model.train import TrainConfig, train
     except ImportError as exc:
-        raise UserError(f"training needs torch: pip install 'bcdi-bluesky[train]' ({exc})") from None
+        raise UserError(f"training needs torch: pip install 'bcdi-bluesky[train]' ({exc})"
+                        ) from None
     config = TrainConfig(name=args.name, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, width=args.width, hidden=args.hidden,
+                         lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                         width=args.width, hidden=args.hidden,
                          validate_every=args.validate_every,
-                         checkpoint_every=args.checkpoint_every)
+                         checkpoint_every=args.checkpoint_every, encoding=args.encoding)
     state = train(config, Path(args.checkpoints), resume=args.resume, device=args.device,
                   workers=args.workers, time_limit_s=args.time_limit,
                   threads=args.threads, progress=not args.quiet,
@@ -37,7 +39,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from .model.export import export
         from .model.train import checkpoint_path
     except ImportError as exc:
-        raise UserError(f"export needs torch: pip install 'bcdi-bluesky[train]' ({exc})") from None
+        raise UserError(f"export needs torch: pip install 'bcdi-bluesky[train]' ({exc})"
+                        ) from None
     ckpt = Path(args.checkpoint) if args.checkpoint else checkpoint_path(
         Path(args.checkpoints), args.name)
     if not ckpt.is_file():
@@ -127,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--width", type=int, default=16, help="channels of the first conv stage")
     p.add_argument("--hidden", type=int, default=256, help="units of the dense layer")
+    p.add_argument("--encoding", default="twin_invariant_v1",
+                   choices=("twin_invariant_v1", "normalised_v1"),
+                   help="what the network regresses (see bcdi_bluesky.model.encoding)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")

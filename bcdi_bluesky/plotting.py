@@ -25,7 +25,7 @@ def support_centre(support: np.ndarray) -> tuple[int, int, int]:
     idx = np.argwhere(support)
     if idx.size == 0:
         return tuple(s // 2 for s in support.shape)
-    return tuple(int(round(v)) for v in idx.mean(axis=0))
+    return tuple(round(float(v)) for v in idx.mean(axis=0))
 
 
 def _window(support: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:

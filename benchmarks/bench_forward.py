@@ -10,6 +10,7 @@ the ratio (c)/(a), all measured in the same run on prior crystals.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -49,10 +50,9 @@ def main() -> None:
         grid = np.zeros((n, n, n), dtype=np.complex64)
         grid[n // 4: 3 * n // 4, n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
         fft = _median_s(lambda g=grid: scipy.fft.fftn(g, workers=FFT_WORKERS), args.runs)
-        counter = iter(range(10**9))
-        vox = _median_s(lambda m=model: m.voxelise(params[next(counter) % 8]), args.runs)
-        fwd = _median_s(lambda m=model: intensity(m.voxelise(params[next(counter) % 8])),
-                        args.runs)
+        cycle = itertools.cycle(params)  # a different crystal every run
+        vox = _median_s(lambda m=model, c=cycle: m.voxelise(next(c)), args.runs)
+        fwd = _median_s(lambda m=model, c=cycle: intensity(m.voxelise(next(c))), args.runs)
         print(f"{n:>5}{fft * 1e3:>14.2f}{vox * 1e3:>13.2f}{fwd * 1e3:>12.2f}{fwd / fft:>13.2f}")
 
 

@@ -51,4 +51,4 @@ from bcdi_bluesky.model.train import TrainConfig, build_network
 net = build_network(TrainConfig(**s["config"])); net.load_state_dict(s["model"])
 export_onnx(net, 64, Path("/tmp/gpu_model.onnx"))
 PY
-python3 benchmarks/bench_gpu_inference.py /tmp/gpu_model.onnx --runs 50 2>&1 | tail -8
+python3 benchmarks/bench_inference.py /tmp/gpu_model.onnx --runs 50 2>&1 | tail -8

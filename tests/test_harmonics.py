@@ -12,7 +12,7 @@ def test_matches_scipy_complex_harmonics():
     y = real_sph_harm(8, d)
     n = d / np.linalg.norm(d, axis=1, keepdims=True)
     theta, phi = np.arccos(n[:, 0]), np.arctan2(n[:, 1], n[:, 2])
-    for l in range(9):  # noqa: E741
+    for l in range(9):
         for m in range(-l, l + 1):
             c = scipy.special.sph_harm_y(l, abs(m), theta, phi)
             if m == 0:

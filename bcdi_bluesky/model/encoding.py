@@ -19,7 +19,8 @@ import numpy as np
 
 from ..physics import CrystalModel
 
-ENCODING_NAME = "twin_invariant_v1"
+TWIN_INVARIANT = "twin_invariant_v1"
+NORMALISED = "normalised_v1"
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class TwinInvariantEncoding:
     """Maps normalised parameter vectors to network targets and back."""
 
     model: CrystalModel
+    name = TWIN_INVARIANT
+    #: The loss must take the minimum over the target and its twin (False: invariant already).
+    needs_twin_min = False
 
     @cached_property
     def even(self) -> np.ndarray:
@@ -95,3 +99,52 @@ class TwinInvariantEncoding:
         wo = w[self.odd]
         pair = np.sqrt(wo[i] * wo[j]) * np.where(i == j, 1.0, 2.0)
         return np.concatenate([w[self.even], pair])
+
+
+@dataclass(frozen=True)
+class NormalisedEncoding:
+    """The normalised parameters themselves (all outputs bounded by ``tanh``).
+
+    The twin ambiguity is left to the loss (minimum over the target and its twin), which
+    leaves the twin-odd parameters close to zero (see the module docstring); kept to read
+    models trained that way.
+    """
+
+    model: CrystalModel
+    name = NORMALISED
+    needs_twin_min = True
+
+    @property
+    def n_even(self) -> int:
+        """All outputs are bounded parameters."""
+        return self.model.size
+
+    @property
+    def size(self) -> int:
+        """Length of the encoded vector."""
+        return self.model.size
+
+    def encode(self, normalised: np.ndarray) -> np.ndarray:
+        """Identity."""
+        return np.asarray(normalised, dtype=np.float64)
+
+    def decode(self, encoded: np.ndarray) -> np.ndarray:
+        """Clip to [-1, 1]."""
+        y = np.asarray(encoded, dtype=np.float64)
+        if y.shape[-1] != self.size:
+            raise ValueError(f"encoded vector must have length {self.size}, got {y.shape[-1]}")
+        return np.clip(y, -1.0, 1.0)
+
+    def weights(self, parameter_weights: np.ndarray) -> np.ndarray:
+        """The per-parameter weights."""
+        return np.asarray(parameter_weights, dtype=np.float64)
+
+
+ENCODINGS = {TWIN_INVARIANT: TwinInvariantEncoding, NORMALISED: NormalisedEncoding}
+
+
+def make_encoding(name: str, model: CrystalModel) -> TwinInvariantEncoding | NormalisedEncoding:
+    """The encoding called ``name`` for ``model``; ``ValueError`` for an unknown name."""
+    if name not in ENCODINGS:
+        raise ValueError(f"unknown output encoding {name!r} (known: {', '.join(ENCODINGS)})")
+    return ENCODINGS[name](model)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .encoding import ENCODING_NAME, TwinInvariantEncoding
 from .evaluate import training_mean, validate
 from .runtime import OnnxCrystalModel, sha256_of
 from .train import TrainConfig, build_network, load_checkpoint
@@ -65,12 +64,13 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
             "normalisation": "log(1 + I) / max(log(1 + I)) after rolling the Bragg peak "
                              "(smoothed maximum) to index N//2; masked voxels 0",
         },
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", TwinInvariantEncoding(model).size],
-                   "dtype": "float32", "encoding": ENCODING_NAME,
-                   "meaning": "twin-invariant encoding of the crystal parameters normalised to "
-                              "[-1, 1] by the bounds below: the twin-even parameters, then the "
-                              "upper triangle of w w^T / |w| for the twin-odd ones "
-                              "(bcdi_bluesky.model.encoding)"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", config.output_encoding().size],
+                   "dtype": "float32", "encoding": config.encoding,
+                   "meaning": "crystal parameters normalised to [-1, 1] by the bounds below, "
+                              "in the named encoding (bcdi_bluesky.model.encoding): "
+                              "normalised_v1 = the vector itself; twin_invariant_v1 = the "
+                              "twin-even parameters, then the upper triangle of w w^T / |w| "
+                              "for the twin-odd ones"},
         "parameters": model.to_dict(),
         "network": build_network(config).config,
         "training": {
@@ -84,7 +84,9 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
             "device": state.get("device", ""),
             "optimiser": f"AdamW lr {config.lr} (warm-up {config.warmup_steps} steps, cosine), "
                          f"weight decay {config.weight_decay}",
-            "loss": "weighted MSE on the twin-invariant encoding",
+            "loss": ("weighted MSE, minimum over the target and its twin"
+                     if config.output_encoding().needs_twin_min
+                     else "weighted MSE on the twin-invariant encoding"),
             "warm_start": config.extra.get("warm_start", ""),
             "history": state.get("history", [])[-10:],
         },

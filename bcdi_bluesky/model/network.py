@@ -93,14 +93,23 @@ def parameter_weights(model: CrystalModel) -> np.ndarray:
 class WeightedMSE(nn.Module):
     """Sum of weighted squared errors over the outputs, averaged over the batch.
 
-    With the twin-invariant encoding as targets this loss is twin-invariant by construction.
+    With the twin-invariant encoding as targets this loss is twin-invariant by construction;
+    with plain parameters (``twin_signs`` given) it takes, per sample, the minimum of the loss
+    against the target and against its twin.
     """
 
-    def __init__(self, weights: np.ndarray):
+    def __init__(self, weights: np.ndarray, twin_signs: np.ndarray | None = None):
         super().__init__()
         w = np.asarray(weights, dtype=np.float64)
         self.register_buffer("weights", torch.tensor(w / w.sum() * 64.0, dtype=torch.float32))
+        self.twin_min = twin_signs is not None
+        signs = np.ones_like(w) if twin_signs is None else np.array(twin_signs)
+        self.register_buffer("signs", torch.tensor(signs, dtype=torch.float32))
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Batch mean of ``sum_k w_k (pred_k - target_k)^2``."""
-        return ((pred - target) ** 2 * self.weights).sum(dim=1).mean()
+        """Batch mean of ``sum_k w_k (pred_k - target_k)^2`` (minimum over twins if asked)."""
+        loss = ((pred - target) ** 2 * self.weights).sum(dim=1)
+        if self.twin_min:
+            twin = ((pred - target * self.signs) ** 2 * self.weights).sum(dim=1)
+            loss = torch.minimum(loss, twin)
+        return loss.mean()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..physics import CrystalModel
-from .encoding import ENCODING_NAME, TwinInvariantEncoding
+from .encoding import NormalisedEncoding, TwinInvariantEncoding, make_encoding
 
 DEFAULT_MODEL_NAME = "bcdi_cnn64"
 #: Providers tried in this order when the caller does not choose.
@@ -136,13 +136,13 @@ class OnnxCrystalModel:
         return CrystalModel.from_dict(self.card["parameters"])
 
     @cached_property
-    def encoding(self) -> TwinInvariantEncoding:
-        """How the network's outputs encode the parameters."""
+    def encoding(self) -> TwinInvariantEncoding | NormalisedEncoding:
+        """How the network's outputs encode the parameters (named in the card)."""
         name = self.card.get("output", {}).get("encoding")
-        if name != ENCODING_NAME:
-            raise ModelError(f"model card {self.path.with_suffix('.json')} names output encoding "
-                             f"{name!r}; this version reads {ENCODING_NAME!r}")
-        return TwinInvariantEncoding(self.crystal_model)
+        try:
+            return make_encoding(name, self.crystal_model)
+        except ValueError as exc:
+            raise ModelError(f"model card {self.path.with_suffix('.json')}: {exc}") from None
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Normalised parameters for network inputs.

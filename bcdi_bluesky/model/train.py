@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from ..physics import CrystalModel, CrystalPrior
 from .data import TRAIN_STREAM, VALIDATION_STREAM, make_batch
+from .encoding import TWIN_INVARIANT, make_encoding
 from .evaluate import validate
-from .encoding import TwinInvariantEncoding
 from .network import CrystalCNN, WeightedMSE, parameter_weights
 
 
@@ -45,12 +45,17 @@ class TrainConfig:
     validate_every: int = 250
     checkpoint_every: int = 100
     validation_size: int = 128
+    encoding: str = TWIN_INVARIANT
     extra: dict = field(default_factory=dict)
 
     def crystal_model(self) -> CrystalModel:
         """The parameter layout this run trains on."""
         return CrystalModel(n=self.grid, lmax=self.lmax, n_rbf=self.n_rbf,
                             phase_order=self.phase_order)
+
+    def output_encoding(self):
+        """How the network's outputs encode the parameters."""
+        return make_encoding(self.encoding, self.crystal_model())
 
 
 class _BatchStream(Dataset):
@@ -60,7 +65,7 @@ class _BatchStream(Dataset):
         self.config = config
         self.model = config.crystal_model()
         self.prior = CrystalPrior(self.model)
-        self.encoding = TwinInvariantEncoding(self.model)
+        self.encoding = config.output_encoding()
         self.first_step = first_step
 
     def __len__(self) -> int:
@@ -103,7 +108,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def build_network(config: TrainConfig) -> CrystalCNN:
     """The network a config describes (outputs: the twin-invariant encoding)."""
-    enc = TwinInvariantEncoding(config.crystal_model())
+    enc = config.output_encoding()
     return CrystalCNN(enc.size, config.grid, config.width, config.hidden, n_bounded=enc.n_even)
 
 
@@ -120,9 +125,10 @@ def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
         if key in own and own[key].shape == value.shape:
             own[key] = value.clone()
             copied += 1
-    enc = TwinInvariantEncoding(config.crystal_model())
+    enc = config.output_encoding()
     last_w, last_b = [k for k in own if k.startswith("head.")][-2:]
-    if old[last_w].shape[0] == enc.model.size and own[last_w].shape != old[last_w].shape:
+    if (enc.name == TWIN_INVARIANT and old[last_w].shape[0] == enc.model.size
+            and own[last_w].shape != old[last_w].shape):
         own[last_w][: enc.n_even] = old[last_w][enc.even]
         own[last_b][: enc.n_even] = old[last_b][enc.even]
         # Start the matrix entries at zero: the old network's (collapsed) odd parameters.
@@ -175,8 +181,10 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
         warm_start(net, Path(init_from), config)
         config.extra["warm_start"] = str(init_from)
     net = net.to(device)
-    encoding = TwinInvariantEncoding(config.crystal_model())
-    loss_fn = WeightedMSE(encoding.weights(parameter_weights(encoding.model))).to(device)
+    encoding = config.output_encoding()
+    loss_fn = WeightedMSE(encoding.weights(parameter_weights(encoding.model)),
+                          encoding.model.twin_signs if encoding.needs_twin_min else None)
+    loss_fn = loss_fn.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, elapsed, history = 0, 0.0, []
     if state is not None:

@@ -124,7 +124,7 @@ class CrystalModel:
     def names(self) -> list[str]:
         """Parameter names, in vector order."""
         names = ["radius"]
-        for l in range(2, self.lmax + 1):  # noqa: E741
+        for l in range(2, self.lmax + 1):
             names += [f"sh_l{l}_m{m}" for m in range(-l, l + 1)]
         names += [f"rbf{k}_c{a}" for k in range(self.n_rbf) for a in _AXES]
         names += [f"rbf{k}_amplitude" for k in range(self.n_rbf)]

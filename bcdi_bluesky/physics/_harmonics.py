@@ -21,7 +21,7 @@ def check_lmax(lmax: int) -> int:
     return int(lmax)
 
 
-def sh_index(l: int, m: int) -> int:  # noqa: E741 - l is the degree, as in every text
+def sh_index(l: int, m: int) -> int:
     """Flat index of the real harmonic ``Y_lm`` in the order ``l^2 + l + m``."""
     return l * l + l + m
 
@@ -65,7 +65,7 @@ def real_sph_harm(lmax: int, directions: np.ndarray) -> np.ndarray:
             p_mm = np.sqrt((2.0 * m + 1.0) / (2.0 * m)) * sin_t * p_mm
         p_prev2 = None
         p_prev = p_mm
-        for l in range(m, lmax + 1):  # noqa: E741
+        for l in range(m, lmax + 1):
             if l == m:
                 p_l = p_mm
             elif l == m + 1:

@@ -23,7 +23,7 @@ class ChiCost:
     """``chi`` of a model object against fixed data, with the data-side work done once."""
 
     def __init__(self, measured: np.ndarray, mask: np.ndarray | None = None):
-        amp = np.sqrt(np.asarray(measured, dtype=np.float32))
+        amp = np.sqrt(np.asarray(measured, dtype=np.float64))
         self.mask = mask
         self.b = amp[mask] if mask is not None else amp.ravel()
         self.b_norm = float(np.linalg.norm(self.b))
@@ -32,15 +32,14 @@ class ChiCost:
 
     def __call__(self, model_intensity: np.ndarray) -> float:
         """chi of a model intensity on the data's grid."""
-        a = np.sqrt(model_intensity)
+        a = np.sqrt(model_intensity, dtype=np.float64)
         a = a[self.mask] if self.mask is not None else a.ravel()
         aa = float(np.dot(a, a))
         if aa == 0:
             return 1.0
         s = float(np.dot(a, self.b)) / aa
-        # ||s a - b||^2 = ||b||^2 - s <a, b> for the least-squares s.
-        resid = max(self.b_norm**2 - s * float(np.dot(a, self.b)), 0.0)
-        return float(np.sqrt(resid) / self.b_norm)
+        # float64 and the explicit residual: ||b||^2 - s <a, b> cancels badly at small chi.
+        return float(np.linalg.norm(s * a - self.b) / self.b_norm)
 
 
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:

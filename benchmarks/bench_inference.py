@@ -1,11 +1,11 @@
-"""ONNX Runtime latency and throughput on a GPU (CUDA, TensorRT) against the CPU provider.
+"""ONNX Runtime latency and throughput of the CNN, per execution provider.
 
-Run on a machine with a GPU and onnxruntime-gpu installed::
+    python benchmarks/bench_inference.py [MODEL.onnx] [--runs 50] [--threads 2]
 
-    python benchmarks/bench_gpu_inference.py [MODEL.onnx] [--runs 50]
-
-Prints a table (median latency of one 64^3 volume, throughput at batch 8) per provider and the
-largest difference of each provider's output from the CPU provider's on the same inputs.
+Prints a table (median latency of one 64^3 volume over ``--runs`` runs, throughput at batch 8)
+for the CPU provider (``--threads`` intra-op threads) and, where onnxruntime-gpu and a GPU are
+present, the CUDA and TensorRT providers, with the largest difference of each provider's raw
+output from the CPU provider's on the same inputs. On a GPU machine it is the same command.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import numpy as np
 import onnxruntime as ort
 
 
-def _session(path: str, provider: str) -> ort.InferenceSession | None:
+def _session(path: str, provider: str, threads: int) -> ort.InferenceSession | None:
     if provider not in ort.get_available_providers():
         return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     try:
-        s = ort.InferenceSession(path, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+        s = ort.InferenceSession(path, sess_options=options,
+                                 providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
     except Exception as exc:  # a provider that is listed can still fail to initialise
         print(f"{provider}: failed to start ({str(exc).splitlines()[0][:120]})")
         return None
@@ -48,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
     args = parser.parse_args()
     path = str(args.model or default_model_path())
     rng = np.random.default_rng(0)
@@ -55,12 +59,18 @@ def main() -> None:
     one = rng.uniform(size=(1, 1, grid, grid, grid)).astype(np.float32)
     eight = rng.uniform(size=(8, 1, grid, grid, grid)).astype(np.float32)
     print(f"onnxruntime {ort.__version__}; available: {ort.get_available_providers()}")
-    cpu = _session(path, "CPUExecutionProvider")
+    import os
+    import platform
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"CPU threads {args.threads}; model {path}")
+    cpu = _session(path, "CPUExecutionProvider", args.threads)
     reference = cpu.run(None, {cpu.get_inputs()[0].name: eight})[0]
-    print(f"{'provider':<28}{'latency ms (b=1)':>18}{'volumes/s (b=8)':>18}{'max |diff| vs CPU':>20}")
+    print(f"{'provider':<28}{'latency ms (b=1)':>18}{'volumes/s (b=8)':>18}"
+          f"{'max |diff| vs CPU':>20}")
     for provider in ("CPUExecutionProvider", "CUDAExecutionProvider",
                      "TensorrtExecutionProvider"):
-        s = cpu if provider == "CPUExecutionProvider" else _session(path, provider)
+        s = cpu if provider == "CPUExecutionProvider" else _session(path, provider, args.threads)
         if s is None:
             print(f"{provider:<28}{'not available':>18}")
             continue
