@@ -53,9 +53,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .io import DataError, read_intensity, write_result
+    from .io import RESULT_SUFFIXES, DataError, read_intensity, write_result
     from .model.runtime import ModelError
 
+    if args.output and Path(args.output).suffix.lower() not in RESULT_SUFFIXES:
+        raise UserError(f"{args.output}: unsupported output type (use one of "
+                        f"{', '.join(RESULT_SUFFIXES)})")
     try:
         data, mask = read_intensity(args.input, args.dataset)
     except DataError as exc:
