@@ -1,0 +1,630 @@
+"""Our reconstruction pipeline against cohere-core's iterative phase retrieval, in one run.
+
+    python benchmarks/bench_pipeline.py [--count 20] [--seed 2026] [--skip-cohere]
+        [--data-dir ../shared/data] [--json results.json]
+
+Everything runs on this machine, one reconstruction at a time, so the wall times compare.
+
+1. **Synthetic set**: ``--count`` fresh crystals from the prior at 1e8 photons (stream
+   ``TEST_STREAM``, seed ``--seed``; the tests use other seeds). Each is reconstructed by our
+   pipeline with ``refine="none"`` (CNN), ``"es"`` (CNN + extremum seeking) and ``"full"``
+   (+ ER/HIO polish), and by cohere-core from a random start with cohere's default recipe
+   (:data:`COHERE_RECIPE`, 620 iterations). Figures: support IoU and phase RMS against the
+   truth (twin, translation and phase ramp resolved), chi and amplitude R-factor against the
+   counts, wall seconds.
+2. **Measured sets** (``--data-dir``): the 64^3 crops of APS scan 54 and of the 3D-CDI-NN
+   example. No truth there: chi, R-factor, seconds, and the support IoU of each of our
+   reconstructions with cohere's.
+3. **Ablation** (synthetic set): the same polish (150 ER/HIO steps) seeded by our CNN + ES
+   object (that is ``refine="full"``), by a sphere sized from the intensity's autocorrelation,
+   and by a cohere-style random start in a central box; median IoU per seed, overall and per
+   kind of crystal (phase peak-to-peak, shape aspect ratio, density).
+
+Conventions. Our intensities are centred (q = 0 at index ``N // 2``) with
+``I = |fftshift(fftn(o))|^2``. cohere-core's ``Rec`` reads *amplitudes* from a file, moves
+q = 0 to index 0 with ``fftshift`` and models the far field as ``ifftn(o)``, whose modulus is
+that of ``fftn(conj(o))``: its image ``o_c`` is brought to our convention as ``conj(o_c)``
+(see :func:`run_cohere`; each run records the chi of both, as a check).
+
+cohere-core's numpy backend draws its random start from a clock-seeded global generator, so
+its figures vary from run to run; ours are deterministic. Its FFTs (``scipy.fft``) run on one
+thread; ours on ``BCDI_FFT_WORKERS`` (default: all cores). On a machine that other jobs keep
+busy, multithreaded FFTs of these small volumes can stall: the same ES run then takes anywhere
+from 1 to 10 s. ``BCDI_FFT_WORKERS=1`` gives steadier times there; the tables give medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.fft
+import scipy.optimize
+
+from bcdi_bluesky.model.data import TEST_STREAM, make_sample
+from bcdi_bluesky.physics import (
+    CrystalModel,
+    CrystalPrior,
+    chi,
+    compare_objects,
+    intensity,
+    r_factor,
+    support_iou,
+)
+from bcdi_bluesky.physics._forward import FFT_WORKERS
+from bcdi_bluesky.pipeline import ReconstructionResult, Reconstructor
+from bcdi_bluesky.tuning.phase_retrieval import polish
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTONS = 1e8
+MODES = ("none", "es", "full")
+POLISH_ITERATIONS = 150
+
+#: cohere's default reconstruction configuration (the ``config_rec`` that cohere-ui writes for a
+#: new experiment), without its console progress trigger.
+COHERE_RECIPE: dict[str, Any] = {
+    "algorithm_sequence": "3* (20*ER + 180*HIO) + 20*ER",
+    "hio_beta": 0.9,
+    "twin_trigger": [2],
+    "shrink_wrap_trigger": [10, 1],
+    "shrink_wrap_type": "GAUSS",
+    "shrink_wrap_threshold": 0.1,
+    "shrink_wrap_gauss_sigma": 1.0,
+    "initial_support_area": [0.5, 0.5, 0.5],
+}
+
+#: cohere's example preprocessing of the measured scans zeroes I <= 2 before the square root.
+COHERE_MEASURED_THRESHOLD = 2.0
+
+MEASURED_SETS = {
+    "APS scan 54": "cohere_examples_scan54/S0054_intensity_64.npy",
+    "3D-CDI-NN example": "3dcdinn_example/ft_crop_64_intensity.npy",
+}
+
+#: Fraction of the autocorrelation's maximum that defines its support (sphere seed).
+AUTOCORRELATION_THRESHOLD = 0.1
+
+# Crystal kinds: phase peak-to-peak (rad) over the support, principal-axis aspect ratio.
+FLAT_PHASE_PTP, STRAINED_PTP, ELONGATED_ASPECT = 1.0, 3.0, 1.8
+
+METHOD_LABELS = {
+    "none": "ours: CNN (none)",
+    "es": "ours: CNN+ES (es)",
+    "full": "ours: CNN+ES+polish (full)",
+    "cohere": "cohere-core 620 it.",
+}
+SEED_LABELS = {
+    "full": "CNN+ES object (= full)",
+    "sphere": "autocorrelation sphere",
+    "random_box": "random, central box",
+}
+
+
+# ----------------------------------------------------------------------------- seeds
+def ball_overlap_distance(threshold: float) -> float:
+    """Where a ball's normalised autocorrelation falls to ``threshold``, in ball diameters.
+
+    Two balls of radius ``R`` at distance ``d = 2 R x`` overlap by ``1 - 3x/2 + x^3/2`` of
+    their volume.
+
+    Parameters
+    ----------
+    threshold : float
+        Fraction of the autocorrelation's maximum, in (0, 1).
+
+    Returns
+    -------
+    float
+        ``x`` in (0, 1).
+    """
+    return float(scipy.optimize.brentq(lambda x: 1 - 1.5 * x + 0.5 * x**3 - threshold, 0, 1))
+
+
+def sphere_seed(measured: np.ndarray,
+                threshold: float = AUTOCORRELATION_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """A naive seed: a uniform, zero-phase sphere, centred, sized from the autocorrelation.
+
+    ``|ifftn(I)|`` is the object's autocorrelation, whose support is the object's doubled in
+    every direction. Thresholded at a fraction of its maximum it is smaller than that (it tapers
+    to zero at the edge), so the volume is divided by ``(2 x)^3`` with ``x`` from
+    :func:`ball_overlap_distance`, which is exact for a ball, not by 8 (which gave spheres of
+    a fifth to a third of the crystal's volume).
+
+    Parameters
+    ----------
+    measured : ndarray
+        Centred intensity.
+    threshold : float
+        Fraction of the autocorrelation's maximum that defines its support.
+
+    Returns
+    -------
+    object, support : ndarray
+        complex64 sphere and its boolean support.
+    """
+    autocorrelation = np.abs(scipy.fft.ifftn(np.asarray(measured, dtype=np.float32)))
+    volume = np.count_nonzero(autocorrelation > threshold * autocorrelation.max())
+    volume /= (2 * ball_overlap_distance(threshold)) ** 3
+    radius = (3 * volume / (4 * np.pi)) ** (1 / 3)
+    grids = np.ogrid[tuple(slice(0, s) for s in measured.shape)]
+    r2 = sum((g - s // 2) ** 2 for g, s in zip(grids, measured.shape, strict=True))
+    inside = np.asarray(r2 <= radius * radius)
+    return inside.astype(np.complex64), inside
+
+
+def random_box_seed(shape: tuple[int, ...],
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A cohere-style random start: random complex values in a central half-size box.
+
+    Like cohere's, the values have real and imaginary parts uniform in [0, 1).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Grid shape.
+    rng : numpy.random.Generator
+        Source of the random values.
+
+    Returns
+    -------
+    object, support : ndarray
+        complex64 start and its boolean support.
+    """
+    box = np.zeros(shape, dtype=bool)
+    box[tuple(slice(s // 4, s // 4 + s // 2) for s in shape)] = True
+    values = rng.uniform(size=shape) + 1j * rng.uniform(size=shape)
+    return (values * box).astype(np.complex64), box
+
+
+# ----------------------------------------------------------------------------- crystals
+@dataclass(frozen=True)
+class CrystalKind:
+    """What kind of crystal a truth is, for the per-kind breakdown."""
+
+    phase_ptp: float  # radians, over the support (amplitude > 0.2 of max), unwrapped
+    aspect: float  # longest / shortest principal axis of the support
+    inhomogeneous: bool  # voids or density ramps
+
+    @property
+    def phase_class(self) -> str:
+        """``flat-phase``, ``moderate`` or ``strained``."""
+        if self.phase_ptp < FLAT_PHASE_PTP:
+            return "flat-phase"
+        return "strained" if self.phase_ptp > STRAINED_PTP else "moderate"
+
+    @property
+    def shape_class(self) -> str:
+        """``platelet/needle`` or ``compact``."""
+        return "platelet/needle" if self.aspect > ELONGATED_ASPECT else "compact"
+
+    @property
+    def density_class(self) -> str:
+        """``voids/ramps`` or ``uniform``."""
+        return "voids/ramps" if self.inhomogeneous else "uniform"
+
+    @property
+    def labels(self) -> list[str]:
+        """Phase, shape and density class."""
+        return [self.phase_class, self.shape_class, self.density_class]
+
+
+def crystal_kind(model: CrystalModel, params: np.ndarray) -> CrystalKind:
+    """Classify a truth crystal by its phase range, elongation and density.
+
+    Parameters
+    ----------
+    model : CrystalModel
+        The parameter layout and renderer.
+    params : ndarray
+        Physical parameters of the crystal.
+
+    Returns
+    -------
+    CrystalKind
+    """
+    rendered = model.render(params)
+    amp = rendered.shape * rendered.density
+    sel = amp > 0.2 * amp.max()
+    # The rendered phase is the model's polynomial, not wrapped into (-pi, pi].
+    ptp = float(np.ptp(rendered.phase[sel]))
+    coords = np.stack(np.unravel_index(rendered.flat_index[sel], (model.n,) * 3))
+    eig = np.linalg.eigvalsh(np.cov(coords.astype(np.float64)))
+    aspect = float(np.sqrt(eig[-1] / max(eig[0], 1e-12)))
+    inhomogeneous = bool(np.any(params[model.slices["rbf_amplitude"]] != 0))
+    return CrystalKind(ptp, aspect, inhomogeneous)
+
+
+# ----------------------------------------------------------------------------- runs
+def centre_on_max(data: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Roll the maximum to index ``N // 2`` on every axis (cohere's ``center_max``).
+
+    Returns
+    -------
+    centred : ndarray
+    shift : tuple of int
+        The roll applied.
+    """
+    peak = np.unravel_index(int(np.argmax(data)), data.shape)
+    shift = tuple(int(s // 2 - p) for s, p in zip(data.shape, peak, strict=True))
+    return np.roll(data, shift, axis=tuple(range(data.ndim))), shift
+
+
+def undo_centring(obj: np.ndarray, shift: tuple[int, ...]) -> np.ndarray:
+    """Object whose far field is that of ``obj`` rolled by ``-shift`` (a linear phase ramp).
+
+    ``roll(I, s)[q] = I[q - s]``, and ``F(q + s)`` is the transform of
+    ``o(r) exp(-2 pi i s.r / N)``.
+    """
+    grids = np.ogrid[tuple(slice(0, n) for n in obj.shape)]
+    ramp = sum(s * g / n for s, g, n in zip(shift, grids, obj.shape, strict=True))
+    return (obj * np.exp(-2j * np.pi * ramp)).astype(np.complex64)
+
+
+@dataclass
+class CohereRun:
+    """A cohere-core reconstruction, in our convention, on the grid of the data it was given."""
+
+    object: np.ndarray
+    seconds: float
+    error: float  # cohere's own last error: sum (|F| - A)^2 / sum A^2 over its thresholded data
+    chi: float  # ours, against the data cohere was given
+    chi_unconverted: float  # the same for cohere's image as returned (not conjugated)
+
+
+def run_cohere(measured: np.ndarray, threshold: float = 0.0) -> CohereRun:
+    """Reconstruct with cohere-core (numpy backend, CPU) from a random start.
+
+    ``cohere_core.controller.phasing.create_rec(params, data_file, "np", -1)`` loads the
+    amplitudes (``.npy``), ``fftshift``s them to put q = 0 at index 0, draws the random start
+    and support (central box of :data:`COHERE_RECIPE`'s ``initial_support_area``);
+    ``Rec.iterate()`` runs the recipe and ``Rec.get_image()`` returns the image, scaled to
+    maximum 1. cohere's far field is ``ifftn(image)`` (q = 0 at index 0), which equals
+    ``conj(fftn(conj(image))) / N^3``: ``conj(image)`` is the object in our convention, and
+    is returned.
+
+    Parameters
+    ----------
+    measured : ndarray
+        Intensity with its maximum at index ``N // 2`` (see :func:`centre_on_max`).
+    threshold : float
+        Intensities at or below it are zeroed, as cohere's preprocessing does.
+
+    Returns
+    -------
+    CohereRun
+    """
+    # Imported here so that --skip-cohere runs where cohere-core is not installed.
+    from cohere_core.controller import phasing
+
+    data = np.where(measured > threshold, measured, 0.0).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "data.npy")
+        np.save(path, np.sqrt(data))
+        started = time.perf_counter()
+        # cohere reports progress with print(); the table is the output here.
+        with contextlib.redirect_stdout(io.StringIO()):
+            rec = phasing.create_rec(copy.deepcopy(COHERE_RECIPE), path, "np", -1, debug=True)
+            if rec is None or rec.iterate() != 0:
+                raise RuntimeError("cohere-core reconstruction failed")
+        seconds = time.perf_counter() - started
+    image = np.asarray(rec.get_image())
+    obj = np.conj(image).astype(np.complex64)
+    return CohereRun(obj, seconds, float(rec.errs[-1]), chi(intensity(obj), data),
+                     chi(intensity(image), data))
+
+
+def figures(obj: np.ndarray, measured: np.ndarray, truth: np.ndarray | None = None,
+            reference: np.ndarray | None = None) -> dict[str, float]:
+    """Figures of merit of a reconstruction.
+
+    Parameters
+    ----------
+    obj : ndarray
+        Reconstruction, in our convention for ``measured``.
+    measured : ndarray
+        Intensity it is compared with (chi, R-factor).
+    truth : ndarray, optional
+        True object: support IoU and phase RMS.
+    reference : ndarray, optional
+        Another reconstruction (no truth): support IoU with it, as ``iou_ref``.
+
+    Returns
+    -------
+    dict
+        ``chi``, ``r_factor``, ``iou``, ``phase_rms`` and ``iou_ref`` (NaN where unknown).
+    """
+    model_intensity = intensity(obj)
+    out = {"chi": chi(model_intensity, measured), "r_factor": r_factor(model_intensity, measured),
+           "iou": float("nan"), "phase_rms": float("nan"), "iou_ref": float("nan")}
+    if truth is not None:
+        c = compare_objects(truth, obj)
+        out["iou"], out["phase_rms"] = c.iou, c.phase_rms
+    if reference is not None:
+        out["iou_ref"] = support_iou(reference, obj)
+    return out
+
+
+def run_ours(rec: Reconstructor, measured: np.ndarray,
+             mode: str) -> tuple[ReconstructionResult, float]:
+    """Run our pipeline in one refine mode; return the result and the wall seconds."""
+    started = time.perf_counter()
+    result = rec.reconstruct(measured, refine=mode)
+    return result, time.perf_counter() - started
+
+
+def progress(message: str) -> None:
+    """One line of progress on stderr (the tables go to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def synthetic_cases(rec: Reconstructor, count: int, seed: int,
+                    skip_cohere: bool) -> list[dict[str, Any]]:
+    """Reconstruct ``count`` fresh prior crystals with every method and every polish seed.
+
+    Returns
+    -------
+    list of dict
+        Per crystal: ``index``, ``kind``, ``stage_chi`` (of the ``es`` run) and ``methods``
+        (per method: figures and ``seconds``).
+    """
+    model = rec.model
+    prior = CrystalPrior(model)
+    cases = []
+    for i in range(count):
+        sample = make_sample(model, prior, seed, TEST_STREAM, i, photons=PHOTONS)
+        counts = sample.counts
+        truth = model.voxelise(sample.params)
+        kind = crystal_kind(model, sample.params)
+        methods: dict[str, dict[str, Any]] = {}
+        stage_chi: dict[str, float] = {}
+        for mode in MODES:
+            result, seconds = run_ours(rec, counts, mode)
+            methods[mode] = {**figures(result.object, counts, truth), "seconds": seconds,
+                             "timings": dict(result.timings)}
+            if mode == "es":
+                stage_chi = dict(result.stage_chi)
+        if not skip_cohere:
+            centred, shift = centre_on_max(counts)
+            run = run_cohere(centred)
+            obj = undo_centring(run.object, shift)
+            methods["cohere"] = {**figures(obj, counts, truth), "seconds": run.seconds,
+                                 "cohere_error": run.error, "chi_fit": run.chi,
+                                 "chi_fit_unconverted": run.chi_unconverted}
+        rng = np.random.default_rng([seed, i, 1])
+        for name, (start, start_support) in (("sphere", sphere_seed(counts)),
+                                             ("random_box", random_box_seed(counts.shape, rng))):
+            started = time.perf_counter()
+            polished = polish(counts, start, start_support, iterations=POLISH_ITERATIONS)
+            methods[name] = {**figures(polished.object, counts, truth),
+                             "seconds": time.perf_counter() - started}
+        cases.append({"index": i, "kind": {**asdict(kind), "labels": kind.labels},
+                      "stage_chi": stage_chi, "methods": methods})
+        progress(f"synthetic {i + 1}/{count} ({', '.join(kind.labels)}): " + ", ".join(
+            f"{k} IoU {v['iou']:.2f} {v['seconds']:.1f}s" for k, v in methods.items()))
+    return cases
+
+
+def measured_cases(rec: Reconstructor, data_dir: Path, skip_cohere: bool) -> list[dict[str, Any]]:
+    """Reconstruct the measured crops with our three modes and cohere-core.
+
+    Every figure is computed against the file's intensity as it is (unthresholded, on its
+    own grid): our results are already there; cohere's, fitted to the centred and thresholded
+    copy cohere's example preprocessing makes, are carried back by :func:`undo_centring`.
+
+    Returns
+    -------
+    list of dict
+        Per data set: ``name``, ``path``, ``stage_chi`` (of the ``es`` run), ``methods``.
+    """
+    cases = []
+    for name, relative in MEASURED_SETS.items():
+        path = data_dir / relative
+        if not path.is_file():
+            progress(f"{name}: {path} not found, skipped")
+            continue
+        data = np.load(path).astype(np.float32)
+        methods: dict[str, dict[str, Any]] = {}
+        results = {}
+        for mode in MODES:
+            results[mode], seconds = run_ours(rec, data, mode)
+            methods[mode] = {"seconds": seconds, "timings": dict(results[mode].timings)}
+        stage_chi = dict(results["es"].stage_chi)
+        cohere_obj = None
+        if not skip_cohere:
+            centred, shift = centre_on_max(data)
+            run = run_cohere(centred, COHERE_MEASURED_THRESHOLD)
+            cohere_obj = undo_centring(run.object, shift)
+            methods["cohere"] = {**figures(cohere_obj, data), "seconds": run.seconds,
+                                 "cohere_error": run.error, "chi_fit": run.chi,
+                                 "chi_fit_unconverted": run.chi_unconverted,
+                                 "shift": list(shift)}
+        for mode in MODES:
+            methods[mode].update(figures(results[mode].object, data, reference=cohere_obj))
+        cases.append({"name": name, "path": str(path), "stage_chi": stage_chi,
+                      "methods": methods})
+        progress(f"{name}: " + ", ".join(f"{k} chi {v['chi']:.3f} {v['seconds']:.1f}s"
+                                         for k, v in methods.items()))
+    return cases
+
+
+# ----------------------------------------------------------------------------- report
+def median(values: list[float]) -> float:
+    """Median of the finite values (NaN if none)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.median(finite)) if finite else float("nan")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest])
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    """A number, or ``-`` when it is not known."""
+    return f"{value:.{digits}f}" if np.isfinite(value) else "-"
+
+
+def method_table(cases: list[dict[str, Any]], methods: list[str], truth: bool) -> str:
+    """Median figures per method over ``cases``, and cohere's median time over each method's.
+
+    Parameters
+    ----------
+    cases : list of dict
+        Per-case records with a ``methods`` mapping.
+    methods : list of str
+        Which methods, in row order.
+    truth : bool
+        Real-space columns against the truth (synthetic) or the IoU with cohere (measured).
+    """
+    def med(method: str, key: str) -> float:
+        return median([c["methods"][method].get(key, float("nan")) for c in cases])
+
+    cohere_time = med("cohere", "seconds") if "cohere" in methods else float("nan")
+    first = ["IoU", "phase RMS"] if truth else ["IoU vs cohere"]
+    header = ["method", *first, "chi", "R-factor", "seconds", "cohere time / ours"]
+    rows = []
+    for m in methods:
+        real = ([fmt(med(m, "iou")), fmt(med(m, "phase_rms"))] if truth
+                else [fmt(med(m, "iou_ref"))])
+        seconds = med(m, "seconds")
+        ratio = cohere_time / seconds if seconds > 0 else float("nan")
+        rows.append([METHOD_LABELS.get(m, m), *real, fmt(med(m, "chi"), 4),
+                     fmt(med(m, "r_factor")), fmt(seconds, 2),
+                     "-" if not np.isfinite(ratio) else f"{ratio:.2f}x"])
+    return table(header, rows)
+
+
+def es_gain(cases: list[dict[str, Any]]) -> str:
+    """How often ES took chi below the CNN's (chi on the model grid, as ES measures it)."""
+    lowered = [c["stage_chi"]["es"] < c["stage_chi"]["cnn"] for c in cases]
+    cnn = median([c["stage_chi"]["cnn"] for c in cases])
+    es = median([c["stage_chi"]["es"] for c in cases])
+    return (f"ES lowered chi below the CNN's in {sum(lowered)}/{len(lowered)} cases "
+            f"({100 * sum(lowered) / max(len(lowered), 1):.0f}%); median chi CNN {cnn:.4f} "
+            f"-> ES {es:.4f}")
+
+
+def ablation_tables(cases: list[dict[str, Any]], skip_cohere: bool) -> str:
+    """Polish-seed figures overall, and the median IoU per kind of crystal."""
+    seeds = [*SEED_LABELS, *([] if skip_cohere else ["cohere"])]
+    labels = {**SEED_LABELS, "cohere": "(cohere-core 620 it., random start)"}
+
+    def med(group: list[dict[str, Any]], seed: str, key: str) -> float:
+        return median([c["methods"][seed][key] for c in group])
+
+    def polish_seconds(seed: str) -> float:
+        # The seed's own cost (CNN + ES) is in the main table; here only the polish counts.
+        if seed == "full":
+            return median([c["methods"]["full"]["timings"]["polish"] for c in cases])
+        return med(cases, seed, "seconds")
+
+    overall = table(
+        ["seed of the 150-step polish", "median IoU", "phase RMS", "chi", "polish s"],
+        [[labels[s], fmt(med(cases, s, "iou")), fmt(med(cases, s, "phase_rms")),
+          fmt(med(cases, s, "chi"), 4), fmt(polish_seconds(s), 2)] for s in seeds])
+    classes = ("flat-phase", "moderate", "strained", "compact", "platelet/needle", "uniform",
+               "voids/ramps")
+    groups = {"all": cases,
+              **{k: [c for c in cases if k in c["kind"]["labels"]] for k in classes}}
+    header = ["median IoU by kind", *groups]
+    rows = [["(crystals)", *(str(len(v)) for v in groups.values())]]
+    rows += [[labels[s], *(fmt(med(v, s, "iou")) for v in groups.values())] for s in seeds]
+    return overall + "\n\n" + table(header, rows)
+
+
+def machine() -> dict[str, Any]:
+    """Processor (model name where Linux gives it), CPU count and load average."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = f"{line.split(':', 1)[1].strip()} ({name})"
+                break
+    return {"processor": name, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "fft_workers": FFT_WORKERS}
+
+
+def convention_check(cases: list[dict[str, Any]]) -> str:
+    """cohere's image against the data it was given, converted and as returned."""
+    conv = median([c["methods"]["cohere"]["chi_fit"] for c in cases])
+    raw = median([c["methods"]["cohere"]["chi_fit_unconverted"] for c in cases])
+    return (f"cohere convention check: chi of conj(image) {conv:.4f}, of the image as "
+            f"returned {raw:.4f} (against the data cohere was given)")
+
+
+def report(args: argparse.Namespace, rec: Reconstructor, synthetic: list[dict[str, Any]],
+           measured: list[dict[str, Any]]) -> None:
+    """Print the machine and the tables."""
+    methods = [*MODES, *([] if args.skip_cohere else ["cohere"])]
+    m = machine()
+    print(f"machine: {m['processor']}, {m['cpus']} CPUs, load average "
+          f"{m['load_average'][0]:.1f} at the end; our FFT workers {FFT_WORKERS} (cohere's 1); "
+          f"ONNX Runtime provider {rec.provider}; model {rec.model_name}")
+    if synthetic:
+        print(f"\nSynthetic: {len(synthetic)} prior crystals at {PHOTONS:.0e} photons "
+              f"(seed {args.seed}); medians")
+        print(method_table(synthetic, methods, truth=True))
+        print(es_gain(synthetic))
+        if not args.skip_cohere:
+            print(convention_check(synthetic))
+    for case in measured:
+        print(f"\nMeasured: {case['name']} ({case['path']})")
+        print(method_table([case], methods, truth=False))
+        print(es_gain([case]))
+        if not args.skip_cohere:
+            print(convention_check([case]))
+    if synthetic:
+        print(f"\nAblation (synthetic set): ER/HIO + shrink-wrap polish, {POLISH_ITERATIONS} "
+              f"steps, by seed")
+        print(ablation_tables(synthetic, args.skip_cohere))
+        print(f"kinds: phase peak-to-peak < {FLAT_PHASE_PTP} rad flat-phase, > {STRAINED_PTP} "
+              f"rad strained; support aspect ratio > {ELONGATED_ASPECT} platelet/needle")
+
+
+def main() -> None:
+    """Run the benchmark and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=20, help="synthetic crystals")
+    parser.add_argument("--seed", type=int, default=2026, help="seed of the synthetic set")
+    parser.add_argument("--skip-cohere", action="store_true", help="run only our pipeline")
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
+                        help="folder with the measured data sets")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    args = parser.parse_args()
+
+    rec = Reconstructor(es_time_budget_s=60, polish_time_budget_s=60)
+    # The first inference pays ONNX Runtime's start-up, which no later call does.
+    rec.reconstruct(np.ones((rec.model.n,) * 3, dtype=np.float32), refine="none")
+    synthetic = synthetic_cases(rec, args.count, args.seed, args.skip_cohere)
+    measured = measured_cases(rec, args.data_dir, args.skip_cohere)
+    report(args, rec, synthetic, measured)
+    if args.json is not None:
+        args.json.write_text(json.dumps(
+            {"machine": machine(), "seed": args.seed, "photons": PHOTONS,
+             "cohere_recipe": COHERE_RECIPE, "synthetic": synthetic, "measured": measured},
+            indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
