@@ -195,7 +195,7 @@ class Reconstructor:
         params = self.model.denormalise(self.runtime.predict(x).astype(np.float64))
         timings["inference"] = time.perf_counter() - t
         chi_of = ChiCost(prepared.intensity, prepared.mask)
-        stage_chi = {"cnn": chi_of(intensity(self.model.voxelise(params)))}
+        stage_chi = {"cnn": chi_of(self.model.intensity(params))}
         notify("inference", {"seconds": timings["inference"], "chi": stage_chi["cnn"],
                              "params": params})
 
@@ -205,7 +205,7 @@ class Reconstructor:
         if self.track and self.previous_params is not None:
             starts.append(self.previous_params)
         if len(starts) > 1:
-            scored = [(chi_of(intensity(self.model.voxelise(p))), i) for i, p in
+            scored = [(chi_of(self.model.intensity(p)), i) for i, p in
                       enumerate(starts)]
             params = starts[min(scored)[1]]
 

@@ -1,9 +1,10 @@
 """Forward model speed: parameters -> voxel object -> centred intensity, against the bare FFT.
 
-    python benchmarks/bench_forward.py [--runs 30]
+    python benchmarks/bench_forward.py [--runs 100]
 
 For each grid size it prints the median wall time of (a) a bare ``scipy.fft.fftn`` of a complex64
-grid, (b) voxelisation alone, (c) the whole forward model (voxelise + ``|fftshift(fftn)|^2``), and
+grid, (b) voxelisation alone, (c) the whole forward model (``CrystalModel.intensity``: render, centred ``|fftn|^2``),
+and
 the ratio (c)/(a), all measured in the same run on prior crystals.
 """
 
@@ -19,18 +20,22 @@ import time
 import numpy as np
 import scipy.fft
 
-from bcdi_bluesky.physics import CrystalPrior, intensity
+from bcdi_bluesky.physics import CrystalPrior
 from bcdi_bluesky.physics._forward import FFT_WORKERS
 
 
-def _median_s(fn, runs: int) -> float:
-    fn()  # warm caches (SH tables, FFT plans)
-    times = []
+def _medians_s(fns, runs: int) -> list[float]:
+    """Median seconds of each function, timed in alternation so they share the conditions
+    (a virtual machine's speed drifts by tens of per cent from second to second)."""
+    for fn in fns:
+        fn()  # warm caches (SH tables, FFT plans, scratch buffers)
+    times = [[] for _ in fns]
     for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - t)
+    return [statistics.median(b) for b in times]
 
 
 def main() -> None:
@@ -38,7 +43,7 @@ def main() -> None:
     from bcdi_bluesky.physics import CrystalModel
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=100)
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"numpy {np.__version__}, scipy {scipy.__version__}; FFT workers {FFT_WORKERS}")
@@ -49,10 +54,12 @@ def main() -> None:
         params = [prior.sample(np.random.default_rng(i)) for i in range(8)]
         grid = np.zeros((n, n, n), dtype=np.complex64)
         grid[n // 4: 3 * n // 4, n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
-        fft = _median_s(lambda g=grid: scipy.fft.fftn(g, workers=FFT_WORKERS), args.runs)
         cycle = itertools.cycle(params)  # a different crystal every run
-        vox = _median_s(lambda m=model, c=cycle: m.voxelise(next(c)), args.runs)
-        fwd = _median_s(lambda m=model, c=cycle: intensity(m.voxelise(next(c))), args.runs)
+        fft, vox, fwd = _medians_s([
+            lambda g=grid: scipy.fft.fftn(g, workers=FFT_WORKERS),
+            lambda m=model, c=cycle: m.voxelise(next(c)),
+            lambda m=model, c=cycle: m.intensity(next(c)),
+        ], args.runs)
         print(f"{n:>5}{fft * 1e3:>14.2f}{vox * 1e3:>13.2f}{fwd * 1e3:>12.2f}{fwd / fft:>13.2f}")
 
 

@@ -49,3 +49,14 @@ def test_masks_hide_beamstop_and_gap(model64, prior64, rng):
     counts = simulate_counts(obj, 1e7, rng, mask=stop & gap)
     assert counts[~(stop & gap)].sum() == 0
     np.testing.assert_allclose(counts.sum(), 1e7, rtol=0.01)
+
+
+@pytest.mark.parametrize("n", [64, 33])
+def test_fast_forward_model_equals_the_definition(model64, prior64, n):
+    model = model64.with_grid(n)
+    for seed in range(3):
+        p = prior64.sample(np.random.default_rng(seed))
+        expected = intensity(model.voxelise(p))
+        fast = model.intensity(p)
+        assert fast.dtype == np.float32 and fast.shape == (n, n, n)
+        np.testing.assert_allclose(fast, expected, rtol=1e-4, atol=1e-4 * expected.max())

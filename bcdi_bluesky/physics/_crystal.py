@@ -19,11 +19,14 @@ widths, the phase coordinates), so one parameter vector renders the same crystal
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import scipy.fft
 
+from ._forward import FFT_WORKERS, intensity
 from ._harmonics import check_lmax, fibonacci_directions, grid_table, real_sph_harm
 
 _SQRT_4PI = float(np.sqrt(4.0 * np.pi))
@@ -40,13 +43,32 @@ class Rendered:
     shape: np.ndarray  # (K,) soft support in [0, 1]
     density: np.ndarray  # (K,) density (>= 0)
     phase: np.ndarray  # (K,) phase in radians
+    parity: np.ndarray  # (K,) (-1)^(i+j+k) of each voxel
+
+    def values(self) -> np.ndarray:
+        """Complex64 values of the object on :attr:`flat_index`."""
+        amp = (self.shape * self.density).astype(np.float32)
+        return amp * np.exp(1j * self.phase.astype(np.float32))
 
     def to_object(self) -> np.ndarray:
         """The complex64 ``N^3`` object."""
         obj = np.zeros(self.n**3, dtype=np.complex64)
-        amp = (self.shape * self.density).astype(np.float32)
-        obj[self.flat_index] = amp * np.exp(1j * self.phase.astype(np.float32))
+        obj[self.flat_index] = self.values()
         return obj.reshape((self.n,) * 3)
+
+
+_buffers = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A per-thread complex64 ``n^3`` work array: reusing it spares the page faults of a fresh
+    2 MB allocation per forward model (a third of the time at 64^3)."""
+    store = getattr(_buffers, "arrays", None)
+    if store is None:
+        store = _buffers.arrays = {}
+    if n not in store:
+        store[n] = np.empty((n, n, n), dtype=np.complex64)
+    return store[n]
 
 
 @dataclass(frozen=True)
@@ -286,8 +308,28 @@ class CrystalModel:
         for coeff, (ez, ey, ex) in zip(p[s["phase"]], self.phase_exponents, strict=True):
             if coeff != 0.0:
                 phase += np.float32(coeff) * (powers[0][ez] * powers[1][ey] * powers[2][ex])
-        return Rendered(self.n, table.flat_index[inside], shape, density, phase)
+        return Rendered(self.n, table.flat_index[inside], shape, density, phase,
+                        table.parity[inside])
 
     def voxelise(self, params: np.ndarray) -> np.ndarray:
         """Render the complex64 ``N^3`` object of a parameter vector."""
         return self.render(params).to_object()
+
+    def intensity(self, params: np.ndarray) -> np.ndarray:
+        """Centred intensity ``|fftshift(fftn(voxelise(params)))|^2`` (float32), fast.
+
+        The forward model is the inner loop of refinement. For even ``N`` the object is
+        multiplied by ``(-1)^(i+j+k)`` while it is scattered into a reused buffer, which makes
+        the FFT come out centred (no ``fftshift``), and the FFT runs in place.
+        """
+        rendered = self.render(params)
+        if self.n % 2:
+            return intensity(rendered.to_object())
+        buf = _scratch(self.n)
+        flat = buf.reshape(-1)
+        flat.fill(0)
+        flat[rendered.flat_index] = rendered.values() * rendered.parity
+        f = scipy.fft.fftn(buf, workers=FFT_WORKERS, overwrite_x=True)
+        power = np.square(f.real)
+        power += np.square(f.imag)
+        return power

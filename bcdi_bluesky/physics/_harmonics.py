@@ -99,6 +99,7 @@ class GridTable:
     radius: np.ndarray  # (V,) float32, distance from the centre in voxels
     coords: np.ndarray  # (3, V) float32, (z, y, x) offsets from the centre in voxels
     harmonics: np.ndarray  # ((lmax+1)^2, V) float32, Y_lm at each voxel's direction
+    parity: np.ndarray  # (V,) float32, (-1)^(i+j+k): multiplying by it centres the FFT
 
     def prefix(self, r_max: float) -> int:
         """Number of listed voxels whose distance from the centre is below ``r_max``."""
@@ -123,9 +124,10 @@ def grid_table(n: int, lmax: int) -> GridTable:
     radius = radius[order].astype(np.float32)
     coords = np.stack([zz.ravel()[flat], yy.ravel()[flat], xx.ravel()[flat]]).astype(np.float32)
     harmonics = real_sph_harm(lmax, coords.T).astype(np.float32)
-    for arr in (flat, radius, coords, harmonics):
+    parity = (1 - 2 * (np.sum(np.unravel_index(flat, (n, n, n)), axis=0) % 2)).astype(np.float32)
+    for arr in (flat, radius, coords, harmonics, parity):
         arr.setflags(write=False)
-    return GridTable(n, lmax, flat, radius, coords, harmonics)
+    return GridTable(n, lmax, flat, radius, coords, harmonics, parity)
 
 
 @lru_cache(maxsize=8)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..physics import CrystalModel, intensity
+from ..physics import CrystalModel
 from .extremum_seeking import ExtremumSeeker
 
 
@@ -100,7 +100,7 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
     full_cost = ChiCost(measured, mask)
 
     def chi_full(p: np.ndarray) -> float:
-        return full_cost(intensity(model.voxelise(model.denormalise(p))))
+        return full_cost(model.intensity(model.denormalise(p)))
 
     p0 = model.normalise(model.clip(params))
     chi_start = chi_full(p0)
@@ -113,7 +113,7 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
         coarse = model.with_grid(half)
         cost = ChiCost(central_cube(measured, half),
                        None if mask is None else central_cube(mask, half))
-        stages.append((lambda p, m=coarse, c=cost: c(intensity(m.voxelise(m.denormalise(p)))),
+        stages.append((lambda p, m=coarse, c=cost: c(m.intensity(m.denormalise(p))),
                        coarse_iterations))
     if fine_iterations > 0:
         stages.append((chi_full, fine_iterations))
