@@ -2,10 +2,10 @@
 
     python benchmarks/bench_forward.py [--runs 100]
 
-For each grid size it prints the median wall time of (a) a bare ``scipy.fft.fftn`` of a complex64
-grid, (b) voxelisation alone, (c) the whole forward model (``CrystalModel.intensity``: render, centred ``|fftn|^2``),
-and
-the ratio (c)/(a), all measured in the same run on prior crystals.
+For each grid size it prints the median wall time of (a) a bare ``scipy.fft.fftn`` of a
+complex64 grid, (b) voxelisation alone, (c) the whole forward model
+(``CrystalModel.intensity``: render, then the centred ``|fftn|^2``), and the ratio (c)/(a), all
+timed in alternation in the same run on prior crystals.
 """
 
 from __future__ import annotations
