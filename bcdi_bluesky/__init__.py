@@ -22,10 +22,11 @@ _LAZY = {
     "ReconstructionResult": "bcdi_bluesky.pipeline",
     "read_intensity": "bcdi_bluesky.io",
     "write_result": "bcdi_bluesky.io",
+    "BCDIReconstructionCallback": "bcdi_bluesky.beamline",
 }
 
-__all__ = ["ReconstructionResult", "Reconstructor", "__version__", "read_intensity",
-           "write_result"]
+__all__ = ["BCDIReconstructionCallback", "ReconstructionResult", "Reconstructor", "__version__",
+           "read_intensity", "write_result"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,251 @@
+"""The Bluesky callback: collect the frames of each rocking scan, reconstruct in a worker.
+
+The RunEngine thread only does bookkeeping (copy a frame reference and the motor readback per
+event); assembling and reconstructing happen in a worker thread, so a scan never waits for the
+analysis, and a failing analysis never aborts a scan.
+
+Queue policy: at most ``queue_size`` assembled volumes wait for the worker. When a new scan
+stops and the queue is full, the *oldest waiting* volume is dropped (the live view favours the
+newest scan) and recorded in :attr:`BCDIReconstructionCallback.dropped` with a warning; nothing
+is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from event_model import DocumentRouter
+
+log = logging.getLogger(__name__)
+
+#: ``publisher(result, start_doc)``; exceptions are logged, never raised into the experiment.
+Publisher = Callable[[Any, dict], None]
+
+
+@dataclass
+class ScanRecord:
+    """What happened to one run (kept in :attr:`BCDIReconstructionCallback.records`)."""
+
+    uid: str
+    scan_id: int | None
+    status: str  # collecting, queued, skipped, dropped, reconstructing, done, failed
+    message: str = ""
+    frames: int = 0
+    result: Any = None
+    seconds_in_callback: float = 0.0
+    queued_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass
+class _Run:
+    start: dict
+    record: ScanRecord
+    descriptors: set[str] = field(default_factory=set)
+    frames: list[tuple[float, int, np.ndarray]] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+class BCDIReconstructionCallback(DocumentRouter):
+    """Reconstruct every rocking scan of a RunEngine in a background worker.
+
+    Parameters
+    ----------
+    image_key : str
+        Data key of the detector frames (``<detector name>_image`` for the simulated beamline).
+    motor_key : str
+        Data key of the rocking motor's readback; frames are stacked in its order.
+    on_result : callable, optional
+        ``on_result(result, start_doc)``, called from the worker for each reconstruction.
+    publishers : sequence of callables
+        More ``publisher(result, start_doc)`` to feed (IOC, result files, derived runs).
+    reconstructor : Reconstructor, optional
+        Default: ``Reconstructor()`` with the packaged model, created in the worker on first use
+        (loading ONNX Runtime never delays the RunEngine).
+    refine : {"none", "es", "full"}
+        Passed to :meth:`Reconstructor.reconstruct`.
+    queue_size : int
+        Assembled volumes allowed to wait (see the module's queue policy).
+    reconstruct_failed : bool
+        Also reconstruct runs that did not end with ``exit_status == "success"``.
+    stream_name : str
+        Event stream holding the frames.
+    """
+
+    def __init__(self, image_key: str = "det_image", motor_key: str = "theta",
+                 on_result: Publisher | None = None, publishers: Sequence[Publisher] = (),
+                 reconstructor: Any = None, *, refine: str = "full", queue_size: int = 2,
+                 reconstruct_failed: bool = False, stream_name: str = "primary") -> None:
+        super().__init__()
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        self.image_key = image_key
+        self.motor_key = motor_key
+        self.publishers: list[Publisher] = list(publishers)
+        if on_result is not None:
+            self.publishers.append(on_result)
+        self.reconstructor = reconstructor
+        self.refine = refine
+        self.reconstruct_failed = reconstruct_failed
+        self.stream_name = stream_name
+        self.records: dict[str, ScanRecord] = {}
+        self.dropped: list[ScanRecord] = []
+        self._runs: dict[str, _Run] = {}
+        self._descriptor_run: dict[str, str] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._worker = threading.Thread(target=self._work, name="bcdi-reconstruction",
+                                        daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------ RunEngine thread
+    def __call__(self, name: str, doc: dict, validate: bool = False):
+        """Route a document; an error here is logged, never raised into the RunEngine."""
+        try:
+            return super().__call__(name, doc, validate)
+        except Exception:
+            log.exception("BCDI callback could not handle a %r document; analysis of that run "
+                          "may be incomplete, the experiment goes on", name)
+            return name, doc
+
+    def start(self, doc: dict) -> None:
+        record = ScanRecord(doc["uid"], doc.get("scan_id"), "collecting")
+        self.records[doc["uid"]] = record
+        self._runs[doc["uid"]] = _Run(doc, record)
+
+    def descriptor(self, doc: dict) -> None:
+        run = self._runs.get(doc.get("run_start"))
+        if run is None or doc.get("name", "primary") != self.stream_name:
+            return
+        keys = doc.get("data_keys", {})
+        if self.image_key in keys and self.motor_key in keys:
+            run.descriptors.add(doc["uid"])
+            self._descriptor_run[doc["uid"]] = doc["run_start"]
+
+    def event(self, doc: dict) -> None:
+        started = time.perf_counter()
+        run_uid = self._descriptor_run.get(doc["descriptor"])
+        if run_uid is None:
+            return
+        run = self._runs[run_uid]
+        data = doc["data"]
+        # Keep a reference only: the worker converts and stacks. Copying 2D frames here would
+        # put the analysis' cost into the scan.
+        run.frames.append((float(data[self.motor_key]), int(doc.get("seq_num", 0)),
+                           data[self.image_key]))
+        run.record.seconds_in_callback += time.perf_counter() - started
+
+    def stop(self, doc: dict) -> None:
+        started = time.perf_counter()
+        run = self._runs.pop(doc["run_start"], None)
+        if run is None:
+            return
+        for uid in run.descriptors:
+            self._descriptor_run.pop(uid, None)
+        record = run.record
+        record.frames = len(run.frames)
+        exit_status = doc.get("exit_status", "success")
+        if exit_status != "success" and not self.reconstruct_failed:
+            record.status, record.message = "skipped", f"run ended with exit_status {exit_status!r}"
+            log.info("scan %s not reconstructed: %s", record.scan_id, record.message)
+        elif not run.frames:
+            record.status = "skipped"
+            record.message = (f"no frames with keys {self.image_key!r} and {self.motor_key!r} "
+                              f"in stream {self.stream_name!r}")
+        else:
+            self._enqueue(run)
+        record.seconds_in_callback += time.perf_counter() - started
+
+    def _enqueue(self, run: _Run) -> None:
+        with self._idle:
+            self._pending += 1
+        while True:
+            try:
+                self._queue.put_nowait(run)
+                break
+            except queue.Full:
+                try:
+                    old = self._queue.get_nowait()
+                except queue.Empty:
+                    continue
+                old.record.status = "dropped"
+                old.record.message = "a newer scan arrived while the reconstruction queue was full"
+                self.dropped.append(old.record)
+                log.warning("scan %s dropped from the reconstruction queue (newer scan %s)",
+                            old.record.scan_id, run.record.scan_id)
+                self._queue.task_done()
+                self._done()
+        run.record.status = "queued"
+        run.record.queued_at = time.time()
+
+    # --------------------------------------------------------------- worker thread
+    def _done(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            self._idle.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            run = self._queue.get()
+            if run is _STOP:
+                self._queue.task_done()
+                return
+            try:
+                self._reconstruct(run)
+            finally:
+                self._queue.task_done()
+                self._done()
+
+    def _volume(self, run: _Run) -> np.ndarray:
+        frames = sorted(run.frames, key=lambda f: (f[0], f[1]))
+        return np.stack([np.asarray(f[2], dtype=np.float32) for f in frames])
+
+    def _reconstruct(self, run: _Run) -> None:
+        record = run.record
+        record.status = "reconstructing"
+        try:
+            if self.reconstructor is None:
+                from ..pipeline import Reconstructor
+
+                self.reconstructor = Reconstructor()
+            result = self.reconstructor.reconstruct(self._volume(run), refine=self.refine)
+        except Exception as exc:
+            record.status, record.message = "failed", f"{type(exc).__name__}: {exc}"
+            record.finished_at = time.time()
+            log.error("reconstruction of scan %s failed: %s", record.scan_id, record.message)
+            return
+        record.result = result
+        record.status = "done"
+        record.finished_at = time.time()
+        for publish in self.publishers:
+            try:
+                publish(result, run.start)
+            except Exception:
+                log.exception("a publisher failed on scan %s", record.scan_id)
+
+    # -------------------------------------------------------------------- control
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued reconstruction has finished; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Finish the queued work and stop the worker thread."""
+        self._queue.put(_STOP)
+        self._worker.join(timeout)

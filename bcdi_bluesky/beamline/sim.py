@@ -1,0 +1,170 @@
+"""A simulated BCDI beamline (ophyd): a rocking motor and an area detector seeing a hidden crystal.
+
+The detector's frame at the rocking motor's readback is a slice, along the rocking axis, of the
+hidden crystal's 3D diffraction intensity (axis 0 of ``|fftshift(fftn(o))|^2``), embedded in a
+detector larger than the peak, with a flat background, Poisson noise that scales with the
+exposure time and the attenuator's transmission, and saturation at the detector's maximum
+count. The Bragg peak sits at ``bragg_theta + misalignment``: a misaligned sample puts it
+outside a naive scan range.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from ophyd import Component as Cpt
+from ophyd import Device, Signal
+from ophyd.sim import SynAxis
+from ophyd.status import DeviceStatus
+
+from ..physics import CrystalModel, CrystalPrior, intensity
+
+
+class HiddenCrystal:
+    """The sample: a crystal drawn from the priors and its diffraction geometry.
+
+    Parameters
+    ----------
+    seed : int
+        Draws the crystal (and nothing else).
+    n : int
+        Grid of the 3D intensity (``n`` rocking steps span the whole pattern).
+    photons : float
+        Total photons of the 3D pattern for 1 s exposure at full transmission.
+    bragg_theta : float
+        Nominal rocking angle of the Bragg peak (degrees).
+    misalignment : float
+        Offset of the true peak from ``bragg_theta`` (degrees).
+    step : float
+        Rocking angle per voxel of the reciprocal grid (degrees).
+    params : ndarray, optional
+        Use these crystal parameters instead of drawing them.
+    """
+
+    def __init__(self, seed: int = 0, n: int = 64, photons: float = 1e8,
+                 bragg_theta: float = 20.0, misalignment: float = 0.0, step: float = 0.005,
+                 params: np.ndarray | None = None) -> None:
+        self.model = CrystalModel(n=n)
+        prior = CrystalPrior(self.model)
+        self.params = (prior.sample(np.random.default_rng(seed)) if params is None
+                       else self.model.clip(np.asarray(params, dtype=np.float64)))
+        self.photons = float(photons)
+        self.bragg_theta = float(bragg_theta)
+        self.misalignment = float(misalignment)
+        self.step = float(step)
+        self._lock = threading.Lock()
+        self._update()
+
+    def _update(self) -> None:
+        pattern = intensity(self.model.voxelise(self.params)).astype(np.float64)
+        self.pattern = pattern * (self.photons / pattern.sum())
+
+    @property
+    def peak_theta(self) -> float:
+        """Where the Bragg peak really is (degrees)."""
+        return self.bragg_theta + self.misalignment
+
+    def truth(self) -> np.ndarray:
+        """The hidden object (complex64, ``n^3``)."""
+        return self.model.voxelise(self.params)
+
+    def drift(self, rng: np.random.Generator, amount: float = 0.02) -> None:
+        """Let shape and strain evolve a little (in-situ heating, load): for tracking tests."""
+        with self._lock:
+            p = self.model.normalise(self.params)
+            p = np.clip(p + rng.normal(0.0, amount, p.size), -1.0, 1.0)
+            self.params = self.model.denormalise(p)
+            self._update()
+
+    def expected_slice(self, theta: float) -> np.ndarray:
+        """Expected photons per pixel (1 s, full transmission) at rocking angle ``theta``."""
+        n = self.model.n
+        x = (theta - self.peak_theta) / self.step + n // 2
+        i0 = int(np.floor(x))
+        w = x - i0
+        out = np.zeros((n, n))
+        with self._lock:
+            for i, weight in ((i0, 1.0 - w), (i0 + 1, w)):
+                if 0 <= i < n and weight > 0:
+                    out += weight * self.pattern[i]
+        return out
+
+
+class BCDIDetector(Device):
+    """Area detector of the simulated beamline (frames in the events).
+
+    ``image`` is read as ``<name>_image``; ``exposure`` (s), ``transmission`` (attenuator, 0-1)
+    and ``max_count`` (saturation) are configuration. The frame is ``frame_shape`` pixels with
+    the diffraction pattern centred, plus ``background`` photons per pixel per second.
+    """
+
+    image = Cpt(Signal, kind="normal")
+    exposure = Cpt(Signal, value=1.0, kind="config")
+    transmission = Cpt(Signal, value=1.0, kind="config")
+    max_count = Cpt(Signal, value=65535.0, kind="config")
+
+    def __init__(self, *args, crystal: HiddenCrystal, motor: SynAxis,
+                 frame_shape: tuple[int, int] = (96, 96), background: float = 0.05,
+                 seed: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.crystal = crystal
+        self.motor = motor
+        self.frame_shape = tuple(frame_shape)
+        self.background = float(background)
+        self._rng = np.random.default_rng(seed)
+        n = crystal.model.n
+        if any(s < n for s in self.frame_shape):
+            raise ValueError(f"frame_shape {frame_shape} must be at least {n} per axis")
+        self.image.put(np.zeros(self.frame_shape, dtype=np.float32))
+
+    def make_frame(self) -> np.ndarray:
+        """Expose one frame at the motor's readback: Poisson counts, saturated."""
+        theta = float(self.motor.readback.get())
+        t = float(self.exposure.get()) * float(self.transmission.get())
+        expected = np.full(self.frame_shape, self.background * float(self.exposure.get()))
+        n = self.crystal.model.n
+        r0, c0 = (self.frame_shape[0] - n) // 2, (self.frame_shape[1] - n) // 2
+        expected[r0:r0 + n, c0:c0 + n] += t * self.crystal.expected_slice(theta)
+        counts = self._rng.poisson(expected).astype(np.float32)
+        return np.minimum(counts, np.float32(self.max_count.get()))
+
+    def trigger(self) -> DeviceStatus:
+        """Acquire a frame (synchronously: the simulation is fast) and finish the status."""
+        status = DeviceStatus(self)
+        try:
+            self.image.put(self.make_frame())
+        except Exception as exc:  # a failed exposure fails the status, not the process
+            status.set_exception(exc)
+        else:
+            status.set_finished()
+        return status
+
+
+class SimulatedBeamline:
+    """The embedded default beamline: a hidden crystal, the ``theta`` motor and ``det``.
+
+    Parameters
+    ----------
+    seed : int
+        Seeds the hidden crystal and the detector noise.
+    misalignment : float
+        Offset of the Bragg peak from the nominal angle (degrees).
+    **crystal_kwargs
+        More :class:`HiddenCrystal` settings (photons, step, n, params...).
+    """
+
+    def __init__(self, seed: int = 0, misalignment: float = 0.0, frame_shape=(96, 96),
+                 **crystal_kwargs) -> None:
+        self.crystal = HiddenCrystal(seed=seed, misalignment=misalignment, **crystal_kwargs)
+        self.theta = SynAxis(name="theta", value=self.crystal.bragg_theta)
+        self.det = BCDIDetector(name="det", crystal=self.crystal, motor=self.theta,
+                                frame_shape=frame_shape, seed=seed + 1)
+
+    def rocking_range(self, points: int | None = None) -> tuple[float, float, int]:
+        """A scan that covers the whole pattern around the nominal angle: (start, stop, num)."""
+        n = self.crystal.model.n
+        num = points or n
+        half = (num // 2) * self.crystal.step
+        centre = self.crystal.bragg_theta
+        return centre - half, centre + (num - 1 - num // 2) * self.crystal.step, num

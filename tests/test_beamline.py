@@ -1,0 +1,237 @@
+"""The Bluesky face: a real RunEngine with the simulated ophyd beamline, and document streams."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import scipy.fft
+from bluesky import RunEngine
+from bluesky.utils import TransitionError
+from event_model import compose_run
+
+from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
+from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
+from bcdi_bluesky.physics import compare_objects
+
+
+@pytest.fixture
+def RE():
+    """A fresh RunEngine on its own loop, halted and its thread joined at teardown."""
+    loop = asyncio.new_event_loop()
+    engine = RunEngine({}, loop=loop, context_managers=[])
+    yield engine
+    if engine.state not in ("idle", "panicked"):
+        try:
+            engine.halt()
+        except TransitionError:
+            pass
+    loop.call_soon_threadsafe(loop.stop)
+    engine._th.join(timeout=10)
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def reconstructor():
+    return Reconstructor(es_time_budget_s=120.0, polish_time_budget_s=120.0)
+
+
+@pytest.fixture
+def make_callback():
+    made = []
+
+    def make(**kwargs):
+        cb = BCDIReconstructionCallback(**kwargs)
+        made.append(cb)
+        return cb
+
+    yield make
+    for cb in made:
+        cb.close()
+
+
+def _scan(beamline, points=64):
+    c = beamline.crystal.bragg_theta
+    return rocking_scan(beamline.det, beamline.theta, c, (points - 1) * beamline.crystal.step,
+                        points, energy_kev=9.0)
+
+
+def _on_model_grid(obj, n=64):
+    """The reconstruction's far field cropped to the model's q range, back in real space."""
+    field = scipy.fft.fftshift(scipy.fft.fftn(obj))
+    s = [x // 2 - n // 2 for x in field.shape]
+    return scipy.fft.ifftn(scipy.fft.ifftshift(field[s[0]:s[0] + n, s[1]:s[1] + n,
+                                                     s[2]:s[2] + n]))
+
+
+def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
+    beamline = SimulatedBeamline(seed=4)
+    beamline.det.max_count.put(1e12)  # no saturation here; the closed loop handles that
+    seen = []
+    cb = make_callback(reconstructor=reconstructor,
+                       on_result=lambda result, start: seen.append((result, start)))
+    RE.subscribe(cb)
+    (uid,) = RE(_scan(beamline))
+    assert cb.wait(timeout=120)
+    record = cb.records[uid]
+    assert record.status == "done" and record.frames == 64, record.message
+    result, start = seen[0]
+    assert start["uid"] == uid and start["bcdi"]["energy_kev"] == 9.0
+    assert result.object.shape == (64, 96, 96)  # the detector is larger than the peak
+    assert compare_objects(beamline.crystal.truth(), _on_model_grid(result.object)).iou >= 0.85
+
+
+class _FailsOnce:
+    """A reconstructor that raises on its first call, like a pipeline hitting bad data."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def reconstruct(self, volume, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("simulated analysis failure")
+        return self.real.reconstruct(volume, **kwargs)
+
+
+def test_failing_reconstruction_never_aborts_the_experiment(RE, reconstructor, make_callback):
+    beamline = SimulatedBeamline(seed=5)
+    beamline.det.max_count.put(1e12)
+    cb = make_callback(reconstructor=_FailsOnce(reconstructor), refine="none")
+    stops = []
+    RE.subscribe(cb)
+    RE.subscribe(lambda name, doc: stops.append(doc) if name == "stop" else None)
+    (first,) = RE(_scan(beamline, 16))
+    (second,) = RE(_scan(beamline, 16))
+    assert cb.wait(timeout=60)
+    assert [s["exit_status"] for s in stops] == ["success", "success"]
+    assert cb.records[first].status == "failed"
+    assert "simulated analysis failure" in cb.records[first].message
+    assert cb.records[second].status == "done"
+
+
+def test_aborted_scan_is_not_reconstructed(RE, make_callback):
+    beamline = SimulatedBeamline(seed=6)
+
+    class Calls:
+        n = 0
+
+        def reconstruct(self, volume, **kwargs):
+            Calls.n += 1
+
+    cb = make_callback(reconstructor=Calls())
+    RE.subscribe(cb)
+
+    def plan():
+        # The exception inside the run makes the RunEngine close it with exit_status "fail".
+        from bluesky.preprocessors import run_wrapper
+
+        yield from run_wrapper(_interrupted(beamline), md={"plan_name": "broken"})
+
+    with pytest.raises(RuntimeError, match="beam lost"):
+        RE(plan())
+    assert cb.wait(timeout=10)
+    (record,) = cb.records.values()
+    assert record.status == "skipped" and "fail" in record.message
+    assert record.frames >= 1 and Calls.n == 0
+
+
+def _interrupted(beamline):
+    import bluesky.plan_stubs as bps
+
+    yield from bps.declare_stream(beamline.theta, beamline.det, name="primary")
+    for theta in (20.0, 20.005):
+        yield from bps.mv(beamline.theta, theta)
+        yield from bps.trigger_and_read([beamline.theta, beamline.det])
+    raise RuntimeError("beam lost")
+
+
+def _documents(frames_by_theta, image_key="det_image", motor_key="theta", page=True):
+    """A run made with event_model.compose_run (no RunEngine): fast and deterministic."""
+    bundle = compose_run(metadata={"scan_id": 7})
+    docs = [("start", bundle.start_doc)]
+    shape = list(next(iter(frames_by_theta.values())).shape)
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={motor_key: {"source": "sim", "dtype": "number", "shape": []},
+                   image_key: {"source": "sim", "dtype": "array", "shape": shape}})
+    docs.append(("descriptor", desc.descriptor_doc))
+    thetas = list(frames_by_theta)
+    if page:
+        docs.append(("event_page", desc.compose_event_page(
+            data={motor_key: thetas, image_key: [frames_by_theta[t] for t in thetas]},
+            timestamps={motor_key: [0.0] * len(thetas), image_key: [0.0] * len(thetas)},
+            seq_num=list(range(1, len(thetas) + 1)))))
+    else:
+        for t in thetas:
+            docs.append(("event", desc.compose_event(
+                data={motor_key: t, image_key: frames_by_theta[t]},
+                timestamps={motor_key: 0.0, image_key: 0.0})))
+    docs.append(("stop", bundle.compose_stop()))
+    return docs
+
+
+class _Capture:
+    def __init__(self, gate=None):
+        self.volumes, self.gate = [], gate
+
+    def reconstruct(self, volume, **kwargs):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.volumes.append(volume)
+        return volume.sum()
+
+
+@pytest.mark.parametrize("page", [True, False])
+def test_frames_are_stacked_in_motor_order(make_callback, page):
+    rng = np.random.default_rng(0)
+    thetas = [0.3, 0.1, 0.2, 0.0]  # arrival order is not the rocking order
+    frames = {t: rng.uniform(size=(5, 6)).astype(np.float32) for t in thetas}
+    capture = _Capture()
+    cb = make_callback(reconstructor=capture)
+    for name, doc in _documents(frames, page=page):
+        cb(name, doc)
+    assert cb.wait(timeout=10)
+    expected = np.stack([frames[t] for t in sorted(thetas)])
+    np.testing.assert_array_equal(capture.volumes[0], expected)
+
+
+def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
+    capture = _Capture()
+    cb = make_callback(reconstructor=capture, image_key="eiger_image")
+    for name, doc in _documents({0.0: np.ones((2, 2))}):
+        cb(name, doc)
+    assert cb.wait(timeout=10)
+    (record,) = cb.records.values()
+    assert record.status == "skipped" and "eiger_image" in record.message
+    assert capture.volumes == []
+
+
+def test_full_queue_drops_the_oldest_and_records_it(make_callback):
+    gate = threading.Event()
+    capture = _Capture(gate)
+    cb = make_callback(reconstructor=capture, queue_size=1)
+    for i in range(4):
+        for name, doc in _documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))}):
+            cb(name, doc)
+        if i == 0:  # scans keep coming while the first one is being reconstructed
+            for _ in range(1000):
+                if next(iter(cb.records.values())).status == "reconstructing":
+                    break
+                time.sleep(0.005)
+    gate.set()
+    assert cb.wait(timeout=10)
+    statuses = [r.status for r in cb.records.values()]
+    # The first was being reconstructed, the last is the newest: both reconstructed.
+    assert statuses[0] == "done" and statuses[-1] == "done"
+    assert all(s in ("done", "dropped") for s in statuses)
+    assert len(cb.dropped) == statuses.count("dropped") >= 1
+    assert all("queue was full" in r.message for r in cb.dropped)
+
+
+def test_a_malformed_document_is_logged_not_raised(make_callback, caplog):
+    cb = make_callback(reconstructor=_Capture())
+    cb("event", {"descriptor": "unknown", "data": {}})  # no start: ignored
+    cb("stop", {"no": "uid"})  # broken: logged
+    assert "could not handle" in caplog.text
