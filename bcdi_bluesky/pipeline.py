@@ -46,6 +46,8 @@ class ReconstructionResult:
     polish_errors: list[float] = field(default_factory=list)
     refine: str = "full"
     shift: tuple[int, int, int] = (0, 0, 0)
+    #: Set by the beamline layer (scan uid and id, recommendation for the next scan...).
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def params_structured(self) -> dict:

@@ -235,3 +235,47 @@ def test_a_malformed_document_is_logged_not_raised(make_callback, caplog):
     cb("event", {"descriptor": "unknown", "data": {}})  # no start: ignored
     cb("stop", {"no": "uid"})  # broken: logged
     assert "could not handle" in caplog.text
+
+
+def test_closed_loop_finds_a_misaligned_saturated_peak(RE, reconstructor, make_callback):
+    """Peak 50 steps outside the naive range and an exposure that saturates the detector."""
+    from bcdi_bluesky.beamline import ReconstructionAnalysis, closed_loop_scan
+
+    beamline = SimulatedBeamline(seed=6, misalignment=0.25)
+    cb = make_callback(reconstructor=reconstructor)
+    RE.subscribe(cb)
+    analysis = ReconstructionAnalysis(name="analysis", callback=cb)
+    step = beamline.crystal.step
+    RE(closed_loop_scan(beamline.det, beamline.theta, analysis, beamline.crystal.bragg_theta,
+                        63 * step, 64))
+    records = list(cb.records.values())
+    assert 2 <= len(records) <= 4
+    first, last = records[0].recommendation, records[-1].recommendation
+    assert not first.peak_inside
+    assert last.peak_inside and not last.saturated
+    assert any(r.recommendation.saturated for r in records)
+    assert abs(last.theta_center - beamline.crystal.peak_theta) < 2 * step
+    result = records[-1].result
+    assert result.metadata["uid"] == records[-1].uid
+    iou = compare_objects(beamline.crystal.truth(), _on_model_grid(result.object)).iou
+    assert iou >= 0.85
+
+
+def test_recommendation_from_a_rocking_curve():
+    from bcdi_bluesky.beamline import recommend
+
+    thetas = np.linspace(-1.0, 1.0, 41)
+    curve = np.exp(-0.5 * ((thetas - 0.3) / 0.1) ** 2)
+    volume = 1000 * curve[:, None, None] * np.ones((1, 4, 4)) + 1
+    rec = recommend(volume, thetas, exposure=2.0, max_count=4000)
+    assert rec.peak_inside and not rec.saturated
+    assert abs(rec.theta_center - 0.3) < 0.02
+    assert rec.fwhm == pytest.approx(0.25, abs=0.06)  # 2.355 sigma, on a 0.05 grid
+    assert rec.exposure == pytest.approx(2.0 * 0.5 * 4000 / volume.max())
+    saturated = recommend(np.minimum(volume * 10, 4000), thetas, exposure=2.0, max_count=4000)
+    assert saturated.saturated and saturated.exposure == pytest.approx(0.2)
+    tail = recommend(volume[:12], thetas[:12], exposure=2.0, max_count=4000)
+    assert not tail.peak_inside and tail.theta_center > thetas[11]
+    assert tail.exposure == 2.0
+    with pytest.raises(ValueError, match="frames"):
+        recommend(volume, thetas[:3])

@@ -1,8 +1,10 @@
 """The beamline face: Bluesky callback, plans and the simulated BCDI beamline."""
 
 from .callback import BCDIReconstructionCallback, ScanRecord
-from .plans import rocking_scan
+from .plans import ReconstructionAnalysis, closed_loop_scan, rocking_scan
+from .recommend import Recommendation, recommend
 from .sim import BCDIDetector, HiddenCrystal, SimulatedBeamline
 
-__all__ = ["BCDIDetector", "BCDIReconstructionCallback", "HiddenCrystal", "ScanRecord",
-           "SimulatedBeamline", "rocking_scan"]
+__all__ = ["BCDIDetector", "BCDIReconstructionCallback", "HiddenCrystal", "Recommendation",
+           "ReconstructionAnalysis", "ScanRecord", "SimulatedBeamline", "closed_loop_scan",
+           "recommend", "rocking_scan"]

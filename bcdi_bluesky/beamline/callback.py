@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from event_model import DocumentRouter
 
+from .recommend import Recommendation, recommend
+
 log = logging.getLogger(__name__)
 
 #: ``publisher(result, start_doc)``; exceptions are logged, never raised into the experiment.
@@ -39,6 +41,7 @@ class ScanRecord:
     message: str = ""
     frames: int = 0
     result: Any = None
+    recommendation: Recommendation | None = None
     seconds_in_callback: float = 0.0
     queued_at: float | None = None
     finished_at: float | None = None
@@ -50,6 +53,8 @@ class _Run:
     record: ScanRecord
     descriptors: set[str] = field(default_factory=set)
     frames: list[tuple[float, int, np.ndarray]] = field(default_factory=list)
+    exposure: float | None = None
+    max_count: float | None = None
 
 
 _STOP = object()
@@ -131,6 +136,11 @@ class BCDIReconstructionCallback(DocumentRouter):
         if self.image_key in keys and self.motor_key in keys:
             run.descriptors.add(doc["uid"])
             self._descriptor_run[doc["uid"]] = doc["run_start"]
+            # The detector's configuration (read once per stream) gives exposure and saturation.
+            device = self.image_key.removesuffix("_image")
+            config = doc.get("configuration", {}).get(device, {}).get("data", {})
+            run.exposure = config.get(f"{device}_exposure", run.exposure)
+            run.max_count = config.get(f"{device}_max_count", run.max_count)
 
     def event(self, doc: dict) -> None:
         started = time.perf_counter()
@@ -206,24 +216,40 @@ class BCDIReconstructionCallback(DocumentRouter):
                 self._queue.task_done()
                 self._done()
 
-    def _volume(self, run: _Run) -> np.ndarray:
+    def _volume(self, run: _Run) -> tuple[np.ndarray, np.ndarray]:
         frames = sorted(run.frames, key=lambda f: (f[0], f[1]))
-        return np.stack([np.asarray(f[2], dtype=np.float32) for f in frames])
+        return (np.stack([np.asarray(f[2], dtype=np.float32) for f in frames]),
+                np.array([f[0] for f in frames]))
+
+    def latest(self) -> ScanRecord | None:
+        """The record of the most recent run that reached the worker (done or failed)."""
+        finished = [r for r in self.records.values() if r.status in ("done", "failed")]
+        return finished[-1] if finished else None
 
     def _reconstruct(self, run: _Run) -> None:
         record = run.record
         record.status = "reconstructing"
         try:
+            volume, thetas = self._volume(run)
+            try:
+                record.recommendation = recommend(volume, thetas, run.exposure, run.max_count)
+            except ValueError as exc:
+                log.warning("no recommendation for scan %s: %s", record.scan_id, exc)
             if self.reconstructor is None:
                 from ..pipeline import Reconstructor
 
                 self.reconstructor = Reconstructor()
-            result = self.reconstructor.reconstruct(self._volume(run), refine=self.refine)
+            result = self.reconstructor.reconstruct(volume, refine=self.refine)
         except Exception as exc:
             record.status, record.message = "failed", f"{type(exc).__name__}: {exc}"
             record.finished_at = time.time()
             log.error("reconstruction of scan %s failed: %s", record.scan_id, record.message)
             return
+        if hasattr(result, "metadata"):
+            result.metadata.update(
+                uid=record.uid, scan_id=record.scan_id,
+                recommendation=(record.recommendation.as_dict() if record.recommendation
+                                else None))
         record.result = result
         record.status = "done"
         record.finished_at = time.time()
