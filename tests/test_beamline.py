@@ -279,3 +279,32 @@ def test_recommendation_from_a_rocking_curve():
     assert tail.exposure == 2.0
     with pytest.raises(ValueError, match="frames"):
         recommend(volume, thetas[:3])
+
+
+def test_derived_run_and_result_files(RE, reconstructor, make_callback, tmp_path):
+    from event_model import DocumentNames, schema_validators
+
+    from bcdi_bluesky.beamline import DerivedRunPublisher, ResultFileWriter
+
+    derived = []
+    writer = ResultFileWriter(tmp_path / "results")
+    beamline = SimulatedBeamline(seed=5)
+    beamline.det.max_count.put(1e12)
+    cb = make_callback(reconstructor=reconstructor, refine="none",
+                       publishers=[DerivedRunPublisher(lambda n, d: derived.append((n, d))),
+                                   writer])
+    RE.subscribe(cb)
+    (uid,) = RE(_scan(beamline, 32))
+    assert cb.wait(timeout=60)
+    names = [n for n, _ in derived]
+    assert names == ["start", "descriptor", "event", "stop"]
+    for name, doc in derived:
+        schema_validators[DocumentNames[name]].validate(doc)
+    start, event = derived[0][1], derived[2][1]
+    assert start["parent_uid"] == uid and start["model"] == "bcdi_cnn64"
+    result = cb.records[uid].result
+    assert event["data"]["chi"] == pytest.approx(result.chi)
+    assert len(event["data"]["params"]) == result.params.size
+    assert np.asarray(event["data"]["amp_XY"]).shape == result.object.shape[1:]
+    (path,) = writer.written
+    assert path.is_file() and path.suffix == ".cxi"

@@ -2,9 +2,11 @@
 
 from .callback import BCDIReconstructionCallback, ScanRecord
 from .plans import ReconstructionAnalysis, closed_loop_scan, rocking_scan
+from .publishers import DerivedRunPublisher, ResultFileWriter
 from .recommend import Recommendation, recommend
 from .sim import BCDIDetector, HiddenCrystal, SimulatedBeamline
 
-__all__ = ["BCDIDetector", "BCDIReconstructionCallback", "HiddenCrystal", "Recommendation",
+__all__ = ["BCDIDetector", "BCDIReconstructionCallback", "DerivedRunPublisher", "HiddenCrystal",
+           "Recommendation", "ResultFileWriter",
            "ReconstructionAnalysis", "ScanRecord", "SimulatedBeamline", "closed_loop_scan",
            "recommend", "rocking_scan"]
