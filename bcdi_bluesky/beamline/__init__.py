@@ -6,7 +6,17 @@ from .publishers import DerivedRunPublisher, ResultFileWriter
 from .recommend import Recommendation, recommend
 from .sim import BCDIDetector, HiddenCrystal, SimulatedBeamline
 
-__all__ = ["BCDIDetector", "BCDIReconstructionCallback", "DerivedRunPublisher", "HiddenCrystal",
-           "Recommendation", "ResultFileWriter",
-           "ReconstructionAnalysis", "ScanRecord", "SimulatedBeamline", "closed_loop_scan",
-           "recommend", "rocking_scan"]
+__all__ = [
+           "BCDIDetector",
+           "BCDIReconstructionCallback",
+           "DerivedRunPublisher",
+           "HiddenCrystal",
+           "Recommendation",
+           "ReconstructionAnalysis",
+           "ResultFileWriter",
+           "ScanRecord",
+           "SimulatedBeamline",
+           "closed_loop_scan",
+           "recommend",
+           "rocking_scan",
+]
