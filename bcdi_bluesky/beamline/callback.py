@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from event_model import DocumentRouter
 
+from .handlers import DEFAULT_HANDLERS, read_stream_rows
 from .recommend import Recommendation, recommend
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,12 @@ class _Run:
     start: dict
     record: ScanRecord
     descriptors: set[str] = field(default_factory=set)
-    frames: list[tuple[float, int, np.ndarray]] = field(default_factory=list)
+    # (motor readback, seq_num, frame | datum id | None when it comes by StreamDatum)
+    frames: list[tuple[float, int, Any]] = field(default_factory=list)
+    resources: dict[str, dict] = field(default_factory=dict)
+    datums: dict[str, dict] = field(default_factory=dict)
+    stream_resources: dict[str, dict] = field(default_factory=dict)
+    stream_datums: list[dict] = field(default_factory=list)
     exposure: float | None = None
     max_count: float | None = None
 
@@ -84,12 +90,19 @@ class BCDIReconstructionCallback(DocumentRouter):
         Also reconstruct runs that did not end with ``exit_status == "success"``.
     stream_name : str
         Event stream holding the frames.
+    handler_registry : dict, optional
+        Resource ``spec`` -> handler class, for frames written to files (Resource/Datum); adds
+        to the built-in ``BCDI_NPY_FRAME``, ``NPY_SEQ`` and ``AD_HDF5``. Frames announced by
+        StreamResource/StreamDatum are read from the HDF5 file named by ``uri`` and
+        ``parameters["dataset"]``. Files are read in the worker after the run stops (area
+        detectors close their files at unstage), and the documents are never modified.
     """
 
     def __init__(self, image_key: str = "det_image", motor_key: str = "theta",
                  on_result: Publisher | None = None, publishers: Sequence[Publisher] = (),
                  reconstructor: Any = None, *, refine: str = "full", queue_size: int = 2,
-                 reconstruct_failed: bool = False, stream_name: str = "primary") -> None:
+                 reconstruct_failed: bool = False, stream_name: str = "primary",
+                 handler_registry: dict | None = None) -> None:
         super().__init__()
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
@@ -102,6 +115,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         self.refine = refine
         self.reconstruct_failed = reconstruct_failed
         self.stream_name = stream_name
+        self.handlers = {**DEFAULT_HANDLERS, **(handler_registry or {})}
         self.records: dict[str, ScanRecord] = {}
         self.dropped: list[ScanRecord] = []
         self._runs: dict[str, _Run] = {}
@@ -142,6 +156,29 @@ class BCDIReconstructionCallback(DocumentRouter):
             run.exposure = config.get(f"{device}_exposure", run.exposure)
             run.max_count = config.get(f"{device}_max_count", run.max_count)
 
+    def resource(self, doc: dict) -> None:
+        run = self._runs.get(doc.get("run_start"))
+        if run is not None:
+            run.resources[doc["uid"]] = doc
+
+    def datum(self, doc: dict) -> None:
+        resource = doc["resource"]
+        for run in self._runs.values():
+            if resource in run.resources:
+                run.datums[doc["datum_id"]] = doc
+                return
+
+    def stream_resource(self, doc: dict) -> None:
+        run = self._runs.get(doc.get("run_start"))
+        if run is not None and doc.get("data_key") == self.image_key:
+            run.stream_resources[doc["uid"]] = doc
+
+    def stream_datum(self, doc: dict) -> None:
+        for run in self._runs.values():
+            if doc["stream_resource"] in run.stream_resources:
+                run.stream_datums.append(doc)
+                return
+
     def event(self, doc: dict) -> None:
         started = time.perf_counter()
         run_uid = self._descriptor_run.get(doc["descriptor"])
@@ -149,10 +186,11 @@ class BCDIReconstructionCallback(DocumentRouter):
             return
         run = self._runs[run_uid]
         data = doc["data"]
-        # Keep a reference only: the worker converts and stacks. Copying 2D frames here would
-        # put the analysis' cost into the scan.
+        # Keep a reference only (an array, a datum id, or None when a StreamDatum carries the
+        # frame): the worker reads and stacks. Copying frames here would put the analysis'
+        # cost into the scan.
         run.frames.append((float(data[self.motor_key]), int(doc.get("seq_num", 0)),
-                           data[self.image_key]))
+                           data.get(self.image_key)))
         run.record.seconds_in_callback += time.perf_counter() - started
 
     def stop(self, doc: dict) -> None:
@@ -216,9 +254,41 @@ class BCDIReconstructionCallback(DocumentRouter):
                 self._queue.task_done()
                 self._done()
 
+    def _frame(self, run: _Run, value: Any, seq_num: int, streamed: dict[int, np.ndarray]):
+        if value is None:
+            if seq_num not in streamed:
+                raise ValueError(f"no frame for event {seq_num}: neither in the event nor in "
+                                 "a StreamDatum")
+            return streamed[seq_num]
+        if isinstance(value, str):  # a datum id: the frame is in a file
+            datum = run.datums.get(value)
+            if datum is None:
+                raise ValueError(f"no datum document for {value!r}")
+            resource = run.resources[datum["resource"]]
+            handler_class = self.handlers.get(resource["spec"])
+            if handler_class is None:
+                raise ValueError(f"no handler for resource spec {resource['spec']!r}")
+            handler = handler_class(resource["resource_path"], root=resource.get("root", ""),
+                                    **resource.get("resource_kwargs", {}))
+            return handler(**datum["datum_kwargs"])
+        return value
+
+    def _streamed(self, run: _Run) -> dict[int, np.ndarray]:
+        frames: dict[int, np.ndarray] = {}
+        for datum in run.stream_datums:
+            resource = run.stream_resources[datum["stream_resource"]]
+            idx, seq = datum["indices"], datum["seq_nums"]
+            rows = read_stream_rows(resource["uri"], resource["parameters"]["dataset"],
+                                    idx["start"], idx["stop"])
+            for k, row in enumerate(rows):
+                frames[seq["start"] + k] = row
+        return frames
+
     def _volume(self, run: _Run) -> tuple[np.ndarray, np.ndarray]:
         frames = sorted(run.frames, key=lambda f: (f[0], f[1]))
-        return (np.stack([np.asarray(f[2], dtype=np.float32) for f in frames]),
+        streamed = self._streamed(run) if run.stream_datums else {}
+        return (np.stack([np.asarray(self._frame(run, f[2], f[1], streamed), dtype=np.float32)
+                          for f in frames]),
                 np.array([f[0] for f in frames]))
 
     def latest(self) -> ScanRecord | None:

@@ -10,7 +10,12 @@ outside a naive scan range.
 
 from __future__ import annotations
 
+import itertools
+import os
+import tempfile
 import threading
+import uuid
+from collections import deque
 
 import numpy as np
 from ophyd import Component as Cpt
@@ -141,6 +146,66 @@ class BCDIDetector(Device):
         return status
 
 
+class FileBackedBCDIDetector(BCDIDetector):
+    """The same detector, delivering frames the way area detectors do: written to files, with
+    Resource/Datum documents, and only a datum id in the events.
+
+    Each staging opens a resource (spec ``BCDI_NPY_FRAME``, one ``.npy`` per frame in
+    ``save_path``); each trigger writes a frame and queues a datum.
+    """
+
+    def __init__(self, *args, save_path: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_path = save_path or tempfile.mkdtemp(prefix="bcdi_frames_")
+        self._asset_docs: deque = deque()
+        self._resource_uid: str | None = None
+        self._stem: str | None = None
+        self._counter = itertools.count()
+        self._datum_id: str | None = None
+
+    def stage(self):
+        self._stem = uuid.uuid4().hex[:12]
+        self._resource_uid = str(uuid.uuid4())
+        self._counter = itertools.count()
+        self._asset_docs.append(("resource", {
+            "uid": self._resource_uid, "spec": "BCDI_NPY_FRAME", "root": self.save_path,
+            "resource_path": self._stem, "resource_kwargs": {}, "path_semantics": "posix"}))
+        return super().stage()
+
+    def unstage(self):
+        self._resource_uid = None
+        return super().unstage()
+
+    def trigger(self) -> DeviceStatus:
+        status = super().trigger()
+        if self._resource_uid is None:
+            raise RuntimeError(f"{self.name} must be staged before it is triggered")
+        index = next(self._counter)
+        np.save(os.path.join(self.save_path, f"{self._stem}_{index}.npy"), self.image.get())
+        self._datum_id = f"{self._resource_uid}/{index}"
+        self._asset_docs.append(("datum", {"resource": self._resource_uid,
+                                           "datum_id": self._datum_id,
+                                           "datum_kwargs": {"index": index}}))
+        return status
+
+    def collect_asset_docs(self):
+        while self._asset_docs:
+            yield self._asset_docs.popleft()
+
+    def read(self):
+        out = super().read()
+        key = f"{self.name}_image"
+        out[key] = {**out[key], "value": self._datum_id}
+        return out
+
+    def describe(self):
+        out = super().describe()
+        key = f"{self.name}_image"
+        out[key] = {**out[key], "external": "FILESTORE:", "dtype": "array",
+                    "shape": list(self.frame_shape)}
+        return out
+
+
 class SimulatedBeamline:
     """The embedded default beamline: a hidden crystal, the ``theta`` motor and ``det``.
 
@@ -150,16 +215,25 @@ class SimulatedBeamline:
         Seeds the hidden crystal and the detector noise.
     misalignment : float
         Offset of the Bragg peak from the nominal angle (degrees).
+    frame_shape : tuple of int
+        Detector pixels (larger than the pattern).
+    file_backed : bool
+        Deliver frames as files with Resource/Datum documents (:class:`FileBackedBCDIDetector`).
+    save_path : str, optional
+        Folder of the file-backed detector's frames (default: a new temporary folder).
     **crystal_kwargs
         More :class:`HiddenCrystal` settings (photons, step, n, params...).
     """
 
     def __init__(self, seed: int = 0, misalignment: float = 0.0, frame_shape=(96, 96),
+                 file_backed: bool = False, save_path: str | None = None,
                  **crystal_kwargs) -> None:
         self.crystal = HiddenCrystal(seed=seed, misalignment=misalignment, **crystal_kwargs)
         self.theta = SynAxis(name="theta", value=self.crystal.bragg_theta)
-        self.det = BCDIDetector(name="det", crystal=self.crystal, motor=self.theta,
-                                frame_shape=frame_shape, seed=seed + 1)
+        common = {"name": "det", "crystal": self.crystal, "motor": self.theta,
+                  "frame_shape": frame_shape, "seed": seed + 1}
+        self.det = (FileBackedBCDIDetector(save_path=save_path, **common) if file_backed
+                    else BCDIDetector(**common))
 
     def rocking_range(self, points: int | None = None) -> tuple[float, float, int]:
         """A scan that covers the whole pattern around the nominal angle: (start, stop, num)."""
