@@ -318,7 +318,7 @@ def test_file_backed_detector_gives_the_same_volume(RE, make_callback, tmp_path)
         cb = make_callback(reconstructor=capture)
         events = []
         RE.subscribe(cb)
-        token = RE.subscribe(lambda name, doc: events.append((name, doc)))
+        token = RE.subscribe(lambda name, doc, seen=events: seen.append((name, doc)))
         RE(_scan(beamline, 12))
         RE.unsubscribe(token)
         assert cb.wait(timeout=10)
@@ -326,7 +326,7 @@ def test_file_backed_detector_gives_the_same_volume(RE, make_callback, tmp_path)
         if backed:
             names = [n for n, _ in events]
             assert "resource" in names and names.count("datum") == 12
-            image = [d for n, d in events if n == "event"][0]["data"]["det_image"]
+            image = next(d for n, d in events if n == "event")["data"]["det_image"]
             assert isinstance(image, str)  # what other subscribers see is untouched
     assert volumes[True].shape == (12, 96, 96)
     np.testing.assert_array_equal(volumes[True], volumes[False])
