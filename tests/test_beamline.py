@@ -363,3 +363,23 @@ def test_stream_resource_frames_are_read_from_hdf5(make_callback, tmp_path):
     assert cb.wait(timeout=10)
     order = np.argsort(thetas)  # event k (seq_num k+1) holds row k
     np.testing.assert_array_equal(capture.volumes[0], stack[order])
+
+
+def test_es_align_finds_the_beam(RE):
+    """The sample starts 2.5 beam sigmas off centre (4% of the flux on the crystal)."""
+    from bcdi_bluesky.beamline import es_align
+
+    beamline = SimulatedBeamline(seed=1, beam_centre=(-2.0, 1.5))
+    beamline.det.max_count.put(1e12)
+    beamline.det.exposure.put(0.01)
+    peak_total = beamline.crystal.pattern[32].sum() * 0.01  # perfectly aligned, no background
+    events = []
+    RE.subscribe(lambda name, doc: events.append(doc) if name == "event" else None)
+    RE(es_align([beamline.sample_x, beamline.sample_y], [(-3, 3), (-3, 3)], "det_total",
+                [beamline.det], iterations=300))
+    assert beamline.illumination() > 0.95
+    final = [e["data"]["det_total"] for e in events[-20:]]
+    assert np.median(final) > 0.95 * peak_total
+    assert len(events) == 300
+    xs = np.array([e["data"]["sample_x"] for e in events])
+    assert np.all(np.abs(np.diff(xs)) < 0.1)  # bounded steps: no jump of the stage

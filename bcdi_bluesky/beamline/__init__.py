@@ -1,7 +1,7 @@
 """The beamline face: Bluesky callback, plans and the simulated BCDI beamline."""
 
 from .callback import BCDIReconstructionCallback, ScanRecord
-from .plans import ReconstructionAnalysis, closed_loop_scan, rocking_scan
+from .plans import ReconstructionAnalysis, closed_loop_scan, es_align, rocking_scan
 from .publishers import DerivedRunPublisher, ResultFileWriter
 from .recommend import Recommendation, recommend
 from .sim import BCDIDetector, HiddenCrystal, SimulatedBeamline
@@ -17,6 +17,7 @@ __all__ = [
            "ScanRecord",
            "SimulatedBeamline",
            "closed_loop_scan",
+    "es_align",
            "recommend",
            "rocking_scan",
 ]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.plans as bp
+import bluesky.preprocessors as bpp
 import numpy as np
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 from ophyd.status import DeviceStatus
 
+from ..tuning import ExtremumSeeker
 from .callback import BCDIReconstructionCallback
 
 
@@ -144,3 +147,77 @@ def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis
         if np.isfinite(rec["exposure"]):
             yield from bps.mv(detector.exposure, float(rec["exposure"]))
     return history
+
+
+def es_align(motors: Sequence[Any], bounds: Sequence[tuple[float, float]], objective: str,
+             detectors: Sequence[Any], *, iterations: int = 300, gain: float = 4.0,
+             dither: float = 0.05, decay: float = 0.999, log_objective: bool = True,
+             seed: int = 0, md: dict | None = None):
+    """Align by extremum seeking: move ``motors`` to maximise a measured ``objective``.
+
+    One ES step is one measurement: the plan moves the motors to the optimiser's next point,
+    triggers and reads ``detectors`` (one event each), and tells the optimiser the objective.
+    Whatever the measurement does (noise, a spike, a NaN), a step never moves a motor by more
+    than the ES step bound. At the end the motors go to the best point measured.
+
+    Parameters
+    ----------
+    motors : sequence of ophyd positioners
+        What to move.
+    bounds : sequence of (low, high)
+        Soft limits per motor; the optimiser never leaves them.
+    objective : str
+        Data key to maximise (for example ``"det_total"``).
+    detectors : sequence of ophyd readables
+        What to read at each step (must provide ``objective``).
+    iterations : int
+        Measurements.
+    gain, dither, decay : float
+        ES gain (on the log objective by default), dither amplitude (normalised units) and
+        its decay per step.
+    log_objective : bool
+        Maximise ``log(1 + objective)``: scale-free, so one gain suits any count rate.
+    seed : int
+        Seeds the dither frequency assignment.
+
+    Returns
+    -------
+    dict
+        ``best_positions``, ``best_objective``, ``objectives`` (per step).
+    """
+    lo = np.array([b[0] for b in bounds], dtype=float)
+    hi = np.array([b[1] for b in bounds], dtype=float)
+    if len(motors) != len(bounds) or np.any(hi <= lo):
+        raise ValueError("give one (low, high) bound with low < high per motor")
+    start = []
+    for m in motors:
+        start.append((yield from bps.rd(m)))
+    p0 = 2 * (np.clip(start, lo, hi) - lo) / (hi - lo) - 1
+    # Maximising: the ES minimises the cost, so the cost is minus the (log) objective.
+    es = ExtremumSeeker(p0, gain=gain, dither=dither, decay=decay, normalise_cost=False,
+                        seed=seed)
+    best = {"objective": -np.inf, "positions": list(start)}
+    values: list[float] = []
+    meta = {"plan_name": "es_align", "motors": [m.name for m in motors], "objective": objective,
+            "es": {"gain": gain, "dither": dither, "decay": decay, "iterations": iterations},
+            **(md or {})}
+
+    @bpp.run_decorator(md=meta)
+    def inner():
+        for _ in range(iterations):
+            positions = lo + (es.ask() + 1) * 0.5 * (hi - lo)
+            args = [a for m, x in zip(motors, positions, strict=True) for a in (m, float(x))]
+            yield from bps.mv(*args)
+            reading = yield from bps.trigger_and_read([*detectors, *motors])
+            value = float(reading[objective]["value"]) if objective in reading else np.nan
+            values.append(value)
+            if np.isfinite(value) and value > best["objective"]:
+                best.update(objective=value, positions=[float(x) for x in positions])
+            cost = -np.log1p(max(value, 0.0)) if log_objective else -value
+            es.tell(cost)
+        args = [a for m, x in zip(motors, best["positions"], strict=True) for a in (m, x)]
+        yield from bps.mv(*args)
+
+    yield from inner()
+    return {"best_positions": best["positions"], "best_objective": best["objective"],
+            "objectives": values}

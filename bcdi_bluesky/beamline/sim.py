@@ -105,16 +105,19 @@ class BCDIDetector(Device):
     """
 
     image = Cpt(Signal, kind="normal")
+    total = Cpt(Signal, value=0.0, kind="hinted")
     exposure = Cpt(Signal, value=1.0, kind="config")
     transmission = Cpt(Signal, value=1.0, kind="config")
     max_count = Cpt(Signal, value=65535.0, kind="config")
 
     def __init__(self, *args, crystal: HiddenCrystal, motor: SynAxis,
                  frame_shape: tuple[int, int] = (96, 96), background: float = 0.05,
-                 seed: int = 0, **kwargs) -> None:
+                 seed: int = 0, illumination=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.crystal = crystal
         self.motor = motor
+        #: Fraction of the beam on the crystal (callable, for alignment); None: always 1.
+        self.illumination = illumination
         self.frame_shape = tuple(frame_shape)
         self.background = float(background)
         self._rng = np.random.default_rng(seed)
@@ -127,6 +130,8 @@ class BCDIDetector(Device):
         """Expose one frame at the motor's readback: Poisson counts, saturated."""
         theta = float(self.motor.readback.get())
         t = float(self.exposure.get()) * float(self.transmission.get())
+        if self.illumination is not None:
+            t *= float(self.illumination())
         expected = np.full(self.frame_shape, self.background * float(self.exposure.get()))
         n = self.crystal.model.n
         r0, c0 = (self.frame_shape[0] - n) // 2, (self.frame_shape[1] - n) // 2
@@ -138,7 +143,9 @@ class BCDIDetector(Device):
         """Acquire a frame (synchronously: the simulation is fast) and finish the status."""
         status = DeviceStatus(self)
         try:
-            self.image.put(self.make_frame())
+            frame = self.make_frame()
+            self.image.put(frame)
+            self.total.put(float(frame.sum()))
         except Exception as exc:  # a failed exposure fails the status, not the process
             status.set_exception(exc)
         else:
@@ -221,19 +228,33 @@ class SimulatedBeamline:
         Deliver frames as files with Resource/Datum documents (:class:`FileBackedBCDIDetector`).
     save_path : str, optional
         Folder of the file-backed detector's frames (default: a new temporary folder).
+    beam_centre : tuple of float
+        Where the sample stage (``sample_x``, ``sample_y``, um) puts the crystal in the beam.
     **crystal_kwargs
         More :class:`HiddenCrystal` settings (photons, step, n, params...).
     """
 
     def __init__(self, seed: int = 0, misalignment: float = 0.0, frame_shape=(96, 96),
                  file_backed: bool = False, save_path: str | None = None,
-                 **crystal_kwargs) -> None:
+                 beam_centre: tuple[float, float] = (0.0, 0.0), **crystal_kwargs) -> None:
         self.crystal = HiddenCrystal(seed=seed, misalignment=misalignment, **crystal_kwargs)
         self.theta = SynAxis(name="theta", value=self.crystal.bragg_theta)
+        # Sample stage: the crystal sits in a Gaussian beam (sigma 1 um) centred at
+        # beam_centre; off centre, fewer photons reach it. es_align finds the centre.
+        self.sample_x = SynAxis(name="sample_x", value=0.0)
+        self.sample_y = SynAxis(name="sample_y", value=0.0)
+        self.beam_centre = np.array(beam_centre, dtype=float)
+        self.beam_sigma = 1.0
         common = {"name": "det", "crystal": self.crystal, "motor": self.theta,
-                  "frame_shape": frame_shape, "seed": seed + 1}
+                  "frame_shape": frame_shape, "seed": seed + 1,
+                  "illumination": self.illumination}
         self.det = (FileBackedBCDIDetector(save_path=save_path, **common) if file_backed
                     else BCDIDetector(**common))
+
+    def illumination(self) -> float:
+        """Fraction of the beam's peak flux on the crystal at the sample stage's readbacks."""
+        pos = np.array([self.sample_x.readback.get(), self.sample_y.readback.get()], dtype=float)
+        return float(np.exp(-0.5 * np.sum((pos - self.beam_centre) ** 2) / self.beam_sigma**2))
 
     def rocking_range(self, points: int | None = None) -> tuple[float, float, int]:
         """A scan that covers the whole pattern around the nominal angle: (start, stop, num)."""
