@@ -105,6 +105,44 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"--zmq wants HOST:PORT (for example 127.0.0.1:5578), got {text!r}")
+    return host, int(port)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from bluesky.callbacks.zmq import RemoteDispatcher
+
+    from .beamline import BCDIReconstructionCallback, ResultFileWriter
+
+    host, port = _parse_address(args.zmq)
+    publishers = [ResultFileWriter(args.output)] if args.output else []
+
+    def report(result, start) -> None:
+        print(json.dumps({"scan_id": start.get("scan_id"), "uid": start["uid"],
+                          "chi": result.chi, "timings_s": result.timings}), flush=True)
+
+    callback = BCDIReconstructionCallback(image_key=args.image_key, motor_key=args.motor_key,
+                                          on_result=report, publishers=publishers,
+                                          refine=args.refine)
+    dispatcher = RemoteDispatcher(f"{host}:{port}")
+    dispatcher.subscribe(callback)
+    # A service manager stops us with SIGTERM: finish the queued reconstructions first.
+    signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
+    print(f"bcdi-bluesky serve: listening to the 0MQ proxy at {host}:{port}", file=sys.stderr,
+          flush=True)
+    try:
+        dispatcher.start()
+    finally:
+        callback.wait(timeout=120)
+        callback.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
@@ -123,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--es-time-budget", type=float, default=5.0, help="seconds for ES")
     p.add_argument("--polish-iterations", type=int, default=150)
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("serve", help="reconstruct the runs published by a Bluesky 0MQ proxy")
+    p.add_argument("--zmq", required=True, metavar="HOST:PORT",
+                   help="the proxy's output address (bluesky-0MQ-proxy IN OUT: OUT)")
+    p.add_argument("--image-key", default="det_image")
+    p.add_argument("--motor-key", default="theta")
+    p.add_argument("--refine", choices=("none", "es", "full"), default="full")
+    p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("train", help="train the CNN on simulated crystals (needs torch)")
     p.add_argument("--name", default="bcdi_cnn64")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bluesky import RunEngine
+from bluesky.utils import TransitionError
 
 from bcdi_bluesky.physics import CrystalModel, CrystalPrior
 
@@ -45,3 +48,19 @@ def cdinn_64() -> np.ndarray:
     if not path.is_file():
         pytest.skip(f"shared data not found at {path}")
     return np.load(path)
+
+
+@pytest.fixture
+def RE():
+    """A fresh RunEngine on its own loop, halted and its thread joined at teardown."""
+    loop = asyncio.new_event_loop()
+    engine = RunEngine({}, loop=loop, context_managers=[])
+    yield engine
+    if engine.state not in ("idle", "panicked"):
+        try:
+            engine.halt()
+        except TransitionError:
+            pass
+    loop.call_soon_threadsafe(loop.stop)
+    engine._th.join(timeout=10)
+    loop.close()

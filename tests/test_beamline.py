@@ -1,35 +1,16 @@
 """The Bluesky face: a real RunEngine with the simulated ophyd beamline, and document streams."""
 
-import asyncio
 import threading
 import time
 
 import numpy as np
 import pytest
 import scipy.fft
-from bluesky import RunEngine
-from bluesky.utils import TransitionError
 from event_model import compose_run
 
 from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
 from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
 from bcdi_bluesky.physics import compare_objects
-
-
-@pytest.fixture
-def RE():
-    """A fresh RunEngine on its own loop, halted and its thread joined at teardown."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop, context_managers=[])
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        try:
-            engine.halt()
-        except TransitionError:
-            pass
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join(timeout=10)
-    loop.close()
 
 
 @pytest.fixture(scope="module")
