@@ -1,5 +1,6 @@
 """The beamline face: Bluesky callback, plans and the simulated BCDI beamline."""
 
+from .adaptive import ExtremumSeekingOptimizer
 from .callback import BCDIReconstructionCallback, ScanRecord
 from .plans import ReconstructionAnalysis, closed_loop_scan, es_align, rocking_scan
 from .publishers import DerivedRunPublisher, ResultFileWriter
@@ -10,6 +11,7 @@ __all__ = [
            "BCDIDetector",
            "BCDIReconstructionCallback",
            "DerivedRunPublisher",
+    "ExtremumSeekingOptimizer",
            "HiddenCrystal",
            "Recommendation",
            "ReconstructionAnalysis",
