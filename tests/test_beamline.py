@@ -401,7 +401,7 @@ def test_es_under_bluesky_adaptive_optimize(RE):
                                   sensors=[beamline.det], evaluation_function=evaluate)
     start = beamline.illumination()
     RE(optimize(problem, iterations=250))
-    ((_, params, outcome),) = optimizer.get_best_points()
+    ((_, params, _outcome),) = optimizer.get_best_points()
     beamline.sample_x.set(params["sample_x"]).wait()
     beamline.sample_y.set(params["sample_y"]).wait()
     assert start < 0.25 and beamline.illumination() > 0.9
