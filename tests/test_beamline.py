@@ -189,6 +189,19 @@ def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
     assert capture.volumes == []
 
 
+def test_start_metadata_can_opt_out(make_callback):
+    capture = _Capture()
+    cb = make_callback(reconstructor=capture)
+    docs = _documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))})
+    docs[0] = ("start", {**docs[0][1], "bcdi_reconstruct": False})
+    for name, doc in docs:
+        cb(name, doc)
+    assert cb.wait(timeout=10)
+    (record,) = cb.records.values()
+    assert record.status == "skipped" and "bcdi_reconstruct" in record.message
+    assert capture.volumes == []
+
+
 def test_full_queue_drops_the_oldest_and_records_it(make_callback):
     gate = threading.Event()
     capture = _Capture(gate)

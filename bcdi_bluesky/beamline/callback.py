@@ -69,6 +69,9 @@ _STOP = object()
 class BCDIReconstructionCallback(DocumentRouter):
     """Reconstruct every rocking scan of a RunEngine in a background worker.
 
+    Which runs: those whose ``stream_name`` stream has both ``image_key`` and ``motor_key``,
+    unless the start document says ``bcdi_reconstruct=False``.
+
     Parameters
     ----------
     image_key : str
@@ -140,6 +143,10 @@ class BCDIReconstructionCallback(DocumentRouter):
     def start(self, doc: dict) -> None:
         record = ScanRecord(doc["uid"], doc.get("scan_id"), "collecting")
         self.records[doc["uid"]] = record
+        if doc.get("bcdi_reconstruct", True) is False:
+            # The plan opted out in its metadata (an alignment scan, a dark series...).
+            record.status, record.message = "skipped", "start metadata bcdi_reconstruct=False"
+            return
         self._runs[doc["uid"]] = _Run(doc, record)
 
     def descriptor(self, doc: dict) -> None:
