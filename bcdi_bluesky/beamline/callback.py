@@ -29,6 +29,9 @@ from .recommend import Recommendation, recommend
 log = logging.getLogger(__name__)
 
 #: ``publisher(result, start_doc)``; exceptions are logged, never raised into the experiment.
+#: A publisher may also have ``collecting(start_doc)`` (a run started), ``configure(reconstructor,
+#: start_doc) -> bool`` (before reconstructing; False skips the scan), ``progress(stage, info,
+#: start_doc)`` (live pipeline stages) and ``failure(message, start_doc)``.
 Publisher = Callable[[Any, dict], None]
 
 
@@ -148,6 +151,22 @@ class BCDIReconstructionCallback(DocumentRouter):
             record.status, record.message = "skipped", "start metadata bcdi_reconstruct=False"
             return
         self._runs[doc["uid"]] = _Run(doc, record)
+        self._notify("collecting", doc)
+
+    def _notify(self, hook: str, *args: Any) -> Any:
+        """Call ``hook`` on every publisher that has it; errors are logged. Returns False if
+        any returned False (a publisher may veto a reconstruction)."""
+        verdict = True
+        for publisher in self.publishers:
+            method = getattr(publisher, hook, None)
+            if method is None:
+                continue
+            try:
+                if method(*args) is False:
+                    verdict = False
+            except Exception:
+                log.exception("publisher hook %s failed", hook)
+        return verdict
 
     def descriptor(self, doc: dict) -> None:
         run = self._runs.get(doc.get("run_start"))
@@ -316,11 +335,17 @@ class BCDIReconstructionCallback(DocumentRouter):
                 from ..pipeline import Reconstructor
 
                 self.reconstructor = Reconstructor()
-            result = self.reconstructor.reconstruct(volume, refine=self.refine)
+            if not self._notify("configure", self.reconstructor, run.start):
+                record.status, record.message = "skipped", "a publisher disabled reconstruction"
+                return
+            result = self.reconstructor.reconstruct(
+                volume, refine=self.refine,
+                progress=lambda stage, info: self._notify("progress", stage, info, run.start))
         except Exception as exc:
             record.status, record.message = "failed", f"{type(exc).__name__}: {exc}"
             record.finished_at = time.time()
             log.error("reconstruction of scan %s failed: %s", record.scan_id, record.message)
+            self._notify("failure", record.message, run.start)
             return
         if hasattr(result, "metadata"):
             result.metadata.update(

@@ -1,0 +1,6 @@
+"""EPICS face: the caproto IOC publishing reconstructions as PVs."""
+
+from .ioc import STATUS, IOCPublisher, IOCServer, ReconstructionIOC, result_values, screen_images
+
+__all__ = ["STATUS", "IOCPublisher", "IOCServer", "ReconstructionIOC", "result_values",
+           "screen_images"]

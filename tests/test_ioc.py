@@ -1,0 +1,192 @@
+"""The caproto IOC on loopback, read and written with two real EPICS clients (pyepics' libca and
+caproto's), fed by a real reconstruction through the Bluesky callback."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from bcdi_bluesky.physics import CrystalPrior
+
+
+def _free_udp_tcp_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.fixture(scope="module")
+def epics_env():
+    """Loopback only, non-default ports, a repeater first; restored afterwards."""
+    server, repeater = _free_udp_tcp_port(), _free_udp_tcp_port()
+    env = {
+        "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CA_SERVER_PORT": str(server), "EPICS_CAS_SERVER_PORT": str(server),
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CA_REPEATER_PORT": str(repeater),
+        "EPICS_CAS_BEACON_PORT": str(repeater), "EPICS_CA_MAX_ARRAY_BYTES": "10000000",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    proc = subprocess.Popen([sys.executable, "-m", "caproto.sync.repeater", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    yield env
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ioc(epics_env):
+    from bcdi_bluesky.epics import IOCPublisher
+
+    publisher = IOCPublisher(prefix=f"T{uuid.uuid4().hex[:8]}:", interfaces=["127.0.0.1"])
+    yield publisher
+    publisher.close()
+
+
+@pytest.fixture(scope="module")
+def caproto_ctx(epics_env):
+    from caproto.threading.client import Context
+
+    ctx = Context()
+    yield ctx
+    ctx.disconnect()
+
+
+@pytest.fixture(scope="module")
+def published(ioc):
+    """One scan through the callback with the IOC as publisher."""
+    from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
+    from bcdi_bluesky.model.data import TEST_STREAM, make_sample
+    from tests.test_beamline import _documents
+
+    rec = Reconstructor(es_time_budget_s=120, polish_time_budget_s=120)
+    sample = make_sample(rec.model, CrystalPrior(rec.model), 31, TEST_STREAM, 0, 1e8)
+    frames = {0.005 * i: sample.counts[i] for i in range(64)}
+    results = []
+    cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
+                                    publishers=[ioc, lambda r, s: results.append((r, s))])
+    for name, doc in _documents(frames):
+        cb(name, doc)
+    assert cb.wait(timeout=120)
+    cb.close()
+    return results[0]
+
+
+def _pv(ioc, name):
+    return ioc.group.prefix + name
+
+
+def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
+    import epics
+
+    from bcdi_bluesky.epics import screen_images
+
+    result, start = published
+    names = sorted(k for k in ioc.group.pvdb if "." not in k)
+    pvs = caproto_ctx.get_pvs(*names, timeout=5)
+    ours = {pv.name: pv.read(timeout=5).data for pv in pvs}
+    libca = {name: epics.caget(name, timeout=5, use_monitor=False) for name in names}
+    for name in names:
+        assert libca[name] is not None, f"pyepics could not read {name}"
+    p = ioc.group.prefix
+    for values in (ours, libca):
+        chi = values[p + "Chi"]
+        assert float(np.ravel(chi)[0]) == pytest.approx(result.chi)
+        w = int(np.ravel(values[p + "Image:Width"])[0])
+        h = int(np.ravel(values[p + "Image:Height"])[0])
+        images = screen_images(result)
+        for plane in ("XY", "XZ", "YZ"):
+            amp = np.asarray(values[f"{p}Amp:{plane}"], dtype=np.float32).reshape(h, w)
+            np.testing.assert_allclose(amp, images[f"Amp_{plane}"], rtol=1e-6)
+            phase = np.asarray(values[f"{p}Phase:{plane}"], dtype=np.float32).reshape(h, w)
+            np.testing.assert_allclose(phase, images[f"Phase_{plane}"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(values[p + "Params"], dtype=float),
+                                   result.params, rtol=1e-12)
+        assert float(np.ravel(values[p + "Latency:Total"])[0]) == pytest.approx(
+            result.timings["total"])
+        assert int(np.ravel(values[p + "Volume"])[0]) == int(result.support.sum())
+    assert epics.caget(p + "Status", as_string=True) == "Done"
+    assert epics.caget(p + "ScanUID") == start["uid"][:39]
+    assert epics.caget(p + "Model:Provider") == "CPUExecutionProvider"
+    assert epics.caget(p + "Count") == 1
+    assert "chi" in epics.caget(p + "StatusMsg", as_string=True)
+    history = np.asarray(ours[p + "ES:CostHistory"])
+    np.testing.assert_allclose(history, result.es_costs[-history.size:])
+
+
+def test_puts_change_the_next_reconstruction_and_bad_puts_are_rejected(ioc, published,
+                                                                       caproto_ctx):
+    import epics
+    from caproto import AlarmSeverity, CaprotoTimeoutError, ChannelType, ErrorResponseReceived
+
+    p = ioc.group.prefix
+    assert epics.caput(p + "ES:MaxIter", 0, wait=True, timeout=5) == 1
+    assert epics.caput(p + "Support:Threshold", 0.3, wait=True, timeout=5) == 1
+    assert ioc.group.settings()["es_max_iter"] == 0
+
+    class Spy:
+        es_fine_iterations = es_coarse_iterations = 100
+        es_time_budget_s = polish_iterations = support_threshold = None
+
+    spy = Spy()
+    assert ioc.configure(spy, {"scan_id": 2}) is True
+    assert spy.es_coarse_iterations == 0 and spy.es_fine_iterations == 0
+    assert spy.support_threshold == pytest.approx(0.3)
+
+    # The server answers a rejected put with ECA_PUTFAIL; caproto's threading client (1.3)
+    # surfaces it as a timeout of the write, libca's put callback gets the failure status.
+    refused = (ErrorResponseReceived, CaprotoTimeoutError)
+    (budget,) = caproto_ctx.get_pvs(p + "ES:TimeBudget", timeout=5)
+    for bad in (float("nan"), -1.0, 1e6):
+        with pytest.raises(refused):
+            budget.write([bad], wait=True, timeout=1)
+    reading = budget.read(data_type="time", timeout=5)
+    assert reading.data[0] == pytest.approx(5.0)  # unchanged
+    assert reading.metadata.severity != AlarmSeverity.NO_ALARM
+    epics.caput(p + "ES:TimeBudget", float("nan"), wait=True, timeout=5)
+    assert epics.caget(p + "ES:TimeBudget", use_monitor=False) == pytest.approx(5.0)
+    (iters,) = caproto_ctx.get_pvs(p + "Polish:Iterations", timeout=5)
+    with pytest.raises(refused):
+        iters.write([-5], wait=True, timeout=1)
+    with pytest.raises(refused):  # the wrong type: text for a number
+        iters.write([b"many"], data_type=ChannelType.STRING, wait=True, timeout=1)
+    assert ioc.group.settings()["polish_iterations"] == 150
+    # Still serving: the heartbeat goes on.
+    first = epics.caget(p + "Heartbeat", use_monitor=False)
+    time.sleep(1.5)
+    assert epics.caget(p + "Heartbeat", use_monitor=False) > first
+    assert epics.caput(p + "Enable", 0, wait=True, timeout=5) == 1
+    assert ioc.configure(spy, {"scan_id": 3}) is False
+    epics.caput(p + "Enable", 1, wait=True, timeout=5)
+
+
+def test_error_state_raises_a_major_alarm(ioc, caproto_ctx):
+    from caproto import AlarmSeverity
+
+    p = ioc.group.prefix
+    ioc.failure("simulated failure", {"scan_id": 9})
+    (status,) = caproto_ctx.get_pvs(p + "Status", timeout=5)
+    reading = status.read(data_type="time", timeout=5)
+    assert reading.metadata.severity == AlarmSeverity.MAJOR_ALARM
+    ioc.server.set_status("Idle")
+    assert status.read(data_type="time", timeout=5).metadata.severity == \
+        AlarmSeverity.NO_ALARM
