@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,33 @@ from bluesky import RunEngine
 from bluesky.utils import TransitionError
 
 from bcdi_bluesky.physics import CrystalModel, CrystalPrior
+
+
+def _free_port() -> int:
+    """A port free for both TCP and UDP on loopback."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+# Channel Access on loopback with non-default ports, set before anything imports ophyd (whose
+# pyepics control layer may start libca, which reads these once) or starts an IOC.
+_SERVER_PORT, _REPEATER_PORT = _free_port(), _free_port()
+EPICS_ENV = {
+    "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    "EPICS_CA_SERVER_PORT": str(_SERVER_PORT), "EPICS_CAS_SERVER_PORT": str(_SERVER_PORT),
+    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CA_REPEATER_PORT": str(_REPEATER_PORT),
+    "EPICS_CAS_BEACON_PORT": str(_REPEATER_PORT), "EPICS_CA_MAX_ARRAY_BYTES": "10000000",
+}
+os.environ.update(EPICS_ENV)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -64,3 +96,16 @@ def RE():
     loop.call_soon_threadsafe(loop.stop)
     engine._th.join(timeout=10)
     loop.close()
+
+
+@pytest.fixture(scope="session")
+def epics_env():
+    """The loopback Channel Access environment, with a repeater running (started first, or
+    the IOC logs a beacon error every second)."""
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "from caproto.sync.repeater import run; run()"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    yield EPICS_ENV
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -1,10 +1,6 @@
 """The caproto IOC on loopback, read and written with two real EPICS clients (pyepics' libca and
 caproto's), fed by a real reconstruction through the Bluesky callback."""
 
-import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 
@@ -12,45 +8,6 @@ import numpy as np
 import pytest
 
 from bcdi_bluesky.physics import CrystalPrior
-
-
-def _free_udp_tcp_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
-@pytest.fixture(scope="module")
-def epics_env():
-    """Loopback only, non-default ports, a repeater first; restored afterwards."""
-    server, repeater = _free_udp_tcp_port(), _free_udp_tcp_port()
-    env = {
-        "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-        "EPICS_CA_SERVER_PORT": str(server), "EPICS_CAS_SERVER_PORT": str(server),
-        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CA_REPEATER_PORT": str(repeater),
-        "EPICS_CAS_BEACON_PORT": str(repeater), "EPICS_CA_MAX_ARRAY_BYTES": "10000000",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    proc = subprocess.Popen([sys.executable, "-m", "caproto.sync.repeater", "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    yield env
-    proc.terminate()
-    proc.wait(timeout=10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
