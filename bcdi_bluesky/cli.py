@@ -120,7 +120,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .beamline import BCDIReconstructionCallback, ResultFileWriter
 
     host, port = _parse_address(args.zmq)
-    publishers = [ResultFileWriter(args.output)] if args.output else []
+    publishers: list = [ResultFileWriter(args.output)] if args.output else []
+    if args.prefix:
+        from .epics import IOCPublisher
+
+        publishers.append(IOCPublisher(prefix=args.prefix))
 
     def report(result, start) -> None:
         print(json.dumps({"scan_id": start.get("scan_id"), "uid": start["uid"],
@@ -140,6 +144,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         callback.wait(timeout=120)
         callback.close()
+    return 0
+
+
+def _cmd_ioc(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .epics import IOCServer
+
+    server = IOCServer(prefix=args.prefix).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix}",
+          file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
     return 0
 
 
@@ -169,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--motor-key", default="theta")
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
+    p.add_argument("--prefix", default=None, help="also serve the results as PVs (e.g. BCDI:)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("ioc", help="run the reconstruction IOC alone")
+    p.add_argument("--prefix", default="BCDI:")
+    p.set_defaults(func=_cmd_ioc)
 
     p = sub.add_parser("train", help="train the CNN on simulated crystals (needs torch)")
     p.add_argument("--name", default="bcdi_cnn64")

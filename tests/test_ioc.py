@@ -147,3 +147,53 @@ def test_error_state_raises_a_major_alarm(ioc, caproto_ctx):
     ioc.server.set_status("Idle")
     assert status.read(data_type="time", timeout=5).metadata.severity == \
         AlarmSeverity.NO_ALARM
+
+
+def test_screen_and_pv_table_name_only_real_pvs():
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    from bcdi_bluesky.epics import ReconstructionIOC, pv_table
+
+    repo = Path(__file__).resolve().parent.parent
+    names = {k.removeprefix("BCDI:") for k in ReconstructionIOC(prefix="BCDI:").pvdb}
+    root = ET.parse(repo / "ioc" / "bcdi.bob").getroot()  # valid XML or this raises
+    used = [el.text for el in root.iter() if el.tag in ("pv_name", "y_pv") and el.text]
+    assert len(used) >= 30
+    for pv in used:
+        assert pv.startswith("$(P)") and pv.removeprefix("$(P)") in names, pv
+    for required in ("Status", "Chi", "Latency:Total", "Amp:XY", "Phase:YZ"):
+        assert f"$(P){required}" in used
+    table = pv_table()
+    for path in (repo / "docs" / "pvs.md", repo / "ioc" / "pvs.md"):
+        assert table in path.read_text(), f"{path} is out of date: regenerate with pv_table()"
+
+
+def test_standalone_ioc_command(epics_env, monkeypatch):
+    import subprocess
+    import sys
+
+    from caproto import ChannelType
+    from caproto.threading.client import Context
+
+    from tests.conftest import _free_port
+
+    # Its own server port: the in-process IOC of the other tests may still hold the shared one.
+    port = str(_free_port())
+    monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
+    monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
+    prefix = f"S{uuid.uuid4().hex[:6]}:"
+    with subprocess.Popen([sys.executable, "-m", "bcdi_bluesky.cli", "ioc", "--prefix", prefix],
+                          stderr=subprocess.PIPE, text=True) as proc:
+        ctx = Context()
+        try:
+            assert "serving" in proc.stderr.readline()
+            status, max_iter = ctx.get_pvs(prefix + "Status", prefix + "ES:MaxIter", timeout=10)
+            assert status.read(data_type=ChannelType.STRING, timeout=10).data[0] == b"Idle"
+            max_iter.write([50], wait=True, timeout=5)
+            assert max_iter.read(timeout=5).data[0] == 50
+        finally:
+            ctx.disconnect()
+            proc.terminate()
+            proc.wait(timeout=20)
+    assert proc.returncode == 0

@@ -1,6 +1,14 @@
 """EPICS face: the caproto IOC publishing reconstructions as PVs."""
 
-from .ioc import STATUS, IOCPublisher, IOCServer, ReconstructionIOC, result_values, screen_images
+from .ioc import (
+    STATUS,
+    IOCPublisher,
+    IOCServer,
+    ReconstructionIOC,
+    pv_table,
+    result_values,
+    screen_images,
+)
 
-__all__ = ["STATUS", "IOCPublisher", "IOCServer", "ReconstructionIOC", "result_values",
+__all__ = ["STATUS", "IOCPublisher", "IOCServer", "ReconstructionIOC", "pv_table", "result_values",
            "screen_images"]

@@ -351,3 +351,47 @@ class IOCPublisher:
     def close(self) -> None:
         """Stop the IOC."""
         self.server.stop()
+
+
+def pv_table(prefix: str = "BCDI:") -> str:
+    """Markdown table of every PV (name, type, units, writable, meaning)."""
+    group = ReconstructionIOC(prefix=prefix)
+    meaning = {
+        "Status": "Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm)",
+        "StatusMsg": "what is happening, or why it failed (long string)",
+        "ScanUID": "uid of the scan shown (first 39 characters)", "ScanID": "its scan id",
+        "Count": "reconstructions done", "Heartbeat": "+1 every second while the IOC runs",
+        "Chi": "final chi; warning/alarm limits in .HIGH/.HIHI (default 0.3/0.5)",
+        "ChiCNN": "chi of the CNN's estimate", "ES:Iteration": "ES step (live)",
+        "ES:Cost": "ES cost chi (live)", "ES:CostHistory": "chi of every ES step",
+        "Params": "crystal parameter vector (names in the model card)",
+        "Size:X": "support extent along x (axis 2)", "Size:Y": "along y (axis 1)",
+        "Size:Z": "along z (axis 0, rocking)", "Volume": "support volume",
+        "Phase:RMS": "RMS of the phase over the support (strain indicator)",
+        "Image:Width": "width of the slice images", "Image:Height": "their height",
+        "Rec:ThetaCenter": "recommended rocking centre", "Rec:ThetaRange": "recommended range",
+        "Rec:Exposure": "recommended exposure", "Model:Name": "CNN model name",
+        "Model:Provider": "ONNX Runtime provider really in use",
+        "Enable": "0 skips reconstructions (0 or 1)", "ES:Enable": "0 skips ES (0 or 1)",
+        "ES:MaxIter": "ES steps, 0 .. 100000", "ES:TimeBudget": "ES seconds, 0 .. 600",
+        "Polish:Iterations": "ER/HIO steps, 0 .. 10000",
+        "Support:Threshold": "support threshold (fraction of max amplitude), 0.01 .. 0.9",
+    }
+    for plane in ("XY", "XZ", "YZ"):
+        meaning[f"Amp:{plane}"] = f"amplitude, central {plane} plane (flattened, row-major)"
+        meaning[f"Phase:{plane}"] = f"phase in radians, central {plane} plane"
+    for stage in ("Preprocess", "Inference", "Refine", "Polish", "Total"):
+        meaning[f"Latency:{stage}"] = f"seconds of the {stage.lower()} stage"
+    rows = ["| PV | type | units | writable | meaning |", "| --- | --- | --- | --- | --- |"]
+    for prop in group._pvs_.values():
+        name = prop.pvspec.name
+        channel = group.pvdb[prefix + name]
+        dtype = channel.data_type.name.lower()
+        length = getattr(channel, "max_length", 1)
+        if length and length > 1 and dtype not in ("char", "string"):
+            dtype += f"[{length}]"
+        units = getattr(channel, "units", "") or ""
+        writable = "no" if prop.pvspec.read_only else "yes"
+        rows.append(f"| `{prefix}{name}` | {dtype} | {units} | {writable} | "
+                    f"{meaning.get(name, '')} |")
+    return "\n".join(rows) + "\n"
