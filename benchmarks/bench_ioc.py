@@ -31,13 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
-    server, repeater = _port(), _port()
-    os.environ.update({
-        "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-        "EPICS_CA_SERVER_PORT": server, "EPICS_CAS_SERVER_PORT": server,
-        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CA_REPEATER_PORT": repeater,
-        "EPICS_CAS_BEACON_PORT": repeater, "EPICS_CA_MAX_ARRAY_BYTES": "10000000"})
+    from bcdi_bluesky.epics.ioc import loopback_environment
+
+    os.environ.update(loopback_environment(_port(), _port()))
     import subprocess
     import sys
 

@@ -15,6 +15,7 @@ import pytest
 from bluesky import RunEngine
 from bluesky.utils import TransitionError
 
+from bcdi_bluesky.epics.ioc import loopback_environment
 from bcdi_bluesky.physics import CrystalModel, CrystalPrior
 
 
@@ -35,13 +36,7 @@ def _free_port() -> int:
 # Channel Access on loopback with non-default ports, set before anything imports ophyd (whose
 # pyepics control layer may start libca, which reads these once) or starts an IOC.
 _SERVER_PORT, _REPEATER_PORT = _free_port(), _free_port()
-EPICS_ENV = {
-    "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-    "EPICS_CA_SERVER_PORT": str(_SERVER_PORT), "EPICS_CAS_SERVER_PORT": str(_SERVER_PORT),
-    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CA_REPEATER_PORT": str(_REPEATER_PORT),
-    "EPICS_CAS_BEACON_PORT": str(_REPEATER_PORT), "EPICS_CA_MAX_ARRAY_BYTES": "10000000",
-}
+EPICS_ENV = loopback_environment(_SERVER_PORT, _REPEATER_PORT)
 os.environ.update(EPICS_ENV)
 
 REPO = Path(__file__).resolve().parent.parent

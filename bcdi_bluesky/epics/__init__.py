@@ -5,10 +5,11 @@ from .ioc import (
     IOCPublisher,
     IOCServer,
     ReconstructionIOC,
+    loopback_environment,
     pv_table,
     result_values,
     screen_images,
 )
 
-__all__ = ["STATUS", "IOCPublisher", "IOCServer", "ReconstructionIOC", "pv_table", "result_values",
-           "screen_images"]
+__all__ = ["STATUS", "IOCPublisher", "IOCServer", "ReconstructionIOC", "loopback_environment",
+           "pv_table", "result_values", "screen_images"]

@@ -395,3 +395,15 @@ def pv_table(prefix: str = "BCDI:") -> str:
         rows.append(f"| `{prefix}{name}` | {dtype} | {units} | {writable} | "
                     f"{meaning.get(name, '')} |")
     return "\n".join(rows) + "\n"
+
+
+def loopback_environment(server_port: int, repeater_port: int) -> dict[str, str]:
+    """EPICS variables for Channel Access on 127.0.0.1 only, with the given ports (tests,
+    benchmarks, a demo on one machine): set them before any client or server starts."""
+    return {
+        "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CA_SERVER_PORT": str(server_port), "EPICS_CAS_SERVER_PORT": str(server_port),
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CA_REPEATER_PORT": str(repeater_port),
+        "EPICS_CAS_BEACON_PORT": str(repeater_port), "EPICS_CA_MAX_ARRAY_BYTES": "10000000",
+    }
