@@ -128,9 +128,10 @@ def _interrupted(beamline):
     raise RuntimeError("beam lost")
 
 
-def _documents(frames_by_theta, image_key="det_image", motor_key="theta", page=True):
+def _documents(frames_by_theta, image_key="det_image", motor_key="theta", page=True,
+               metadata=None):
     """A run made with event_model.compose_run (no RunEngine): fast and deterministic."""
-    bundle = compose_run(metadata={"scan_id": 7})
+    bundle = compose_run(metadata={"scan_id": 7, **(metadata or {})})
     docs = [("start", bundle.start_doc)]
     shape = list(next(iter(frames_by_theta.values())).shape)
     desc = bundle.compose_descriptor(
@@ -420,3 +421,16 @@ def test_es_under_bluesky_adaptive_optimize(RE):
     assert start < 0.25 and beamline.illumination() > 0.9
     with pytest.raises(ValueError, match="one point"):
         optimizer.suggest(2)
+
+
+def test_voxel_size_from_the_scan_geometry():
+    from bcdi_bluesky.beamline.recommend import voxel_size_nm
+
+    md = {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
+          "bragg_angle_deg": 16.087, "rocking_step": 0.005}
+    size = voxel_size_nm(md, (64, 64, 64))
+    wavelength = 1.239841984 / 9.0  # nm
+    assert size[1] == pytest.approx(wavelength * 1.5 / (64 * 55e-6))  # 58.7 nm
+    assert size[0] == pytest.approx(wavelength / (2 * 64 * np.sin(np.deg2rad(16.087))
+                                                  * np.deg2rad(0.005)))
+    assert voxel_size_nm({"energy_kev": 9.0}, (64, 64, 64)) is None

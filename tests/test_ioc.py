@@ -36,16 +36,18 @@ def published(ioc):
     from tests.test_beamline import _documents
 
     rec = Reconstructor(es_time_budget_s=120, polish_time_budget_s=120)
+    geometry = {"bcdi": {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
+                         "bragg_angle_deg": 16.1, "rocking_step": 0.005}}
     sample = make_sample(rec.model, CrystalPrior(rec.model), 31, TEST_STREAM, 0, 1e8)
     frames = {0.005 * i: sample.counts[i] for i in range(64)}
     results = []
     cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
                                     publishers=[ioc, lambda r, s: results.append((r, s))])
-    for name, doc in _documents(frames):
+    for name, doc in _documents(frames, metadata=geometry):
         cb(name, doc)
     assert cb.wait(timeout=120)
     cb.close()
-    return results[0]
+    return results[0] + (rec, frames)
 
 
 def _pv(ioc, name):
@@ -57,7 +59,7 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
 
     from bcdi_bluesky.epics import screen_images
 
-    result, start = published
+    result, start, _, _ = published
     names = sorted(k for k in ioc.group.pvdb if "." not in k)
     pvs = caproto_ctx.get_pvs(*names, timeout=5)
     ours = {pv.name: pv.read(timeout=5).data for pv in pvs}
@@ -86,6 +88,9 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
     assert epics.caget(p + "Model:Provider") == "CPUExecutionProvider"
     assert epics.caget(p + "Count") == 1
     assert "chi" in epics.caget(p + "StatusMsg", as_string=True)
+    voxel = np.asarray(epics.caget(p + "Voxel:Size"))
+    np.testing.assert_allclose(voxel, result.metadata["voxel_size_nm"])
+    assert epics.caget(p + "Volume:NM") == pytest.approx(result.support.sum() * voxel.prod())
     history = np.asarray(ours[p + "ES:CostHistory"])
     np.testing.assert_allclose(history, result.es_costs[-history.size:])
 
@@ -108,6 +113,20 @@ def test_puts_change_the_next_reconstruction_and_bad_puts_are_rejected(ioc, publ
     assert ioc.configure(spy, {"scan_id": 2}) is True
     assert spy.es_coarse_iterations == 0 and spy.es_fine_iterations == 0
     assert spy.support_threshold == pytest.approx(0.3)
+    # And for real: the next scan through the callback runs without ES.
+    from bcdi_bluesky import BCDIReconstructionCallback
+    from tests.test_beamline import _documents
+
+    _, _, rec, frames = published
+    again = []
+    cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
+                                    publishers=[ioc, lambda r, s: again.append(r)])
+    for name, doc in _documents(frames):
+        cb(name, doc)
+    assert cb.wait(timeout=120)
+    cb.close()
+    assert again[0].es_costs == [] and "es" in again[0].stage_chi
+    assert epics.caget(p + "Count", use_monitor=False) == 2
 
     # The server answers a rejected put with ECA_PUTFAIL; caproto's threading client (1.3)
     # surfaces it as a timeout of the write, libca's put callback gets the failure status.

@@ -24,7 +24,7 @@ import numpy as np
 from event_model import DocumentRouter
 
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
-from .recommend import Recommendation, recommend
+from .recommend import Recommendation, recommend, voxel_size_nm
 
 log = logging.getLogger(__name__)
 
@@ -348,10 +348,12 @@ class BCDIReconstructionCallback(DocumentRouter):
             self._notify("failure", record.message, run.start)
             return
         if hasattr(result, "metadata"):
+            voxel = voxel_size_nm(run.start.get("bcdi", {}), result.object.shape)
             result.metadata.update(
                 uid=record.uid, scan_id=record.scan_id,
                 recommendation=(record.recommendation.as_dict() if record.recommendation
-                                else None))
+                                else None),
+                voxel_size_nm=None if voxel is None else voxel.tolist())
         record.result = result
         record.status = "done"
         record.finished_at = time.time()

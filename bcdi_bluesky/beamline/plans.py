@@ -37,7 +37,8 @@ def rocking_scan(detector: Any, motor: Any, centre: float, width: float, num: in
         Extra start-document metadata.
     **bcdi_metadata
         Geometry when known (``energy_kev``, ``detector_distance_m``, ``pixel_size_m``,
-        ``bragg_angle_deg``, ``hkl``...), stored under ``md["bcdi"]``.
+        ``bragg_angle_deg``, ``hkl``...), stored under ``md["bcdi"]``; with the first four
+        the reconstruction's voxel size and volume are reported in nm.
     """
     if num < 2:
         raise ValueError(f"a rocking scan needs at least 2 frames, got {num}")

@@ -100,6 +100,10 @@ class ReconstructionIOC(PVGroup):
     Size_Y = pvproperty(name="Size:Y", value=0, read_only=True, units="voxel")
     Size_Z = pvproperty(name="Size:Z", value=0, read_only=True, units="voxel")
     Volume = pvproperty(value=0, read_only=True, units="voxel")
+    Volume_NM = pvproperty(name="Volume:NM", value=0.0, read_only=True, units="nm^3",
+                           doc="support volume in nm^3 when the scan gives the geometry")
+    Voxel_Size = pvproperty(name="Voxel:Size", value=np.zeros(3), dtype=ChannelType.DOUBLE,
+                            max_length=3, read_only=True, units="nm")
     Phase_RMS = pvproperty(name="Phase:RMS", value=0.0, read_only=True, units="rad",
                            precision=3)
 
@@ -182,7 +186,12 @@ def result_values(result: Any) -> dict[str, Any]:
         values[f"Latency_{name}"] = float(result.timings.get(key, 0.0))
     for plane, image in screen_images(result).items():
         values[plane] = image.ravel()
-    rec = (getattr(result, "metadata", {}) or {}).get("recommendation")
+    meta = getattr(result, "metadata", {}) or {}
+    voxel = meta.get("voxel_size_nm")
+    if voxel is not None:
+        values["Voxel_Size"] = np.asarray(voxel, dtype=np.float64)
+        values["Volume_NM"] = float(values["Volume"] * np.prod(voxel))
+    rec = meta.get("recommendation")
     if rec:
         values.update(Rec_ThetaCenter=float(rec["theta_center"]),
                       Rec_ThetaRange=float(rec["theta_range"]),
@@ -367,6 +376,8 @@ def pv_table(prefix: str = "BCDI:") -> str:
         "Params": "crystal parameter vector (names in the model card)",
         "Size:X": "support extent along x (axis 2)", "Size:Y": "along y (axis 1)",
         "Size:Z": "along z (axis 0, rocking)", "Volume": "support volume",
+        "Volume:NM": "support volume in nm^3 (0 unless the scan metadata gives the geometry)",
+        "Voxel:Size": "voxel size (rocking, row, column) in nm, from the scan metadata",
         "Phase:RMS": "RMS of the phase over the support (strain indicator)",
         "Image:Width": "width of the slice images", "Image:Height": "their height",
         "Rec:ThetaCenter": "recommended rocking centre", "Rec:ThetaRange": "recommended range",
