@@ -155,6 +155,24 @@ def test_puts_change_the_next_reconstruction_and_bad_puts_are_rejected(ioc, publ
     epics.caput(p + "Enable", 1, wait=True, timeout=5)
 
 
+def test_user_set_chi_limits_raise_alarms(ioc, published):
+    import epics
+    from caproto import AlarmSeverity
+
+    result, start, _, _ = published
+    p = ioc.group.prefix
+    assert epics.caput(p + "Chi.HIGH", result.chi / 4, wait=True, timeout=5) == 1
+    assert epics.caput(p + "Chi.HIHI", result.chi / 2, wait=True, timeout=5) == 1
+    ioc(result, start)  # publish again: chi is now above both limits
+    pv = epics.PV(p + "Chi", form="time", auto_monitor=False)
+    pv.get(timeout=5, use_monitor=False)
+    assert pv.severity == AlarmSeverity.MAJOR_ALARM
+    epics.caput(p + "Chi.HIHI", 10.0, wait=True, timeout=5)
+    ioc(result, start)
+    pv.get(timeout=5, use_monitor=False)
+    assert pv.severity == AlarmSeverity.MINOR_ALARM
+
+
 def test_error_state_raises_a_major_alarm(ioc, caproto_ctx):
     from caproto import AlarmSeverity
 
