@@ -166,12 +166,33 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    try:
+        run_demo(scans=args.scans, output=args.output, prefix=args.prefix, linger=args.linger,
+                 seed=args.seed, as_json=args.json)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
         prog="bcdi-bluesky",
         description="Real-time BCDI reconstruction for Bluesky beamlines.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="closed-loop scans on the simulated beamline, with the IOC")
+    p.add_argument("--scans", type=int, default=3)
+    p.add_argument("--output", default=None, help="output folder (default: a new temp folder)")
+    p.add_argument("--prefix", default=None, help="IOC prefix (default: a random DEMOxxxx:)")
+    p.add_argument("--linger", type=float, default=0.0,
+                   help="keep the IOC serving this many seconds after the last scan")
+    p.add_argument("--seed", type=int, default=0, help="the hidden crystal")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout at the end")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("reconstruct", help="reconstruct a crystal from a diffraction volume")
     p.add_argument("input", help=".npy, .npz (intensity, mask), .h5/.cxi/.nxs or TIFF stack")

@@ -46,6 +46,7 @@ class ScanRecord:
     frames: int = 0
     result: Any = None
     recommendation: Recommendation | None = None
+    exposure: float | None = None  # from the detector's configuration in the descriptor
     seconds_in_callback: float = 0.0
     queued_at: float | None = None
     finished_at: float | None = None
@@ -228,6 +229,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             self._descriptor_run.pop(uid, None)
         record = run.record
         record.frames = len(run.frames)
+        record.exposure = run.exposure
         exit_status = doc.get("exit_status", "success")
         if exit_status != "success" and not self.reconstruct_failed:
             record.status, record.message = "skipped", f"run ended with exit_status {exit_status!r}"

@@ -108,14 +108,15 @@ class ReconstructionAnalysis(Device):
 def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis,
                      centre: float, width: float, num: int, *, max_iterations: int = 4,
                      tolerance_steps: float = 2.0, adjust_range: bool = False,
-                     md: dict | None = None):
+                     until_converged: bool = True, md: dict | None = None):
     """Scan, wait for the analysis, re-centre (and re-expose), until the scan is right.
 
     Each iteration runs :func:`rocking_scan`, waits for the reconstruction through
     ``analysis``, then moves the next scan's centre to the recommended one and sets the
     detector's exposure to the recommended one (``detector.exposure``). It stops when the
     Bragg peak is inside the range, nothing saturated, and the centre moved by at most
-    ``tolerance_steps`` rocking steps.
+    ``tolerance_steps`` rocking steps (or, with ``until_converged=False``, goes on for
+    ``max_iterations`` scans, following the sample).
 
     The range stays ``width`` unless ``adjust_range``: the rocking step sets the q sampling
     along the rocking axis, which the reconstruction expects unchanged.
@@ -123,12 +124,13 @@ def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis
     Returns
     -------
     list of dict
-        Per iteration: scan uid, centre, exposure, peak_inside, saturated, chi.
+        Per iteration: the scan's centre, then the analysis' figures (recommended
+        ``theta_center``, ``theta_range`` and ``exposure``, ``peak_inside``, ``saturated``,
+        ``chi``, ``scan_uid``) and whether it ``converged``.
     """
     history = []
     step = width / (num - 1)
     for i in range(max_iterations):
-        exposure = yield from bps.rd(detector.exposure)
         yield from rocking_scan(detector, motor, centre, width, num,
                                 md={"closed_loop_iteration": i, **(md or {})})
         yield from bps.trigger(analysis, wait=True)
@@ -136,10 +138,11 @@ def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis
         for name in ("theta_center", "theta_range", "exposure", "peak_inside", "saturated",
                      "chi", "scan_uid"):
             rec[name] = yield from bps.rd(getattr(analysis, name))
-        history.append({"iteration": i, "centre": centre, "exposure": exposure, **rec})
+        history.append({"iteration": i, "centre": centre, **rec})
         converged = (rec["peak_inside"] and not rec["saturated"]
                      and abs(rec["theta_center"] - centre) <= tolerance_steps * step)
-        if converged:
+        history[-1]["converged"] = bool(converged)
+        if converged and until_converged:
             break
         centre = float(rec["theta_center"])
         if adjust_range and np.isfinite(rec["theta_range"]):

@@ -1,0 +1,36 @@
+"""`bcdi-bluesky demo --scans 2 --json` as a newcomer runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.timeout(240)
+def test_demo_json_records_and_files(tmp_path, epics_env):
+    run = subprocess.run([sys.executable, "-m", "bcdi_bluesky.cli", "demo", "--scans", "2",
+                          "--json", "--output", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stdout  # nothing but the JSON object on stdout
+    summary = json.loads(lines[0])
+    assert summary["output"] == str(tmp_path / "demo")
+    first, second = summary["scans"]
+    for record in (first, second):
+        assert set(record) >= {"scan_id", "chi", "iou", "theta_center", "timings_s"}
+        assert set(record["timings_s"]) >= {"preprocess", "inference", "refine", "polish",
+                                            "total"}
+    # Starts misaligned (the peak outside the range), then the loop moves onto it.
+    truth = summary["true_peak_theta"]
+    assert not first["peak_inside"] and second["peak_inside"]
+    assert abs(second["theta_center"] - truth) < abs(first["theta_center"] - truth) / 4
+    assert second["iou"] >= 0.8
+    out = tmp_path / "demo"
+    assert len(list(out.glob("scan_*.cxi"))) == 2
+    for name in ("scan_1.png", "scan_2.png", "truth_vs_reconstruction.png", "es_cost.png",
+                 "closed_loop.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    assert "scan 2:" in run.stderr and "ES iteration" in run.stderr
