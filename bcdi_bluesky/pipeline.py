@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
+from .model.latent import latent_vector
 from .model.runtime import OnnxCrystalModel
 from .physics import CrystalModel, check_mask, check_volume, intensity
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
@@ -46,6 +47,11 @@ class ReconstructionResult:
     polish_errors: list[float] = field(default_factory=list)
     refine: str = "full"
     shift: tuple[int, int, int] = (0, 0, 0)
+    #: Position of the CNN's latent on the model card's 2D map, its calibrated distance to the
+    #: training distribution (99% of prior crystals below 1), and the flag (distance > 1).
+    latent_xy: tuple[float, float] | None = None
+    latent_distance: float | None = None
+    out_of_distribution: bool = False
     #: Set by the beamline layer (scan uid and id, recommendation for the next scan...).
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +78,9 @@ class ReconstructionResult:
             "polish_iterations": len(self.polish_errors),
             "support_voxels": int(self.support.sum()),
             "shape": list(self.object.shape),
+            "latent_xy": list(self.latent_xy) if self.latent_xy is not None else None,
+            "latent_distance": self.latent_distance,
+            "out_of_distribution": self.out_of_distribution,
         }
 
 
@@ -194,12 +203,25 @@ class Reconstructor:
         notify("preprocess", {"seconds": timings["preprocess"], "shift": prepared.shift})
 
         t = time.perf_counter()
-        params = self.model.denormalise(self.runtime.predict(x).astype(np.float64))
+        latent = self.runtime.predict(x).astype(np.float64)
+        params = self.model.denormalise(latent)
         timings["inference"] = time.perf_counter() - t
         chi_of = ChiCost(prepared.intensity, prepared.mask)
         stage_chi = {"cnn": chi_of(self.model.intensity(params))}
+        latent_map = self.runtime.latent_map
+        latent_xy, distance, ood = None, None, False
+        if latent_map is not None:
+            z = latent_vector(latent, stage_chi["cnn"])
+            latent_xy = tuple(float(v) for v in latent_map.project(z))
+            distance = float(latent_map.distance(z))
+            ood = distance > 1.0
+        # Out of the CNN's depth: lean on the model-free refinement (twice the ES budget).
+        es_scale = 2 if ood else 1
+        message = (f"CNN out of distribution (latent distance {distance:.2f} > 1): doubling "
+                   "the extremum-seeking budget" if ood else "")
         notify("inference", {"seconds": timings["inference"], "chi": stage_chi["cnn"],
-                             "params": params})
+                             "params": params, "latent_distance": distance,
+                             "out_of_distribution": ood, "message": message})
 
         starts = [params]
         if initial_params is not None:
@@ -221,8 +243,9 @@ class Reconstructor:
 
             refined = refine_crystal(
                 self.model, params, prepared.intensity, prepared.mask,
-                coarse_iterations=self.es_coarse_iterations,
-                fine_iterations=self.es_fine_iterations, time_budget_s=self.es_time_budget_s,
+                coarse_iterations=self.es_coarse_iterations * es_scale,
+                fine_iterations=self.es_fine_iterations * es_scale,
+                time_budget_s=self.es_time_budget_s * es_scale,
                 seed=self.seed, hook=es_hook)
             params, es_costs = refined.params, refined.costs
             stage_chi["es"] = refined.chi
@@ -257,6 +280,7 @@ class Reconstructor:
             object=obj, support=support, params=params, chi=final_chi, timings=timings,
             provider=self.provider, model_name=self.model_name, crystal_model=self.model,
             stage_chi=stage_chi, es_costs=es_costs, polish_errors=polish_errors,
-            refine=refine, shift=prepared.shift)
+            refine=refine, shift=prepared.shift, latent_xy=latent_xy,
+            latent_distance=distance, out_of_distribution=ood)
         notify("done", {"seconds": timings["total"], "chi": final_chi})
         return result

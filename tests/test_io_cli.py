@@ -80,6 +80,8 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     assert set(report["timings_s"]) == {"preprocess", "inference", "refine", "polish", "total"}
     assert report["provider"] == "CPUExecutionProvider" and report["model"] == "bcdi_cnn64"
     assert 0 < report["chi"] < report["stage_chi"]["cnn"]
+    assert len(report["latent_xy"]) == 2 and report["latent_distance"] > 0
+    assert report["out_of_distribution"] is (report["latent_distance"] > 1)
     with h5py.File(tmp_path / "r.cxi") as f:
         obj = f["entry_1/image_1/data"][()]
         assert obj.dtype == np.complex64 and obj.shape == scan54_64.shape

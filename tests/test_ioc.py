@@ -88,6 +88,8 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
     assert epics.caget(p + "Model:Provider") == "CPUExecutionProvider"
     assert epics.caget(p + "Count") == 1
     assert "chi" in epics.caget(p + "StatusMsg", as_string=True)
+    assert epics.caget(p + "Latent:Distance") == pytest.approx(result.latent_distance)
+    assert epics.caget(p + "Latent:OOD") == int(result.out_of_distribution)
     voxel = np.asarray(epics.caget(p + "Voxel:Size"))
     np.testing.assert_allclose(voxel, result.metadata["voxel_size_nm"])
     assert epics.caget(p + "Volume:NM") == pytest.approx(result.support.sum() * voxel.prod())
@@ -171,6 +173,22 @@ def test_user_set_chi_limits_raise_alarms(ioc, published):
     ioc(result, start)
     pv.get(timeout=5, use_monitor=False)
     assert pv.severity == AlarmSeverity.MINOR_ALARM
+
+
+def test_out_of_distribution_flag_raises_a_minor_alarm(ioc, published):
+    import dataclasses
+
+    import epics
+    from caproto import AlarmSeverity
+
+    result, start, _, _ = published
+    p = ioc.group.prefix
+    pv = epics.PV(p + "Latent:OOD", form="time", auto_monitor=False)
+    ioc(dataclasses.replace(result, out_of_distribution=True, latent_distance=3.0), start)
+    assert pv.get(timeout=5, use_monitor=False) == 1
+    assert pv.severity == AlarmSeverity.MINOR_ALARM
+    ioc(result, start)
+    assert pv.get(timeout=5, use_monitor=False) == int(result.out_of_distribution)
 
 
 def test_error_state_raises_a_major_alarm(ioc, caproto_ctx):

@@ -126,6 +126,13 @@ class ReconstructionIOC(PVGroup):
     Rec_Exposure = pvproperty(name="Rec:Exposure", value=0.0, read_only=True, units="s",
                               precision=4)
 
+    Latent_X = pvproperty(name="Latent:X", value=0.0, read_only=True, precision=3)
+    Latent_Y = pvproperty(name="Latent:Y", value=0.0, read_only=True, precision=3)
+    Latent_Distance = pvproperty(name="Latent:Distance", value=0.0, read_only=True,
+                                 precision=3)
+    Latent_OOD = pvproperty(name="Latent:OOD", value=0, read_only=True, alarm_group="Latent:OOD",
+                            doc="1 when the CNN is out of its training distribution (MINOR)")
+
     Model_Name = pvproperty(name="Model:Name", value="", dtype=ChannelType.STRING,
                             read_only=True)
     Model_Provider = pvproperty(name="Model:Provider", value="", dtype=ChannelType.STRING,
@@ -191,6 +198,10 @@ def result_values(result: Any) -> dict[str, Any]:
     if voxel is not None:
         values["Voxel_Size"] = np.asarray(voxel, dtype=np.float64)
         values["Volume_NM"] = float(values["Volume"] * np.prod(voxel))
+    if getattr(result, "latent_distance", None) is not None:
+        values.update(Latent_X=float(result.latent_xy[0]), Latent_Y=float(result.latent_xy[1]),
+                      Latent_Distance=float(result.latent_distance),
+                      Latent_OOD=int(result.out_of_distribution))
     rec = meta.get("recommendation")
     if rec:
         values.update(Rec_ThetaCenter=float(rec["theta_center"]),
@@ -282,7 +293,12 @@ class IOCServer:
 
         async def apply() -> None:
             for attr, value in values.items():
-                await getattr(self.group, attr).write(value)
+                pv = getattr(self.group, attr)
+                await pv.write(value)
+                if attr == "Latent_OOD":  # out of distribution: a MINOR alarm on the flag
+                    await pv.alarm.write(
+                        status=AlarmStatus.STATE if value else AlarmStatus.NO_ALARM,
+                        severity=AlarmSeverity.MINOR_ALARM if value else AlarmSeverity.NO_ALARM)
 
         asyncio.run_coroutine_threadsafe(apply(), self.loop).result(timeout)
 
@@ -344,6 +360,8 @@ class IOCPublisher:
                                "ES_Cost": float(info["cost"])})
         elif stage == "inference":
             self.server.write({"ChiCNN": float(info["chi"])})
+            if info.get("message"):  # e.g. out of distribution: say how the pipeline reacts
+                self.server.write({"StatusMsg": str(info["message"])[:1023]})
 
     def failure(self, message: str, start_doc: dict) -> None:
         """The reconstruction failed: Error state (MAJOR alarm) with the reason."""
@@ -383,6 +401,10 @@ def pv_table(prefix: str = "BCDI:") -> str:
         "Rec:ThetaCenter": "recommended rocking centre", "Rec:ThetaRange": "recommended range",
         "Rec:Exposure": "recommended exposure", "Model:Name": "CNN model name",
         "Model:Provider": "ONNX Runtime provider really in use",
+        "Latent:X": "the scan on the CNN's latent map (model card), first axis",
+        "Latent:Y": "second axis",
+        "Latent:Distance": "distance to the training distribution (99% of priors below 1)",
+        "Latent:OOD": "1 when the distance exceeds 1 (MINOR alarm): ES budget doubled",
         "Enable": "0 skips reconstructions (0 or 1)", "ES:Enable": "0 skips ES (0 or 1)",
         "ES:MaxIter": "ES steps, 0 .. 100000", "ES:TimeBudget": "ES seconds, 0 .. 600",
         "Polish:Iterations": "ER/HIO steps, 0 .. 10000",

@@ -136,6 +136,13 @@ class OnnxCrystalModel:
         return CrystalModel.from_dict(self.card["parameters"])
 
     @cached_property
+    def latent_map(self):
+        """The training distribution of the latent (None for a card without one)."""
+        from .latent import LatentMap
+
+        return LatentMap.from_dict(self.card["latent"]) if "latent" in self.card else None
+
+    @cached_property
     def encoding(self) -> TwinInvariantEncoding | NormalisedEncoding:
         """How the network's outputs encode the parameters (named in the card)."""
         name = self.card.get("output", {}).get("encoding")
