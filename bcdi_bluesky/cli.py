@@ -93,6 +93,13 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         from .plotting import plot_reconstruction
 
         outputs["plot"] = str(plot_reconstruction(result, args.plot, title=str(args.input)))
+        if rec.runtime.latent_map is not None and result.latent_xy is not None:
+            from .plotting import plot_latent_map
+
+            latent_png = Path(args.plot).with_name(Path(args.plot).stem + "_latent.png")
+            outputs["latent_plot"] = str(plot_latent_map(
+                rec.runtime.latent_map, latent_png,
+                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
     summary = {**result.summary(), **outputs, "input": str(args.input)}
     if args.json:
         print(json.dumps(summary))

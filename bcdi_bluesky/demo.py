@@ -194,6 +194,13 @@ def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = Non
             "status": record.status,
         })
     figures = _figures(out, beamline, records, history)
+    latent_map = cb.reconstructor.runtime.latent_map
+    if latent_map is not None:
+        from .plotting import plot_latent_map
+
+        figures.append(plot_latent_map(latent_map, out / "latent_map.png", scans=[
+            (f"scan {r.scan_id}", r.result.latent_xy, r.result.out_of_distribution)
+            for r in records if r.result is not None and r.result.latent_xy is not None]))
     summary = {"scans": rows, "output": str(out), "ioc_prefix": prefix,
                "true_peak_theta": beamline.crystal.peak_theta,
                "figures": [str(p) for p in figures]}

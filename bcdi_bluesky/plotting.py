@@ -94,3 +94,44 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path,
     fig.savefig(p, dpi=90)
     plt.close(fig)
     return p
+
+
+def plot_latent_map(latent_map, path: str | Path, scans: list[tuple[str, tuple[float, float],
+                                                                  bool]] = (),
+                    pairs: list[tuple[tuple[float, float], tuple[float, float]]] = (),
+                    title: str = "CNN latent map") -> Path:
+    """The training distribution on the model card's 2D map, with scans and true/predicted pairs.
+
+    Parameters
+    ----------
+    latent_map : LatentMap
+        From the model card.
+    scans : list of (label, (x, y), out_of_distribution)
+        Positions to mark (red when out of distribution).
+    pairs : list of ((x, y) true, (x, y) predicted)
+        Simulated crystals: a line joins each truth to the CNN's prediction.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
+    pts = latent_map.points
+    ax.scatter(pts[:, 0], pts[:, 1], s=6, c="lightgray", label="training distribution (prior)")
+    for k, (truth, pred) in enumerate(pairs):
+        ax.plot([truth[0], pred[0]], [truth[1], pred[1]], color="tab:blue", lw=0.5, alpha=0.5)
+        ax.scatter(*truth, s=8, c="tab:green", label="true" if k == 0 else None)
+        ax.scatter(*pred, s=8, c="tab:blue", label="CNN prediction" if k == 0 else None)
+    for label, (x, y), ood in scans:
+        ax.scatter(x, y, s=60, marker="*", c="tab:red" if ood else "black")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("latent PC 1")
+    ax.set_ylabel("latent PC 2")
+    ax.set_title(title + "\nstars: scans (red: out of distribution)", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p

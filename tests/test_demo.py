@@ -30,7 +30,7 @@ def test_demo_json_records_and_files(tmp_path, epics_env):
     out = tmp_path / "demo"
     assert len(list(out.glob("scan_*.cxi"))) == 2
     for name in ("scan_1.png", "scan_2.png", "truth_vs_reconstruction.png", "es_cost.png",
-                 "closed_loop.png"):
+                 "closed_loop.png", "latent_map.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     assert "scan 2:" in run.stderr and "ES iteration" in run.stderr

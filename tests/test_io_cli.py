@@ -87,6 +87,7 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
         assert obj.dtype == np.complex64 and obj.shape == scan54_64.shape
         assert f["support"].dtype == bool and f["params"].shape == f["param_names"].shape
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "r_latent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = _cli("reconstruct", "scan.npy", "--refine", "none", "--output", "r.npz", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     with np.load(tmp_path / "r.npz") as z:

@@ -55,6 +55,9 @@ class DerivedRunPublisher:
             "chi_cnn": float(result.chi_cnn),
             "params": np.asarray(result.params, dtype=np.float64).tolist(),
             "support_voxels": int(result.support.sum()),
+            "latent_distance": float(result.latent_distance if result.latent_distance
+                                     is not None else np.nan),
+            "out_of_distribution": int(result.out_of_distribution),
             **{f"time_{k}": float(v) for k, v in result.timings.items()},
             **{f"amp_{k}": v.astype(np.float32).tolist() for k, v in amp.items()},
             **{f"phase_{k}": v.astype(np.float32).tolist() for k, v in phase.items()},
