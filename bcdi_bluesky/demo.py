@@ -18,18 +18,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import scipy.fft
 
 from .physics import align, compare_objects
-
-
-def _on_model_grid(obj: np.ndarray, n: int) -> np.ndarray:
-    """The object's far field cropped to the model's q range, back in real space: the
-    reconstruction on the hidden crystal's grid, for comparisons."""
-    field = scipy.fft.fftshift(scipy.fft.fftn(obj))
-    s = [x // 2 - n // 2 for x in field.shape]
-    crop = field[s[0]:s[0] + n, s[1]:s[1] + n, s[2]:s[2] + n]
-    return scipy.fft.ifftn(scipy.fft.ifftshift(crop)).astype(np.complex64)
+from .pipeline import to_model_grid
 
 
 class _Progress:
@@ -79,7 +70,7 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     last = next((r for r in reversed(records) if r.result is not None), None)
     if last is not None:
         truth = beamline.crystal.truth()
-        recon = align(truth, _on_model_grid(last.result.object, truth.shape[0]))
+        recon = align(truth, to_model_grid(last.result.object, truth.shape[0]))
         sup_t = np.abs(truth) > 0.2 * np.abs(truth).max()
         sup_r = np.abs(recon) > 0.2 * np.abs(recon).max()
         fig, axes = plt.subplots(4, 3, figsize=(10, 12), layout="constrained")
@@ -180,7 +171,7 @@ def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = Non
     rows = []
     for h, record in zip(history, records, strict=False):
         result = record.result
-        iou = (compare_objects(truth, _on_model_grid(result.object, truth.shape[0])).iou
+        iou = (compare_objects(truth, to_model_grid(result.object, truth.shape[0])).iou
                if result is not None else float("nan"))
         rec = record.recommendation
         rows.append({

@@ -106,6 +106,15 @@ def to_input_grid(obj: np.ndarray, prepared: Prepared, shape: tuple[int, ...]) -
     return out.astype(np.complex64)
 
 
+def to_model_grid(obj: np.ndarray, n: int) -> np.ndarray:
+    """The object's far field cropped to the central ``n^3`` of q, back in real space: a
+    reconstruction on a larger input grid brought to a model crystal's grid (comparisons)."""
+    field_input = scipy.fft.fftshift(scipy.fft.fftn(obj))
+    s = [x // 2 - n // 2 for x in field_input.shape]
+    crop = field_input[s[0]:s[0] + n, s[1]:s[1] + n, s[2]:s[2] + n]
+    return scipy.fft.ifftn(scipy.fft.ifftshift(crop)).astype(np.complex64)
+
+
 class Reconstructor:
     """Turns a measured diffraction volume into a 3D crystal, in seconds.
 

@@ -5,12 +5,12 @@ import time
 
 import numpy as np
 import pytest
-import scipy.fft
 from event_model import compose_run
 
 from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
 from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
 from bcdi_bluesky.physics import compare_objects
+from bcdi_bluesky.pipeline import to_model_grid
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,6 @@ def _scan(beamline, points=64):
                         points, energy_kev=9.0)
 
 
-def _on_model_grid(obj, n=64):
-    """The reconstruction's far field cropped to the model's q range, back in real space."""
-    field = scipy.fft.fftshift(scipy.fft.fftn(obj))
-    s = [x // 2 - n // 2 for x in field.shape]
-    return scipy.fft.ifftn(scipy.fft.ifftshift(field[s[0]:s[0] + n, s[1]:s[1] + n,
-                                                     s[2]:s[2] + n]))
-
-
 def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
     beamline = SimulatedBeamline(seed=4)
     beamline.det.max_count.put(1e12)  # no saturation here; the closed loop handles that
@@ -60,7 +52,7 @@ def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
     result, start = seen[0]
     assert start["uid"] == uid and start["bcdi"]["energy_kev"] == 9.0
     assert result.object.shape == (64, 96, 96)  # the detector is larger than the peak
-    assert compare_objects(beamline.crystal.truth(), _on_model_grid(result.object)).iou >= 0.85
+    assert compare_objects(beamline.crystal.truth(), to_model_grid(result.object, 64)).iou >= 0.85
 
 
 class _FailsOnce:
@@ -252,7 +244,7 @@ def test_closed_loop_finds_a_misaligned_saturated_peak(RE, reconstructor, make_c
     assert abs(last.theta_center - beamline.crystal.peak_theta) < 2 * step
     result = records[-1].result
     assert result.metadata["uid"] == records[-1].uid
-    iou = compare_objects(beamline.crystal.truth(), _on_model_grid(result.object)).iou
+    iou = compare_objects(beamline.crystal.truth(), to_model_grid(result.object, 64)).iou
     assert iou >= 0.85
 
 
