@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..physics import CrystalModel
+from ..physics import CrystalModel, fitted_scale
 from .extremum_seeking import ExtremumSeeker
 
 
@@ -34,12 +34,10 @@ class ChiCost:
         """chi of a model intensity on the data's grid."""
         a = np.sqrt(model_intensity, dtype=np.float64)
         a = a[self.mask] if self.mask is not None else a.ravel()
-        aa = float(np.dot(a, a))
-        if aa == 0:
+        if not a.any():
             return 1.0
-        s = float(np.dot(a, self.b)) / aa
         # float64 and the explicit residual: ||b||^2 - s <a, b> cancels badly at small chi.
-        return float(np.linalg.norm(s * a - self.b) / self.b_norm)
+        return float(np.linalg.norm(fitted_scale(a, self.b) * a - self.b) / self.b_norm)
 
 
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
