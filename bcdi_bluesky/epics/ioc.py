@@ -288,8 +288,9 @@ class IOCServer:
             self.loop.call_soon_threadsafe(self._task.cancel)
         self._thread.join(timeout)
 
-    def write(self, values: dict[str, Any], timeout: float = 10.0) -> None:
-        """Write PV values (attribute names) from any thread; waits until they are served."""
+    def write(self, values: dict[str, Any], timeout: float = 10.0, wait: bool = True) -> None:
+        """Write PV values (attribute names) from any thread; with ``wait``, until they are
+        served (without, the caller never blocks: for the RunEngine's thread)."""
 
         async def apply() -> None:
             for attr, value in values.items():
@@ -300,7 +301,9 @@ class IOCServer:
                         status=AlarmStatus.STATE if value else AlarmStatus.NO_ALARM,
                         severity=AlarmSeverity.MINOR_ALARM if value else AlarmSeverity.NO_ALARM)
 
-        asyncio.run_coroutine_threadsafe(apply(), self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(apply(), self.loop)
+        if wait:
+            future.result(timeout)
 
     def set_status(self, state: str, message: str = "") -> None:
         """Set ``Status`` (one of :data:`STATUS`) and ``StatusMsg``."""
@@ -328,10 +331,11 @@ class IOCPublisher:
 
     # Hooks the callback calls (duck-typed: plain callables work as publishers too).
     def collecting(self, start_doc: dict) -> None:
-        """A run started: show it."""
+        """A run started: show it (called in the RunEngine's thread, so it does not wait)."""
         self.server.write({"Status": "Collecting", "ScanUID": start_doc["uid"][:39],
                            "ScanID": int(start_doc.get("scan_id") or 0),
-                           "StatusMsg": f"collecting scan {start_doc.get('scan_id')}"})
+                           "StatusMsg": f"collecting scan {start_doc.get('scan_id')}"},
+                          wait=False)
 
     def configure(self, reconstructor: Any, start_doc: dict) -> bool:
         """Apply the settings to the reconstructor; False skips the scan (``Enable`` 0)."""
