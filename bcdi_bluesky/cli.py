@@ -23,7 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                          width=args.width, hidden=args.hidden,
                          validate_every=args.validate_every,
-                         checkpoint_every=args.checkpoint_every, encoding=args.encoding)
+                         checkpoint_every=args.checkpoint_every, encoding=args.encoding,
+                         friedel=args.friedel, mirror_copies=args.mirror_copies)
     state = train(config, Path(args.checkpoints), resume=args.resume, device=args.device,
                   workers=args.workers, time_limit_s=args.time_limit,
                   threads=args.threads, progress=not args.quiet,
@@ -239,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="twin_invariant_v1",
                    choices=("twin_invariant_v1", "normalised_v1"),
                    help="what the network regresses (see bcdi_bluesky.model.encoding)")
+    p.add_argument("--no-friedel", dest="friedel", action="store_false",
+                   help="leave out the network's I(q) - I(-q) input channel")
+    p.add_argument("--mirror-copies", type=int, default=2,
+                   help="mirror images of each simulated crystal per batch (1-8; more trains "
+                        "faster where simulating the crystals is the bottleneck, as on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")

@@ -41,6 +41,28 @@ def test_twin_signs_flip_odd_l_and_even_phase(model64):
     assert s[names.index("rbf0_cz")] == -1 and s[names.index("rbf0_width")] == 1
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_reflection_signs_mirror_the_object_and_its_intensity(model64, prior64, axis):
+    from bcdi_bluesky.model.data import mirror
+
+    p = _sample(prior64, 10 + axis)
+    obj = model64.voxelise(p)
+    mirrored = model64.voxelise(p * model64.reflection_signs(axis))
+    np.testing.assert_array_equal(mirrored, mirror(obj, (axis,)))
+    i0 = intensity(obj)
+    assert np.abs(intensity(mirrored) - mirror(i0, (axis,))).max() <= 1e-5 * i0.max()
+    # A mirror is not the identity, and the three mirrors together are the inversion, which
+    # differs from the twin exactly by the phase terms (o(-r) vs conj(o(-r))).
+    assert np.any(model64.reflection_signs(axis) < 0)
+    inversion = np.prod([model64.reflection_signs(a) for a in range(3)], axis=0)
+    phase = np.zeros(model64.size, dtype=bool)
+    phase[model64.slices["phase"]] = True
+    np.testing.assert_array_equal(inversion[~phase], model64.twin_signs[~phase])
+    np.testing.assert_array_equal(inversion[phase], -model64.twin_signs[phase])
+    with pytest.raises(ValueError, match="axis"):
+        model64.reflection_signs(3)
+
+
 def test_voxelisation_is_smooth_in_the_parameters(model64, prior64):
     p = _sample(prior64, 5)
     base = model64.voxelise(p)

@@ -30,6 +30,66 @@ def test_encoding_round_trip_and_twin_invariance(model64, prior64):
         enc.decode(np.zeros(3))
 
 
+def test_mirrored_copies_are_valid_samples(model64, prior64):
+    from bcdi_bluesky.model.data import TRAIN_STREAM, make_batch, mirrored_copies
+    from bcdi_bluesky.physics import intensity
+    from bcdi_bluesky.preprocess import network_input
+
+    x, y = make_batch(model64, prior64, 0, TRAIN_STREAM, 0, 2)
+    xs, ys = mirrored_copies(model64, x, y, 3, np.random.default_rng(0))
+    assert xs.shape == (6, 1, 64, 64, 64) and ys.shape == (6, model64.size)
+    assert xs.dtype == x.dtype and ys.dtype == y.dtype
+    def noise_free(normalised):
+        obj = model64.voxelise(model64.denormalise(normalised))
+        return network_input(intensity(obj) * 1e8).ravel()
+
+    def match(inputs, normalised):
+        return np.corrcoef(inputs.ravel(), noise_free(normalised))[0, 1]
+
+    for k in range(6):
+        # Each copy is the measurement of the crystal its parameters describe: it matches that
+        # crystal's noise-free intensity exactly as well as the original matches its own, and
+        # better than it matches the unmirrored crystal.
+        own = match(xs[k, 0], ys[k])
+        assert abs(own - match(x[k // 3, 0], y[k // 3])) < 1e-6
+        if not np.array_equal(ys[k], y[k // 3]):
+            assert own > match(xs[k, 0], y[k // 3]) + 0.01
+    # Three distinct mirror images of each crystal.
+    assert len({ys[k].tobytes() for k in range(3)}) == 3
+    with pytest.raises(ValueError, match="copies"):
+        mirrored_copies(model64, x, y, 9, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="mirror_copies"):
+        TrainConfig(**{**SMALL, "mirror_copies": 3})
+
+
+def test_friedel_channel_warm_start_keeps_the_old_network(tmp_path):
+    old_state = train(TrainConfig(**{**SMALL, "encoding": "normalised_v1"}), tmp_path / "a",
+                      workers=0, progress=False)
+    config = TrainConfig(**{**SMALL, "friedel": True, "mirror_copies": 2})
+    net = build_network(config).eval()
+    assert net.encoder[0].in_channels == 2
+    from bcdi_bluesky.model.train import warm_start
+    warm_start(net, tmp_path / "a" / "tiny" / "last.pt", config)
+    old = build_network(TrainConfig(**old_state["config"])).eval()
+    old.load_state_dict(old_state["model"])
+    x = torch.rand(2, 1, 32, 32, 32)
+    enc = config.output_encoding()
+    with torch.no_grad():
+        new, before = net(x), old(x)
+    np.testing.assert_allclose(new[:, : enc.n_even].numpy(), before[:, enc.even].numpy(),
+                               atol=1e-6)
+    # The Friedel channel is I(q) - I(-q): zero for a centrosymmetric input, so such an input
+    # gives the same output whatever the channel's weights.
+    with torch.no_grad():
+        net.encoder[0].weight[:, 1:].normal_()
+        sym = x + torch.roll(torch.flip(x, (2, 3, 4)), (1, 1, 1), (2, 3, 4))
+        np.testing.assert_allclose(net(sym)[:, : enc.n_even].numpy(),
+                                   old(sym)[:, enc.even].numpy(), atol=1e-5)
+    # ... and a training run with it (and mirrored copies) goes through.
+    state = train(config, tmp_path / "b", workers=0, progress=False)
+    assert state["step"] == 4 and state["config"]["friedel"]
+
+
 def test_training_resumes_exactly(tmp_path):
     straight = train(TrainConfig(**SMALL), tmp_path / "a", workers=0, progress=False)
     first = TrainConfig(**{**SMALL, "steps": 2})
@@ -46,9 +106,10 @@ def test_training_resumes_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
-    """A randomly initialised small network exported with a valid card."""
+    """A randomly initialised small network (with the Friedel channel, which the ONNX graph
+    must compute itself) exported with a valid card."""
     folder = tmp_path_factory.mktemp("models")
-    config = TrainConfig(**SMALL)
+    config = TrainConfig(**SMALL, friedel=True)
     torch.manual_seed(0)
     net = build_network(config).eval()
     path = folder / "tiny.onnx"

@@ -11,6 +11,8 @@ from ..preprocess import fit_to_grid, network_input
 
 #: Seed offsets that keep the training, validation and test streams disjoint.
 TRAIN_STREAM, VALIDATION_STREAM, TEST_STREAM = 0, 1, 2
+#: Seed offset of the choice of mirror images in the training stream.
+MIRROR_STREAM = 4
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,37 @@ def make_batch(model: CrystalModel, prior: CrystalPrior, seed: int, stream: int,
         xs.append(s.inputs)
         ys.append(model.normalise(s.params))
     return np.stack(xs)[:, None], np.stack(ys).astype(np.float32)
+
+
+def mirror(volume: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Mirror the last three axes of ``volume`` named in ``axes`` (0 = z) about index ``N // 2``.
+
+    The centred intensity of a mirrored crystal is the centred intensity mirrored this way
+    (index ``i -> N - i``; index 0, which has no partner, wraps onto itself).
+    """
+    out = np.asarray(volume)
+    for axis in axes:
+        a = out.ndim - 3 + axis
+        out = np.roll(np.flip(out, a), 1, axis=a)
+    return out
+
+
+def mirrored_copies(model: CrystalModel, inputs: np.ndarray, targets: np.ndarray, copies: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``copies`` distinct mirror images of each sample (of the 8 that z, y, x mirrors make).
+
+    ``inputs`` ``(B, 1, N, N, N)`` and normalised ``targets`` ``(B, P)`` become
+    ``(B * copies, ...)``: one simulated crystal (the expensive part of a sample) then trains
+    the network ``copies`` times, on different but equally valid measurements.
+    """
+    if not 1 <= copies <= 8:
+        raise ValueError(f"copies must be in [1, 8], got {copies}")
+    xs, ys = [], []
+    for x, y in zip(inputs, targets, strict=True):
+        for code in rng.permutation(8)[:copies]:
+            axes = tuple(a for a in range(3) if code >> a & 1)
+            signs = np.prod([model.reflection_signs(a) for a in axes] or [np.ones(model.size)],
+                            axis=0)
+            xs.append(np.ascontiguousarray(mirror(x, axes)))
+            ys.append((y * signs).astype(targets.dtype))
+    return np.stack(xs), np.stack(ys)

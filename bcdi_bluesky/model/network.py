@@ -42,19 +42,26 @@ class CrystalCNN(nn.Module):
         Units of the dense layer.
     n_bounded : int, optional
         Outputs passed through ``tanh`` (default: all).
+    friedel : bool
+        Add a second input channel ``I(q) - I(-q)``, computed inside the network (the model
+        still takes one channel). The intensity is centrosymmetric unless the crystal's odd
+        shape and its even-degree phase field occur together, so this channel carries, at first
+        order, the twin-odd parameters that the plain intensity shows only at second order;
+        a convolution cannot compare ``q`` with ``-q`` on its own (they are far apart).
     """
 
     def __init__(self, n_params: int, grid: int = 64, width: int = 16, hidden: int = 256,
-                 n_bounded: int | None = None):
+                 n_bounded: int | None = None, friedel: bool = False):
         super().__init__()
         if grid % 16:
             raise ValueError(f"grid must be a multiple of 16, got {grid}")
         self.n_bounded = n_params if n_bounded is None else int(n_bounded)
+        self.friedel = bool(friedel)
         self.config = {"n_params": n_params, "grid": grid, "width": width, "hidden": hidden,
-                       "n_bounded": self.n_bounded}
+                       "n_bounded": self.n_bounded, "friedel": self.friedel}
         w = width
         self.encoder = nn.Sequential(
-            nn.Conv3d(1, w, 4, stride=2, padding=1, bias=False),
+            nn.Conv3d(2 if friedel else 1, w, 4, stride=2, padding=1, bias=False),
             nn.BatchNorm3d(w),
             nn.ReLU(inplace=True),
             _block(w, 2 * w),
@@ -72,6 +79,11 @@ class CrystalCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, N, N, N)`` inputs -> ``(B, n_params)`` outputs."""
+        if self.friedel:
+            # I(-q): point reflection about the peak at index N // 2 (i -> N - i).
+            dims = (2, 3, 4)
+            opposite = torch.roll(torch.flip(x, dims), shifts=(1, 1, 1), dims=dims)
+            x = torch.cat([x, x - opposite], dim=1)
         y = self.head(self.encoder(x))
         k = self.n_bounded
         return torch.cat([torch.tanh(y[:, :k]), y[:, k:]], dim=1)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..physics import CrystalModel, CrystalPrior
-from .data import TRAIN_STREAM, VALIDATION_STREAM, make_batch
+from .data import MIRROR_STREAM, TRAIN_STREAM, VALIDATION_STREAM, make_batch, mirrored_copies
 from .encoding import TWIN_INVARIANT, make_encoding
 from .evaluate import validate
 from .network import CrystalCNN, WeightedMSE, parameter_weights
@@ -46,7 +46,17 @@ class TrainConfig:
     checkpoint_every: int = 100
     validation_size: int = 128
     encoding: str = TWIN_INVARIANT
+    #: Give the network the Friedel-asymmetry channel (see :class:`CrystalCNN`); False in
+    #: checkpoints written before it existed.
+    friedel: bool = False
+    #: Mirror images per simulated crystal in a batch (1: every sample a fresh crystal).
+    mirror_copies: int = 1
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.mirror_copies <= 8 or self.batch_size % self.mirror_copies:
+            raise ValueError(f"mirror_copies must be in [1, 8] and divide the batch size "
+                             f"{self.batch_size}, got {self.mirror_copies}")
 
     def crystal_model(self) -> CrystalModel:
         """The parameter layout this run trains on."""
@@ -73,8 +83,12 @@ class _BatchStream(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         step = self.first_step + i
-        b = self.config.batch_size
-        x, y = make_batch(self.model, self.prior, self.config.seed, TRAIN_STREAM, step * b, b)
+        c = self.config
+        crystals = c.batch_size // c.mirror_copies
+        x, y = make_batch(self.model, self.prior, c.seed, TRAIN_STREAM, step * crystals, crystals)
+        if c.mirror_copies > 1:
+            rng = np.random.default_rng([c.seed, MIRROR_STREAM, step])
+            x, y = mirrored_copies(self.model, x, y, c.mirror_copies, rng)
         y = self.encoding.encode(y).astype(np.float32)
         return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -109,14 +123,18 @@ def load_checkpoint(path: Path) -> dict:
 def build_network(config: TrainConfig) -> CrystalCNN:
     """The network a config describes (outputs: the twin-invariant encoding)."""
     enc = config.output_encoding()
-    return CrystalCNN(enc.size, config.grid, config.width, config.hidden, n_bounded=enc.n_even)
+    return CrystalCNN(enc.size, config.grid, config.width, config.hidden, n_bounded=enc.n_even,
+                      friedel=config.friedel)
 
 
 def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
     """Initialise ``net`` from another run's weights where they fit; returns tensors copied.
 
     Every tensor of the same name and shape is copied. The last layer of a network that
-    predicted the plain parameter vector gives its rows for the twin-even parameters.
+    predicted the plain parameter vector gives its rows for the twin-even parameters. A
+    network without the Friedel channel gives its first convolution to the intensity channel
+    (the new channel starts at zero weight, so the warm-started network computes what the old
+    one did).
     """
     old = load_checkpoint(checkpoint)["model"]
     own = net.state_dict()
@@ -125,6 +143,12 @@ def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
         if key in own and own[key].shape == value.shape:
             own[key] = value.clone()
             copied += 1
+    first = next(k for k in own if k.startswith("encoder."))
+    if (first in old and own[first].shape[1] == 2 and old[first].shape[1] == 1
+            and own[first].shape[0] == old[first].shape[0]):
+        own[first].zero_()
+        own[first][:, :1] = old[first]
+        copied += 1
     enc = config.output_encoding()
     last_w, last_b = [k for k in own if k.startswith("head.")][-2:]
     if (enc.name == TWIN_INVARIANT and old[last_w].shape[0] == enc.model.size

@@ -191,6 +191,36 @@ class CrystalModel:
         signs.setflags(write=False)
         return signs
 
+    def reflection_signs(self, axis: int) -> np.ndarray:
+        """Signs that map a parameter vector to the crystal mirrored along ``axis`` (0 = z).
+
+        The mirrored object ``o(r')`` (``r'`` = ``r`` with coordinate ``axis`` negated) has the
+        intensity mirrored the same way, and the priors are mirror-symmetric, so
+        ``(signs * params, mirrored intensity)`` is another valid sample: the training uses
+        it to see each simulated crystal more than once. Every parameter maps to +- itself:
+        a real harmonic is even or odd under a mirror, so is a phase monomial (by the power of
+        that coordinate), and an RBF centre flips its own coordinate.
+        """
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
+        key = ("mirror", axis)
+        if key not in self._cache:
+            signs = np.ones(self.size)
+            s = self.slices
+            directions = fibonacci_directions()
+            mirrored = directions.copy()
+            mirrored[:, axis] *= -1.0
+            y = real_sph_harm(self.lmax, directions)[4:]
+            y_mirrored = real_sph_harm(self.lmax, mirrored)[4:]
+            signs[s["sh"]] = np.sign(np.sum(y * y_mirrored, axis=1))
+            centres = np.ones((self.n_rbf, 3))
+            centres[:, axis] = -1.0
+            signs[s["rbf_centre"]] = centres.ravel()
+            signs[s["phase"]] = [(-1.0) ** ex[axis] for ex in self.phase_exponents]
+            signs.setflags(write=False)
+            self._cache[key] = signs
+        return self._cache[key]
+
     # ---------------------------------------------------------- conversions
     def check_vector(self, params: np.ndarray) -> np.ndarray:
         """Return ``params`` as a float64 vector, or raise ``ValueError``."""
