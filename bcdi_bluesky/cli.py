@@ -47,7 +47,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt}")
     card = export(ckpt, Path(args.models_dir), args.name,
-                  validation_count=args.validation_count)
+                  validation_count=args.validation_count, latent_count=args.latent_count)
     print(json.dumps({"name": card["name"], "sha256": card["sha256"],
                       "validation": card["validation"]}))
     return 0
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="explicit checkpoint file")
     p.add_argument("--models-dir", default="models")
     p.add_argument("--validation-count", type=int, default=500)
+    p.add_argument("--latent-count", type=int, default=2000,
+                   help="prior crystals that calibrate the latent map (0: none)")
     p.set_defaults(func=_cmd_export)
     return parser
 

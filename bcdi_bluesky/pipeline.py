@@ -18,7 +18,7 @@ from .model.runtime import OnnxCrystalModel
 from .physics import CrystalModel, check_mask, check_volume, intensity
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
 from .tuning.phase_retrieval import polish
-from .tuning.refine import ChiCost, refine_crystal
+from .tuning.refine import ChiCost, fit_odd_shape, refine_crystal
 
 REFINE_MODES = ("none", "es", "full")
 
@@ -126,10 +126,13 @@ class Reconstructor:
         ONNX Runtime providers in order of preference (default TensorRT -> CUDA -> CPU).
     threads : int, optional
         ONNX Runtime CPU threads.
+    shape_search_evaluations : int
+        Forward models of the search for the odd-``l`` shape terms that runs before ES
+        (:func:`~bcdi_bluesky.tuning.refine.fit_odd_shape`; 0: no search).
     es_coarse_iterations, es_fine_iterations : int
         Extremum-seeking steps on the central half-size cube of q, then on the full grid.
     es_time_budget_s : float
-        Wall-time budget of the ES stage.
+        Wall-time budget of the refinement stage (shape search and ES together).
     polish_iterations : int
         ER/HIO steps of the polish (refine="full").
     polish_time_budget_s : float
@@ -144,12 +147,14 @@ class Reconstructor:
     """
 
     def __init__(self, model_path=None, providers=None, threads: int | None = None, *,
+                 shape_search_evaluations: int = 150,
                  es_coarse_iterations: int = 300, es_fine_iterations: int = 100,
                  es_time_budget_s: float = 5.0, polish_iterations: int = 150,
                  polish_time_budget_s: float = 5.0, support_threshold: float = 0.2,
                  track: bool = False, seed: int = 0) -> None:
         self.runtime = OnnxCrystalModel(model_path, providers=providers, threads=threads)
         self.model = self.runtime.crystal_model
+        self.shape_search_evaluations = shape_search_evaluations
         self.es_coarse_iterations = es_coarse_iterations
         self.es_fine_iterations = es_fine_iterations
         self.es_time_budget_s = es_time_budget_s
@@ -246,17 +251,26 @@ class Reconstructor:
         if refine in ("es", "full"):
             t = time.perf_counter()
 
-            def es_hook(iteration: int, cost: float) -> None:
-                if iteration % 10 == 0:
-                    notify("es_step", {"iteration": iteration, "cost": cost})
+            budget = self.es_time_budget_s * es_scale
+            steps_before = 0
 
+            def es_hook(iteration: int, cost: float) -> None:
+                if (steps_before + iteration) % 10 == 0:
+                    notify("es_step", {"iteration": steps_before + iteration, "cost": cost})
+
+            searched = fit_odd_shape(
+                self.model, params, prepared.intensity, prepared.mask,
+                max_evaluations=self.shape_search_evaluations * es_scale,
+                time_budget_s=budget, hook=es_hook)
+            params, steps_before = searched.params, searched.iterations
+            stage_chi["shape"] = searched.chi
             refined = refine_crystal(
                 self.model, params, prepared.intensity, prepared.mask,
                 coarse_iterations=self.es_coarse_iterations * es_scale,
                 fine_iterations=self.es_fine_iterations * es_scale,
-                time_budget_s=self.es_time_budget_s * es_scale,
+                time_budget_s=max(budget - searched.seconds, 0.0),
                 seed=self.seed, hook=es_hook)
-            params, es_costs = refined.params, refined.costs
+            params, es_costs = refined.params, searched.costs + refined.costs
             stage_chi["es"] = refined.chi
             timings["refine"] = time.perf_counter() - t
             notify("refine", {"seconds": timings["refine"], "chi": refined.chi,

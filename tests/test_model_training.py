@@ -104,6 +104,26 @@ def test_training_resumes_exactly(tmp_path):
     assert load_checkpoint(tmp_path / "b" / "tiny" / "last.pt")["step"] == 4
 
 
+def test_export_writes_a_complete_card(tmp_path):
+    from bcdi_bluesky.model.export import export
+
+    config = TrainConfig(**{**SMALL, "friedel": True, "mirror_copies": 2})
+    train(config, tmp_path, workers=0, progress=False)
+    card = export(tmp_path / "tiny" / "last.pt", tmp_path / "models", validation_count=4,
+                  latent_count=24)
+    onnx_path = tmp_path / "models" / "tiny.onnx"
+    assert card == load_card(onnx_path)
+    assert card["sha256"] == sha256_of(onnx_path)
+    assert card["network"]["friedel"] is True and card["output"]["encoding"] == config.encoding
+    assert card["training"]["steps"] == 4 and card["training"]["samples"] == 8
+    assert card["training"]["crystals"] == 4
+    assert card["validation"]["count"] == 4 and 0.0 <= card["validation"]["iou_median"] <= 1.0
+    assert card["latent"]["calibration"]["crystals"] == 24
+    runtime = OnnxCrystalModel(onnx_path, providers=["CPUExecutionProvider"])
+    latent_map = runtime.latent_map
+    assert latent_map is not None and latent_map.points.shape == (24, 2)
+
+
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
     """A randomly initialised small network (with the Friedel channel, which the ONNX graph

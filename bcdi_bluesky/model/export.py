@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .evaluate import training_mean, validate
+from .latent import CALIBRATION_STREAM, calibrate
 from .runtime import OnnxCrystalModel, sha256_of
 from .train import TrainConfig, build_network, load_checkpoint
 
@@ -37,12 +38,14 @@ def export_onnx(net: torch.nn.Module, grid: int, path: Path) -> None:
 
 
 def export(checkpoint: Path, models_dir: Path, name: str | None = None,
-           validation_count: int = 500, validation_seed: int = 12345) -> dict:
+           validation_count: int = 500, validation_seed: int = 12345,
+           latent_count: int = 2000) -> dict:
     """Export ``checkpoint`` to ``models_dir/<name>.onnx`` and write ``<name>.json``.
 
-    The card records the input convention, the parameter layout, the training recipe and the
+    The card records the input convention, the parameter layout, the training recipe, the
     validation of the exported ONNX model (not the torch one) on ``validation_count`` fresh
-    crystals from the priors at 1e8 photons, CNN only.
+    crystals from the priors at 1e8 photons, CNN only, and the latent map calibrated on
+    ``latent_count`` more (0: no map; the pipeline then reports no latent).
     """
     state = load_checkpoint(checkpoint)
     config = TrainConfig(**state["config"])
@@ -75,9 +78,12 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
         "network": build_network(config).config,
         "training": {
             "samples": int(state["step"]) * config.batch_size,
+            "crystals": int(state["step"]) * config.batch_size // config.mirror_copies,
+            "mirror_copies": config.mirror_copies,
             "steps": int(state["step"]),
             "batch_size": config.batch_size,
-            "epochs": "1 (every sample is fresh: streamed from the priors, never repeated)",
+            "epochs": "1 (every crystal is fresh: streamed from the priors, never repeated; "
+                      "each is seen as mirror_copies mirror images in its batch)",
             "seed": config.seed,
             "wall_time_s": round(float(state["elapsed_s"]), 1),
             "machine": state.get("machine", ""),
@@ -112,5 +118,12 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
         "trivial_predictor": {k: v for k, v in trivial.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if latent_count:
+        calibration_seed = 0
+        latent = calibrate(runtime.predict, model, count=latent_count, seed=calibration_seed)
+        card["latent"] = {**latent.to_dict(), "calibration": {
+            "crystals": latent_count, "seed": calibration_seed,
+            "stream": f"calibration ({CALIBRATION_STREAM})",
+            "photons": "drawn from the prior (1e6-1e9)", "shrinkage": 0.05}}
     card_path.write_text(json.dumps(card, indent=1))
     return card

@@ -155,8 +155,9 @@ def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
             and own[last_w].shape != old[last_w].shape):
         own[last_w][: enc.n_even] = old[last_w][enc.even]
         own[last_b][: enc.n_even] = old[last_b][enc.even]
-        # Start the matrix entries at zero: the old network's (collapsed) odd parameters.
-        own[last_w][enc.n_even:] = 0.0
+        # The matrix rows keep a small random start, not zero: zero rows would pass no
+        # gradient back into the trunk, which must learn new features for the odd terms.
+        own[last_w][enc.n_even:] *= 0.1
         own[last_b][enc.n_even:] = 0.0
         copied += 2
     net.load_state_dict(own)

@@ -1,10 +1,14 @@
-"""Extremum-seeking refinement of crystal parameters against a measured intensity.
+"""Refinement of crystal parameters against a measured intensity.
 
 The cost is ``chi`` (cohere's error, scale fitted in closed form, masked voxels excluded). The
 forward model is the inner loop, so the refinement runs coarse-to-fine over q: first on the
 central ``N/2`` cube of the data, where the same crystal is rendered on an ``(N/2)^3`` grid of
 twice-larger voxels (same field of view, so the same q sampling, eight times cheaper), then on
 the full grid.
+
+Two stages: :func:`fit_odd_shape` fits the crystal's asymmetry (the odd-``l`` surface terms),
+which the CNN cannot predict, by a derivative-free local search; :func:`refine_crystal` then
+tunes every parameter by bounded extremum seeking.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.optimize
 
 from ..physics import CrystalModel, fitted_scale
 from .extremum_seeking import ExtremumSeeker
@@ -44,6 +49,19 @@ def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
     """The central ``n^3`` cube of a centred volume (q = 0 stays at index ``n // 2``)."""
     starts = [s // 2 - n // 2 for s in volume.shape]
     return volume[tuple(slice(a, a + n) for a in starts)]
+
+
+def coarse_chi(model: CrystalModel, measured: np.ndarray,
+               mask: np.ndarray | None = None) -> Callable[[np.ndarray], float]:
+    """``chi(normalised parameters)`` on the central half-size cube of q (8x cheaper)."""
+    half = model.n // 2
+    coarse = model.with_grid(half)
+    cost = ChiCost(central_cube(measured, half), None if mask is None else central_cube(mask, half))
+    return lambda p: cost(coarse.intensity(coarse.denormalise(p)))
+
+
+class _Stop(Exception):
+    """Ends a scipy search early (time budget or hook)."""
 
 
 @dataclass
@@ -106,13 +124,8 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
     costs: list[float] = []
     count = 0
     stages = []
-    half = model.n // 2
-    if coarse_iterations > 0 and half >= 16:
-        coarse = model.with_grid(half)
-        cost = ChiCost(central_cube(measured, half),
-                       None if mask is None else central_cube(mask, half))
-        stages.append((lambda p, m=coarse, c=cost: c(m.intensity(m.denormalise(p))),
-                       coarse_iterations))
+    if coarse_iterations > 0 and model.n // 2 >= 16:
+        stages.append((coarse_chi(model, measured, mask), coarse_iterations))
     if fine_iterations > 0:
         stages.append((chi_full, fine_iterations))
 
@@ -137,4 +150,84 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
     if final < best_chi:
         best_p, best_chi = p, final
     return RefineResult(model.denormalise(best_p), chi_start, best_chi, costs, count,
+                        time.perf_counter() - started)
+
+
+def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
+                  mask: np.ndarray | None = None, *, max_evaluations: int = 150,
+                  time_budget_s: float | None = None,
+                  hook: Callable[[int, float], bool | None] | None = None) -> RefineResult:
+    """Fit the odd-``l`` surface terms (the crystal's asymmetry) to ``measured``.
+
+    The intensity cannot tell an object from its twin, which negates these terms, and for a
+    real-valued crystal it sees them only at second order, so the CNN leaves them near zero
+    (model card). There, chi sits on a saddle between the two twins: the ES gradient estimate
+    is near zero and it moves them slowly. A Powell search (line minimisations, no gradient)
+    over just these few terms, everything else fixed, on the coarse grid, leaves the saddle at
+    once and lands on one of the two equivalent minima. Measured on 12 prior crystals at 1e8
+    photons, 150 evaluations (0.3 s) raised the model's support IoU from 0.78 to 0.90
+    (docs/benchmarks.md).
+
+    Parameters
+    ----------
+    model : CrystalModel
+        Layout and grid (``model.n`` must equal the measured volume's size).
+    params : ndarray
+        Starting physical parameters.
+    measured : ndarray
+        Centred ``N^3`` intensity.
+    mask : ndarray of bool, optional
+        True for valid voxels.
+    max_evaluations : int
+        Forward models the search may run (0: return the start).
+    time_budget_s : float, optional
+        Wall-time budget.
+    hook : callable, optional
+        ``hook(evaluation, best cost so far)`` after each forward model; False stops.
+
+    Returns
+    -------
+    RefineResult
+        The parameters with the best odd terms found; never worse than the start on the full
+        grid (chi fields are full-grid values; ``costs`` are the coarse ones).
+    """
+    started = time.perf_counter()
+    if measured.shape != (model.n,) * 3:
+        raise ValueError(f"measured intensity has shape {measured.shape}, the model grid is "
+                         f"{(model.n,) * 3}")
+    full_cost = ChiCost(measured, mask)
+    p0 = model.normalise(model.clip(params))
+    chi_start = full_cost(model.intensity(model.denormalise(p0)))
+    odd = np.flatnonzero(model.sh_degrees % 2 == 1) + model.slices["sh"].start
+    if max_evaluations <= 0 or odd.size == 0 or model.n // 2 < 16:
+        return RefineResult(model.denormalise(p0), chi_start, chi_start, [], 0,
+                            time.perf_counter() - started)
+    cost_fn = coarse_chi(model, measured, mask)
+    costs: list[float] = []
+    best = [np.inf, p0[odd].copy()]
+
+    def cost(values: np.ndarray) -> float:
+        if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+            raise _Stop
+        p = p0.copy()
+        p[odd] = np.clip(values, -1.0, 1.0)
+        c = cost_fn(p)
+        if c < best[0]:
+            best[:] = [c, p[odd].copy()]
+        costs.append(best[0])
+        if hook is not None and hook(len(costs), best[0]) is False:
+            raise _Stop
+        return c
+
+    try:
+        scipy.optimize.minimize(cost, p0[odd], method="Powell", bounds=[(-1.0, 1.0)] * odd.size,
+                                options={"maxfev": max_evaluations, "xtol": 1e-2, "ftol": 1e-3})
+    except _Stop:
+        pass
+    p = p0.copy()
+    p[odd] = best[1]
+    chi = full_cost(model.intensity(model.denormalise(p)))
+    if chi >= chi_start:
+        p, chi = p0, chi_start
+    return RefineResult(model.denormalise(p), chi_start, chi, costs, len(costs),
                         time.perf_counter() - started)
