@@ -17,7 +17,7 @@ from .model.latent import latent_vector
 from .model.runtime import OnnxCrystalModel
 from .physics import CrystalModel, check_mask, check_volume, intensity
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
-from .tuning.phase_retrieval import polish
+from .tuning.phase_retrieval import seeded_polish
 from .tuning.refine import ChiCost, fit_odd_shape, refine_crystal
 
 REFINE_MODES = ("none", "es", "full")
@@ -133,8 +133,11 @@ class Reconstructor:
         Extremum-seeking steps on the central half-size cube of q, then on the full grid.
     es_time_budget_s : float
         Wall-time budget of the refinement stage (shape search and ES together).
-    polish_iterations : int
-        ER/HIO steps of the polish (refine="full").
+    polish_er_iterations : int
+        Steps of the polish's first, ER-only run (refine="full"); kept when it fits the data
+        down to the Poisson noise (:func:`~bcdi_bluesky.tuning.seeded_polish`).
+    polish_iterations, polish_hio_fraction : int, float
+        Steps of its ER/HIO run otherwise, and their share of HIO.
     polish_time_budget_s : float
         Wall-time budget of the polish.
     support_threshold : float
@@ -149,7 +152,8 @@ class Reconstructor:
     def __init__(self, model_path=None, providers=None, threads: int | None = None, *,
                  shape_search_evaluations: int = 150,
                  es_coarse_iterations: int = 300, es_fine_iterations: int = 100,
-                 es_time_budget_s: float = 5.0, polish_iterations: int = 150,
+                 es_time_budget_s: float = 5.0, polish_er_iterations: int = 50,
+                 polish_iterations: int = 150, polish_hio_fraction: float = 0.3,
                  polish_time_budget_s: float = 5.0, support_threshold: float = 0.2,
                  track: bool = False, seed: int = 0) -> None:
         self.runtime = OnnxCrystalModel(model_path, providers=providers, threads=threads)
@@ -158,7 +162,9 @@ class Reconstructor:
         self.es_coarse_iterations = es_coarse_iterations
         self.es_fine_iterations = es_fine_iterations
         self.es_time_budget_s = es_time_budget_s
+        self.polish_er_iterations = polish_er_iterations
         self.polish_iterations = polish_iterations
+        self.polish_hio_fraction = polish_hio_fraction
         self.polish_time_budget_s = polish_time_budget_s
         self.support_threshold = support_threshold
         self.track = track
@@ -262,10 +268,13 @@ class Reconstructor:
                 self.model, params, prepared.intensity, prepared.mask,
                 max_evaluations=self.shape_search_evaluations * es_scale,
                 time_budget_s=budget, hook=es_hook)
-            params, steps_before = searched.params, searched.iterations
+            steps_before = searched.iterations
             stage_chi["shape"] = searched.chi
+            # The search's answer is a second start for ES, not a replacement of the CNN's:
+            # on crystals outside the model family it can lead ES to a poorer fit.
             refined = refine_crystal(
                 self.model, params, prepared.intensity, prepared.mask,
+                alternatives=[searched.params] if searched.chi < searched.chi_start else [],
                 coarse_iterations=self.es_coarse_iterations * es_scale,
                 fine_iterations=self.es_fine_iterations * es_scale,
                 time_budget_s=max(budget - searched.seconds, 0.0),
@@ -280,18 +289,20 @@ class Reconstructor:
         model_object = self.model.voxelise(params)
         obj = to_input_grid(model_object, prepared, data.shape)
         polish_errors: list[float] = []
-        if refine == "full" and self.polish_iterations > 0:
+        if refine == "full" and (self.polish_er_iterations > 0 or self.polish_iterations > 0):
             t = time.perf_counter()
             seed_support = np.abs(obj) > 0.1 * np.abs(obj).max()
-            polished = polish(data, obj, seed_support, valid,
-                              iterations=self.polish_iterations,
-                              time_budget_s=self.polish_time_budget_s,
+            polished = seeded_polish(data, obj, seed_support, valid,
+                                     er_iterations=self.polish_er_iterations,
+                                     iterations=self.polish_iterations,
+                                     hio_fraction=self.polish_hio_fraction,
+                                     time_budget_s=self.polish_time_budget_s,
                               hook=lambda i, e: notify("polish_step", {"iteration": i,
                                                                        "error": e})
                               if i % 10 == 0 else None)
             obj, polish_errors = polished.object, polished.errors
             timings["polish"] = time.perf_counter() - t
-            notify("polish", {"seconds": timings["polish"]})
+            notify("polish", {"seconds": timings["polish"], "recipe": polished.recipe})
 
         amp = np.abs(obj)
         support = amp > self.support_threshold * amp.max()

@@ -8,14 +8,15 @@ Everything runs on this machine, one reconstruction at a time, so the wall times
 1. **Synthetic set**: ``--count`` fresh crystals from the prior at 1e8 photons (stream
    ``TEST_STREAM``, seed ``--seed``; the tests use other seeds). Each is reconstructed by our
    pipeline with ``refine="none"`` (CNN), ``"es"`` (CNN + extremum seeking) and ``"full"``
-   (+ ER/HIO polish), and by cohere-core from a random start with cohere's default recipe
-   (:data:`COHERE_RECIPE`, 620 iterations). Figures: support IoU and phase RMS against the
-   truth (twin, translation and phase ramp resolved), chi and amplitude R-factor against the
-   counts, wall seconds.
+   (+ ER/HIO polish), the last two also without the odd-shape search (ablation of
+   :func:`~bcdi_bluesky.tuning.refine.fit_odd_shape`), and by cohere-core from a random
+   start with cohere's default recipe (:data:`COHERE_RECIPE`, 620 iterations). Figures:
+   support IoU and phase RMS against the truth (twin, translation and phase ramp resolved),
+   chi and amplitude R-factor against the counts, wall seconds.
 2. **Measured sets** (``--data-dir``): the 64^3 crops of APS scan 54 and of the 3D-CDI-NN
    example. No truth there: chi, R-factor, seconds, and the support IoU of each of our
    reconstructions with cohere's.
-3. **Ablation** (synthetic set): the same polish (150 ER/HIO steps) seeded by our CNN + ES
+3. **Ablation** (synthetic set): the same polish (`seeded_polish`) seeded by our CNN + ES
    object (that is ``refine="full"``), by a sphere sized from the intensity's autocorrelation,
    and by a cohere-style random start in a central box; median IoU per seed, overall and per
    kind of crystal (phase peak-to-peak, shape aspect ratio, density).
@@ -65,12 +66,11 @@ from bcdi_bluesky.physics import (
 )
 from bcdi_bluesky.physics._forward import FFT_WORKERS
 from bcdi_bluesky.pipeline import ReconstructionResult, Reconstructor
-from bcdi_bluesky.tuning.phase_retrieval import polish
+from bcdi_bluesky.tuning import seeded_polish
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTONS = 1e8
 MODES = ("none", "es", "full")
-POLISH_ITERATIONS = 150
 
 #: cohere's default reconstruction configuration (the ``config_rec`` that cohere-ui writes for a
 #: new experiment), without its console progress trigger.
@@ -103,8 +103,12 @@ METHOD_LABELS = {
     "none": "ours: CNN (none)",
     "es": "ours: CNN+ES (es)",
     "full": "ours: CNN+ES+polish (full)",
+    "es_no_search": "ours: es, without the shape search",
+    "full_no_search": "ours: full, without the shape search",
     "cohere": "cohere-core 620 it.",
 }
+#: Modes also run without the odd-shape search (method name ``<mode>_no_search``).
+NO_SEARCH_MODES = ("es", "full")
 SEED_LABELS = {
     "full": "CNN+ES object (= full)",
     "sphere": "autocorrelation sphere",
@@ -364,12 +368,21 @@ def run_ours(rec: Reconstructor, measured: np.ndarray,
     return result, time.perf_counter() - started
 
 
+def run_all_modes(rec: Reconstructor, plain: Reconstructor,
+                  measured: np.ndarray) -> dict[str, tuple[ReconstructionResult, float]]:
+    """Every mode of ``rec``, and :data:`NO_SEARCH_MODES` of ``plain`` (no shape search)."""
+    runs = {mode: run_ours(rec, measured, mode) for mode in MODES}
+    runs.update({f"{mode}_no_search": run_ours(plain, measured, mode)
+                 for mode in NO_SEARCH_MODES})
+    return runs
+
+
 def progress(message: str) -> None:
     """One line of progress on stderr (the tables go to stdout)."""
     print(message, file=sys.stderr, flush=True)
 
 
-def synthetic_cases(rec: Reconstructor, count: int, seed: int,
+def synthetic_cases(rec: Reconstructor, plain: Reconstructor, count: int, seed: int,
                     skip_cohere: bool) -> list[dict[str, Any]]:
     """Reconstruct ``count`` fresh prior crystals with every method and every polish seed.
 
@@ -389,11 +402,10 @@ def synthetic_cases(rec: Reconstructor, count: int, seed: int,
         kind = crystal_kind(model, sample.params)
         methods: dict[str, dict[str, Any]] = {}
         stage_chi: dict[str, float] = {}
-        for mode in MODES:
-            result, seconds = run_ours(rec, counts, mode)
-            methods[mode] = {**figures(result.object, counts, truth), "seconds": seconds,
-                             "timings": dict(result.timings)}
-            if mode == "es":
+        for method, (result, seconds) in run_all_modes(rec, plain, counts).items():
+            methods[method] = {**figures(result.object, counts, truth), "seconds": seconds,
+                               "timings": dict(result.timings)}
+            if method == "es":
                 stage_chi = dict(result.stage_chi)
         if not skip_cohere:
             centred, shift = centre_on_max(counts)
@@ -406,7 +418,10 @@ def synthetic_cases(rec: Reconstructor, count: int, seed: int,
         for name, (start, start_support) in (("sphere", sphere_seed(counts)),
                                              ("random_box", random_box_seed(counts.shape, rng))):
             started = time.perf_counter()
-            polished = polish(counts, start, start_support, iterations=POLISH_ITERATIONS)
+            polished = seeded_polish(counts, start, start_support,
+                                     er_iterations=rec.polish_er_iterations,
+                                     iterations=rec.polish_iterations,
+                                     hio_fraction=rec.polish_hio_fraction)
             methods[name] = {**figures(polished.object, counts, truth),
                              "seconds": time.perf_counter() - started}
         cases.append({"index": i, "kind": {**asdict(kind), "labels": kind.labels},
@@ -416,7 +431,8 @@ def synthetic_cases(rec: Reconstructor, count: int, seed: int,
     return cases
 
 
-def measured_cases(rec: Reconstructor, data_dir: Path, skip_cohere: bool) -> list[dict[str, Any]]:
+def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
+                   skip_cohere: bool) -> list[dict[str, Any]]:
     """Reconstruct the measured crops with our three modes and cohere-core.
 
     Every figure is computed against the file's intensity as it is (unthresholded, on its
@@ -437,9 +453,9 @@ def measured_cases(rec: Reconstructor, data_dir: Path, skip_cohere: bool) -> lis
         data = np.load(path).astype(np.float32)
         methods: dict[str, dict[str, Any]] = {}
         results = {}
-        for mode in MODES:
-            results[mode], seconds = run_ours(rec, data, mode)
-            methods[mode] = {"seconds": seconds, "timings": dict(results[mode].timings)}
+        for method, (result, seconds) in run_all_modes(rec, plain, data).items():
+            results[method] = result
+            methods[method] = {"seconds": seconds, "timings": dict(result.timings)}
         stage_chi = dict(results["es"].stage_chi)
         cohere_obj = None
         if not skip_cohere:
@@ -450,8 +466,8 @@ def measured_cases(rec: Reconstructor, data_dir: Path, skip_cohere: bool) -> lis
                                  "cohere_error": run.error, "chi_fit": run.chi,
                                  "chi_fit_unconverted": run.chi_unconverted,
                                  "shift": list(shift)}
-        for mode in MODES:
-            methods[mode].update(figures(results[mode].object, data, reference=cohere_obj))
+        for method, result in results.items():
+            methods[method].update(figures(result.object, data, reference=cohere_obj))
         cases.append({"name": name, "path": str(path), "stage_chi": stage_chi,
                       "methods": methods})
         progress(f"{name}: " + ", ".join(f"{k} chi {v['chi']:.3f} {v['seconds']:.1f}s"
@@ -539,7 +555,7 @@ def ablation_tables(cases: list[dict[str, Any]], skip_cohere: bool) -> str:
         return med(cases, seed, "seconds")
 
     overall = table(
-        ["seed of the 150-step polish", "median IoU", "phase RMS", "chi", "polish s"],
+        ["seed of the polish", "median IoU", "phase RMS", "chi", "polish s"],
         [[labels[s], fmt(med(cases, s, "iou")), fmt(med(cases, s, "phase_rms")),
           fmt(med(cases, s, "chi"), 4), fmt(polish_seconds(s), 2)] for s in seeds])
     classes = ("flat-phase", "moderate", "strained", "compact", "platelet/needle", "uniform",
@@ -575,7 +591,8 @@ def convention_check(cases: list[dict[str, Any]]) -> str:
 def report(args: argparse.Namespace, rec: Reconstructor, synthetic: list[dict[str, Any]],
            measured: list[dict[str, Any]]) -> None:
     """Print the machine and the tables."""
-    methods = [*MODES, *([] if args.skip_cohere else ["cohere"])]
+    methods = [*MODES, *(f"{mode}_no_search" for mode in NO_SEARCH_MODES),
+               *([] if args.skip_cohere else ["cohere"])]
     m = machine()
     print(f"machine: {m['processor']}, {m['cpus']} CPUs, load average "
           f"{m['load_average'][0]:.1f} at the end; our FFT workers {FFT_WORKERS} (cohere's 1); "
@@ -594,8 +611,9 @@ def report(args: argparse.Namespace, rec: Reconstructor, synthetic: list[dict[st
         if not args.skip_cohere:
             print(convention_check([case]))
     if synthetic:
-        print(f"\nAblation (synthetic set): ER/HIO + shrink-wrap polish, {POLISH_ITERATIONS} "
-              f"steps, by seed")
+        print(f"\nAblation (synthetic set): the same polish (ER {rec.polish_er_iterations} "
+              f"steps; ER/HIO {rec.polish_iterations} steps, {rec.polish_hio_fraction:.0%} HIO, "
+              f"unless ER fits to the noise), by seed")
         print(ablation_tables(synthetic, args.skip_cohere))
         print(f"kinds: phase peak-to-peak < {FLAT_PHASE_PTP} rad flat-phase, > {STRAINED_PTP} "
               f"rad strained; support aspect ratio > {ELONGATED_ASPECT} platelet/needle")
@@ -614,10 +632,13 @@ def main() -> None:
     args = parser.parse_args()
 
     rec = Reconstructor(es_time_budget_s=60, polish_time_budget_s=60)
+    plain = Reconstructor(es_time_budget_s=60, polish_time_budget_s=60,
+                          shape_search_evaluations=0)
     # The first inference pays ONNX Runtime's start-up, which no later call does.
-    rec.reconstruct(np.ones((rec.model.n,) * 3, dtype=np.float32), refine="none")
-    synthetic = synthetic_cases(rec, args.count, args.seed, args.skip_cohere)
-    measured = measured_cases(rec, args.data_dir, args.skip_cohere)
+    for r in (rec, plain):
+        r.reconstruct(np.ones((r.model.n,) * 3, dtype=np.float32), refine="none")
+    synthetic = synthetic_cases(rec, plain, args.count, args.seed, args.skip_cohere)
+    measured = measured_cases(rec, plain, args.data_dir, args.skip_cohere)
     report(args, rec, synthetic, measured)
     if args.json is not None:
         args.json.write_text(json.dumps(

@@ -5,7 +5,7 @@ import pytest
 
 from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 from bcdi_bluesky.physics import CrystalPrior, support_iou
-from bcdi_bluesky.tuning.refine import fit_odd_shape, refine_crystal
+from bcdi_bluesky.tuning import fit_odd_shape, refine_crystal
 
 
 def _without_odd_shape(model, params):

@@ -66,6 +66,25 @@ def r_factor(model_intensity: np.ndarray, measured_intensity: np.ndarray,
     return float(np.abs(b - fitted_scale(a, b) * a).sum() / total)
 
 
+def poisson_chi_floor(counts: np.ndarray, mask: np.ndarray | None = None) -> float | None:
+    """The chi that Poisson noise alone leaves for a perfect model of photon ``counts``.
+
+    ``sqrt(n)`` of a Poisson count has a variance of about 1/4 wherever counts are not tiny,
+    so a perfect model still misses by ``sqrt(K / 4) / ||sqrt(n)||`` (``K`` the voxels with
+    counts). ``None`` when the data are not counts (values that are not whole numbers, as
+    after flat-field or absorption corrections): the noise is then unknown.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    if mask is not None:
+        n = n[np.asarray(mask, dtype=bool)]
+    if n.size == 0 or np.any(np.abs(n - np.round(n)) > 1e-6):
+        return None
+    total = float(n.sum())
+    if total <= 0:
+        return None
+    return float(np.sqrt(0.25 * np.count_nonzero(n)) / np.sqrt(total))
+
+
 def poisson_nll(model_intensity: np.ndarray, counts: np.ndarray,
                 mask: np.ndarray | None = None) -> float:
     """Mean Poisson negative log-likelihood per valid voxel of ``counts`` given the model.

@@ -1,5 +1,9 @@
-"""Adaptive tuning: bounded extremum seeking (generic) and its use on crystal parameters."""
+"""Adaptive tuning: bounded extremum seeking (generic), its use on crystal parameters, and the
+phase-retrieval polish."""
 
 from .extremum_seeking import ESResult, ExtremumSeeker, StepHook
+from .phase_retrieval import PolishResult, polish, seeded_polish
+from .refine import ChiCost, RefineResult, fit_odd_shape, refine_crystal
 
-__all__ = ["ESResult", "ExtremumSeeker", "StepHook"]
+__all__ = ["ChiCost", "ESResult", "ExtremumSeeker", "PolishResult", "RefineResult", "StepHook",
+           "fit_odd_shape", "polish", "refine_crystal", "seeded_polish"]

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
+from ..physics import chi, intensity, poisson_chi_floor
 from ..physics._forward import FFT_WORKERS
 
 
@@ -27,14 +28,20 @@ class PolishResult:
     errors: list[float] = field(default_factory=list)
     iterations: int = 0
     seconds: float = 0.0
+    #: Which run gave the result (:func:`seeded_polish`): "ER" or "ER/HIO".
+    recipe: str = ""
+    #: chi of the result against the measured intensity (:func:`seeded_polish`).
+    chi: float = float("nan")
 
 
-def default_recipe(iterations: int) -> list[str]:
-    """``iterations`` steps: 20% ER, 65% HIO, 15% ER (at least one ER at the end)."""
+def default_recipe(iterations: int, hio_fraction: float = 0.65) -> list[str]:
+    """``iterations`` steps: ER, then ``hio_fraction`` of them HIO, then ER (the first ER block
+    is 20% of the steps, or less where HIO takes more; at least one ER at the end)."""
     if iterations <= 0:
         return []
-    er1 = iterations // 5
-    er2 = max(iterations * 3 // 20, 1)
+    hio = round(iterations * hio_fraction)
+    er1 = min(iterations // 5, iterations - hio)
+    er2 = max(iterations - hio - er1, 1)
     hio = max(iterations - er1 - er2, 0)
     return ["ER"] * er1 + ["HIO"] * hio + ["ER"] * er2
 
@@ -47,6 +54,7 @@ def shrink_wrap(obj: np.ndarray, sigma: float, threshold: float) -> np.ndarray:
 
 def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarray,
            mask: np.ndarray | None = None, *, iterations: int = 150, beta: float = 0.9,
+           hio_fraction: float = 0.65,
            shrink_every: int = 10, shrink_sigma: float = 1.0, shrink_threshold: float = 0.1,
            max_growth: int | None = None, time_budget_s: float | None = None,
            hook: Callable[[int, float], bool | None] | None = None) -> PolishResult:
@@ -64,6 +72,8 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
         Number of steps (recipe: :func:`default_recipe`).
     beta : float
         HIO feedback.
+    hio_fraction : float
+        Share of the steps that are HIO (:func:`default_recipe`).
     shrink_every, shrink_sigma, shrink_threshold : float
         Shrink-wrap period (steps), blur and threshold (cohere's defaults: 1 and 0.1).
     max_growth : int or None
@@ -90,7 +100,7 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
     obj *= np.float32(scale if scale > 0 else 1.0)
     amp_norm = float(np.linalg.norm(b))
     errors: list[float] = []
-    recipe = default_recipe(iterations)
+    recipe = default_recipe(iterations, hio_fraction)
     done = 0
     for i, kind in enumerate(recipe):
         out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
@@ -119,3 +129,64 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
     obj = obj * support
     return PolishResult(obj.astype(np.complex64), support, errors, done,
                         time.perf_counter() - started)
+
+
+def seeded_polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarray,
+                  mask: np.ndarray | None = None, *, er_iterations: int = 50,
+                  iterations: int = 150, hio_fraction: float = 0.3, discrepancy: float = 1.5,
+                  time_budget_s: float | None = None,
+                  hook: Callable[[int, float], bool | None] | None = None,
+                  **options) -> PolishResult:
+    """A polish that keeps a good seed and falls back to ER/HIO for a poor one.
+
+    ER alone runs first: it only descends, so from a seed close to the answer (a crystal the
+    model describes) it converges there, where HIO's feedback would carry the estimate away
+    and let the shrink-wrapped support spread (measured on prior crystals at 1e8 photons:
+    support IoU 0.95-0.99 after 50 ER steps, 0.89 after the 150-step ER/HIO recipe from the
+    same seeds). If ER explains the data down to the Poisson noise (chi at most
+    ``discrepancy`` times :func:`~bcdi_bluesky.physics.poisson_chi_floor`: 1.15-1.35 there),
+    that is the answer. Otherwise (a measured crystal that the model only approximates, or
+    data that are not photon counts) the ER/HIO recipe runs from the seed as well, and the
+    result with the lower chi wins: on both measured sets that is ER/HIO.
+
+    Parameters
+    ----------
+    measured, seed_object, seed_support, mask :
+        As for :func:`polish`.
+    er_iterations : int
+        Steps of the ER-only run.
+    iterations, hio_fraction : int, float
+        Steps of the ER/HIO run and its share of HIO.
+    discrepancy : float
+        How close to the noise floor the ER run must come to be kept without the ER/HIO run.
+    time_budget_s : float, optional
+        For both runs together.
+    hook : callable, optional
+        ``hook(step, error)``, steps counted across both runs; False stops.
+    **options
+        Passed on to :func:`polish` (``beta``, shrink-wrap settings, ``max_growth``).
+    """
+    started = time.perf_counter()
+
+    def chi_of(result: PolishResult) -> float:
+        return chi(intensity(result.object), measured, mask)
+
+    first = polish(measured, seed_object, seed_support, mask, iterations=er_iterations,
+                   hio_fraction=0.0, time_budget_s=time_budget_s, hook=hook, **options)
+    first.recipe, first.chi = "ER", chi_of(first)
+    floor = poisson_chi_floor(measured, mask)
+    stopped = first.iterations < er_iterations  # by the hook or the time budget
+    if (floor is not None and first.chi <= discrepancy * floor) or stopped or iterations <= 0:
+        first.seconds = time.perf_counter() - started
+        return first
+    left = None if time_budget_s is None else max(time_budget_s - first.seconds, 0.0)
+    offset = first.iterations
+    second = polish(measured, seed_object, seed_support, mask, iterations=iterations,
+                    hio_fraction=hio_fraction, time_budget_s=left,
+                    hook=None if hook is None else lambda i, e: hook(offset + i, e), **options)
+    second.recipe, second.chi = "ER/HIO", chi_of(second)
+    best = second if second.chi < first.chi else first
+    best.errors = first.errors + second.errors
+    best.iterations = first.iterations + second.iterations
+    best.seconds = time.perf_counter() - started
+    return best

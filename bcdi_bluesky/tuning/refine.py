@@ -14,7 +14,7 @@ tunes every parameter by bounded extremum seeking.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,7 +77,8 @@ class RefineResult:
 
 
 def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
-                   mask: np.ndarray | None = None, *, coarse_iterations: int = 300,
+                   mask: np.ndarray | None = None, *, alternatives: Sequence[np.ndarray] = (),
+                   coarse_iterations: int = 300,
                    fine_iterations: int = 100, time_budget_s: float | None = None,
                    gain: float = 3.0, dither: float = 0.04, seed: int = 0,
                    hook: Callable[[int, float], bool | None] | None = None) -> RefineResult:
@@ -93,8 +94,12 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
         Centred ``N^3`` intensity.
     mask : ndarray of bool, optional
         True for valid voxels.
+    alternatives : sequence of ndarray
+        Other starting points (physical parameters). The coarse stage runs from each start in
+        turn and the fine stage from the one that ended best: a second start (such as
+        :func:`fit_odd_shape`'s) is a hypothesis that ES then confirms or rejects.
     coarse_iterations, fine_iterations : int
-        ES steps on the central half-size cube, then on the full grid.
+        ES steps on the central half-size cube (per start), then on the full grid.
     time_budget_s : float, optional
         Wall-time budget for both stages together.
     gain, dither : float
@@ -107,7 +112,8 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
     Returns
     -------
     RefineResult
-        The best parameters found; never worse than the start on the full grid.
+        The best parameters found; never worse than the start on the full grid
+        (``chi_start`` is the chi of ``params``).
     """
     started = time.perf_counter()
     if measured.shape != (model.n,) * 3:
@@ -123,29 +129,37 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
     best_p, best_chi = p0, chi_start
     costs: list[float] = []
     count = 0
-    stages = []
-    if coarse_iterations > 0 and model.n // 2 >= 16:
-        stages.append((coarse_chi(model, measured, mask), coarse_iterations))
-    if fine_iterations > 0:
-        stages.append((chi_full, fine_iterations))
 
-    p = p0
-    for cost_fn, iterations in stages:
+    def step(i: int, _p: np.ndarray, c: float) -> bool | None:
+        nonlocal count
+        costs.append(c)
+        count += 1
+        return hook(count, c) if hook is not None else None
+
+    def seek(cost_fn: Callable[[np.ndarray], float], start: np.ndarray,
+             iterations: int) -> tuple[np.ndarray, float, bool]:
         left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - started)
         if left is not None and left <= 0:
-            break
-
-        def step(i: int, _p: np.ndarray, c: float) -> bool | None:
-            nonlocal count
-            costs.append(c)
-            count += 1
-            return hook(count, c) if hook is not None else None
-
-        es = ExtremumSeeker(p, gain=gain, dither=dither, decay=0.998, seed=seed)
+            return start, np.inf, True
+        es = ExtremumSeeker(start, gain=gain, dither=dither, decay=0.998, seed=seed)
         result = es.minimise(cost_fn, max_iter=iterations, time_budget_s=left, hook=step)
-        p = result.best_params
-        if result.stopped_by == "hook":
-            break
+        return result.best_params, result.best_cost, result.stopped_by == "hook"
+
+    starts = [p0, *(model.normalise(model.clip(a)) for a in alternatives)]
+    p, stop = p0, False
+    if coarse_iterations > 0 and model.n // 2 >= 16:
+        coarse = coarse_chi(model, measured, mask)
+        ends = []
+        for start in starts:
+            end, cost, stop = seek(coarse, start, coarse_iterations)
+            ends.append((cost, len(ends), end))
+            if stop:
+                break
+        p = min(ends)[2]
+    elif len(starts) > 1:
+        p = min((chi_full(q), i, q) for i, q in enumerate(starts))[2]
+    if fine_iterations > 0 and not stop:
+        p = seek(chi_full, p, fine_iterations)[0]
     final = chi_full(p)
     if final < best_chi:
         best_p, best_chi = p, final
