@@ -210,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument("--dataset", default=None, help="HDF5 dataset holding the intensity")
-    p.add_argument("--es-time-budget", type=float, default=5.0, help="seconds for ES")
-    p.add_argument("--polish-iterations", type=int, default=150)
+    p.add_argument("--es-time-budget", type=float, default=5.0,
+                   help="seconds for the refinement (odd-shape search and ES)")
+    p.add_argument("--polish-iterations", type=int, default=150,
+                   help="steps of the polish's ER/HIO run (after 50 ER steps)")
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("serve", help="reconstruct the runs published by a Bluesky 0MQ proxy")

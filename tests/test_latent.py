@@ -30,14 +30,31 @@ def test_noise_is_flagged_and_prior_crystals_are_not(rec):
     assert flagged <= 1  # calibrated at 1%: fewer than 2% flagged
 
 
-def test_out_of_distribution_doubles_the_es_budget(rec):
+def test_out_of_distribution_doubles_the_es_budget(rec, monkeypatch):
+    import bcdi_bluesky.pipeline as pipeline
+
+    budgets = {}
+
+    def spy(function):
+        def wrapped(*args, **kwargs):
+            budgets.setdefault(function.__name__, []).append(kwargs)
+            return function(*args, **kwargs)
+        return wrapped
+
+    for name in ("fit_odd_shape", "refine_crystal"):
+        monkeypatch.setattr(pipeline, name, spy(getattr(pipeline, name)))
     noise = np.random.default_rng(4).poisson(5.0, size=(64, 64, 64)).astype(np.float32) + 1
     messages = []
     result = rec.reconstruct(noise, refine="es",
                              progress=lambda stage, info: messages.append(info.get("message")))
     assert result.out_of_distribution
-    assert len(result.es_costs) == 2 * (rec.es_coarse_iterations + rec.es_fine_iterations) or \
-        result.timings["refine"] >= rec.es_time_budget_s  # the doubled budget, not the usual
+    (search,) = budgets["fit_odd_shape"]
+    (es,) = budgets["refine_crystal"]
+    assert search["max_evaluations"] == 2 * rec.shape_search_evaluations
+    assert es["coarse_iterations"] == 2 * rec.es_coarse_iterations
+    assert es["fine_iterations"] == 2 * rec.es_fine_iterations
+    assert search["time_budget_s"] == 2 * rec.es_time_budget_s
+    assert len(result.es_costs) > 0
     assert any(m and "out of distribution" in m for m in messages)
 
 

@@ -57,3 +57,48 @@ def test_es_refinement_never_ends_worse_than_its_start(model64):
     result = refine_crystal(model64, start, sample.counts, coarse_iterations=60,
                             fine_iterations=20)
     assert result.chi < result.chi_start and result.iterations == 80
+
+
+def test_es_runs_from_every_start_and_keeps_the_best(model64):
+    sample = make_sample(model64, CrystalPrior(model64), 31, TEST_STREAM, 2, 1e8)
+    poor = _without_odd_shape(model64, sample.params)
+    poor[0] *= 1.15
+    kwargs = dict(coarse_iterations=40, fine_iterations=10)
+    alone = refine_crystal(model64, poor, sample.counts, **kwargs)
+    both = refine_crystal(model64, poor, sample.counts, alternatives=[sample.params], **kwargs)
+    truth_chi = fit_odd_shape(model64, sample.params, sample.counts, max_evaluations=0).chi
+    assert both.chi_start == alone.chi_start  # chi_start is the first start's
+    assert both.chi <= truth_chi + 0.01 < alone.chi
+    assert both.iterations == 2 * 40 + 10
+    # A poor alternative costs its coarse run and changes nothing else.
+    worse = refine_crystal(model64, sample.params, sample.counts, alternatives=[poor], **kwargs)
+    assert worse.chi <= truth_chi + 0.01
+
+
+def test_seeded_polish_keeps_a_good_seed_and_repairs_a_poor_one(model64):
+    from bcdi_bluesky.physics import compare_objects, poisson_chi_floor
+    from bcdi_bluesky.tuning import seeded_polish
+
+    sample = make_sample(model64, CrystalPrior(model64), 31, TEST_STREAM, 0, 1e8)
+    truth = model64.voxelise(sample.params)
+    close = sample.params.copy()
+    close[0] *= 1.04  # a seed close to the answer, as the refined model is for such a crystal
+    seed = model64.voxelise(close)
+    support = np.abs(seed) > 0.1 * np.abs(seed).max()
+    good = seeded_polish(sample.counts, seed, support)
+    assert good.recipe == "ER" and good.iterations == 50
+    assert good.chi <= 1.5 * poisson_chi_floor(sample.counts)
+    assert compare_objects(truth, good.object).iou >= 0.95
+    # Rescaled counts are not counts: no noise floor, so the ER/HIO run goes too, and the
+    # better of the two fits is returned.
+    steps: list[int] = []
+    both = seeded_polish(sample.counts * 1.37, seed, support,
+                         hook=lambda i, e: steps.append(i))
+    assert both.iterations == 200 and steps == list(range(1, 201))
+    assert both.recipe in ("ER", "ER/HIO") and both.chi <= good.chi + 0.01
+    # A uniform ball of the wrong size is a poor seed: ER/HIO repairs it.
+    grid = np.indices(seed.shape) - seed.shape[0] // 2
+    ball = (np.sum(grid**2, axis=0) < 6**2).astype(np.complex64)
+    repaired = seeded_polish(sample.counts, ball, ball.real > 0)
+    assert repaired.recipe == "ER/HIO" and repaired.iterations == 200
+    assert compare_objects(truth, repaired.object).iou >= 0.7

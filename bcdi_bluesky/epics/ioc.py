@@ -323,6 +323,7 @@ class IOCPublisher:
                  server: IOCServer | None = None) -> None:
         self.server = server or IOCServer(prefix, interfaces).start()
         self._last_progress = 0.0
+        self._own_settings: dict[int, dict[str, int]] = {}
 
     @property
     def group(self) -> ReconstructionIOC:
@@ -347,8 +348,16 @@ class IOCPublisher:
             total = s["es_max_iter"] if s["es_enable"] else 0
             reconstructor.es_coarse_iterations = total * 3 // 4
             reconstructor.es_fine_iterations = total - total * 3 // 4
+            # The reconstructor's own settings for what the PVs do not name, read once.
+            own = self._own_settings.setdefault(id(reconstructor), {
+                "search": getattr(reconstructor, "shape_search_evaluations", 0),
+                "er": getattr(reconstructor, "polish_er_iterations", 0)})
+            # ES:Enable 0 means no refinement at all: the odd-shape search goes with ES.
+            reconstructor.shape_search_evaluations = own["search"] if s["es_enable"] else 0
             reconstructor.es_time_budget_s = s["es_time_budget"]
+            # Polish:Iterations bounds both polish runs (0: no polish).
             reconstructor.polish_iterations = s["polish_iterations"]
+            reconstructor.polish_er_iterations = min(own["er"], s["polish_iterations"])
             reconstructor.support_threshold = s["support_threshold"]
         self.server.set_status("Reconstructing", f"reconstructing scan {start_doc.get('scan_id')}")
         return True
@@ -409,9 +418,12 @@ def pv_table(prefix: str = "BCDI:") -> str:
         "Latent:Y": "second axis",
         "Latent:Distance": "distance to the training distribution (99% of priors below 1)",
         "Latent:OOD": "1 when the distance exceeds 1 (MINOR alarm): ES budget doubled",
-        "Enable": "0 skips reconstructions (0 or 1)", "ES:Enable": "0 skips ES (0 or 1)",
-        "ES:MaxIter": "ES steps, 0 .. 100000", "ES:TimeBudget": "ES seconds, 0 .. 600",
-        "Polish:Iterations": "ER/HIO steps, 0 .. 10000",
+        "Enable": "0 skips reconstructions (0 or 1)",
+        "ES:Enable": "0 skips the refinement: odd-shape search and ES (0 or 1)",
+        "ES:MaxIter": "ES steps, 0 .. 100000",
+        "ES:TimeBudget": "refinement seconds (search and ES), 0 .. 600",
+        "Polish:Iterations": "steps of the ER/HIO polish run (the ER run takes at most 50; "
+                             "0: no polish), 0 .. 10000",
         "Support:Threshold": "support threshold (fraction of max amplitude), 0.01 .. 0.9",
     }
     for plane in ("XY", "XZ", "YZ"):
