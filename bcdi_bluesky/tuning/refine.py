@@ -179,7 +179,7 @@ def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
     is near zero and it moves them slowly. A Powell search (line minimisations, no gradient)
     over just these few terms, everything else fixed, on the coarse grid, leaves the saddle at
     once and lands on one of the two equivalent minima. Measured on 12 prior crystals at 1e8
-    photons, 150 evaluations (0.3 s) raised the model's support IoU from 0.78 to 0.90
+    photons, 150 evaluations (0.15 s) raised the model's support IoU from 0.78 to 0.90
     (docs/benchmarks.md).
 
     Parameters
