@@ -42,9 +42,14 @@ class ReconstructionResult:
     provider: str
     model_name: str
     crystal_model: CrystalModel
+    #: chi after each stage: "cnn", "shape" (the odd-shape search), "es" (model level, on the
+    #: model grid) and "polish" (the final object against the input).
     stage_chi: dict[str, float] = field(default_factory=dict)
+    #: Refinement costs step by step: the search's best-so-far, then the ES runs.
     es_costs: list[float] = field(default_factory=list)
     polish_errors: list[float] = field(default_factory=list)
+    #: Which polish run gave the object: "ER" or "ER/HIO" ("" without a polish).
+    polish_recipe: str = ""
     refine: str = "full"
     shift: tuple[int, int, int] = (0, 0, 0)
     #: Position of the CNN's latent on the model card's 2D map, its calibrated distance to the
@@ -76,6 +81,7 @@ class ReconstructionResult:
             "refine": self.refine,
             "es_iterations": len(self.es_costs),
             "polish_iterations": len(self.polish_errors),
+            "polish_recipe": self.polish_recipe,
             "support_voxels": int(self.support.sum()),
             "shape": list(self.object.shape),
             "latent_xy": list(self.latent_xy) if self.latent_xy is not None else None,
@@ -289,6 +295,7 @@ class Reconstructor:
         model_object = self.model.voxelise(params)
         obj = to_input_grid(model_object, prepared, data.shape)
         polish_errors: list[float] = []
+        polish_recipe = ""
         if refine == "full" and (self.polish_er_iterations > 0 or self.polish_iterations > 0):
             t = time.perf_counter()
             seed_support = np.abs(obj) > 0.1 * np.abs(obj).max()
@@ -301,6 +308,7 @@ class Reconstructor:
                                                                        "error": e})
                               if i % 10 == 0 else None)
             obj, polish_errors = polished.object, polished.errors
+            polish_recipe = polished.recipe
             timings["polish"] = time.perf_counter() - t
             notify("polish", {"seconds": timings["polish"], "recipe": polished.recipe})
 
@@ -314,6 +322,7 @@ class Reconstructor:
             object=obj, support=support, params=params, chi=final_chi, timings=timings,
             provider=self.provider, model_name=self.model_name, crystal_model=self.model,
             stage_chi=stage_chi, es_costs=es_costs, polish_errors=polish_errors,
+            polish_recipe=polish_recipe,
             refine=refine, shift=prepared.shift, latent_xy=latent_xy,
             latent_distance=distance, out_of_distribution=ood)
         notify("done", {"seconds": timings["total"], "chi": final_chi})

@@ -42,6 +42,8 @@ def test_full_pipeline_recovers_simulated_crystals(rec, samples):
         assert compare_objects(truth, result.object).iou >= 0.8
         assert result.chi == pytest.approx(chi(intensity(result.object), s.counts), rel=1e-3)
         assert set(result.timings) == {"preprocess", "inference", "refine", "polish", "total"}
+        assert result.polish_recipe in ("ER", "ER/HIO")
+        assert result.summary()["polish_recipe"] == result.polish_recipe
         assert result.provider == "CPUExecutionProvider"
 
 
