@@ -43,7 +43,7 @@ def test_twin_signs_flip_odd_l_and_even_phase(model64):
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_reflection_signs_mirror_the_object_and_its_intensity(model64, prior64, axis):
-    from bcdi_bluesky.model.data import mirror
+    from bcdi_bluesky.physics import mirror
 
     p = _sample(prior64, 10 + axis)
     obj = model64.voxelise(p)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..physics import CrystalModel, CrystalPrior, simulate_counts
+from ..physics import CrystalModel, CrystalPrior, mirror, simulate_counts
 from ..preprocess import fit_to_grid, network_input
 
 #: Seed offsets that keep the training, validation and test streams disjoint.
@@ -45,19 +45,6 @@ def make_batch(model: CrystalModel, prior: CrystalPrior, seed: int, stream: int,
         xs.append(s.inputs)
         ys.append(model.normalise(s.params))
     return np.stack(xs)[:, None], np.stack(ys).astype(np.float32)
-
-
-def mirror(volume: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Mirror the last three axes of ``volume`` named in ``axes`` (0 = z) about index ``N // 2``.
-
-    The centred intensity of a mirrored crystal is the centred intensity mirrored this way
-    (index ``i -> N - i``; index 0, which has no partner, wraps onto itself).
-    """
-    out = np.asarray(volume)
-    for axis in axes:
-        a = out.ndim - 3 + axis
-        out = np.roll(np.flip(out, a), 1, axis=a)
-    return out
 
 
 def mirrored_copies(model: CrystalModel, inputs: np.ndarray, targets: np.ndarray, copies: int,

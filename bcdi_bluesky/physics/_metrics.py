@@ -111,9 +111,22 @@ def poisson_nll(model_intensity: np.ndarray, counts: np.ndarray,
 
 
 # ------------------------------------------------------------------ real space
+def mirror(volume: np.ndarray, axes: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
+    """Mirror the last three axes of ``volume`` named in ``axes`` (0 = z) about index ``N // 2``.
+
+    Index ``i -> (N - i) mod N`` (index 0, which has no partner, wraps onto itself): the
+    mirror of a centred object, and of its centred intensity, on the same grid.
+    """
+    out = np.asarray(volume)
+    for axis in axes:
+        a = out.ndim - 3 + axis
+        out = np.roll(np.flip(out, a), 1, axis=a)
+    return out
+
+
 def twin_object(obj: np.ndarray) -> np.ndarray:
     """The twin ``conj(o(-r))`` on the grid (index ``i -> (N - i) mod N`` on every axis)."""
-    return np.conj(np.roll(obj[::-1, ::-1, ::-1], 1, axis=(0, 1, 2)))
+    return np.conj(mirror(obj))
 
 
 def _best_shift(ref_amp: np.ndarray, amp: np.ndarray) -> tuple[tuple[int, ...], float]:
