@@ -296,25 +296,25 @@ class Reconstructor:
         obj = to_input_grid(model_object, prepared, data.shape)
         polish_errors: list[float] = []
         polish_recipe = ""
+        final_chi = None
         if refine == "full" and (self.polish_er_iterations > 0 or self.polish_iterations > 0):
             t = time.perf_counter()
             seed_support = np.abs(obj) > 0.1 * np.abs(obj).max()
-            polished = seeded_polish(data, obj, seed_support, valid,
-                                     er_iterations=self.polish_er_iterations,
-                                     iterations=self.polish_iterations,
-                                     hio_fraction=self.polish_hio_fraction,
-                                     time_budget_s=self.polish_time_budget_s,
-                              hook=lambda i, e: notify("polish_step", {"iteration": i,
-                                                                       "error": e})
-                              if i % 10 == 0 else None)
+            polished = seeded_polish(
+                data, obj, seed_support, valid, er_iterations=self.polish_er_iterations,
+                iterations=self.polish_iterations, hio_fraction=self.polish_hio_fraction,
+                time_budget_s=self.polish_time_budget_s,
+                hook=lambda i, e: notify("polish_step", {"iteration": i, "error": e})
+                if i % 10 == 0 else None)
             obj, polish_errors = polished.object, polished.errors
-            polish_recipe = polished.recipe
+            polish_recipe, final_chi = polished.recipe, polished.chi  # chi of obj vs the data
             timings["polish"] = time.perf_counter() - t
             notify("polish", {"seconds": timings["polish"], "recipe": polished.recipe})
 
         amp = np.abs(obj)
         support = amp > self.support_threshold * amp.max()
-        final_chi = ChiCost(data, valid)(intensity(obj))
+        if final_chi is None:
+            final_chi = ChiCost(data, valid)(intensity(obj))
         if refine == "full":
             stage_chi["polish"] = final_chi
         timings["total"] = time.perf_counter() - t0

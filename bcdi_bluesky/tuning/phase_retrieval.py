@@ -89,6 +89,7 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
     # Work in unshifted q: shift the data once instead of the field at every step.
     amp = scipy.fft.ifftshift(np.sqrt(np.asarray(measured, dtype=np.float32)))
     valid = None if mask is None else scipy.fft.ifftshift(mask)
+    invalid = None if valid is None else ~valid
     support = np.asarray(seed_support, dtype=bool).copy()
     limit = (np.ones_like(support) if max_growth is None
              else scipy.ndimage.binary_dilation(support, iterations=max_growth))
@@ -114,8 +115,8 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
         # forming the unit phase; where masked the factor is 1 (the estimate keeps its own).
         np.maximum(mod, np.float32(1e-12), out=mod)
         factor = np.divide(amp, mod, out=mod)
-        if valid is not None:
-            factor[~valid] = 1.0
+        if invalid is not None:
+            factor[invalid] = 1.0
         f *= factor
         new = scipy.fft.ifftn(f, workers=FFT_WORKERS, overwrite_x=True)
         if kind == "ER":
