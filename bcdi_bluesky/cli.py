@@ -24,7 +24,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          width=args.width, hidden=args.hidden,
                          validate_every=args.validate_every,
                          checkpoint_every=args.checkpoint_every, encoding=args.encoding,
-                         friedel=args.friedel, mirror_copies=args.mirror_copies)
+                         friedel=args.friedel, mirror_copies=args.mirror_copies,
+                         zoom=args.zoom)
     state = train(config, Path(args.checkpoints), resume=args.resume, device=args.device,
                   workers=args.workers, time_limit_s=args.time_limit,
                   threads=args.threads, progress=not args.quiet,
@@ -47,7 +48,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt}")
     card = export(ckpt, Path(args.models_dir), args.name,
-                  validation_count=args.validation_count, latent_count=args.latent_count)
+                  validation_count=args.validation_count, latent_count=args.latent_count,
+                  mirror_average=args.mirror_average)
     print(json.dumps({"name": card["name"], "sha256": card["sha256"],
                       "validation": card["validation"]}))
     return 0
@@ -239,11 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--width", type=int, default=16, help="channels of the first conv stage")
     p.add_argument("--hidden", type=int, default=256, help="units of the dense layer")
-    p.add_argument("--encoding", default="twin_invariant_v1",
-                   choices=("twin_invariant_v1", "normalised_v1"),
+    p.add_argument("--encoding", default="twin_blocks_v1",
+                   choices=("twin_blocks_v1", "twin_invariant_v1", "normalised_v1"),
                    help="what the network regresses (see bcdi_bluesky.model.encoding)")
     p.add_argument("--no-friedel", dest="friedel", action="store_false",
                    help="leave out the network's I(q) - I(-q) input channel")
+    p.add_argument("--zoom", type=int, default=32,
+                   help="centred crop edge seen by a full-resolution encoder (0: none)")
     p.add_argument("--mirror-copies", type=int, default=2,
                    help="mirror images of each simulated crystal per batch (1-8; more trains "
                         "faster where simulating the crystals is the bottleneck, as on a CPU)")
@@ -267,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="explicit checkpoint file")
     p.add_argument("--models-dir", default="models")
     p.add_argument("--validation-count", type=int, default=500)
+    p.add_argument("--no-mirror-average", dest="mirror_average", action="store_false",
+                   help="export the bare network, not its average over the grid's 8 mirrors")
     p.add_argument("--latent-count", type=int, default=2000,
                    help="prior crystals that calibrate the latent map (0: none)")
     p.set_defaults(func=_cmd_export)

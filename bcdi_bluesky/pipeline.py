@@ -18,7 +18,7 @@ from .model.runtime import OnnxCrystalModel
 from .physics import CrystalModel, check_mask, check_volume, intensity
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
 from .tuning.phase_retrieval import seeded_polish
-from .tuning.refine import ChiCost, fit_odd_shape, refine_crystal
+from .tuning.refine import ChiCost, best_start, fit_odd_shape, refine_crystal
 
 REFINE_MODES = ("none", "es", "full")
 
@@ -229,11 +229,17 @@ class Reconstructor:
         notify("preprocess", {"seconds": timings["preprocess"], "shift": prepared.shift})
 
         t = time.perf_counter()
-        latent = self.runtime.predict(x).astype(np.float64)
-        params = self.model.denormalise(latent)
-        timings["inference"] = time.perf_counter() - t
+        predicted = self.runtime.predict(x).astype(np.float64)
         chi_of = ChiCost(prepared.intensity, prepared.mask)
-        stage_chi = {"cnn": chi_of(self.model.intensity(params))}
+        # The network gives each family of twin-odd parameters up to its own sign; the
+        # data choose their relative signs (one forward model per candidate).
+        candidates = [self.model.denormalise(v)
+                      for v in self.runtime.encoding.twin_variants(predicted)]
+        best, cnn_chi = best_start(self.model, candidates, chi_of)
+        params = candidates[best]
+        latent = self.model.normalise(params)
+        timings["inference"] = time.perf_counter() - t
+        stage_chi = {"cnn": cnn_chi}
         latent_map = self.runtime.latent_map
         latent_xy, distance, ood = None, None, False
         if latent_map is not None:
@@ -255,9 +261,7 @@ class Reconstructor:
         if self.track and self.previous_params is not None:
             starts.append(self.previous_params)
         if len(starts) > 1:
-            scored = [(chi_of(self.model.intensity(p)), i) for i, p in
-                      enumerate(starts)]
-            params = starts[min(scored)[1]]
+            params = starts[best_start(self.model, starts, chi_of)[0]]
 
         es_costs: list[float] = []
         if refine in ("es", "full"):

@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from bcdi_bluesky.physics import CrystalModel, intensity, support, twin_object
+from bcdi_bluesky.physics import (
+    CrystalModel,
+    CrystalPrior,
+    cube_symmetry,
+    intensity,
+    support,
+    twin_object,
+)
 
 
 def _sample(prior, seed):
@@ -61,6 +68,28 @@ def test_reflection_signs_mirror_the_object_and_its_intensity(model64, prior64, 
     np.testing.assert_array_equal(inversion[phase], -model64.twin_signs[phase])
     with pytest.raises(ValueError, match="axis"):
         model64.reflection_signs(3)
+
+
+def test_symmetry_matrices_move_the_crystal_with_the_grid(model64):
+    # All 48 symmetries of the cube: the matrix's crystal is the transformed object, voxel for
+    # voxel, for a strained crystal with voids (every parameter family involved).
+    import itertools
+
+    prior = CrystalPrior(model64, rbf_probability=1.0, flat_phase_probability=0.0)
+    p = prior.sample(np.random.default_rng(3))
+    obj = model64.voxelise(p)
+    for perm in itertools.permutations(range(3)):
+        for code in range(8):
+            flips = tuple(a for a in range(3) if code >> a & 1)
+            a = model64.symmetry_matrix(perm, flips)
+            np.testing.assert_allclose(a @ a.T, np.eye(model64.size), atol=1e-9)
+            moved = model64.voxelise(model64.denormalise(a @ model64.normalise(p)))
+            np.testing.assert_allclose(moved, cube_symmetry(obj, perm, flips), atol=1e-4,
+                                       err_msg=f"{perm} {flips}")
+    assert not np.allclose(model64.symmetry_matrix((1, 2, 0), ()),
+                           model64.symmetry_matrix((2, 0, 1), ()))
+    with pytest.raises(ValueError, match="permutation"):
+        model64.symmetry_matrix((0, 0, 1), ())
 
 
 def test_voxelisation_is_smooth_in_the_parameters(model64, prior64):

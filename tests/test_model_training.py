@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bcdi_bluesky.model.encoding import TwinInvariantEncoding  # noqa: E402
+from bcdi_bluesky.model.encoding import TwinBlockEncoding, TwinInvariantEncoding  # noqa: E402
 from bcdi_bluesky.model.export import export_onnx  # noqa: E402
 from bcdi_bluesky.model.runtime import ModelError, OnnxCrystalModel, load_card, sha256_of  # noqa: E402
 from bcdi_bluesky.model.train import TrainConfig, build_network, load_checkpoint, train  # noqa: E402
@@ -16,8 +16,9 @@ SMALL = dict(name="tiny", grid=32, width=4, hidden=16, batch_size=2, steps=4, wa
              validate_every=4, checkpoint_every=2, validation_size=2)
 
 
-def test_encoding_round_trip_and_twin_invariance(model64, prior64):
-    enc = TwinInvariantEncoding(model64)
+@pytest.mark.parametrize("encoding", [TwinInvariantEncoding, TwinBlockEncoding])
+def test_encoding_round_trip_and_twin_invariance(model64, prior64, encoding):
+    enc = encoding(model64)
     rng = np.random.default_rng(0)
     p = np.array([model64.normalise(prior64.sample(rng)) for _ in range(10)])
     e = enc.encode(p)
@@ -25,9 +26,45 @@ def test_encoding_round_trip_and_twin_invariance(model64, prior64):
     back = enc.decode(e)
     err = np.minimum(np.abs(back - p).max(axis=1),
                      np.abs(back - p * model64.twin_signs).max(axis=1))
-    assert err.max() < 1e-9
+    if encoding is TwinInvariantEncoding:
+        assert err.max() < 1e-9
+    for k in range(len(p)):
+        # One of the sign variants is the crystal or its twin.
+        errs = [min(np.abs(v - p[k]).max(), np.abs(v - p[k] * model64.twin_signs).max())
+                for v in enc.twin_variants(back[k])]
+        assert len(errs) == 2 ** (len(enc.blocks) - 1) and min(errs) < 1e-9
     with pytest.raises(ValueError, match="length"):
         enc.decode(np.zeros(3))
+
+
+@pytest.mark.parametrize("encoding", [TwinInvariantEncoding, TwinBlockEncoding])
+def test_symmetries_act_linearly_on_the_encoding(model64, prior64, encoding):
+    enc = encoding(model64)
+    rng = np.random.default_rng(2)
+    p = np.array([model64.normalise(prior64.sample(rng)) for _ in range(4)])
+    for g in [((0, 1, 2), (1,)), ((2, 0, 1), (0, 2)), ((1, 0, 2), ())]:
+        a = model64.symmetry_matrix(*g)
+        np.testing.assert_allclose(enc.encode(p @ a.T), enc.encode(p) @ enc.symmetry_map(a).T,
+                                   atol=1e-12)
+    mixing = np.eye(model64.size)
+    mixing[[0, 6], [6, 0]] = 1.0  # radius with an l = 3 term
+    with pytest.raises(ValueError, match="mixes"):
+        enc.symmetry_map(mixing)
+
+
+def test_twin_blocks_separate_the_odd_families(model64):
+    enc = TwinBlockEncoding(model64)
+    names = [[model64.names[i] for i in b] for b in enc.blocks]
+    assert [n[0] for n in names] == ["sh_l3_m-3", "rbf0_cz", "phase_zz"]
+    assert sorted(np.concatenate(enc.blocks).tolist()) == enc.odd.tolist()
+    # A shape block alone is sign-free: its matrix does not change when only it flips.
+    rng = np.random.default_rng(1)
+    p = rng.uniform(-1, 1, model64.size)
+    q = p.copy()
+    q[enc.blocks[0]] *= -1
+    np.testing.assert_allclose(enc.encode(q), enc.encode(p), atol=1e-12)
+    assert not np.allclose(TwinInvariantEncoding(model64).encode(q),
+                           TwinInvariantEncoding(model64).encode(p))
 
 
 def test_mirrored_copies_are_valid_samples(model64, prior64):
@@ -90,6 +127,44 @@ def test_friedel_channel_warm_start_keeps_the_old_network(tmp_path):
     assert state["step"] == 4 and state["config"]["friedel"]
 
 
+def test_zoom_encoder_warm_start_keeps_the_dense_layer(tmp_path):
+    old_state = train(TrainConfig(**SMALL), tmp_path / "a", workers=0, progress=False)
+    config = TrainConfig(**{**SMALL, "zoom": 16})
+    net = build_network(config)
+    from bcdi_bluesky.model.train import warm_start
+    warm_start(net, tmp_path / "a" / "tiny" / "last.pt", config)
+    old = old_state["model"]["head.2.weight"]
+    new = net.state_dict()["head.2.weight"]
+    assert new.shape[1] > old.shape[1]
+    np.testing.assert_array_equal(new[:, : old.shape[1]].numpy(), old.numpy())
+    assert net(torch.rand(2, 1, 32, 32, 32)).shape == (2, config.output_encoding().size)
+    with pytest.raises(ValueError, match="zoom"):
+        build_network(TrainConfig(**{**SMALL, "zoom": 12}))
+
+
+def test_mirror_average_is_equivariant(model64):
+    # The averaged network's prediction for a mirrored (or transposed) measurement is the
+    # mirrored prediction: exactly, whatever the weights.
+    from bcdi_bluesky.model.network import MIRRORS, SymmetryAverage
+    from bcdi_bluesky.physics import cube_symmetry
+
+    config = TrainConfig(**{**SMALL, "friedel": True})
+    torch.manual_seed(1)
+    net = build_network(config).eval()
+    enc = config.output_encoding()
+    for group in (MIRRORS, [((0, 1, 2), ()), ((1, 0, 2), ())]):
+        avg = SymmetryAverage(net, enc, group).eval()
+        x = torch.rand(2, 1, 32, 32, 32)
+        for g in group:
+            mirrored = torch.from_numpy(np.ascontiguousarray(cube_symmetry(x.numpy(), *g)))
+            with torch.no_grad():
+                expected = avg(x).numpy() @ enc.symmetry_map(
+                    enc.model.symmetry_matrix(*g)).T
+                np.testing.assert_allclose(avg(mirrored).numpy(), expected, atol=1e-5)
+    with torch.no_grad():  # and it differs from the bare network (an untrained one is not)
+        assert not np.allclose(SymmetryAverage(net, enc)(x).numpy(), net(x).numpy(), atol=1e-3)
+
+
 def test_training_resumes_exactly(tmp_path):
     straight = train(TrainConfig(**SMALL), tmp_path / "a", workers=0, progress=False)
     first = TrainConfig(**{**SMALL, "steps": 2})
@@ -115,6 +190,7 @@ def test_export_writes_a_complete_card(tmp_path):
     assert card == load_card(onnx_path)
     assert card["sha256"] == sha256_of(onnx_path)
     assert card["network"]["friedel"] is True and card["output"]["encoding"] == config.encoding
+    assert card["network"]["symmetry_average"] == 8
     assert card["training"]["steps"] == 4 and card["training"]["samples"] == 8
     assert card["training"]["crystals"] == 4
     assert card["validation"]["count"] == 4 and 0.0 <= card["validation"]["iou_median"] <= 1.0
@@ -126,17 +202,19 @@ def test_export_writes_a_complete_card(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
-    """A randomly initialised small network (with the Friedel channel, which the ONNX graph
-    must compute itself) exported with a valid card."""
+    """A randomly initialised small network (with the Friedel channel and the zoom encoder,
+    averaged over the mirrors: all in the ONNX graph) exported with a valid card."""
+    from bcdi_bluesky.model.network import SymmetryAverage
+
     folder = tmp_path_factory.mktemp("models")
-    config = TrainConfig(**SMALL, friedel=True)
+    config = TrainConfig(**SMALL, friedel=True, zoom=16)
     torch.manual_seed(0)
-    net = build_network(config).eval()
+    net = SymmetryAverage(build_network(config), config.output_encoding()).eval()
     path = folder / "tiny.onnx"
     export_onnx(net, config.grid, path)
     card = {"name": "tiny", "sha256": sha256_of(path),
             "input": {"shape": ["batch", 1, 32, 32, 32]},
-            "output": {"encoding": "twin_invariant_v1"},
+            "output": {"encoding": config.encoding},
             "parameters": config.crystal_model().to_dict()}
     path.with_suffix(".json").write_text(json.dumps(card))
     return net, path

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from bcdi_bluesky.model.data import TEST_STREAM, make_sample
+from bcdi_bluesky.model.encoding import TwinBlockEncoding
 from bcdi_bluesky.physics import CrystalPrior, support_iou
-from bcdi_bluesky.tuning import fit_odd_shape, refine_crystal
+from bcdi_bluesky.tuning import ChiCost, best_start, fit_odd_shape, refine_crystal
 
 
 def _without_odd_shape(model, params):
@@ -102,3 +103,24 @@ def test_seeded_polish_keeps_a_good_seed_and_repairs_a_poor_one(model64):
     repaired = seeded_polish(sample.counts, ball, ball.real > 0)
     assert repaired.recipe == "ER/HIO" and repaired.iterations == 200
     assert compare_objects(truth, repaired.object).iou >= 0.7
+
+
+def test_the_data_choose_the_relative_signs_of_the_odd_families(model64):
+    # A strained crystal with voids: its surface, RBF and phase blocks flipped independently
+    # give four different crystals, and the measured counts single out the true one (or its
+    # twin, the same intensity).
+    prior = CrystalPrior(model64, rbf_probability=1.0, flat_phase_probability=0.0)
+    sample = make_sample(model64, prior, 5, TEST_STREAM, 0, 1e8)
+    enc = TwinBlockEncoding(model64)
+    truth = model64.normalise(sample.params)
+    flipped = truth.copy()
+    flipped[enc.blocks[1]] *= -1  # what a decoder with its own sign convention may give
+    flipped[enc.blocks[0]] *= -1
+    variants = enc.twin_variants(flipped)
+    best, chi = best_start(model64, [model64.denormalise(v) for v in variants],
+                           ChiCost(sample.counts))
+    assert min(np.abs(variants[best] - truth).max(),
+               np.abs(variants[best] - truth * model64.twin_signs).max()) < 1e-12
+    assert chi < 0.05
+    with pytest.raises(ValueError, match="candidate"):
+        best_start(model64, [], ChiCost(sample.counts))

@@ -20,12 +20,16 @@ import numpy as np
 from ..physics import CrystalModel
 
 TWIN_INVARIANT = "twin_invariant_v1"
+TWIN_BLOCKS = "twin_blocks_v1"
 NORMALISED = "normalised_v1"
 
 
 @dataclass(frozen=True)
 class TwinInvariantEncoding:
-    """Maps normalised parameter vectors to network targets and back."""
+    """Maps normalised parameter vectors to network targets and back.
+
+    The twin-odd parameters form one vector ``w`` and one matrix ``M`` (``twin_invariant_v1``).
+    """
 
     model: CrystalModel
     name = TWIN_INVARIANT
@@ -43,8 +47,9 @@ class TwinInvariantEncoding:
         return np.flatnonzero(self.model.twin_signs < 0)
 
     @cached_property
-    def _triu(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.triu_indices(self.odd.size)
+    def blocks(self) -> list[np.ndarray]:
+        """Groups of twin-odd parameter indices, each regressed as its own matrix."""
+        return [self.odd]
 
     @property
     def n_even(self) -> int:
@@ -54,40 +59,99 @@ class TwinInvariantEncoding:
     @property
     def size(self) -> int:
         """Length of the encoded vector."""
-        k = self.odd.size
-        return self.n_even + k * (k + 1) // 2
+        return self.n_even + sum(b.size * (b.size + 1) // 2 for b in self.blocks)
 
     def encode(self, normalised: np.ndarray) -> np.ndarray:
         """``(..., P)`` normalised parameters -> ``(..., size)`` twin-invariant targets."""
         p = np.asarray(normalised, dtype=np.float64)
-        w = p[..., self.odd]
-        norm = np.linalg.norm(w, axis=-1, keepdims=True)
-        scaled = w / np.sqrt(np.where(norm > 0, norm, 1.0))  # M = (w/sqrt|w|)(w/sqrt|w|)^T
-        i, j = self._triu
-        m = scaled[..., i] * scaled[..., j]
-        return np.concatenate([p[..., self.even], m], axis=-1)
+        parts = [p[..., self.even]]
+        for block in self.blocks:
+            w = p[..., block]
+            norm = np.linalg.norm(w, axis=-1, keepdims=True)
+            scaled = w / np.sqrt(np.where(norm > 0, norm, 1.0))  # M = (w/sqrt|w|)(w/sqrt|w|)^T
+            i, j = np.triu_indices(block.size)
+            parts.append(scaled[..., i] * scaled[..., j])
+        return np.concatenate(parts, axis=-1)
 
     def decode(self, encoded: np.ndarray) -> np.ndarray:
-        """``(..., size)`` network outputs -> ``(..., P)`` normalised parameters (one twin)."""
+        """``(..., size)`` network outputs -> ``(..., P)`` normalised parameters (one twin).
+
+        Each block's vector is ``lambda_1 v_1`` of its matrix, signed so that its largest
+        component is positive (the sign itself is not observable).
+        """
         y = np.asarray(encoded, dtype=np.float64)
         if y.shape[-1] != self.size:
             raise ValueError(f"encoded vector must have length {self.size}, got {y.shape[-1]}")
         batch = y.shape[:-1]
         y = y.reshape(-1, self.size)
-        k = self.odd.size
         out = np.empty((y.shape[0], self.model.size))
         out[:, self.even] = y[:, : self.n_even]
-        m = np.zeros((y.shape[0], k, k))
-        i, j = self._triu
-        m[:, i, j] = y[:, self.n_even:]
-        m[:, j, i] = y[:, self.n_even:]
-        vals, vecs = np.linalg.eigh(m)
-        lam = np.maximum(vals[:, -1], 0.0)
-        w = vecs[:, :, -1] * lam[:, None]
-        # Fix the arbitrary eigenvector sign so that decoding is deterministic.
-        flip = np.sign(w[np.arange(w.shape[0]), np.argmax(np.abs(w), axis=1)])
-        out[:, self.odd] = w * np.where(flip == 0, 1.0, flip)[:, None]
+        start = self.n_even
+        for block in self.blocks:
+            k = block.size
+            i, j = np.triu_indices(k)
+            m = np.zeros((y.shape[0], k, k))
+            m[:, i, j] = y[:, start:start + i.size]
+            m[:, j, i] = y[:, start:start + i.size]
+            start += i.size
+            vals, vecs = np.linalg.eigh(m)
+            lam = np.maximum(vals[:, -1], 0.0)
+            w = vecs[:, :, -1] * lam[:, None]
+            flip = np.sign(w[np.arange(w.shape[0]), np.argmax(np.abs(w), axis=1)])
+            out[:, block] = w * np.where(flip == 0, 1.0, flip)[:, None]
         return np.clip(out, -1.0, 1.0).reshape(*batch, self.model.size)
+
+    def twin_variants(self, normalised: np.ndarray) -> list[np.ndarray]:
+        """The decoded vector with every relative sign of its blocks (the first one kept).
+
+        Flipping all blocks at once is the twin (same intensity); flipping some of them is
+        another crystal, which the encoding cannot tell apart: ``2^(blocks - 1)`` candidates
+        for the data to choose from.
+        """
+        p = np.asarray(normalised, dtype=np.float64)
+        variants = []
+        for flips in range(2 ** (len(self.blocks) - 1)):
+            v = p.copy()
+            for bit, block in enumerate(self.blocks[1:]):
+                if flips >> bit & 1:
+                    v[..., block] *= -1.0
+            variants.append(v)
+        return variants
+
+    def symmetry_map(self, matrix: np.ndarray) -> np.ndarray:
+        """The encoded form of a parameter symmetry: ``encode(A p) = E @ encode(p)``.
+
+        Parameters
+        ----------
+        matrix : ndarray
+            ``A``, ``(P, P)``, orthogonal on every block and without mixing twin-even with
+            twin-odd parameters or one block with another (as
+            :meth:`CrystalModel.symmetry_matrix`).
+
+        Returns
+        -------
+        ndarray
+            ``E``, ``(size, size)``: even part ``A`` itself, each block's matrix ``A M A^T``.
+        """
+        a = np.asarray(matrix, dtype=np.float64)
+        blocks = np.zeros(self.model.size, dtype=int)  # 0: even, k: block k
+        for k, block in enumerate(self.blocks, start=1):
+            blocks[block] = k
+        if np.any(np.abs(a)[blocks[:, None] != blocks[None, :]] > 1e-9):
+            raise ValueError("the symmetry mixes twin-even parameters with twin-odd ones, or "
+                             "one block with another")
+        out = np.zeros((self.size, self.size))
+        out[: self.n_even, : self.n_even] = a[np.ix_(self.even, self.even)]
+        start = self.n_even
+        for block in self.blocks:
+            ab = a[np.ix_(block, block)]
+            i, j = np.triu_indices(block.size)
+            for col in range(i.size):
+                unit = np.zeros((block.size, block.size))
+                unit[i[col], j[col]] = unit[j[col], i[col]] = 1.0
+                out[start:start + i.size, start + col] = (ab @ unit @ ab.T)[i, j]
+            start += i.size
+        return out
 
     def weights(self, parameter_weights: np.ndarray) -> np.ndarray:
         """Loss weights of the encoded entries from per-parameter weights.
@@ -95,10 +159,38 @@ class TwinInvariantEncoding:
         Off-diagonal entries of ``M`` stand for two matrix elements, so they count twice.
         """
         w = np.asarray(parameter_weights, dtype=np.float64)
-        i, j = self._triu
-        wo = w[self.odd]
-        pair = np.sqrt(wo[i] * wo[j]) * np.where(i == j, 1.0, 2.0)
-        return np.concatenate([w[self.even], pair])
+        parts = [w[self.even]]
+        for block in self.blocks:
+            i, j = np.triu_indices(block.size)
+            wo = w[block]
+            parts.append(np.sqrt(wo[i] * wo[j]) * np.where(i == j, 1.0, 2.0))
+        return np.concatenate(parts)
+
+
+@dataclass(frozen=True)
+class TwinBlockEncoding(TwinInvariantEncoding):
+    """One matrix per family of twin-odd parameters (``twin_blocks_v1``).
+
+    The odd surface terms, the RBF centres and the even-degree phase terms each get their own
+    ``M``. In one joint matrix (``twin_invariant_v1``) the surface terms are a small corner
+    next to the RBF centres and the phase, and their signs relative to those (what the joint
+    matrix adds) show in the intensity only through the strain. Per family the shape's
+    asymmetry is a target of its own, observable in unstrained crystals too; the relative sign
+    of the families is lost, and the refinement chooses it against the data
+    (:func:`bcdi_bluesky.tuning.best_start` over :meth:`twin_variants`).
+    """
+
+    name = TWIN_BLOCKS
+
+    @cached_property
+    def blocks(self) -> list[np.ndarray]:
+        """Twin-odd indices grouped by parameter family (surface, RBF centres, phase)."""
+        groups = []
+        for sl in self.model.slices.values():
+            block = self.odd[(self.odd >= sl.start) & (self.odd < sl.stop)]
+            if block.size:
+                groups.append(block)
+        return groups
 
 
 @dataclass(frozen=True)
@@ -128,6 +220,10 @@ class NormalisedEncoding:
         """Identity."""
         return np.asarray(normalised, dtype=np.float64)
 
+    def twin_variants(self, normalised: np.ndarray) -> list[np.ndarray]:
+        """The vector itself: its twin-odd parameters share one sign."""
+        return [np.asarray(normalised, dtype=np.float64)]
+
     def decode(self, encoded: np.ndarray) -> np.ndarray:
         """Clip to [-1, 1]."""
         y = np.asarray(encoded, dtype=np.float64)
@@ -140,7 +236,8 @@ class NormalisedEncoding:
         return np.asarray(parameter_weights, dtype=np.float64)
 
 
-ENCODINGS = {TWIN_INVARIANT: TwinInvariantEncoding, NORMALISED: NormalisedEncoding}
+ENCODINGS = {TWIN_INVARIANT: TwinInvariantEncoding, TWIN_BLOCKS: TwinBlockEncoding,
+             NORMALISED: NormalisedEncoding}
 
 
 def make_encoding(name: str, model: CrystalModel) -> TwinInvariantEncoding | NormalisedEncoding:

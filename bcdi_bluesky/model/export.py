@@ -13,6 +13,7 @@ import torch
 
 from .evaluate import training_mean, validate
 from .latent import CALIBRATION_STREAM, calibrate
+from .network import MIRRORS, SymmetryAverage
 from .runtime import OnnxCrystalModel, sha256_of
 from .train import TrainConfig, build_network, load_checkpoint
 
@@ -39,19 +40,24 @@ def export_onnx(net: torch.nn.Module, grid: int, path: Path) -> None:
 
 def export(checkpoint: Path, models_dir: Path, name: str | None = None,
            validation_count: int = 500, validation_seed: int = 12345,
-           latent_count: int = 2000) -> dict:
+           latent_count: int = 2000, mirror_average: bool = True) -> dict:
     """Export ``checkpoint`` to ``models_dir/<name>.onnx`` and write ``<name>.json``.
 
     The card records the input convention, the parameter layout, the training recipe, the
     validation of the exported ONNX model (not the torch one) on ``validation_count`` fresh
     crystals from the priors at 1e8 photons, CNN only, and the latent map calibrated on
-    ``latent_count`` more (0: no map; the pipeline then reports no latent).
+    ``latent_count`` more (0: no map; the pipeline then reports no latent). With
+    ``mirror_average`` (and a matrix encoding) the exported graph averages the network over
+    the grid's 8 mirrors (:class:`~bcdi_bluesky.model.network.SymmetryAverage`).
     """
     state = load_checkpoint(checkpoint)
     config = TrainConfig(**state["config"])
     name = name or config.name
     net = build_network(config)
     net.load_state_dict(state["model"])
+    encoding = config.output_encoding()
+    if mirror_average and hasattr(encoding, "symmetry_map"):
+        net = SymmetryAverage(net, encoding, MIRRORS)
     onnx_path = Path(models_dir) / f"{name}.onnx"
     export_onnx(net, config.grid, onnx_path)
     model = config.crystal_model()
@@ -73,9 +79,11 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
                               "in the named encoding (bcdi_bluesky.model.encoding): "
                               "normalised_v1 = the vector itself; twin_invariant_v1 = the "
                               "twin-even parameters, then the upper triangle of w w^T / |w| "
-                              "for the twin-odd ones"},
+                              "for the twin-odd ones; twin_blocks_v1 = the same with one "
+                              "matrix per family of twin-odd parameters (odd surface terms, "
+                              "RBF centres, phase), whose relative signs the data choose"},
         "parameters": model.to_dict(),
-        "network": build_network(config).config,
+        "network": net.config,
         "training": {
             "samples": int(state["step"]) * config.batch_size,
             "crystals": int(state["step"]) * config.batch_size // config.mirror_copies,

@@ -48,20 +48,29 @@ class CrystalCNN(nn.Module):
         shape and its even-degree phase field occur together, so this channel carries, at first
         order, the twin-odd parameters that the plain intensity shows only at second order;
         a convolution cannot compare ``q`` with ``-q`` on its own (they are far apart).
+    zoom : int
+        Edge of a centred crop seen by a second encoder at full resolution (0: none; a
+        multiple of 8). The crystal's ``l = 3`` asymmetry fills the first minima of the
+        fringes (``q R`` about 4.5, 3 to 7 voxels from the peak for the prior's sizes), which
+        the main encoder's first stride-2 convolution blurs away.
     """
 
     def __init__(self, n_params: int, grid: int = 64, width: int = 16, hidden: int = 256,
-                 n_bounded: int | None = None, friedel: bool = False):
+                 n_bounded: int | None = None, friedel: bool = False, zoom: int = 0):
         super().__init__()
         if grid % 16:
             raise ValueError(f"grid must be a multiple of 16, got {grid}")
+        if zoom % 8 or not 0 <= zoom <= grid:
+            raise ValueError(f"zoom must be 0 or a multiple of 8 up to {grid}, got {zoom}")
         self.n_bounded = n_params if n_bounded is None else int(n_bounded)
         self.friedel = bool(friedel)
+        self.zoom = int(zoom)
         self.config = {"n_params": n_params, "grid": grid, "width": width, "hidden": hidden,
-                       "n_bounded": self.n_bounded, "friedel": self.friedel}
+                       "n_bounded": self.n_bounded, "friedel": self.friedel, "zoom": self.zoom}
         w = width
+        channels = 2 if friedel else 1
         self.encoder = nn.Sequential(
-            nn.Conv3d(2 if friedel else 1, w, 4, stride=2, padding=1, bias=False),
+            nn.Conv3d(channels, w, 4, stride=2, padding=1, bias=False),
             nn.BatchNorm3d(w),
             nn.ReLU(inplace=True),
             _block(w, 2 * w),
@@ -69,6 +78,16 @@ class CrystalCNN(nn.Module):
             _block(4 * w, 8 * w),
         )
         flat = 8 * w * (grid // 16) ** 3
+        if self.zoom:
+            self.zoom_encoder = nn.Sequential(
+                nn.Conv3d(channels, w, 3, padding=1, bias=False),
+                nn.BatchNorm3d(w),
+                nn.ReLU(inplace=True),
+                _block(w, 2 * w),
+                _block(2 * w, 4 * w),
+                _block(4 * w, 4 * w),
+            )
+            flat += 4 * w * (self.zoom // 8) ** 3
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(0.1),
@@ -84,17 +103,73 @@ class CrystalCNN(nn.Module):
             dims = (2, 3, 4)
             opposite = torch.roll(torch.flip(x, dims), shifts=(1, 1, 1), dims=dims)
             x = torch.cat([x, x - opposite], dim=1)
-        y = self.head(self.encoder(x))
+        features = self.encoder(x).flatten(1)
+        if self.zoom:
+            lo = x.shape[-1] // 2 - self.zoom // 2
+            hi = lo + self.zoom
+            crop = x[:, :, lo:hi, lo:hi, lo:hi]
+            features = torch.cat([features, self.zoom_encoder(crop).flatten(1)], dim=1)
+        y = self.head(features)
         k = self.n_bounded
         return torch.cat([torch.tanh(y[:, :k]), y[:, k:]], dim=1)
 
 
+#: The 8 mirrors of the grid as ``(permutation, flips)`` (see :func:`physics.cube_symmetry`).
+MIRRORS = tuple(((0, 1, 2), tuple(a for a in range(3) if code >> a & 1)) for code in range(8))
+
+
+class SymmetryAverage(nn.Module):
+    """A network averaged over symmetries of the cube (what the exported model computes).
+
+    The priors are invariant under the grid's mirrors, so the network's prediction for a
+    mirrored measurement, mapped back to the original frame, is another estimate of the same
+    crystal. The mean of the encoded outputs over the group is a prediction with less noise
+    (a matrix encoding averages exactly: its blocks transform as ``A M A^T``, linearly).
+
+    Parameters
+    ----------
+    net : CrystalCNN
+        The trained network.
+    encoding : TwinInvariantEncoding
+        Its output encoding (one with ``symmetry_map``).
+    symmetries : sequence of (permutation, flips)
+        Group elements, as :func:`bcdi_bluesky.physics.cube_symmetry` takes them.
+    """
+
+    def __init__(self, net: nn.Module, encoding, symmetries=MIRRORS):
+        super().__init__()
+        self.net = net
+        self.symmetries = [(tuple(p), tuple(f)) for p, f in symmetries]
+        model = encoding.model
+        # The prediction for view g estimates encode(A_g p); A_g^T maps it back.
+        unmaps = [encoding.symmetry_map(model.symmetry_matrix(p, f).T)
+                  for p, f in self.symmetries]
+        self.register_buffer("unmaps", torch.tensor(np.array(unmaps), dtype=torch.float32))
+        self.config = {**getattr(net, "config", {}), "symmetry_average": len(self.symmetries)}
+
+    @staticmethod
+    def _view(x: torch.Tensor, permutation: tuple, flips: tuple) -> torch.Tensor:
+        for a in flips:
+            x = torch.roll(torch.flip(x, (2 + a,)), 1, 2 + a)
+        return x.permute(0, 1, *(2 + a for a in permutation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, N, N, N)`` inputs -> ``(B, K)`` mean encoded outputs."""
+        views = torch.cat([self._view(x, p, f) for p, f in self.symmetries], dim=0)
+        y = self.net(views).reshape(len(self.symmetries), x.shape[0], -1)
+        return torch.einsum("gbk,gjk->bj", y, self.unmaps) / len(self.symmetries)
+
+
 def parameter_weights(model: CrystalModel) -> np.ndarray:
-    """Loss weight of each parameter: the support (size, low-order shape) counts most."""
+    """Loss weight of each parameter: the support (size, low-order shape) counts most.
+
+    The ``l = 3`` asymmetry weighs as much as ``l = 2``: with it left at zero, the true
+    parameters give a median support IoU of only 0.76 on prior crystals.
+    """
     w = np.ones(model.size)
     s = model.slices
     w[s["radius"]] = 6.0
-    w[s["sh"]] = np.select([model.sh_degrees == 2, model.sh_degrees == 3], [3.0, 1.5], 1.0)
+    w[s["sh"]] = np.where(model.sh_degrees <= 3, 3.0, 1.0)
     w[s["rbf_centre"]] = 0.3
     w[s["rbf_amplitude"]] = 0.6
     w[s["rbf_width"]] = 0.3

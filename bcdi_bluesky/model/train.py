@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..physics import CrystalModel, CrystalPrior
 from .data import MIRROR_STREAM, TRAIN_STREAM, VALIDATION_STREAM, make_batch, mirrored_copies
-from .encoding import TWIN_INVARIANT, make_encoding
+from .encoding import TWIN_BLOCKS, TwinInvariantEncoding, make_encoding
 from .evaluate import validate
 from .network import CrystalCNN, WeightedMSE, parameter_weights
 
@@ -45,10 +45,12 @@ class TrainConfig:
     validate_every: int = 250
     checkpoint_every: int = 100
     validation_size: int = 128
-    encoding: str = TWIN_INVARIANT
+    encoding: str = TWIN_BLOCKS
     #: Give the network the Friedel-asymmetry channel (see :class:`CrystalCNN`); False in
     #: checkpoints written before it existed.
     friedel: bool = False
+    #: Centred crop edge of the full-resolution encoder (see :class:`CrystalCNN`); 0: none.
+    zoom: int = 0
     #: Mirror images per simulated crystal in a batch (1: every sample a fresh crystal).
     mirror_copies: int = 1
     extra: dict = field(default_factory=dict)
@@ -124,7 +126,7 @@ def build_network(config: TrainConfig) -> CrystalCNN:
     """The network a config describes (outputs: the twin-invariant encoding)."""
     enc = config.output_encoding()
     return CrystalCNN(enc.size, config.grid, config.width, config.hidden, n_bounded=enc.n_even,
-                      friedel=config.friedel)
+                      friedel=config.friedel, zoom=config.zoom)
 
 
 def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
@@ -134,7 +136,8 @@ def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
     predicted the plain parameter vector gives its rows for the twin-even parameters. A
     network without the Friedel channel gives its first convolution to the intensity channel
     (the new channel starts at zero weight, so the warm-started network computes what the old
-    one did).
+    one did). A network without the zoom encoder gives the dense layer's columns for the main
+    encoder's features; the zoom features' columns start small.
     """
     old = load_checkpoint(checkpoint)["model"]
     own = net.state_dict()
@@ -149,9 +152,16 @@ def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
         own[first].zero_()
         own[first][:, :1] = old[first]
         copied += 1
+    dense = next(k for k in own if k.startswith("head.") and k.endswith("weight"))
+    if (dense in old and own[dense].shape[0] == old[dense].shape[0]
+            and own[dense].shape[1] > old[dense].shape[1]):
+        columns = old[dense].shape[1]
+        own[dense][:, :columns] = old[dense]
+        own[dense][:, columns:] *= 0.1
+        copied += 1
     enc = config.output_encoding()
     last_w, last_b = [k for k in own if k.startswith("head.")][-2:]
-    if (enc.name == TWIN_INVARIANT and old[last_w].shape[0] == enc.model.size
+    if (isinstance(enc, TwinInvariantEncoding) and old[last_w].shape[0] == enc.model.size
             and own[last_w].shape != old[last_w].shape):
         own[last_w][: enc.n_even] = old[last_w][enc.even]
         own[last_b][: enc.n_even] = old[last_b][enc.even]

@@ -203,22 +203,55 @@ class CrystalModel:
         """
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
-        key = ("mirror", axis)
+        signs = np.sign(np.diag(self.symmetry_matrix((0, 1, 2), (axis,))))
+        signs.setflags(write=False)
+        return signs
+
+    def symmetry_matrix(self, permutation: tuple[int, ...], flips: tuple[int, ...]
+                        ) -> np.ndarray:
+        """Matrix that maps a parameter vector to the crystal under a symmetry of the cube.
+
+        The symmetry is the one :func:`bcdi_bluesky.physics.cube_symmetry` applies to a
+        volume: mirror the axes in ``flips`` about index ``N // 2``, then transpose the axes
+        to ``permutation``. It maps a crystal of the model to another one (the surface
+        harmonics of each degree mix among themselves, RBF centres and phase monomials move
+        with the coordinates), acts on the normalised vector alike (the bounds are the same
+        within each mixed group), and the priors are invariant under it.
+
+        Returns
+        -------
+        ndarray
+            ``(P, P)``, orthogonal; ``params' = matrix @ params``.
+        """
+        permutation, flips = tuple(int(a) for a in permutation), tuple(sorted(set(flips)))
+        if sorted(permutation) != [0, 1, 2] or not set(flips) <= {0, 1, 2}:
+            raise ValueError(f"permutation must order (0, 1, 2) and flips name axes 0-2, got "
+                             f"{permutation!r}, {flips!r}")
+        key = ("symmetry", permutation, flips)
         if key not in self._cache:
-            signs = np.ones(self.size)
+            # r'_k = sigma_{perm[k]} r_{perm[k]}: the point that lands at r came from G^-1 r.
+            g = np.zeros((3, 3))
+            for k, a in enumerate(permutation):
+                g[k, a] = -1.0 if a in flips else 1.0
+            matrix = np.eye(self.size)
             s = self.slices
-            directions = fibonacci_directions()
-            mirrored = directions.copy()
-            mirrored[:, axis] *= -1.0
-            y = real_sph_harm(self.lmax, directions)[4:]
-            y_mirrored = real_sph_harm(self.lmax, mirrored)[4:]
-            signs[s["sh"]] = np.sign(np.sum(y * y_mirrored, axis=1))
-            centres = np.ones((self.n_rbf, 3))
-            centres[:, axis] = -1.0
-            signs[s["rbf_centre"]] = centres.ravel()
-            signs[s["phase"]] = [(-1.0) ** ex[axis] for ex in self.phase_exponents]
-            signs.setflags(write=False)
-            self._cache[key] = signs
+            d = fibonacci_directions()
+            y, y_from = (real_sph_harm(self.lmax, v)[4:] for v in (d, d @ g))  # d @ g = G^-1 d
+            matrix[s["sh"], s["sh"]] = np.linalg.lstsq(y.T, y_from.T, rcond=None)[0]
+            for k in range(self.n_rbf):
+                block = slice(s["rbf_centre"].start + 3 * k, s["rbf_centre"].start + 3 * k + 3)
+                matrix[block, block] = g
+            u = np.random.default_rng(0).normal(size=(200, 3))
+
+            def monomials(points: np.ndarray) -> np.ndarray:
+                return np.stack([np.prod(points ** np.array(ex), axis=1)
+                                 for ex in self.phase_exponents])
+
+            phase = np.linalg.lstsq(monomials(u).T, monomials(u @ g).T, rcond=None)[0]
+            matrix[s["phase"], s["phase"]] = phase
+            matrix[np.abs(matrix) < 1e-9] = 0.0
+            matrix.setflags(write=False)
+            self._cache[key] = matrix
         return self._cache[key]
 
     # ---------------------------------------------------------- conversions

@@ -124,6 +124,20 @@ def mirror(volume: np.ndarray, axes: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
     return out
 
 
+def cube_symmetry(volume: np.ndarray, permutation: tuple[int, ...] = (0, 1, 2),
+                  flips: tuple[int, ...] = ()) -> np.ndarray:
+    """Apply a symmetry of the cube to the last three axes of ``volume``.
+
+    Mirror the axes in ``flips`` about index ``N // 2`` (:func:`mirror`), then transpose the
+    axes so that axis ``k`` of the result is axis ``permutation[k]``. The 48 choices are the
+    symmetries of a centred cubic grid; on a crystal's parameters the same symmetry is
+    :meth:`CrystalModel.symmetry_matrix`.
+    """
+    out = mirror(volume, tuple(flips))
+    lead = out.ndim - 3
+    return np.transpose(out, tuple(range(lead)) + tuple(lead + int(a) for a in permutation))
+
+
 def twin_object(obj: np.ndarray) -> np.ndarray:
     """The twin ``conj(o(-r))`` on the grid (index ``i -> (N - i) mod N`` on every axis)."""
     return np.conj(mirror(obj))

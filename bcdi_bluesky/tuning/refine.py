@@ -60,6 +60,31 @@ def coarse_chi(model: CrystalModel, measured: np.ndarray,
     return lambda p: cost(coarse.intensity(coarse.denormalise(p)))
 
 
+def best_start(model: CrystalModel, starts: Sequence[np.ndarray], cost: ChiCost
+               ) -> tuple[int, float]:
+    """Index and ``chi`` of the physical parameter vector that fits the data best.
+
+    Parameters
+    ----------
+    model : CrystalModel
+        The parameter layout.
+    starts : sequence of ndarray
+        Candidate physical parameter vectors (at least one).
+    cost : ChiCost
+        ``chi`` against the data.
+
+    Returns
+    -------
+    tuple of (int, float)
+        The first best candidate's index and its ``chi``.
+    """
+    if not len(starts):
+        raise ValueError("best_start needs at least one candidate")
+    chis = [cost(model.intensity(p)) for p in starts]
+    best = int(np.argmin(chis))
+    return best, chis[best]
+
+
 class _Stop(Exception):
     """Ends a scipy search early (time budget or hook)."""
 
