@@ -49,7 +49,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"no checkpoint at {ckpt}")
     card = export(ckpt, Path(args.models_dir), args.name,
                   validation_count=args.validation_count, latent_count=args.latent_count,
-                  mirror_average=args.mirror_average)
+                  symmetry_average=args.symmetry_average)
     print(json.dumps({"name": card["name"], "sha256": card["sha256"],
                       "validation": card["validation"]}))
     return 0
@@ -271,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="explicit checkpoint file")
     p.add_argument("--models-dir", default="models")
     p.add_argument("--validation-count", type=int, default=500)
-    p.add_argument("--no-mirror-average", dest="mirror_average", action="store_false",
-                   help="export the bare network, not its average over the grid's 8 mirrors")
+    p.add_argument("--symmetry-average", default="half_turns",
+                   choices=("half_turns", "mirrors", "none"),
+                   help="average the exported network over these grid symmetries (cost: 4x, "
+                        "8x, 1x the bare network)")
     p.add_argument("--latent-count", type=int, default=2000,
                    help="prior crystals that calibrate the latent map (0: none)")
     p.set_defaults(func=_cmd_export)

@@ -145,14 +145,15 @@ def test_zoom_encoder_warm_start_keeps_the_dense_layer(tmp_path):
 def test_mirror_average_is_equivariant(model64):
     # The averaged network's prediction for a mirrored (or transposed) measurement is the
     # mirrored prediction: exactly, whatever the weights.
-    from bcdi_bluesky.model.network import MIRRORS, SymmetryAverage
+    from bcdi_bluesky.model.network import HALF_TURNS, MIRRORS, SymmetryAverage
     from bcdi_bluesky.physics import cube_symmetry
 
     config = TrainConfig(**{**SMALL, "friedel": True})
     torch.manual_seed(1)
     net = build_network(config).eval()
     enc = config.output_encoding()
-    for group in (MIRRORS, [((0, 1, 2), ()), ((1, 0, 2), ())]):
+    assert len(HALF_TURNS) == 4 and set(HALF_TURNS) < set(MIRRORS)
+    for group in (MIRRORS, HALF_TURNS, [((0, 1, 2), ()), ((1, 0, 2), ())]):
         avg = SymmetryAverage(net, enc, group).eval()
         x = torch.rand(2, 1, 32, 32, 32)
         for g in group:
@@ -190,7 +191,9 @@ def test_export_writes_a_complete_card(tmp_path):
     assert card == load_card(onnx_path)
     assert card["sha256"] == sha256_of(onnx_path)
     assert card["network"]["friedel"] is True and card["output"]["encoding"] == config.encoding
-    assert card["network"]["symmetry_average"] == 8
+    assert card["network"]["symmetry_average"] == 4
+    with pytest.raises(ValueError, match="symmetry_average"):
+        export(tmp_path / "tiny" / "last.pt", tmp_path / "models", symmetry_average="cubic")
     assert card["training"]["steps"] == 4 and card["training"]["samples"] == 8
     assert card["training"]["crystals"] == 4
     assert card["validation"]["count"] == 4 and 0.0 <= card["validation"]["iou_median"] <= 1.0

@@ -13,7 +13,7 @@ import torch
 
 from .evaluate import training_mean, validate
 from .latent import CALIBRATION_STREAM, calibrate
-from .network import MIRRORS, SymmetryAverage
+from .network import SYMMETRY_GROUPS, SymmetryAverage
 from .runtime import OnnxCrystalModel, sha256_of
 from .train import TrainConfig, build_network, load_checkpoint
 
@@ -40,24 +40,30 @@ def export_onnx(net: torch.nn.Module, grid: int, path: Path) -> None:
 
 def export(checkpoint: Path, models_dir: Path, name: str | None = None,
            validation_count: int = 500, validation_seed: int = 12345,
-           latent_count: int = 2000, mirror_average: bool = True) -> dict:
+           latent_count: int = 2000, symmetry_average: str = "half_turns") -> dict:
     """Export ``checkpoint`` to ``models_dir/<name>.onnx`` and write ``<name>.json``.
 
     The card records the input convention, the parameter layout, the training recipe, the
     validation of the exported ONNX model (not the torch one) on ``validation_count`` fresh
     crystals from the priors at 1e8 photons, CNN only, and the latent map calibrated on
-    ``latent_count`` more (0: no map; the pipeline then reports no latent). With
-    ``mirror_average`` (and a matrix encoding) the exported graph averages the network over
-    the grid's 8 mirrors (:class:`~bcdi_bluesky.model.network.SymmetryAverage`).
+    ``latent_count`` more (0: no map; the pipeline then reports no latent). With a
+    ``symmetry_average`` other than ``"none"`` (and a matrix encoding) the exported graph
+    averages the network over that group of grid symmetries
+    (:data:`~bcdi_bluesky.model.network.SYMMETRY_GROUPS`,
+    :class:`~bcdi_bluesky.model.network.SymmetryAverage`).
     """
+    if symmetry_average not in SYMMETRY_GROUPS:
+        raise ValueError(f"symmetry_average must be one of {', '.join(SYMMETRY_GROUPS)}, got "
+                         f"{symmetry_average!r}")
     state = load_checkpoint(checkpoint)
     config = TrainConfig(**state["config"])
     name = name or config.name
     net = build_network(config)
     net.load_state_dict(state["model"])
     encoding = config.output_encoding()
-    if mirror_average and hasattr(encoding, "symmetry_map"):
-        net = SymmetryAverage(net, encoding, MIRRORS)
+    group = SYMMETRY_GROUPS[symmetry_average]
+    if group and hasattr(encoding, "symmetry_map"):
+        net = SymmetryAverage(net, encoding, group)
     onnx_path = Path(models_dir) / f"{name}.onnx"
     export_onnx(net, config.grid, onnx_path)
     model = config.crystal_model()

@@ -116,6 +116,12 @@ class CrystalCNN(nn.Module):
 
 #: The 8 mirrors of the grid as ``(permutation, flips)`` (see :func:`physics.cube_symmetry`).
 MIRRORS = tuple(((0, 1, 2), tuple(a for a in range(3) if code >> a & 1)) for code in range(8))
+#: The identity and the half turns about the three axes (pairs of mirrors): a subgroup of
+#: :data:`MIRRORS` with half its cost and nearly all its gain (median IoU on 128 validation
+#: crystals: bare 0.792, half turns 0.797, all mirrors 0.798).
+HALF_TURNS = tuple(g for g in MIRRORS if len(g[1]) % 2 == 0)
+#: Symmetry averages that :func:`bcdi_bluesky.model.export.export` offers, by name.
+SYMMETRY_GROUPS = {"none": (), "half_turns": HALF_TURNS, "mirrors": MIRRORS}
 
 
 class SymmetryAverage(nn.Module):
