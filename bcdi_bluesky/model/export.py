@@ -134,7 +134,8 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
     }
     if latent_count:
         calibration_seed = 0
-        latent = calibrate(runtime.predict, model, count=latent_count, seed=calibration_seed)
+        latent = calibrate(runtime.predict, model, count=latent_count, seed=calibration_seed,
+                           twin_variants=runtime.encoding.twin_variants)
         card["latent"] = {**latent.to_dict(), "calibration": {
             "crystals": latent_count, "seed": calibration_seed,
             "stream": f"calibration ({CALIBRATION_STREAM})",

@@ -84,11 +84,18 @@ def latent_vector(normalised: np.ndarray, chi: float) -> np.ndarray:
 
 
 def calibrate(predict: Callable[[np.ndarray], np.ndarray], model: CrystalModel,
-              count: int = 2000, seed: int = 0, batch: int = 16) -> LatentMap:
+              count: int = 2000, seed: int = 0, batch: int = 16,
+              twin_variants: Callable[[np.ndarray], list[np.ndarray]] | None = None
+              ) -> LatentMap:
     """Run ``predict`` on ``count`` fresh prior crystals (their photon counts drawn from the
-    prior too) and fit the map."""
+    prior too) and fit the map.
+
+    ``twin_variants`` (the model's ``encoding.twin_variants``) gives the candidates among
+    which the data choose, as the pipeline does: the latent of a scan is then the same
+    function of its prediction here and there.
+    """
     from ..preprocess import fit_to_grid
-    from ..tuning.refine import ChiCost
+    from ..tuning.refine import ChiCost, best_start
 
     prior = CrystalPrior(model)
     latents = []
@@ -98,7 +105,9 @@ def calibrate(predict: Callable[[np.ndarray], np.ndarray], model: CrystalModel,
         preds = np.atleast_2d(predict(np.stack([s.inputs for s in samples])))
         for s, pred in zip(samples, preds, strict=True):
             prepared = fit_to_grid(s.counts, model.n)
-            chi = ChiCost(prepared.intensity, prepared.mask)(
-                model.intensity(model.denormalise(pred.astype(np.float64))))
-            latents.append(latent_vector(pred, chi))
+            candidates = (twin_variants(pred.astype(np.float64)) if twin_variants
+                          else [pred.astype(np.float64)])
+            best, chi = best_start(model, [model.denormalise(v) for v in candidates],
+                                   ChiCost(prepared.intensity, prepared.mask))
+            latents.append(latent_vector(candidates[best], chi))
     return fit_latent_map(np.array(latents))
