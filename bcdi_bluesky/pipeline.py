@@ -18,7 +18,7 @@ from .model.runtime import OnnxCrystalModel
 from .physics import CrystalModel, check_mask, check_volume, intensity
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
 from .tuning.phase_retrieval import seeded_polish
-from .tuning.refine import ChiCost, best_start, fit_odd_shape, refine_crystal
+from .tuning.refine import ChiCost, best_start, best_twin_variant, fit_odd_shape, refine_crystal
 
 REFINE_MODES = ("none", "es", "full")
 
@@ -231,13 +231,9 @@ class Reconstructor:
         t = time.perf_counter()
         predicted = self.runtime.predict(x).astype(np.float64)
         chi_of = ChiCost(prepared.intensity, prepared.mask)
-        # The network gives each family of twin-odd parameters up to its own sign; the
-        # data choose their relative signs (one forward model per candidate).
-        candidates = [self.model.denormalise(v)
-                      for v in self.runtime.encoding.twin_variants(predicted)]
-        best, cnn_chi = best_start(self.model, candidates, chi_of)
-        params = candidates[best]
-        latent = self.model.normalise(params)
+        latent, cnn_chi = best_twin_variant(
+            self.model, self.runtime.encoding.twin_variants(predicted), chi_of)
+        params = self.model.denormalise(latent)
         timings["inference"] = time.perf_counter() - t
         stage_chi = {"cnn": cnn_chi}
         latent_map = self.runtime.latent_map

@@ -177,7 +177,7 @@ class TwinBlockEncoding(TwinInvariantEncoding):
     matrix adds) show in the intensity only through the strain. Per family the shape's
     asymmetry is a target of its own, observable in unstrained crystals too; the relative sign
     of the families is lost, and the refinement chooses it against the data
-    (:func:`bcdi_bluesky.tuning.best_start` over :meth:`twin_variants`).
+    (:func:`bcdi_bluesky.tuning.best_twin_variant` over :meth:`twin_variants`).
     """
 
     name = TWIN_BLOCKS

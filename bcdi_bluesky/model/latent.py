@@ -95,7 +95,7 @@ def calibrate(predict: Callable[[np.ndarray], np.ndarray], model: CrystalModel,
     function of its prediction here and there.
     """
     from ..preprocess import fit_to_grid
-    from ..tuning.refine import ChiCost, best_start
+    from ..tuning.refine import ChiCost, best_twin_variant
 
     prior = CrystalPrior(model)
     latents = []
@@ -105,9 +105,9 @@ def calibrate(predict: Callable[[np.ndarray], np.ndarray], model: CrystalModel,
         preds = np.atleast_2d(predict(np.stack([s.inputs for s in samples])))
         for s, pred in zip(samples, preds, strict=True):
             prepared = fit_to_grid(s.counts, model.n)
-            candidates = (twin_variants(pred.astype(np.float64)) if twin_variants
-                          else [pred.astype(np.float64)])
-            best, chi = best_start(model, [model.denormalise(v) for v in candidates],
-                                   ChiCost(prepared.intensity, prepared.mask))
-            latents.append(latent_vector(candidates[best], chi))
+            pred = pred.astype(np.float64)
+            latent, chi = best_twin_variant(
+                model, twin_variants(pred) if twin_variants else [pred],
+                ChiCost(prepared.intensity, prepared.mask))
+            latents.append(latent_vector(latent, chi))
     return fit_latent_map(np.array(latents))

@@ -9,6 +9,13 @@ from torch import nn
 from ..physics import CrystalModel
 
 
+def _mirror(x: torch.Tensor, axes) -> torch.Tensor:
+    """Mirror spatial axes ``axes`` (0 = z) of ``(B, C, N, N, N)`` about index ``N // 2``
+    (index ``i -> (N - i) mod N``, as :func:`bcdi_bluesky.physics.mirror`)."""
+    dims = tuple(2 + a for a in axes)
+    return torch.roll(torch.flip(x, dims), shifts=(1,) * len(dims), dims=dims) if dims else x
+
+
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     """Stride-2 downsampling conv followed by a same-size conv, each with BatchNorm + ReLU."""
     return nn.Sequential(
@@ -99,10 +106,8 @@ class CrystalCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, N, N, N)`` inputs -> ``(B, n_params)`` outputs."""
         if self.friedel:
-            # I(-q): point reflection about the peak at index N // 2 (i -> N - i).
-            dims = (2, 3, 4)
-            opposite = torch.roll(torch.flip(x, dims), shifts=(1, 1, 1), dims=dims)
-            x = torch.cat([x, x - opposite], dim=1)
+            # I(-q): point reflection about the peak at index N // 2.
+            x = torch.cat([x, x - _mirror(x, (0, 1, 2))], dim=1)
         features = self.encoder(x).flatten(1)
         if self.zoom:
             lo = x.shape[-1] // 2 - self.zoom // 2
@@ -153,15 +158,10 @@ class SymmetryAverage(nn.Module):
         self.register_buffer("unmaps", torch.tensor(np.array(unmaps), dtype=torch.float32))
         self.config = {**getattr(net, "config", {}), "symmetry_average": len(self.symmetries)}
 
-    @staticmethod
-    def _view(x: torch.Tensor, permutation: tuple, flips: tuple) -> torch.Tensor:
-        for a in flips:
-            x = torch.roll(torch.flip(x, (2 + a,)), 1, 2 + a)
-        return x.permute(0, 1, *(2 + a for a in permutation))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, N, N, N)`` inputs -> ``(B, K)`` mean encoded outputs."""
-        views = torch.cat([self._view(x, p, f) for p, f in self.symmetries], dim=0)
+        views = torch.cat([_mirror(x, f).permute(0, 1, *(2 + a for a in p))
+                           for p, f in self.symmetries], dim=0)
         y = self.net(views).reshape(len(self.symmetries), x.shape[0], -1)
         return torch.einsum("gbk,gjk->bj", y, self.unmaps) / len(self.symmetries)
 

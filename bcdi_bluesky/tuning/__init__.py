@@ -3,7 +3,15 @@ phase-retrieval polish."""
 
 from .extremum_seeking import ESResult, ExtremumSeeker, StepHook
 from .phase_retrieval import PolishResult, polish, seeded_polish
-from .refine import ChiCost, RefineResult, best_start, fit_odd_shape, refine_crystal
+from .refine import (
+           ChiCost,
+           RefineResult,
+           best_start,
+           best_twin_variant,
+           fit_odd_shape,
+           refine_crystal,
+)
 
 __all__ = ["ChiCost", "ESResult", "ExtremumSeeker", "PolishResult", "RefineResult", "StepHook",
-           "best_start", "fit_odd_shape", "polish", "refine_crystal", "seeded_polish"]
+           "best_start", "best_twin_variant",
+           "fit_odd_shape", "polish", "refine_crystal", "seeded_polish"]

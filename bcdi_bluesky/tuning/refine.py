@@ -85,6 +85,17 @@ def best_start(model: CrystalModel, starts: Sequence[np.ndarray], cost: ChiCost
     return best, chis[best]
 
 
+def best_twin_variant(model: CrystalModel, variants: Sequence[np.ndarray], cost: ChiCost
+                      ) -> tuple[np.ndarray, float]:
+    """The normalised candidate (``encoding.twin_variants``) whose crystal fits best, and its chi.
+
+    The CNN gives each family of twin-odd parameters up to its own sign; the data choose
+    their relative signs (one forward model per candidate, :func:`best_start`).
+    """
+    best, chi = best_start(model, [model.denormalise(v) for v in variants], cost)
+    return variants[best], chi
+
+
 class _Stop(Exception):
     """Ends a scipy search early (time budget or hook)."""
 
