@@ -159,6 +159,55 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reprocess(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .beamline import DerivedRunPublisher, ResultFileWriter
+    from .beamline import tiled as tiled_runs
+    from .beamline.scaleout import ReconstructorSpec, connect_dask, dask_executor
+
+    client = tiled_runs.connect(args.tiled, args.api_key)
+    uids = args.uids or tiled_runs.recent_runs(client, args.last, args.stream, args.image_key)
+    spec = ReconstructorSpec(model_path=args.model)
+    dask_client = None
+    if args.dask:
+        try:
+            dask_client = connect_dask(args.dask)
+        except (ImportError, OSError) as exc:
+            raise UserError(f"--dask {args.dask}: {exc}") from None
+        executor = dask_executor(dask_client, spec)
+        window = 2 * max(len(dask_client.scheduler_info()["workers"]), 1)
+    else:
+        executor, window = ThreadPoolExecutor(max_workers=1), 2
+    # (JSON key of what a publisher returns, publisher)
+    publishers: list = [("output", ResultFileWriter(args.output))] if args.output else []
+    if args.write_back:
+        publishers.append(("derived_uid",
+                           DerivedRunPublisher(tiled_runs.derived_run_writer(client))))
+    failed = 0
+    try:
+        for outcome in tiled_runs.reprocess(
+                client, uids, executor, spec, refine=args.refine, image_key=args.image_key,
+                motor_key=args.motor_key, stream_name=args.stream, window=window,
+                timeout=args.timeout):
+            line = {"uid": outcome.uid, "scan_id": outcome.start.get("scan_id")}
+            if outcome.error:
+                failed += 1
+                line.update(status="failed", message=outcome.error)
+            else:
+                line.update(status="done", **outcome.result.summary(),
+                            worker=outcome.result.metadata.get("worker"))
+                for key, publish in publishers:
+                    line[key] = str(publish(outcome.result, outcome.start))
+            print(json.dumps(line), flush=True)
+    finally:
+        if dask_client is None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        else:
+            dask_client.close()
+    return 1 if failed else 0
+
+
 def _cmd_ioc(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -229,6 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
     p.add_argument("--prefix", default=None, help="also serve the results as PVs (e.g. BCDI:)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("reprocess", help="reconstruct runs stored in a Tiled server")
+    p.add_argument("--tiled", required=True, metavar="URL", help="the Tiled server")
+    p.add_argument("--api-key", default=None, help="Tiled API key (default: $TILED_API_KEY)")
+    p.add_argument("uids", nargs="*", metavar="UID",
+                   help="runs to reconstruct (default: the --last most recent raw runs)")
+    p.add_argument("--last", type=int, default=10,
+                   help="without UIDs: this many of the most recent completed runs that have "
+                        "frames and are not themselves reconstructions")
+    p.add_argument("--dask", default=None, metavar="SCHEDULER",
+                   help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)")
+    p.add_argument("--output", default=None, help="folder for one CXI result file per run")
+    p.add_argument("--write-back", action="store_true",
+                   help="write each result into the same server as a run with parent_uid")
+    p.add_argument("--refine", choices=("none", "es", "full"), default="full")
+    p.add_argument("--image-key", default="det_image")
+    p.add_argument("--motor-key", default="theta")
+    p.add_argument("--stream", default="primary", help="event stream holding the frames")
+    p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                   help="a run with no result after S seconds is reported failed")
+    p.set_defaults(func=_cmd_reprocess)
 
     p = sub.add_parser("ioc", help="run the reconstruction IOC alone")
     p.add_argument("--prefix", default="BCDI:")

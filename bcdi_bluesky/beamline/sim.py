@@ -213,6 +213,84 @@ class FileBackedBCDIDetector(BCDIDetector):
         return out
 
 
+class HDF5StreamBCDIDetector(BCDIDetector):
+    """The same detector, writing its frames the way modern area detectors (ophyd-async) do:
+    appended to one HDF5 dataset per run, announced by one StreamResource and a StreamDatum
+    per frame; the events carry no frame.
+
+    Each staging opens ``<save_path>/<uid>.h5`` with the frames in ``/entry/data/data``
+    (chunked one frame per chunk, flushed after every frame so readers see it at once); the
+    file is closed at unstage.
+    """
+
+    dataset = "/entry/data/data"
+
+    def __init__(self, *args, save_path: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_path = save_path or tempfile.mkdtemp(prefix="bcdi_frames_")
+        self._asset_docs: deque = deque()
+        self._file = None
+        self._resource_uid: str | None = None
+        self._path: str | None = None
+        self._announced = False
+
+    def stage(self):
+        import h5py
+
+        self._resource_uid = str(uuid.uuid4())
+        self._path = os.path.join(self.save_path, f"{self._resource_uid}.h5")
+        self._file = h5py.File(self._path, "w", libver="latest")
+        self._file.create_dataset(self.dataset, shape=(0, *self.frame_shape),
+                                  maxshape=(None, *self.frame_shape), dtype="float32",
+                                  chunks=(1, *self.frame_shape))
+        self._announced = False
+        return super().stage()
+
+    def unstage(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._resource_uid = None
+        return super().unstage()
+
+    def trigger(self) -> DeviceStatus:
+        if self._file is None:
+            raise RuntimeError(f"{self.name} must be staged before it is triggered")
+        status = super().trigger()
+        data = self._file[self.dataset]
+        index = data.shape[0]
+        data.resize(index + 1, axis=0)
+        data[index] = self.image.get()
+        self._file.flush()
+        if not self._announced:
+            self._announced = True
+            self._asset_docs.append(("stream_resource", {
+                "uid": self._resource_uid, "data_key": f"{self.name}_image",
+                "mimetype": "application/x-hdf5", "uri": f"file://localhost{self._path}",
+                "parameters": {"dataset": self.dataset, "chunk_shape": [1, *self.frame_shape]}}))
+        self._asset_docs.append(("stream_datum", {
+            "uid": f"{self._resource_uid}/{index}", "stream_resource": self._resource_uid,
+            "descriptor": "", "indices": {"start": index, "stop": index + 1},
+            "seq_nums": {"start": 0, "stop": 0}}))
+        return status
+
+    def collect_asset_docs(self):
+        while self._asset_docs:
+            yield self._asset_docs.popleft()
+
+    def read(self):
+        out = super().read()
+        out.pop(f"{self.name}_image")  # the frame travels by StreamDatum
+        return out
+
+    def describe(self):
+        out = super().describe()
+        key = f"{self.name}_image"
+        out[key] = {**out[key], "external": "STREAM:", "dtype": "array",
+                    "dtype_numpy": np.dtype("float32").str, "shape": list(self.frame_shape)}
+        return out
+
+
 class SimulatedBeamline:
     """The embedded default beamline: a hidden crystal, the ``theta`` motor and ``det``.
 
@@ -224,8 +302,10 @@ class SimulatedBeamline:
         Offset of the Bragg peak from the nominal angle (degrees).
     frame_shape : tuple of int
         Detector pixels (larger than the pattern).
-    file_backed : bool
-        Deliver frames as files with Resource/Datum documents (:class:`FileBackedBCDIDetector`).
+    file_backed : bool or {"npy", "hdf5"}
+        Deliver frames as files: ``True`` or ``"npy"``, one file per frame with Resource/Datum
+        documents (:class:`FileBackedBCDIDetector`); ``"hdf5"``, one HDF5 file per run with
+        StreamResource/StreamDatum documents (:class:`HDF5StreamBCDIDetector`).
     save_path : str, optional
         Folder of the file-backed detector's frames (default: a new temporary folder).
     beam_centre : tuple of float
@@ -235,7 +315,7 @@ class SimulatedBeamline:
     """
 
     def __init__(self, seed: int = 0, misalignment: float = 0.0, frame_shape=(96, 96),
-                 file_backed: bool = False, save_path: str | None = None,
+                 file_backed: bool | str = False, save_path: str | None = None,
                  beam_centre: tuple[float, float] = (0.0, 0.0), **crystal_kwargs) -> None:
         self.crystal = HiddenCrystal(seed=seed, misalignment=misalignment, **crystal_kwargs)
         self.theta = SynAxis(name="theta", value=self.crystal.bragg_theta)
@@ -248,8 +328,12 @@ class SimulatedBeamline:
         common = {"name": "det", "crystal": self.crystal, "motor": self.theta,
                   "frame_shape": frame_shape, "seed": seed + 1,
                   "illumination": self.illumination}
-        self.det = (FileBackedBCDIDetector(save_path=save_path, **common) if file_backed
-                    else BCDIDetector(**common))
+        if file_backed == "hdf5":
+            self.det = HDF5StreamBCDIDetector(save_path=save_path, **common)
+        elif file_backed:
+            self.det = FileBackedBCDIDetector(save_path=save_path, **common)
+        else:
+            self.det = BCDIDetector(**common)
 
     def illumination(self) -> float:
         """Fraction of the beam's peak flux on the crystal at the sample stage's readbacks."""

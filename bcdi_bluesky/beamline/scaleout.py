@@ -1,0 +1,156 @@
+"""Reconstructions on an executor: a warm Reconstructor per process, and Dask's executor.
+
+Any :class:`concurrent.futures.Executor` can run :func:`reconstruct_volume`: a thread pool,
+a Dask ``distributed`` cluster through ``Client.get_executor()`` (:func:`dask_executor`), or
+a remote-function service with the same interface. The task takes the volume, the refinement
+mode, the settings and a :class:`ReconstructorSpec` (which model, which providers), and finds
+the :class:`~bcdi_bluesky.pipeline.Reconstructor` in a per-process cache: the model is loaded
+once per worker process, not once per scan. :class:`WarmReconstructorPlugin` loads it when a
+Dask worker starts, so that the first scan does not pay for it either.
+
+Dask itself does the scheduling, the retries (``retries=1`` per task: a task that raised is
+run once more) and the recovery from a lost worker (its tasks are run again elsewhere); this
+module adds no queue of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..pipeline import ReconstructionResult, Reconstructor
+    from ..settings import ReconstructionSettings
+
+try:  # the plugin needs distributed; the rest of the module (thread pools) does not
+    from distributed import WorkerPlugin
+except ImportError:  # pragma: no cover - the `distributed` extra is not installed
+    WorkerPlugin = object
+
+#: Runs of a Dask task after the first that raised (a worker lost mid-task is recovered by
+#: Dask separately, up to its ``distributed.scheduler.allowed-failures``).
+DASK_RETRIES = 1
+
+
+@dataclass(frozen=True)
+class ReconstructorSpec:
+    """Which Reconstructor a worker process builds (picklable, hashable: the cache key).
+
+    Parameters
+    ----------
+    model_path : str, optional
+        ONNX model (default: the packaged one).
+    providers : tuple of str, optional
+        ONNX Runtime providers in order of preference (default: the Reconstructor's).
+    threads : int, optional
+        ONNX Runtime CPU threads.
+    """
+
+    model_path: str | None = None
+    providers: tuple[str, ...] | None = None
+    threads: int | None = None
+
+    @classmethod
+    def of(cls, reconstructor: Reconstructor | None) -> ReconstructorSpec:
+        """The spec that rebuilds ``reconstructor``'s model elsewhere (None: the default)."""
+        from ..model.runtime import default_model_path
+
+        path = None if reconstructor is None else getattr(reconstructor.runtime, "path", None)
+        # The packaged model stays None: a worker finds its own installed copy.
+        if path is None or path == default_model_path():
+            return cls()
+        return cls(model_path=str(path))
+
+
+_cache: dict[ReconstructorSpec, Reconstructor] = {}
+_cache_lock = threading.Lock()
+
+
+def warm_reconstructor(spec: ReconstructorSpec) -> Reconstructor:
+    """This process's Reconstructor for ``spec``, built on first use."""
+    with _cache_lock:
+        reconstructor = _cache.get(spec)
+        if reconstructor is None:
+            from ..pipeline import Reconstructor
+
+            reconstructor = Reconstructor(spec.model_path, providers=spec.providers,
+                                          threads=spec.threads)
+            _cache[spec] = reconstructor
+        return reconstructor
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process (which worker made a result)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def reconstruct_volume(spec: ReconstructorSpec, volume: np.ndarray, refine: str,
+                       settings: ReconstructionSettings | None = None,
+                       mask: np.ndarray | None = None) -> ReconstructionResult:
+    """The task an executor runs: reconstruct ``volume`` with this process's warm model.
+
+    The result's ``metadata["worker"]`` names the process that made it. Progress hooks do not
+    cross process boundaries, so none is called.
+    """
+    result = warm_reconstructor(spec).reconstruct(volume, mask, refine=refine,
+                                                  settings=settings)
+    result.metadata["worker"] = worker_name()
+    return result
+
+
+class WarmReconstructorPlugin(WorkerPlugin):
+    """Dask worker plugin: load the model when a worker starts (or joins later).
+
+    Register it with ``client.register_plugin(WarmReconstructorPlugin(spec))``;
+    :func:`dask_executor` does.
+    """
+
+    def __init__(self, spec: ReconstructorSpec) -> None:
+        self.spec = spec
+        self.name = f"bcdi-warm-reconstructor-{hash(spec) & 0xFFFFFFFF:08x}"
+
+    def setup(self, worker: Any) -> None:
+        """Build this worker's Reconstructor (idempotent: the cache keeps one per process)."""
+        warm_reconstructor(self.spec)
+
+
+def dask_executor(client: Any, spec: ReconstructorSpec | None = None) -> Executor:
+    """A ``concurrent.futures`` executor on a Dask cluster, with warm workers.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Connected with ``set_as_default=False`` (otherwise every dask computation of the
+        process, Tiled's array reads included, would run on the cluster).
+    spec : ReconstructorSpec, optional
+        The model the workers load now (default: the packaged one).
+
+    Returns
+    -------
+    concurrent.futures.Executor
+        ``client.get_executor(retries=DASK_RETRIES, pure=False)``: every submitted task
+        runs, even for equal inputs.
+    """
+    client.register_plugin(WarmReconstructorPlugin(spec or ReconstructorSpec()))
+    return client.get_executor(retries=DASK_RETRIES, pure=False)
+
+
+def connect_dask(address: str, timeout: float = 30.0) -> Any:
+    """A ``distributed.Client`` for the scheduler at ``address``, not the default scheduler.
+
+    Raises
+    ------
+    ImportError
+        ``distributed`` is not installed (extra ``distributed``).
+    OSError
+        No scheduler answered within ``timeout`` seconds.
+    """
+    from distributed import Client
+
+    return Client(address, set_as_default=False, timeout=timeout)

@@ -1,0 +1,249 @@
+"""Tiled as the source and the sink of runs: read rocking scans, write reconstructions back.
+
+Runs written by bluesky-tiled-plugins' ``TiledWriter`` are containers keyed by their uid,
+with the start and stop documents in ``metadata["start"]`` and ``metadata["stop"]`` and one
+container per event stream. The frames are read from the stream's array node
+(``run[stream][image_key]``): the server serves them, whether the events carried them or an
+HDF5 file announced by a StreamResource holds them, so this host needs no access to the
+detector's files. Reconstructions go back as derived runs (start metadata ``parent_uid``)
+through the same ``TiledWriter``.
+
+Live follow (:func:`follow_runs`) listens to the server's WebSocket stream of the root
+container: when ``TiledWriter`` adds the stop document to a run's metadata, the run is
+complete and is read. This needs a server with a streaming cache (``tiled serve ... --temp``
+has one in memory; a deployed server is given ``--cache``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .recommend import voxel_size_nm
+from .scaleout import ReconstructorSpec, reconstruct_volume
+
+log = logging.getLogger(__name__)
+
+#: The plan name of the derived runs (:class:`~bcdi_bluesky.beamline.DerivedRunPublisher`).
+DERIVED_PLAN_NAME = "bcdi_reconstruction"
+
+
+def connect(url: str, api_key: str | None = None) -> Any:
+    """A Tiled client for ``url`` (numpy arrays, no dask).
+
+    Raises
+    ------
+    DataError
+        No server answered, or it refused the key.
+    """
+    from tiled.client import from_uri
+
+    try:
+        return from_uri(url, api_key=api_key, remember_me=False)
+    except Exception as exc:  # httpx and tiled raise several kinds; all mean "cannot use it"
+        raise DataError(f"cannot connect to Tiled at {url}: {type(exc).__name__}: {exc}"
+                        ) from None
+
+
+@dataclass
+class TiledRun:
+    """One rocking scan read from Tiled: the frames stacked in rocking-angle order."""
+
+    uid: str
+    start: dict
+    volume: np.ndarray  # float32, (frames, rows, columns)
+    thetas: np.ndarray
+
+
+def is_derived(start: dict) -> bool:
+    """True for a run that is itself a reconstruction (it has a ``parent_uid``)."""
+    return "parent_uid" in start
+
+
+def recent_runs(client: Any, last: int, stream_name: str = "primary",
+                image_key: str = "det_image") -> list[str]:
+    """The uids of the ``last`` most recent completed raw runs with frames, oldest first.
+
+    Derived runs (a ``parent_uid`` in their start) and runs without a stop document or
+    without ``image_key`` in ``stream_name`` are passed over.
+    """
+    uids: list[str] = []
+    # Newest first: a container lists its children in the order they were written.
+    for uid in reversed(list(client.keys())):
+        if len(uids) >= last:
+            break
+        run = client[uid]
+        metadata = run.metadata
+        if is_derived(metadata.get("start", {})) or not metadata.get("stop"):
+            continue
+        if stream_name in run and image_key in run[stream_name]:
+            uids.append(uid)
+    return uids[::-1]
+
+
+def read_run(client: Any, uid: str, image_key: str = "det_image", motor_key: str = "theta",
+             stream_name: str = "primary") -> TiledRun:
+    """Read the frames and rocking angles of run ``uid`` through Tiled.
+
+    Raises
+    ------
+    DataError
+        No such run, no such stream or key, or frames and angles that do not match.
+    """
+    try:
+        run = client[uid]
+    except KeyError:
+        raise DataError(f"no run {uid!r} in the Tiled catalog") from None
+    start = dict(run.metadata.get("start", {}))
+    try:
+        stream = run[stream_name]
+    except KeyError:
+        raise DataError(f"run {uid}: no stream {stream_name!r}") from None
+    missing = [key for key in (image_key, motor_key) if key not in stream]
+    if missing:
+        raise DataError(f"run {uid}: stream {stream_name!r} has no {', '.join(missing)}")
+    # The array nodes, not stream.read(): that goes through xarray, which trips on the
+    # duplicated dimension names of the frames.
+    frames = np.asarray(stream[image_key].read(), dtype=np.float32)
+    thetas = np.asarray(stream[motor_key].read(), dtype=np.float64)
+    if frames.ndim != 3 or frames.shape[0] != thetas.shape[0] or frames.shape[0] == 0:
+        raise DataError(f"run {uid}: {frames.shape[0] if frames.ndim else 0} frames of shape "
+                        f"{frames.shape[1:]} for {thetas.shape[0]} rocking angles")
+    order = np.argsort(thetas, kind="stable")
+    return TiledRun(uid, start, frames[order], thetas[order])
+
+
+def annotate(result: Any, start: dict) -> None:
+    """Write the scan's identity and voxel size into ``result.metadata`` (as the callback)."""
+    voxel = voxel_size_nm(start.get("bcdi", {}), result.object.shape)
+    result.metadata.update(uid=start.get("uid"), scan_id=start.get("scan_id"),
+                           voxel_size_nm=None if voxel is None else voxel.tolist())
+
+
+def derived_run_writer(client: Any) -> Callable[[str, dict], None]:
+    """An ``emit(name, doc)`` that writes documents into ``client`` with ``TiledWriter``."""
+    from bluesky_tiled_plugins import TiledWriter
+
+    return TiledWriter(client)
+
+
+@dataclass
+class Outcome:
+    """What became of one run in :func:`reprocess`: a result, or the reason there is none."""
+
+    uid: str
+    start: dict
+    result: Any = None
+    error: str = ""
+
+
+def reprocess(client: Any, uids: Sequence[str], executor: Executor,
+              spec: ReconstructorSpec | None = None, *, refine: str = "full",
+              settings: Any = None, image_key: str = "det_image", motor_key: str = "theta",
+              stream_name: str = "primary", window: int = 4,
+              timeout: float | None = 3600.0) -> Iterator[Outcome]:
+    """Reconstruct Tiled runs on ``executor``; yield one :class:`Outcome` per uid, in order.
+
+    Up to ``window`` runs are read and in the executor's hands at once (memory stays bounded
+    on a long list; the executor decides where they run). A run that cannot be read, a task
+    that raised (after the executor's retries) or that gave no answer within ``timeout``
+    seconds gives an outcome with ``error`` set; the others go on.
+    """
+    spec = spec or ReconstructorSpec()
+    pending: list[tuple[str, dict, Future | None, str]] = []
+
+    def settle(uid: str, start: dict, future: Future | None, error: str) -> Outcome:
+        if future is None:
+            return Outcome(uid, start, error=error)
+        try:
+            result = future.result(timeout=timeout)
+        except TimeoutError:
+            future.cancel()
+            return Outcome(uid, start, error=f"no result within {timeout:g} s")
+        except Exception as exc:
+            return Outcome(uid, start, error=f"{type(exc).__name__}: {exc}")
+        annotate(result, start)
+        return Outcome(uid, start, result)
+
+    for uid in uids:
+        try:
+            run = read_run(client, uid, image_key, motor_key, stream_name)
+        except DataError as exc:
+            pending.append((uid, {"uid": uid}, None, str(exc)))
+        else:
+            pending.append((uid, run.start, executor.submit(
+                reconstruct_volume, spec, run.volume, refine, settings), ""))
+        while len(pending) >= max(window, 1):
+            yield settle(*pending.pop(0))
+    while pending:
+        yield settle(*pending.pop(0))
+
+
+class RunFollower:
+    """Call ``on_run(uid)`` for every run that completes on a Tiled server, live.
+
+    It subscribes to the root container's WebSocket stream; ``TiledWriter`` adds the stop
+    document to a run's metadata when the run ends, which arrives here as a metadata update.
+    Derived runs are passed over. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, client: Any, on_run: Callable[[str], None]) -> None:
+        self.on_run = on_run
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self.subscription = client.subscribe()
+        self.subscription.child_metadata_updated.add_callback(self._updated)
+        self.subscription.start_in_thread()
+
+    def _updated(self, update: Any) -> None:
+        metadata = update.metadata or {}
+        if not metadata.get("stop") or is_derived(metadata.get("start", {})):
+            return
+        with self._lock:
+            if update.key in self._seen:
+                return
+            self._seen.add(update.key)
+        try:
+            self.on_run(update.key)
+        except Exception:  # a failing consumer must not end the subscription
+            log.exception("handling run %s failed", update.key)
+
+    def close(self) -> None:
+        """Stop listening."""
+        self.subscription.disconnect()
+
+    def __enter__(self) -> RunFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for_server(url: str, timeout: float = 30.0) -> None:
+    """Block until a Tiled server at ``url`` answers ``GET /api/v1/`` (no key needed).
+
+    Raises
+    ------
+    DataError
+        It did not answer within ``timeout`` seconds.
+    """
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/", timeout=2):
+                return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise DataError(f"no Tiled server at {url} after {timeout:g} s: {exc}"
+                                ) from None
+            time.sleep(0.2)
