@@ -60,6 +60,7 @@ class _FailsOnce:
 
     def __init__(self, real):
         self.real, self.calls = real, 0
+        self.settings = real.settings
 
     def reconstruct(self, volume, **kwargs):
         self.calls += 1
@@ -89,6 +90,7 @@ def test_aborted_scan_is_not_reconstructed(RE, make_callback):
 
     class Calls:
         n = 0
+        settings = {}
 
         def reconstruct(self, volume, **kwargs):
             Calls.n += 1
@@ -147,6 +149,8 @@ def _documents(frames_by_theta, image_key="det_image", motor_key="theta", page=T
 
 
 class _Capture:
+    settings = {}
+
     def __init__(self, gate=None):
         self.volumes, self.gate = [], gate
 
