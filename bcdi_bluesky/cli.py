@@ -134,11 +134,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         def failure(self, message: str, start_doc: dict) -> None:
             print(json.dumps({"uid": start_doc["uid"], "scan_id": start_doc.get("scan_id"),
-                              "status": "failed", "message": message}), flush=True)
+                              "status": "not reconstructed", "message": message}),
+                  flush=True)
 
-    # stdout carries the JSON lines only; everything else goes to stderr through logging.
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         dispatcher = RemoteDispatcher(
             args.zmq, deserializer=pickle.loads if args.allow_pickle else deserializer,
@@ -151,6 +149,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         reconstructor = Reconstructor(args.model)
     except ModelError as exc:
         raise UserError(str(exc)) from None
+    # stdout carries the JSON lines only; everything else goes to stderr through logging.
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     publishers: list = [Report()]
     if args.output:
         publishers.append(ResultFileWriter(args.output))
