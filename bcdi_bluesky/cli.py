@@ -154,13 +154,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # stdout carries the JSON lines only; everything else goes to stderr through logging.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    publishers: list = [Report()]
-    if args.output:
-        publishers.append(ResultFileWriter(args.output))
+    publishers: list = [ResultFileWriter(args.output)] if args.output else []
     if args.prefix:
         from .epics import IOCPublisher
 
         publishers.append(IOCPublisher(prefix=args.prefix))
+    publishers.append(Report())  # last: its line says that the other publishers are done
     callback = BCDIReconstructionCallback(
         image_key=args.image_key, motor_key=args.motor_key, publishers=publishers,
         reconstructor=reconstructor, refine=args.refine, run_timeout=args.run_timeout,

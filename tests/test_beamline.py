@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from event_model import compose_run
 
-from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
+from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings, Reconstructor
 from bcdi_bluesky.beamline import Publisher, SimulatedBeamline, rocking_scan
 from bcdi_bluesky.physics import compare_objects
 from bcdi_bluesky.pipeline import to_model_grid
@@ -91,7 +91,7 @@ def test_aborted_scan_is_not_reconstructed(RE, make_callback):
 
     class Calls:
         n = 0
-        settings = {}
+        settings = ReconstructionSettings()
 
         def reconstruct(self, volume, **kwargs):
             Calls.n += 1
@@ -150,7 +150,7 @@ def _documents(frames_by_theta, image_key="det_image", motor_key="theta", page=T
 
 
 class _Capture:
-    settings = {}
+    settings = ReconstructionSettings()
 
     def __init__(self, gate=None):
         self.volumes, self.gate = [], gate
@@ -451,7 +451,7 @@ class _Fake:
     """A reconstructor that returns :class:`_FakeResult`, calls the progress hook a few
     times, and raises ``fail`` on its first call when given."""
 
-    settings = {}
+    settings = ReconstructionSettings()
 
     def __init__(self, fail=None, gate=None):
         self.fail, self.gate, self.calls, self.settings_seen = fail, gate, 0, []
@@ -567,10 +567,11 @@ def test_a_failing_progress_hook_is_noted_once(make_callback):
 def test_hooks_are_called_in_order_and_settings_chain(make_callback):
     class Shorter(Publisher):
         def configure(self, settings, start_doc):
-            return {**settings, "es_time_budget_s": 1.0}
+            return settings.replace(es_time_budget_s=1.0)
 
     class SkipDark(Publisher):
-        seen = []
+        def __init__(self):
+            self.seen = []
 
         def configure(self, settings, start_doc):
             self.seen.append(settings)
@@ -578,15 +579,17 @@ def test_hooks_are_called_in_order_and_settings_chain(make_callback):
 
     hooks, plain = _Hooks(), []
     fake = _Fake()
-    cb = make_callback(reconstructor=fake, publishers=[hooks, Shorter(), SkipDark()],
+    skip_dark = SkipDark()
+    cb = make_callback(reconstructor=fake, publishers=[hooks, Shorter(), skip_dark],
                        on_result=lambda result, start: plain.append(start["uid"]))
     uid = _feed(cb, _small_run())
+    assert cb.wait(timeout=10)
     dark = _feed(cb, _small_run(metadata={"sample": "dark"}))
     assert cb.wait(timeout=10)
     assert [c[0] for c in hooks.calls] == ["collecting", "configure", "progress", "progress",
                                            "progress", "result", "collecting", "configure"]
-    assert SkipDark.seen == [{"es_time_budget_s": 1.0}] * 2
-    assert fake.settings_seen == [{"es_time_budget_s": 1.0}]
+    assert [s.es_time_budget_s for s in skip_dark.seen] == [1.0, 1.0]
+    assert fake.settings_seen == [ReconstructionSettings(es_time_budget_s=1.0)]
     assert plain == [uid]
     assert cb.records[dark].status == "skipped" and "disabled" in cb.records[dark].message
 
