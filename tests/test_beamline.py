@@ -1,5 +1,6 @@
 """The Bluesky face: a real RunEngine with the simulated ophyd beamline, and document streams."""
 
+import json
 import os
 import threading
 import time
@@ -798,3 +799,37 @@ def test_es_align_stages_a_file_backed_detector(RE, tmp_path):
     assert [n for n, _ in docs].count("datum") == 5
     assert all(e["data"]["det_total"] > 0 for e in events)
     assert beamline.det._resource_uid is None  # unstaged at the end
+
+
+def _user_guide_example(title):
+    """The Python block that follows ``<!-- example: title -->`` in docs/user_guide.md."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "user_guide.md").read_text()
+    block = text.split(f"<!-- example: {title} -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.timeout(120)
+def test_the_user_guide_publisher_example(make_callback, reconstructor, tmp_path):
+    from bcdi_bluesky.beamline import HiddenCrystal
+
+    code = _user_guide_example("custom publisher")
+    assert len(code.strip().splitlines()) <= 30
+    namespace = {}
+    exec(compile(code, "user_guide.md", "exec"), namespace)
+    log_path = tmp_path / "scans.jsonl"
+    cb = make_callback(reconstructor=reconstructor, refine="none",
+                       publishers=[namespace["ScanLog"](log_path)])
+    pattern = HiddenCrystal(seed=3).pattern
+    frames = {0.005 * i: 1e6 * pattern[i] / pattern.max() for i in range(pattern.shape[0])}
+    glitch = dict(frames)
+    glitch[0.0] = np.full_like(frames[0.0], np.nan)  # a detector glitch: the pipeline refuses
+    for i, (run, metadata) in enumerate([(frames, {}), (frames, {"sample": "dark"}),
+                                         (glitch, {})]):
+        _feed(cb, _documents(run, metadata={**metadata, "scan_id": i + 1}))
+        assert cb.wait(timeout=60)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [line["scan_id"] for line in lines] == [1, 3]
+    assert 0 < lines[0]["chi"] < 1 and lines[0]["es_budget_s"] == 2.0
+    assert "reconstruction failed" in lines[1]["error"] and "NaN" in lines[1]["error"]

@@ -117,8 +117,12 @@ class _RunCollector(DocumentRouter):
         self.expired = False
 
     def __call__(self, name: str, doc: dict, validate: bool = False):
+        started = time.perf_counter()
         self.last_seen = time.monotonic()
-        return super().__call__(name, doc, validate)
+        try:
+            return super().__call__(name, doc, validate)
+        finally:
+            self.record.seconds_in_callback += time.perf_counter() - started
 
     def free(self) -> None:
         """Drop every frame reference and document (the volume is assembled or abandoned)."""
@@ -153,7 +157,6 @@ class _RunCollector(DocumentRouter):
             self.stream_datums.append(doc)
 
     def event(self, doc: dict) -> None:
-        started = time.perf_counter()
         if doc["descriptor"] not in self.descriptors:
             return
         data = doc["data"]
@@ -170,7 +173,6 @@ class _RunCollector(DocumentRouter):
         value = data.get(self.owner.image_key)
         self.frames.append((theta, int(doc.get("seq_num", 0)), value,
                             doc if isinstance(value, str) else None))
-        self.record.seconds_in_callback += time.perf_counter() - started
 
     def stop(self, doc: dict) -> None:
         self.owner._finish(self, doc)
@@ -310,7 +312,6 @@ class BCDIReconstructionCallback(DocumentRouter):
 
     def _finish(self, run: _RunCollector, doc: dict) -> None:
         """A run's stop document came (or the sweeper gave up waiting for it)."""
-        started = time.perf_counter()
         self._open.pop(run.start_doc["uid"], None)
         record = run.record
         record.frames = len(run.frames)
@@ -335,7 +336,6 @@ class BCDIReconstructionCallback(DocumentRouter):
         else:
             record.message = notes.removeprefix("; ")
             self._enqueue(run)
-        record.seconds_in_callback += time.perf_counter() - started
 
     def _frame_notes(self, record: ScanRecord) -> str:
         if not record.events_without_motor:
