@@ -240,3 +240,54 @@ def test_follower_sees_each_completed_run_live(client, engine, tiled_server):
         (uid,), _ = _write_runs(engine, client, frames, seeds=(21,))
         assert arrived.wait(30), "no stop arrived through the subscription"
     assert seen == [uid]
+
+
+@pytest.mark.timeout(180)
+def test_callback_on_dask_keeps_scan_order_and_records(RE, cluster):
+    """Three scans reconstructed on two Dask workers: results and hooks arrive in the order
+    the scans stopped, and the scan whose task fails on the worker is recorded with why."""
+    from bcdi_bluesky import BCDIReconstructionCallback
+    from bcdi_bluesky.beamline import Publisher
+    from bcdi_bluesky.beamline.scaleout import dask_executor
+
+    _, dask_client = cluster
+
+    class Log(Publisher):
+        def __init__(self):
+            self.events = []
+
+        def __call__(self, result, start_doc):
+            self.events.append(("result", start_doc["uid"], result.metadata["worker"]))
+
+        def failure(self, message, start_doc):
+            self.events.append(("failure", start_doc["uid"], message))
+
+    log = Log()
+    cb = BCDIReconstructionCallback(publishers=[log], refine="none", queue_size=8,
+                                    executor=dask_executor(dask_client))
+    try:
+        RE.subscribe(cb)
+        uids = []
+        for seed, points, exposure in ((31, 32, 1.0), (32, 16, 0.0), (33, 16, 1.0)):
+            beamline = SimulatedBeamline(seed=seed)
+            beamline.det.max_count.put(1e12)
+            beamline.det.exposure.put(exposure)  # 0 s: nothing but zeros, a task that fails
+            beamline.det.background = 0.0
+            step = beamline.crystal.step
+            (uid,) = RE(rocking_scan(beamline.det, beamline.theta,
+                                     beamline.crystal.bragg_theta, (points - 1) * step,
+                                     points))
+            uids.append(uid)
+        assert cb.wait(timeout=150)
+    finally:
+        assert cb.close(timeout=30)
+    assert [e[1] for e in log.events] == uids
+    assert [e[0] for e in log.events] == ["result", "failure", "result"]
+    workers = set(dask_client.run(worker_name).values())
+    assert {log.events[0][2], log.events[2][2]} <= workers
+    first, empty, last = (cb.records[u] for u in uids)
+    assert first.status == last.status == "done"
+    assert first.frames == 32 and 0 < first.figures["chi"] < 1
+    assert first.result is not None and first.result.metadata["uid"] == uids[0]
+    assert empty.status == "failed" and "reconstruction failed" in empty.message
+    assert "empty" in empty.message.lower() or "zero" in empty.message.lower(), empty.message

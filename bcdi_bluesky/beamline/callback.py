@@ -19,6 +19,12 @@ What the worker guarantees:
   are freed.
 - Memory stays bounded: every record keeps the scan's figures (``figures``: the result's
   ``summary()``) but only the last ``keep_results`` records keep the full result.
+- With an ``executor`` (a thread pool, a Dask cluster through ``Client.get_executor()``...),
+  the worker assembles and configures each scan and hands the reconstruction to the executor,
+  up to ``max_in_flight`` at a time; a second thread takes the results in scan order and
+  publishes them, so publishers and records see the scans in the order they stopped. A task
+  that raised (after the executor's own retries), a lost worker the executor gives up on, or
+  no answer within ``task_timeout`` seconds records the scan ``failed`` with the reason.
 
 With bluesky's ``BLUESKY_DEBUG_CALLBACKS`` set, errors are not swallowed: a document that
 cannot be handled raises into the caller (the RunEngine), and :meth:`wait` re-raises the first
@@ -35,6 +41,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,9 +52,11 @@ import numpy as np
 from event_model import DocumentRouter, Filler, RunRouter, UnresolvableForeignKeyError
 
 from ..errors import NoBraggPeakError
+from ..settings import ReconstructionSettings
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
 from .publishers import Publisher, ResultConsumer, as_publisher
-from .recommend import Recommendation, recommend, voxel_size_nm
+from .recommend import Recommendation, annotate_result, recommend
+from .scaleout import ReconstructorSpec, reconstruct_volume
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +232,16 @@ class BCDIReconstructionCallback(DocumentRouter):
         ``incomplete`` and its frames are freed (None: wait forever).
     keep_results : int
         Records that keep their full result (the most recent ones).
+    executor : concurrent.futures.Executor, optional
+        Where reconstructions run (default: inline in the worker thread). The task is
+        :func:`~bcdi_bluesky.beamline.scaleout.reconstruct_volume`: each executor process
+        keeps a warm Reconstructor of the same model as ``reconstructor`` (the packaged one
+        by default). Progress hooks are not called during a reconstruction that runs there,
+        and ``track`` follows the previous scan of the same worker process.
+    max_in_flight : int
+        Reconstructions in the executor's hands at once (more wait in the queue).
+    task_timeout : float
+        Seconds to wait for one reconstruction from the executor before recording it failed.
     """
 
     def __init__(self, image_key: str = "det_image", motor_key: str = "theta",
@@ -230,7 +250,9 @@ class BCDIReconstructionCallback(DocumentRouter):
                  reconstructor: Any = None, *, refine: str = "full", queue_size: int = 2,
                  reconstruct_failed: bool = False, stream_name: str = "primary",
                  handler_registry: dict | None = None, root_map: dict | None = None,
-                 run_timeout: float | None = 3600.0, keep_results: int = 3) -> None:
+                 run_timeout: float | None = 3600.0, keep_results: int = 3,
+                 executor: Executor | None = None, max_in_flight: int = 4,
+                 task_timeout: float = 3600.0) -> None:
         super().__init__()
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
@@ -238,6 +260,8 @@ class BCDIReconstructionCallback(DocumentRouter):
             raise ValueError(f"keep_results must be at least 1, got {keep_results}")
         if run_timeout is not None and not run_timeout > 0:
             raise ValueError(f"run_timeout must be positive or None, got {run_timeout}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.image_key = image_key
         self.motor_key = motor_key
         self.publishers: list[Publisher] = [as_publisher(p) for p in publishers]
@@ -264,9 +288,19 @@ class BCDIReconstructionCallback(DocumentRouter):
         self._pending = 0
         self._idle = threading.Condition()
         self._closing = threading.Event()
+        self.executor = executor
+        self.task_timeout = float(task_timeout)
+        self._spec = ReconstructorSpec.of(reconstructor)
+        self._slots = threading.Semaphore(max_in_flight)
+        self._in_flight: queue.Queue = queue.Queue()  # (run, future, notes) in scan order
         self._worker = threading.Thread(target=self._work, name="bcdi-reconstruction",
                                         daemon=True)
         self._worker.start()
+        self._collector = None
+        if executor is not None:
+            self._collector = threading.Thread(target=self._collect, name="bcdi-results",
+                                               daemon=True)
+            self._collector.start()
 
     # ------------------------------------------------------------ RunEngine thread
     def __call__(self, name: str, doc: dict, validate: bool = False):
@@ -381,13 +415,40 @@ class BCDIReconstructionCallback(DocumentRouter):
                     return
                 self._expire_runs()
                 continue
+            handed_off = False
             try:
-                self._reconstruct(run)
+                handed_off = self._reconstruct(run)
             except Exception as exc:  # a bug in this class: the next scan still comes
                 log.exception("worker error on scan %s", run.record.scan_id)
                 self._caught(exc)
             finally:
                 run.free()
+                if not handed_off:
+                    self._done()
+
+    def _collect(self) -> None:
+        """Results thread (with an executor): finish the scans in the order they stopped."""
+        while True:
+            try:
+                run, future, notes = self._in_flight.get(timeout=0.5)
+            except queue.Empty:
+                if self._closing.is_set() and not self._worker.is_alive():
+                    return
+                continue
+            record, start = run.record, run.start_doc
+            try:
+                try:
+                    result = future.result(timeout=self.task_timeout)
+                except FutureTimeout:
+                    future.cancel()
+                    raise TimeoutError(f"no result within {self.task_timeout:g} s") from None
+                self._annotate(record, start, result)
+            except Exception as exc:
+                self._not_reconstructed(record, start, exc, "reconstruction", notes)
+            else:
+                self._publish(record, start, result, notes)
+            finally:
+                self._slots.release()
                 self._done()
 
     def _expire_runs(self) -> None:
@@ -493,16 +554,21 @@ class BCDIReconstructionCallback(DocumentRouter):
         finished = [r for r in self.records.values() if r.status in ("done", "failed")]
         return finished[-1] if finished else None
 
-    def _reconstruction_settings(self, reconstructor: Any, start: dict) -> Any:
+    def _reconstruction_settings(self, start: dict) -> Any:
         """Ask each publisher in turn; None when one skips the scan."""
-        settings = reconstructor.settings
+        settings = (ReconstructionSettings() if self.reconstructor is None
+                    else self.reconstructor.settings)
         for publisher in self.publishers:
             settings = publisher.configure(settings, start)
             if settings is None:
                 return None
         return settings
 
-    def _reconstruct(self, run: _RunCollector) -> None:
+    def _reconstruct(self, run: _RunCollector) -> bool:
+        """Assemble, configure and reconstruct one scan, or hand it to the executor.
+
+        Returns True when the executor has it (the results thread finishes it).
+        """
         record, start = run.record, run.start_doc
         record.status = "reconstructing"
         step = "assembly"
@@ -522,46 +588,64 @@ class BCDIReconstructionCallback(DocumentRouter):
                 notes.append(f"no recommendation: {exc}")
                 log.warning("no recommendation for scan %s: %s", record.scan_id, exc)
             step = "model loading"
-            if self.reconstructor is None:
+            if self.reconstructor is None and self.executor is None:
                 from ..pipeline import Reconstructor
 
                 self.reconstructor = Reconstructor()
             step = "configure"
-            settings = self._reconstruction_settings(self.reconstructor, start)
+            settings = self._reconstruction_settings(start)
             if settings is None:
                 record.status = "skipped"
                 record.message = "; ".join(["a publisher disabled reconstruction", *notes])
                 record.finished_at = time.time()
-                return
+                return False
             step = "reconstruction"
+            if self.executor is not None:
+                self._slots.acquire()
+                try:
+                    future = self.executor.submit(reconstruct_volume, self._spec, volume,
+                                                  self.refine, settings)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                self._in_flight.put((run, future, notes))
+                return True
             result = self.reconstructor.reconstruct(volume, refine=self.refine,
                                                     progress=progress, settings=settings)
             del volume
             step = "metadata"
-            if hasattr(result, "metadata"):
-                voxel = voxel_size_nm(start.get("bcdi", {}), result.object.shape)
-                result.metadata.update(
-                    uid=record.uid, scan_id=record.scan_id,
-                    recommendation=(record.recommendation.as_dict() if record.recommendation
-                                    else None),
-                    voxel_size_nm=None if voxel is None else voxel.tolist())
-            if hasattr(result, "summary"):
-                record.figures = result.summary()
-        except NoBraggPeakError as exc:
-            record.status, record.message = "skipped", "; ".join([str(exc), *notes])
-            record.finished_at = time.time()
-            log.warning("scan %s skipped: %s", record.scan_id, exc)
-            self._hooks("failure", record.message, start)
-            return
+            self._annotate(record, start, result)
         except Exception as exc:
+            self._not_reconstructed(record, start, exc, step, notes)
+            return False
+        self._publish(record, start, result, notes)
+        return False
+
+    def _annotate(self, record: ScanRecord, start: dict, result: Any) -> None:
+        """The scan's identity, recommendation and voxel size in ``result.metadata``; its
+        figures in the record."""
+        if hasattr(result, "metadata"):
+            annotate_result(result, start, record.recommendation)
+        if hasattr(result, "summary"):
+            record.figures = result.summary()
+
+    def _not_reconstructed(self, record: ScanRecord, start: dict, exc: Exception, step: str,
+                           notes: list[str]) -> None:
+        """Record why a scan has no reconstruction and tell the publishers."""
+        if isinstance(exc, NoBraggPeakError):
+            record.status, record.message = "skipped", "; ".join([str(exc), *notes])
+            log.warning("scan %s skipped: %s", record.scan_id, exc)
+        else:
             record.status = "failed"
             record.message = "; ".join([f"{step} failed: {type(exc).__name__}: {exc}", *notes])
-            record.finished_at = time.time()
             log.error("scan %s failed: %s", record.scan_id, record.message,
                       exc_info=_debug_callbacks())
             self._caught(exc)
-            self._hooks("failure", record.message, start)
-            return
+        record.finished_at = time.time()
+        self._hooks("failure", record.message, start)
+
+    def _publish(self, record: ScanRecord, start: dict, result: Any, notes: list[str]) -> None:
+        """Keep the result and hand it to every publisher."""
         self._keep(record, result)
         errors = self._hooks("__call__", result, start)
         record.finished_at = time.time()
@@ -601,8 +685,12 @@ class BCDIReconstructionCallback(DocumentRouter):
         finished everything.
         """
         self._closing.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._worker.join(timeout)
-        if not self._worker.is_alive():
+        if self._collector is not None:
+            self._collector.join(None if deadline is None
+                                 else max(deadline - time.monotonic(), 0.0))
+        if not self._worker.is_alive() and not (self._collector and self._collector.is_alive()):
             return True
         left = [r for r in self.records.values() if r.status in ("queued", "reconstructing")]
         log.warning("closing with %d scans unfinished: %s", len(left),

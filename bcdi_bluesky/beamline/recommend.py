@@ -122,3 +122,13 @@ def voxel_size_nm(bcdi_md: dict, shape: tuple[int, int, int]) -> np.ndarray | No
     rock = wavelength_nm / (2 * shape[0] * np.sin(theta) * step)
     return np.array([rock, wavelength_nm * distance / (shape[1] * pixel),
                      wavelength_nm * distance / (shape[2] * pixel)])
+
+
+def annotate_result(result, start: dict, recommendation: Recommendation | None = None) -> None:
+    """Write the scan's identity, the recommendation for the next scan and the voxel size
+    (:func:`voxel_size_nm`) into ``result.metadata``."""
+    voxel = voxel_size_nm(start.get("bcdi", {}), result.object.shape)
+    result.metadata.update(
+        uid=start.get("uid"), scan_id=start.get("scan_id"),
+        recommendation=None if recommendation is None else recommendation.as_dict(),
+        voxel_size_nm=None if voxel is None else voxel.tolist())

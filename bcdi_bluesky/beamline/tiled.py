@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .recommend import voxel_size_nm
+from .recommend import annotate_result
 from .scaleout import ReconstructorSpec, reconstruct_volume
 
 log = logging.getLogger(__name__)
@@ -121,13 +121,6 @@ def read_run(client: Any, uid: str, image_key: str = "det_image", motor_key: str
     return TiledRun(uid, start, frames[order], thetas[order])
 
 
-def annotate(result: Any, start: dict) -> None:
-    """Write the scan's identity and voxel size into ``result.metadata`` (as the callback)."""
-    voxel = voxel_size_nm(start.get("bcdi", {}), result.object.shape)
-    result.metadata.update(uid=start.get("uid"), scan_id=start.get("scan_id"),
-                           voxel_size_nm=None if voxel is None else voxel.tolist())
-
-
 def derived_run_writer(client: Any) -> Callable[[str, dict], None]:
     """An ``emit(name, doc)`` that writes documents into ``client`` with ``TiledWriter``."""
     from bluesky_tiled_plugins import TiledWriter
@@ -170,7 +163,7 @@ def reprocess(client: Any, uids: Sequence[str], executor: Executor,
             return Outcome(uid, start, error=f"no result within {timeout:g} s")
         except Exception as exc:
             return Outcome(uid, start, error=f"{type(exc).__name__}: {exc}")
-        annotate(result, start)
+        annotate_result(result, start)
         return Outcome(uid, start, result)
 
     for uid in uids:
