@@ -139,12 +139,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                               "status": "not reconstructed", "message": message}),
                   flush=True)
 
-    try:
-        dispatcher = RemoteDispatcher(
-            args.zmq, deserializer=pickle.loads if args.allow_pickle else deserializer,
-            max_message_bytes=int(args.max_message_mb * 2**20))
-    except ValueError as exc:
-        raise UserError(f"--zmq: {exc}") from None
+    if args.tiled:  # the runs completed on a Tiled server, frames read through it
+        from .beamline.tiled import TiledRunSource, connect
+
+        dispatcher = TiledRunSource(connect(args.tiled, args.api_key), args.image_key,
+                                    args.motor_key)
+    else:
+        try:
+            dispatcher = RemoteDispatcher(
+                args.zmq, deserializer=pickle.loads if args.allow_pickle else deserializer,
+                max_message_bytes=int(args.max_message_mb * 2**20))
+        except ValueError as exc:
+            raise UserError(f"--zmq: {exc}") from None
     try:
         from .pipeline import Reconstructor
 
@@ -160,10 +166,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         publishers.append(IOCPublisher(prefix=args.prefix))
     publishers.append(Report())  # last: its line says that the other publishers are done
+    dask_client, executor = _dask(args.dask, reconstructor) if args.dask else (None, None)
     callback = BCDIReconstructionCallback(
         image_key=args.image_key, motor_key=args.motor_key, publishers=publishers,
         reconstructor=reconstructor, refine=args.refine, run_timeout=args.run_timeout,
-        root_map=dict(args.root_map))
+        root_map=dict(args.root_map), executor=executor)
     dispatcher.subscribe(callback)
     # A service manager stops us with SIGTERM: stop listening, give the scan in hand the rest
     # of the stop budget, exit.
@@ -171,16 +178,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.allow_pickle:
         print("bcdi-bluesky serve: --allow-pickle: every sender to the proxy can run code "
               "here", file=sys.stderr, flush=True)
-    print(f"bcdi-bluesky serve: listening to the 0MQ proxy at {dispatcher.host}:"
-          f"{dispatcher.port}", file=sys.stderr, flush=True)
+    source = (f"Tiled at {args.tiled}" if args.tiled else
+              f"the 0MQ proxy at {dispatcher.host}:{dispatcher.port}")
+    print(f"bcdi-bluesky serve: listening to {source}", file=sys.stderr, flush=True)
     try:
         dispatcher.start()
     finally:
         callback.close(timeout=args.stop_timeout)
-        if dispatcher.dropped:
+        if dask_client is not None:
+            dask_client.close()
+        if getattr(dispatcher, "dropped", 0):
             print(f"bcdi-bluesky serve: {dispatcher.dropped} of {dispatcher.received} "
                   "messages dropped", file=sys.stderr, flush=True)
     return 0
+
+
+def _dask(address: str, reconstructor=None, spec=None):
+    """``(client, executor)`` on the Dask scheduler at ``address``, workers warmed with the
+    model of ``reconstructor`` (or ``spec``)."""
+    from .beamline.scaleout import ReconstructorSpec, connect_dask, dask_executor
+
+    try:
+        client = connect_dask(address)
+    except (ImportError, OSError) as exc:
+        raise UserError(f"--dask {address}: {type(exc).__name__}: {exc}") from None
+    return client, dask_executor(client, spec or ReconstructorSpec.of(reconstructor))
 
 
 def _cmd_reprocess(args: argparse.Namespace) -> int:
@@ -188,18 +210,15 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
 
     from .beamline import DerivedRunPublisher, ResultFileWriter
     from .beamline import tiled as tiled_runs
-    from .beamline.scaleout import ReconstructorSpec, connect_dask, dask_executor
+    from .beamline.scaleout import ReconstructorSpec
 
     client = tiled_runs.connect(args.tiled, args.api_key)
     uids = args.uids or tiled_runs.recent_runs(client, args.last, args.stream, args.image_key)
     spec = ReconstructorSpec(model_path=args.model)
     dask_client = None
     if args.dask:
-        try:
-            dask_client = connect_dask(args.dask)
-        except (ImportError, OSError) as exc:
-            raise UserError(f"--dask {args.dask}: {exc}") from None
-        executor = dask_executor(dask_client, spec)
+        dask_client, executor = _dask(args.dask, spec=spec)
+        # Two runs per worker in hand: the next is queued there while one computes.
         window = 2 * max(len(dask_client.scheduler_info()["workers"]), 1)
     else:
         executor, window = ThreadPoolExecutor(max_workers=1), 2
@@ -311,8 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("serve", help="reconstruct the runs published by a Bluesky 0MQ proxy")
-    p.add_argument("--zmq", required=True, metavar="HOST:PORT",
-                   help="the proxy's output address (bluesky-0MQ-proxy IN OUT: OUT)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tiled", default=None, metavar="URL",
+                        help="follow the runs completed on this Tiled server (frames read "
+                             "through it)")
+    source.add_argument("--zmq", metavar="HOST:PORT",
+                        help="the proxy's output address (bluesky-0MQ-proxy IN OUT: OUT)")
+    p.add_argument("--api-key", default=None,
+                   help="with --tiled: the Tiled API key (default: $TILED_API_KEY)")
+    p.add_argument("--dask", default=None, metavar="SCHEDULER",
+                   help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)")
     p.add_argument("--image-key", default="det_image")
     p.add_argument("--motor-key", default="theta")
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")

@@ -291,3 +291,34 @@ def test_callback_on_dask_keeps_scan_order_and_records(RE, cluster):
     assert first.result is not None and first.result.metadata["uid"] == uids[0]
     assert empty.status == "failed" and "reconstruction failed" in empty.message
     assert "empty" in empty.message.lower() or "zero" in empty.message.lower(), empty.message
+
+
+@pytest.mark.timeout(240)
+def test_serve_follows_tiled_and_reconstructs_on_dask(client, engine, tiled_server, cluster):
+    """``serve --tiled URL --dask SCHEDULER``: a run written into Tiled after the service
+    started comes out as one JSON line, reconstructed on the cluster."""
+    url, frames = tiled_server
+    lc, _ = cluster
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "bcdi_bluesky.cli", "serve", "--tiled", url, "--api-key",
+         API_KEY, "--dask", lc.scheduler_address, "--refine", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "listening" not in line and time.monotonic() < deadline:
+            line = serve.stderr.readline()
+            assert line or serve.poll() is None, "serve ended before listening"
+        assert "listening to Tiled" in line, line
+        (uid,), _ = _write_runs(engine, client, frames, seeds=(41,))
+        report = json.loads(serve.stdout.readline())
+        assert report["uid"] == uid and report["status"] == "done", report
+        assert 0 < report["chi"] < 1 and report["refine"] == "none"
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.communicate()
+    assert serve.returncode == 0

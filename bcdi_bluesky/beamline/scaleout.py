@@ -61,7 +61,7 @@ class ReconstructorSpec:
         """The spec that rebuilds ``reconstructor``'s model elsewhere (None: the default)."""
         from ..model.runtime import default_model_path
 
-        path = None if reconstructor is None else getattr(reconstructor.runtime, "path", None)
+        path = getattr(getattr(reconstructor, "runtime", None), "path", None)
         # The packaged model stays None: a worker finds its own installed copy.
         if path is None or path == default_model_path():
             return cls()

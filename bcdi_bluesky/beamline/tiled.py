@@ -220,6 +220,81 @@ class RunFollower:
         self.close()
 
 
+def run_documents(client: Any, uid: str, image_key: str = "det_image",
+                  motor_key: str = "theta",
+                  stream_name: str = "primary") -> Iterator[tuple[str, dict]]:
+    """The documents of a stored run, with the frames read through Tiled inside the events.
+
+    Start and stop are the stored ones; the descriptor is the stored one of ``stream_name``
+    (detector configuration included) with the frames marked as carried by the events; one
+    event per frame, in the stored order. A callback consumes them like a live run.
+    """
+    data = read_run(client, uid, image_key, motor_key, stream_name)
+    run = client[uid]
+    stored = [dict(d) for d in run.descriptors if d.get("name", "primary") == stream_name]
+    descriptor = dict(stored[0]) if stored else {"configuration": {}, "hints": {},
+                                                 "object_keys": {}}
+    keys = dict(descriptor.get("data_keys", {}))
+    keys[image_key] = {"source": "tiled", "dtype": "array", "dtype_numpy": "<f4",
+                       "shape": list(data.volume.shape[1:])}
+    keys[motor_key] = dict(keys.get(motor_key, {"source": "tiled", "dtype": "number",
+                                                "shape": []}))
+    descriptor.update(uid=f"{uid}-{stream_name}-replay", run_start=uid, name=stream_name,
+                      time=descriptor.get("time", time.time()),
+                      data_keys={image_key: keys[image_key], motor_key: keys[motor_key]})
+    yield "start", data.start
+    yield "descriptor", descriptor
+    for k, (frame, theta) in enumerate(zip(data.volume, data.thetas, strict=True)):
+        now = time.time()
+        yield "event", {"uid": f"{descriptor['uid']}-{k + 1}", "descriptor": descriptor["uid"],
+                        "seq_num": k + 1, "time": now, "filled": {},
+                        "data": {image_key: frame, motor_key: float(theta)},
+                        "timestamps": {image_key: now, motor_key: now}}
+    yield "stop", dict(run.metadata["stop"])
+
+
+class TiledRunSource:
+    """Runs completed on a Tiled server as documents, live: a document source for
+    :class:`~bcdi_bluesky.beamline.BCDIReconstructionCallback` with the interface of
+    bluesky's ``RemoteDispatcher`` (``subscribe``, a blocking ``start``, ``stop``).
+
+    Each run is sent once its stop document reaches the server (:class:`RunFollower`), with
+    its frames read through Tiled (:func:`run_documents`). A run that cannot be read is
+    logged and passed over.
+    """
+
+    def __init__(self, client: Any, image_key: str = "det_image", motor_key: str = "theta",
+                 stream_name: str = "primary") -> None:
+        self.client = client
+        self.keys = (image_key, motor_key, stream_name)
+        self._consumers: list[Callable[[str, dict], Any]] = []
+        self._stop = threading.Event()
+
+    def subscribe(self, func: Callable[[str, dict], Any]) -> None:
+        """Send every document to ``func(name, doc)``."""
+        self._consumers.append(func)
+
+    def _send(self, uid: str) -> None:
+        try:
+            documents = list(run_documents(self.client, uid, *self.keys))
+        except DataError as exc:
+            log.warning("run %s not sent: %s", uid, exc)
+            return
+        for name, doc in documents:
+            for consumer in self._consumers:
+                consumer(name, doc)
+
+    def start(self) -> None:
+        """Follow the server until :meth:`stop` (safe to call from a signal handler)."""
+        with RunFollower(self.client, self._send):
+            while not self._stop.wait(0.5):
+                pass
+
+    def stop(self) -> None:
+        """Make :meth:`start` return."""
+        self._stop.set()
+
+
 def wait_for_server(url: str, timeout: float = 30.0) -> None:
     """Block until a Tiled server at ``url`` answers ``GET /api/v1/`` (no key needed).
 
