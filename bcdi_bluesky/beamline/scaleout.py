@@ -120,7 +120,8 @@ class WarmReconstructorPlugin(WorkerPlugin):
         warm_reconstructor(self.spec)
 
 
-def dask_executor(client: Any, spec: ReconstructorSpec | None = None) -> Executor:
+def dask_executor(client: Any, spec: ReconstructorSpec | None = None, *,
+                  resources: dict[str, float] | None = None) -> Executor:
     """A ``concurrent.futures`` executor on a Dask cluster, with warm workers.
 
     Parameters
@@ -130,6 +131,9 @@ def dask_executor(client: Any, spec: ReconstructorSpec | None = None) -> Executo
         process, Tiled's array reads included, would run on the cluster).
     spec : ReconstructorSpec, optional
         The model the workers load now (default: the packaged one).
+    resources : dict, optional
+        Dask worker resources each reconstruction holds (``{"GPU": 1}``: only on workers
+        started with ``--resources GPU=1``, one at a time per GPU).
 
     Returns
     -------
@@ -138,7 +142,8 @@ def dask_executor(client: Any, spec: ReconstructorSpec | None = None) -> Executo
         runs, even for equal inputs.
     """
     client.register_plugin(WarmReconstructorPlugin(spec or ReconstructorSpec()))
-    return client.get_executor(retries=DASK_RETRIES, pure=False)
+    options = {} if resources is None else {"resources": dict(resources)}
+    return client.get_executor(retries=DASK_RETRIES, pure=False, **options)
 
 
 def connect_dask(address: str, timeout: float = 30.0) -> Any:
