@@ -526,8 +526,8 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
     if step == "recommendation":  # as bcdi.energy_kev = 0 once did
         monkeypatch.setattr(callback_module, "recommend", once(callback_module.recommend))
     if step == "metadata":
-        monkeypatch.setattr(callback_module, "voxel_size_nm",
-                            once(callback_module.voxel_size_nm))
+        monkeypatch.setattr(callback_module, "annotate_result",
+                            once(callback_module.annotate_result))
     hooks = _Hooks(fail={"configure": "configure", "publisher": "result"}.get(step))
     fake = _Fake(fail=RuntimeError("simulated analysis failure")
                  if step == "reconstruction" else None)

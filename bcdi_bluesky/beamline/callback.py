@@ -41,7 +41,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,7 +292,8 @@ class BCDIReconstructionCallback(DocumentRouter):
         self.task_timeout = float(task_timeout)
         self._spec = ReconstructorSpec.of(reconstructor)
         self._slots = threading.Semaphore(max_in_flight)
-        self._in_flight: queue.Queue = queue.Queue()  # (run, future, notes) in scan order
+        # (run, future, notes, step) in scan order: what the results thread finishes
+        self._in_flight: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="bcdi-reconstruction",
                                         daemon=True)
         self._worker.start()
@@ -430,7 +431,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         """Results thread (with an executor): finish the scans in the order they stopped."""
         while True:
             try:
-                run, future, notes = self._in_flight.get(timeout=0.5)
+                run, future, notes, step = self._in_flight.get(timeout=0.5)
             except queue.Empty:
                 if self._closing.is_set() and not self._worker.is_alive():
                     return
@@ -444,7 +445,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                     raise TimeoutError(f"no result within {self.task_timeout:g} s") from None
                 self._annotate(record, start, result)
             except Exception as exc:
-                self._not_reconstructed(record, start, exc, "reconstruction", notes)
+                self._not_reconstructed(record, start, exc, step, notes)
             else:
                 self._publish(record, start, result, notes)
             finally:
@@ -608,7 +609,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                 except BaseException:
                     self._slots.release()
                     raise
-                self._in_flight.put((run, future, notes))
+                self._in_flight.put((run, future, notes, step))
                 return True
             result = self.reconstructor.reconstruct(volume, refine=self.refine,
                                                     progress=progress, settings=settings)
@@ -616,6 +617,13 @@ class BCDIReconstructionCallback(DocumentRouter):
             step = "metadata"
             self._annotate(record, start, result)
         except Exception as exc:
+            if self.executor is not None:
+                # Reported by the results thread, after the scans that stopped before it.
+                failed: Future = Future()
+                failed.set_exception(exc)
+                self._slots.acquire()
+                self._in_flight.put((run, failed, notes, step))
+                return True
             self._not_reconstructed(record, start, exc, step, notes)
             return False
         self._publish(record, start, result, notes)
