@@ -5,7 +5,8 @@ a Dask ``distributed`` cluster through ``Client.get_executor()`` (:func:`dask_ex
 a remote-function service with the same interface. The task takes the volume, the refinement
 mode, the settings and a :class:`ReconstructorSpec` (which model, which providers), and finds
 the :class:`~bcdi_bluesky.pipeline.Reconstructor` in a per-process cache: the model is loaded
-once per worker process, not once per scan. :class:`WarmReconstructorPlugin` loads it when a
+once per worker process, not once per scan. :func:`dask_executor` registers a worker plugin
+(:class:`~bcdi_bluesky.beamline.dask_plugin.WarmReconstructorPlugin`) that loads it when a
 Dask worker starts, so that the first scan does not pay for it either.
 
 Dask itself does the scheduling, the retries (``retries=1`` per task: a task that raised is
@@ -27,11 +28,6 @@ import numpy as np
 if TYPE_CHECKING:
     from ..pipeline import ReconstructionResult, Reconstructor
     from ..settings import ReconstructionSettings
-
-try:  # the plugin needs distributed; the rest of the module (thread pools) does not
-    from distributed import WorkerPlugin
-except ImportError:  # pragma: no cover - the `distributed` extra is not installed
-    WorkerPlugin = object
 
 #: Runs of a Dask task after the first that raised (a worker lost mid-task is recovered by
 #: Dask separately, up to its ``distributed.scheduler.allowed-failures``).
@@ -104,22 +100,6 @@ def reconstruct_volume(spec: ReconstructorSpec, volume: np.ndarray, refine: str,
     return result
 
 
-class WarmReconstructorPlugin(WorkerPlugin):
-    """Dask worker plugin: load the model when a worker starts (or joins later).
-
-    Register it with ``client.register_plugin(WarmReconstructorPlugin(spec))``;
-    :func:`dask_executor` does.
-    """
-
-    def __init__(self, spec: ReconstructorSpec) -> None:
-        self.spec = spec
-        self.name = f"bcdi-warm-reconstructor-{hash(spec) & 0xFFFFFFFF:08x}"
-
-    def setup(self, worker: Any) -> None:
-        """Build this worker's Reconstructor (idempotent: the cache keeps one per process)."""
-        warm_reconstructor(self.spec)
-
-
 def dask_executor(client: Any, spec: ReconstructorSpec | None = None, *,
                   resources: dict[str, float] | None = None) -> Executor:
     """A ``concurrent.futures`` executor on a Dask cluster, with warm workers.
@@ -141,6 +121,8 @@ def dask_executor(client: Any, spec: ReconstructorSpec | None = None, *,
         ``client.get_executor(retries=DASK_RETRIES, pure=False)``: every submitted task
         runs, even for equal inputs.
     """
+    from .dask_plugin import WarmReconstructorPlugin  # distributed only when used
+
     client.register_plugin(WarmReconstructorPlugin(spec or ReconstructorSpec()))
     options = {} if resources is None else {"resources": dict(resources)}
     return client.get_executor(retries=DASK_RETRIES, pure=False, **options)
