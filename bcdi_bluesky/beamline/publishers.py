@@ -130,6 +130,9 @@ def as_publisher(obj: Any) -> Publisher:
 #: writer, a 0MQ publisher...).
 Emit = Callable[[str, dict], None]
 
+#: The plan name in the start document of every derived run.
+DERIVED_PLAN_NAME = "bcdi_reconstruction"
+
 
 class DerivedRunPublisher(Publisher):
     """Emit each reconstruction as a derived Bluesky run whose start carries ``parent_uid``.
@@ -152,7 +155,7 @@ class DerivedRunPublisher(Publisher):
         bundle = compose_run(metadata={
             "parent_uid": start_doc["uid"],
             "parent_scan_id": start_doc.get("scan_id"),
-            "plan_name": "bcdi_reconstruction",
+            "plan_name": DERIVED_PLAN_NAME,
             "model": result.model_name,
             "provider": result.provider,
             "refine": result.refine,

@@ -32,10 +32,6 @@ from .scaleout import ReconstructorSpec, reconstruct_volume
 
 log = logging.getLogger(__name__)
 
-#: The plan name of the derived runs (:class:`~bcdi_bluesky.beamline.DerivedRunPublisher`).
-DERIVED_PLAN_NAME = "bcdi_reconstruction"
-
-
 def connect(url: str, api_key: str | None = None) -> Any:
     """A Tiled client for ``url`` (numpy arrays, no dask).
 
@@ -76,16 +72,22 @@ def recent_runs(client: Any, last: int, stream_name: str = "primary",
     without ``image_key`` in ``stream_name`` are passed over.
     """
     uids: list[str] = []
-    # Newest first: a container lists its children in the order they were written.
-    for uid in reversed(list(client.keys())):
-        if len(uids) >= last:
-            break
-        run = client[uid]
-        metadata = run.metadata
-        if is_derived(metadata.get("start", {})) or not metadata.get("stop"):
-            continue
-        if stream_name in run and image_key in run[stream_name]:
-            uids.append(uid)
+    keys = client.keys()
+    # A container lists its children in the order they were written: page back from the
+    # end, so that a catalog of a million runs is not listed to find the last ten.
+    end, page = len(keys), 4 * max(last, 1)
+    while end > 0 and len(uids) < last:
+        start = max(end - page, 0)
+        for uid in reversed(list(keys[start:end])):
+            run = client[uid]
+            metadata = run.metadata
+            if is_derived(metadata.get("start", {})) or not metadata.get("stop"):
+                continue
+            if stream_name in run and image_key in run[stream_name]:
+                uids.append(uid)
+                if len(uids) == last:
+                    break
+        end = start
     return uids[::-1]
 
 
