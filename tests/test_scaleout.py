@@ -216,8 +216,10 @@ def test_reprocess_full_pipeline_against_the_truth(client, raw_runs, engine, til
     _, frames = tiled_server
     (uid,), (beamline,) = _write_runs(engine, client, frames, seeds=(4,), points=64)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        (outcome,) = list(tiled_runs.reprocess(client, [uid], pool, ReconstructorSpec(),
-                                               refine="full"))
+        outcome, missing = tiled_runs.reprocess(client, [uid, "no-such-uid"], pool,
+                                                ReconstructorSpec(), refine="full")
+    assert missing.uid == "no-such-uid" and "no run" in missing.error
+    assert missing.result is None
     assert outcome.error == "" and outcome.uid == uid
     result = outcome.result
     assert result.refine == "full" and result.metadata["worker"] == worker_name()
