@@ -226,7 +226,7 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
     publishers: list = [("output", ResultFileWriter(args.output))] if args.output else []
     if args.write_back:
         publishers.append(("derived_uid",
-                           DerivedRunPublisher(tiled_runs.derived_run_writer(client))))
+                           DerivedRunPublisher(tiled_runs.tiled_writer(client))))
     failed = 0
     try:
         for outcome in tiled_runs.reprocess(

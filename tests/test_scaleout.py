@@ -87,7 +87,7 @@ def engine():
 def _write_runs(engine, client, frames, seeds, points=16):
     """Scan one simulated crystal per seed; TiledWriter stores each run. Returns the uids and
     the beamlines."""
-    writer = tiled_runs.derived_run_writer(client)
+    writer = tiled_runs.tiled_writer(client)
     token = engine.subscribe(writer)
     uids, beamlines = [], []
     try:

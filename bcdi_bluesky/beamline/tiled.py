@@ -8,10 +8,10 @@ HDF5 file announced by a StreamResource holds them, so this host needs no access
 detector's files. Reconstructions go back as derived runs (start metadata ``parent_uid``)
 through the same ``TiledWriter``.
 
-Live follow (:func:`follow_runs`) listens to the server's WebSocket stream of the root
-container: when ``TiledWriter`` adds the stop document to a run's metadata, the run is
-complete and is read. This needs a server with a streaming cache (``tiled serve ... --temp``
-has one in memory; a deployed server is given ``--cache``).
+Live follow (:class:`RunFollower`, :class:`TiledRunSource`) listens to the server's WebSocket
+stream of the root container: when ``TiledWriter`` adds the stop document to a run's
+metadata, the run is complete and is read. This needs a server with a streaming cache
+(``tiled serve ... --temp`` has one in memory; a deployed server is given ``--cache``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,7 +31,11 @@ from ..errors import DataError
 from .recommend import annotate_result
 from .scaleout import ReconstructorSpec, reconstruct_volume
 
+if TYPE_CHECKING:
+    from ..settings import ReconstructionSettings
+
 log = logging.getLogger(__name__)
+
 
 def connect(url: str, api_key: str | None = None) -> Any:
     """A Tiled client for ``url`` (numpy arrays, no dask).
@@ -114,8 +119,12 @@ def read_run(client: Any, uid: str, image_key: str = "det_image", motor_key: str
         raise DataError(f"run {uid}: stream {stream_name!r} has no {', '.join(missing)}")
     # The array nodes, not stream.read(): that goes through xarray, which trips on the
     # duplicated dimension names of the frames.
-    frames = np.asarray(stream[image_key].read(), dtype=np.float32)
-    thetas = np.asarray(stream[motor_key].read(), dtype=np.float64)
+    try:
+        frames = np.asarray(stream[image_key].read(), dtype=np.float32)
+        thetas = np.asarray(stream[motor_key].read(), dtype=np.float64)
+    except Exception as exc:  # the server could not read a file, the connection broke...
+        raise DataError(f"run {uid}: cannot read the frames: {type(exc).__name__}: {exc}"
+                        ) from None
     if frames.ndim != 3 or frames.shape[0] != thetas.shape[0] or frames.shape[0] == 0:
         raise DataError(f"run {uid}: {frames.shape[0] if frames.ndim else 0} frames of shape "
                         f"{frames.shape[1:]} for {thetas.shape[0]} rocking angles")
@@ -123,8 +132,9 @@ def read_run(client: Any, uid: str, image_key: str = "det_image", motor_key: str
     return TiledRun(uid, start, frames[order], thetas[order])
 
 
-def derived_run_writer(client: Any) -> Callable[[str, dict], None]:
-    """An ``emit(name, doc)`` that writes documents into ``client`` with ``TiledWriter``."""
+def tiled_writer(client: Any) -> Callable[[str, dict], None]:
+    """An ``emit(name, doc)`` that writes runs into ``client`` with ``TiledWriter`` (derived
+    runs of :class:`~bcdi_bluesky.beamline.DerivedRunPublisher`, or a RunEngine's runs)."""
     from bluesky_tiled_plugins import TiledWriter
 
     return TiledWriter(client)
@@ -142,8 +152,8 @@ class Outcome:
 
 def reprocess(client: Any, uids: Sequence[str], executor: Executor,
               spec: ReconstructorSpec | None = None, *, refine: str = "full",
-              settings: Any = None, image_key: str = "det_image", motor_key: str = "theta",
-              stream_name: str = "primary", window: int = 4,
+              settings: ReconstructionSettings | None = None, image_key: str = "det_image",
+              motor_key: str = "theta", stream_name: str = "primary", window: int = 4,
               timeout: float | None = 3600.0) -> Iterator[Outcome]:
     """Reconstruct Tiled runs on ``executor``; yield one :class:`Outcome` per uid, in order.
 
@@ -160,7 +170,7 @@ def reprocess(client: Any, uids: Sequence[str], executor: Executor,
             return Outcome(uid, start, error=error)
         try:
             result = future.result(timeout=timeout)
-        except TimeoutError:
+        except FutureTimeout:
             future.cancel()
             return Outcome(uid, start, error=f"no result within {timeout:g} s")
         except Exception as exc:
