@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 
 class UserError(Exception):
@@ -55,17 +58,83 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Bytes of memory a reconstruction needs per voxel of the input volume, beyond the process
+#: itself (measured: docs/user_guide.md, "Large volumes").
+BYTES_PER_INPUT_VOXEL = 40
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the least of the system's available memory,
+    the cgroup's limit (containers, batch jobs) and the address-space limit (``ulimit -v``);
+    None when none is known."""
+    import resource
+
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        top = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if top.isdigit() and used.isdigit():
+            limits.append(int(top) - int(used))
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[0])
+            limits.append(soft - pages * resource.getpagesize())
+        except OSError:
+            limits.append(soft)
+    return max(min(limits), 0) if limits else None
+
+
+def check_memory(shape: tuple[int, ...], source: str) -> None:
+    """Refuse a volume whose reconstruction would not fit in the memory left (one line)."""
+    need = int(np.prod(shape)) * BYTES_PER_INPUT_VOXEL
+    free = available_memory()
+    if free is not None and need > free:
+        raise UserError(f"{source}: a {'x'.join(map(str, shape))} volume needs about "
+                        f"{need / 2**30:.1f} GiB to reconstruct, {free / 2**30:.1f} GiB are "
+                        f"available (crop or bin it, or pass --no-memory-check)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (also through links); False when ``a`` does not exist
+    yet and resolves elsewhere."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .io import RESULT_SUFFIXES, DataError, read_intensity, write_result
     from .model.runtime import ModelError
 
+    source = Path(args.input)
+    targets = {"--output": args.output, "--plot": args.plot}
+    if args.plot:
+        targets["--plot (its latent map)"] = _latent_plot_path(args.plot)
+    for option, target in targets.items():
+        if target and _same_file(Path(target), source):
+            raise UserError(f"{option} {target} is the input file: the measured data would be "
+                            f"overwritten (choose another name)")
     if args.output and Path(args.output).suffix.lower() not in RESULT_SUFFIXES:
         raise UserError(f"{args.output}: unsupported output type (use one of "
                         f"{', '.join(RESULT_SUFFIXES)})")
+    if args.plot:
+        _check_plot_path(Path(args.plot))
     try:
         data, mask = read_intensity(args.input, args.dataset)
     except DataError as exc:
         raise UserError(str(exc)) from None
+    if not args.no_memory_check:
+        check_memory(data.shape, str(args.input))
     try:
         from .pipeline import Reconstructor
 
@@ -93,16 +162,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         except (DataError, OSError) as exc:
             raise UserError(str(exc)) from None
     if args.plot:
-        from .plotting import plot_reconstruction
-
-        outputs["plot"] = str(plot_reconstruction(result, args.plot, title=str(args.input)))
-        if rec.runtime.latent_map is not None and result.latent_xy is not None:
-            from .plotting import plot_latent_map
-
-            latent_png = Path(args.plot).with_name(Path(args.plot).stem + "_latent.png")
-            outputs["latent_plot"] = str(plot_latent_map(
-                rec.runtime.latent_map, latent_png,
-                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+        outputs.update(_plots(args, rec, result))
     summary = {**result.summary(), **outputs, "input": str(args.input)}
     if args.json:
         print(json.dumps(summary))
@@ -113,6 +173,41 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         for key, value in outputs.items():
             print(f"  {key}: {value}")
     return 0
+
+
+def _latent_plot_path(plot: str) -> Path:
+    """Where ``--plot`` puts the latent map beside the figure."""
+    return Path(plot).with_name(Path(plot).stem + "_latent.png")
+
+
+def _check_plot_path(path: Path) -> None:
+    """Refuse a figure path matplotlib cannot write before any work is done (one line)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kind = path.suffix.lower().lstrip(".")
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if kind not in formats:
+        raise UserError(f"--plot {path}: unsupported figure type (use one of "
+                        f"{', '.join('.' + k for k in sorted(formats))})")
+    if path.is_dir():
+        raise UserError(f"--plot {path} is a folder")
+
+
+def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
+    """Write the figure (and the latent map beside it); an error is one line."""
+    from .plotting import plot_latent_map, plot_reconstruction
+
+    outputs = {}
+    try:
+        outputs["plot"] = str(plot_reconstruction(result, args.plot, title=str(args.input)))
+        if rec.runtime.latent_map is not None and result.latent_xy is not None:
+            outputs["latent_plot"] = str(plot_latent_map(
+                rec.runtime.latent_map, _latent_plot_path(args.plot),
+                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--plot {args.plot}: {exc}") from None
+    return outputs
 
 
 def _parse_address(text: str) -> tuple[str, int]:
@@ -134,7 +229,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.prefix:
         from .epics import IOCPublisher
 
-        publishers.append(IOCPublisher(prefix=args.prefix))
+        publishers.append(IOCPublisher(prefix=args.prefix, access=_write_access(args)))
 
     def report(result, start) -> None:
         print(json.dumps({"scan_id": start.get("scan_id"), "uid": start["uid"],
@@ -157,17 +252,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_access(args: argparse.Namespace):
+    """The IOC's write policy from ``--read-only`` and ``--write-hosts``."""
+    from .epics import WriteAccess
+
+    try:
+        return WriteAccess.from_options(args.read_only, args.write_hosts)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _cmd_ioc(args: argparse.Namespace) -> int:
     import signal
     import threading
 
     from .epics import IOCServer
 
-    server = IOCServer(prefix=args.prefix).start()
+    access = _write_access(args)
+    server = IOCServer(prefix=args.prefix, access=access).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix}",
-          file=sys.stderr, flush=True)
+    print(f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix} "
+          f"({access.describe()})", file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.5):
             pass
@@ -185,6 +291,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return 0
+
+
+def _add_access_options(p: argparse.ArgumentParser) -> None:
+    """Who may put the IOC's settings (docs/reliability.md: who may write which PV)."""
+    p.add_argument("--read-only", action="store_true",
+                   help="refuse every put to the settings PVs")
+    p.add_argument("--write-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="accept puts only from Channel Access clients announcing one of "
+                        "these host names")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument("--dataset", default=None, help="HDF5 dataset holding the intensity")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="reconstruct even when the volume seems too large for the memory left")
     p.add_argument("--es-time-budget", type=float, default=5.0,
                    help="seconds for the refinement (odd-shape search and ES)")
     p.add_argument("--polish-iterations", type=int, default=150,
@@ -226,10 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
     p.add_argument("--prefix", default=None, help="also serve the results as PVs (e.g. BCDI:)")
+    _add_access_options(p)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("ioc", help="run the reconstruction IOC alone")
+    p = sub.add_parser("ioc", help="run the reconstruction IOC alone (its settings PVs)")
     p.add_argument("--prefix", default="BCDI:")
+    _add_access_options(p)
     p.set_defaults(func=_cmd_ioc)
 
     p = sub.add_parser("train", help="train the CNN on simulated crystals (needs torch)")
@@ -284,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bcdi-bluesky`` console script."""
     args = build_parser().parse_args(argv)
+    # The project's log lines (puts to the IOC, dropped scans) on stderr, one per event;
+    # stdout stays for the commands' results.
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("bcdi_bluesky").setLevel(logging.INFO)
     try:
         return int(args.func(args))
     except UserError as exc:
