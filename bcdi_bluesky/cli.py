@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BCDIError
+
 
 class UserError(Exception):
     """A problem with what the user asked for: reported in one line, without a traceback."""
@@ -410,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bcdi_bluesky").setLevel(logging.INFO)
     try:
         return int(args.func(args))
-    except UserError as exc:
+    except (UserError, BCDIError) as exc:
         print(f"bcdi-bluesky {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
