@@ -26,7 +26,7 @@ from caproto import (
     ChannelType,
     native_type,
 )
-from caproto.server import PVGroup, PvpropertyDouble, PvpropertyInteger, pvproperty
+from caproto.server import PVGroup, PvpropertyDouble, PvpropertyInteger, SubGroup, pvproperty
 from caproto.server.records import AiFields
 from caproto.server.server import PvpropertyData
 
@@ -210,9 +210,13 @@ def _setting(name: str, value: float, low: float, high: float, integer: bool = F
     """A writable setting within [low, high] (caproto's control limits), with its own alarm
     group (PVs of a PVGroup otherwise share one alarm: a refused put would light up every PV,
     and a Status write would clear it)."""
-    return pvproperty(name=name, value=int(value) if integer else float(value),
-                      dtype=_SettingInteger if integer else _SettingDouble,
-                      lower_ctrl_limit=low, upper_ctrl_limit=high, alarm_group=name, **kwargs)
+    if integer:
+        return pvproperty(name=name, value=int(value), dtype=_SettingInteger,
+                          lower_ctrl_limit=int(low), upper_ctrl_limit=int(high), alarm_group=name,
+                          **kwargs)
+    return pvproperty(name=name, value=float(value), dtype=_SettingDouble, precision=3,
+                      lower_ctrl_limit=float(low), upper_ctrl_limit=float(high),
+                      alarm_group=name, **kwargs)
 
 
 def _reading(name: str, value: Any = 0.0, **kwargs: Any) -> pvproperty:
@@ -237,6 +241,51 @@ def _finite_limit(field: str, linked: str):
 
     putter.__name__ = f"_{field}"
     return putter
+
+
+#: The setting PVs that are one field of :class:`~bcdi_bluesky.ReconstructionSettings` each
+#: (field -> PV name); the ES iteration counts share ``ES:MaxIter`` (see :data:`ES_MAX_ITER`).
+SETTING_PVS = {
+    "shape_search_evaluations": "Search:Evaluations",
+    "es_time_budget_s": "ES:TimeBudget",
+    "polish_er_iterations": "Polish:ERIterations",
+    "polish_iterations": "Polish:Iterations",
+    "polish_hio_fraction": "Polish:HIOFraction",
+    "polish_time_budget_s": "Polish:TimeBudget",
+    "support_threshold": "Support:Threshold",
+    "track": "Track",
+    "seed": "ES:Seed",
+}
+#: The ES steps of both grids (coarse then fine) in one PV, split in the running settings'
+#: proportion.
+ES_MAX_ITER = ("ES:MaxIter", ("es_coarse_iterations", "es_fine_iterations"))
+
+
+def _attr(pv_name: str) -> str:
+    return pv_name.replace(":", "_")
+
+
+def _settings_group() -> type[PVGroup]:
+    """The setting PVs, generated from :meth:`ReconstructionSettings.fields_info`: initial
+    value, control limits, units and help of each come from the settings object."""
+    info = {i.name: i for i in ReconstructionSettings.fields_info()}
+    attrs: dict[str, Any] = {
+        "Enable": _setting("Enable", 1, 0, 1, integer=True,
+                           doc="0 skips reconstructions (0 or 1)"),
+        "ES_Enable": _setting("ES:Enable", 1, 0, 1, integer=True,
+                              doc="0 skips the refinement: odd-shape search and ES (0 or 1)"),
+    }
+    name, (coarse, fine) = ES_MAX_ITER
+    attrs[_attr(name)] = _setting(
+        name, info[coarse].default + info[fine].default, 0, info[coarse].high + info[fine].high,
+        integer=True, doc=f"ES steps: {coarse} + {fine}, split as in the running settings")
+    for field, pv_name in SETTING_PVS.items():
+        i = info[field]
+        low, high = (0, 1) if i.kind is bool else (i.low, i.high)
+        attrs[_attr(pv_name)] = _setting(pv_name, i.default, low, high,
+                                         integer=i.kind is not float, units=i.units,
+                                         doc=f"{field}: {i.doc}")
+    return type("ReconstructionSettingsPVs", (PVGroup,), attrs)
 
 
 class ReconstructionIOC(PVGroup):
@@ -344,26 +393,17 @@ class ReconstructionIOC(PVGroup):
     Latent_Distance = _reading("Latent:Distance", precision=3,
                                doc="distance to the training distribution (99% of priors "
                                    "below 1)")
-    Latent_OOD = _reading("Latent:OOD", 0, alarm_group="Latent:OOD",
+    # The flag's MINOR alarm comes from caproto's alarm limits (HIGH above 0.5).
+    Latent_OOD = _reading("Latent:OOD", 0, alarm_group="Latent:OOD", upper_warning_limit=0.5,
+                          upper_alarm_limit=2, lower_warning_limit=-1, lower_alarm_limit=-1,
                           doc="1 when the distance exceeds 1 (MINOR alarm): ES budget doubled")
 
     Model_Name = _reading("Model:Name", "", dtype=ChannelType.STRING, doc="CNN model name")
     Model_Provider = _reading("Model:Provider", "", dtype=ChannelType.STRING,
                               doc="ONNX Runtime provider really in use")
 
-    # Settings, applied to the next reconstruction.
-    Enable = _setting("Enable", 1, 0, 1, integer=True,
-                      doc="0 skips reconstructions (0 or 1)")
-    ES_Enable = _setting("ES:Enable", 1, 0, 1, integer=True,
-                         doc="0 skips the refinement: odd-shape search and ES (0 or 1)")
-    ES_MaxIter = _setting("ES:MaxIter", 400, 0, 100000, integer=True, doc="ES steps")
-    ES_TimeBudget = _setting("ES:TimeBudget", 5.0, 0.0, 600.0, units="s",
-                             doc="refinement seconds (search and ES)")
-    Polish_Iterations = _setting("Polish:Iterations", 150, 0, 10000, integer=True,
-                                 doc="steps of the ER/HIO polish run (the ER run takes at most "
-                                     "50; 0: no polish)")
-    Support_Threshold = _setting("Support:Threshold", 0.2, 0.01, 0.9, precision=3,
-                                 doc="support threshold (fraction of max amplitude)")
+    settings = SubGroup(_settings_group(), prefix="",
+                        doc="the settings the next reconstruction runs with")
 
     type_map_read_only = _audited(PVGroup.type_map_read_only)
 
@@ -391,29 +431,11 @@ class ReconstructionIOC(PVGroup):
         await _state_alarm(instance, severity)
         return value
 
-    @Latent_OOD.putter
-    async def Latent_OOD(self, instance, value):
-        await _state_alarm(instance, AlarmSeverity.MINOR_ALARM if value else
-                           AlarmSeverity.NO_ALARM)
-        return value
-
     @Quality.putter
     async def Quality(self, instance, value):
         name = QUALITY[value] if isinstance(value, int) else value
         await _state_alarm(instance, QUALITY_SEVERITY.get(name, AlarmSeverity.NO_ALARM))
         return value
-
-    # ------------------------------------------------------------------ helpers
-    def settings(self) -> dict[str, Any]:
-        """The current settings (read from any thread: plain attribute reads)."""
-        return {
-            "enable": bool(self.Enable.value),
-            "es_enable": bool(self.ES_Enable.value),
-            "es_max_iter": int(self.ES_MaxIter.value),
-            "es_time_budget": float(self.ES_TimeBudget.value),
-            "polish_iterations": int(self.Polish_Iterations.value),
-            "support_threshold": float(self.Support_Threshold.value),
-        }
 
 
 async def _state_alarm(instance: PvpropertyData, severity: AlarmSeverity) -> None:
@@ -493,6 +515,38 @@ def screen_images(result: Any, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
     phase = central_slices(np.where(sup, np.angle(crop), 0.0))
     return {**{f"Amp:{k}": v.astype(np.float32).ravel() for k, v in amp.items()},
             **{f"Phase:{k}": v.astype(np.float32).ravel() for k, v in phase.items()}}
+
+
+def setting_values(settings: ReconstructionSettings) -> dict[str, Any]:
+    """The setting PVs' values (PV name without prefix -> value) for ``settings``."""
+    name, fields = ES_MAX_ITER
+    values: dict[str, Any] = {name: sum(getattr(settings, f) for f in fields)}
+    for field, pv_name in SETTING_PVS.items():
+        value = getattr(settings, field)
+        values[pv_name] = int(value) if isinstance(value, bool) else value
+    return values
+
+
+def apply_puts(settings: ReconstructionSettings,
+               puts: dict[str, Any]) -> ReconstructionSettings:
+    """``settings`` with the setting PVs a client put (PV name -> value).
+
+    ``ES:MaxIter`` is split over the coarse and fine ES runs in the running settings'
+    proportion; ``ES:Enable`` 0 turns the whole refinement off (search and ES).
+    """
+    changes = {field: puts[pv_name] for field, pv_name in SETTING_PVS.items()
+               if pv_name in puts}
+    name, (coarse, fine) = ES_MAX_ITER
+    if name in puts:
+        info = {i.name: i for i in ReconstructionSettings.fields_info()}
+        total = int(puts[name])
+        running = getattr(settings, coarse) + getattr(settings, fine)
+        share = getattr(settings, coarse) / running if running else 0.75
+        n_fine = min(info[fine].high, total - min(info[coarse].high, round(total * share)))
+        changes[coarse], changes[fine] = total - n_fine, n_fine
+    if not puts.get("ES:Enable", 1):
+        changes.update(shape_search_evaluations=0, **{coarse: 0, fine: 0})
+    return settings.replace(**changes)
 
 
 class IOCServer:
@@ -599,12 +653,18 @@ class IOCPublisher:
         A running server to publish through (default: start one).
     access : WriteAccess, optional
         Who may put the settings (default: any client).
+    settings : ReconstructionSettings, optional
+        The settings the setting PVs show until the first scan (then: that scan's running
+        settings, for every PV no client put). Default: ``ReconstructionSettings()``.
     """
 
     def __init__(self, prefix: str = "BCDI:", interfaces: list[str] | None = None,
-                 server: IOCServer | None = None, access: WriteAccess | None = None) -> None:
+                 server: IOCServer | None = None, access: WriteAccess | None = None,
+                 settings: ReconstructionSettings | None = None) -> None:
         self.server = server or IOCServer(prefix, interfaces, access).start()
         self._last_progress = 0.0
+        if settings is not None:
+            self.server.write(setting_values(settings))
 
     @property
     def group(self) -> ReconstructionIOC:
@@ -619,29 +679,19 @@ class IOCPublisher:
                            "StatusMsg": f"collecting scan {start_doc.get('scan_id')}"},
                           wait=False)
 
-    def configure(self, settings: Any, start_doc: dict) -> Any:
-        """The next scan's settings: ``settings`` changed by the setting PVs; None skips the
-        scan (``Enable`` 0). The reconstructor itself is never changed."""
-        s = self.group.settings()
-        if not s["enable"]:
+    def configure(self, settings: ReconstructionSettings | None,
+                  start_doc: dict) -> ReconstructionSettings | None:
+        """The next scan's settings: ``settings`` (the running ones) with every setting a
+        client put; None skips the scan (``Enable`` 0). The reconstructor is never changed,
+        and the setting PVs nobody put show the running values."""
+        settings = settings or ReconstructionSettings()
+        puts = dict(self.group.puts)
+        self.server.write({name: value for name, value in setting_values(settings).items()
+                           if name not in puts})
+        if not puts.get("Enable", 1):
             self.server.set_status("Idle", "reconstruction disabled (Enable = 0)")
             return None
-        if settings is None:  # an engine without settings of its own: start from the defaults
-            settings = ReconstructionSettings()
-        total = s["es_max_iter"] if s["es_enable"] else 0
-        changes = {
-            "es_coarse_iterations": total * 3 // 4,
-            "es_fine_iterations": total - total * 3 // 4,
-            "es_time_budget_s": s["es_time_budget"],
-            # Polish:Iterations bounds both polish runs (0: no polish).
-            "polish_iterations": s["polish_iterations"],
-            "polish_er_iterations": min(settings.polish_er_iterations,
-                                        s["polish_iterations"]),
-            "support_threshold": s["support_threshold"],
-        }
-        if not s["es_enable"]:  # no refinement at all: the odd-shape search goes with ES
-            changes["shape_search_evaluations"] = 0
-        settings = settings.replace(**changes)
+        settings = apply_puts(settings, puts)
         self.server.set_status("Reconstructing", f"reconstructing scan {start_doc.get('scan_id')}")
         return settings
 
@@ -693,7 +743,7 @@ def pv_table(prefix: str = "BCDI:") -> str:
         low, high = (getattr(channel, "lower_ctrl_limit", 0), getattr(channel, "upper_ctrl_limit",
                                                                         0))
         if not channel.pvspec.read_only and low != high:
-            meaning += f", {low:g} .. {high:g}"
+            meaning += f"; {low} .. {high}"
         rows.append(f"| `{name}` | {dtype} | {units} | {writable} | {meaning} |")
     return "\n".join(rows) + "\n"
 
