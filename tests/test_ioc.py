@@ -398,7 +398,8 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
 
 
 def test_result_schema_pvs_and_the_quality_alarm(ioc, published, caproto_ctx):
-    from caproto import AlarmSeverity
+    import epics
+    from caproto import AlarmSeverity, ChannelType
 
     result, start, _, _ = published
 
@@ -428,8 +429,9 @@ def test_result_schema_pvs_and_the_quality_alarm(ioc, published, caproto_ctx):
         ioc(WithSchema(quality, reasons), start)
         reading = pvs["Quality"].read(data_type="time", timeout=5)
         assert reading.metadata.severity == severity
-        assert pvs["Quality"].read(data_type="string", timeout=5).data[0] == quality.encode()
-        text = bytes(pvs["Quality:Reasons"].read(timeout=5).data).rstrip(b"\0").decode()
+        assert pvs["Quality"].read(data_type=ChannelType.STRING, timeout=5).data[0] == \
+            quality.encode()
+        text = epics.caget(p + "Quality:Reasons", as_string=True, use_monitor=False)
         assert text == "; ".join(reasons)
     values = {n: float(pvs[n].read(timeout=5).data[0]) for n in names[2:]}
     assert values == pytest.approx({"Strain:RMS": 3.2e-4, "Displacement:RMS": 0.041,
