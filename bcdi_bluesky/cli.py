@@ -14,8 +14,9 @@ import numpy as np
 from .errors import BCDIError
 
 
-class UserError(Exception):
-    """A problem with what the user asked for: reported in one line, without a traceback."""
+class UserError(BCDIError):
+    """A problem with what the command line asks for (a path, an option): reported in one
+    line, without a traceback, like every :class:`~bcdi_bluesky.errors.BCDIError`."""
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -62,7 +63,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 #: Bytes of memory a reconstruction needs per voxel of the input volume, beyond the process
 #: itself (measured: docs/user_guide.md, "Large volumes").
-BYTES_PER_INPUT_VOXEL = 40
+BYTES_PER_INPUT_VOXEL = 64
 
 
 def available_memory() -> int | None:
@@ -114,10 +115,20 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .io import RESULT_SUFFIXES, DataError, read_intensity, write_result
-    from .model.runtime import ModelError
+def _settings_from(args: argparse.Namespace):
+    """The reconstruction settings: the defaults with every settings option given (validated:
+    a value outside its limits is a one-line SettingsError)."""
+    from .settings import ReconstructionSettings
 
+    given = {info.name: getattr(args, info.name) for info in ReconstructionSettings.fields_info()
+             if getattr(args, info.name) is not None}
+    return ReconstructionSettings().replace(**given)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .io import RESULT_SUFFIXES, read_intensity, write_result
+
+    settings = _settings_from(args)
     source = Path(args.input)
     targets = {"--output": args.output, "--plot": args.plot}
     if args.plot:
@@ -131,19 +142,12 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                         f"{', '.join(RESULT_SUFFIXES)})")
     if args.plot:
         _check_plot_path(Path(args.plot))
-    try:
-        data, mask = read_intensity(args.input, args.dataset)
-    except DataError as exc:
-        raise UserError(str(exc)) from None
+    data, mask = read_intensity(args.input, args.dataset)
     if not args.no_memory_check:
         check_memory(data.shape, str(args.input))
-    try:
-        from .pipeline import Reconstructor
+    from .pipeline import Reconstructor
 
-        rec = Reconstructor(args.model, es_time_budget_s=args.es_time_budget,
-                            polish_iterations=args.polish_iterations)
-    except ModelError as exc:
-        raise UserError(str(exc)) from None
+    rec = Reconstructor(args.model, settings=settings)
 
     def progress(stage: str, info: dict) -> None:
         if args.json or stage.endswith("_step"):
@@ -152,17 +156,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                             if isinstance(v, float))
         print(f"{stage:>10}: {figures}", file=sys.stderr)
 
-    try:
-        result = rec.reconstruct(data, mask, refine=args.refine, progress=progress)
-    except ValueError as exc:
-        raise UserError(f"{args.input}: {exc}") from None
+    result = rec.reconstruct(data, mask, refine=args.refine, progress=progress)
     outputs = {}
     if args.output:
-        try:
-            outputs["output"] = str(write_result(result, args.output,
-                                                 {"input": str(args.input)}))
-        except (DataError, OSError) as exc:
-            raise UserError(str(exc)) from None
+        outputs["output"] = str(write_result(result, args.output, {"input": str(args.input)}))
     if args.plot:
         outputs.update(_plots(args, rec, result))
     summary = {**result.summary(), **outputs, "input": str(args.input)}
@@ -197,18 +194,15 @@ def _check_plot_path(path: Path) -> None:
 
 
 def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
-    """Write the figure (and the latent map beside it); an error is one line."""
+    """Write the figure (and the latent map beside it), atomically; an error is one
+    DataError line."""
     from .plotting import plot_latent_map, plot_reconstruction
 
-    outputs = {}
-    try:
-        outputs["plot"] = str(plot_reconstruction(result, args.plot, title=str(args.input)))
-        if rec.runtime.latent_map is not None and result.latent_xy is not None:
-            outputs["latent_plot"] = str(plot_latent_map(
-                rec.runtime.latent_map, _latent_plot_path(args.plot),
-                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--plot {args.plot}: {exc}") from None
+    outputs = {"plot": str(plot_reconstruction(result, args.plot, title=str(args.input)))}
+    if rec.runtime.latent_map is not None and result.latent_xy is not None:
+        outputs["latent_plot"] = str(plot_latent_map(
+            rec.runtime.latent_map, _latent_plot_path(args.plot),
+            scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
     return outputs
 
 
@@ -258,10 +252,7 @@ def _write_access(args: argparse.Namespace):
     """The IOC's write policy from ``--read-only`` and ``--write-hosts``."""
     from .epics import WriteAccess
 
-    try:
-        return WriteAccess.from_options(args.read_only, args.write_hosts)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    return WriteAccess.from_options(args.read_only, args.write_hosts)
 
 
 def _cmd_ioc(args: argparse.Namespace) -> int:
@@ -287,12 +278,34 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    try:
-        run_demo(scans=args.scans, output=args.output, prefix=args.prefix, linger=args.linger,
-                 seed=args.seed, as_json=args.json)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    run_demo(scans=args.scans, output=args.output, prefix=args.prefix, linger=args.linger,
+             seed=args.seed, as_json=args.json)
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_settings_options(p: argparse.ArgumentParser) -> None:
+    """One option per reconstruction setting, generated from
+    :meth:`ReconstructionSettings.fields_info` (unset: the setting's default)."""
+    from .settings import ReconstructionSettings
+
+    group = p.add_argument_group("reconstruction settings (docs/user_guide.md)")
+    for info in ReconstructionSettings.fields_info():
+        option = "--" + info.name.replace("_", "-")
+        if info.kind is bool:
+            group.add_argument(option, action="store_true", default=None, help=info.doc)
+            continue
+        units = f" {info.units}" if info.units else ""
+        group.add_argument(option, type=info.kind, default=None, metavar=info.kind.__name__.upper(),
+                           help=f"{info.doc} ({info.low} .. {info.high}{units}; default "
+                                f"{info.default})")
 
 
 def _add_access_options(p: argparse.ArgumentParser) -> None:
@@ -312,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="closed-loop scans on the simulated beamline, with the IOC")
-    p.add_argument("--scans", type=int, default=3)
+    p.add_argument("--scans", type=_at_least_one, default=3)
     p.add_argument("--output", default=None, help="output folder (default: a new temp folder)")
     p.add_argument("--prefix", default=None, help="IOC prefix (default: a random DEMOxxxx:)")
     p.add_argument("--linger", type=float, default=0.0,
@@ -331,10 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="HDF5 dataset holding the intensity")
     p.add_argument("--no-memory-check", action="store_true",
                    help="reconstruct even when the volume seems too large for the memory left")
-    p.add_argument("--es-time-budget", type=float, default=5.0,
-                   help="seconds for the refinement (odd-shape search and ES)")
-    p.add_argument("--polish-iterations", type=int, default=150,
-                   help="steps of the polish's ER/HIO run (after 50 ER steps)")
+    _add_settings_options(p)
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("serve", help="reconstruct the runs published by a Bluesky 0MQ proxy")
@@ -412,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bcdi_bluesky").setLevel(logging.INFO)
     try:
         return int(args.func(args))
-    except (UserError, BCDIError) as exc:
+    except BCDIError as exc:  # what was given is wrong; anything else is a bug: traceback
         print(f"bcdi-bluesky {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ from caproto.server import PVGroup, PvpropertyDouble, PvpropertyInteger, SubGrou
 from caproto.server.records import AiFields
 from caproto.server.server import PvpropertyData
 
+from ..errors import SettingsError
 from ..plotting import central_slices
 from ..settings import ReconstructionSettings
 
@@ -75,7 +76,7 @@ class WriteAccess:
         names = write_hosts.split(",") if isinstance(write_hosts, str) else write_hosts
         hosts = frozenset(name.strip().lower() for name in names if name.strip())
         if not hosts:
-            raise ValueError("--write-hosts needs at least one host name")
+            raise SettingsError("--write-hosts needs at least one host name")
         return cls(read_only=read_only, hosts=hosts)
 
     def allows(self, host: str | None) -> bool:
