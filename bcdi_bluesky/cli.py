@@ -308,6 +308,26 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                                 f"{info.default})")
 
 
+def settings_table() -> str:
+    """The user guide's table of the reconstruction settings (generated: a test checks the
+    guide against it): each with its default, limits, the ``reconstruct`` option and the IOC
+    PV that set it."""
+    from .epics.ioc import ES_MAX_ITER, SETTING_PVS
+    from .settings import ReconstructionSettings
+
+    rows = ["| setting | default | limits | `reconstruct` option | IOC PV | meaning |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for info in ReconstructionSettings.fields_info():
+        units = f" {info.units}" if info.units else ""
+        limits = "true, false" if info.kind is bool else f"{info.low} .. {info.high}{units}"
+        pv = (f"`{SETTING_PVS[info.name]}`" if info.name in SETTING_PVS
+              else f"`{ES_MAX_ITER[0]}` (both ES counts)")
+        option = "--" + info.name.replace("_", "-")
+        rows.append(f"| `{info.name}` | {info.default}{units} | {limits} | `{option}` | "
+                    f"{pv} | {info.doc} |")
+    return "\n".join(rows) + "\n"
+
+
 def _add_access_options(p: argparse.ArgumentParser) -> None:
     """Who may put the IOC's settings (docs/reliability.md: who may write which PV)."""
     p.add_argument("--read-only", action="store_true",

@@ -228,3 +228,12 @@ def test_only_bcdi_errors_become_one_line_messages(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(bcdi_bluesky.io, "read_intensity", refused)
     assert main(["reconstruct", str(tmp_path / "x.npy")]) == 2
     assert capsys.readouterr().err.strip().endswith("x.npy: not a diffraction volume")
+
+
+def test_the_user_guide_settings_table_is_the_generated_one():
+    from pathlib import Path
+
+    from bcdi_bluesky.cli import settings_table
+
+    guide = Path(__file__).resolve().parent.parent / "docs" / "user_guide.md"
+    assert settings_table() in guide.read_text(), "regenerate with bcdi_bluesky.cli.settings_table"
