@@ -383,33 +383,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_access_options(p)
     p.set_defaults(func=_cmd_ioc)
 
+    # Training defaults come from TrainConfig (torch-free), so the CLI and Python train the
+    # same network.
+    from .model.config import TrainConfig
+
+    t = TrainConfig()
     p = sub.add_parser("train", help="train the CNN on simulated crystals (needs torch)")
-    p.add_argument("--name", default="bcdi_cnn64")
+    p.add_argument("--name", default=t.name)
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder")
-    p.add_argument("--steps", type=int, default=4000, help="total optimiser steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--width", type=int, default=16, help="channels of the first conv stage")
-    p.add_argument("--hidden", type=int, default=256, help="units of the dense layer")
-    p.add_argument("--encoding", default="twin_blocks_v1",
+    p.add_argument("--steps", type=int, default=t.steps, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--warmup-steps", type=int, default=t.warmup_steps)
+    p.add_argument("--width", type=int, default=t.width, help="channels of the first conv stage")
+    p.add_argument("--hidden", type=int, default=t.hidden, help="units of the dense layer")
+    p.add_argument("--encoding", default=t.encoding,
                    choices=("twin_blocks_v1", "twin_invariant_v1", "normalised_v1"),
                    help="what the network regresses (see bcdi_bluesky.model.encoding)")
     p.add_argument("--no-friedel", dest="friedel", action="store_false",
                    help="leave out the network's I(q) - I(-q) input channel")
-    p.add_argument("--zoom", type=int, default=32,
+    p.add_argument("--zoom", type=int, default=t.zoom,
                    help="centred crop edge seen by a full-resolution encoder (0: none)")
-    p.add_argument("--mirror-copies", type=int, default=2,
+    p.add_argument("--mirror-copies", type=int, default=t.mirror_copies,
                    help="mirror images of each simulated crystal per batch (1-8; more trains "
                         "faster where simulating the crystals is the bottleneck, as on a CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop cleanly with a checkpoint after this many seconds")
-    p.add_argument("--validate-every", type=int, default=250)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--validate-every", type=int, default=t.validate_every)
+    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--init-from", default=None,
                    help="warm-start a new run from another checkpoint's weights")
