@@ -194,15 +194,17 @@ def _check_plot_path(path: Path) -> None:
 
 
 def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
-    """Write the figure (and the latent map beside it), atomically; an error is one
-    DataError line."""
+    """Write the figure (and the latent map beside it); an error is one line."""
     from .plotting import plot_latent_map, plot_reconstruction
 
-    outputs = {"plot": str(plot_reconstruction(result, args.plot, title=str(args.input)))}
-    if rec.runtime.latent_map is not None and result.latent_xy is not None:
-        outputs["latent_plot"] = str(plot_latent_map(
-            rec.runtime.latent_map, _latent_plot_path(args.plot),
-            scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+    try:
+        outputs = {"plot": str(plot_reconstruction(result, args.plot, title=str(args.input)))}
+        if rec.runtime.latent_map is not None and result.latent_xy is not None:
+            outputs["latent_plot"] = str(plot_latent_map(
+                rec.runtime.latent_map, _latent_plot_path(args.plot),
+                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+    except OSError as exc:  # the folder cannot be made or written, the disk is full
+        raise UserError(f"--plot {args.plot}: cannot write ({exc.strerror or exc})") from None
     return outputs
 
 

@@ -89,7 +89,11 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path,
     ]), va="top", fontsize=9, family="monospace", wrap=True)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p
 
 
 def plot_latent_map(latent_map, path: str | Path, scans: list[tuple[str, tuple[float, float],
@@ -126,22 +130,8 @@ def plot_latent_map(latent_map, path: str | Path, scans: list[tuple[str, tuple[f
     ax.set_ylabel("latent PC 2")
     ax.set_title(title + "\nstars: scans (red: out of distribution)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    """Render a figure (the format named by the suffix) and write it atomically: a failure
-    leaves no partial file and raises :class:`~bcdi_bluesky.errors.DataError`."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from .io import atomic_write_bytes
-
     p = Path(path)
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, dpi=90, format=p.suffix.lstrip(".").lower() or "png")
-    finally:
-        plt.close(fig)
-    return atomic_write_bytes(p, buffer.getvalue())
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p
