@@ -205,6 +205,9 @@ def test_bad_puts_are_refused_with_an_alarm_and_one_log_line(ioc, caproto_ctx, c
     assert hihi.write([float("nan")], wait=True, timeout=5).status == CAStatus.ECA_PUTFAIL.value
     epics.caput(p + "Chi.HIHI", float("nan"), wait=True, timeout=5)
     assert hihi.read(timeout=5).data[0] == limit
+    # Its operating range is caproto's control range, which every write of chi must pass.
+    (hopr,) = caproto_ctx.get_pvs(p + "Chi.HOPR", timeout=5)
+    assert hopr.write([0.01], wait=True, timeout=5).status == CAStatus.ECA_PUTFAIL.value
     # A read-only PV refuses too, in one line and without touching its alarm.
     (status,) = caproto_ctx.get_pvs(p + "Status", timeout=5)
     severity = status.read(data_type="time", timeout=5).metadata.severity

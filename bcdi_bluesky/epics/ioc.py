@@ -26,9 +26,15 @@ from caproto import (
     ChannelType,
     native_type,
 )
-from caproto.server import PVGroup, PvpropertyDouble, PvpropertyInteger, SubGroup, pvproperty
+from caproto.server import (
+    PVGroup,
+    PvpropertyData,
+    PvpropertyDouble,
+    PvpropertyInteger,
+    SubGroup,
+    pvproperty,
+)
 from caproto.server.records import AiFields
-from caproto.server.server import PvpropertyData
 
 from ..errors import SettingsError
 from ..plotting import central_slices
@@ -244,6 +250,12 @@ def _finite_limit(field: str, linked: str):
     return putter
 
 
+async def _fixed_range(fields, instance, value):
+    """A putter that refuses: a record's operating range (.HOPR/.LOPR) is caproto's control
+    range, which every internal write of the value is checked against."""
+    raise ValueError("the operating range is fixed")
+
+
 #: The setting PVs that are one field of :class:`~bcdi_bluesky.ReconstructionSettings` each
 #: (field -> PV name); the ES iteration counts share ``ES:MaxIter`` (see :data:`ES_MAX_ITER`).
 SETTING_PVS = {
@@ -324,6 +336,8 @@ class ReconstructionIOC(PVGroup):
     Chi = Chi.fields.high_alarm_limit.putter(_finite_limit("high", "upper_warning_limit"))
     Chi = Chi.fields.low_alarm_limit.putter(_finite_limit("low", "lower_warning_limit"))
     Chi = Chi.fields.lolo_alarm_limit.putter(_finite_limit("lolo", "lower_alarm_limit"))
+    Chi = Chi.fields.high_operating_range.putter(_fixed_range)
+    Chi = Chi.fields.low_operating_range.putter(_fixed_range)
     ChiCNN = _reading("ChiCNN", precision=4, doc="chi of the CNN's estimate")
     ES_Iteration = _reading("ES:Iteration", 0, doc="ES step (live)")
     ES_Cost = _reading("ES:Cost", precision=4, doc="ES cost chi (live)")
