@@ -9,10 +9,14 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import BCDIError
+
+if TYPE_CHECKING:
+    from .settings import ReconstructionSettings
 
 
 class UserError(BCDIError):
@@ -116,7 +120,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _settings_from(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> ReconstructionSettings:
     """The reconstruction settings: the defaults with every settings option given (validated:
     a value outside its limits is a one-line SettingsError)."""
     from .settings import ReconstructionSettings
@@ -129,7 +133,7 @@ def _settings_from(args: argparse.Namespace):
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .io import RESULT_SUFFIXES, read_intensity, write_result
 
-    settings = _settings_from(args)
+    settings = settings_from_args(args)
     source = Path(args.input)
     targets = {"--output": args.output, "--plot": args.plot}
     if args.plot:

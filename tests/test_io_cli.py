@@ -177,16 +177,16 @@ def test_settings_options_are_validated_by_the_settings(tmp_path, volume, option
 
 def test_every_setting_is_an_option_of_reconstruct():
     from bcdi_bluesky import ReconstructionSettings
-    from bcdi_bluesky.cli import _settings_from, build_parser
+    from bcdi_bluesky.cli import build_parser, settings_from_args
 
     parser = build_parser()
     args = parser.parse_args(["reconstruct", "x.npy"])
-    assert _settings_from(args) == ReconstructionSettings()
+    assert settings_from_args(args) == ReconstructionSettings()
     given = []
     for info in ReconstructionSettings.fields_info():
         option = "--" + info.name.replace("_", "-")
         given += [option] if info.kind is bool else [option, str(info.high)]
-    changed = _settings_from(parser.parse_args(["reconstruct", "x.npy", *given]))
+    changed = settings_from_args(parser.parse_args(["reconstruct", "x.npy", *given]))
     for info in ReconstructionSettings.fields_info():
         assert getattr(changed, info.name) == (True if info.kind is bool else info.high)
 
