@@ -19,7 +19,7 @@ from bcdi_bluesky.pipeline import to_model_grid
 
 @pytest.fixture(scope="module")
 def reconstructor():
-    return Reconstructor(es_time_budget_s=120.0, polish_time_budget_s=120.0)
+    return Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0)
 
 
 @pytest.fixture
