@@ -18,7 +18,8 @@ class WarmReconstructorPlugin(WorkerPlugin):
 
     def __init__(self, spec: ReconstructorSpec) -> None:
         self.spec = spec
-        self.name = f"bcdi-warm-reconstructor-{hash(spec) & 0xFFFFFFFF:08x}"
+        # The same name from every client: registering again replaces, never duplicates.
+        self.name = f"bcdi-warm-reconstructor:{spec!r}"
 
     def setup(self, worker: Any) -> None:
         """Build this worker's Reconstructor (idempotent: the cache keeps one per process)."""
