@@ -326,3 +326,57 @@ def test_serve_follows_tiled_and_reconstructs_on_dask(client, engine, tiled_serv
             serve.kill()
             serve.communicate()
     assert serve.returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_callback_publishes_in_scan_order_when_a_later_scan_finishes_first(RE):
+    """A thread pool of two where the first scan's task waits for the second's: the second
+    result is ready first, yet the publishers see the first scan first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bcdi_bluesky import BCDIReconstructionCallback
+
+    finished = []
+    second_done = threading.Event()
+
+    class HoldFirst(ThreadPoolExecutor):
+        """The first task starts only once the second has finished."""
+
+        submitted = 0
+
+        def submit(self, fn, *args, **kwargs):
+            HoldFirst.submitted += 1
+            first = HoldFirst.submitted == 1
+
+            def task(*a, **k):
+                if first:
+                    assert second_done.wait(60)
+                result = fn(*a, **k)
+                finished.append(result)
+                if not first:
+                    second_done.set()
+                return result
+            return super().submit(task, *args, **kwargs)
+
+    seen = []
+    with HoldFirst(max_workers=2) as pool:
+        cb = BCDIReconstructionCallback(
+            on_result=lambda result, start: seen.append((start["uid"], result)),
+            refine="none", queue_size=4, executor=pool)
+        try:
+            RE.subscribe(cb)
+            uids = []
+            for seed in (51, 52):
+                beamline = SimulatedBeamline(seed=seed)
+                beamline.det.max_count.put(1e12)
+                step = beamline.crystal.step
+                (uid,) = RE(rocking_scan(beamline.det, beamline.theta,
+                                         beamline.crystal.bragg_theta, 15 * step, 16))
+                uids.append(uid)
+            assert cb.wait(timeout=90)
+        finally:
+            assert cb.close(timeout=30)
+    assert [u for u, _ in seen] == uids  # scan order ...
+    assert finished[0] is seen[1][1]  # ... although the second scan's result came first
+    assert all(cb.records[u].status == "done" for u in uids)
+    assert all(r.metadata["worker"] == worker_name() for _, r in seen)
