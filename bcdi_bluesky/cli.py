@@ -344,7 +344,12 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
                 line.update(status="done", **outcome.result.summary(),
                             worker=outcome.result.metadata.get("worker"))
                 for key, publish in publishers:
-                    line[key] = str(publish(outcome.result, outcome.start))
+                    try:
+                        line[key] = str(publish(outcome.result, outcome.start))
+                    except Exception as exc:  # a full disk, a refused write: the next run
+                        failed += line["status"] == "done"
+                        line.update(status="failed", message=f"{key}: {type(exc).__name__}: "
+                                                             f"{exc}")
             print(json.dumps(line), flush=True)
     finally:
         if dask_client is None:
