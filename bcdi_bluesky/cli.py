@@ -347,7 +347,8 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
                     try:
                         line[key] = str(publish(outcome.result, outcome.start))
                     except Exception as exc:  # a full disk, a refused write: the next run
-                        failed += line["status"] == "done"
+                        if line["status"] == "done":  # count each run once
+                            failed += 1
                         line.update(status="failed", message=f"{key}: {type(exc).__name__}: "
                                                              f"{exc}")
             print(json.dumps(line), flush=True)
