@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -277,15 +278,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     source = (f"Tiled at {args.tiled}" if args.tiled else
               f"the 0MQ proxy at {dispatcher.host}:{dispatcher.port}")
     print(f"bcdi-bluesky serve: listening to {source}", file=sys.stderr, flush=True)
+    finished = False
     try:
         dispatcher.start()
     finally:
-        callback.close(timeout=args.stop_timeout)
+        finished = callback.close(timeout=args.stop_timeout)
         if dask_client is not None:
             dask_client.close()
         if getattr(dispatcher, "dropped", 0):
             print(f"bcdi-bluesky serve: {dispatcher.dropped} of {dispatcher.received} "
                   "messages dropped", file=sys.stderr, flush=True)
+    if not finished:
+        # A reconstruction is still running in the worker thread (its abandonment is logged):
+        # the interpreter's teardown under it would abort the process ("terminate called
+        # without an active exception" from ONNX Runtime's threads), so leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
