@@ -652,6 +652,32 @@ def test_close_never_hangs(make_callback):
     gate.set()
 
 
+def test_close_cancels_at_the_next_pipeline_step(make_callback):
+    class Endless:
+        """Refines for 30 s, reporting each step, as the pipeline's ES does."""
+
+        settings = ReconstructionSettings()
+
+        def reconstruct(self, volume, progress=None, **kwargs):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                progress("es_step", {"iteration": 0, "cost": 1.0})
+                time.sleep(0.01)
+
+    hooks = _Hooks()
+    cb = make_callback(reconstructor=Endless(), publishers=[hooks])
+    first, queued = _feed(cb, _small_run()), _feed(cb, _small_run())
+    while cb.records[first].status != "reconstructing":
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert cb.close(timeout=2.0) is True
+    assert time.monotonic() - started < 2.5
+    assert cb.records[first].status == "failed"
+    assert "closed before the reconstruction finished" in cb.records[first].message
+    assert cb.records[queued].status == "dropped"
+    assert [c[0] for c in hooks.calls].count("failure") == 2
+
+
 def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
     import gc
     import weakref

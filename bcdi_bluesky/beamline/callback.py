@@ -81,6 +81,10 @@ def _debug_callbacks() -> bool:
     return bool(os.environ.get("BLUESKY_DEBUG_CALLBACKS", False))
 
 
+class _Cancelled(Exception):
+    """Raised through the pipeline's progress hook when :meth:`close` runs out of time."""
+
+
 class _FillOnStop(DocumentRouter):
     """The RunRouter's filler: it passes documents through unfilled. Frames written to files
     are read by an event-model ``Filler`` in the worker after the run stops (area detectors
@@ -264,6 +268,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         self._pending = 0
         self._idle = threading.Condition()
         self._closing = threading.Event()
+        self._cancel = threading.Event()
         self._worker = threading.Thread(target=self._work, name="bcdi-reconstruction",
                                         daemon=True)
         self._worker.start()
@@ -372,14 +377,25 @@ class BCDIReconstructionCallback(DocumentRouter):
             self._idle.notify_all()
 
     def _work(self) -> None:
-        tick = 0.5 if self.run_timeout is None else min(0.5, self.run_timeout / 4)
+        # Short enough for close() to see the worker stop promptly, long enough to cost nothing.
+        tick = 0.1 if self.run_timeout is None else min(0.1, self.run_timeout / 4)
         while True:
             try:
-                run = self._queue.get(timeout=tick)
+                run = (self._queue.get_nowait() if self._closing.is_set()
+                       else self._queue.get(timeout=tick))
             except queue.Empty:
                 if self._closing.is_set():
                     return
                 self._expire_runs()
+                continue
+            if self._cancel.is_set():
+                run.record.status = "dropped"
+                run.record.message = "the callback was closed before this scan's turn"
+                log.warning("scan %s not reconstructed: %s", run.record.scan_id,
+                            run.record.message)
+                self._hooks("failure", run.record.message, run.start_doc)
+                run.free()
+                self._done()
                 continue
             try:
                 self._reconstruct(run)
@@ -510,6 +526,8 @@ class BCDIReconstructionCallback(DocumentRouter):
         progress_errors: set = set()
 
         def progress(stage: str, info: dict) -> None:
+            if self._cancel.is_set():  # close() ran out of time: stop at this step
+                raise _Cancelled("the callback was closed before the reconstruction finished")
             notes.extend(self._hooks("progress", stage, info, start, seen=progress_errors))
 
         try:
@@ -596,12 +614,18 @@ class BCDIReconstructionCallback(DocumentRouter):
     def close(self, timeout: float | None = 10.0) -> bool:
         """Stop taking documents, finish the queued work within ``timeout`` s, stop the worker.
 
-        Never blocks longer than ``timeout``: what is still queued or reconstructing then is
-        logged and abandoned (the worker is a daemon thread). Returns True when the worker
-        finished everything.
+        Never blocks longer than ``timeout``. In its last quarter (at most 1 s) the scan being
+        reconstructed is cancelled at the pipeline's next step and recorded ``failed``, and the
+        scans still queued are recorded ``dropped``, each with a ``failure`` hook call. A
+        reconstruction that reaches no step in time is abandoned to the worker, a daemon
+        thread. Returns True when the worker has stopped.
         """
         self._closing.set()
-        self._worker.join(timeout)
+        grace = 0.0 if timeout is None else min(1.0, timeout / 4)
+        self._worker.join(None if timeout is None else timeout - grace)
+        if self._worker.is_alive():
+            self._cancel.set()
+            self._worker.join(grace)
         if not self._worker.is_alive():
             return True
         left = [r for r in self.records.values() if r.status in ("queued", "reconstructing")]
