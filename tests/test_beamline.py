@@ -523,7 +523,7 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
             return real(*args, **kwargs)
         return broken
 
-    if step == "recommendation":  # as bcdi.energy_kev = 0 once did
+    if step == "recommendation":  # a division by zero, as bad metadata can cause
         monkeypatch.setattr(callback_module, "recommend", once(callback_module.recommend))
     if step == "metadata":
         monkeypatch.setattr(callback_module, "voxel_size_nm",
