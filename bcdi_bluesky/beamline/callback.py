@@ -292,6 +292,8 @@ class BCDIReconstructionCallback(DocumentRouter):
                 if name == "descriptor":
                     log.warning("ignoring run %s: its start document was not seen (%s)",
                                 doc.get("run_start"), exc)
+                else:
+                    log.debug("ignoring a %s document of an unseen run (%s)", name, exc)
         except Exception:
             self._swallow(name)
         return name, doc
