@@ -236,6 +236,20 @@ def test_a_malformed_document_is_logged_not_raised(make_callback, caplog):
     assert "could not handle" in caplog.text
 
 
+def test_a_run_joined_mid_way_is_ignored_with_one_line(make_callback, caplog):
+    capture = _Capture()
+    cb = make_callback(reconstructor=capture)
+    docs = _small_run(page=False)
+    with caplog.at_level("DEBUG", logger="bcdi_bluesky.beamline.callback"):
+        _feed(cb, docs[1:])  # subscribed after the start document went by
+    assert cb.unrouted == len(docs) - 2  # descriptor and events; the stop is simply unknown
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "start document was not seen" in warnings[0].getMessage()
+    uid = _feed(cb, _small_run())
+    assert cb.wait(timeout=10) and cb.records[uid].status == "done"
+    assert list(cb.records) == [uid]
+
+
 def test_closed_loop_finds_a_misaligned_saturated_peak(RE, reconstructor, make_callback):
     """Peak 50 steps outside the naive range and an exposure that saturates the detector."""
     from bcdi_bluesky.beamline import ReconstructionAnalysis, closed_loop_scan
