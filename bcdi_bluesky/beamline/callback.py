@@ -41,7 +41,13 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
-from event_model import DocumentRouter, Filler, RunRouter, UnresolvableForeignKeyError
+from event_model import (
+    DocumentRouter,
+    Filler,
+    RunRouter,
+    UnresolvableForeignKeyError,
+    unpack_event_page,
+)
 
 from ..errors import NoBraggPeakError
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
@@ -109,8 +115,8 @@ class _RunCollector(DocumentRouter):
         self.record = record
         self.descriptors: dict[str, dict] = {}
         # (motor readback, seq_num, frame | datum id | None when a StreamDatum carries it,
-        #  the event document when the frame is in a file)
-        self.frames: list[tuple[float, int, Any, dict | None]] = []
+        #  (event page, index) when the frame is in a file)
+        self.frames: list[tuple[float, int, Any, tuple[dict, int] | None]] = []
         self.resources: list[dict] = []
         self.datums: list[dict] = []
         self.stream_resources: dict[str, dict] = {}
@@ -160,23 +166,28 @@ class _RunCollector(DocumentRouter):
         if doc["stream_resource"] in self.stream_resources:
             self.stream_datums.append(doc)
 
-    def event(self, doc: dict) -> None:
+    def event_page(self, doc: dict) -> None:
+        # The RunRouter hands events over as pages; reading the columns directly spares
+        # unpacking each page into events in the RunEngine's thread.
         if doc["descriptor"] not in self.descriptors:
             return
         data = doc["data"]
-        try:
-            theta = float(data[self.owner.motor_key])
-        except (KeyError, TypeError, ValueError):
-            theta = float("nan")
-        if not np.isfinite(theta):
-            self.record.events_without_motor += 1
-            return
-        # Keep a reference only (an array, a datum id, or None when a StreamDatum carries the
-        # frame): the worker reads and stacks. Copying frames here would put the analysis'
-        # cost into the scan.
-        value = data.get(self.owner.image_key)
-        self.frames.append((theta, int(doc.get("seq_num", 0)), value,
-                            doc if isinstance(value, str) else None))
+        thetas = data.get(self.owner.motor_key)
+        images = data.get(self.owner.image_key)
+        for k, seq_num in enumerate(doc["seq_num"]):
+            try:
+                theta = float(thetas[k])
+            except (TypeError, ValueError, IndexError):
+                theta = float("nan")
+            if not np.isfinite(theta):
+                self.record.events_without_motor += 1
+                continue
+            # Keep a reference only (an array, a datum id, or None when a StreamDatum carries
+            # the frame): the worker reads and stacks. Copying frames here would put the
+            # analysis' cost into the scan.
+            value = None if images is None else images[k]
+            self.frames.append((theta, int(seq_num), value,
+                                (doc, k) if isinstance(value, str) else None))
 
     def stop(self, doc: dict) -> None:
         self.owner._finish(self, doc)
@@ -488,9 +499,13 @@ class BCDIReconstructionCallback(DocumentRouter):
                 filler.datum(datum)
         try:
             stack = []
-            for theta, seq_num, value, event in frames:
-                if event is not None:
-                    value = filler.fill_event(event, include=[self.image_key],
+            events: dict[int, list[dict]] = {}  # id(page) -> its events, unpacked once
+            for theta, seq_num, value, in_file in frames:
+                if in_file is not None:
+                    page, k = in_file
+                    if id(page) not in events:
+                        events[id(page)] = list(unpack_event_page(page))
+                    value = filler.fill_event(events[id(page)][k], include=[self.image_key],
                                               inplace=False)["data"][self.image_key]
                 elif value is None:
                     if seq_num not in streamed:
