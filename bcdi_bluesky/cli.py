@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-timeout", type=_positive_number, default=3600.0, metavar="S",
                    help="a run with no document for S seconds is recorded incomplete and its "
                         "frames freed")
-    p.add_argument("--stop-timeout", type=_positive_number, default=8.0, metavar="S",
+    p.add_argument("--stop-timeout", type=_positive_number, default=5.0, metavar="S",
                    help="on SIGTERM, seconds left to the scan being reconstructed")
     p.add_argument("--max-message-mb", type=_positive_number, default=1024.0, metavar="MB",
                    help="0MQ drops longer messages unread")
