@@ -380,3 +380,44 @@ def test_callback_publishes_in_scan_order_when_a_later_scan_finishes_first(RE):
     assert finished[0] is seen[1][1]  # ... although the second scan's result came first
     assert all(cb.records[u].status == "done" for u in uids)
     assert all(r.metadata["worker"] == worker_name() for _, r in seen)
+
+
+@pytest.mark.timeout(60)
+def test_close_cancels_a_result_the_executor_never_gives(RE):
+    """An executor whose task hangs: close() returns within its timeout, the scan is recorded
+    failed, and the failure hook is told."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bcdi_bluesky import BCDIReconstructionCallback
+    from bcdi_bluesky.beamline import Publisher
+
+    release = threading.Event()
+
+    class Hangs(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            return super().submit(release.wait, 60)
+
+    failures = []
+
+    class Failures(Publisher):
+        def failure(self, message, start_doc):
+            failures.append((start_doc["uid"], message))
+
+    with Hangs(max_workers=1) as pool:
+        try:
+            cb = BCDIReconstructionCallback(publishers=[Failures()], refine="none",
+                                            executor=pool)
+            RE.subscribe(cb)
+            beamline = SimulatedBeamline(seed=61)
+            (uid,) = RE(rocking_scan(beamline.det, beamline.theta,
+                                     beamline.crystal.bragg_theta, 7 * beamline.crystal.step,
+                                     8))
+            assert not cb.wait(timeout=1.0)
+            started = time.monotonic()
+            assert cb.close(timeout=2.0)
+            assert time.monotonic() - started < 3.0
+        finally:
+            release.set()
+    record = cb.records[uid]
+    assert record.status == "failed" and "closed before" in record.message
+    assert failures == [(uid, record.message)]

@@ -460,7 +460,8 @@ class BCDIReconstructionCallback(DocumentRouter):
         """Results thread (with an executor): finish the scans in the order they stopped."""
         while True:
             try:
-                run, future, notes, step = self._in_flight.get(timeout=0.5)
+                # As the worker's tick: close() sees this thread stop promptly.
+                run, future, notes, step = self._in_flight.get(timeout=0.1)
             except queue.Empty:
                 if self._closing.is_set() and not self._worker.is_alive():
                     return
