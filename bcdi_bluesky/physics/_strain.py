@@ -1,0 +1,408 @@
+"""The crystal in physical units: the object on an orthogonal lab grid, displacement and strain.
+
+Convention: the reconstructed phase is ``phi = Q . u`` (the object is ``rho exp(i Q . u)``),
+so the displacement along Q is ``u_Q = phi / |Q|`` (nm) and the strain component along Q is
+``eps = d u_Q / d s`` with ``s`` the lab coordinate along ``Q / |Q|``. A measurement does not
+resolve the twin (``phi -> -phi`` with the object mirrored), a global phase, nor a uniform
+strain (the Bragg peak's position defines the reference lattice): the phase ramp and offset
+are removed, so the displacement averages to zero and the strain to about zero over the
+crystal. The displacement is defined modulo the lattice-plane spacing ``2 pi / |Q|``; around
+a dislocation it winds by one spacing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.ndimage
+
+from ._geometry import Geometry
+
+#: Fraction of the maximum amplitude that defines the support, as the pipeline's default.
+SUPPORT_THRESHOLD = 0.2
+
+
+def lab_positions(shape: tuple[int, ...], basis: np.ndarray) -> np.ndarray:
+    """Lab position (nm) of every voxel of an input grid, shape ``(3, *shape)``.
+
+    Voxel ``n`` sits at ``basis @ (n - shape // 2)``: the grid's centre (the Bragg peak's
+    conjugate origin in this project's convention) is at the lab origin.
+    """
+    idx = np.indices(shape, dtype=np.float64)
+    idx -= np.array([s // 2 for s in shape], dtype=np.float64).reshape(3, 1, 1, 1)
+    return np.einsum("ij,j...->i...", basis, idx)
+
+
+def _bounding_box(support: np.ndarray, basis: np.ndarray, margin: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argwhere(support).astype(np.float64)
+    if idx.size == 0:
+        idx = np.array([[s // 2 for s in support.shape]], dtype=np.float64)
+    centre = np.array([s // 2 for s in support.shape], dtype=np.float64)
+    # The corners of each voxel's parallelepiped, so a thin support keeps its thickness.
+    corners = np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5)
+                        for c in (-0.5, 0.5)])
+    pts = ((idx - centre)[:, None, :] + corners[None, :, :]).reshape(-1, 3) @ basis.T
+    return pts.min(axis=0) - margin, pts.max(axis=0) + margin
+
+
+def to_lab_grid(obj: np.ndarray, basis: np.ndarray, spacing_nm: float | None = None,
+                region: np.ndarray | None = None, margin_voxels: int = 2
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Resample an object from its (sheared) input grid onto an orthogonal lab grid.
+
+    Trilinear interpolation of the real and imaginary parts at each lab grid point's position
+    in the input grid's index space (``basis^-1 r``); points outside the input grid are 0.
+
+    Parameters
+    ----------
+    obj : ndarray
+        Complex object on the input grid.
+    basis : ndarray
+        Voxel basis (nm), column j = one step along input axis j.
+    spacing_nm : float, optional
+        Lab grid spacing; default the shortest basis column (no loss of resolution).
+    region : ndarray of bool, optional
+        Input-grid voxels the lab grid must cover (default: the support at
+        :data:`SUPPORT_THRESHOLD`).
+    margin_voxels : int
+        Empty lab voxels kept around the region.
+
+    Returns
+    -------
+    object_lab : ndarray
+        Complex64, indexed ``[ix, iy, iz]`` along the lab axes x, y, z.
+    origin_nm : ndarray
+        Lab position of ``object_lab[0, 0, 0]``.
+    spacing_nm : float
+    """
+    basis = np.asarray(basis, dtype=np.float64)
+    if spacing_nm is None:
+        spacing_nm = float(np.linalg.norm(basis, axis=0).min())
+    if region is None:
+        amp = np.abs(obj)
+        region = amp >= SUPPORT_THRESHOLD * amp.max()
+    lo, hi = _bounding_box(region, basis, margin_voxels * spacing_nm)
+    n = np.maximum(np.ceil((hi - lo) / spacing_nm).astype(int) + 1, 1)
+    axes = [lo[k] + spacing_nm * np.arange(n[k]) for k in range(3)]
+    r = np.stack(np.meshgrid(*axes, indexing="ij"), axis=0).reshape(3, -1)
+    centre = np.array([s // 2 for s in obj.shape], dtype=np.float64)[:, None]
+    coords = np.linalg.solve(basis, r) + centre
+    out = np.empty(r.shape[1], dtype=np.complex64)
+    out.real = scipy.ndimage.map_coordinates(obj.real.astype(np.float64), coords, order=1,
+                                             mode="constant", cval=0.0)
+    out.imag = scipy.ndimage.map_coordinates(obj.imag.astype(np.float64), coords, order=1,
+                                             mode="constant", cval=0.0)
+    return out.reshape(tuple(n)), lo, float(spacing_nm)
+
+
+def _wrap(x: np.ndarray) -> np.ndarray:
+    return (x + np.pi) % (2 * np.pi) - np.pi
+
+
+def _pair_differences(obj: np.ndarray, support: np.ndarray, axis: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Wrapped phase difference to the next voxel along ``axis`` and where both are in the
+    support (the last plane has no next voxel)."""
+    lo = [slice(None)] * 3
+    hi = [slice(None)] * 3
+    lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+    d = np.angle(obj[tuple(hi)] * np.conj(obj[tuple(lo)]))
+    both = support[tuple(hi)] & support[tuple(lo)]
+    return d, both
+
+
+def remove_ramp(obj: np.ndarray, support: np.ndarray, spacing: np.ndarray | float = 1.0
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Remove the linear phase ramp and the phase offset of an object on its support.
+
+    The ramp is the amplitude-weighted mean of the wrapped neighbour phase differences, so a
+    phase that winds around a dislocation (no single-valued unwrapping) does not bias it; the
+    offset is the phase of the amplitude-weighted mean of the de-ramped object.
+
+    Returns
+    -------
+    object : ndarray
+        ``obj * exp(-i (g . r + c))``, ``r`` the voxel position in ``spacing`` units.
+    gradient : ndarray
+        ``g`` (radians per unit of ``spacing``), one value per axis.
+    offset : float
+        ``c`` (radians).
+    """
+    spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    amp = np.abs(obj)
+    g = np.zeros(3)
+    for axis in range(3):
+        d, both = _pair_differences(obj, support, axis)
+        lo = [slice(None)] * 3
+        lo[axis] = slice(0, -1)
+        w = np.where(both, amp[tuple(lo)], 0.0)
+        if w.sum() > 0:
+            g[axis] = float(np.sum(w * d) / w.sum()) / spacing[axis]
+    r = [np.arange(s) * spacing[k] for k, s in enumerate(obj.shape)]
+    ramp = (g[0] * r[0][:, None, None] + g[1] * r[1][None, :, None]
+            + g[2] * r[2][None, None, :])
+    flat = obj * np.exp(-1j * ramp)
+    c = float(np.angle(np.sum(np.where(support, flat, 0))))
+    return (flat * np.exp(-1j * c)).astype(np.complex64), g, c
+
+
+def unwrap_phase(obj: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Quality-guided unwrapping of the phase on the support (NaN elsewhere).
+
+    Starting from the brightest voxel of each connected part of the support, voxels join in
+    decreasing order of amplitude, each taking its neighbour's phase plus the wrapped
+    difference. The unwrapped phase equals the wrapped one modulo 2 pi everywhere; where the
+    phase is not integrable (a dislocation line, whose core is dark), the 2 pi jump falls
+    between the darkest voxels, not across the crystal. The result is shifted by a multiple of
+    2 pi so that its amplitude-weighted mean is closest to zero.
+    """
+    shape = obj.shape
+    amp = np.abs(obj).ravel()
+    phase = np.angle(obj).ravel().astype(np.float64)
+    inside = support.ravel().copy()
+    out = np.full(amp.size, np.nan)
+    # Neighbours of every voxel along the 6 grid directions (-1 where the grid ends).
+    flat = np.arange(amp.size).reshape(shape)
+    neighbours = np.full((amp.size, 6), -1, dtype=np.int64)
+    for axis in range(3):
+        for k, step in enumerate((-1, 1)):
+            nb = np.full(shape, -1, dtype=np.int64)
+            src = [slice(None)] * 3
+            dst = [slice(None)] * 3
+            src[axis] = slice(1, None) if step == 1 else slice(0, -1)
+            dst[axis] = slice(0, -1) if step == 1 else slice(1, None)
+            nb[tuple(dst)] = flat[tuple(src)]
+            neighbours[:, 2 * axis + k] = nb.ravel()
+    candidates = np.flatnonzero(inside)[np.argsort(-amp[inside])]
+    done = np.zeros(amp.size, dtype=bool)
+    for seed in candidates:
+        if done[seed]:
+            continue
+        out[seed] = phase[seed]
+        done[seed] = True
+        heap: list[tuple[float, int, int]] = [(-amp[j], j, seed) for j in neighbours[seed]
+                                              if j >= 0 and inside[j]]
+        heapq.heapify(heap)
+        while heap:
+            _, j, i = heapq.heappop(heap)
+            if done[j]:
+                continue
+            out[j] = out[i] + _wrap(phase[j] - phase[i])
+            done[j] = True
+            for m in neighbours[j]:
+                if m >= 0 and inside[m] and not done[m]:
+                    heapq.heappush(heap, (-amp[m], m, j))
+    out = out.reshape(shape)
+    w = np.where(support, np.abs(obj), 0.0)
+    if w.sum() > 0:
+        mean = float(np.nansum(w * np.nan_to_num(out)) / w.sum())
+        out -= 2 * np.pi * round(mean / (2 * np.pi))
+    return out
+
+
+def phase_gradient(obj: np.ndarray, support: np.ndarray, spacing: float) -> np.ndarray:
+    """Gradient of the phase (radians per nm, shape ``(3, *obj.shape)``) on the support.
+
+    From wrapped neighbour differences (insensitive to 2 pi jumps and to where an unwrapping
+    put its cut): central where both neighbours are in the support, one-sided where only one
+    is, NaN where none is or off the support.
+    """
+    grad = np.full((3, *obj.shape), np.nan)
+    for axis in range(3):
+        d, both = _pair_differences(obj, support, axis)
+        fwd = np.full(obj.shape, np.nan)
+        bwd = np.full(obj.shape, np.nan)
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        fwd[tuple(lo)] = np.where(both, d, np.nan)
+        bwd[tuple(hi)] = np.where(both, d, np.nan)
+        both_sides = np.isfinite(fwd) & np.isfinite(bwd)
+        g = np.where(both_sides, 0.5 * (np.nan_to_num(fwd) + np.nan_to_num(bwd)),
+                     np.where(np.isfinite(fwd), fwd, bwd))
+        grad[axis] = np.where(support, g / spacing, np.nan)
+    return grad
+
+
+def principal_extents(positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Extents of a crystal along its principal axes (nm), largest first.
+
+    Parameters
+    ----------
+    positions : ndarray
+        ``(M, 3)`` lab positions (nm) of the support's voxel centres.
+    cell : ndarray
+        The voxel's basis (nm, columns): its own width along a direction is added, so one
+        voxel has the extent of one voxel.
+
+    Returns
+    -------
+    extents : ndarray
+        ``max - min`` of the positions projected on each principal axis (eigenvectors of
+        their covariance) plus the voxel's width along that axis.
+    axes : ndarray
+        The principal axes (columns), in the same order.
+    """
+    pts = np.asarray(positions, dtype=np.float64)
+    if pts.shape[0] < 2:
+        return np.abs(cell).sum(axis=1), np.eye(3)
+    cov = np.cov((pts - pts.mean(axis=0)).T)
+    _, vecs = np.linalg.eigh(cov)
+    vecs = vecs[:, ::-1]
+    proj = pts @ vecs
+    widths = np.abs(vecs.T @ np.asarray(cell, dtype=np.float64)).sum(axis=1)
+    extents = proj.max(axis=0) - proj.min(axis=0) + widths
+    order = np.argsort(-extents)
+    return extents[order], vecs[:, order]
+
+
+@dataclass
+class PhysicalResult:
+    """A reconstruction in physical units (see :func:`physical_result`).
+
+    Lab-grid arrays are indexed ``[ix, iy, iz]`` along the lab axes (x, y up, z along the
+    beam); ``object_lab[i, j, k]`` sits at ``origin_nm + voxel_size_nm * (i, j, k)``.
+    """
+
+    geometry: Geometry
+    #: Column j: the lab vector (nm) of one step along input axis j.
+    voxel_basis_nm: np.ndarray
+    #: Q of the Bragg peak in the lab frame (1/nm).
+    q_bragg_inv_nm: np.ndarray
+    #: Lab grid spacing along x, y, z (nm).
+    voxel_size_nm: np.ndarray
+    origin_nm: np.ndarray
+    object_lab: np.ndarray
+    support_lab: np.ndarray
+    #: Displacement along Q (nm), NaN off the support.
+    displacement_nm: np.ndarray
+    #: Strain along Q (dimensionless), NaN off the support.
+    strain: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def q_unit(self) -> np.ndarray:
+        """Unit vector along Q."""
+        return self.q_bragg_inv_nm / np.linalg.norm(self.q_bragg_inv_nm)
+
+    def crystal_extents_nm(self) -> np.ndarray:
+        """Principal extents of the support on the lab grid (nm), largest first."""
+        idx = np.argwhere(self.support_lab).astype(np.float64)
+        return principal_extents(self.origin_nm + idx * self.voxel_size_nm,
+                                 np.diag(self.voxel_size_nm))[0]
+
+    def summary(self) -> dict[str, Any]:
+        """``crystal_volume_nm3``, ``crystal_extents_nm``, ``strain_rms``,
+        ``displacement_rms_nm`` (RMS over the support) and the geometry's figures."""
+        s = self.support_lab
+        strain = self.strain[s & np.isfinite(self.strain)]
+        disp = self.displacement_nm[s & np.isfinite(self.displacement_nm)]
+        return {
+            "crystal_volume_nm3": float(s.sum() * np.prod(self.voxel_size_nm)),
+            "crystal_extents_nm": [float(v) for v in self.crystal_extents_nm()],
+            "strain_rms": float(np.sqrt(np.mean(strain**2))) if strain.size else float("nan"),
+            "displacement_rms_nm": (float(np.sqrt(np.mean(disp**2))) if disp.size
+                                    else float("nan")),
+            "q_bragg_inv_nm": [float(v) for v in self.q_bragg_inv_nm],
+            "voxel_size_nm": [float(v) for v in self.voxel_size_nm],
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a result file holds, under their file keys."""
+        return {
+            "voxel_basis_nm": self.voxel_basis_nm.astype(np.float64),
+            "object_lab": self.object_lab.astype(np.complex64),
+            "support_lab": self.support_lab.astype(bool),
+            "voxel_size_nm": self.voxel_size_nm.astype(np.float64),
+            "lab_origin_nm": self.origin_nm.astype(np.float64),
+            "displacement_nm": self.displacement_nm.astype(np.float32),
+            "strain": self.strain.astype(np.float32),
+            "q_bragg_inv_nm": self.q_bragg_inv_nm.astype(np.float64),
+        }
+
+
+def displacement_and_strain(object_lab: np.ndarray, support_lab: np.ndarray, spacing_nm: float,
+                            q_inv_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Displacement along Q (nm) and strain along Q on an orthogonal grid of ``spacing_nm``.
+
+    Returns the de-ramped object, the displacement and the strain (NaN off the support).
+    """
+    flat, _, _ = remove_ramp(object_lab, support_lab, spacing_nm)
+    q = np.asarray(q_inv_nm, dtype=np.float64)
+    q_norm = float(np.linalg.norm(q))
+    displacement = unwrap_phase(flat, support_lab) / q_norm
+    grad = phase_gradient(flat, support_lab, spacing_nm)
+    strain = np.einsum("i,i...->...", q / q_norm, grad) / q_norm
+    return flat, displacement.astype(np.float32), strain.astype(np.float32)
+
+
+def physical_result(obj: np.ndarray, geometry: Geometry,
+                    support_threshold: float = SUPPORT_THRESHOLD,
+                    spacing_nm: float | None = None) -> PhysicalResult:
+    """The object of a reconstruction (input grid) in the lab frame, with displacement and
+    strain along Q.
+
+    Parameters
+    ----------
+    obj : ndarray
+        Complex object on the input grid (``|fftshift(fftn(obj))|^2`` ~ the intensity).
+    geometry : Geometry
+        The scan's geometry; its ``axes`` name the axes of ``obj``.
+    support_threshold : float
+        Fraction of the maximum amplitude that defines the support (on both grids).
+    spacing_nm : float, optional
+        Lab grid spacing (default: the shortest voxel basis column).
+    """
+    obj = np.asarray(obj)
+    basis = geometry.voxel_basis_nm(obj.shape)
+    amp = np.abs(obj)
+    region = amp >= support_threshold * amp.max()
+    object_lab, origin, h = to_lab_grid(obj, basis, spacing_nm, region)
+    amp_lab = np.abs(object_lab)
+    support_lab = amp_lab >= support_threshold * amp_lab.max()
+    q = geometry.q_bragg_inv_nm
+    flat, displacement, strain = displacement_and_strain(object_lab, support_lab, h, q)
+    return PhysicalResult(
+        geometry=geometry, voxel_basis_nm=basis, q_bragg_inv_nm=q,
+        voxel_size_nm=np.full(3, h), origin_nm=origin, object_lab=flat,
+        support_lab=support_lab, displacement_nm=displacement, strain=strain)
+
+
+def _corner(array: np.ndarray, a: int, b: int, da: int, db: int) -> np.ndarray:
+    """The corner ``(da, db)`` of every grid square in the plane of axes ``a`` and ``b``."""
+    sl = [slice(None)] * 3
+    sl[a] = slice(da, array.shape[a] - 1 + da)
+    sl[b] = slice(db, array.shape[b] - 1 + db)
+    return array[tuple(sl)]
+
+
+def phase_vortices(obj: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Where the phase winds by 2 pi around a grid plaquette: the trace of dislocation lines.
+
+    Around each square of four neighbouring voxels (in the three grid planes), all in the
+    support, the wrapped phase differences sum to a multiple of 2 pi; a non-zero sum marks a
+    dislocation line crossing that square.
+
+    Returns
+    -------
+    ndarray
+        ``(M, 3)`` grid coordinates (fractional indices) of the centres of the squares where
+        the phase winds.
+    """
+    found = []
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        c00, c10 = _corner(obj, a, b, 0, 0), _corner(obj, a, b, 1, 0)
+        c11, c01 = _corner(obj, a, b, 1, 1), _corner(obj, a, b, 0, 1)
+        inside = (_corner(support, a, b, 0, 0) & _corner(support, a, b, 1, 0)
+                  & _corner(support, a, b, 1, 1) & _corner(support, a, b, 0, 1))
+        winding = (np.angle(c10 * np.conj(c00)) + np.angle(c11 * np.conj(c10))
+                   + np.angle(c01 * np.conj(c11)) + np.angle(c00 * np.conj(c01)))
+        hits = np.argwhere(inside & (np.abs(winding) > np.pi)).astype(np.float64)
+        hits[:, a] += 0.5
+        hits[:, b] += 0.5
+        found.append(hits)
+    return np.concatenate(found, axis=0)
