@@ -1,0 +1,182 @@
+"""Displacement and strain in the lab frame, on crystals with known displacement fields sampled
+through non-orthogonal geometries (an inclusion, a dislocation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bcdi_bluesky.physics import (
+    Geometry,
+    lab_positions,
+    phase_vortices,
+    physical_result,
+    principal_extents,
+    remove_ramp,
+    unwrap_phase,
+)
+from tests.conftest import EXAMPLE_DATA
+
+SHAPE = (64, 64, 64)
+
+
+def _geometries() -> dict[str, Geometry]:
+    scan54 = Geometry.from_json(EXAMPLE_DATA / "S0054_geometry.json")
+    id01 = Geometry(beamline="esrf_id01", energy_kev=8.5, detector_distance_m=0.8,
+                    pixel_size_m=(55e-6, 55e-6), sample_angles_deg={"eta": 17.0},
+                    detector_angles_deg={"delta": 33.0, "nu": 6.0}, rocking_axis="eta",
+                    rocking_step_deg=0.008, axes=("rocking", "detector_row", "detector_column"))
+    return {"aps_34idc scan 54": scan54, "esrf_id01": id01}
+
+
+GEOMETRIES = _geometries()
+
+
+def _crystal(geometry: Geometry, phase_of) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipsoidal crystal with a known phase, sampled on the input grid of ``geometry``, with
+    a phase ramp (a Bragg peak off the grid centre) and a global phase on top."""
+    basis = geometry.voxel_basis_nm(SHAPE)
+    lengths = np.linalg.norm(basis, axis=0)
+    # About a quarter of the field of view along its shortest direction: oversampling >= 2.
+    radius = 0.23 * min(SHAPE) * np.abs(np.linalg.det(basis)) ** (1 / 3)
+    radii = radius * np.array([1.0, 0.85, 0.8])
+    r = lab_positions(SHAPE, basis)
+    rho = np.sqrt(sum((r[k] / radii[k]) ** 2 for k in range(3)))
+    amplitude = 1.0 / (1.0 + np.exp((rho - 1.0) * 25.0))
+    n = np.indices(SHAPE)
+    ramp = 2 * np.pi * (0.3 * n[0] / SHAPE[0] - 0.4 * n[1] / SHAPE[1]) + 1.1
+    obj = amplitude * np.exp(1j * (phase_of(r) + ramp))
+    unit = basis / lengths
+    cosines = np.abs(unit.T @ unit)[np.triu_indices(3, 1)]
+    assert cosines.max() > 0.2  # the input grid is sheared by more than 11 degrees
+    return obj.astype(np.complex64), radii
+
+
+def _lab_coordinates(phys) -> np.ndarray:
+    n = phys.object_lab.shape
+    axes = [phys.origin_nm[k] + phys.voxel_size_nm[k] * np.arange(n[k]) for k in range(3)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+
+def _wrap(x):
+    return (x + np.pi) % (2 * np.pi) - np.pi
+
+
+def _compare(phys, true_phase_lab: np.ndarray) -> tuple[float, float]:
+    """RMS of the true displacement on the support and of the error of ours, both with the
+    ramp and offset removed the same way, the error modulo the lattice spacing."""
+    s = phys.support_lab
+    q = np.linalg.norm(phys.q_bragg_inv_nm)
+    truth = np.abs(phys.object_lab) * np.exp(1j * true_phase_lab)
+    flat, _, _ = remove_ramp(truth, s, phys.voxel_size_nm[0])
+    true_u = unwrap_phase(flat, s)[s] / q
+    error = _wrap(phys.displacement_nm[s] * q - np.angle(flat)[s]) / q
+    return float(np.sqrt(np.mean(true_u**2))), float(np.sqrt(np.mean(error**2)))
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_inclusion_displacement_and_strain(name):
+    """A spherical inclusion (Eshelby: u = e r inside, e a^3 r / |r|^3 outside) off centre."""
+    g = GEOMETRIES[name]
+    q = g.q_bragg_inv_nm
+    q_hat = q / np.linalg.norm(q)
+    centre, e0 = np.array([40.0, -30.0, 20.0]), 0.002
+    holder = {}
+
+    def u_of(r):
+        d = r - centre.reshape(3, *([1] * (r.ndim - 1)))
+        dist = np.sqrt((d**2).sum(axis=0)) + 1e-9
+        a = holder["a"]
+        return np.where(dist < a, e0, e0 * a**3 / dist**3) * d, d, dist
+
+    def phase_of(r):
+        return np.einsum("i,i...->...", q, u_of(r)[0])
+
+    basis = g.voxel_basis_nm(SHAPE)
+    holder["a"] = 0.5 * 0.23 * 64 * np.abs(np.linalg.det(basis)) ** (1 / 3)
+    obj, _ = _crystal(g, phase_of)
+    phys = physical_result(obj, g)
+    s = phys.support_lab
+    x = _lab_coordinates(phys)
+    true_rms, error_rms = _compare(phys, phase_of(x))
+    assert error_rms <= 0.10 * true_rms, (error_rms, true_rms)
+    # Strain along Q: inside e0, outside e0 a^3 (1/r^3 - 3 (q.d)^2 / r^5); less its mean.
+    _, d, dist = u_of(x)
+    qd = np.einsum("i,i...->...", q_hat, d)
+    a = holder["a"]
+    strain = np.where(dist < a, e0, e0 * a**3 * (1 / dist**3 - 3 * qd**2 / dist**5))[s]
+    strain -= strain.mean()
+    ours = phys.strain[s]
+    assert np.isfinite(ours).mean() > 0.99
+    true_strain_rms = float(np.sqrt(np.mean(strain**2)))
+    our_strain_rms = float(np.sqrt(np.nanmean(ours**2)))
+    assert our_strain_rms == pytest.approx(true_strain_rms, rel=0.20)
+    summary = phys.summary()
+    assert summary["strain_rms"] == pytest.approx(our_strain_rms, rel=1e-6)
+    # Off the support: NaN; the phase ramp and offset are gone.
+    assert np.isnan(phys.strain[~s]).all() and np.isnan(phys.displacement_nm[~s]).all()
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_dislocation_is_located_and_its_displacement_recovered(name):
+    """A dislocation line (the phase winds once around it, Q.b = 2 pi) on a tilted line."""
+    g = GEOMETRIES[name]
+    point = np.array([30.0, -20.0, 10.0])
+    line = np.array([0.3, 1.0, 0.5]) / np.linalg.norm([0.3, 1.0, 0.5])
+    e1 = np.cross(line, [1.0, 0.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(line, e1)
+
+    def phase_of(r):
+        d = r - point.reshape(3, *([1] * (r.ndim - 1)))
+        return np.arctan2(np.einsum("i,i...->...", e2, d), np.einsum("i,i...->...", e1, d))
+
+    obj, _ = _crystal(g, phase_of)
+    phys = physical_result(obj, g)
+    true_rms, error_rms = _compare(phys, phase_of(_lab_coordinates(phys)))
+    assert error_rms <= 0.10 * true_rms, (error_rms, true_rms)
+    # The line: every square where the phase winds lies within 2 voxels of it.
+    found = phase_vortices(phys.object_lab, phys.support_lab)
+    assert len(found) >= 10
+    pos = phys.origin_nm + found * phys.voxel_size_nm
+    off = pos - point
+    off -= np.outer(off @ line, line)
+    distance = np.linalg.norm(off, axis=1) / phys.voxel_size_nm[0]
+    assert distance.max() <= 2.0, distance.max()
+    # Strain along Q: grad(theta) = (line x d) / |d|^2 with d the offset from the line; it
+    # diverges at the core, so compare outside 2 voxels (the unwrapping's cut must not show).
+    x = _lab_coordinates(phys)
+    d = x - point.reshape(3, 1, 1, 1)
+    d -= np.einsum("i,i...->...", line, d) * line.reshape(3, 1, 1, 1)
+    rho2 = (d**2).sum(axis=0)
+    grad = np.cross(line.reshape(3, 1, 1, 1), d, axis=0) / np.maximum(rho2, 1e-9)
+    q = g.q_bragg_inv_nm
+    true_strain = np.einsum("i,i...->...", q, grad) / np.linalg.norm(q) ** 2
+    away = phys.support_lab & (rho2 > (2 * phys.voxel_size_nm[0]) ** 2)
+    ours = phys.strain[away]
+    truth = true_strain[away] - true_strain[phys.support_lab].mean()
+    assert np.sqrt(np.nanmean(ours**2)) == pytest.approx(np.sqrt(np.mean(truth**2)), rel=0.2)
+
+
+def test_extents_of_a_box_and_of_a_sheared_grid():
+    # A 10 x 4 x 2 box of unit voxels, rotated: its principal extents are 10, 4, 2.
+    idx = np.argwhere(np.ones((10, 4, 2), dtype=bool)).astype(float)
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    extents, axes = principal_extents(idx @ rot.T, rot)
+    np.testing.assert_allclose(extents, [10, 4, 2], atol=1e-9)
+    assert abs(axes[:, 0] @ rot[:, 0]) == pytest.approx(1.0)
+
+
+def test_support_and_volume_on_the_lab_grid():
+    g = GEOMETRIES["aps_34idc scan 54"]
+    obj, radii = _crystal(g, lambda r: np.zeros(r.shape[1:]))
+    phys = physical_result(obj, g)
+    volume = phys.summary()["crystal_volume_nm3"]
+    # Support at 0.2 of the maximum of a soft-edged ellipsoid: radius (1 + ln(4)/25) R.
+    expected = 4 / 3 * np.pi * np.prod(radii) * (1 + np.log(4) / 25) ** 3
+    assert volume == pytest.approx(expected, rel=0.05)
+    extents = phys.summary()["crystal_extents_nm"]
+    np.testing.assert_allclose(sorted(extents), sorted(2 * radii * (1 + np.log(4) / 25)),
+                               rtol=0.08)
+    assert phys.summary()["strain_rms"] < 1e-4  # a flat phase has no strain
