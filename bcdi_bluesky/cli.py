@@ -58,14 +58,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .io import RESULT_SUFFIXES, DataError, read_intensity, write_result
+    from .io import RESULT_SUFFIXES, DataError, read_geometry, read_intensity, write_result
     from .model.runtime import ModelError
 
     if args.output and Path(args.output).suffix.lower() not in RESULT_SUFFIXES:
         raise UserError(f"{args.output}: unsupported output type (use one of "
                         f"{', '.join(RESULT_SUFFIXES)})")
+    if args.output and Path(args.output).suffix.lower() == ".vti" and not args.geometry:
+        raise UserError(f"{args.output}: a .vti file is on the lab grid: give --geometry")
     try:
         data, mask = read_intensity(args.input, args.dataset)
+        geometry = read_geometry(args.geometry) if args.geometry else None
     except DataError as exc:
         raise UserError(str(exc)) from None
     try:
@@ -84,7 +87,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         print(f"{stage:>10}: {figures}", file=sys.stderr)
 
     try:
-        result = rec.reconstruct(data, mask, refine=args.refine, progress=progress)
+        result = rec.reconstruct(data, mask, refine=args.refine, progress=progress,
+                                 geometry=geometry)
     except ValueError as exc:
         raise UserError(f"{args.input}: {exc}") from None
     outputs = {}
@@ -208,8 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="reconstruct a crystal from a diffraction volume")
     p.add_argument("input", help=".npy, .npz (intensity, mask), .h5/.cxi/.nxs or TIFF stack")
-    p.add_argument("--output", "-o", default=None, help="result file (.npz, .cxi or .h5)")
+    p.add_argument("--output", "-o", default=None,
+                   help="result file (.npz, .cxi or .h5; .vti with --geometry)")
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
+    p.add_argument("--geometry", default=None, metavar="GEOM.json",
+                   help="the scan's geometry: results in nm, displacement and strain")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")

@@ -21,10 +21,6 @@ import scipy.ndimage
 
 from ._geometry import Geometry
 
-#: Fraction of the maximum amplitude that defines the support, as the pipeline's default.
-SUPPORT_THRESHOLD = 0.2
-
-
 def lab_positions(shape: tuple[int, ...], basis: np.ndarray) -> np.ndarray:
     """Lab position (nm) of every voxel of an input grid, shape ``(3, *shape)``.
 
@@ -49,8 +45,8 @@ def _bounding_box(support: np.ndarray, basis: np.ndarray, margin: float
     return pts.min(axis=0) - margin, pts.max(axis=0) + margin
 
 
-def to_lab_grid(obj: np.ndarray, basis: np.ndarray, spacing_nm: float | None = None,
-                region: np.ndarray | None = None, margin_voxels: int = 2
+def to_lab_grid(obj: np.ndarray, basis: np.ndarray, region: np.ndarray,
+                spacing_nm: float | None = None, margin_voxels: int = 2
                 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Resample an object from its (sheared) input grid onto an orthogonal lab grid.
 
@@ -63,11 +59,10 @@ def to_lab_grid(obj: np.ndarray, basis: np.ndarray, spacing_nm: float | None = N
         Complex object on the input grid.
     basis : ndarray
         Voxel basis (nm), column j = one step along input axis j.
+    region : ndarray of bool
+        Input-grid voxels the lab grid must cover (the support).
     spacing_nm : float, optional
         Lab grid spacing; default the shortest basis column (no loss of resolution).
-    region : ndarray of bool, optional
-        Input-grid voxels the lab grid must cover (default: the support at
-        :data:`SUPPORT_THRESHOLD`).
     margin_voxels : int
         Empty lab voxels kept around the region.
 
@@ -82,9 +77,6 @@ def to_lab_grid(obj: np.ndarray, basis: np.ndarray, spacing_nm: float | None = N
     basis = np.asarray(basis, dtype=np.float64)
     if spacing_nm is None:
         spacing_nm = float(np.linalg.norm(basis, axis=0).min())
-    if region is None:
-        amp = np.abs(obj)
-        region = amp >= SUPPORT_THRESHOLD * amp.max()
     lo, hi = _bounding_box(region, basis, margin_voxels * spacing_nm)
     n = np.maximum(np.ceil((hi - lo) / spacing_nm).astype(int) + 1, 1)
     axes = [lo[k] + spacing_nm * np.arange(n[k]) for k in range(3)]
@@ -340,8 +332,7 @@ def displacement_and_strain(object_lab: np.ndarray, support_lab: np.ndarray, spa
     return flat, displacement.astype(np.float32), strain.astype(np.float32)
 
 
-def physical_result(obj: np.ndarray, geometry: Geometry,
-                    support_threshold: float = SUPPORT_THRESHOLD,
+def physical_result(obj: np.ndarray, geometry: Geometry, support_threshold: float,
                     spacing_nm: float | None = None) -> PhysicalResult:
     """The object of a reconstruction (input grid) in the lab frame, with displacement and
     strain along Q.
@@ -353,7 +344,8 @@ def physical_result(obj: np.ndarray, geometry: Geometry,
     geometry : Geometry
         The scan's geometry; its ``axes`` name the axes of ``obj``.
     support_threshold : float
-        Fraction of the maximum amplitude that defines the support (on both grids).
+        Fraction of the maximum amplitude that defines the support, on both grids (the
+        reconstruction's ``support_threshold`` setting).
     spacing_nm : float, optional
         Lab grid spacing (default: the shortest voxel basis column).
     """
@@ -361,7 +353,7 @@ def physical_result(obj: np.ndarray, geometry: Geometry,
     basis = geometry.voxel_basis_nm(obj.shape)
     amp = np.abs(obj)
     region = amp >= support_threshold * amp.max()
-    object_lab, origin, h = to_lab_grid(obj, basis, spacing_nm, region)
+    object_lab, origin, h = to_lab_grid(obj, basis, region, spacing_nm)
     amp_lab = np.abs(object_lab)
     support_lab = amp_lab >= support_threshold * amp_lab.max()
     q = geometry.q_bragg_inv_nm
