@@ -36,8 +36,10 @@ def published(ioc):
     from tests.test_beamline import _documents
 
     rec = Reconstructor(es_time_budget_s=120, polish_time_budget_s=120)
-    geometry = {"bcdi": {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
-                         "bragg_angle_deg": 16.1, "rocking_step": 0.005}}
+    geometry = {"bcdi": {"geometry": {
+        "beamline": "generic", "energy_kev": 9.0, "detector_distance_m": 1.5,
+        "pixel_size_m": [55e-6, 55e-6], "sample_angles_deg": {"theta": 16.1},
+        "detector_angles_deg": {"delta": 30.0, "gamma": 10.0}, "rocking_step_deg": 0.005}}}
     sample = make_sample(rec.model, CrystalPrior(rec.model), 31, TEST_STREAM, 0, 1e8)
     frames = {0.005 * i: sample.counts[i] for i in range(64)}
     results = []

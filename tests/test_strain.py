@@ -15,9 +15,11 @@ from bcdi_bluesky.physics import (
     remove_ramp,
     unwrap_phase,
 )
+from bcdi_bluesky.settings import ReconstructionSettings
 from tests.conftest import EXAMPLE_DATA
 
 SHAPE = (64, 64, 64)
+THRESHOLD = ReconstructionSettings().support_threshold
 
 
 def _geometries() -> dict[str, Geometry]:
@@ -95,7 +97,7 @@ def test_inclusion_displacement_and_strain(name):
     basis = g.voxel_basis_nm(SHAPE)
     holder["a"] = 0.5 * 0.23 * 64 * np.abs(np.linalg.det(basis)) ** (1 / 3)
     obj, _ = _crystal(g, phase_of)
-    phys = physical_result(obj, g)
+    phys = physical_result(obj, g, THRESHOLD)
     s = phys.support_lab
     x = _lab_coordinates(phys)
     true_rms, error_rms = _compare(phys, phase_of(x))
@@ -132,7 +134,7 @@ def test_dislocation_is_located_and_its_displacement_recovered(name):
         return np.arctan2(np.einsum("i,i...->...", e2, d), np.einsum("i,i...->...", e1, d))
 
     obj, _ = _crystal(g, phase_of)
-    phys = physical_result(obj, g)
+    phys = physical_result(obj, g, THRESHOLD)
     true_rms, error_rms = _compare(phys, phase_of(_lab_coordinates(phys)))
     assert error_rms <= 0.10 * true_rms, (error_rms, true_rms)
     # The line: every square where the phase winds lies within 2 voxels of it.
@@ -158,20 +160,24 @@ def test_dislocation_is_located_and_its_displacement_recovered(name):
     assert np.sqrt(np.nanmean(ours**2)) == pytest.approx(np.sqrt(np.mean(truth**2)), rel=0.2)
 
 
-def test_extents_of_a_box_and_of_a_sheared_grid():
-    # A 10 x 4 x 2 box of unit voxels, rotated: its principal extents are 10, 4, 2.
-    idx = np.argwhere(np.ones((10, 4, 2), dtype=bool)).astype(float)
+def test_extents_of_a_rotated_ellipsoid_on_a_sheared_grid():
+    # An ellipsoid of semi-axes 50, 30, 12 nm, rotated, sampled on a sheared grid of ~1 nm.
+    cell = np.array([[1.0, 0.4, 0.0], [0.0, 0.9, 0.3], [0.2, 0.0, 1.1]])
     c, s = np.cos(0.3), np.sin(0.3)
     rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-    extents, axes = principal_extents(idx @ rot.T, rot)
-    np.testing.assert_allclose(extents, [10, 4, 2], atol=1e-9)
-    assert abs(axes[:, 0] @ rot[:, 0]) == pytest.approx(1.0)
+    n = np.indices((160, 160, 160)).reshape(3, -1).T - 80.0
+    pos = n @ cell.T
+    local = pos @ rot
+    inside = ((local / [50.0, 30.0, 12.0]) ** 2).sum(axis=1) <= 1
+    extents, axes = principal_extents(pos[inside], cell)
+    np.testing.assert_allclose(extents, [100, 60, 24], rtol=0.02)
+    assert abs(axes[:, 0] @ rot[:, 0]) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_support_and_volume_on_the_lab_grid():
     g = GEOMETRIES["aps_34idc scan 54"]
     obj, radii = _crystal(g, lambda r: np.zeros(r.shape[1:]))
-    phys = physical_result(obj, g)
+    phys = physical_result(obj, g, THRESHOLD)
     volume = phys.summary()["crystal_volume_nm3"]
     # Support at 0.2 of the maximum of a soft-edged ellipsoid: radius (1 + ln(4)/25) R.
     expected = 4 / 3 * np.pi * np.prod(radii) * (1 + np.log(4) / 25) ** 3

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 from event_model import DocumentRouter
 
+from ..physics import AXIS_NAMES, Geometry, geometry_from_start
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
-from .recommend import Recommendation, recommend, voxel_size_nm
+from .recommend import Recommendation, recommend
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,24 @@ class _Run:
 
 
 _STOP = object()
+
+
+def _scan_geometry(start: dict, thetas: np.ndarray, scan_id: Any) -> Geometry | None:
+    """The run's geometry (hklpy2's record or ``bcdi.geometry``) for the volume as stacked here:
+    frames along axis 0 in increasing readback, so the rocking step is the readbacks' median
+    step; None, with a warning, when it is unusable."""
+    try:
+        geometry = geometry_from_start(start)
+        if geometry is not None:
+            data = {**geometry.to_dict(), "axes": list(AXIS_NAMES)}
+            step = float(np.median(np.diff(np.sort(thetas)))) if thetas.size > 1 else 0.0
+            if step > 0:
+                data["rocking_step_deg"] = step
+            geometry = Geometry.from_dict(data)
+    except ValueError as exc:
+        log.warning("scan %s: geometry ignored (%s); results in voxels", scan_id, exc)
+        return None
+    return geometry
 
 
 class BCDIReconstructionCallback(DocumentRouter):
@@ -362,7 +381,8 @@ class BCDIReconstructionCallback(DocumentRouter):
                 return
             result = self.reconstructor.reconstruct(
                 volume, refine=self.refine, settings=settings,
-                progress=lambda stage, info: self._notify("progress", stage, info, run.start))
+                progress=lambda stage, info: self._notify("progress", stage, info, run.start),
+                geometry=_scan_geometry(run.start, thetas, record.scan_id))
         except Exception as exc:
             record.status, record.message = "failed", f"{type(exc).__name__}: {exc}"
             record.finished_at = time.time()
@@ -370,7 +390,8 @@ class BCDIReconstructionCallback(DocumentRouter):
             self._notify("failure", record.message, run.start)
             return
         if hasattr(result, "metadata"):
-            voxel = voxel_size_nm(run.start.get("bcdi", {}), result.object.shape)
+            physical = getattr(result, "physical", None)
+            voxel = None if physical is None else physical.voxel_size_nm
             result.metadata.update(
                 uid=record.uid, scan_id=record.scan_id,
                 recommendation=(record.recommendation.as_dict() if record.recommendation

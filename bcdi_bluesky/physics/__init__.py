@@ -11,7 +11,7 @@ from ._forward import (
     scale_to_photons,
     simulate_counts,
 )
-from ._geometry import PRESETS, Diffractometer, Geometry, geometry_from_start
+from ._geometry import AXIS_NAMES, PRESETS, Diffractometer, Geometry, geometry_from_start
 from ._harmonics import LMAX_LIMIT, grid_table, real_sph_harm, sh_index
 from ._metrics import (
     ObjectComparison,
@@ -47,6 +47,7 @@ from ._strain import (
 from ._validation import check_mask, check_volume
 
 __all__ = [
+    "AXIS_NAMES",
     "LMAX_LIMIT",
     "PRESETS",
     "CrystalModel",

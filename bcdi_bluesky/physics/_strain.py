@@ -21,6 +21,7 @@ import scipy.ndimage
 
 from ._geometry import Geometry
 
+
 def lab_positions(shape: tuple[int, ...], basis: np.ndarray) -> np.ndarray:
     """Lab position (nm) of every voxel of an input grid, shape ``(3, *shape)``.
 
@@ -223,33 +224,35 @@ def phase_gradient(obj: np.ndarray, support: np.ndarray, spacing: float) -> np.n
 def principal_extents(positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Extents of a crystal along its principal axes (nm), largest first.
 
+    The diameters of the ellipsoid with the same second moments as the support, each voxel
+    counted as a uniform parallelepiped: ``2 sqrt(5 lambda_k)``, ``lambda_k`` the eigenvalues
+    of the covariance of the voxel centres plus ``cell cell^T / 12``. Exact for an ellipsoid
+    (a box of length L gives 1.29 L); unlike the span of the support (max - min), a thin
+    protrusion or a stray voxel at the support's threshold barely moves it.
+
     Parameters
     ----------
     positions : ndarray
         ``(M, 3)`` lab positions (nm) of the support's voxel centres.
     cell : ndarray
-        The voxel's basis (nm, columns): its own width along a direction is added, so one
-        voxel has the extent of one voxel.
+        The voxel's basis (nm, columns).
 
     Returns
     -------
     extents : ndarray
-        ``max - min`` of the positions projected on each principal axis (eigenvectors of
-        their covariance) plus the voxel's width along that axis.
+        The three diameters (nm).
     axes : ndarray
         The principal axes (columns), in the same order.
     """
-    pts = np.asarray(positions, dtype=np.float64)
-    if pts.shape[0] < 2:
-        return np.abs(cell).sum(axis=1), np.eye(3)
-    cov = np.cov((pts - pts.mean(axis=0)).T)
-    _, vecs = np.linalg.eigh(cov)
-    vecs = vecs[:, ::-1]
-    proj = pts @ vecs
-    widths = np.abs(vecs.T @ np.asarray(cell, dtype=np.float64)).sum(axis=1)
-    extents = proj.max(axis=0) - proj.min(axis=0) + widths
-    order = np.argsort(-extents)
-    return extents[order], vecs[:, order]
+    pts = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    cell = np.asarray(cell, dtype=np.float64)
+    cov = cell @ cell.T / 12.0
+    if pts.shape[0] >= 2:
+        centred = pts - pts.mean(axis=0)
+        cov = cov + centred.T @ centred / pts.shape[0]
+    values, vecs = np.linalg.eigh(cov)
+    order = np.argsort(-values)
+    return 2.0 * np.sqrt(5.0 * np.maximum(values[order], 0.0)), vecs[:, order]
 
 
 @dataclass
