@@ -15,8 +15,9 @@ The reference is built from independent parts only:
 
 The principal extents of both supports are measured the same way
 (:func:`bcdi_bluesky.physics.principal_extents`: the diameters of the ellipsoid with the
-support's second moments). ``--write`` stores the reference in ``benchmarks/scan54_cohere_reference.json``,
-which ``tests/test_physical_results.py`` compares the pipeline against. Needs the ``bench``
+support's second moments). ``--write`` stores the reference in
+``benchmarks/scan54_cohere_reference.json``, which ``tests/test_physical_results.py`` compares
+the pipeline against. Needs the ``bench``
 extra (cohere-core, cohere-beamlines and pandas, which cohere-beamlines imports).
 """
 
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="cohere random starts")
     parser.add_argument("--threshold", type=float, default=0.2,
                         help="support: fraction of the maximum amplitude (ours by default)")
+    parser.add_argument("--intensity-threshold", type=float, default=COHERE_MEASURED_THRESHOLD,
+                        help="cohere: zero intensities at or below (its example: 2; 0: the "
+                        "data as our pipeline sees them)")
     parser.add_argument("--write", action="store_true", help=f"write {REFERENCE.name}")
     args = parser.parse_args(argv)
 
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     centred, _ = centre_on_max(data)
     runs = []
     for k in range(args.repeats):
-        run = run_cohere(centred, COHERE_MEASURED_THRESHOLD)
+        run = run_cohere(centred, args.intensity_threshold)
         amp = np.abs(run.object)
         support = amp >= args.threshold * amp.max()
         centre = np.array([s // 2 for s in data.shape])

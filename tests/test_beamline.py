@@ -304,8 +304,17 @@ def test_derived_run_and_result_files(RE, reconstructor, make_callback, tmp_path
     assert event["data"]["chi"] == pytest.approx(result.chi)
     assert len(event["data"]["params"]) == result.params.size
     assert np.asarray(event["data"]["amp_XY"]).shape == result.object.shape[1:]
+    summary = result.summary()
+    for key in ("crystal_volume_nm3", "strain_rms", "displacement_rms_nm"):
+        assert event["data"][key] == pytest.approx(summary[key])
+    assert event["data"]["crystal_extents_nm"] == pytest.approx(summary["crystal_extents_nm"])
     (path,) = writer.written
     assert path.is_file() and path.suffix == ".cxi"
+    import h5py
+
+    with h5py.File(path, "r") as f:  # the file names the raw run and holds the lab frame
+        assert f["entry_1/experiment_identifier"][()].decode() == uid
+        assert f["strain"].shape == result.physical.strain.shape
 
 
 def test_file_backed_detector_gives_the_same_volume(RE, make_callback, tmp_path):
