@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,45 +122,68 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UserError(f"--zmq wants HOST:PORT (for example 127.0.0.1:5578), got {text!r}")
-    return host, int(port)
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import pickle
     import signal
 
-    from bluesky.callbacks.zmq import RemoteDispatcher
+    from .beamline import BCDIReconstructionCallback, Publisher, ResultFileWriter
+    from .errors import ModelError
+    from .remote import RemoteDispatcher, deserializer
 
-    from .beamline import BCDIReconstructionCallback, ResultFileWriter
+    class Report(Publisher):
+        """stdout: one JSON line per scan that reached the worker."""
 
-    host, port = _parse_address(args.zmq)
+        def __call__(self, result, start_doc: dict) -> None:
+            print(json.dumps({"uid": start_doc["uid"], "scan_id": start_doc.get("scan_id"),
+                              "status": "done", **result.summary()}), flush=True)
+
+        def failure(self, message: str, start_doc: dict) -> None:
+            print(json.dumps({"uid": start_doc["uid"], "scan_id": start_doc.get("scan_id"),
+                              "status": "not reconstructed", "message": message}),
+                  flush=True)
+
+    try:
+        dispatcher = RemoteDispatcher(
+            args.zmq, deserializer=pickle.loads if args.allow_pickle else deserializer,
+            max_message_bytes=int(args.max_message_mb * 2**20))
+    except ValueError as exc:
+        raise UserError(f"--zmq: {exc}") from None
+    try:
+        from .pipeline import Reconstructor
+
+        reconstructor = Reconstructor(args.model)
+    except ModelError as exc:
+        raise UserError(str(exc)) from None
+    # stdout carries the JSON lines only; everything else goes to stderr through logging.
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     publishers: list = [ResultFileWriter(args.output)] if args.output else []
     if args.prefix:
         from .epics import IOCPublisher
 
         publishers.append(IOCPublisher(prefix=args.prefix))
-
-    def report(result, start) -> None:
-        print(json.dumps({"scan_id": start.get("scan_id"), "uid": start["uid"],
-                          "chi": result.chi, "timings_s": result.timings}), flush=True)
-
-    callback = BCDIReconstructionCallback(image_key=args.image_key, motor_key=args.motor_key,
-                                          on_result=report, publishers=publishers,
-                                          refine=args.refine)
-    dispatcher = RemoteDispatcher(f"{host}:{port}")
+    publishers.append(Report())  # last: its line says that the other publishers are done
+    callback = BCDIReconstructionCallback(
+        image_key=args.image_key, motor_key=args.motor_key, publishers=publishers,
+        reconstructor=reconstructor, refine=args.refine, run_timeout=args.run_timeout,
+        root_map=dict(args.root_map))
     dispatcher.subscribe(callback)
-    # A service manager stops us with SIGTERM: finish the queued reconstructions first.
+    # A service manager stops us with SIGTERM: stop listening, give the scan in hand the rest
+    # of the stop budget, exit.
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
-    print(f"bcdi-bluesky serve: listening to the 0MQ proxy at {host}:{port}", file=sys.stderr,
-          flush=True)
+    if args.allow_pickle:
+        print("bcdi-bluesky serve: --allow-pickle: every sender to the proxy can run code "
+              "here", file=sys.stderr, flush=True)
+    print(f"bcdi-bluesky serve: listening to the 0MQ proxy at {dispatcher.host}:"
+          f"{dispatcher.port}", file=sys.stderr, flush=True)
     try:
         dispatcher.start()
     finally:
-        callback.wait(timeout=120)
-        callback.close()
+        callback.close(timeout=args.stop_timeout)
+        if dispatcher.dropped:
+            print(f"bcdi-bluesky serve: {dispatcher.dropped} of {dispatcher.received} "
+                  "messages dropped", file=sys.stderr, flush=True)
     return 0
 
 
@@ -191,6 +215,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return 0
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
+    return value
+
+
+def _root_pair(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old or not new:
+        raise argparse.ArgumentTypeError(f"want OLD=NEW, got {text!r}")
+    return old, new
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,41 +274,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-key", default="det_image")
     p.add_argument("--motor-key", default="theta")
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
+    p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
     p.add_argument("--prefix", default=None, help="also serve the results as PVs (e.g. BCDI:)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="UNSAFE: read bluesky's default pickled messages, which run any code a "
+                        "sender puts in them (only where every sender is trusted)")
+    p.add_argument("--run-timeout", type=_positive_number, default=3600.0, metavar="S",
+                   help="a run with no document for S seconds is recorded incomplete and its "
+                        "frames freed")
+    p.add_argument("--stop-timeout", type=_positive_number, default=8.0, metavar="S",
+                   help="on SIGTERM, seconds left to the scan being reconstructed")
+    p.add_argument("--max-message-mb", type=_positive_number, default=1024.0, metavar="MB",
+                   help="0MQ drops longer messages unread")
+    p.add_argument("--root-map", type=_root_pair, action="append", default=[],
+                   metavar="OLD=NEW", help="read files written under OLD from NEW (repeatable)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("ioc", help="run the reconstruction IOC alone")
     p.add_argument("--prefix", default="BCDI:")
     p.set_defaults(func=_cmd_ioc)
 
+    # Training defaults come from TrainConfig (torch-free), so the CLI and Python train the
+    # same network.
+    from .model.config import TrainConfig
+
+    t = TrainConfig()
     p = sub.add_parser("train", help="train the CNN on simulated crystals (needs torch)")
-    p.add_argument("--name", default="bcdi_cnn64")
+    p.add_argument("--name", default=t.name)
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder")
-    p.add_argument("--steps", type=int, default=4000, help="total optimiser steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--width", type=int, default=16, help="channels of the first conv stage")
-    p.add_argument("--hidden", type=int, default=256, help="units of the dense layer")
-    p.add_argument("--encoding", default="twin_blocks_v1",
+    p.add_argument("--steps", type=int, default=t.steps, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--warmup-steps", type=int, default=t.warmup_steps)
+    p.add_argument("--width", type=int, default=t.width, help="channels of the first conv stage")
+    p.add_argument("--hidden", type=int, default=t.hidden, help="units of the dense layer")
+    p.add_argument("--encoding", default=t.encoding,
                    choices=("twin_blocks_v1", "twin_invariant_v1", "normalised_v1"),
                    help="what the network regresses (see bcdi_bluesky.model.encoding)")
     p.add_argument("--no-friedel", dest="friedel", action="store_false",
                    help="leave out the network's I(q) - I(-q) input channel")
-    p.add_argument("--zoom", type=int, default=32,
+    p.add_argument("--zoom", type=int, default=t.zoom,
                    help="centred crop edge seen by a full-resolution encoder (0: none)")
-    p.add_argument("--mirror-copies", type=int, default=2,
+    p.add_argument("--mirror-copies", type=int, default=t.mirror_copies,
                    help="mirror images of each simulated crystal per batch (1-8; more trains "
                         "faster where simulating the crystals is the bottleneck, as on a CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop cleanly with a checkpoint after this many seconds")
-    p.add_argument("--validate-every", type=int, default=250)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--validate-every", type=int, default=t.validate_every)
+    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--init-from", default=None,
                    help="warm-start a new run from another checkpoint's weights")
