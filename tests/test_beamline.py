@@ -550,9 +550,8 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
 
     if step == "recommendation":  # as bcdi.energy_kev = 0 once did
         monkeypatch.setattr(callback_module, "recommend", once(callback_module.recommend))
-    if step == "metadata":
-        monkeypatch.setattr(callback_module, "voxel_size_nm",
-                            once(callback_module.voxel_size_nm))
+    if step == "metadata":  # the result's figures, read after the reconstruction
+        monkeypatch.setattr(_FakeResult, "summary", once(_FakeResult.summary))
     hooks = _Hooks(fail={"configure": "configure", "publisher": "result"}.get(step))
     fake = _Fake(fail=RuntimeError("simulated analysis failure")
                  if step == "reconstruction" else None)
@@ -656,10 +655,10 @@ def test_no_bragg_peak_skips_the_scan(make_callback):
 
 
 def test_bad_geometry_metadata_gives_no_voxel_size(make_callback):
-    geometry = {"energy_kev": 0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
-                "bragg_angle_deg": 16.0, "rocking_step": 0.005}
+    geometry = {"beamline": "generic", "energy_kev": 0, "detector_distance_m": 1.5,
+                "pixel_size_m": 55e-6, "detector_angles_deg": {"delta": 30.0}}
     cb = make_callback(reconstructor=_Fake())
-    uid = _feed(cb, _small_run(metadata={"bcdi": geometry}))
+    uid = _feed(cb, _small_run(metadata={"bcdi": {"geometry": geometry}}))
     assert cb.wait(timeout=10)
     record = cb.records[uid]
     assert record.status == "done" and record.result.metadata["voxel_size_nm"] is None
