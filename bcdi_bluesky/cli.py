@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .errors import BCDIError
 
+if TYPE_CHECKING:
+    from .settings import ReconstructionSettings
 
-class UserError(Exception):
-    """A problem with what the user asked for: reported in one line, without a traceback."""
+
+class UserError(BCDIError):
+    """A problem with what the command line asks for (a path, an option): reported in one
+    line, without a traceback, like every :class:`~bcdi_bluesky.errors.BCDIError`."""
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -58,27 +66,96 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .io import RESULT_SUFFIXES, DataError, read_geometry, read_intensity, write_result
-    from .model.runtime import ModelError
+#: Bytes of memory a reconstruction needs per voxel of the input volume, beyond the process
+#: itself (measured: docs/user_guide.md, "Large volumes").
+BYTES_PER_INPUT_VOXEL = 64
 
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the least of the system's available memory,
+    the cgroup's limit (containers, batch jobs) and the address-space limit (``ulimit -v``);
+    None when none is known."""
+    import resource
+
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        top = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if top.isdigit() and used.isdigit():
+            limits.append(int(top) - int(used))
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[0])
+            limits.append(soft - pages * resource.getpagesize())
+        except OSError:
+            limits.append(soft)
+    return max(min(limits), 0) if limits else None
+
+
+def check_memory(shape: tuple[int, ...], source: str) -> None:
+    """Refuse a volume whose reconstruction would not fit in the memory left (one line)."""
+    need = int(np.prod(shape)) * BYTES_PER_INPUT_VOXEL
+    free = available_memory()
+    if free is not None and need > free:
+        raise UserError(f"{source}: a {'x'.join(map(str, shape))} volume needs about "
+                        f"{need / 2**30:.1f} GiB to reconstruct, {free / 2**30:.1f} GiB are "
+                        f"available (crop or bin it, or pass --no-memory-check)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (also through links); False when ``a`` does not exist
+    yet and resolves elsewhere."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def settings_from_args(args: argparse.Namespace) -> ReconstructionSettings:
+    """The reconstruction settings: the defaults with every settings option given (validated:
+    a value outside its limits is a one-line SettingsError)."""
+    from .settings import ReconstructionSettings
+
+    given = {info.name: getattr(args, info.name) for info in ReconstructionSettings.fields_info()
+             if getattr(args, info.name) is not None}
+    return ReconstructionSettings().replace(**given)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .io import RESULT_SUFFIXES, read_geometry, read_intensity, write_result
+
+    settings = settings_from_args(args)
+    source = Path(args.input)
+    targets = {"--output": args.output, "--plot": args.plot}
+    if args.plot:
+        targets["--plot (its latent map)"] = _latent_plot_path(args.plot)
+    for option, target in targets.items():
+        if target and _same_file(Path(target), source):
+            raise UserError(f"{option} {target} is the input file: the measured data would be "
+                            f"overwritten (choose another name)")
     if args.output and Path(args.output).suffix.lower() not in RESULT_SUFFIXES:
         raise UserError(f"{args.output}: unsupported output type (use one of "
                         f"{', '.join(RESULT_SUFFIXES)})")
     if args.output and Path(args.output).suffix.lower() == ".vti" and not args.geometry:
         raise UserError(f"{args.output}: a .vti file is on the lab grid: give --geometry")
-    try:
-        data, mask = read_intensity(args.input, args.dataset)
-        geometry = read_geometry(args.geometry) if args.geometry else None
-    except DataError as exc:
-        raise UserError(str(exc)) from None
-    try:
-        from .pipeline import Reconstructor
+    if args.plot:
+        _check_plot_path(Path(args.plot))
+    data, mask = read_intensity(args.input, args.dataset)
+    geometry = read_geometry(args.geometry) if args.geometry else None
+    if not args.no_memory_check:
+        check_memory(data.shape, str(args.input))
+    from .pipeline import Reconstructor
 
-        rec = Reconstructor(args.model, es_time_budget_s=args.es_time_budget,
-                            polish_iterations=args.polish_iterations)
-    except ModelError as exc:
-        raise UserError(str(exc)) from None
+    rec = Reconstructor(args.model, settings=settings)
 
     def progress(stage: str, info: dict) -> None:
         if args.json or stage.endswith("_step"):
@@ -87,29 +164,13 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                             if isinstance(v, float))
         print(f"{stage:>10}: {figures}", file=sys.stderr)
 
-    try:
-        result = rec.reconstruct(data, mask, refine=args.refine, progress=progress,
-                                 geometry=geometry)
-    except ValueError as exc:
-        raise UserError(f"{args.input}: {exc}") from None
+    result = rec.reconstruct(data, mask, refine=args.refine, progress=progress,
+                             geometry=geometry)
     outputs = {}
     if args.output:
-        try:
-            outputs["output"] = str(write_result(result, args.output,
-                                                 {"input": str(args.input)}))
-        except (DataError, OSError) as exc:
-            raise UserError(str(exc)) from None
+        outputs["output"] = str(write_result(result, args.output, {"input": str(args.input)}))
     if args.plot:
-        from .plotting import plot_reconstruction
-
-        outputs["plot"] = str(plot_reconstruction(result, args.plot, title=str(args.input)))
-        if rec.runtime.latent_map is not None and result.latent_xy is not None:
-            from .plotting import plot_latent_map
-
-            latent_png = Path(args.plot).with_name(Path(args.plot).stem + "_latent.png")
-            outputs["latent_plot"] = str(plot_latent_map(
-                rec.runtime.latent_map, latent_png,
-                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+        outputs.update(_plots(args, rec, result))
     summary = {**result.summary(), **outputs, "input": str(args.input)}
     if args.json:
         print(json.dumps(summary))
@@ -120,6 +181,40 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         for key, value in outputs.items():
             print(f"  {key}: {value}")
     return 0
+
+
+def _latent_plot_path(plot: str) -> Path:
+    """Where ``--plot`` puts the latent map beside the figure."""
+    return Path(plot).with_name(Path(plot).stem + "_latent.png")
+
+
+def _check_plot_path(path: Path) -> None:
+    """Refuse a figure path matplotlib cannot write before any work is done (one line)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kind = path.suffix.lower().lstrip(".")
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if kind not in formats:
+        raise UserError(f"--plot {path}: unsupported figure type (use one of "
+                        f"{', '.join('.' + k for k in sorted(formats))})")
+    if path.is_dir():
+        raise UserError(f"--plot {path} is a folder")
+
+
+def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
+    """Write the figure (and the latent map beside it); an error is one line."""
+    from .plotting import plot_latent_map, plot_reconstruction
+
+    try:
+        outputs = {"plot": str(plot_reconstruction(result, args.plot, title=str(args.input)))}
+        if rec.runtime.latent_map is not None and result.latent_xy is not None:
+            outputs["latent_plot"] = str(plot_latent_map(
+                rec.runtime.latent_map, _latent_plot_path(args.plot),
+                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+    except OSError as exc:  # the folder cannot be made or written, the disk is full
+        raise UserError(f"--plot {args.plot}: cannot write ({exc.strerror or exc})") from None
+    return outputs
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -162,7 +257,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.prefix:
         from .epics import IOCPublisher
 
-        publishers.append(IOCPublisher(prefix=args.prefix))
+        publishers.append(IOCPublisher(prefix=args.prefix, access=_write_access(args),
+                                       settings=reconstructor.settings))
     publishers.append(Report())  # last: its line says that the other publishers are done
     callback = BCDIReconstructionCallback(
         image_key=args.image_key, motor_key=args.motor_key, publishers=publishers,
@@ -187,17 +283,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_access(args: argparse.Namespace):
+    """The IOC's write policy from ``--read-only`` and ``--write-hosts``."""
+    from .epics import WriteAccess
+
+    return WriteAccess.from_options(args.read_only, args.write_hosts)
+
+
 def _cmd_ioc(args: argparse.Namespace) -> int:
     import signal
     import threading
 
     from .epics import IOCServer
 
-    server = IOCServer(prefix=args.prefix).start()
+    access = _write_access(args)
+    server = IOCServer(prefix=args.prefix, access=access).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix}",
-          file=sys.stderr, flush=True)
+    print(f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix} "
+          f"({access.describe()})", file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.5):
             pass
@@ -209,12 +313,63 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    try:
-        run_demo(scans=args.scans, output=args.output, prefix=args.prefix, linger=args.linger,
-                 seed=args.seed, as_json=args.json)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    run_demo(scans=args.scans, output=args.output, prefix=args.prefix, linger=args.linger,
+             seed=args.seed, as_json=args.json)
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_settings_options(p: argparse.ArgumentParser) -> None:
+    """One option per reconstruction setting, generated from
+    :meth:`ReconstructionSettings.fields_info` (unset: the setting's default)."""
+    from .settings import ReconstructionSettings
+
+    group = p.add_argument_group("reconstruction settings (docs/user_guide.md)")
+    for info in ReconstructionSettings.fields_info():
+        option = "--" + info.name.replace("_", "-")
+        if info.kind is bool:
+            group.add_argument(option, action="store_true", default=None, help=info.doc)
+            continue
+        units = f" {info.units}" if info.units else ""
+        group.add_argument(option, type=info.kind, default=None, metavar=info.kind.__name__.upper(),
+                           help=f"{info.doc} ({info.low} .. {info.high}{units}; default "
+                                f"{info.default})")
+
+
+def settings_table() -> str:
+    """The user guide's table of the reconstruction settings (generated: a test checks the
+    guide against it): each with its default, limits, the ``reconstruct`` option and the IOC
+    PV that set it."""
+    from .epics.ioc import ES_MAX_ITER, SETTING_PVS
+    from .settings import ReconstructionSettings
+
+    rows = ["| setting | default | limits | `reconstruct` option | IOC PV | meaning |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for info in ReconstructionSettings.fields_info():
+        units = f" {info.units}" if info.units else ""
+        limits = "true, false" if info.kind is bool else f"{info.low} .. {info.high}{units}"
+        pv = (f"`{SETTING_PVS[info.name]}`" if info.name in SETTING_PVS
+              else f"`{ES_MAX_ITER[0]}` (both ES counts)")
+        option = "--" + info.name.replace("_", "-")
+        rows.append(f"| `{info.name}` | {info.default}{units} | {limits} | `{option}` | "
+                    f"{pv} | {info.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def _add_access_options(p: argparse.ArgumentParser) -> None:
+    """Who may put the IOC's settings (docs/reliability.md: who may write which PV)."""
+    p.add_argument("--read-only", action="store_true",
+                   help="refuse every put to the settings PVs")
+    p.add_argument("--write-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="accept puts only from Channel Access clients announcing one of "
+                        "these host names")
 
 
 def _positive_number(text: str) -> float:
@@ -242,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="closed-loop scans on the simulated beamline, with the IOC")
-    p.add_argument("--scans", type=int, default=3)
+    p.add_argument("--scans", type=_at_least_one, default=3)
     p.add_argument("--output", default=None, help="output folder (default: a new temp folder)")
     p.add_argument("--prefix", default=None, help="IOC prefix (default: a random DEMOxxxx:)")
     p.add_argument("--linger", type=float, default=0.0,
@@ -262,10 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument("--dataset", default=None, help="HDF5 dataset holding the intensity")
-    p.add_argument("--es-time-budget", type=float, default=5.0,
-                   help="seconds for the refinement (odd-shape search and ES)")
-    p.add_argument("--polish-iterations", type=int, default=150,
-                   help="steps of the polish's ER/HIO run (after 50 ER steps)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="reconstruct even when the volume seems too large for the memory left")
+    _add_settings_options(p)
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("serve", help="reconstruct the runs published by a Bluesky 0MQ proxy")
@@ -283,16 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-timeout", type=_positive_number, default=3600.0, metavar="S",
                    help="a run with no document for S seconds is recorded incomplete and its "
                         "frames freed")
-    p.add_argument("--stop-timeout", type=_positive_number, default=8.0, metavar="S",
+    p.add_argument("--stop-timeout", type=_positive_number, default=5.0, metavar="S",
                    help="on SIGTERM, seconds left to the scan being reconstructed")
     p.add_argument("--max-message-mb", type=_positive_number, default=1024.0, metavar="MB",
                    help="0MQ drops longer messages unread")
     p.add_argument("--root-map", type=_root_pair, action="append", default=[],
                    metavar="OLD=NEW", help="read files written under OLD from NEW (repeatable)")
+    _add_access_options(p)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("ioc", help="run the reconstruction IOC alone")
+    p = sub.add_parser("ioc", help="run the reconstruction IOC alone (its settings PVs)")
     p.add_argument("--prefix", default="BCDI:")
+    _add_access_options(p)
     p.set_defaults(func=_cmd_ioc)
 
     # Training defaults come from TrainConfig (torch-free), so the CLI and Python train the
@@ -352,9 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bcdi-bluesky`` console script."""
     args = build_parser().parse_args(argv)
+    # The project's log lines (puts to the IOC, dropped scans) on stderr, one per event;
+    # stdout stays for the commands' results.
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("bcdi_bluesky").setLevel(logging.INFO)
     try:
         return int(args.func(args))
-    except (UserError, BCDIError) as exc:
+    except BCDIError as exc:  # what was given is wrong; anything else is a bug: traceback
         print(f"bcdi-bluesky {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

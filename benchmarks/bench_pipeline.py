@@ -646,8 +646,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args()
 
-    rec = Reconstructor(es_time_budget_s=60, polish_time_budget_s=60)
-    plain = Reconstructor(es_time_budget_s=60, polish_time_budget_s=60,
+    rec = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30)
+    plain = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30,
                           shape_search_evaluations=0)
     # The first inference pays ONNX Runtime's start-up, which no later call does.
     for r in (rec, plain):
