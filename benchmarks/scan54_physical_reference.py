@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     median = {"extents_nm": np.median([r["extents_nm"] for r in runs], axis=0).tolist(),
               "volume_nm3": float(np.median([r["volume_nm3"] for r in runs]))}
 
-    # Budgets that let every iteration run: the result does not depend on the machine's load.
-    rec = Reconstructor(es_time_budget_s=120.0, polish_time_budget_s=120.0)
+    # The largest budgets let every iteration run: the result does not depend on the load.
+    rec = Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0)
     t = time.perf_counter()
     result = rec.reconstruct(data, geometry=g)
     seconds = time.perf_counter() - t

@@ -30,9 +30,10 @@ def geometry() -> Geometry:
 
 @pytest.fixture(scope="module")
 def full(scan54_64, geometry):
-    """Scan 54 reconstructed with every stage (the result compared with cohere's); budgets
-    that let every iteration run, so the result does not depend on the machine's load."""
-    rec = Reconstructor(es_time_budget_s=120.0, polish_time_budget_s=120.0)
+    """Scan 54 reconstructed with every stage (the result compared with cohere's); the largest
+    budgets, which let every iteration run even on a loaded 2-core machine, so the result does
+    not depend on the load."""
+    rec = Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0)
     return rec.reconstruct(scan54_64, refine="full", geometry=geometry)
 
 
