@@ -34,7 +34,7 @@ def render(vti: Path, q_unit: np.ndarray, threshold: float, output: Path,
     from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
     from vtkmodules.vtkCommonCore import vtkLookupTable
     from vtkmodules.vtkCommonDataModel import vtkPlane
-    from vtkmodules.vtkFiltersCore import vtkCutter, vtkFlyingEdges3D
+    from vtkmodules.vtkFiltersCore import vtkCutter, vtkFlyingEdges3D, vtkThreshold
     from vtkmodules.vtkIOImage import vtkPNGWriter
     from vtkmodules.vtkIOXML import vtkXMLImageDataReader
     from vtkmodules.vtkRenderingAnnotation import vtkCubeAxesActor, vtkScalarBarActor
@@ -82,9 +82,15 @@ def render(vti: Path, q_unit: np.ndarray, threshold: float, output: Path,
     plane = vtkPlane()
     plane.SetOrigin(*centre)
     plane.SetNormal(*q_unit)
-    points.SetActiveScalars("strain")
+    # Only the crystal: the support's voxels, then the plane through them.
+    inside = vtkThreshold()
+    inside.SetInputData(image)
+    inside.SetInputArrayToProcess(0, 0, 0, 0, "support")  # point data
+    inside.SetUpperThreshold(0.5)  # with THRESHOLD_UPPER: keep support >= 0.5
+    inside.SetThresholdFunction(vtkThreshold.THRESHOLD_UPPER)
+    inside.SetAllScalars(True)
     cut = vtkCutter()
-    cut.SetInputData(image)
+    cut.SetInputConnection(inside.GetOutputPort())
     cut.SetCutFunction(plane)
     cut.Update()
 
