@@ -20,9 +20,9 @@ import scipy.ndimage
 
 from ._geometry import Geometry
 
-#: Most points of a lab grid (a 128^3 cube): beyond, the spacing grows to fit, so that a
+#: Most points of a lab grid (a 96^3 cube): beyond, the spacing grows to fit, so that a
 #: support filling a large input grid costs seconds, not minutes.
-MAX_LAB_VOXELS = 128**3
+MAX_LAB_VOXELS = 96**3
 
 
 def lab_positions(shape: tuple[int, ...], basis: np.ndarray) -> np.ndarray:
