@@ -12,7 +12,7 @@ a dislocation it winds by one spacing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -290,7 +290,6 @@ class PhysicalResult:
     displacement_nm: np.ndarray
     #: Strain along Q (dimensionless), NaN off the support.
     strain: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def q_unit(self) -> np.ndarray:
