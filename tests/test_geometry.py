@@ -145,3 +145,12 @@ def test_geometry_from_the_start_document(scan54):
     assert g.energy_kev == 10.0 and g.lattice_constant_nm == pytest.approx(0.40782)
     with pytest.raises(ValueError, match="not one of"):
         geometry_from_start({"bcdi": {"geometry": {**scan54.to_dict(), "beamline": "x"}}})
+
+
+def test_binning_coarsens_the_sampling(scan54):
+    """Binning 2 frames and 2x2 pixels: the same field of view on half the grid, so the same
+    real-space voxel on a grid of half the size."""
+    binned = scan54.with_binning(rocking=2, detector=2)
+    assert binned.rocking_step_deg == pytest.approx(2 * scan54.rocking_step_deg)
+    np.testing.assert_allclose(binned.voxel_basis_nm((32, 32, 32)),
+                               scan54.voxel_basis_nm((64, 64, 64)), rtol=1e-3)
