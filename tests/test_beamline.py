@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import documents
 from event_model import compose_run
 
 from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings, Reconstructor
@@ -141,32 +142,6 @@ def _interrupted(beamline):
     raise RuntimeError("beam lost")
 
 
-def _documents(frames_by_theta, image_key="det_image", motor_key="theta", page=True,
-               metadata=None):
-    """A run made with event_model.compose_run (no RunEngine): fast and deterministic."""
-    bundle = compose_run(metadata={"scan_id": 7, **(metadata or {})})
-    docs = [("start", bundle.start_doc)]
-    shape = list(next(iter(frames_by_theta.values())).shape)
-    desc = bundle.compose_descriptor(
-        name="primary",
-        data_keys={motor_key: {"source": "sim", "dtype": "number", "shape": []},
-                   image_key: {"source": "sim", "dtype": "array", "shape": shape}})
-    docs.append(("descriptor", desc.descriptor_doc))
-    thetas = list(frames_by_theta)
-    if page:
-        docs.append(("event_page", desc.compose_event_page(
-            data={motor_key: thetas, image_key: [frames_by_theta[t] for t in thetas]},
-            timestamps={motor_key: [0.0] * len(thetas), image_key: [0.0] * len(thetas)},
-            seq_num=list(range(1, len(thetas) + 1)))))
-    else:
-        for t in thetas:
-            docs.append(("event", desc.compose_event(
-                data={motor_key: t, image_key: frames_by_theta[t]},
-                timestamps={motor_key: 0.0, image_key: 0.0})))
-    docs.append(("stop", bundle.compose_stop()))
-    return docs
-
-
 class _Capture:
     settings = ReconstructionSettings()
 
@@ -187,7 +162,7 @@ def test_frames_are_stacked_in_motor_order(make_callback, page):
     frames = {t: rng.uniform(size=(5, 6)).astype(np.float32) for t in thetas}
     capture = _Capture()
     cb = make_callback(reconstructor=capture)
-    for name, doc in _documents(frames, page=page):
+    for name, doc in documents(frames, page=page):
         cb(name, doc)
     assert cb.wait(timeout=10)
     expected = np.stack([frames[t] for t in sorted(thetas)])
@@ -197,7 +172,7 @@ def test_frames_are_stacked_in_motor_order(make_callback, page):
 def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
     capture = _Capture()
     cb = make_callback(reconstructor=capture, image_key="eiger_image")
-    for name, doc in _documents({0.0: np.ones((2, 2))}):
+    for name, doc in documents({0.0: np.ones((2, 2))}):
         cb(name, doc)
     assert cb.wait(timeout=10)
     (record,) = cb.records.values()
@@ -208,7 +183,7 @@ def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
 def test_start_metadata_can_opt_out(make_callback):
     capture = _Capture()
     cb = make_callback(reconstructor=capture)
-    docs = _documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))})
+    docs = documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))})
     docs[0] = ("start", {**docs[0][1], "bcdi_reconstruct": False})
     for name, doc in docs:
         cb(name, doc)
@@ -223,7 +198,7 @@ def test_full_queue_drops_the_oldest_and_records_it(make_callback):
     capture = _Capture(gate)
     cb = make_callback(reconstructor=capture, queue_size=1)
     for i in range(4):
-        for name, doc in _documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))}):
+        for name, doc in documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))}):
             cb(name, doc)
         if i == 0:  # scans keep coming while the first one is being reconstructed
             for _ in range(1000):
@@ -544,7 +519,7 @@ class _Hooks(Publisher):
 
 def _small_run(**kwargs):
     frames = {0.0: np.ones((4, 4)), 0.1: 3 * np.ones((4, 4)), 0.2: np.ones((4, 4))}
-    return _documents(frames, **kwargs)
+    return documents(frames, **kwargs)
 
 
 def _feed(cb, docs):
@@ -730,7 +705,7 @@ def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
     cb = make_callback(reconstructor=_Fake(), publishers=[hooks], run_timeout=0.3)
     frame = np.ones((4, 4))
     alive = weakref.ref(frame)
-    docs = _documents({0.0: frame, 0.1: 2 * frame}, page=False)
+    docs = documents({0.0: frame, 0.1: 2 * frame}, page=False)
     stop = docs.pop()
     uid = _feed(cb, docs)
     del docs, frame
@@ -751,7 +726,7 @@ def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
 
 def test_events_without_the_motor_are_counted(make_callback):
     frames = {0.1 * i: np.full((4, 4), i + 1.0) for i in range(5)}
-    docs = _documents(frames, page=False)
+    docs = documents(frames, page=False)
     for _, event in docs[2:4]:
         del event["data"]["theta"]
     capture = _Capture()
@@ -777,7 +752,7 @@ def test_memory_stays_flat_over_100_scans(make_callback):
     def scans(cb, n):
         for _ in range(n):
             frames = {0.01 * i: rng.uniform(size=(32, 32)) for i in range(8)}
-            _feed(cb, _documents(frames))
+            _feed(cb, documents(frames))
             assert cb.wait(timeout=10)
 
     # The measurement sees a leak: records that keep every result grow by ~4.5 MiB a scan.
@@ -905,7 +880,7 @@ def test_the_user_guide_publisher_example(make_callback, reconstructor, tmp_path
     glitch[0.0] = np.full_like(frames[0.0], np.nan)  # a detector glitch: the pipeline refuses
     for i, (run, metadata) in enumerate([(frames, {}), (frames, {"sample": "dark"}),
                                          (glitch, {})]):
-        _feed(cb, _documents(run, metadata={**metadata, "scan_id": i + 1}))
+        _feed(cb, documents(run, metadata={**metadata, "scan_id": i + 1}))
         assert cb.wait(timeout=60)
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [line["scan_id"] for line in lines] == [1, 3]
