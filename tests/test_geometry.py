@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bcdi_bluesky.physics import PRESETS, Geometry, geometry_from_start
-from tests.conftest import EXAMPLE_DATA
+
+# Not imported from conftest: importing it a second time would reset the session's EPICS ports.
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_DATA = REPO / "examples" / "data"
 
 SCAN54_GEOMETRY = EXAMPLE_DATA / "S0054_geometry.json"
 

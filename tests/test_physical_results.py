@@ -15,7 +15,10 @@ import pytest
 from bcdi_bluesky import DataError, Reconstructor, write_result
 from bcdi_bluesky.io import read_geometry
 from bcdi_bluesky.physics import Geometry, principal_extents
-from tests.conftest import EXAMPLE_DATA, REPO
+
+# Not imported from conftest: importing it a second time would reset the session's EPICS ports.
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_DATA = REPO / "examples" / "data"
 
 GEOMETRY_JSON = EXAMPLE_DATA / "S0054_geometry.json"
 REFERENCE = REPO / "benchmarks" / "scan54_cohere_reference.json"

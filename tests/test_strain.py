@@ -3,6 +3,8 @@ through non-orthogonal geometries (an inclusion, a dislocation)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,10 @@ from bcdi_bluesky.physics import (
     unwrap_phase,
 )
 from bcdi_bluesky.settings import ReconstructionSettings
-from tests.conftest import EXAMPLE_DATA
+
+# Not imported from conftest: importing it a second time would reset the session's EPICS ports.
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_DATA = REPO / "examples" / "data"
 
 SHAPE = (64, 64, 64)
 THRESHOLD = ReconstructionSettings().support_threshold
