@@ -15,7 +15,15 @@ import scipy.fft
 
 from .model.latent import latent_vector
 from .model.runtime import OnnxCrystalModel
-from .physics import CrystalModel, check_mask, check_volume, intensity
+from .physics import (
+    CrystalModel,
+    Geometry,
+    PhysicalResult,
+    check_mask,
+    check_volume,
+    intensity,
+    physical_result,
+)
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
 from .settings import ReconstructionSettings
 from .tuning.phase_retrieval import seeded_polish
@@ -62,6 +70,8 @@ class ReconstructionResult:
     settings: ReconstructionSettings = field(default_factory=ReconstructionSettings)
     #: Set by the beamline layer (scan uid and id, recommendation for the next scan...).
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The crystal in the lab frame with displacement and strain, when the geometry is known.
+    physical: PhysicalResult | None = None
 
     @property
     def params_structured(self) -> dict:
@@ -74,7 +84,10 @@ class ReconstructionResult:
         return self.stage_chi.get("cnn", float("nan"))
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able figures of the run."""
+        """JSON-able figures of the run; with the geometry also ``crystal_volume_nm3``,
+        ``crystal_extents_nm``, ``strain_rms``, ``displacement_rms_nm`` (see
+        :meth:`~bcdi_bluesky.physics.PhysicalResult.summary`)."""
+        physical = self.physical.summary() if self.physical is not None else {}
         return {
             "chi": self.chi,
             "stage_chi": self.stage_chi,
@@ -91,6 +104,7 @@ class ReconstructionResult:
             "latent_distance": self.latent_distance,
             "out_of_distribution": self.out_of_distribution,
             "settings": self.settings.as_dict(),
+            **physical,
         }
 
 
@@ -169,7 +183,8 @@ class Reconstructor:
     def reconstruct(self, intensity_: np.ndarray, mask: np.ndarray | None = None,
                     refine: str = "full", progress: ProgressHook | None = None,
                     initial_params: np.ndarray | None = None,
-                    settings: ReconstructionSettings | None = None) -> ReconstructionResult:
+                    settings: ReconstructionSettings | None = None,
+                    geometry: Geometry | None = None) -> ReconstructionResult:
         """Reconstruct a crystal from a diffraction volume.
 
         Parameters
@@ -187,6 +202,9 @@ class Reconstructor:
             the CNN's estimate.
         settings : ReconstructionSettings, optional
             Settings for this call only (default: :attr:`settings`); the result carries them.
+        geometry : Geometry, optional
+            The scan's geometry: the result then carries the crystal in the lab frame with
+            its displacement and strain (:attr:`ReconstructionResult.physical`).
 
         Raises
         ------
@@ -302,6 +320,8 @@ class Reconstructor:
             final_chi = ChiCost(data, valid)(intensity(obj))
         if refine == "full":
             stage_chi["polish"] = final_chi
+        physical = (physical_result(obj, geometry, settings.support_threshold)
+                    if geometry is not None else None)
         timings["total"] = time.perf_counter() - t0
         result = ReconstructionResult(
             object=obj, support=support, params=params, chi=final_chi, timings=timings,
@@ -309,6 +329,7 @@ class Reconstructor:
             stage_chi=stage_chi, es_costs=es_costs, polish_errors=polish_errors,
             polish_recipe=polish_recipe,
             refine=refine, shift=prepared.shift, latent_xy=latent_xy,
-            latent_distance=distance, out_of_distribution=ood, settings=settings)
+            latent_distance=distance, out_of_distribution=ood, settings=settings,
+            physical=physical)
         notify("done", {"seconds": timings["total"], "chi": final_chi})
         return result

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import documents
 from event_model import compose_run
 
 from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings, Reconstructor
 from bcdi_bluesky.beamline import Publisher, SimulatedBeamline, rocking_scan
-from bcdi_bluesky.physics import compare_objects
+from bcdi_bluesky.physics import Geometry, compare_objects
 from bcdi_bluesky.pipeline import to_model_grid
 
 
@@ -43,7 +44,7 @@ def make_callback():
 def _scan(beamline, points=64):
     c = beamline.crystal.bragg_theta
     return rocking_scan(beamline.det, beamline.theta, c, (points - 1) * beamline.crystal.step,
-                        points, energy_kev=9.0)
+                        points, geometry=beamline.geometry, sample="hidden crystal")
 
 
 def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
@@ -58,8 +59,19 @@ def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
     record = cb.records[uid]
     assert record.status == "done" and record.frames == 64, record.message
     result, start = seen[0]
-    assert start["uid"] == uid and start["bcdi"]["energy_kev"] == 9.0
+    assert start["uid"] == uid and start["bcdi"]["sample"] == "hidden crystal"
     assert result.object.shape == (64, 96, 96)  # the detector is larger than the peak
+    # The plan recorded the geometry with this scan's centre and step; the result is in nm.
+    recorded = Geometry.from_dict(start["bcdi"]["geometry"])
+    assert recorded.sample_angles_deg["theta"] == pytest.approx(beamline.crystal.bragg_theta)
+    assert recorded.rocking_step_deg == pytest.approx(beamline.crystal.step)
+    assert result.physical is not None
+    np.testing.assert_allclose(result.physical.voxel_basis_nm,
+                               recorded.voxel_basis_nm(result.object.shape), rtol=1e-3)
+    assert result.metadata["voxel_size_nm"] == pytest.approx(
+        list(result.physical.voxel_size_nm))
+    summary = result.summary()
+    assert summary["crystal_volume_nm3"] > 0 and len(summary["crystal_extents_nm"]) == 3
     assert compare_objects(beamline.crystal.truth(), to_model_grid(result.object, 64)).iou >= 0.85
 
 
@@ -130,32 +142,6 @@ def _interrupted(beamline):
     raise RuntimeError("beam lost")
 
 
-def _documents(frames_by_theta, image_key="det_image", motor_key="theta", page=True,
-               metadata=None):
-    """A run made with event_model.compose_run (no RunEngine): fast and deterministic."""
-    bundle = compose_run(metadata={"scan_id": 7, **(metadata or {})})
-    docs = [("start", bundle.start_doc)]
-    shape = list(next(iter(frames_by_theta.values())).shape)
-    desc = bundle.compose_descriptor(
-        name="primary",
-        data_keys={motor_key: {"source": "sim", "dtype": "number", "shape": []},
-                   image_key: {"source": "sim", "dtype": "array", "shape": shape}})
-    docs.append(("descriptor", desc.descriptor_doc))
-    thetas = list(frames_by_theta)
-    if page:
-        docs.append(("event_page", desc.compose_event_page(
-            data={motor_key: thetas, image_key: [frames_by_theta[t] for t in thetas]},
-            timestamps={motor_key: [0.0] * len(thetas), image_key: [0.0] * len(thetas)},
-            seq_num=list(range(1, len(thetas) + 1)))))
-    else:
-        for t in thetas:
-            docs.append(("event", desc.compose_event(
-                data={motor_key: t, image_key: frames_by_theta[t]},
-                timestamps={motor_key: 0.0, image_key: 0.0})))
-    docs.append(("stop", bundle.compose_stop()))
-    return docs
-
-
 class _Capture:
     settings = ReconstructionSettings()
 
@@ -176,7 +162,7 @@ def test_frames_are_stacked_in_motor_order(make_callback, page):
     frames = {t: rng.uniform(size=(5, 6)).astype(np.float32) for t in thetas}
     capture = _Capture()
     cb = make_callback(reconstructor=capture)
-    for name, doc in _documents(frames, page=page):
+    for name, doc in documents(frames, page=page):
         cb(name, doc)
     assert cb.wait(timeout=10)
     expected = np.stack([frames[t] for t in sorted(thetas)])
@@ -186,7 +172,7 @@ def test_frames_are_stacked_in_motor_order(make_callback, page):
 def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
     capture = _Capture()
     cb = make_callback(reconstructor=capture, image_key="eiger_image")
-    for name, doc in _documents({0.0: np.ones((2, 2))}):
+    for name, doc in documents({0.0: np.ones((2, 2))}):
         cb(name, doc)
     assert cb.wait(timeout=10)
     (record,) = cb.records.values()
@@ -197,7 +183,7 @@ def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
 def test_start_metadata_can_opt_out(make_callback):
     capture = _Capture()
     cb = make_callback(reconstructor=capture)
-    docs = _documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))})
+    docs = documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))})
     docs[0] = ("start", {**docs[0][1], "bcdi_reconstruct": False})
     for name, doc in docs:
         cb(name, doc)
@@ -212,7 +198,7 @@ def test_full_queue_drops_the_oldest_and_records_it(make_callback):
     capture = _Capture(gate)
     cb = make_callback(reconstructor=capture, queue_size=1)
     for i in range(4):
-        for name, doc in _documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))}):
+        for name, doc in documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))}):
             cb(name, doc)
         if i == 0:  # scans keep coming while the first one is being reconstructed
             for _ in range(1000):
@@ -319,8 +305,17 @@ def test_derived_run_and_result_files(RE, reconstructor, make_callback, tmp_path
     assert event["data"]["chi"] == pytest.approx(result.chi)
     assert len(event["data"]["params"]) == result.params.size
     assert np.asarray(event["data"]["amp_XY"]).shape == result.object.shape[1:]
+    summary = result.summary()
+    for key in ("crystal_volume_nm3", "strain_rms", "displacement_rms_nm"):
+        assert event["data"][key] == pytest.approx(summary[key])
+    assert event["data"]["crystal_extents_nm"] == pytest.approx(summary["crystal_extents_nm"])
     (path,) = writer.written
     assert path.is_file() and path.suffix == ".cxi"
+    import h5py
+
+    with h5py.File(path, "r") as f:  # the file names the raw run and holds the lab frame
+        assert f["entry_1/experiment_identifier"][()].decode() == uid
+        assert f["strain"].shape == result.physical.strain.shape
 
 
 def test_file_backed_detector_gives_the_same_volume(RE, make_callback, tmp_path):
@@ -441,17 +436,22 @@ def test_es_under_bluesky_adaptive_optimize(RE):
         optimizer.suggest(2)
 
 
-def test_voxel_size_from_the_scan_geometry():
-    from bcdi_bluesky.beamline.recommend import voxel_size_nm
-
-    md = {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
-          "bragg_angle_deg": 16.087, "rocking_step": 0.005}
-    size = voxel_size_nm(md, (64, 64, 64))
-    wavelength = 1.239841984 / 9.0  # nm
-    assert size[1] == pytest.approx(wavelength * 1.5 / (64 * 55e-6))  # 58.7 nm
-    assert size[0] == pytest.approx(wavelength / (2 * 64 * np.sin(np.deg2rad(16.087))
-                                                  * np.deg2rad(0.005)))
-    assert voxel_size_nm({"energy_kev": 9.0}, (64, 64, 64)) is None
+def test_bad_geometry_is_ignored_not_fatal(RE, reconstructor, make_callback):
+    """A start document with a wrong geometry block: the scan is reconstructed in voxels, with
+    a warning; the experiment goes on."""
+    beamline = SimulatedBeamline(seed=5)
+    beamline.det.max_count.put(1e12)
+    cb = make_callback(reconstructor=reconstructor)
+    RE.subscribe(cb)
+    bad = {**beamline.geometry.to_dict(), "beamline": "nowhere"}
+    with pytest.raises(ValueError, match="not one of"):
+        list(rocking_scan(beamline.det, beamline.theta, 20.0, 0.3, 64, geometry=bad))
+    # Written by some other plan, the block reaches the callback.
+    (uid,) = RE(rocking_scan(beamline.det, beamline.theta, 20.0, 63 * beamline.crystal.step,
+                             64, md={"bcdi": {"geometry": bad}}))
+    assert cb.wait(timeout=120)
+    assert cb.records[uid].status == "done"
+    assert cb.records[uid].result.physical is None
 
 
 # ----------------------------------------------------------------- worker hardening
@@ -519,7 +519,7 @@ class _Hooks(Publisher):
 
 def _small_run(**kwargs):
     frames = {0.0: np.ones((4, 4)), 0.1: 3 * np.ones((4, 4)), 0.2: np.ones((4, 4))}
-    return _documents(frames, **kwargs)
+    return documents(frames, **kwargs)
 
 
 def _feed(cb, docs):
@@ -545,9 +545,8 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
 
     if step == "recommendation":  # a division by zero, as bad metadata can cause
         monkeypatch.setattr(callback_module, "recommend", once(callback_module.recommend))
-    if step == "metadata":
-        monkeypatch.setattr(callback_module, "annotate_result",
-                            once(callback_module.annotate_result))
+    if step == "metadata":  # the result's figures, read after the reconstruction
+        monkeypatch.setattr(_FakeResult, "summary", once(_FakeResult.summary))
     hooks = _Hooks(fail={"configure": "configure", "publisher": "result"}.get(step))
     fake = _Fake(fail=RuntimeError("simulated analysis failure")
                  if step == "reconstruction" else None)
@@ -651,10 +650,10 @@ def test_no_bragg_peak_skips_the_scan(make_callback):
 
 
 def test_bad_geometry_metadata_gives_no_voxel_size(make_callback):
-    geometry = {"energy_kev": 0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
-                "bragg_angle_deg": 16.0, "rocking_step": 0.005}
+    geometry = {"beamline": "generic", "energy_kev": 0, "detector_distance_m": 1.5,
+                "pixel_size_m": 55e-6, "detector_angles_deg": {"delta": 30.0}}
     cb = make_callback(reconstructor=_Fake())
-    uid = _feed(cb, _small_run(metadata={"bcdi": geometry}))
+    uid = _feed(cb, _small_run(metadata={"bcdi": {"geometry": geometry}}))
     assert cb.wait(timeout=10)
     record = cb.records[uid]
     assert record.status == "done" and record.result.metadata["voxel_size_nm"] is None
@@ -706,7 +705,7 @@ def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
     cb = make_callback(reconstructor=_Fake(), publishers=[hooks], run_timeout=0.3)
     frame = np.ones((4, 4))
     alive = weakref.ref(frame)
-    docs = _documents({0.0: frame, 0.1: 2 * frame}, page=False)
+    docs = documents({0.0: frame, 0.1: 2 * frame}, page=False)
     stop = docs.pop()
     uid = _feed(cb, docs)
     del docs, frame
@@ -727,7 +726,7 @@ def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
 
 def test_events_without_the_motor_are_counted(make_callback):
     frames = {0.1 * i: np.full((4, 4), i + 1.0) for i in range(5)}
-    docs = _documents(frames, page=False)
+    docs = documents(frames, page=False)
     for _, event in docs[2:4]:
         del event["data"]["theta"]
     capture = _Capture()
@@ -753,7 +752,7 @@ def test_memory_stays_flat_over_100_scans(make_callback):
     def scans(cb, n):
         for _ in range(n):
             frames = {0.01 * i: rng.uniform(size=(32, 32)) for i in range(8)}
-            _feed(cb, _documents(frames))
+            _feed(cb, documents(frames))
             assert cb.wait(timeout=10)
 
     # The measurement sees a leak: records that keep every result grow by ~4.5 MiB a scan.
@@ -881,7 +880,7 @@ def test_the_user_guide_publisher_example(make_callback, reconstructor, tmp_path
     glitch[0.0] = np.full_like(frames[0.0], np.nan)  # a detector glitch: the pipeline refuses
     for i, (run, metadata) in enumerate([(frames, {}), (frames, {"sample": "dark"}),
                                          (glitch, {})]):
-        _feed(cb, _documents(run, metadata={**metadata, "scan_id": i + 1}))
+        _feed(cb, documents(run, metadata={**metadata, "scan_id": i + 1}))
         assert cb.wait(timeout=60)
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [line["scan_id"] for line in lines] == [1, 3]

@@ -6,6 +6,7 @@ import uuid
 
 import numpy as np
 import pytest
+from builders import documents, free_port
 
 from bcdi_bluesky.physics import CrystalPrior
 
@@ -33,17 +34,18 @@ def published(ioc):
     """One scan through the callback with the IOC as publisher."""
     from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
     from bcdi_bluesky.model.data import TEST_STREAM, make_sample
-    from tests.test_beamline import _documents
 
     rec = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30)
-    geometry = {"bcdi": {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
-                         "bragg_angle_deg": 16.1, "rocking_step": 0.005}}
+    geometry = {"bcdi": {"geometry": {
+        "beamline": "generic", "energy_kev": 9.0, "detector_distance_m": 1.5,
+        "pixel_size_m": [55e-6, 55e-6], "sample_angles_deg": {"theta": 16.1},
+        "detector_angles_deg": {"delta": 30.0, "gamma": 10.0}, "rocking_step_deg": 0.005}}}
     sample = make_sample(rec.model, CrystalPrior(rec.model), 31, TEST_STREAM, 0, 1e8)
     frames = {0.005 * i: sample.counts[i] for i in range(64)}
     results = []
     cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
                                     publishers=[ioc, lambda r, s: results.append((r, s))])
-    for name, doc in _documents(frames, metadata=geometry):
+    for name, doc in documents(frames, metadata=geometry):
         cb(name, doc)
     assert cb.wait(timeout=120)
     cb.close()
@@ -93,7 +95,11 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
     assert epics.caget(p + "Latent:OOD") == int(result.out_of_distribution)
     voxel = np.asarray(epics.caget(p + "Voxel:Size"))
     np.testing.assert_allclose(voxel, result.metadata["voxel_size_nm"])
-    assert epics.caget(p + "Volume:NM") == pytest.approx(result.support.sum() * voxel.prod())
+    # The scan's geometry puts the crystal in nm: its figures reach the PVs.
+    figures = result.summary()
+    assert epics.caget(p + "Volume:NM") == pytest.approx(figures["crystal_volume_nm3"])
+    assert epics.caget(p + "Strain:RMS") == pytest.approx(figures["strain_rms"], rel=1e-5)
+    assert epics.caget(p + "Extent:A") == pytest.approx(figures["crystal_extents_nm"][0])
     history = np.asarray(ours[p + "ES:CostHistory"])
     np.testing.assert_allclose(history, result.es_costs[-history.size:])
 
@@ -114,7 +120,6 @@ def test_the_ioc_hands_the_next_scan_new_settings_and_never_changes_the_engine(
     import epics
 
     from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings
-    from tests.test_beamline import _documents
 
     caplog.set_level(logging.INFO, logger="bcdi_bluesky.epics.ioc")
     p = ioc.group.prefix
@@ -146,7 +151,7 @@ def test_the_ioc_hands_the_next_scan_new_settings_and_never_changes_the_engine(
     again = []
     cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
                                     publishers=[ioc, lambda r, s: again.append(r)])
-    for name, doc in _documents(frames):
+    for name, doc in documents(frames):
         cb(name, doc)
     assert cb.wait(timeout=120)
     cb.close()
@@ -369,10 +374,9 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
     from caproto import CAStatus, ChannelType
     from caproto.threading.client import Context
 
-    from tests.conftest import _free_port
 
     # Its own server port: the in-process IOC of the other tests may still hold the shared one.
-    port = str(_free_port())
+    port = str(free_port())
     monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
     monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
     prefix = f"S{uuid.uuid4().hex[:6]}:"

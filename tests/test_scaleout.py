@@ -21,20 +21,13 @@ import time
 import numpy as np
 import pytest
 from bluesky import RunEngine
+from builders import free_port
 from tiled.queries import Key
 
 from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
 from bcdi_bluesky.beamline import tiled as tiled_runs
 from bcdi_bluesky.beamline.publishers import DERIVED_PLAN_NAME
 from bcdi_bluesky.beamline.scaleout import ReconstructorSpec, worker_name
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 API_KEY = secrets.token_hex(16)  # Tiled accepts alphanumeric keys only
 
@@ -43,7 +36,7 @@ API_KEY = secrets.token_hex(16)  # Tiled accepts alphanumeric keys only
 def tiled_server(tmp_path_factory):
     """``tiled serve catalog --temp`` on loopback with an API key; yields (url, frames dir)."""
     frames = tmp_path_factory.mktemp("frames")
-    port = _free_port()
+    port = free_port()
     home = tmp_path_factory.mktemp("tiled")
     log = open(home / "server.log", "w")
     # --temp puts the catalog under $TMPDIR: here, inside the test's folder.

@@ -58,6 +58,7 @@ from event_model import (
 )
 
 from ..errors import NoBraggPeakError
+from ..physics import AXIS_NAMES, Geometry, geometry_from_start
 from ..settings import ReconstructionSettings
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
 from .publishers import Publisher, ResultConsumer, as_publisher
@@ -201,6 +202,24 @@ class _RunCollector(DocumentRouter):
 
     def stop(self, doc: dict) -> None:
         self.owner._finish(self, doc)
+
+
+def _scan_geometry(start: dict, thetas: np.ndarray, scan_id: Any) -> Geometry | None:
+    """The run's geometry (hklpy2's record or ``bcdi.geometry``) for the volume as stacked here:
+    frames along axis 0 in increasing readback, so the rocking step is the readbacks' median
+    step; None, with a warning, when it is unusable."""
+    try:
+        geometry = geometry_from_start(start)
+        if geometry is not None:
+            data = {**geometry.to_dict(), "axes": list(AXIS_NAMES)}
+            step = float(np.median(np.diff(np.sort(thetas)))) if thetas.size > 1 else 0.0
+            if step > 0:
+                data["rocking_step_deg"] = step
+            geometry = Geometry.from_dict(data)
+    except ValueError as exc:
+        log.warning("scan %s: geometry ignored (%s); results in voxels", scan_id, exc)
+        return None
+    return geometry
 
 
 class BCDIReconstructionCallback(DocumentRouter):
@@ -648,18 +667,22 @@ class BCDIReconstructionCallback(DocumentRouter):
                 record.finished_at = time.time()
                 return False
             step = "reconstruction"
+            geometry = _scan_geometry(start, thetas, record.scan_id)
+            # Only when known: a reconstructor of the user's may not take the keyword.
+            extra = {"geometry": geometry} if geometry is not None else {}
             if self.executor is not None:
                 self._slots.acquire()
                 try:
                     future = self.executor.submit(reconstruct_volume, self._spec, volume,
-                                                  self.refine, settings)
+                                                  self.refine, settings, **extra)
                 except BaseException:
                     self._slots.release()
                     raise
                 self._in_flight.put((run, future, notes, step))
                 return True
             result = self.reconstructor.reconstruct(volume, refine=self.refine,
-                                                    progress=progress, settings=settings)
+                                                    progress=progress, settings=settings,
+                                                    **extra)
             del volume
             step = "metadata"
             self._annotate(record, start, result)

@@ -99,36 +99,13 @@ def recommend(volume: np.ndarray, thetas: np.ndarray, exposure: float | None = N
                           brightest, fwhm)
 
 
-def voxel_size_nm(bcdi_md: dict, shape: tuple[int, int, int]) -> np.ndarray | None:
-    """Real-space voxel size (nm) along (rocking, row, column) from a rocking scan's metadata.
-
-    Needs ``energy_kev``, ``detector_distance_m``, ``pixel_size_m``, ``bragg_angle_deg`` and
-    ``rocking_step`` (degrees) in the start document's ``bcdi`` block (see
-    :func:`~bcdi_bluesky.beamline.rocking_scan`); None when any is missing. Detector plane:
-    ``lambda D / (N p)``; rocking direction: ``lambda / (2 N sin(theta_B) dtheta)``. The
-    detector frame is not orthogonal to the rocking direction, so the product is the volume
-    of a sheared voxel only to first order.
-    """
-    try:
-        wavelength_nm = 1.239841984 / float(bcdi_md["energy_kev"])
-        distance = float(bcdi_md["detector_distance_m"])
-        pixel = float(bcdi_md["pixel_size_m"])
-        theta = np.deg2rad(float(bcdi_md["bragg_angle_deg"]))
-        step = np.deg2rad(float(bcdi_md["rocking_step"]))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None
-    if not min(distance, pixel, step, np.sin(theta), wavelength_nm) > 0:  # also NaN
-        return None
-    rock = wavelength_nm / (2 * shape[0] * np.sin(theta) * step)
-    return np.array([rock, wavelength_nm * distance / (shape[1] * pixel),
-                     wavelength_nm * distance / (shape[2] * pixel)])
-
-
 def annotate_result(result, start: dict, recommendation: Recommendation | None = None) -> None:
     """Write the scan's identity, the recommendation for the next scan and the voxel size
-    (:func:`voxel_size_nm`) into ``result.metadata``."""
-    voxel = voxel_size_nm(start.get("bcdi", {}), result.object.shape)
+    (from the result's physical view, when the scan had a geometry) into ``result.metadata``.
+    """
+    physical = getattr(result, "physical", None)
+    voxel = None if physical is None else physical.voxel_size_nm
     result.metadata.update(
         uid=start.get("uid"), scan_id=start.get("scan_id"),
         recommendation=None if recommendation is None else recommendation.as_dict(),
-        voxel_size_nm=None if voxel is None else voxel.tolist())
+        voxel_size_nm=None if voxel is None else np.asarray(voxel).tolist())

@@ -88,14 +88,15 @@ def worker_name() -> str:
 
 def reconstruct_volume(spec: ReconstructorSpec, volume: np.ndarray, refine: str,
                        settings: ReconstructionSettings | None = None,
-                       mask: np.ndarray | None = None) -> ReconstructionResult:
+                       mask: np.ndarray | None = None, **options: Any) -> ReconstructionResult:
     """The task an executor runs: reconstruct ``volume`` with this process's warm model.
 
-    The result's ``metadata["worker"]`` names the process that made it. Progress hooks do not
-    cross process boundaries, so none is called.
+    ``options`` go to :meth:`~bcdi_bluesky.pipeline.Reconstructor.reconstruct` (the scan's
+    ``geometry``). The result's ``metadata["worker"]`` names the process that made it.
+    Progress hooks do not cross process boundaries, so none is called.
     """
     result = warm_reconstructor(spec).reconstruct(volume, mask, refine=refine,
-                                                  settings=settings)
+                                                  settings=settings, **options)
     result.metadata["worker"] = worker_name()
     return result
 

@@ -1,4 +1,5 @@
-"""Physics core (numpy and scipy only): crystal model, forward model, priors and metrics."""
+"""Physics core (numpy and scipy only): crystal model, forward model, priors, metrics, and the
+diffraction geometry with displacement and strain in the lab frame."""
 
 from ._crystal import CrystalModel, Rendered
 from ._forward import (
@@ -10,6 +11,7 @@ from ._forward import (
     scale_to_photons,
     simulate_counts,
 )
+from ._geometry import AXIS_NAMES, PRESETS, Diffractometer, Geometry, geometry_from_start
 from ._harmonics import LMAX_LIMIT, grid_table, real_sph_harm, sh_index
 from ._metrics import (
     ObjectComparison,
@@ -30,13 +32,30 @@ from ._metrics import (
     twin_object,
 )
 from ._priors import CrystalPrior
+from ._strain import (
+    PhysicalResult,
+    displacement_and_strain,
+    lab_positions,
+    phase_gradient,
+    phase_vortices,
+    physical_result,
+    principal_extents,
+    remove_ramp,
+    to_lab_grid,
+    unwrap_phase,
+)
 from ._validation import check_mask, check_volume
 
 __all__ = [
+    "AXIS_NAMES",
     "LMAX_LIMIT",
+    "PRESETS",
     "CrystalModel",
     "CrystalPrior",
+    "Diffractometer",
+    "Geometry",
     "ObjectComparison",
+    "PhysicalResult",
     "Rendered",
     "align",
     "beamstop_mask",
@@ -47,22 +66,32 @@ __all__ = [
     "complex_overlap",
     "cube_symmetry",
     "detector_gap_mask",
+    "displacement_and_strain",
     "far_field",
     "fitted_scale",
+    "geometry_from_start",
     "grid_table",
     "intensity",
+    "lab_positions",
     "mirror",
+    "phase_gradient",
     "phase_rms",
+    "phase_vortices",
+    "physical_result",
     "poisson_chi_floor",
     "poisson_counts",
     "poisson_nll",
+    "principal_extents",
     "r_factor",
     "real_sph_harm",
+    "remove_ramp",
     "scale_to_photons",
     "sh_index",
     "simulate_counts",
     "ssim_amplitude",
     "support",
     "support_iou",
+    "to_lab_grid",
     "twin_object",
+    "unwrap_phase",
 ]
