@@ -1,6 +1,18 @@
 """Physics core (numpy and scipy only): crystal model, forward model, priors and metrics."""
 
 from ._crystal import CrystalModel, Rendered
+from ._faceted import (
+    BENCHMARK_SEED,
+    DENSITY_KINDS,
+    DEV_SEED,
+    DISPLACEMENT_KINDS,
+    SHAPE_KINDS,
+    OutOfFamilyCrystal,
+    displacement_phase,
+    out_of_family_crystal,
+    out_of_family_object,
+    polyhedron_distance,
+)
 from ._forward import (
     beamstop_mask,
     detector_gap_mask,
@@ -33,6 +45,16 @@ from ._priors import CrystalPrior
 from ._validation import check_mask, check_volume
 
 __all__ = [
+    "BENCHMARK_SEED",
+    "DENSITY_KINDS",
+    "DEV_SEED",
+    "DISPLACEMENT_KINDS",
+    "SHAPE_KINDS",
+    "OutOfFamilyCrystal",
+    "displacement_phase",
+    "out_of_family_crystal",
+    "out_of_family_object",
+    "polyhedron_distance",
     "LMAX_LIMIT",
     "CrystalModel",
     "CrystalPrior",
