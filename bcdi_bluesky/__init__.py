@@ -23,10 +23,17 @@ _LAZY = {
     "read_intensity": "bcdi_bluesky.io",
     "write_result": "bcdi_bluesky.io",
     "BCDIReconstructionCallback": "bcdi_bluesky.beamline",
+    "ReconstructionSettings": "bcdi_bluesky.settings",
+    "BCDIError": "bcdi_bluesky.errors",
+    "DataError": "bcdi_bluesky.errors",
+    "ModelError": "bcdi_bluesky.errors",
+    "NoBraggPeakError": "bcdi_bluesky.errors",
+    "SettingsError": "bcdi_bluesky.errors",
 }
 
-__all__ = ["BCDIReconstructionCallback", "ReconstructionResult", "Reconstructor", "__version__",
-           "read_intensity", "write_result"]
+__all__ = ["BCDIError", "BCDIReconstructionCallback", "DataError", "ModelError",
+           "NoBraggPeakError", "ReconstructionResult", "ReconstructionSettings", "Reconstructor",
+           "SettingsError", "__version__", "read_intensity", "write_result"]
 
 
 def __getattr__(name: str) -> Any:

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import BCDIError
+
 
 class UserError(Exception):
     """A problem with what the user asked for: reported in one line, without a traceback."""
@@ -286,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except UserError as exc:
+    except (UserError, BCDIError) as exc:
         print(f"bcdi-bluesky {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,16 +2,27 @@
 
 Readers return ``(intensity, mask)``: a float32 3D array and a boolean mask (True = valid) or
 None. Every problem is a :class:`DataError` naming the file and what is wrong with it.
+
+Files are written atomically (:func:`atomic_write_bytes`): built in memory, written to a
+temporary file in the target folder and renamed into place, so a full disk or a permission
+problem leaves no partial file and raises one :class:`DataError`. HDF5 files are built with
+h5py's in-memory ``core`` driver: h5py closing a file on a full disk can crash the process, and
+in memory it never meets the disk.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import DataError
 from .physics import check_mask, check_volume
 
 if TYPE_CHECKING:
@@ -24,10 +35,6 @@ _H5_INTENSITY = ("entry_1/data_1/data", "entry/data/data", "entry_1/instrument_1
                  "intensity", "data")
 _H5_MASK = ("entry_1/instrument_1/detector_1/mask", "entry_1/data_1/mask", "entry/data/mask",
             "mask")
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable, or holds no usable intensity."""
 
 
 def _read_h5(path: Path, dataset: str | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -106,30 +113,55 @@ def read_intensity(path: str | Path, dataset: str | None = None
     return data, mask
 
 
-def write_result(result: ReconstructionResult, path: str | Path,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Write a reconstruction as ``.npz`` or CXI-style HDF5 (``.cxi``/``.h5``).
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: all of it or, on any failure, nothing.
 
-    Both hold ``object`` (complex64, input grid and convention), ``support``, ``params`` (with
-    their names) and the run's figures; the CXI layout puts the object at
-    ``entry_1/image_1/data`` as PyNX and cohere users expect.
+    The bytes go to a temporary file in the target folder (same file system), are flushed to
+    disk, and the file is renamed over ``path``. An existing file at ``path`` is replaced only
+    once the new one is complete.
+
+    Raises
+    ------
+    DataError
+        The folder cannot be made or written, or the disk is full; no partial file is left.
     """
     p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix not in RESULT_SUFFIXES:
-        raise DataError(f"{p}: unsupported output type {suffix!r} (use one of "
-                        f"{', '.join(RESULT_SUFFIXES)})")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**result.summary(), **(extra or {})}
-    names = np.array(result.crystal_model.names)
-    if suffix == ".npz":
-        np.savez_compressed(p, object=result.object, support=result.support,
-                            params=result.params, param_names=names,
-                            summary=json.dumps(meta))
-        return p
+    tmp: str | None = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=p.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as exc:
+        raise DataError(f"{p}: cannot write ({exc.strerror or exc}); nothing was written"
+                        ) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return p
+
+
+def _result_npz(result: ReconstructionResult, meta: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, object=result.object, support=result.support,
+                        params=result.params, param_names=np.array(result.crystal_model.names),
+                        summary=json.dumps(meta))
+    return buffer.getvalue()
+
+
+def _result_cxi(result: ReconstructionResult, meta: dict[str, Any]) -> bytes:
     import h5py
 
-    with h5py.File(p, "w") as f:
+    names = np.array(result.crystal_model.names)
+    # In memory, never backed by a file: the image is written out by atomic_write_bytes.
+    with h5py.File(f"bcdi-{uuid.uuid4().hex}.cxi", "w", driver="core", backing_store=False) as f:
         f.attrs["creator"] = "bcdi-bluesky"
         f.create_dataset("cxi_version", data=150)
         entry = f.create_group("entry_1")
@@ -147,4 +179,28 @@ def write_result(result: ReconstructionResult, path: str | Path,
         f.create_dataset("support", data=result.support, compression="gzip")
         f.create_dataset("params", data=result.params)
         f.create_dataset("param_names", data=names.astype("S"))
-    return p
+        f.flush()
+        return f.id.get_file_image()
+
+
+def write_result(result: ReconstructionResult, path: str | Path,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write a reconstruction as ``.npz`` or CXI-style HDF5 (``.cxi``/``.h5``), atomically.
+
+    Both hold ``object`` (complex64, input grid and convention), ``support``, ``params`` (with
+    their names) and the run's figures (``summary``, JSON); the CXI layout puts the object at
+    ``entry_1/image_1/data`` as PyNX and cohere users expect.
+
+    Raises
+    ------
+    DataError
+        An unsupported suffix, or the file cannot be written (no partial file is left).
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in RESULT_SUFFIXES:
+        raise DataError(f"{p}: unsupported output type {suffix!r} (use one of "
+                        f"{', '.join(RESULT_SUFFIXES)})")
+    meta = {**result.summary(), **(extra or {})}
+    data = _result_npz(result, meta) if suffix == ".npz" else _result_cxi(result, meta)
+    return atomic_write_bytes(p, data)

@@ -17,6 +17,7 @@ from .model.latent import latent_vector
 from .model.runtime import OnnxCrystalModel
 from .physics import CrystalModel, check_mask, check_volume, intensity
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
+from .settings import ReconstructionSettings
 from .tuning.phase_retrieval import seeded_polish
 from .tuning.refine import ChiCost, best_start, best_twin_variant, fit_odd_shape, refine_crystal
 
@@ -57,6 +58,8 @@ class ReconstructionResult:
     latent_xy: tuple[float, float] | None = None
     latent_distance: float | None = None
     out_of_distribution: bool = False
+    #: The settings the reconstruction ran with.
+    settings: ReconstructionSettings = field(default_factory=ReconstructionSettings)
     #: Set by the beamline layer (scan uid and id, recommendation for the next scan...).
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +90,7 @@ class ReconstructionResult:
             "latent_xy": list(self.latent_xy) if self.latent_xy is not None else None,
             "latent_distance": self.latent_distance,
             "out_of_distribution": self.out_of_distribution,
+            "settings": self.settings.as_dict(),
         }
 
 
@@ -132,49 +136,24 @@ class Reconstructor:
         ONNX Runtime providers in order of preference (default TensorRT -> CUDA -> CPU).
     threads : int, optional
         ONNX Runtime CPU threads.
-    shape_search_evaluations : int
-        Forward models of the search for the odd-``l`` shape terms that runs before ES
-        (:func:`~bcdi_bluesky.tuning.refine.fit_odd_shape`; 0: no search).
-    es_coarse_iterations, es_fine_iterations : int
-        Extremum-seeking steps on the central half-size cube of q, then on the full grid.
-    es_time_budget_s : float
-        Wall-time budget of the refinement stage (shape search and ES together).
-    polish_er_iterations : int
-        Steps of the polish's first, ER-only run (refine="full"); kept when it fits the data
-        down to the Poisson noise (:func:`~bcdi_bluesky.tuning.seeded_polish`).
-    polish_iterations, polish_hio_fraction : int, float
-        Steps of its ER/HIO run otherwise, and their share of HIO.
-    polish_time_budget_s : float
-        Wall-time budget of the polish.
-    support_threshold : float
-        Fraction of the maximum amplitude that defines the reported support.
-    track : bool
-        Tracking mode: start each ES run from the better (by chi) of the CNN's estimate and
-        the previous reconstruction, to follow an evolving sample across a series of scans.
-    seed : int
-        Seed of the ES dither assignment (runs are deterministic).
+    settings : ReconstructionSettings, optional
+        How much work each reconstruction may do (default: ``ReconstructionSettings()``).
+    **overrides
+        Settings fields to change from ``settings`` (``Reconstructor(es_time_budget_s=20)``).
+
+    Raises
+    ------
+    SettingsError
+        An unknown setting or a value outside its limits.
+    ModelError
+        The model or its card cannot be loaded.
     """
 
     def __init__(self, model_path=None, providers=None, threads: int | None = None, *,
-                 shape_search_evaluations: int = 150,
-                 es_coarse_iterations: int = 300, es_fine_iterations: int = 100,
-                 es_time_budget_s: float = 5.0, polish_er_iterations: int = 50,
-                 polish_iterations: int = 150, polish_hio_fraction: float = 0.3,
-                 polish_time_budget_s: float = 5.0, support_threshold: float = 0.2,
-                 track: bool = False, seed: int = 0) -> None:
+                 settings: ReconstructionSettings | None = None, **overrides: Any) -> None:
+        self.settings = (settings or ReconstructionSettings()).replace(**overrides)
         self.runtime = OnnxCrystalModel(model_path, providers=providers, threads=threads)
         self.model = self.runtime.crystal_model
-        self.shape_search_evaluations = shape_search_evaluations
-        self.es_coarse_iterations = es_coarse_iterations
-        self.es_fine_iterations = es_fine_iterations
-        self.es_time_budget_s = es_time_budget_s
-        self.polish_er_iterations = polish_er_iterations
-        self.polish_iterations = polish_iterations
-        self.polish_hio_fraction = polish_hio_fraction
-        self.polish_time_budget_s = polish_time_budget_s
-        self.support_threshold = support_threshold
-        self.track = track
-        self.seed = seed
         self.previous_params: np.ndarray | None = None
 
     @property
@@ -189,7 +168,8 @@ class Reconstructor:
 
     def reconstruct(self, intensity_: np.ndarray, mask: np.ndarray | None = None,
                     refine: str = "full", progress: ProgressHook | None = None,
-                    initial_params: np.ndarray | None = None) -> ReconstructionResult:
+                    initial_params: np.ndarray | None = None,
+                    settings: ReconstructionSettings | None = None) -> ReconstructionResult:
         """Reconstruct a crystal from a diffraction volume.
 
         Parameters
@@ -205,6 +185,8 @@ class Reconstructor:
         initial_params : ndarray, optional
             Start ES from these physical parameters instead of (or, in tracking mode, besides)
             the CNN's estimate.
+        settings : ReconstructionSettings, optional
+            Settings for this call only (default: :attr:`settings`); the result carries them.
 
         Raises
         ------
@@ -214,6 +196,8 @@ class Reconstructor:
         """
         if refine not in REFINE_MODES:
             raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+        if settings is None:
+            settings = self.settings
         notify = progress or (lambda stage, info: None)
         t0 = time.perf_counter()
         timings = {"preprocess": 0.0, "inference": 0.0, "refine": 0.0, "polish": 0.0}
@@ -254,7 +238,7 @@ class Reconstructor:
         starts = [params]
         if initial_params is not None:
             starts.append(self.model.clip(np.asarray(initial_params, dtype=np.float64)))
-        if self.track and self.previous_params is not None:
+        if settings.track and self.previous_params is not None:
             starts.append(self.previous_params)
         if len(starts) > 1:
             params = starts[best_start(self.model, starts, chi_of)[0]]
@@ -263,7 +247,7 @@ class Reconstructor:
         if refine in ("es", "full"):
             t = time.perf_counter()
 
-            budget = self.es_time_budget_s * es_scale
+            budget = settings.es_time_budget_s * es_scale
             steps_before = 0
 
             def es_hook(iteration: int, cost: float) -> None:
@@ -272,7 +256,7 @@ class Reconstructor:
 
             searched = fit_odd_shape(
                 self.model, params, prepared.intensity, prepared.mask,
-                max_evaluations=self.shape_search_evaluations * es_scale,
+                max_evaluations=settings.shape_search_evaluations * es_scale,
                 time_budget_s=budget, hook=es_hook)
             steps_before = searched.iterations
             stage_chi["shape"] = searched.chi
@@ -281,10 +265,10 @@ class Reconstructor:
             refined = refine_crystal(
                 self.model, params, prepared.intensity, prepared.mask,
                 alternatives=[searched.params] if searched.chi < searched.chi_start else [],
-                coarse_iterations=self.es_coarse_iterations * es_scale,
-                fine_iterations=self.es_fine_iterations * es_scale,
+                coarse_iterations=settings.es_coarse_iterations * es_scale,
+                fine_iterations=settings.es_fine_iterations * es_scale,
                 time_budget_s=max(budget - searched.seconds, 0.0),
-                seed=self.seed, hook=es_hook)
+                seed=settings.seed, hook=es_hook)
             params, es_costs = refined.params, searched.costs + refined.costs
             stage_chi["es"] = refined.chi
             timings["refine"] = time.perf_counter() - t
@@ -297,13 +281,14 @@ class Reconstructor:
         polish_errors: list[float] = []
         polish_recipe = ""
         final_chi = None
-        if refine == "full" and (self.polish_er_iterations > 0 or self.polish_iterations > 0):
+        polishes = settings.polish_er_iterations > 0 or settings.polish_iterations > 0
+        if refine == "full" and polishes:
             t = time.perf_counter()
             seed_support = np.abs(obj) > 0.1 * np.abs(obj).max()
             polished = seeded_polish(
-                data, obj, seed_support, valid, er_iterations=self.polish_er_iterations,
-                iterations=self.polish_iterations, hio_fraction=self.polish_hio_fraction,
-                time_budget_s=self.polish_time_budget_s,
+                data, obj, seed_support, valid, er_iterations=settings.polish_er_iterations,
+                iterations=settings.polish_iterations, hio_fraction=settings.polish_hio_fraction,
+                time_budget_s=settings.polish_time_budget_s,
                 hook=lambda i, e: notify("polish_step", {"iteration": i, "error": e})
                 if i % 10 == 0 else None)
             obj, polish_errors = polished.object, polished.errors
@@ -312,7 +297,7 @@ class Reconstructor:
             notify("polish", {"seconds": timings["polish"], "recipe": polished.recipe})
 
         amp = np.abs(obj)
-        support = amp > self.support_threshold * amp.max()
+        support = amp > settings.support_threshold * amp.max()
         if final_chi is None:
             final_chi = ChiCost(data, valid)(intensity(obj))
         if refine == "full":
@@ -324,6 +309,6 @@ class Reconstructor:
             stage_chi=stage_chi, es_costs=es_costs, polish_errors=polish_errors,
             polish_recipe=polish_recipe,
             refine=refine, shift=prepared.shift, latent_xy=latent_xy,
-            latent_distance=distance, out_of_distribution=ood)
+            latent_distance=distance, out_of_distribution=ood, settings=settings)
         notify("done", {"seconds": timings["total"], "chi": final_chi})
         return result

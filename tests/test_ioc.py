@@ -107,26 +107,25 @@ def test_puts_change_the_next_reconstruction_and_bad_puts_are_rejected(ioc, publ
     assert epics.caput(p + "Support:Threshold", 0.3, wait=True, timeout=5) == 1
     assert ioc.group.settings()["es_max_iter"] == 0
 
-    class Spy:
-        es_fine_iterations = es_coarse_iterations = 100
-        shape_search_evaluations, polish_er_iterations = 150, 50
-        es_time_budget_s = polish_iterations = support_threshold = None
+    from bcdi_bluesky import ReconstructionSettings
 
-    spy = Spy()
-    assert ioc.configure(spy, {"scan_id": 2}) is True
-    assert spy.es_coarse_iterations == 0 and spy.es_fine_iterations == 0
-    assert spy.support_threshold == pytest.approx(0.3)
-    assert spy.shape_search_evaluations == 150 and spy.polish_er_iterations == 50
+    own = ReconstructionSettings(shape_search_evaluations=120, polish_er_iterations=40,
+                                 es_time_budget_s=30.0)
+    got = ioc.configure(own, {"scan_id": 2})
+    assert got.es_coarse_iterations == 0 and got.es_fine_iterations == 0
+    assert got.support_threshold == pytest.approx(0.3)
+    assert got.shape_search_evaluations == 120 and got.polish_er_iterations == 40
+    assert own.es_coarse_iterations == 300  # a new value: what was handed in is unchanged
     # ES:Enable 0 stops the whole refinement (the odd-shape search too); Polish:Iterations
     # bounds the ER run as well; both come back when the PVs do.
     assert epics.caput(p + "ES:Enable", 0, wait=True, timeout=5) == 1
     assert epics.caput(p + "Polish:Iterations", 20, wait=True, timeout=5) == 1
-    assert ioc.configure(spy, {"scan_id": 2}) is True
-    assert spy.shape_search_evaluations == 0 and spy.polish_er_iterations == 20
+    got = ioc.configure(own, {"scan_id": 2})
+    assert got.shape_search_evaluations == 0 and got.polish_er_iterations == 20
     assert epics.caput(p + "ES:Enable", 1, wait=True, timeout=5) == 1
     assert epics.caput(p + "Polish:Iterations", 150, wait=True, timeout=5) == 1
-    assert ioc.configure(spy, {"scan_id": 2}) is True
-    assert spy.shape_search_evaluations == 150 and spy.polish_er_iterations == 50
+    got = ioc.configure(own, {"scan_id": 2})
+    assert got.shape_search_evaluations == 120 and got.polish_er_iterations == 40
     # And for real: the next scan through the callback runs without ES.
     from bcdi_bluesky import BCDIReconstructionCallback
     from tests.test_beamline import _documents
@@ -141,7 +140,9 @@ def test_puts_change_the_next_reconstruction_and_bad_puts_are_rejected(ioc, publ
     cb.close()
     # ES made no step: its chi is the better of its two starts (the CNN's, the search's).
     chi_of = again[0].stage_chi
-    assert len(again[0].es_costs) <= rec.shape_search_evaluations + 2 * rec.model.size
+    assert again[0].settings.es_coarse_iterations == 0  # the PVs' value reached the result
+    assert rec.settings.es_coarse_iterations == 300  # and the engine kept its own
+    assert len(again[0].es_costs) <= rec.settings.shape_search_evaluations + 2 * rec.model.size
     assert chi_of["es"] == pytest.approx(min(chi_of["cnn"], chi_of["shape"]), rel=1e-6)
     assert epics.caget(p + "Count", use_monitor=False) == 2
 
@@ -168,7 +169,7 @@ def test_puts_change_the_next_reconstruction_and_bad_puts_are_rejected(ioc, publ
     time.sleep(1.5)
     assert epics.caget(p + "Heartbeat", use_monitor=False) > first
     assert epics.caput(p + "Enable", 0, wait=True, timeout=5) == 1
-    assert ioc.configure(spy, {"scan_id": 3}) is False
+    assert ioc.configure(own, {"scan_id": 3}) is None
     epics.caput(p + "Enable", 1, wait=True, timeout=5)
 
 

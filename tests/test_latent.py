@@ -50,10 +50,10 @@ def test_out_of_distribution_doubles_the_es_budget(rec, monkeypatch):
     assert result.out_of_distribution
     (search,) = budgets["fit_odd_shape"]
     (es,) = budgets["refine_crystal"]
-    assert search["max_evaluations"] == 2 * rec.shape_search_evaluations
-    assert es["coarse_iterations"] == 2 * rec.es_coarse_iterations
-    assert es["fine_iterations"] == 2 * rec.es_fine_iterations
-    assert search["time_budget_s"] == 2 * rec.es_time_budget_s
+    assert search["max_evaluations"] == 2 * rec.settings.shape_search_evaluations
+    assert es["coarse_iterations"] == 2 * rec.settings.es_coarse_iterations
+    assert es["fine_iterations"] == 2 * rec.settings.es_fine_iterations
+    assert search["time_budget_s"] == 2 * rec.settings.es_time_budget_s
     assert len(result.es_costs) > 0
     assert any(m and "out of distribution" in m for m in messages)
 

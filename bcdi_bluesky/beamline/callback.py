@@ -29,9 +29,9 @@ from .recommend import Recommendation, recommend, voxel_size_nm
 log = logging.getLogger(__name__)
 
 #: ``publisher(result, start_doc)``; exceptions are logged, never raised into the experiment.
-#: A publisher may also have ``collecting(start_doc)`` (a run started), ``configure(reconstructor,
-#: start_doc) -> bool`` (before reconstructing; False skips the scan), ``progress(stage, info,
-#: start_doc)`` (live pipeline stages) and ``failure(message, start_doc)``.
+#: A publisher may also have ``collecting(start_doc)`` (a run started), ``configure(settings,
+#: start_doc) -> settings | None`` (before reconstructing; None skips the scan),
+#: ``progress(stage, info, start_doc)`` (live pipeline stages) and ``failure(message, start_doc)``.
 Publisher = Callable[[Any, dict], None]
 
 
@@ -168,6 +168,25 @@ class BCDIReconstructionCallback(DocumentRouter):
             except Exception:
                 log.exception("publisher hook %s failed", hook)
         return verdict
+
+    def _configure(self, start_doc: dict) -> tuple[bool, Any]:
+        """``(go, settings)`` for this scan: the reconstructor's settings passed through every
+        publisher's ``configure(settings, start_doc)``; ``go`` is False when one of them
+        returned None (skip the scan)."""
+        settings = getattr(self.reconstructor, "settings", None)
+        for publisher in self.publishers:
+            method = getattr(publisher, "configure", None)
+            if method is None:
+                continue
+            try:
+                configured = method(settings, start_doc)
+            except Exception:
+                log.exception("publisher hook configure failed")
+                continue
+            if configured is None:
+                return False, settings
+            settings = configured
+        return True, settings
 
     def descriptor(self, doc: dict) -> None:
         run = self._runs.get(doc.get("run_start"))
@@ -337,11 +356,12 @@ class BCDIReconstructionCallback(DocumentRouter):
                 from ..pipeline import Reconstructor
 
                 self.reconstructor = Reconstructor()
-            if not self._notify("configure", self.reconstructor, run.start):
+            go, settings = self._configure(run.start)
+            if not go:
                 record.status, record.message = "skipped", "a publisher disabled reconstruction"
                 return
             result = self.reconstructor.reconstruct(
-                volume, refine=self.refine,
+                volume, refine=self.refine, settings=settings,
                 progress=lambda stage, info: self._notify("progress", stage, info, run.start))
         except Exception as exc:
             record.status, record.message = "failed", f"{type(exc).__name__}: {exc}"

@@ -18,6 +18,7 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from ..plotting import central_slices
+from ..settings import ReconstructionSettings
 
 STATUS = ("Idle", "Collecting", "Reconstructing", "Refining", "Done", "Error")
 #: Side of the square slice images (pixels): the crystal's central planes, zoomed on it.
@@ -323,7 +324,6 @@ class IOCPublisher:
                  server: IOCServer | None = None) -> None:
         self.server = server or IOCServer(prefix, interfaces).start()
         self._last_progress = 0.0
-        self._own_settings: dict[int, dict[str, int]] = {}
 
     @property
     def group(self) -> ReconstructionIOC:
@@ -338,29 +338,31 @@ class IOCPublisher:
                            "StatusMsg": f"collecting scan {start_doc.get('scan_id')}"},
                           wait=False)
 
-    def configure(self, reconstructor: Any, start_doc: dict) -> bool:
-        """Apply the settings to the reconstructor; False skips the scan (``Enable`` 0)."""
+    def configure(self, settings: Any, start_doc: dict) -> Any:
+        """The next scan's settings: ``settings`` changed by the setting PVs; None skips the
+        scan (``Enable`` 0). The reconstructor itself is never changed."""
         s = self.group.settings()
         if not s["enable"]:
             self.server.set_status("Idle", "reconstruction disabled (Enable = 0)")
-            return False
-        if hasattr(reconstructor, "es_fine_iterations"):
-            total = s["es_max_iter"] if s["es_enable"] else 0
-            reconstructor.es_coarse_iterations = total * 3 // 4
-            reconstructor.es_fine_iterations = total - total * 3 // 4
-            # The reconstructor's own settings for what the PVs do not name, read once.
-            own = self._own_settings.setdefault(id(reconstructor), {
-                "search": getattr(reconstructor, "shape_search_evaluations", 0),
-                "er": getattr(reconstructor, "polish_er_iterations", 0)})
-            # ES:Enable 0 means no refinement at all: the odd-shape search goes with ES.
-            reconstructor.shape_search_evaluations = own["search"] if s["es_enable"] else 0
-            reconstructor.es_time_budget_s = s["es_time_budget"]
+            return None
+        if settings is None:  # an engine without settings of its own: start from the defaults
+            settings = ReconstructionSettings()
+        total = s["es_max_iter"] if s["es_enable"] else 0
+        changes = {
+            "es_coarse_iterations": total * 3 // 4,
+            "es_fine_iterations": total - total * 3 // 4,
+            "es_time_budget_s": s["es_time_budget"],
             # Polish:Iterations bounds both polish runs (0: no polish).
-            reconstructor.polish_iterations = s["polish_iterations"]
-            reconstructor.polish_er_iterations = min(own["er"], s["polish_iterations"])
-            reconstructor.support_threshold = s["support_threshold"]
+            "polish_iterations": s["polish_iterations"],
+            "polish_er_iterations": min(settings.polish_er_iterations,
+                                        s["polish_iterations"]),
+            "support_threshold": s["support_threshold"],
+        }
+        if not s["es_enable"]:  # no refinement at all: the odd-shape search goes with ES
+            changes["shape_search_evaluations"] = 0
+        settings = settings.replace(**changes)
         self.server.set_status("Reconstructing", f"reconstructing scan {start_doc.get('scan_id')}")
-        return True
+        return settings
 
     def progress(self, stage: str, info: dict, start_doc: dict) -> None:
         """Live updates from the pipeline (at most ten a second for ES steps)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ModelError
 from ..physics import CrystalModel
 from .encoding import NormalisedEncoding, TwinInvariantEncoding, make_encoding
 
@@ -23,9 +24,8 @@ DEFAULT_MODEL_NAME = "bcdi_cnn64"
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
                        "CPUExecutionProvider")
 
-
-class ModelError(RuntimeError):
-    """A model file or card is missing, corrupt, or does not match."""
+__all__ = ["DEFAULT_MODEL_NAME", "PREFERRED_PROVIDERS", "ModelError", "OnnxCrystalModel",
+           "models_dir"]
 
 
 def models_dir() -> Path:

@@ -1,8 +1,11 @@
-"""Checks of user-supplied arrays: one clear ``ValueError`` naming the problem."""
+"""Checks of user-supplied arrays: one clear :class:`~bcdi_bluesky.errors.DataError` (a
+``ValueError``) naming the problem."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from ..errors import DataError
 
 
 def check_volume(
@@ -30,36 +33,44 @@ def check_volume(
 
     Raises
     ------
-    ValueError
-        Wrong rank, empty or too small, non-numeric, NaN/inf, negative or all-zero values.
+    DataError
+        Wrong rank, empty or too small, non-numeric, NaN/inf, values beyond float32's range,
+        negative or all-zero values.
     """
     try:
         arr = np.asarray(array)
     except Exception as exc:  # ragged lists and the like
-        raise ValueError(f"{name} is not an array: {exc}") from None
+        raise DataError(f"{name} is not an array: {exc}") from None
     if arr.ndim != 3:
-        raise ValueError(f"{name} must be a 3D volume, got {arr.ndim}D with shape {arr.shape}")
+        raise DataError(f"{name} must be a 3D volume, got {arr.ndim}D with shape {arr.shape}")
     if min(arr.shape) < 2:
-        raise ValueError(f"{name} has shape {arr.shape}: every axis needs at least 2 samples")
+        raise DataError(f"{name} has shape {arr.shape}: every axis needs at least 2 samples")
     if np.iscomplexobj(arr):
         if not allow_complex:
-            raise ValueError(f"{name} must be real, got complex dtype {arr.dtype}")
+            raise DataError(f"{name} must be real, got complex dtype {arr.dtype}")
         arr = arr.astype(np.complex64, copy=False)
     elif arr.dtype.kind in "biuf":
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:
+            # Checked before the cast, which would turn such values into inf.
+            with np.errstate(invalid="ignore"):
+                big = np.isfinite(arr) & (np.abs(arr) > np.finfo(np.float32).max)
+            if big.any():
+                raise DataError(f"{name} holds {int(big.sum())} values beyond float32's range "
+                                f"(largest {float(np.abs(arr[big]).max()):.3g}); rescale it")
         arr = arr.astype(np.float32, copy=False)
     else:
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+        raise DataError(f"{name} must be numeric, got dtype {arr.dtype}")
     # Big-endian arrays (from EPICS clients, some HDF5 files) silently break ONNX Runtime.
     arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
     finite = np.isfinite(arr)
     if not finite.all():
         bad = int(arr.size - np.count_nonzero(finite))
-        raise ValueError(f"{name} contains {bad} NaN or inf values")
+        raise DataError(f"{name} contains {bad} NaN or inf values")
     if not allow_negative and not np.iscomplexobj(arr) and arr.min() < 0:
-        raise ValueError(f"{name} contains negative values (min {float(arr.min()):.4g}); "
+        raise DataError(f"{name} contains negative values (min {float(arr.min()):.4g}); "
                          "subtract the background without going below zero")
     if require_signal and not np.any(arr):
-        raise ValueError(f"{name} is empty (all values are zero)")
+        raise DataError(f"{name} is empty (all values are zero)")
     return arr
 
 
@@ -69,11 +80,11 @@ def check_mask(mask: object, shape: tuple[int, ...], name: str = "mask") -> np.n
         return None
     m = np.asarray(mask)
     if m.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {m.shape} but the volume has shape {tuple(shape)}")
+        raise DataError(f"{name} has shape {m.shape} but the volume has shape {tuple(shape)}")
     if m.dtype != bool:
         if m.dtype.kind not in "biu" or not np.isin(m, (0, 1)).all():
-            raise ValueError(f"{name} must be boolean (True = valid), got dtype {m.dtype}")
+            raise DataError(f"{name} must be boolean (True = valid), got dtype {m.dtype}")
         m = m.astype(bool)
     if not m.any():
-        raise ValueError(f"{name} marks every voxel invalid")
+        raise DataError(f"{name} marks every voxel invalid")
     return m

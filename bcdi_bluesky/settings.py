@@ -1,0 +1,131 @@
+"""The reconstruction's settings: one frozen, validated value, the single source of every default,
+limit and help text.
+
+The CLI's options, the IOC's setting PVs and the user guide's table are generated from
+:meth:`ReconstructionSettings.fields_info`; a :class:`~bcdi_bluesky.Reconstructor` holds one value
+and each call may be given another (the IOC hands the next scan a new value, it never changes
+the engine), which the result carries as ``result.settings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .errors import SettingsError
+
+
+class SettingInfo(NamedTuple):
+    """What a front end needs to offer one setting (a CLI option, a PV, a docs row)."""
+
+    name: str
+    default: Any
+    kind: type  # int, float or bool
+    low: float | None
+    high: float | None
+    units: str
+    doc: str
+
+
+def _setting(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
+             units: str = "") -> Any:
+    return field(default=default, metadata={"doc": doc, "low": low, "high": high,
+                                            "units": units})
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    """How much work a reconstruction may do, and how it reports the crystal.
+
+    Every field is validated on creation (:class:`~bcdi_bluesky.errors.SettingsError` names the
+    field and its limits). Make a changed copy with :meth:`replace`.
+    """
+
+    shape_search_evaluations: int = _setting(
+        150, "forward models of the search for the odd-l shape terms before ES (0: no search)",
+        low=0, high=2000)
+    es_coarse_iterations: int = _setting(
+        300, "extremum-seeking steps on the central half-size cube of q", low=0, high=5000)
+    es_fine_iterations: int = _setting(
+        100, "extremum-seeking steps on the full grid", low=0, high=5000)
+    es_time_budget_s: float = _setting(
+        5.0, "wall-time cap of the refinement stage (shape search and ES together)",
+        low=0.0, high=120.0, units="s")
+    polish_er_iterations: int = _setting(
+        50, "steps of the polish's first, ER-only run; kept when it fits the data down to the "
+        "Poisson noise", low=0, high=2000)
+    polish_iterations: int = _setting(
+        150, "steps of the polish's ER/HIO run otherwise (0 with polish_er_iterations 0: no "
+        "polish)", low=0, high=5000)
+    polish_hio_fraction: float = _setting(
+        0.3, "share of HIO steps in the ER/HIO run", low=0.0, high=1.0)
+    polish_time_budget_s: float = _setting(
+        5.0, "wall-time cap of the polish", low=0.0, high=120.0, units="s")
+    support_threshold: float = _setting(
+        0.2, "fraction of the maximum amplitude that defines the reported support",
+        low=0.01, high=0.9)
+    track: bool = _setting(
+        False, "start ES from the better (by chi) of the CNN's estimate and the previous "
+        "reconstruction, to follow an evolving sample across a series of scans")
+    seed: int = _setting(0, "seed of the ES dither assignment (runs are deterministic)",
+                         low=0, high=2**31 - 1)
+
+    def __post_init__(self) -> None:
+        for info in self.fields_info():
+            value = getattr(self, info.name)
+            object.__setattr__(self, info.name, _coerce(info, value))
+
+    @classmethod
+    def fields_info(cls) -> list[SettingInfo]:
+        """Every setting: name, default, type, limits, units and help, in declaration order."""
+        kinds = {"int": int, "float": float, "bool": bool}
+        return [SettingInfo(f.name, f.default, kinds[str(f.type)], f.metadata["low"],
+                            f.metadata["high"], f.metadata["units"], f.metadata["doc"])
+                for f in dataclasses.fields(cls)]
+
+    def replace(self, **changes: Any) -> ReconstructionSettings:
+        """A validated copy with ``changes`` (field names) applied."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise SettingsError(f"unknown reconstruction settings: {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(info: SettingInfo, value: Any) -> Any:
+    """``value`` as the setting's type, or :class:`SettingsError` naming what is wrong."""
+    name = info.name
+    if info.kind is bool:
+        if isinstance(value, (bool, np.bool_)) or (_is_number(value) and value in (0, 1)):
+            return bool(value)
+        raise SettingsError(f"{name} must be true or false, got {value!r}")
+    if not _is_number(value):
+        raise SettingsError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise SettingsError(f"{name} must be finite, got {value!r}")
+    if info.kind is int:
+        if number != int(number):
+            raise SettingsError(f"{name} must be a whole number, got {value!r}")
+        number = int(number)
+    if (info.low is not None and number < info.low) or (
+            info.high is not None and number > info.high):
+        units = f" {info.units}" if info.units else ""
+        raise SettingsError(f"{name} = {value!r} is outside its limits "
+                            f"{info.low:g} .. {info.high:g}{units}")
+    return number
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+__all__ = ["ReconstructionSettings", "SettingInfo"]

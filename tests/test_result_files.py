@@ -1,0 +1,79 @@
+"""Result files are written atomically: complete, or not at all, and never a crash."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from bcdi_bluesky import DataError, Reconstructor, write_result
+from bcdi_bluesky.io import atomic_write_bytes
+
+SCAN54 = Path(__file__).resolve().parents[1] / "examples" / "data" / "S0054_intensity_64.npy"
+
+
+@pytest.fixture(scope="module")
+def result(scan54_64):
+    return Reconstructor().reconstruct(scan54_64, refine="none")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".cxi"])
+def test_written_files_hold_the_result(tmp_path, result, suffix):
+    path = write_result(result, tmp_path / "sub" / f"r{suffix}", {"input": "scan54"})
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    if suffix == ".npz":
+        with np.load(path) as z:
+            obj, support, summary = z["object"], z["support"], str(z["summary"])
+    else:
+        with h5py.File(path, "r") as f:
+            obj, support = f["entry_1/image_1/data"][()], f["entry_1/image_1/mask"][()]
+            summary = f["entry_1/image_1/process_1/summary"][()].decode()
+    np.testing.assert_array_equal(obj, result.object)
+    np.testing.assert_array_equal(support, result.support)
+    meta = json.loads(summary)
+    assert meta["input"] == "scan54" and meta["chi"] == pytest.approx(result.chi)
+
+
+def test_replacing_a_file_is_all_or_nothing(tmp_path):
+    target = tmp_path / "r.npz"
+    target.write_bytes(b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    # A folder that cannot be made (its parent is a file): one line, nothing written.
+    (tmp_path / "plain").write_text("not a folder")
+    with pytest.raises(DataError, match="cannot write") as caught:
+        atomic_write_bytes(tmp_path / "plain" / "r.npz", b"x" * 10)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "r.npz"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".npz", ".cxi"])
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, suffix):
+    # A file-size limit makes the disk "full" for this process alone; SIGXFSZ is ignored so
+    # that the write fails with EFBIG as it would with ENOSPC.
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        import numpy as np
+        from bcdi_bluesky import DataError, Reconstructor, write_result
+        result = Reconstructor().reconstruct(np.load(sys.argv[1]), refine="none")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        try:
+            write_result(result, sys.argv[2])
+        except DataError as exc:
+            print("DataError:", exc)
+            sys.exit(3)
+        sys.exit(0)
+    """)
+    out = tmp_path / f"r{suffix}"
+    proc = subprocess.run([sys.executable, "-c", script,
+                           str(SCAN54), str(out)],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "cannot write" in proc.stdout and "nothing was written" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no partial file, no temporary
