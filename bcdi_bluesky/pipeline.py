@@ -71,7 +71,8 @@ class ReconstructionResult:
     #: Refinement costs step by step: the search's best-so-far, then the ES runs.
     es_costs: list[float] = field(default_factory=list)
     polish_errors: list[float] = field(default_factory=list)
-    #: Which polish run gave the object: "ER" or "ER/HIO" ("" without a polish).
+    #: Which polish run gave the object (a key of :attr:`polish_attempts`; "" without a
+    #: polish).
     polish_recipe: str = ""
     refine: str = "full"
     shift: tuple[int, int, int] = (0, 0, 0)
