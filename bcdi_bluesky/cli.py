@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .errors import BCDIError
 
+if TYPE_CHECKING:
+    from .settings import ReconstructionSettings
 
-class UserError(Exception):
-    """A problem with what the user asked for: reported in one line, without a traceback."""
+
+class UserError(BCDIError):
+    """A problem with what the command line asks for (a path, an option): reported in one
+    line, without a traceback, like every :class:`~bcdi_bluesky.errors.BCDIError`."""
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -57,24 +66,93 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .io import RESULT_SUFFIXES, DataError, read_intensity, write_result
-    from .model.runtime import ModelError
+#: Bytes of memory a reconstruction needs per voxel of the input volume, beyond the process
+#: itself (measured: docs/user_guide.md, "Large volumes").
+BYTES_PER_INPUT_VOXEL = 64
 
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the least of the system's available memory,
+    the cgroup's limit (containers, batch jobs) and the address-space limit (``ulimit -v``);
+    None when none is known."""
+    import resource
+
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        top = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if top.isdigit() and used.isdigit():
+            limits.append(int(top) - int(used))
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[0])
+            limits.append(soft - pages * resource.getpagesize())
+        except OSError:
+            limits.append(soft)
+    return max(min(limits), 0) if limits else None
+
+
+def check_memory(shape: tuple[int, ...], source: str) -> None:
+    """Refuse a volume whose reconstruction would not fit in the memory left (one line)."""
+    need = int(np.prod(shape)) * BYTES_PER_INPUT_VOXEL
+    free = available_memory()
+    if free is not None and need > free:
+        raise UserError(f"{source}: a {'x'.join(map(str, shape))} volume needs about "
+                        f"{need / 2**30:.1f} GiB to reconstruct, {free / 2**30:.1f} GiB are "
+                        f"available (crop or bin it, or pass --no-memory-check)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (also through links); False when ``a`` does not exist
+    yet and resolves elsewhere."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def settings_from_args(args: argparse.Namespace) -> ReconstructionSettings:
+    """The reconstruction settings: the defaults with every settings option given (validated:
+    a value outside its limits is a one-line SettingsError)."""
+    from .settings import ReconstructionSettings
+
+    given = {info.name: getattr(args, info.name) for info in ReconstructionSettings.fields_info()
+             if getattr(args, info.name) is not None}
+    return ReconstructionSettings().replace(**given)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .io import RESULT_SUFFIXES, read_intensity, write_result
+
+    settings = settings_from_args(args)
+    source = Path(args.input)
+    targets = {"--output": args.output, "--plot": args.plot}
+    if args.plot:
+        targets["--plot (its latent map)"] = _latent_plot_path(args.plot)
+    for option, target in targets.items():
+        if target and _same_file(Path(target), source):
+            raise UserError(f"{option} {target} is the input file: the measured data would be "
+                            f"overwritten (choose another name)")
     if args.output and Path(args.output).suffix.lower() not in RESULT_SUFFIXES:
         raise UserError(f"{args.output}: unsupported output type (use one of "
                         f"{', '.join(RESULT_SUFFIXES)})")
-    try:
-        data, mask = read_intensity(args.input, args.dataset)
-    except DataError as exc:
-        raise UserError(str(exc)) from None
-    try:
-        from .pipeline import Reconstructor
+    if args.plot:
+        _check_plot_path(Path(args.plot))
+    data, mask = read_intensity(args.input, args.dataset)
+    if not args.no_memory_check:
+        check_memory(data.shape, str(args.input))
+    from .pipeline import Reconstructor
 
-        rec = Reconstructor(args.model, es_time_budget_s=args.es_time_budget,
-                            polish_iterations=args.polish_iterations)
-    except ModelError as exc:
-        raise UserError(str(exc)) from None
+    rec = Reconstructor(args.model, settings=settings)
 
     def progress(stage: str, info: dict) -> None:
         if args.json or stage.endswith("_step"):
@@ -83,28 +161,12 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                             if isinstance(v, float))
         print(f"{stage:>10}: {figures}", file=sys.stderr)
 
-    try:
-        result = rec.reconstruct(data, mask, refine=args.refine, progress=progress)
-    except ValueError as exc:
-        raise UserError(f"{args.input}: {exc}") from None
+    result = rec.reconstruct(data, mask, refine=args.refine, progress=progress)
     outputs = {}
     if args.output:
-        try:
-            outputs["output"] = str(write_result(result, args.output,
-                                                 {"input": str(args.input)}))
-        except (DataError, OSError) as exc:
-            raise UserError(str(exc)) from None
+        outputs["output"] = str(write_result(result, args.output, {"input": str(args.input)}))
     if args.plot:
-        from .plotting import plot_reconstruction
-
-        outputs["plot"] = str(plot_reconstruction(result, args.plot, title=str(args.input)))
-        if rec.runtime.latent_map is not None and result.latent_xy is not None:
-            from .plotting import plot_latent_map
-
-            latent_png = Path(args.plot).with_name(Path(args.plot).stem + "_latent.png")
-            outputs["latent_plot"] = str(plot_latent_map(
-                rec.runtime.latent_map, latent_png,
-                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+        outputs.update(_plots(args, rec, result))
     summary = {**result.summary(), **outputs, "input": str(args.input)}
     if args.json:
         print(json.dumps(summary))
@@ -117,46 +179,111 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UserError(f"--zmq wants HOST:PORT (for example 127.0.0.1:5578), got {text!r}")
-    return host, int(port)
+def _latent_plot_path(plot: str) -> Path:
+    """Where ``--plot`` puts the latent map beside the figure."""
+    return Path(plot).with_name(Path(plot).stem + "_latent.png")
+
+
+def _check_plot_path(path: Path) -> None:
+    """Refuse a figure path matplotlib cannot write before any work is done (one line)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kind = path.suffix.lower().lstrip(".")
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if kind not in formats:
+        raise UserError(f"--plot {path}: unsupported figure type (use one of "
+                        f"{', '.join('.' + k for k in sorted(formats))})")
+    if path.is_dir():
+        raise UserError(f"--plot {path} is a folder")
+
+
+def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
+    """Write the figure (and the latent map beside it); an error is one line."""
+    from .plotting import plot_latent_map, plot_reconstruction
+
+    try:
+        outputs = {"plot": str(plot_reconstruction(result, args.plot, title=str(args.input)))}
+        if rec.runtime.latent_map is not None and result.latent_xy is not None:
+            outputs["latent_plot"] = str(plot_latent_map(
+                rec.runtime.latent_map, _latent_plot_path(args.plot),
+                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+    except OSError as exc:  # the folder cannot be made or written, the disk is full
+        raise UserError(f"--plot {args.plot}: cannot write ({exc.strerror or exc})") from None
+    return outputs
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import pickle
     import signal
 
-    from bluesky.callbacks.zmq import RemoteDispatcher
+    from .beamline import BCDIReconstructionCallback, Publisher, ResultFileWriter
+    from .errors import ModelError
+    from .remote import RemoteDispatcher, deserializer
 
-    from .beamline import BCDIReconstructionCallback, ResultFileWriter
+    class Report(Publisher):
+        """stdout: one JSON line per scan that reached the worker."""
 
-    host, port = _parse_address(args.zmq)
+        def __call__(self, result, start_doc: dict) -> None:
+            print(json.dumps({"uid": start_doc["uid"], "scan_id": start_doc.get("scan_id"),
+                              "status": "done", **result.summary()}), flush=True)
+
+        def failure(self, message: str, start_doc: dict) -> None:
+            print(json.dumps({"uid": start_doc["uid"], "scan_id": start_doc.get("scan_id"),
+                              "status": "not reconstructed", "message": message}),
+                  flush=True)
+
+    try:
+        dispatcher = RemoteDispatcher(
+            args.zmq, deserializer=pickle.loads if args.allow_pickle else deserializer,
+            max_message_bytes=int(args.max_message_mb * 2**20))
+    except ValueError as exc:
+        raise UserError(f"--zmq: {exc}") from None
+    try:
+        from .pipeline import Reconstructor
+
+        reconstructor = Reconstructor(args.model)
+    except ModelError as exc:
+        raise UserError(str(exc)) from None
+    # stdout carries the JSON lines only; everything else goes to stderr through logging.
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     publishers: list = [ResultFileWriter(args.output)] if args.output else []
     if args.prefix:
         from .epics import IOCPublisher
 
-        publishers.append(IOCPublisher(prefix=args.prefix))
-
-    def report(result, start) -> None:
-        print(json.dumps({"scan_id": start.get("scan_id"), "uid": start["uid"],
-                          "chi": result.chi, "timings_s": result.timings}), flush=True)
-
-    callback = BCDIReconstructionCallback(image_key=args.image_key, motor_key=args.motor_key,
-                                          on_result=report, publishers=publishers,
-                                          refine=args.refine)
-    dispatcher = RemoteDispatcher(f"{host}:{port}")
+        publishers.append(IOCPublisher(prefix=args.prefix, access=_write_access(args),
+                                       settings=reconstructor.settings))
+    publishers.append(Report())  # last: its line says that the other publishers are done
+    callback = BCDIReconstructionCallback(
+        image_key=args.image_key, motor_key=args.motor_key, publishers=publishers,
+        reconstructor=reconstructor, refine=args.refine, run_timeout=args.run_timeout,
+        root_map=dict(args.root_map))
     dispatcher.subscribe(callback)
-    # A service manager stops us with SIGTERM: finish the queued reconstructions first.
+    # A service manager stops us with SIGTERM: stop listening, give the scan in hand the rest
+    # of the stop budget, exit.
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
-    print(f"bcdi-bluesky serve: listening to the 0MQ proxy at {host}:{port}", file=sys.stderr,
-          flush=True)
+    if args.allow_pickle:
+        print("bcdi-bluesky serve: --allow-pickle: every sender to the proxy can run code "
+              "here", file=sys.stderr, flush=True)
+    print(f"bcdi-bluesky serve: listening to the 0MQ proxy at {dispatcher.host}:"
+          f"{dispatcher.port}", file=sys.stderr, flush=True)
     try:
         dispatcher.start()
     finally:
-        callback.wait(timeout=120)
-        callback.close()
+        callback.close(timeout=args.stop_timeout)
+        if dispatcher.dropped:
+            print(f"bcdi-bluesky serve: {dispatcher.dropped} of {dispatcher.received} "
+                  "messages dropped", file=sys.stderr, flush=True)
     return 0
+
+
+def _write_access(args: argparse.Namespace):
+    """The IOC's write policy from ``--read-only`` and ``--write-hosts``."""
+    from .epics import WriteAccess
+
+    return WriteAccess.from_options(args.read_only, args.write_hosts)
 
 
 def _cmd_ioc(args: argparse.Namespace) -> int:
@@ -165,11 +292,12 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
 
     from .epics import IOCServer
 
-    server = IOCServer(prefix=args.prefix).start()
+    access = _write_access(args)
+    server = IOCServer(prefix=args.prefix, access=access).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix}",
-          file=sys.stderr, flush=True)
+    print(f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix} "
+          f"({access.describe()})", file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.5):
             pass
@@ -181,12 +309,81 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    try:
-        run_demo(scans=args.scans, output=args.output, prefix=args.prefix, linger=args.linger,
-                 seed=args.seed, as_json=args.json)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    run_demo(scans=args.scans, output=args.output, prefix=args.prefix, linger=args.linger,
+             seed=args.seed, as_json=args.json)
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_settings_options(p: argparse.ArgumentParser) -> None:
+    """One option per reconstruction setting, generated from
+    :meth:`ReconstructionSettings.fields_info` (unset: the setting's default)."""
+    from .settings import ReconstructionSettings
+
+    group = p.add_argument_group("reconstruction settings (docs/user_guide.md)")
+    for info in ReconstructionSettings.fields_info():
+        option = "--" + info.name.replace("_", "-")
+        if info.kind is bool:
+            group.add_argument(option, action="store_true", default=None, help=info.doc)
+            continue
+        units = f" {info.units}" if info.units else ""
+        group.add_argument(option, type=info.kind, default=None, metavar=info.kind.__name__.upper(),
+                           help=f"{info.doc} ({info.low} .. {info.high}{units}; default "
+                                f"{info.default})")
+
+
+def settings_table() -> str:
+    """The user guide's table of the reconstruction settings (generated: a test checks the
+    guide against it): each with its default, limits, the ``reconstruct`` option and the IOC
+    PV that set it."""
+    from .epics.ioc import ES_MAX_ITER, SETTING_PVS
+    from .settings import ReconstructionSettings
+
+    rows = ["| setting | default | limits | `reconstruct` option | IOC PV | meaning |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for info in ReconstructionSettings.fields_info():
+        units = f" {info.units}" if info.units else ""
+        limits = "true, false" if info.kind is bool else f"{info.low} .. {info.high}{units}"
+        pv = (f"`{SETTING_PVS[info.name]}`" if info.name in SETTING_PVS
+              else f"`{ES_MAX_ITER[0]}` (both ES counts)" if info.name in ES_MAX_ITER[1]
+              else "none")
+        option = "--" + info.name.replace("_", "-")
+        rows.append(f"| `{info.name}` | {info.default}{units} | {limits} | `{option}` | "
+                    f"{pv} | {info.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def _add_access_options(p: argparse.ArgumentParser) -> None:
+    """Who may put the IOC's settings (docs/reliability.md: who may write which PV)."""
+    p.add_argument("--read-only", action="store_true",
+                   help="refuse every put to the settings PVs")
+    p.add_argument("--write-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="accept puts only from Channel Access clients announcing one of "
+                        "these host names")
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
+    return value
+
+
+def _root_pair(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old or not new:
+        raise argparse.ArgumentTypeError(f"want OLD=NEW, got {text!r}")
+    return old, new
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="closed-loop scans on the simulated beamline, with the IOC")
-    p.add_argument("--scans", type=int, default=3)
+    p.add_argument("--scans", type=_at_least_one, default=3)
     p.add_argument("--output", default=None, help="output folder (default: a new temp folder)")
     p.add_argument("--prefix", default=None, help="IOC prefix (default: a random DEMOxxxx:)")
     p.add_argument("--linger", type=float, default=0.0,
@@ -214,10 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument("--dataset", default=None, help="HDF5 dataset holding the intensity")
-    p.add_argument("--es-time-budget", type=float, default=5.0,
-                   help="seconds for the refinement (odd-shape search and ES)")
-    p.add_argument("--polish-iterations", type=int, default=150,
-                   help="steps of the polish's ER/HIO run (after 50 ER steps)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="reconstruct even when the volume seems too large for the memory left")
+    _add_settings_options(p)
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("serve", help="reconstruct the runs published by a Bluesky 0MQ proxy")
@@ -226,41 +422,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-key", default="det_image")
     p.add_argument("--motor-key", default="theta")
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
+    p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
     p.add_argument("--prefix", default=None, help="also serve the results as PVs (e.g. BCDI:)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="UNSAFE: read bluesky's default pickled messages, which run any code a "
+                        "sender puts in them (only where every sender is trusted)")
+    p.add_argument("--run-timeout", type=_positive_number, default=3600.0, metavar="S",
+                   help="a run with no document for S seconds is recorded incomplete and its "
+                        "frames freed")
+    p.add_argument("--stop-timeout", type=_positive_number, default=5.0, metavar="S",
+                   help="on SIGTERM, seconds left to the scan being reconstructed")
+    p.add_argument("--max-message-mb", type=_positive_number, default=1024.0, metavar="MB",
+                   help="0MQ drops longer messages unread")
+    p.add_argument("--root-map", type=_root_pair, action="append", default=[],
+                   metavar="OLD=NEW", help="read files written under OLD from NEW (repeatable)")
+    _add_access_options(p)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("ioc", help="run the reconstruction IOC alone")
+    p = sub.add_parser("ioc", help="run the reconstruction IOC alone (its settings PVs)")
     p.add_argument("--prefix", default="BCDI:")
+    _add_access_options(p)
     p.set_defaults(func=_cmd_ioc)
 
+    # Training defaults come from TrainConfig (torch-free), so the CLI and Python train the
+    # same network.
+    from .model.config import TrainConfig
+
+    t = TrainConfig()
     p = sub.add_parser("train", help="train the CNN on simulated crystals (needs torch)")
-    p.add_argument("--name", default="bcdi_cnn64")
+    p.add_argument("--name", default=t.name)
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder")
-    p.add_argument("--steps", type=int, default=4000, help="total optimiser steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--width", type=int, default=16, help="channels of the first conv stage")
-    p.add_argument("--hidden", type=int, default=256, help="units of the dense layer")
-    p.add_argument("--encoding", default="twin_blocks_v1",
+    p.add_argument("--steps", type=int, default=t.steps, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--warmup-steps", type=int, default=t.warmup_steps)
+    p.add_argument("--width", type=int, default=t.width, help="channels of the first conv stage")
+    p.add_argument("--hidden", type=int, default=t.hidden, help="units of the dense layer")
+    p.add_argument("--encoding", default=t.encoding,
                    choices=("twin_blocks_v1", "twin_invariant_v1", "normalised_v1"),
                    help="what the network regresses (see bcdi_bluesky.model.encoding)")
     p.add_argument("--no-friedel", dest="friedel", action="store_false",
                    help="leave out the network's I(q) - I(-q) input channel")
-    p.add_argument("--zoom", type=int, default=32,
+    p.add_argument("--zoom", type=int, default=t.zoom,
                    help="centred crop edge seen by a full-resolution encoder (0: none)")
-    p.add_argument("--mirror-copies", type=int, default=2,
+    p.add_argument("--mirror-copies", type=int, default=t.mirror_copies,
                    help="mirror images of each simulated crystal per batch (1-8; more trains "
                         "faster where simulating the crystals is the bottleneck, as on a CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop cleanly with a checkpoint after this many seconds")
-    p.add_argument("--validate-every", type=int, default=250)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--validate-every", type=int, default=t.validate_every)
+    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--init-from", default=None,
                    help="warm-start a new run from another checkpoint's weights")
@@ -286,9 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bcdi-bluesky`` console script."""
     args = build_parser().parse_args(argv)
+    # The project's log lines (puts to the IOC, dropped scans) on stderr, one per event;
+    # stdout stays for the commands' results.
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("bcdi_bluesky").setLevel(logging.INFO)
     try:
         return int(args.func(args))
-    except (UserError, BCDIError) as exc:
+    except BCDIError as exc:  # what was given is wrong; anything else is a bug: traceback
         print(f"bcdi-bluesky {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,11 +19,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .beamline.publishers import Publisher
 from .physics import align, compare_objects
 from .pipeline import to_model_grid
 
 
-class _Progress:
+class _Progress(Publisher):
     """Publisher that narrates each scan on a text stream."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -159,7 +160,8 @@ def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = Non
     cb = BCDIReconstructionCallback(
         reconstructor=Reconstructor(),
         publishers=[ioc, ResultFileWriter(out), _Progress(stream),
-                    lambda result, start: collected.append(start["uid"])])
+                    lambda result, start: collected.append(start["uid"])],
+        keep_results=max(scans, 1))  # the figures show every scan's reconstruction
     RE = RunEngine({}, context_managers=[], call_returns_result=True)
     RE.subscribe(cb)
     analysis = ReconstructionAnalysis(name="analysis", callback=cb)

@@ -244,9 +244,10 @@ class ModelFit:
 def refine_stage(model: CrystalModel, params: np.ndarray, prepared: Prepared,
                  settings: ReconstructionSettings, scale: int = 1,
                  hook: Callable[[int, float], None] | None = None) -> ModelFit:
-    """Odd-shape search, then ES from the CNN's start and the search's (``scale`` x steps)."""
+    """Odd-shape search, then ES from the CNN's start and the search's (``scale`` times the
+    steps and the safety cap)."""
     started = time.perf_counter()
-    budget = settings.es_time_budget_s
+    budget = settings.es_time_budget_s * scale
     offset = [0]
 
     def step(iteration: int, cost: float) -> None:

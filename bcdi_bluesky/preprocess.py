@@ -53,15 +53,13 @@ class Prepared:
     """A measured volume brought onto the model's grid.
 
     ``intensity`` and ``mask`` are centred ``n^3`` arrays; ``shift`` is the circular shift that
-    centred the input, ``crop`` the per-axis start of the ``n^3`` window in the shifted input,
-    and ``bin`` the binning factor applied after cropping (1 or more).
+    centred the input, ``crop`` the per-axis start of the ``n^3`` window in the shifted input.
     """
 
     intensity: np.ndarray
     mask: np.ndarray | None
     shift: tuple[int, int, int]
     crop: tuple[int, int, int]
-    bin: int
 
 
 def fit_to_grid(intensity: np.ndarray, n: int, mask: np.ndarray | None = None) -> Prepared:
@@ -88,7 +86,7 @@ def fit_to_grid(intensity: np.ndarray, n: int, mask: np.ndarray | None = None) -
     out_mask[tuple(dst)] = True if m is None else m[tuple(src)]
     padded = any(s < n for s in data.shape)
     final_mask = out_mask if (m is not None or padded) else None
-    return Prepared(out, final_mask, shift, tuple(crop), 1)
+    return Prepared(out, final_mask, shift, tuple(crop))
 
 
 def network_input(intensity: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

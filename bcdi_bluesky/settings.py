@@ -42,6 +42,10 @@ def _setting(default: Any, doc: str, *, low: float | None = None, high: float | 
 class ReconstructionSettings:
     """How much work a reconstruction may do, and how it reports the crystal.
 
+    The limits bound one scan's work whoever sets the values (a script, the CLI, a put to the
+    IOC): at most 30 s of refinement (60 s for a scan out of the CNN's distribution) and 30 s
+    of polish, whatever the iteration counts.
+
     Every field is validated on creation (:class:`~bcdi_bluesky.errors.SettingsError` names the
     field and its limits). Make a changed copy with :meth:`replace`.
     """
@@ -54,10 +58,10 @@ class ReconstructionSettings:
     es_fine_iterations: int = _setting(
         100, "extremum-seeking steps on the full grid", low=0, high=5000)
     es_time_budget_s: float = _setting(
-        60.0, "safety wall-time cap of the refinement stage (shape search and ES together); "
-        "iteration counts end it, the cap only guards against a stalled machine and is "
-        "reported in the result's quality when it cuts the run", low=0.0, high=600.0,
-        units="s")
+        30.0, "safety wall-time cap of the refinement stage (shape search and ES together; "
+        "doubled for a scan out of the CNN's training distribution): iteration counts end it, "
+        "the cap only guards against a stalled machine and is named in the result's quality "
+        "when it cuts the run", low=0.0, high=30.0, units="s")
     polish_er_iterations: int = _setting(
         50, "steps of the polish's first, ER-only run; kept when it fits the data down to the "
         "Poisson noise", low=0, high=2000)
@@ -67,8 +71,8 @@ class ReconstructionSettings:
     polish_hio_fraction: float = _setting(
         0.3, "share of HIO steps in the ER/HIO run", low=0.0, high=1.0)
     polish_time_budget_s: float = _setting(
-        60.0, "safety wall-time cap of the polish (every run of it together); reported in "
-        "the result's quality when it cuts the polish", low=0.0, high=600.0, units="s")
+        30.0, "safety wall-time cap of the polish (every run of it together); named in the "
+        "result's quality when it cuts the polish", low=0.0, high=30.0, units="s")
     adaptive_iterations: int = _setting(
         600, "steps of each further ER/HIO start (the model seed and the autocorrelation "
         "seed) when the polished fit stays above the noise (0: never spend more)",

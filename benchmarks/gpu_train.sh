@@ -48,7 +48,7 @@ for i, p in enumerate(parts):
 print("step", s["step"], "elapsed", round(s["elapsed_s"]), "parts", len(parts), "history", s["history"][-2:])
 from bcdi_bluesky.model.export import export_onnx
 from bcdi_bluesky.model.train import TrainConfig, build_network
-net = build_network(TrainConfig(**s["config"])); net.load_state_dict(s["model"])
+net = build_network(TrainConfig.from_checkpoint(s["config"])); net.load_state_dict(s["model"])
 export_onnx(net, 64, Path("/tmp/gpu_model.onnx"))
 PY
 python3 benchmarks/bench_inference.py /tmp/gpu_model.onnx --runs 50 2>&1 | tail -8

@@ -32,9 +32,10 @@ def screen() -> str:
     """The .bob XML."""
     parts = [_label("BCDI reconstruction", 10, 10, 300)]
     y = 40
-    for pv in ("Status", "StatusMsg", "ScanID", "ScanUID", "Count", "Heartbeat", "Enable",
-               "Model:Name", "Model:Provider"):
-        parts += [_label(pv, 10, y), _value(pv, 150, y, 360 if pv == "StatusMsg" else 160)]
+    for pv in ("Status", "StatusMsg", "Quality", "Quality:Reasons", "ScanID", "ScanUID", "Count",
+               "Heartbeat", "Enable", "Model:Name", "Model:Provider"):
+        wide = pv in ("StatusMsg", "Quality:Reasons")
+        parts += [_label(pv, 10, y), _value(pv, 150, y, 360 if wide else 160)]
         y += 24
     y += 8
     for pv in ("Chi", "ChiCNN", "Phase:RMS", "Volume", "ES:Iteration", "ES:Cost",
@@ -53,9 +54,10 @@ def screen() -> str:
             "<traces><trace><name>ES cost</name><x_pv></x_pv><y_pv>$(P)ES:CostHistory</y_pv>"
             "</trace></traces></widget>")
     parts += [trend, cost]
+    images_top = y + 16  # below the lists of values
     for col, plane in enumerate(("XY", "XZ", "YZ")):
         for row, kind in enumerate(("Amp", "Phase")):
-            x, top = 10 + col * 350, 480 + row * 360
+            x, top = 10 + col * 350, images_top + row * 360
             parts.append(_label(f"{kind} {plane}", x, top, 200))
             parts.append(_widget(
                 "image", f"{kind}:{plane}", x, top + 22, 330, 330,
@@ -65,7 +67,7 @@ def screen() -> str:
                 color_map=f"<name>{'GRAY' if kind == 'Amp' else 'JET'}</name>",
                 autoscale="true"))
     return ('<?xml version="1.0" encoding="UTF-8"?>\n<display version="2.0.0">'
-            "<name>bcdi-bluesky</name><width>1080</width><height>1220</height>"
+            f"<name>bcdi-bluesky</name><width>1080</width><height>{images_top + 740}</height>"
             "<macros><P>BCDI:</P></macros>" + "".join(parts) + "</display>\n")
 
 

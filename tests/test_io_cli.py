@@ -100,6 +100,7 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     (np.full((8, 8, 8), np.nan), "NaN"),
     (-np.ones((8, 8, 8)), "negative"),
     (np.zeros((8, 8, 8)), "empty"),
+    (np.full((8, 8, 8), 1e300), "beyond float32's range"),
     (None, "no such file"),
 ])
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, content, match):
@@ -120,3 +121,119 @@ def test_bad_output_suffix_and_missing_model(tmp_path, scan54_64):
     run = _cli("reconstruct", "scan.npy", "--model", "nothing.onnx", cwd=tmp_path)
     assert run.returncode != 0 and "nothing.onnx" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _one_line_error(run, *words):
+    """A refused command: non-zero exit, nothing on stdout, one stderr line naming ``words``."""
+    assert run.returncode != 0, run.stdout
+    assert run.stdout == "" and "Traceback" not in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    for word in words:
+        assert word in run.stderr, run.stderr
+
+
+def test_output_or_plot_onto_the_input_is_refused_and_the_data_survive(tmp_path, volume):
+    with h5py.File(tmp_path / "scan.cxi", "w") as f:
+        f["entry_1/data_1/data"] = volume
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    measured = {name: (tmp_path / name).read_bytes() for name in ("scan.cxi", "stack.tif")}
+    for args, words in (
+            (("scan.cxi", "-o", "scan.cxi"), ("--output scan.cxi is the input file",)),
+            (("scan.cxi", "-o", "./sub/../scan.cxi"), ("is the input file",)),
+            (("stack.tif", "--plot", "stack.tif"), ("--plot stack.tif is the input file",)),
+    ):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        _one_line_error(_cli("reconstruct", *args, "--refine", "none", cwd=tmp_path), *words)
+    assert {name: (tmp_path / name).read_bytes() for name in measured} == measured
+
+
+def test_plot_and_output_errors_are_one_line_and_leave_no_partial_file(tmp_path, volume):
+    np.save(tmp_path / "in.npy", volume)
+    run = _cli("reconstruct", "in.npy", "--refine", "none", "-o", "r.npz", "--plot", "r.docx",
+               cwd=tmp_path)
+    _one_line_error(run, "--plot r.docx: unsupported figure type", ".png")
+    assert not (tmp_path / "r.npz").exists()  # refused before any work
+    (tmp_path / "taken").write_text("a file, not a folder")
+    for option in ("--plot", "-o"):
+        name = "taken/fig.png" if option == "--plot" else "taken/r.npz"
+        run = _cli("reconstruct", "in.npy", "--refine", "none", "--json", option, name,
+                   cwd=tmp_path)
+        _one_line_error(run, "taken", "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "taken"]
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--es-time-budget-s", "-1", "es_time_budget_s = -1.0 is outside its limits 0 .. 30 s"),
+    ("--es-time-budget-s", "nan", "es_time_budget_s must be finite"),
+    ("--polish-time-budget-s", "600", "outside its limits"),
+    ("--es-coarse-iterations", "100000", "es_coarse_iterations = 100000 is outside"),
+])
+def test_settings_options_are_validated_by_the_settings(tmp_path, volume, option, value, words):
+    np.save(tmp_path / "in.npy", volume)
+    run = _cli("reconstruct", "in.npy", option, value, "-o", "r.npz", cwd=tmp_path)
+    _one_line_error(run, words)
+    assert not (tmp_path / "r.npz").exists()
+
+
+def test_every_setting_is_an_option_of_reconstruct():
+    from bcdi_bluesky import ReconstructionSettings
+    from bcdi_bluesky.cli import build_parser, settings_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["reconstruct", "x.npy"])
+    assert settings_from_args(args) == ReconstructionSettings()
+    given = []
+    for info in ReconstructionSettings.fields_info():
+        option = "--" + info.name.replace("_", "-")
+        given += [option] if info.kind is bool else [option, str(info.high)]
+    changed = settings_from_args(parser.parse_args(["reconstruct", "x.npy", *given]))
+    for info in ReconstructionSettings.fields_info():
+        assert getattr(changed, info.name) == (True if info.kind is bool else info.high)
+
+
+def test_a_volume_too_large_for_the_memory_left_is_refused(tmp_path):
+    np.save(tmp_path / "big.npy", np.ones((128, 128, 128), dtype=np.float32))
+    # The address space this process may still use, capped at 64 MiB more than it holds after
+    # its imports: less than the ~130 MiB a 128^3 reconstruction needs.
+    code = ("import resource, sys\n"
+            "import h5py, tifffile\n"
+            "from bcdi_bluesky import cli\n"
+            "import bcdi_bluesky.io\n"
+            "pages = int(open('/proc/self/statm').read().split()[0])\n"
+            "cap = pages * resource.getpagesize() + 64 * 2**20\n"
+            "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (cap, hard))\n"
+            "sys.exit(cli.main(['reconstruct', 'big.npy', '-o', 'r.npz']))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    _one_line_error(run, "big.npy: a 128x128x128 volume needs about 0.1 GiB", "--no-memory-check")
+    assert not (tmp_path / "r.npz").exists()
+
+
+def test_only_bcdi_errors_become_one_line_messages(tmp_path, monkeypatch, capsys):
+    import bcdi_bluesky.io
+    from bcdi_bluesky.cli import main
+    from bcdi_bluesky.errors import DataError
+
+    def broken(path, dataset=None):
+        raise KeyError("a bug, not a user mistake")
+
+    monkeypatch.setattr(bcdi_bluesky.io, "read_intensity", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["reconstruct", str(tmp_path / "x.npy")])
+
+    def refused(path, dataset=None):
+        raise DataError(f"{path}: not a diffraction volume")
+
+    monkeypatch.setattr(bcdi_bluesky.io, "read_intensity", refused)
+    assert main(["reconstruct", str(tmp_path / "x.npy")]) == 2
+    assert capsys.readouterr().err.strip().endswith("x.npy: not a diffraction volume")
+
+
+def test_the_user_guide_settings_table_is_the_generated_one():
+    from pathlib import Path
+
+    from bcdi_bluesky.cli import settings_table
+
+    guide = Path(__file__).resolve().parent.parent / "docs" / "user_guide.md"
+    assert settings_table() in guide.read_text(), "regenerate with bcdi_bluesky.cli.settings_table"

@@ -35,7 +35,7 @@ def published(ioc):
     from bcdi_bluesky.model.data import TEST_STREAM, make_sample
     from tests.test_beamline import _documents
 
-    rec = Reconstructor(es_time_budget_s=120, polish_time_budget_s=120)
+    rec = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30)
     geometry = {"bcdi": {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
                          "bragg_angle_deg": 16.1, "rocking_step": 0.005}}
     sample = make_sample(rec.model, CrystalPrior(rec.model), 31, TEST_STREAM, 0, 1e8)
@@ -75,9 +75,10 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
         images = screen_images(result)
         for plane in ("XY", "XZ", "YZ"):
             amp = np.asarray(values[f"{p}Amp:{plane}"], dtype=np.float32).reshape(h, w)
-            np.testing.assert_allclose(amp, images[f"Amp_{plane}"], rtol=1e-6)
+            np.testing.assert_allclose(amp.ravel(), images[f"Amp:{plane}"], rtol=1e-6)
             phase = np.asarray(values[f"{p}Phase:{plane}"], dtype=np.float32).reshape(h, w)
-            np.testing.assert_allclose(phase, images[f"Phase_{plane}"], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(phase.ravel(), images[f"Phase:{plane}"], rtol=1e-6,
+                                       atol=1e-6)
         np.testing.assert_allclose(np.asarray(values[p + "Params"], dtype=float),
                                    result.params, rtol=1e-12)
         assert float(np.ravel(values[p + "Latency:Total"])[0]) == pytest.approx(
@@ -97,40 +98,51 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
     np.testing.assert_allclose(history, result.es_costs[-history.size:])
 
 
-def test_puts_change_the_next_reconstruction_and_bad_puts_are_rejected(ioc, published,
-                                                                       caproto_ctx):
+def _one_line_records(caplog, words):
+    """The log records that contain ``words``: each must be one line without a traceback."""
+    found = [r for r in caplog.records if words in r.getMessage()]
+    for record in found:
+        assert record.exc_info is None and "\n" not in record.getMessage(), record.getMessage()
+    return found
+
+
+def test_the_ioc_hands_the_next_scan_new_settings_and_never_changes_the_engine(
+        ioc, published, caproto_ctx, caplog):
+    import getpass
+    import logging
+
     import epics
-    from caproto import AlarmSeverity, CaprotoTimeoutError, ChannelType, ErrorResponseReceived
 
-    p = ioc.group.prefix
-    assert epics.caput(p + "ES:MaxIter", 0, wait=True, timeout=5) == 1
-    assert epics.caput(p + "Support:Threshold", 0.3, wait=True, timeout=5) == 1
-    assert ioc.group.settings()["es_max_iter"] == 0
-
-    from bcdi_bluesky import ReconstructionSettings
-
-    own = ReconstructionSettings(shape_search_evaluations=120, polish_er_iterations=40,
-                                 es_time_budget_s=30.0)
-    got = ioc.configure(own, {"scan_id": 2})
-    assert got.es_coarse_iterations == 0 and got.es_fine_iterations == 0
-    assert got.support_threshold == pytest.approx(0.3)
-    assert got.shape_search_evaluations == 120 and got.polish_er_iterations == 40
-    assert own.es_coarse_iterations == 300  # a new value: what was handed in is unchanged
-    # ES:Enable 0 stops the whole refinement (the odd-shape search too); Polish:Iterations
-    # bounds the ER run as well; both come back when the PVs do.
-    assert epics.caput(p + "ES:Enable", 0, wait=True, timeout=5) == 1
-    assert epics.caput(p + "Polish:Iterations", 20, wait=True, timeout=5) == 1
-    got = ioc.configure(own, {"scan_id": 2})
-    assert got.shape_search_evaluations == 0 and got.polish_er_iterations == 20
-    assert epics.caput(p + "ES:Enable", 1, wait=True, timeout=5) == 1
-    assert epics.caput(p + "Polish:Iterations", 150, wait=True, timeout=5) == 1
-    got = ioc.configure(own, {"scan_id": 2})
-    assert got.shape_search_evaluations == 120 and got.polish_er_iterations == 40
-    # And for real: the next scan through the callback runs without ES.
-    from bcdi_bluesky import BCDIReconstructionCallback
+    from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings
     from tests.test_beamline import _documents
 
-    _, _, rec, frames = published
+    caplog.set_level(logging.INFO, logger="bcdi_bluesky.epics.ioc")
+    p = ioc.group.prefix
+    # Nothing put yet: the running settings pass unchanged, and the PVs show them.
+    own = ReconstructionSettings(es_time_budget_s=20, support_threshold=0.35)
+    assert ioc.configure(own, {"scan_id": 2}) == own
+    assert epics.caget(p + "ES:TimeBudget", use_monitor=False) == pytest.approx(20.0)
+    assert epics.caget(p + "Support:Threshold", use_monitor=False) == pytest.approx(0.35)
+    assert epics.caget(p + "ES:MaxIter", use_monitor=False) == 400
+
+    assert epics.caput(p + "ES:MaxIter", 0, wait=True, timeout=5) == 1
+    assert epics.caput(p + "Support:Threshold", 0.3, wait=True, timeout=5) == 1
+    got = ioc.configure(own, {"scan_id": 2})
+    assert got == own.replace(es_coarse_iterations=0, es_fine_iterations=0,
+                              support_threshold=0.3)  # and the budget stays 20 s
+    assert own.es_coarse_iterations == 300  # a new value: what was handed in is unchanged
+    (record,) = _one_line_records(caplog, f"{p}Support:Threshold = 0.3")
+    assert f"put by {getpass.getuser()}@" in record.getMessage()
+    # ES:Enable 0 stops the whole refinement (the odd-shape search too); it comes back with
+    # the PV.
+    assert epics.caput(p + "ES:Enable", 0, wait=True, timeout=5) == 1
+    assert ioc.configure(own, {"scan_id": 2}).shape_search_evaluations == 0
+    assert epics.caput(p + "ES:Enable", 1, wait=True, timeout=5) == 1
+    assert ioc.configure(own, {"scan_id": 2}).shape_search_evaluations == 150
+
+    # And for real: the next scan through the callback runs without ES, with the PVs' values
+    # in its result, and the engine keeps its own settings.
+    result, _, rec, frames = published
     again = []
     cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
                                     publishers=[ioc, lambda r, s: again.append(r)])
@@ -138,39 +150,149 @@ def test_puts_change_the_next_reconstruction_and_bad_puts_are_rejected(ioc, publ
         cb(name, doc)
     assert cb.wait(timeout=120)
     cb.close()
+    assert again[0].settings.es_coarse_iterations == 0
+    assert again[0].settings.support_threshold == pytest.approx(0.3)
+    assert again[0].settings.es_time_budget_s == rec.settings.es_time_budget_s == 30.0
+    assert rec.settings == result.settings  # the engine was never changed
     # ES made no step: its chi is the better of its two starts (the CNN's, the search's).
     chi_of = again[0].stage_chi
-    assert again[0].settings.es_coarse_iterations == 0  # the PVs' value reached the result
-    assert rec.settings.es_coarse_iterations == 300  # and the engine kept its own
     assert len(again[0].es_costs) <= rec.settings.shape_search_evaluations + 2 * rec.model.size
     assert chi_of["es"] == pytest.approx(min(chi_of["cnn"], chi_of["shape"]), rel=1e-6)
     assert epics.caget(p + "Count", use_monitor=False) == 2
+    assert epics.caput(p + "Enable", 0, wait=True, timeout=5) == 1
+    assert ioc.configure(own, {"scan_id": 3}) is None
+    assert epics.caput(p + "Enable", 1, wait=True, timeout=5) == 1
 
-    # The server answers a rejected put with ECA_PUTFAIL; caproto's threading client (1.3)
-    # surfaces it as a timeout of the write, libca's put callback gets the failure status.
-    refused = (ErrorResponseReceived, CaprotoTimeoutError)
+
+def test_bad_puts_are_refused_with_an_alarm_and_one_log_line(ioc, caproto_ctx, caplog):
+    import logging
+
+    import epics
+    from caproto import AlarmSeverity, AlarmStatus, CAStatus, ChannelType
+
+    caplog.set_level(logging.INFO, logger="bcdi_bluesky.epics.ioc")
+    p = ioc.group.prefix
     (budget,) = caproto_ctx.get_pvs(p + "ES:TimeBudget", timeout=5)
-    for bad in (float("nan"), -1.0, 1e6):
-        with pytest.raises(refused):
-            budget.write([bad], wait=True, timeout=1)
-    reading = budget.read(data_type="time", timeout=5)
-    assert reading.data[0] == pytest.approx(5.0)  # unchanged
-    assert reading.metadata.severity != AlarmSeverity.NO_ALARM
-    epics.caput(p + "ES:TimeBudget", float("nan"), wait=True, timeout=5)
-    assert epics.caget(p + "ES:TimeBudget", use_monitor=False) == pytest.approx(5.0)
+    before = budget.read(timeout=5).data[0]
+    # NaN, below and above the limits (30 s: the settings' hard limit), text.
+    for data, kind in (([float("nan")], None), ([-1.0], None), ([31.0], None), ([1e300], None),
+                       ([b"forever"], ChannelType.STRING)):
+        answer = budget.write(data, data_type=kind, wait=True, timeout=5)
+        assert answer.status == CAStatus.ECA_PUTFAIL.value, data
+        reading = budget.read(data_type="time", timeout=5)
+        assert reading.data[0] == before  # unchanged
+        assert reading.metadata.severity == AlarmSeverity.MAJOR_ALARM
+        assert reading.metadata.status == AlarmStatus.WRITE
+    assert len(_one_line_records(caplog, f"{p}ES:TimeBudget: put of")) == 5
+    # Integers: fractions and NaN refused, not truncated, whatever the wire type.
     (iters,) = caproto_ctx.get_pvs(p + "Polish:Iterations", timeout=5)
-    with pytest.raises(refused):
-        iters.write([-5], wait=True, timeout=1)
-    with pytest.raises(refused):  # the wrong type: text for a number
-        iters.write([b"many"], data_type=ChannelType.STRING, wait=True, timeout=1)
-    assert ioc.group.settings()["polish_iterations"] == 150
+    for data, kind in (([2.5], ChannelType.DOUBLE), ([float("nan")], ChannelType.DOUBLE),
+                       ([b"2.5"], ChannelType.STRING), ([b"many"], ChannelType.STRING),
+                       ([-5], None), ([6000], None)):
+        assert iters.write(data, data_type=kind, wait=True, timeout=5).status == \
+            CAStatus.ECA_PUTFAIL.value, data
+    assert iters.read(timeout=5).data[0] == 150
+    assert iters.write([3.0], data_type=ChannelType.DOUBLE, wait=True, timeout=5).status == \
+        CAStatus.ECA_NORMAL.value
+    assert iters.read(data_type="time", timeout=5).metadata.severity == AlarmSeverity.NO_ALARM
+    assert epics.caput(p + "Polish:Iterations", 150, wait=True, timeout=5) == 1
+    # pyepics (libca) meets the same refusals.
+    epics.caput(p + "ES:TimeBudget", float("nan"), wait=True, timeout=5)
+    assert epics.caget(p + "ES:TimeBudget", use_monitor=False) == before
+    # Alarm limits of Chi refuse NaN (it would switch the alarm off).
+    (hihi,) = caproto_ctx.get_pvs(p + "Chi.HIHI", timeout=5)
+    limit = hihi.read(timeout=5).data[0]
+    assert hihi.write([float("nan")], wait=True, timeout=5).status == CAStatus.ECA_PUTFAIL.value
+    epics.caput(p + "Chi.HIHI", float("nan"), wait=True, timeout=5)
+    assert hihi.read(timeout=5).data[0] == limit
+    # Its operating range is caproto's control range, which every write of chi must pass.
+    (hopr,) = caproto_ctx.get_pvs(p + "Chi.HOPR", timeout=5)
+    assert hopr.write([0.01], wait=True, timeout=5).status == CAStatus.ECA_PUTFAIL.value
+    # A read-only PV refuses too, in one line and without touching its alarm.
+    (status,) = caproto_ctx.get_pvs(p + "Status", timeout=5)
+    severity = status.read(data_type="time", timeout=5).metadata.severity
+    assert status.write([5], wait=True, timeout=5).status == CAStatus.ECA_NOWTACCESS.value
+    assert status.read(data_type="time", timeout=5).metadata.severity == severity
+    assert _one_line_records(caplog, f"{p}Status: put of 5")
+    assert _one_line_records(caplog, f"{p}Chi.HIHI: put of nan")
+    assert not [r for r in caplog.records if r.exc_info]
     # Still serving: the heartbeat goes on.
     first = epics.caget(p + "Heartbeat", use_monitor=False)
     time.sleep(1.5)
     assert epics.caget(p + "Heartbeat", use_monitor=False) > first
-    assert epics.caput(p + "Enable", 0, wait=True, timeout=5) == 1
-    assert ioc.configure(own, {"scan_id": 3}) is None
-    epics.caput(p + "Enable", 1, wait=True, timeout=5)
+
+
+def test_only_the_write_hosts_may_put_and_read_only_refuses_everyone(ioc, caplog):
+    import logging
+
+    import epics
+    from caproto import AlarmSeverity, AlarmStatus, CAStatus
+    from caproto.threading.client import Context
+
+    from bcdi_bluesky.epics import WriteAccess
+
+    caplog.set_level(logging.INFO, logger="bcdi_bluesky.epics.ioc")
+    p = ioc.group.prefix
+    # The policy is read at every put and every new channel (one IOC per port on loopback:
+    # this test borrows the module's, and gives it back its policy).
+    ioc.group.access = WriteAccess.from_options(write_hosts="ctrl-room,Console2")
+    allowed, other = Context(host_name="CTRL-ROOM"), Context(host_name="visitor-laptop")
+    try:
+        (ours,) = allowed.get_pvs(p + "ES:TimeBudget", timeout=5)
+        (theirs,) = other.get_pvs(p + "ES:TimeBudget", timeout=5)
+        (limit,) = other.get_pvs(p + "Chi.HIGH", timeout=5)
+        assert ours.write([2.0], wait=True, timeout=5).status == CAStatus.ECA_NORMAL.value
+        assert theirs.write([7.0], wait=True, timeout=5).status == CAStatus.ECA_NOWTACCESS.value
+        assert limit.write([9.0], wait=True, timeout=5).status == CAStatus.ECA_NOWTACCESS.value
+        reading = theirs.read(data_type="time", timeout=5)
+        assert reading.data[0] == 2.0
+        assert reading.metadata.status == AlarmStatus.WRITE_ACCESS
+        assert reading.metadata.severity == AlarmSeverity.MAJOR_ALARM
+        assert ioc.configure(None, {"scan_id": 1}).es_time_budget_s == 2.0
+        # libca announces this machine's host name: not on the list, so pyepics is told the
+        # channel is read-only and refuses the put itself.
+        pv = epics.PV(p + "Chi.LOLO")
+        assert pv.wait_for_connection(timeout=5) and not pv.write_access
+        with pytest.raises(epics.ca.CASeverityException, match="Write access denied"):
+            pv.put(-5.0, wait=True, timeout=5)
+        (accepted,) = _one_line_records(caplog, f"{p}ES:TimeBudget = 2.0")
+        assert accepted.getMessage().endswith("@CTRL-ROOM")
+        (refused,) = _one_line_records(caplog, f"{p}ES:TimeBudget: put of 7.0")
+        assert "@visitor-laptop refused: settings writable from console2, ctrl-room only" in \
+            refused.getMessage()
+
+        ioc.group.access = WriteAccess(read_only=True)
+        anyone = Context(host_name="ctrl-room")
+        try:
+            (budget,) = anyone.get_pvs(p + "ES:TimeBudget", timeout=5)
+            assert budget.write([3.0], wait=True, timeout=5).status == \
+                CAStatus.ECA_NOWTACCESS.value
+            assert budget.read(timeout=5).data[0] == 2.0
+        finally:
+            anyone.disconnect()
+    finally:
+        allowed.disconnect()
+        other.disconnect()
+        ioc.group.access = WriteAccess()
+
+
+def test_every_setting_has_a_pv_with_the_settings_limits():
+    from bcdi_bluesky import ReconstructionSettings
+    from bcdi_bluesky.epics import ReconstructionIOC
+    from bcdi_bluesky.epics.ioc import ES_MAX_ITER, SETTING_PVS
+
+    fields = {i.name: i for i in ReconstructionSettings.fields_info()}
+    assert set(SETTING_PVS) | set(ES_MAX_ITER[1]) == set(fields)
+    group = ReconstructionIOC(prefix="X:")
+    for field, name in SETTING_PVS.items():
+        pv = group.pvdb["X:" + name]
+        info = fields[field]
+        low, high = (0, 1) if info.kind is bool else (info.low, info.high)
+        assert (pv.lower_ctrl_limit, pv.upper_ctrl_limit) == (low, high)
+        assert pv.value == info.default and pv.units == info.units
+        assert info.doc in pv.pvspec.doc
+    coarse, fine = (fields[f] for f in ES_MAX_ITER[1])
+    assert group.pvdb["X:ES:MaxIter"].upper_ctrl_limit == coarse.high + fine.high
 
 
 def test_user_set_chi_limits_raise_alarms(ioc, published):
@@ -244,7 +366,7 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
     import subprocess
     import sys
 
-    from caproto import ChannelType
+    from caproto import CAStatus, ChannelType
     from caproto.threading.client import Context
 
     from tests.conftest import _free_port
@@ -254,17 +376,68 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
     monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
     monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
     prefix = f"S{uuid.uuid4().hex[:6]}:"
-    with subprocess.Popen([sys.executable, "-m", "bcdi_bluesky.cli", "ioc", "--prefix", prefix],
+    with subprocess.Popen([sys.executable, "-m", "bcdi_bluesky.cli", "ioc", "--prefix", prefix,
+                           "--write-hosts", "ctrl-room"],
                           stderr=subprocess.PIPE, text=True) as proc:
-        ctx = Context()
+        ctx, visitor = Context(host_name="ctrl-room"), Context(host_name="visitor")
         try:
-            assert "serving" in proc.stderr.readline()
+            assert "settings writable from ctrl-room only" in proc.stderr.readline()
             status, max_iter = ctx.get_pvs(prefix + "Status", prefix + "ES:MaxIter", timeout=10)
+            (theirs,) = visitor.get_pvs(prefix + "ES:MaxIter", timeout=10)
             assert status.read(data_type=ChannelType.STRING, timeout=10).data[0] == b"Idle"
-            max_iter.write([50], wait=True, timeout=5)
+            assert max_iter.write([50], wait=True, timeout=5).status == CAStatus.ECA_NORMAL.value
+            assert theirs.write([60], wait=True, timeout=5).status == CAStatus.ECA_NOWTACCESS.value
             assert max_iter.read(timeout=5).data[0] == 50
         finally:
             ctx.disconnect()
+            visitor.disconnect()
             proc.terminate()
+            log = proc.stderr.read()
             proc.wait(timeout=20)
     assert proc.returncode == 0
+    assert f"{prefix}ES:MaxIter = 50 (was 400), put by" in log
+    # The refusal is one line, not caproto's "Invalid write request" and its traceback.
+    assert f"{prefix}ES:MaxIter: put of 60 by" in log and "Invalid write request" not in log
+
+
+def test_result_schema_pvs_and_the_quality_alarm(ioc, published, caproto_ctx):
+    import epics
+    from caproto import AlarmSeverity, ChannelType
+
+    result, start, _, _ = published
+
+    class WithSchema:
+        """The published result with the schema's physical and quality keys."""
+
+        def __init__(self, quality, reasons):
+            self.extra = {"quality": quality, "quality_reasons": reasons,
+                          "strain_rms": 3.2e-4, "displacement_rms_nm": 0.041,
+                          "crystal_extents_nm": [180.0, 410.5, 95.25],
+                          "crystal_volume_nm3": 4.2e6}
+
+        def __getattr__(self, name):
+            return getattr(result, name)
+
+        def summary(self):
+            return {**result.summary(), **self.extra}
+
+    p = ioc.group.prefix
+    names = ("Quality", "Quality:Reasons", "Strain:RMS", "Displacement:RMS", "Extent:A",
+             "Extent:B", "Extent:C", "Volume:NM")
+    pvs = dict(zip(names, caproto_ctx.get_pvs(*(p + n for n in names), timeout=5), strict=True))
+    for quality, severity in (("poor", AlarmSeverity.MAJOR_ALARM),
+                              ("fair", AlarmSeverity.MINOR_ALARM),
+                              ("good", AlarmSeverity.NO_ALARM)):
+        reasons = [] if quality == "good" else ["chi above 0.3", "support touches the edge"]
+        ioc(WithSchema(quality, reasons), start)
+        reading = pvs["Quality"].read(data_type="time", timeout=5)
+        assert reading.metadata.severity == severity
+        assert pvs["Quality"].read(data_type=ChannelType.STRING, timeout=5).data[0] == \
+            quality.encode()
+        text = epics.caget(p + "Quality:Reasons", as_string=True, use_monitor=False)
+        assert text == "; ".join(reasons)
+    values = {n: float(pvs[n].read(timeout=5).data[0]) for n in names[2:]}
+    assert values == pytest.approx({"Strain:RMS": 3.2e-4, "Displacement:RMS": 0.041,
+                                    "Extent:A": 410.5, "Extent:B": 180.0, "Extent:C": 95.25,
+                                    "Volume:NM": 4.2e6})
+    ioc(result, start)  # back to the plain result for the tests after this one

@@ -1,4 +1,4 @@
-"""The code base stays ruff-clean (configuration in pyproject.toml)."""
+"""The code base stays ruff-clean and keeps its layers (configuration in pyproject.toml)."""
 
 import shutil
 import subprocess
@@ -14,3 +14,12 @@ def test_ruff_clean():
     result = subprocess.run(["ruff", "check", "bcdi_bluesky", "tests", "benchmarks"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter not installed")
+def test_import_contracts_kept():
+    # The layers (front ends > beamline faces > core > physics) and the torch-free runtime path.
+    result = subprocess.run(["lint-imports", "--no-cache"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout

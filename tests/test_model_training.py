@@ -13,7 +13,8 @@ from bcdi_bluesky.model.runtime import ModelError, OnnxCrystalModel, load_card, 
 from bcdi_bluesky.model.train import TrainConfig, build_network, load_checkpoint, train  # noqa: E402
 
 SMALL = dict(name="tiny", grid=32, width=4, hidden=16, batch_size=2, steps=4, warmup_steps=2,
-             validate_every=4, checkpoint_every=2, validation_size=2)
+             validate_every=4, checkpoint_every=2, validation_size=2, friedel=False, zoom=0,
+             mirror_copies=1)
 
 
 @pytest.mark.parametrize("encoding", [TwinInvariantEncoding, TwinBlockEncoding])
@@ -107,7 +108,7 @@ def test_friedel_channel_warm_start_keeps_the_old_network(tmp_path):
     assert net.encoder[0].in_channels == 2
     from bcdi_bluesky.model.train import warm_start
     warm_start(net, tmp_path / "a" / "tiny" / "last.pt", config)
-    old = build_network(TrainConfig(**old_state["config"])).eval()
+    old = build_network(TrainConfig.from_checkpoint(old_state["config"])).eval()
     old.load_state_dict(old_state["model"])
     x = torch.rand(2, 1, 32, 32, 32)
     enc = config.output_encoding()
@@ -210,7 +211,7 @@ def tiny_onnx(tmp_path_factory):
     from bcdi_bluesky.model.network import SymmetryAverage
 
     folder = tmp_path_factory.mktemp("models")
-    config = TrainConfig(**SMALL, friedel=True, zoom=16)
+    config = TrainConfig(**{**SMALL, "friedel": True, "zoom": 16})
     torch.manual_seed(0)
     net = SymmetryAverage(build_network(config), config.output_encoding()).eval()
     path = folder / "tiny.onnx"
@@ -266,3 +267,20 @@ def test_missing_corrupt_or_mismatched_models_name_the_file(tiny_onnx, tmp_path)
     copy.with_suffix(".json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
         OnnxCrystalModel(copy)
+
+
+def test_cli_trains_what_python_trains():
+    # One source of defaults: `bcdi-bluesky train` with no options is TrainConfig().
+    from dataclasses import fields
+
+    from bcdi_bluesky.cli import build_parser
+
+    args = vars(build_parser().parse_args(["train"]))
+    defaults = TrainConfig()
+    shared = [f.name for f in fields(TrainConfig) if f.name in args]
+    assert len(shared) >= 12
+    for name in shared:
+        assert args[name] == getattr(defaults, name), name
+    # A checkpoint that predates a feature loads with the feature off, not today's default.
+    old = TrainConfig.from_checkpoint({"name": "old", "grid": 32})
+    assert (old.friedel, old.zoom, old.mirror_copies) == (False, 0, 1)

@@ -24,7 +24,7 @@ from bcdi_bluesky.physics import (
 @pytest.fixture(scope="module")
 def rec():
     # Generous time budgets: the iteration counts, not the load of the test machine, decide.
-    return Reconstructor(es_time_budget_s=120.0, polish_time_budget_s=120.0)
+    return Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_masked_detector_gap(rec, samples):
 
 def test_tracking_starts_from_the_previous_scan(samples):
     rec = Reconstructor(track=True, es_coarse_iterations=100, es_fine_iterations=20,
-                        es_time_budget_s=120.0)
+                        es_time_budget_s=30.0)
     s = samples[0]
     first = rec.reconstruct(s.counts, refine="es")
     assert rec.previous_params is first.params

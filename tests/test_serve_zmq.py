@@ -1,15 +1,22 @@
 """The remote service: RunEngine here, 0MQ proxy and `bcdi-bluesky serve` in other processes."""
 
 import json
+import pickle
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+import zmq
 from bluesky.callbacks.zmq import Publisher
 
 from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
+from bcdi_bluesky.cli import main
+from bcdi_bluesky.remote import serializer
 
 
 def _free_port() -> int:
@@ -32,39 +39,120 @@ def proxy():
     proc.wait(timeout=10)
 
 
+class _Lines:
+    """Every line a pipe gives, read in a thread (so that a test never blocks on a pipe)."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        self._new: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe):
+        for line in pipe:
+            self.lines.append(line)
+            self._new.put(line)
+
+    def wait_for(self, predicate, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._new.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if predicate(line):
+                return line
+        return None
+
+
+class _Marker:
+    """Unpickling this creates ``path``: the proof that code from the network ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 @pytest.mark.timeout(240)
-def test_reconstruction_arrives_through_the_proxy(RE, proxy, tmp_path):
+def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, tmp_path):
     in_port, out_port = proxy
+    marker = tmp_path / "code_ran_in_serve"
     serve = subprocess.Popen(
         [sys.executable, "-m", "bcdi_bluesky.cli", "serve", "--zmq", f"127.0.0.1:{out_port}",
-         "--refine", "none", "--output", str(tmp_path)],
+         "--output", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = _Lines(serve.stdout), _Lines(serve.stderr)
+    context = zmq.Context()
+    raw = context.socket(zmq.PUB)
+    publisher = None
     try:
-        # Wait until it listens, then a little more: PUB/SUB drops what is sent before the
-        # subscription has reached the proxy.
-        line = serve.stderr.readline()
-        assert "listening" in line, line
+        assert err.wait_for(lambda line: "listening" in line, 60), err.lines
+        # PUB/SUB drops what is sent before the subscription has reached the proxy.
+        raw.connect(f"tcp://127.0.0.1:{in_port}")
         time.sleep(2.0)
-        publisher = Publisher(f"127.0.0.1:{in_port}")
+        # What any client of the proxy's input may send: a pickle that would run code,
+        # an unknown document name, bytes that are no message at all.
+        raw.send(b" start " + pickle.dumps({"uid": _Marker(marker), "time": 0.0}))
+        raw.send(b" no_such_document " + serializer({"uid": "x"}))
+        raw.send(b"\x00\x01 random bytes")
+        publisher = Publisher(f"127.0.0.1:{in_port}", serializer=serializer)
         RE.subscribe(publisher)
         beamline = SimulatedBeamline(seed=4)
         beamline.det.max_count.put(1e12)
         step = beamline.crystal.step
-        (uid,) = RE(rocking_scan(beamline.det, beamline.theta, beamline.crystal.bragg_theta,
-                                 31 * step, 32))
-        deadline = time.monotonic() + 120
-        report = None
-        while time.monotonic() < deadline and report is None:
-            line = serve.stdout.readline()
-            if line.strip():
-                report = json.loads(line)
-        assert report is not None and report["uid"] == uid
-        assert 0 < report["chi"] < 1
+        scan = rocking_scan(beamline.det, beamline.theta, beamline.crystal.bragg_theta,
+                            31 * step, 32)
+        (uid,) = RE(scan)
+        line = out.wait_for(lambda line: line.strip(), 120)
+        assert line is not None, err.lines
+        report = json.loads(line)
+        assert report["uid"] == uid and report["status"] == "done"
+        assert 0 < report["chi"] < 1 and set(report["timings_s"]) >= {"total", "refine"}
         assert len(list(tmp_path.glob("scan_*.cxi"))) == 1
-        publisher.close()
+        assert not marker.exists()
+        assert sum("dropped 0MQ message" in line for line in err.lines) == 3
+        # A second scan, and SIGTERM while it is being reconstructed.
+        RE(rocking_scan(beamline.det, beamline.theta, beamline.crystal.bragg_theta,
+                        31 * step, 32))
+        time.sleep(1.0)
+        stopped = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)
+        assert time.monotonic() - stopped < 10
+        assert serve.returncode == 0, err.lines
     finally:
-        serve.terminate()
-        serve.wait(timeout=60)
+        if publisher is not None:
+            publisher.close()
+        raw.close(linger=0)
+        context.term()
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(timeout=10)
         serve.stdout.close()
         serve.stderr.close()
-    assert serve.returncode is not None
+    time.sleep(0.2)  # the reader threads see the pipes' ends
+    for line in out.lines:  # stdout carries JSON lines only
+        json.loads(line)
+    assert any("messages dropped" in line for line in err.lines)
+
+
+@pytest.mark.parametrize("address, words", [("127.0.0.1:99999", "out of range"),
+                                            ("no-such-host.invalid:5578", "cannot resolve")])
+def test_serve_bad_address_is_one_line(capsys, address, words):
+    assert main(["serve", "--zmq", address]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert words in line and line.startswith("bcdi-bluesky serve: error: --zmq")
+
+
+def test_serve_loads_the_model_at_start(capsys, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_text("not a model")
+    assert main(["serve", "--zmq", "127.0.0.1:5578", "--model", str(broken)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("bcdi-bluesky serve: error:") and "broken" in line

@@ -1,38 +1,58 @@
 """The Bluesky callback: collect the frames of each rocking scan, reconstruct in a worker.
 
-The RunEngine thread only does bookkeeping (copy a frame reference and the motor readback per
-event); assembling and reconstructing happen in a worker thread, so a scan never waits for the
-analysis, and a failing analysis never aborts a scan.
+The RunEngine thread only does bookkeeping (an event-model ``RunRouter`` hands each run's
+documents to a small collector that keeps a frame reference and the motor readback per
+event); reading files, assembling and reconstructing happen in a worker thread, so a scan
+never waits for the analysis, and a failing analysis never aborts a scan.
 
-Queue policy: at most ``queue_size`` assembled volumes wait for the worker. When a new scan
-stops and the queue is full, the *oldest waiting* volume is dropped (the live view favours the
-newest scan) and recorded in :attr:`BCDIReconstructionCallback.dropped` with a warning; nothing
-is dropped silently.
+What the worker guarantees:
+
+- Any exception in any step of a scan (reading frames, assembling, recommending, configuring,
+  reconstructing, publishing) is caught: the scan is recorded ``failed`` with the step and the
+  reason, the publishers' ``failure`` hooks are told, and the next scan proceeds. A volume
+  without a Bragg peak (:class:`~bcdi_bluesky.errors.NoBraggPeakError`) is recorded ``skipped``.
+- Queue policy: at most ``queue_size`` assembled volumes wait for the worker. When a new scan
+  stops and the queue is full, the *oldest waiting* one is dropped (the live view favours the
+  newest scan) and recorded in :attr:`BCDIReconstructionCallback.dropped` with a warning.
+- A run whose stop document never comes (a proxy restart, a crashed RunEngine) is recorded
+  ``incomplete`` once ``run_timeout`` seconds pass without a document of it, and its frames
+  are freed.
+- Memory stays bounded: every record keeps the scan's figures (``figures``: the result's
+  ``summary()``) but only the last ``keep_results`` records keep the full result.
+
+With bluesky's ``BLUESKY_DEBUG_CALLBACKS`` set, errors are not swallowed: a document that
+cannot be handled raises into the caller (the RunEngine), and :meth:`wait` re-raises the first
+exception the worker caught.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
 
 import numpy as np
-from event_model import DocumentRouter
+from event_model import DocumentRouter, Filler, RunRouter, UnresolvableForeignKeyError
 
+from ..errors import NoBraggPeakError
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
+from .publishers import Publisher, ResultConsumer, as_publisher
 from .recommend import Recommendation, recommend, voxel_size_nm
 
 log = logging.getLogger(__name__)
 
-#: ``publisher(result, start_doc)``; exceptions are logged, never raised into the experiment.
-#: A publisher may also have ``collecting(start_doc)`` (a run started), ``configure(settings,
-#: start_doc) -> settings | None`` (before reconstructing; None skips the scan),
-#: ``progress(stage, info, start_doc)`` (live pipeline stages) and ``failure(message, start_doc)``.
-Publisher = Callable[[Any, dict], None]
+#: What happened to a scan (:attr:`ScanRecord.status`).
+ScanStatus = Literal["collecting", "queued", "skipped", "dropped", "reconstructing", "done",
+                     "failed", "incomplete"]
 
 
 @dataclass
@@ -41,33 +61,121 @@ class ScanRecord:
 
     uid: str
     scan_id: int | None
-    status: str  # collecting, queued, skipped, dropped, reconstructing, done, failed
+    status: ScanStatus
     message: str = ""
     frames: int = 0
+    #: The full reconstruction, kept for the last ``keep_results`` scans only (else None).
     result: Any = None
+    #: The reconstruction's ``summary()`` (chi, timings...), kept for every scan.
+    figures: dict | None = None
     recommendation: Recommendation | None = None
     exposure: float | None = None  # from the detector's configuration in the descriptor
+    events_without_motor: int = 0
     seconds_in_callback: float = 0.0
     queued_at: float | None = None
     finished_at: float | None = None
 
 
-@dataclass
-class _Run:
-    start: dict
-    record: ScanRecord
-    descriptors: set[str] = field(default_factory=set)
-    # (motor readback, seq_num, frame | datum id | None when it comes by StreamDatum)
-    frames: list[tuple[float, int, Any]] = field(default_factory=list)
-    resources: dict[str, dict] = field(default_factory=dict)
-    datums: dict[str, dict] = field(default_factory=dict)
-    stream_resources: dict[str, dict] = field(default_factory=dict)
-    stream_datums: list[dict] = field(default_factory=list)
-    exposure: float | None = None
-    max_count: float | None = None
+def _debug_callbacks() -> bool:
+    """bluesky's switch for re-raising what callbacks would swallow."""
+    return bool(os.environ.get("BLUESKY_DEBUG_CALLBACKS", False))
 
 
-_STOP = object()
+class _FillOnStop(DocumentRouter):
+    """The RunRouter's filler: it passes documents through unfilled. Frames written to files
+    are read by an event-model ``Filler`` in the worker after the run stops (area detectors
+    close their files at unstage, and reading in the RunEngine's thread would slow the scan)."""
+
+    def __init__(self, handler_registry: dict, *, root_map: dict | None = None,
+                 inplace: bool = False) -> None:
+        super().__init__()
+
+    def event_page(self, doc: dict) -> dict:
+        return doc
+
+
+class _RunCollector(DocumentRouter):
+    """The documents of one run that the reconstruction needs (RunEngine thread)."""
+
+    def __init__(self, owner: BCDIReconstructionCallback, start: dict,
+                 record: ScanRecord) -> None:
+        super().__init__()
+        self.owner = owner
+        self.start_doc = start
+        self.record = record
+        self.descriptors: dict[str, dict] = {}
+        # (motor readback, seq_num, frame | datum id | None when a StreamDatum carries it,
+        #  the event document when the frame is in a file)
+        self.frames: list[tuple[float, int, Any, dict | None]] = []
+        self.resources: list[dict] = []
+        self.datums: list[dict] = []
+        self.stream_resources: dict[str, dict] = {}
+        self.stream_datums: list[dict] = []
+        self.exposure: float | None = None
+        self.max_count: float | None = None
+        self.last_seen = time.monotonic()
+        self.expired = False
+
+    def __call__(self, name: str, doc: dict, validate: bool = False):
+        started = time.perf_counter()
+        self.last_seen = time.monotonic()
+        try:
+            return super().__call__(name, doc, validate)
+        finally:
+            self.record.seconds_in_callback += time.perf_counter() - started
+
+    def free(self) -> None:
+        """Drop every frame reference and document (the volume is assembled or abandoned)."""
+        self.frames, self.resources, self.datums = [], [], []
+        self.stream_resources, self.stream_datums = {}, []
+
+    def descriptor(self, doc: dict) -> None:
+        owner = self.owner
+        if doc.get("name", "primary") != owner.stream_name:
+            return
+        keys = doc.get("data_keys", {})
+        if owner.image_key in keys and owner.motor_key in keys:
+            self.descriptors[doc["uid"]] = doc
+            # The detector's configuration (read once per stream) gives exposure and saturation.
+            device = owner.image_key.removesuffix("_image")
+            config = doc.get("configuration", {}).get(device, {}).get("data", {})
+            self.exposure = config.get(f"{device}_exposure", self.exposure)
+            self.max_count = config.get(f"{device}_max_count", self.max_count)
+
+    def resource(self, doc: dict) -> None:
+        self.resources.append(doc)
+
+    def datum(self, doc: dict) -> None:
+        self.datums.append(doc)
+
+    def stream_resource(self, doc: dict) -> None:
+        if doc.get("data_key") == self.owner.image_key:
+            self.stream_resources[doc["uid"]] = doc
+
+    def stream_datum(self, doc: dict) -> None:
+        if doc["stream_resource"] in self.stream_resources:
+            self.stream_datums.append(doc)
+
+    def event(self, doc: dict) -> None:
+        if doc["descriptor"] not in self.descriptors:
+            return
+        data = doc["data"]
+        try:
+            theta = float(data[self.owner.motor_key])
+        except (KeyError, TypeError, ValueError):
+            theta = float("nan")
+        if not np.isfinite(theta):
+            self.record.events_without_motor += 1
+            return
+        # Keep a reference only (an array, a datum id, or None when a StreamDatum carries the
+        # frame): the worker reads and stacks. Copying frames here would put the analysis'
+        # cost into the scan.
+        value = data.get(self.owner.image_key)
+        self.frames.append((theta, int(doc.get("seq_num", 0)), value,
+                            doc if isinstance(value, str) else None))
+
+    def stop(self, doc: dict) -> None:
+        self.owner._finish(self, doc)
 
 
 class BCDIReconstructionCallback(DocumentRouter):
@@ -81,11 +189,13 @@ class BCDIReconstructionCallback(DocumentRouter):
     image_key : str
         Data key of the detector frames (``<detector name>_image`` for the simulated beamline).
     motor_key : str
-        Data key of the rocking motor's readback; frames are stacked in its order.
+        Data key of the rocking motor's readback; frames are stacked in its order. Events
+        without a finite readback are left out and counted in the record's message.
     on_result : callable, optional
         ``on_result(result, start_doc)``, called from the worker for each reconstruction.
-    publishers : sequence of callables
-        More ``publisher(result, start_doc)`` to feed (IOC, result files, derived runs).
+    publishers : sequence
+        More publishers: :class:`~bcdi_bluesky.beamline.Publisher` objects (IOC, result files,
+        derived runs) or plain ``publisher(result, start_doc)`` callables.
     reconstructor : Reconstructor, optional
         Default: ``Reconstructor()`` with the packaged model, created in the worker on first use
         (loading ONNX Runtime never delays the RunEngine).
@@ -103,165 +213,137 @@ class BCDIReconstructionCallback(DocumentRouter):
         StreamResource/StreamDatum are read from the HDF5 file named by ``uri`` and
         ``parameters["dataset"]``. Files are read in the worker after the run stops (area
         detectors close their files at unstage), and the documents are never modified.
+    root_map : dict, optional
+        ``{root as written by the acquisition host: root where this host sees it}``, for a
+        service that reads files over a different mount (event-model's ``Filler`` applies it to
+        Resource roots; a StreamResource ``uri`` path starting with a key is mapped the same).
+    run_timeout : float or None
+        Seconds without any document of an open run after which it is recorded
+        ``incomplete`` and its frames are freed (None: wait forever).
+    keep_results : int
+        Records that keep their full result (the most recent ones).
     """
 
     def __init__(self, image_key: str = "det_image", motor_key: str = "theta",
-                 on_result: Publisher | None = None, publishers: Sequence[Publisher] = (),
+                 on_result: ResultConsumer | None = None,
+                 publishers: Sequence[Publisher | ResultConsumer] = (),
                  reconstructor: Any = None, *, refine: str = "full", queue_size: int = 2,
                  reconstruct_failed: bool = False, stream_name: str = "primary",
-                 handler_registry: dict | None = None) -> None:
+                 handler_registry: dict | None = None, root_map: dict | None = None,
+                 run_timeout: float | None = 3600.0, keep_results: int = 3) -> None:
         super().__init__()
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        if keep_results < 1:
+            raise ValueError(f"keep_results must be at least 1, got {keep_results}")
+        if run_timeout is not None and not run_timeout > 0:
+            raise ValueError(f"run_timeout must be positive or None, got {run_timeout}")
         self.image_key = image_key
         self.motor_key = motor_key
-        self.publishers: list[Publisher] = list(publishers)
+        self.publishers: list[Publisher] = [as_publisher(p) for p in publishers]
         if on_result is not None:
-            self.publishers.append(on_result)
+            self.publishers.append(as_publisher(on_result))
         self.reconstructor = reconstructor
         self.refine = refine
         self.reconstruct_failed = reconstruct_failed
         self.stream_name = stream_name
         self.handlers = {**DEFAULT_HANDLERS, **(handler_registry or {})}
+        self.root_map = dict(root_map or {})
+        self.run_timeout = run_timeout
+        self.keep_results = int(keep_results)
         self.records: dict[str, ScanRecord] = {}
         self.dropped: list[ScanRecord] = []
-        self._runs: dict[str, _Run] = {}
-        self._descriptor_run: dict[str, str] = {}
+        #: Documents of runs whose start this callback never saw (ignored).
+        self.unrouted = 0
+        self._router = RunRouter([self._factory], filler_class=_FillOnStop)
+        self._open: dict[str, _RunCollector] = {}
+        self._lock = threading.RLock()  # the router is fed by the RunEngine and the sweeper
+        self._with_results: deque[ScanRecord] = deque()
+        self._debug_errors: list[BaseException] = []
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._pending = 0
         self._idle = threading.Condition()
+        self._closing = threading.Event()
         self._worker = threading.Thread(target=self._work, name="bcdi-reconstruction",
                                         daemon=True)
         self._worker.start()
 
     # ------------------------------------------------------------ RunEngine thread
     def __call__(self, name: str, doc: dict, validate: bool = False):
-        """Route a document; an error here is logged, never raised into the RunEngine."""
-        try:
-            return super().__call__(name, doc, validate)
-        except Exception:
-            log.exception("BCDI callback could not handle a %r document; analysis of that run "
-                          "may be incomplete, the experiment goes on", name)
+        """Route a document; an error here is logged, never raised into the RunEngine (unless
+        ``BLUESKY_DEBUG_CALLBACKS`` is set)."""
+        if self._closing.is_set():
             return name, doc
+        try:
+            with self._lock:
+                self._router(name, doc)
+        except (KeyError, UnresolvableForeignKeyError) as exc:
+            if name in ("start", "stop") or _debug_callbacks():
+                self._swallow(name)
+            else:
+                # A document of a run whose start this callback did not see (subscribed or
+                # restarted mid-run): nothing to do with it, one line per run.
+                self.unrouted += 1
+                if name == "descriptor":
+                    log.warning("ignoring run %s: its start document was not seen (%s)",
+                                doc.get("run_start"), exc)
+        except Exception:
+            self._swallow(name)
+        return name, doc
 
-    def start(self, doc: dict) -> None:
-        record = ScanRecord(doc["uid"], doc.get("scan_id"), "collecting")
-        self.records[doc["uid"]] = record
-        if doc.get("bcdi_reconstruct", True) is False:
+    def _swallow(self, name: str) -> None:
+        if _debug_callbacks():
+            raise
+        log.exception("BCDI callback could not handle a %r document; analysis of that run "
+                      "may be incomplete, the experiment goes on", name)
+
+    def _factory(self, name: str, start: dict):
+        """RunRouter factory: one collector per run that may be reconstructed."""
+        record = ScanRecord(start["uid"], start.get("scan_id"), "collecting")
+        self.records[start["uid"]] = record
+        if start.get("bcdi_reconstruct", True) is False:
             # The plan opted out in its metadata (an alignment scan, a dark series...).
             record.status, record.message = "skipped", "start metadata bcdi_reconstruct=False"
-            return
-        self._runs[doc["uid"]] = _Run(doc, record)
-        self._notify("collecting", doc)
+            return [], []
+        collector = _RunCollector(self, start, record)
+        self._open[start["uid"]] = collector
+        self._hooks("collecting", start)
+        return [collector], []
 
-    def _notify(self, hook: str, *args: Any) -> Any:
-        """Call ``hook`` on every publisher that has it; errors are logged. Returns False if
-        any returned False (a publisher may veto a reconstruction)."""
-        verdict = True
-        for publisher in self.publishers:
-            method = getattr(publisher, hook, None)
-            if method is None:
-                continue
-            try:
-                if method(*args) is False:
-                    verdict = False
-            except Exception:
-                log.exception("publisher hook %s failed", hook)
-        return verdict
-
-    def _configure(self, start_doc: dict) -> tuple[bool, Any]:
-        """``(go, settings)`` for this scan: the reconstructor's settings passed through every
-        publisher's ``configure(settings, start_doc)``; ``go`` is False when one of them
-        returned None (skip the scan)."""
-        settings = getattr(self.reconstructor, "settings", None)
-        for publisher in self.publishers:
-            method = getattr(publisher, "configure", None)
-            if method is None:
-                continue
-            try:
-                configured = method(settings, start_doc)
-            except Exception:
-                log.exception("publisher hook configure failed")
-                continue
-            if configured is None:
-                return False, settings
-            settings = configured
-        return True, settings
-
-    def descriptor(self, doc: dict) -> None:
-        run = self._runs.get(doc.get("run_start"))
-        if run is None or doc.get("name", "primary") != self.stream_name:
-            return
-        keys = doc.get("data_keys", {})
-        if self.image_key in keys and self.motor_key in keys:
-            run.descriptors.add(doc["uid"])
-            self._descriptor_run[doc["uid"]] = doc["run_start"]
-            # The detector's configuration (read once per stream) gives exposure and saturation.
-            device = self.image_key.removesuffix("_image")
-            config = doc.get("configuration", {}).get(device, {}).get("data", {})
-            run.exposure = config.get(f"{device}_exposure", run.exposure)
-            run.max_count = config.get(f"{device}_max_count", run.max_count)
-
-    def resource(self, doc: dict) -> None:
-        run = self._runs.get(doc.get("run_start"))
-        if run is not None:
-            run.resources[doc["uid"]] = doc
-
-    def datum(self, doc: dict) -> None:
-        resource = doc["resource"]
-        for run in self._runs.values():
-            if resource in run.resources:
-                run.datums[doc["datum_id"]] = doc
-                return
-
-    def stream_resource(self, doc: dict) -> None:
-        run = self._runs.get(doc.get("run_start"))
-        if run is not None and doc.get("data_key") == self.image_key:
-            run.stream_resources[doc["uid"]] = doc
-
-    def stream_datum(self, doc: dict) -> None:
-        for run in self._runs.values():
-            if doc["stream_resource"] in run.stream_resources:
-                run.stream_datums.append(doc)
-                return
-
-    def event(self, doc: dict) -> None:
-        started = time.perf_counter()
-        run_uid = self._descriptor_run.get(doc["descriptor"])
-        if run_uid is None:
-            return
-        run = self._runs[run_uid]
-        data = doc["data"]
-        # Keep a reference only (an array, a datum id, or None when a StreamDatum carries the
-        # frame): the worker reads and stacks. Copying frames here would put the analysis'
-        # cost into the scan.
-        run.frames.append((float(data[self.motor_key]), int(doc.get("seq_num", 0)),
-                           data.get(self.image_key)))
-        run.record.seconds_in_callback += time.perf_counter() - started
-
-    def stop(self, doc: dict) -> None:
-        started = time.perf_counter()
-        run = self._runs.pop(doc["run_start"], None)
-        if run is None:
-            return
-        for uid in run.descriptors:
-            self._descriptor_run.pop(uid, None)
+    def _finish(self, run: _RunCollector, doc: dict) -> None:
+        """A run's stop document came (or the sweeper gave up waiting for it)."""
+        self._open.pop(run.start_doc["uid"], None)
         record = run.record
         record.frames = len(run.frames)
         record.exposure = run.exposure
         exit_status = doc.get("exit_status", "success")
-        if exit_status != "success" and not self.reconstruct_failed:
-            record.status, record.message = "skipped", f"run ended with exit_status {exit_status!r}"
+        notes = self._frame_notes(record)
+        if run.expired:
+            record.status = "incomplete"
+            record.message = (f"no stop document within {self.run_timeout:g} s of the last "
+                              f"document; {record.frames} frames freed" + notes)
+            run.free()
+            log.warning("scan %s incomplete: %s", record.scan_id, record.message)
+        elif exit_status != "success" and not self.reconstruct_failed:
+            record.status = "skipped"
+            record.message = f"run ended with exit_status {exit_status!r}" + notes
+            run.free()
             log.info("scan %s not reconstructed: %s", record.scan_id, record.message)
         elif not run.frames:
             record.status = "skipped"
             record.message = (f"no frames with keys {self.image_key!r} and {self.motor_key!r} "
-                              f"in stream {self.stream_name!r}")
+                              f"in stream {self.stream_name!r}" + notes)
         else:
+            record.message = notes.removeprefix("; ")
             self._enqueue(run)
-        record.seconds_in_callback += time.perf_counter() - started
 
-    def _enqueue(self, run: _Run) -> None:
+    def _frame_notes(self, record: ScanRecord) -> str:
+        if not record.events_without_motor:
+            return ""
+        return (f"; {record.events_without_motor} events without a finite "
+                f"{self.motor_key!r} readback left out")
+
+    def _enqueue(self, run: _RunCollector) -> None:
         with self._idle:
             self._pending += 1
         while True:
@@ -273,12 +355,12 @@ class BCDIReconstructionCallback(DocumentRouter):
                     old = self._queue.get_nowait()
                 except queue.Empty:
                     continue
+                old.free()
                 old.record.status = "dropped"
                 old.record.message = "a newer scan arrived while the reconstruction queue was full"
                 self.dropped.append(old.record)
                 log.warning("scan %s dropped from the reconstruction queue (newer scan %s)",
                             old.record.scan_id, run.record.scan_id)
-                self._queue.task_done()
                 self._done()
         run.record.status = "queued"
         run.record.queued_at = time.time()
@@ -290,104 +372,215 @@ class BCDIReconstructionCallback(DocumentRouter):
             self._idle.notify_all()
 
     def _work(self) -> None:
+        tick = 0.5 if self.run_timeout is None else min(0.5, self.run_timeout / 4)
         while True:
-            run = self._queue.get()
-            if run is _STOP:
-                self._queue.task_done()
-                return
+            try:
+                run = self._queue.get(timeout=tick)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                self._expire_runs()
+                continue
             try:
                 self._reconstruct(run)
+            except Exception as exc:  # a bug in this class: the next scan still comes
+                log.exception("worker error on scan %s", run.record.scan_id)
+                self._caught(exc)
             finally:
-                self._queue.task_done()
+                run.free()
                 self._done()
 
-    def _frame(self, run: _Run, value: Any, seq_num: int, streamed: dict[int, np.ndarray]):
-        if value is None:
-            if seq_num not in streamed:
-                raise ValueError(f"no frame for event {seq_num}: neither in the event nor in "
-                                 "a StreamDatum")
-            return streamed[seq_num]
-        if isinstance(value, str):  # a datum id: the frame is in a file
-            datum = run.datums.get(value)
-            if datum is None:
-                raise ValueError(f"no datum document for {value!r}")
-            resource = run.resources[datum["resource"]]
-            handler_class = self.handlers.get(resource["spec"])
-            if handler_class is None:
-                raise ValueError(f"no handler for resource spec {resource['spec']!r}")
-            handler = handler_class(resource["resource_path"], root=resource.get("root", ""),
-                                    **resource.get("resource_kwargs", {}))
-            return handler(**datum["datum_kwargs"])
-        return value
+    def _expire_runs(self) -> None:
+        """Close the runs that saw no document for ``run_timeout`` seconds."""
+        if self.run_timeout is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            stale = [run for run in self._open.values()
+                     if now - run.last_seen > self.run_timeout]
+            for run in stale:
+                run.expired = True
+                # Through the router, so that it forgets the run as after a real stop.
+                self._router("stop", {"run_start": run.start_doc["uid"], "uid": str(uuid.uuid4()),
+                                      "time": time.time(), "exit_status": "abort",
+                                      "reason": "no stop document", "num_events": {}})
+        for run in stale:
+            self._hooks("failure", run.record.message, run.start_doc)
 
-    def _streamed(self, run: _Run) -> dict[int, np.ndarray]:
+    def _caught(self, exc: BaseException) -> None:
+        if _debug_callbacks():
+            self._debug_errors.append(exc)
+
+    def _hooks(self, hook: str, *args: Any, seen: set | None = None) -> list[str]:
+        """Call ``hook`` on every publisher; failures are logged and returned as messages.
+
+        With ``seen``, a failure of the same publisher with the same exception type is
+        reported once (a progress hook runs hundreds of times per scan).
+        """
+        errors = []
+        for publisher in self.publishers:
+            try:
+                getattr(publisher, hook)(*args)
+            except Exception as exc:
+                if seen is not None:
+                    key = (id(publisher), type(exc))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                errors.append(f"{hook} of {publisher!r} failed: {type(exc).__name__}: {exc}")
+                log.warning("publisher hook error: %s", errors[-1],
+                            exc_info=_debug_callbacks())
+                self._caught(exc)
+        return errors
+
+    def _mapped(self, uri: str) -> str:
+        """A StreamResource file path with ``root_map`` applied (longest root first)."""
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("file", ""):
+            return uri
+        path = parsed.path
+        for root in sorted(self.root_map, key=len, reverse=True):
+            if path == root or path.startswith(root.rstrip("/") + "/"):
+                return str(Path(self.root_map[root]) / Path(path).relative_to(root))
+        return path
+
+    def _streamed(self, run: _RunCollector) -> dict[int, np.ndarray]:
         frames: dict[int, np.ndarray] = {}
         for datum in run.stream_datums:
             resource = run.stream_resources[datum["stream_resource"]]
             idx, seq = datum["indices"], datum["seq_nums"]
-            rows = read_stream_rows(resource["uri"], resource["parameters"]["dataset"],
-                                    idx["start"], idx["stop"])
+            rows = read_stream_rows(self._mapped(resource["uri"]),
+                                    resource["parameters"]["dataset"], idx["start"],
+                                    idx["stop"])
             for k, row in enumerate(rows):
                 frames[seq["start"] + k] = row
         return frames
 
-    def _volume(self, run: _Run) -> tuple[np.ndarray, np.ndarray]:
+    def _volume(self, run: _RunCollector) -> tuple[np.ndarray, np.ndarray]:
         frames = sorted(run.frames, key=lambda f: (f[0], f[1]))
         streamed = self._streamed(run) if run.stream_datums else {}
-        return (np.stack([np.asarray(self._frame(run, f[2], f[1], streamed), dtype=np.float32)
-                          for f in frames]),
-                np.array([f[0] for f in frames]))
+        filler = None
+        if any(f[3] is not None for f in frames):
+            filler = Filler(self.handlers, root_map=self.root_map, inplace=False)
+            for descriptor in run.descriptors.values():
+                filler.descriptor(descriptor)
+            for resource in run.resources:
+                filler.resource(resource)
+            for datum in run.datums:
+                filler.datum(datum)
+        try:
+            stack = []
+            for theta, seq_num, value, event in frames:
+                if event is not None:
+                    value = filler.fill_event(event, include=[self.image_key],
+                                              inplace=False)["data"][self.image_key]
+                elif value is None:
+                    if seq_num not in streamed:
+                        raise ValueError(f"no frame for event {seq_num} at {theta}: neither in "
+                                         "the event nor in a StreamDatum")
+                    value = streamed[seq_num]
+                stack.append(np.asarray(value, dtype=np.float32))
+        finally:
+            if filler is not None:
+                filler.close()
+        shapes = {frame.shape for frame in stack}
+        if len(shapes) != 1:
+            raise ValueError(f"frames of different shapes {sorted(shapes)}")
+        return np.stack(stack), np.array([f[0] for f in frames])
 
     def latest(self) -> ScanRecord | None:
         """The record of the most recent run that reached the worker (done or failed)."""
         finished = [r for r in self.records.values() if r.status in ("done", "failed")]
         return finished[-1] if finished else None
 
-    def _reconstruct(self, run: _Run) -> None:
-        record = run.record
+    def _reconstruction_settings(self, reconstructor: Any, start: dict) -> Any:
+        """Ask each publisher in turn; None when one skips the scan."""
+        settings = reconstructor.settings
+        for publisher in self.publishers:
+            settings = publisher.configure(settings, start)
+            if settings is None:
+                return None
+        return settings
+
+    def _reconstruct(self, run: _RunCollector) -> None:
+        record, start = run.record, run.start_doc
         record.status = "reconstructing"
+        step = "assembly"
+        notes = [record.message] if record.message else []
+        progress_errors: set = set()
+
+        def progress(stage: str, info: dict) -> None:
+            notes.extend(self._hooks("progress", stage, info, start, seen=progress_errors))
+
         try:
             volume, thetas = self._volume(run)
+            run.free()
+            step = "recommendation"
             try:
                 record.recommendation = recommend(volume, thetas, run.exposure, run.max_count)
             except ValueError as exc:
+                notes.append(f"no recommendation: {exc}")
                 log.warning("no recommendation for scan %s: %s", record.scan_id, exc)
+            step = "model loading"
             if self.reconstructor is None:
                 from ..pipeline import Reconstructor
 
                 self.reconstructor = Reconstructor()
-            go, settings = self._configure(run.start)
-            if not go:
-                record.status, record.message = "skipped", "a publisher disabled reconstruction"
+            step = "configure"
+            settings = self._reconstruction_settings(self.reconstructor, start)
+            if settings is None:
+                record.status = "skipped"
+                record.message = "; ".join(["a publisher disabled reconstruction", *notes])
+                record.finished_at = time.time()
                 return
-            result = self.reconstructor.reconstruct(
-                volume, refine=self.refine, settings=settings,
-                progress=lambda stage, info: self._notify("progress", stage, info, run.start))
-        except Exception as exc:
-            record.status, record.message = "failed", f"{type(exc).__name__}: {exc}"
+            step = "reconstruction"
+            result = self.reconstructor.reconstruct(volume, refine=self.refine,
+                                                    progress=progress, settings=settings)
+            del volume
+            step = "metadata"
+            if hasattr(result, "metadata"):
+                voxel = voxel_size_nm(start.get("bcdi", {}), result.object.shape)
+                result.metadata.update(
+                    uid=record.uid, scan_id=record.scan_id,
+                    recommendation=(record.recommendation.as_dict() if record.recommendation
+                                    else None),
+                    voxel_size_nm=None if voxel is None else voxel.tolist())
+            if hasattr(result, "summary"):
+                record.figures = result.summary()
+        except NoBraggPeakError as exc:
+            record.status, record.message = "skipped", "; ".join([str(exc), *notes])
             record.finished_at = time.time()
-            log.error("reconstruction of scan %s failed: %s", record.scan_id, record.message)
-            self._notify("failure", record.message, run.start)
+            log.warning("scan %s skipped: %s", record.scan_id, exc)
+            self._hooks("failure", record.message, start)
             return
-        if hasattr(result, "metadata"):
-            voxel = voxel_size_nm(run.start.get("bcdi", {}), result.object.shape)
-            result.metadata.update(
-                uid=record.uid, scan_id=record.scan_id,
-                recommendation=(record.recommendation.as_dict() if record.recommendation
-                                else None),
-                voxel_size_nm=None if voxel is None else voxel.tolist())
-        record.result = result
-        record.status = "done"
+        except Exception as exc:
+            record.status = "failed"
+            record.message = "; ".join([f"{step} failed: {type(exc).__name__}: {exc}", *notes])
+            record.finished_at = time.time()
+            log.error("scan %s failed: %s", record.scan_id, record.message,
+                      exc_info=_debug_callbacks())
+            self._caught(exc)
+            self._hooks("failure", record.message, start)
+            return
+        self._keep(record, result)
+        errors = self._hooks("__call__", result, start)
         record.finished_at = time.time()
-        for publish in self.publishers:
-            try:
-                publish(result, run.start)
-            except Exception:
-                log.exception("a publisher failed on scan %s", record.scan_id)
+        record.status = "failed" if errors else "done"
+        record.message = "; ".join([*notes, *errors])
+
+    def _keep(self, record: ScanRecord, result: Any) -> None:
+        """Keep the full result on the newest ``keep_results`` records only."""
+        record.result = result
+        self._with_results.append(record)
+        while len(self._with_results) > self.keep_results:
+            self._with_results.popleft().result = None
 
     # -------------------------------------------------------------------- control
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every queued reconstruction has finished; False on timeout."""
+        """Block until every queued reconstruction has finished; False on timeout.
+
+        With ``BLUESKY_DEBUG_CALLBACKS`` set, re-raises the first exception the worker caught.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while self._pending:
@@ -395,9 +588,23 @@ class BCDIReconstructionCallback(DocumentRouter):
                 if left is not None and left <= 0:
                     return False
                 self._idle.wait(left)
+        if self._debug_errors:
+            error, self._debug_errors = self._debug_errors[0], []
+            raise error
         return True
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Finish the queued work and stop the worker thread."""
-        self._queue.put(_STOP)
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Stop taking documents, finish the queued work within ``timeout`` s, stop the worker.
+
+        Never blocks longer than ``timeout``: what is still queued or reconstructing then is
+        logged and abandoned (the worker is a daemon thread). Returns True when the worker
+        finished everything.
+        """
+        self._closing.set()
         self._worker.join(timeout)
+        if not self._worker.is_alive():
+            return True
+        left = [r for r in self.records.values() if r.status in ("queued", "reconstructing")]
+        log.warning("closing with %d scans unfinished: %s", len(left),
+                    ", ".join(f"{r.scan_id} ({r.status})" for r in left))
+        return False

@@ -97,7 +97,8 @@ class ReconstructionAnalysis(Device):
             self.exposure.put(rec.exposure)
             self.peak_inside.put(rec.peak_inside)
             self.saturated.put(rec.saturated)
-            self.chi.put(float(record.result.chi) if record.result is not None else float("nan"))
+            figures = record.figures or {}
+            self.chi.put(float(figures.get("chi", float("nan"))))
             self.scan_uid.put(record.uid)
             status.set_finished()
 
@@ -206,6 +207,9 @@ def es_align(motors: Sequence[Any], bounds: Sequence[tuple[float, float]], objec
             "es": {"gain": gain, "dither": dither, "decay": decay, "iterations": iterations},
             **(md or {})}
 
+    # Staged for the whole run, as a scan plan does: a file-backed detector opens its file at
+    # stage and refuses a trigger before it.
+    @bpp.stage_decorator([*detectors, *motors])
     @bpp.run_decorator(md=meta)
     def inner():
         for _ in range(iterations):

@@ -1,7 +1,26 @@
 """Publishers: where a reconstruction goes after the worker made it.
 
-Each is a callable ``publisher(result, start_doc)`` for
-:class:`~bcdi_bluesky.beamline.BCDIReconstructionCallback`.
+A publisher is given to :class:`~bcdi_bluesky.beamline.BCDIReconstructionCallback`. The
+callback calls its hooks from the worker thread (``collecting`` from the RunEngine's thread),
+in this order for each run:
+
+``collecting(start_doc)``
+    A run with frames started (keep it quick: it runs in the RunEngine's thread).
+``configure(settings, start_doc) -> settings | None``
+    Before reconstructing: return the settings for this scan (the ones given, or a changed
+    copy from ``settings.replace(...)``), or None to skip the scan. Publishers are asked in
+    order, each given what the previous one returned.
+``progress(stage, info, start_doc)``
+    Live stages of the pipeline (many calls during refinement: keep it cheap).
+``failure(message, start_doc)``
+    The scan was not reconstructed: failed, skipped without a Bragg peak, or cut off.
+``__call__(result, start_doc)``
+    The reconstruction.
+
+Subclass :class:`Publisher` and override the hooks you need; a plain callable
+``publisher(result, start_doc)`` (:class:`ResultConsumer`) is wrapped by :func:`as_publisher`.
+Exceptions in a hook never reach the experiment: the callback records them in the scan's
+record and the next scan proceeds.
 """
 
 from __future__ import annotations
@@ -9,18 +28,110 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from event_model import compose_run
 
 from ..plotting import central_slices
 
+if TYPE_CHECKING:
+    from ..pipeline import ReconstructionResult
+    from ..settings import ReconstructionSettings
+
+#: The hooks of a publisher, in the order the callback calls them.
+HOOKS = ("collecting", "configure", "progress", "failure", "__call__")
+
+
+@runtime_checkable
+class ResultConsumer(Protocol):
+    """The smallest publisher: a callable that takes each reconstruction."""
+
+    def __call__(self, result: ReconstructionResult, start_doc: dict) -> Any:
+        """Take the reconstruction of the run that ``start_doc`` opened."""
+
+
+class Publisher:
+    """Base class of publishers: every hook does nothing; override those you need.
+
+    Examples
+    --------
+    >>> class ChiLog(Publisher):
+    ...     def __init__(self):
+    ...         self.lines = []
+    ...     def __call__(self, result, start_doc):
+    ...         self.lines.append(f"scan {start_doc.get('scan_id')}: chi {result.chi:.3f}")
+    ...     def failure(self, message, start_doc):
+    ...         self.lines.append(f"scan {start_doc.get('scan_id')}: {message}")
+    """
+
+    def collecting(self, start_doc: dict) -> None:
+        """A run started (called in the RunEngine's thread: return quickly)."""
+
+    def configure(self, settings: ReconstructionSettings,
+                  start_doc: dict) -> ReconstructionSettings | None:
+        """The settings for this scan (default: unchanged); None skips the scan."""
+        return settings
+
+    def progress(self, stage: str, info: dict, start_doc: dict) -> None:
+        """A stage of the pipeline finished (``stage`` and ``info`` as the pipeline's
+        progress hook gives them)."""
+
+    def failure(self, message: str, start_doc: dict) -> None:
+        """The scan was not reconstructed; ``message`` says why."""
+
+    def __call__(self, result: ReconstructionResult, start_doc: dict) -> Any:
+        """Take the reconstruction."""
+
+
+class CallablePublisher(Publisher):
+    """A plain ``consumer(result, start_doc)`` as a :class:`Publisher` (no other hooks)."""
+
+    def __init__(self, consumer: ResultConsumer) -> None:
+        self.consumer = consumer
+
+    def __call__(self, result: ReconstructionResult, start_doc: dict) -> Any:
+        """Hand the reconstruction to the consumer."""
+        return self.consumer(result, start_doc)
+
+    def __repr__(self) -> str:
+        return f"CallablePublisher({self.consumer!r})"
+
+
+def as_publisher(obj: Any) -> Publisher:
+    """A :class:`Publisher` for ``obj``.
+
+    A :class:`Publisher` is returned as it is, and so is an object that defines every hook
+    of :data:`HOOKS` itself (a publisher written without the base class); a callable without
+    any hook is wrapped in :class:`CallablePublisher`.
+
+    Raises
+    ------
+    TypeError
+        ``obj`` is not callable, or defines some hooks but not all (subclass
+        :class:`Publisher` to get no-op defaults for the others).
+    """
+    if isinstance(obj, Publisher):
+        return obj
+    if not isinstance(obj, ResultConsumer):
+        raise TypeError(f"a publisher must be callable as publisher(result, start_doc), "
+                        f"got {obj!r}")
+    present = [hook for hook in HOOKS[:-1] if callable(getattr(obj, hook, None))]
+    if not present:
+        return CallablePublisher(obj)
+    if len(present) == len(HOOKS) - 1:
+        return obj
+    missing = sorted(set(HOOKS[:-1]) - set(present))
+    raise TypeError(f"{type(obj).__name__} defines the publisher hooks {present} but not "
+                    f"{missing}: subclass bcdi_bluesky.beamline.Publisher")
+
+
 #: A document consumer, ``emit(name, doc)`` (a RunEngine dispatcher, a databroker/tiled
 #: writer, a 0MQ publisher...).
 Emit = Callable[[str, dict], None]
 
 
-class DerivedRunPublisher:
+class DerivedRunPublisher(Publisher):
     """Emit each reconstruction as a derived Bluesky run whose start carries ``parent_uid``.
 
     The run has one event in stream ``primary`` with ``chi``, ``chi_cnn``, the quality verdict
@@ -81,7 +192,7 @@ class DerivedRunPublisher:
         return bundle.start_doc["uid"]
 
 
-class ResultFileWriter:
+class ResultFileWriter(Publisher):
     """Write each reconstruction to ``<folder>/scan_<scan_id>_<uid8>.cxi`` (CXI-style HDF5)."""
 
     def __init__(self, folder: str | Path, suffix: str = ".cxi") -> None:

@@ -115,9 +115,9 @@ def voxel_size_nm(bcdi_md: dict, shape: tuple[int, int, int]) -> np.ndarray | No
         pixel = float(bcdi_md["pixel_size_m"])
         theta = np.deg2rad(float(bcdi_md["bragg_angle_deg"]))
         step = np.deg2rad(float(bcdi_md["rocking_step"]))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
-    if min(distance, pixel, step, np.sin(theta)) <= 0:
+    if not min(distance, pixel, step, np.sin(theta), wavelength_nm) > 0:  # also NaN
         return None
     rock = wavelength_nm / (2 * shape[0] * np.sin(theta) * step)
     return np.array([rock, wavelength_nm * distance / (shape[1] * pixel),

@@ -1,15 +1,19 @@
 """EPICS face: the caproto IOC publishing reconstructions as PVs."""
 
 from .ioc import (
+    QUALITY,
     STATUS,
     IOCPublisher,
     IOCServer,
     ReconstructionIOC,
+    WriteAccess,
     loopback_environment,
     pv_table,
     result_values,
     screen_images,
+    summary_values,
 )
 
-__all__ = ["STATUS", "IOCPublisher", "IOCServer", "ReconstructionIOC", "loopback_environment",
-           "pv_table", "result_values", "screen_images"]
+__all__ = ["QUALITY", "STATUS", "IOCPublisher", "IOCServer", "ReconstructionIOC", "WriteAccess",
+           "loopback_environment", "pv_table", "result_values", "screen_images",
+           "summary_values"]

@@ -8,144 +8,430 @@ reconstruction worker).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup, pvproperty
+from caproto import (
+    AccessRights,
+    AlarmSeverity,
+    AlarmStatus,
+    CAStatus,
+    ChannelData,
+    ChannelType,
+    native_type,
+)
+from caproto.server import (
+    PVGroup,
+    PvpropertyData,
+    PvpropertyDouble,
+    PvpropertyInteger,
+    SubGroup,
+    pvproperty,
+)
+from caproto.server.records import AiFields
 
+from ..errors import SettingsError
 from ..plotting import central_slices
 from ..settings import ReconstructionSettings
 
+log = logging.getLogger(__name__)
+
 STATUS = ("Idle", "Collecting", "Reconstructing", "Refining", "Done", "Error")
+#: States of the ``Quality`` PV: a result's own grade, or unknown.
+QUALITY = ("good", "fair", "poor", "unknown")
+QUALITY_SEVERITY = {"good": AlarmSeverity.NO_ALARM, "fair": AlarmSeverity.MINOR_ALARM,
+                    "poor": AlarmSeverity.MAJOR_ALARM}
 #: Side of the square slice images (pixels): the crystal's central planes, zoomed on it.
 IMAGE_SIZE = 64
 MAX_HISTORY = 2000
 MAX_PARAMS = 256
 
 
-class _Rejected(ValueError):
-    """A put the IOC refuses (the client sees the error; the PV keeps its value)."""
+@dataclass(frozen=True)
+class WriteAccess:
+    """Who may put the writable PVs (the settings).
+
+    Channel Access identifies a client by the host name and user name it announces; the IOC
+    trusts them as EPICS access security does (``asg`` host lists): this keeps honest clients
+    on other hosts from changing a running experiment; it is no defence against a client
+    that lies about its host.
+
+    Parameters
+    ----------
+    read_only : bool
+        No client may put any setting.
+    hosts : frozenset of str, optional
+        Host names (compared without case) whose clients may put; None: any host.
+    """
+
+    read_only: bool = False
+    hosts: frozenset[str] | None = None
+
+    @classmethod
+    def from_options(cls, read_only: bool = False,
+                     write_hosts: str | Sequence[str] | None = None) -> WriteAccess:
+        """From the command line's ``--read-only`` and ``--write-hosts HOST[,HOST...]``."""
+        if write_hosts is None:
+            return cls(read_only=read_only)
+        names = write_hosts.split(",") if isinstance(write_hosts, str) else write_hosts
+        hosts = frozenset(name.strip().lower() for name in names if name.strip())
+        if not hosts:
+            raise SettingsError("--write-hosts needs at least one host name")
+        return cls(read_only=read_only, hosts=hosts)
+
+    def allows(self, host: str | None) -> bool:
+        """Whether a client announcing ``host`` may put settings."""
+        if self.read_only:
+            return False
+        return self.hosts is None or (host or "").lower() in self.hosts
+
+    def describe(self) -> str:
+        """One phrase for the start-up line and refusals."""
+        if self.read_only:
+            return "settings are read-only"
+        if self.hosts is None:
+            return "settings writable from any host"
+        return "settings writable from " + ", ".join(sorted(self.hosts)) + " only"
+
+
+class _Audited(PvpropertyData):
+    """Every Channel Access put to a PV of the IOC (settings, read-only PVs, the alarm limits
+    of ``Chi``) passes here: refused when the client's host may not write, checked (caproto's
+    control limits, whole numbers for integers, the PV's putter), and logged in one line with
+    the client's user and host, accepted or refused; a refused put answers the client with
+    ECA_NOWTACCESS or ECA_PUTFAIL, never a traceback."""
+
+    #: A setting: a refused put raises a MAJOR alarm on it, an accepted one goes to the next
+    #: scan. Other PVs keep their own alarms.
+    setting = False
+
+    @property
+    def ioc(self) -> ReconstructionIOC:
+        """The IOC's group this PV belongs to (through sub-groups and record fields)."""
+        node: Any = self.group
+        while not isinstance(node, ReconstructionIOC):
+            node = node.parent if isinstance(node, PVGroup) else node.group
+        return node
+
+    @property
+    def full_name(self) -> str:
+        """The PV name a client uses (a record field's includes its record)."""
+        if isinstance(self.group, PVGroup) and isinstance(self.group.parent, ChannelData):
+            return f"{self.group.parent.pvname}.{self.pvname}"
+        return self.pvname
+
+    def check_access(self, hostname: str, username: str) -> AccessRights:
+        # Announced to the client when it connects: libca (pyepics) then refuses the put
+        # locally; a client that sends it anyway meets the same check in auth_write.
+        rights = super().check_access(hostname, username)
+        if not self.ioc.access.allows(hostname):
+            rights &= ~AccessRights.WRITE
+        return rights
+
+    async def auth_write(self, hostname, username, data, data_type, metadata, *, flags=0,
+                         user_address=None):
+        who = f"{username}@{hostname}"
+        if AccessRights.WRITE not in self.check_access(hostname, username):
+            reason = "read-only PV" if self.pvspec.read_only else self.ioc.access.describe()
+            return await self._refuse(data, who, reason, AlarmStatus.WRITE_ACCESS,
+                                      CAStatus.ECA_NOWTACCESS)
+        before = self.value
+        try:
+            if self.data_type == ChannelType.LONG:
+                _check_whole_numbers(data, data_type)
+            await self.write_from_dbr(data, data_type, metadata, flags=flags)
+        except Exception as exc:  # a bad value of any kind: the client gets ECA_PUTFAIL
+            reason = str(exc) or type(exc).__name__
+            return await self._refuse(data, who, reason, AlarmStatus.WRITE,
+                                      CAStatus.ECA_PUTFAIL)
+        if self.setting:
+            await self.alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+            self.ioc.note_put(self)
+        log.info("%s = %s (was %s), put by %s", self.full_name, self.value, before, who)
+        return True
+
+    async def _refuse(self, data, who: str, reason: str, status: AlarmStatus,
+                      ca_status: CAStatus) -> CAStatus:
+        log.warning("%s: put of %s by %s refused: %s", self.full_name, _shown(data), who,
+                    reason)
+        if self.setting:
+            await self.alarm.write(status=status, severity=AlarmSeverity.MAJOR_ALARM)
+        return ca_status
+
+
+def _check_whole_numbers(data: Any, data_type: ChannelType) -> None:
+    """Refuse a fraction or NaN sent to an integer PV (caproto would truncate 0.5 to 0 before
+    any check could see it); integers arrive as such."""
+    kind = native_type(data_type)
+    if kind == ChannelType.STRING:
+        numbers = np.array([float(v.decode() if isinstance(v, bytes) else v)
+                            for v in np.ravel(data)])
+    elif kind in (ChannelType.DOUBLE, ChannelType.FLOAT):
+        numbers = np.asarray(data, dtype=np.float64)
+    else:
+        return
+    if not (np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers))):
+        raise ValueError("a whole number is needed")
+
+
+def _shown(data: Any) -> str:
+    """A short text of a put's payload for the log."""
+    values = list(np.ravel(np.asarray(data, dtype=object)))[:4]
+    text = ", ".join(v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+                     for v in values)
+    return text[:80]
+
+
+def _audited(classes: dict) -> dict:
+    """caproto's type map with every data class made :class:`_Audited`."""
+    return {dtype: type(cls.__name__, (_Audited, cls), {}) for dtype, cls in classes.items()}
+
+
+class _AuditedAiFields(AiFields):
+    """The fields of an ai record (``Chi.HIHI`` ...), every put audited like the PVs'."""
+
+    type_map = _audited(AiFields.type_map)
+    type_map_read_only = _audited(AiFields.type_map_read_only)
+
+
+class _SettingInteger(_Audited, PvpropertyInteger):
+    """A writable LONG setting."""
+
+    setting = True
+
+
+class _SettingDouble(_Audited, PvpropertyDouble):
+    """A writable DOUBLE setting."""
+
+    setting = True
 
 
 def _setting(name: str, value: float, low: float, high: float, integer: bool = False,
              **kwargs: Any) -> pvproperty:
-    """A writable setting with its own alarm group (PVs of a PVGroup otherwise share one
-    alarm: a rejected put would light up every PV, and a Status write would clear it)."""
-    return pvproperty(name=name, value=value, put=_checked(low, high, integer),
+    """A writable setting within [low, high] (caproto's control limits), with its own alarm
+    group (PVs of a PVGroup otherwise share one alarm: a refused put would light up every PV,
+    and a Status write would clear it)."""
+    if integer:
+        return pvproperty(name=name, value=int(value), dtype=_SettingInteger,
+                          lower_ctrl_limit=int(low), upper_ctrl_limit=int(high), alarm_group=name,
+                          **kwargs)
+    return pvproperty(name=name, value=float(value), dtype=_SettingDouble, precision=3,
+                      lower_ctrl_limit=float(low), upper_ctrl_limit=float(high),
                       alarm_group=name, **kwargs)
 
 
-def _checked(low: float, high: float, integer: bool = False):
-    """A putter that accepts finite values in [low, high] and refuses anything else."""
+def _reading(name: str, value: Any = 0.0, **kwargs: Any) -> pvproperty:
+    """A read-only PV (what the IOC publishes)."""
+    return pvproperty(name=name, value=value, read_only=True, **kwargs)
 
-    async def putter(group: PVGroup, instance, value):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        ok = math.isfinite(number) and low <= number <= high
-        if ok and integer and number != int(number):
-            ok = False
-        if not ok:
-            # caproto answers the client with ECA_PUTFAIL and raises a WRITE/MAJOR alarm on
-            # this PV's own alarm group; the value stays as it was.
-            raise _Rejected(f"{instance.pvname}: {value!r} rejected (allowed: "
-                            f"{'integer ' if integer else ''}{low} .. {high})")
-        await instance.alarm.write(status=AlarmStatus.NO_ALARM,
-                                   severity=AlarmSeverity.NO_ALARM)
-        return int(number) if integer else number
 
+def _image(plane: str, what: str, doc: str) -> pvproperty:
+    return _reading(f"{what}:{plane}", np.zeros(IMAGE_SIZE * IMAGE_SIZE, dtype=np.float32),
+                    dtype=ChannelType.FLOAT, max_length=IMAGE_SIZE * IMAGE_SIZE,
+                    doc=f"{doc}, central {plane} plane (flattened, row-major)")
+
+
+def _finite_limit(field: str, linked: str):
+    """A putter for an alarm-limit field of a record: finite numbers only (a NaN limit
+    silently switches the alarm off)."""
+
+    async def putter(fields, instance, value):
+        if not math.isfinite(float(value)):
+            raise ValueError("alarm limits must be finite numbers")
+        await fields.parent.write_metadata(**{linked: value})
+
+    putter.__name__ = f"_{field}"
     return putter
 
 
+async def _fixed_range(fields, instance, value):
+    """A putter that refuses: a record's operating range (.HOPR/.LOPR) is caproto's control
+    range, which every internal write of the value is checked against."""
+    raise ValueError("the operating range is fixed")
+
+
+#: The setting PVs that are one field of :class:`~bcdi_bluesky.ReconstructionSettings` each
+#: (field -> PV name); the ES iteration counts share ``ES:MaxIter`` (see :data:`ES_MAX_ITER`).
+SETTING_PVS = {
+    "shape_search_evaluations": "Search:Evaluations",
+    "es_time_budget_s": "ES:TimeBudget",
+    "polish_er_iterations": "Polish:ERIterations",
+    "polish_iterations": "Polish:Iterations",
+    "polish_hio_fraction": "Polish:HIOFraction",
+    "polish_time_budget_s": "Polish:TimeBudget",
+    "support_threshold": "Support:Threshold",
+    "track": "Track",
+    "seed": "ES:Seed",
+}
+#: The ES steps of both grids (coarse then fine) in one PV, split in the running settings'
+#: proportion.
+ES_MAX_ITER = ("ES:MaxIter", ("es_coarse_iterations", "es_fine_iterations"))
+
+
+def _attr(pv_name: str) -> str:
+    return pv_name.replace(":", "_")
+
+
+def _settings_group() -> type[PVGroup]:
+    """The setting PVs, generated from :meth:`ReconstructionSettings.fields_info`: initial
+    value, control limits, units and help of each come from the settings object."""
+    info = {i.name: i for i in ReconstructionSettings.fields_info()}
+    attrs: dict[str, Any] = {
+        "Enable": _setting("Enable", 1, 0, 1, integer=True,
+                           doc="0 skips reconstructions (0 or 1)"),
+        "ES_Enable": _setting("ES:Enable", 1, 0, 1, integer=True,
+                              doc="0 skips the refinement: odd-shape search and ES (0 or 1)"),
+    }
+    name, (coarse, fine) = ES_MAX_ITER
+    attrs[_attr(name)] = _setting(
+        name, info[coarse].default + info[fine].default, 0, info[coarse].high + info[fine].high,
+        integer=True, doc=f"ES steps: {coarse} + {fine}, split as in the running settings")
+    for field, pv_name in SETTING_PVS.items():
+        i = info[field]
+        low, high = (0, 1) if i.kind is bool else (i.low, i.high)
+        attrs[_attr(pv_name)] = _setting(pv_name, i.default, low, high,
+                                         integer=i.kind is not float, units=i.units,
+                                         doc=f"{field}: {i.doc}")
+    return type("ReconstructionSettingsPVs", (PVGroup,), attrs)
+
+
 class ReconstructionIOC(PVGroup):
-    """PVs of the BCDI reconstruction (prefix default ``BCDI:``). ``docs/pvs.md`` lists them."""
+    """PVs of the BCDI reconstruction (prefix default ``BCDI:``). ``docs/pvs.md`` lists them.
+
+    Every PV is :class:`_Audited`: who may put is decided by ``access``, and every put is
+    logged in one line.
+
+    Parameters
+    ----------
+    prefix : str
+        PV prefix.
+    access : WriteAccess, optional
+        Who may put the settings (default: any client).
+    """
 
     Status = pvproperty(value=STATUS[0], enum_strings=STATUS, dtype=ChannelType.ENUM,
-                        read_only=True, alarm_group="Status", doc="pipeline state")
+                        read_only=True, alarm_group="Status",
+                        doc="Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm)")
     StatusMsg = pvproperty(value="", dtype=ChannelType.CHAR, max_length=1024,
-                           report_as_string=True, read_only=True, doc="what is happening")
-    ScanUID = pvproperty(value="", dtype=ChannelType.STRING, read_only=True)
-    ScanID = pvproperty(value=0, read_only=True)
-    Count = pvproperty(value=0, read_only=True, doc="reconstructions done")
-    Heartbeat = pvproperty(value=0, read_only=True, doc="+1 every second while the IOC runs")
+                           report_as_string=True, read_only=True,
+                           doc="what is happening, or why it failed (long string)")
+    ScanUID = _reading("ScanUID", "", dtype=ChannelType.STRING,
+                       doc="uid of the scan shown (first 39 characters)")
+    ScanID = _reading("ScanID", 0, doc="its scan id")
+    Count = _reading("Count", 0, doc="reconstructions done")
+    Heartbeat = _reading("Heartbeat", 0, doc="+1 every second while the IOC runs")
 
-    Chi = pvproperty(value=0.0, record="ai", read_only=True, precision=4, alarm_group="Chi",
+    Chi = pvproperty(value=0.0, record=_AuditedAiFields, read_only=True, precision=4,
+                     alarm_group="Chi",
                      upper_alarm_limit=0.5, upper_warning_limit=0.3,
                      lower_alarm_limit=-1.0, lower_warning_limit=-1.0,
-                     doc="final chi; .HIGH/.HIHI set the warning/alarm limits")
-    ChiCNN = pvproperty(value=0.0, read_only=True, precision=4)
-    ES_Iteration = pvproperty(name="ES:Iteration", value=0, read_only=True)
-    ES_Cost = pvproperty(name="ES:Cost", value=0.0, read_only=True, precision=4)
-    ES_CostHistory = pvproperty(name="ES:CostHistory", value=np.zeros(1, dtype=np.float64),
-                                dtype=ChannelType.DOUBLE, max_length=MAX_HISTORY, read_only=True)
+                     doc="final chi; warning/alarm limits in .HIGH/.HIHI (default 0.3/0.5)")
+    Chi = Chi.fields.hihi_alarm_limit.putter(_finite_limit("hihi", "upper_alarm_limit"))
+    Chi = Chi.fields.high_alarm_limit.putter(_finite_limit("high", "upper_warning_limit"))
+    Chi = Chi.fields.low_alarm_limit.putter(_finite_limit("low", "lower_warning_limit"))
+    Chi = Chi.fields.lolo_alarm_limit.putter(_finite_limit("lolo", "lower_alarm_limit"))
+    Chi = Chi.fields.high_operating_range.putter(_fixed_range)
+    Chi = Chi.fields.low_operating_range.putter(_fixed_range)
+    ChiCNN = _reading("ChiCNN", precision=4, doc="chi of the CNN's estimate")
+    ES_Iteration = _reading("ES:Iteration", 0, doc="ES step (live)")
+    ES_Cost = _reading("ES:Cost", precision=4, doc="ES cost chi (live)")
+    ES_CostHistory = _reading("ES:CostHistory", np.zeros(1, dtype=np.float64),
+                              dtype=ChannelType.DOUBLE, max_length=MAX_HISTORY,
+                              doc="chi of every ES step")
 
-    Latency_Preprocess = pvproperty(name="Latency:Preprocess", value=0.0, read_only=True,
-                                    units="s", precision=3)
-    Latency_Inference = pvproperty(name="Latency:Inference", value=0.0, read_only=True,
-                                   units="s", precision=3)
-    Latency_Refine = pvproperty(name="Latency:Refine", value=0.0, read_only=True, units="s",
-                                precision=3)
-    Latency_Polish = pvproperty(name="Latency:Polish", value=0.0, read_only=True, units="s",
-                                precision=3)
-    Latency_Total = pvproperty(name="Latency:Total", value=0.0, read_only=True, units="s",
-                               precision=3)
+    Latency_Preprocess = _reading("Latency:Preprocess", units="s", precision=3,
+                                  doc="seconds of the preprocess stage")
+    Latency_Inference = _reading("Latency:Inference", units="s", precision=3,
+                                 doc="seconds of the inference stage")
+    Latency_Refine = _reading("Latency:Refine", units="s", precision=3,
+                              doc="seconds of the refine stage")
+    Latency_Polish = _reading("Latency:Polish", units="s", precision=3,
+                              doc="seconds of the polish stage")
+    Latency_Total = _reading("Latency:Total", units="s", precision=3,
+                             doc="seconds of the whole reconstruction")
 
-    Params = pvproperty(value=np.zeros(1, dtype=np.float64), dtype=ChannelType.DOUBLE,
-                        max_length=MAX_PARAMS, read_only=True)
-    Size_X = pvproperty(name="Size:X", value=0, read_only=True, units="voxel")
-    Size_Y = pvproperty(name="Size:Y", value=0, read_only=True, units="voxel")
-    Size_Z = pvproperty(name="Size:Z", value=0, read_only=True, units="voxel")
-    Volume = pvproperty(value=0, read_only=True, units="voxel")
-    Volume_NM = pvproperty(name="Volume:NM", value=0.0, read_only=True, units="nm^3",
-                           doc="support volume in nm^3 when the scan gives the geometry")
-    Voxel_Size = pvproperty(name="Voxel:Size", value=np.zeros(3), dtype=ChannelType.DOUBLE,
-                            max_length=3, read_only=True, units="nm")
-    Phase_RMS = pvproperty(name="Phase:RMS", value=0.0, read_only=True, units="rad",
-                           precision=3)
+    Params = _reading("Params", np.zeros(1, dtype=np.float64), dtype=ChannelType.DOUBLE,
+                      max_length=MAX_PARAMS,
+                      doc="crystal parameter vector (names in the model card)")
+    Size_X = _reading("Size:X", 0, units="voxel", doc="support extent along x (axis 2)")
+    Size_Y = _reading("Size:Y", 0, units="voxel", doc="along y (axis 1)")
+    Size_Z = _reading("Size:Z", 0, units="voxel", doc="along z (axis 0, rocking)")
+    Volume = _reading("Volume", 0, units="voxel", doc="support volume")
+    Volume_NM = _reading("Volume:NM", units="nm^3",
+                         doc="crystal volume in nm^3 (0 unless the scan gives the geometry)")
+    Voxel_Size = _reading("Voxel:Size", np.zeros(3), dtype=ChannelType.DOUBLE, max_length=3,
+                          units="nm",
+                          doc="voxel size (rocking, row, column) in nm, from the scan metadata")
+    Extent_A = _reading("Extent:A", units="nm",
+                        doc="largest principal extent of the crystal (0 without geometry)")
+    Extent_B = _reading("Extent:B", units="nm", doc="middle principal extent")
+    Extent_C = _reading("Extent:C", units="nm", doc="smallest principal extent")
+    Phase_RMS = _reading("Phase:RMS", units="rad", precision=3,
+                         doc="RMS of the phase over the support (strain indicator)")
+    Strain_RMS = _reading("Strain:RMS", precision=6,
+                          doc="RMS of the strain over the support (0 without geometry)")
+    Displacement_RMS = _reading("Displacement:RMS", units="nm", precision=4,
+                                doc="RMS of the displacement over the support (0 without "
+                                    "geometry)")
+    Quality = pvproperty(value=QUALITY[-1], enum_strings=QUALITY, dtype=ChannelType.ENUM,
+                         read_only=True, alarm_group="Quality",
+                         doc="good, fair (MINOR alarm), poor (MAJOR alarm); unknown before a "
+                             "result that grades itself")
+    Quality_Reasons = pvproperty(name="Quality:Reasons", value="", dtype=ChannelType.CHAR,
+                                 max_length=1024, report_as_string=True, read_only=True,
+                                 doc="why the quality is not good (long string)")
 
-    Image_Width = pvproperty(name="Image:Width", value=IMAGE_SIZE, read_only=True)
-    Image_Height = pvproperty(name="Image:Height", value=IMAGE_SIZE, read_only=True)
+    Image_Width = _reading("Image:Width", IMAGE_SIZE, doc="width of the slice images")
+    Image_Height = _reading("Image:Height", IMAGE_SIZE, doc="their height")
+    Amp_XY = _image("XY", "Amp", "amplitude")
+    Amp_XZ = _image("XZ", "Amp", "amplitude")
+    Amp_YZ = _image("YZ", "Amp", "amplitude")
+    Phase_XY = _image("XY", "Phase", "phase in radians")
+    Phase_XZ = _image("XZ", "Phase", "phase in radians")
+    Phase_YZ = _image("YZ", "Phase", "phase in radians")
 
-    def _image(name: str):
-        return pvproperty(name=name, value=np.zeros(IMAGE_SIZE * IMAGE_SIZE, dtype=np.float32),
-                          dtype=ChannelType.FLOAT, max_length=IMAGE_SIZE * IMAGE_SIZE,
-                          read_only=True)
+    Rec_ThetaCenter = _reading("Rec:ThetaCenter", units="deg", precision=4,
+                               doc="recommended rocking centre")
+    Rec_ThetaRange = _reading("Rec:ThetaRange", units="deg", precision=4,
+                              doc="recommended range")
+    Rec_Exposure = _reading("Rec:Exposure", units="s", precision=4, doc="recommended exposure")
 
-    Amp_XY, Amp_XZ, Amp_YZ = _image("Amp:XY"), _image("Amp:XZ"), _image("Amp:YZ")
-    Phase_XY, Phase_XZ, Phase_YZ = _image("Phase:XY"), _image("Phase:XZ"), _image("Phase:YZ")
-    del _image
+    Latent_X = _reading("Latent:X", precision=3,
+                        doc="the scan on the CNN's latent map (model card), first axis")
+    Latent_Y = _reading("Latent:Y", precision=3, doc="second axis")
+    Latent_Distance = _reading("Latent:Distance", precision=3,
+                               doc="distance to the training distribution (99% of priors "
+                                   "below 1)")
+    # The flag's MINOR alarm comes from caproto's alarm limits (HIGH above 0.5).
+    Latent_OOD = _reading("Latent:OOD", 0, alarm_group="Latent:OOD", upper_warning_limit=0.5,
+                          upper_alarm_limit=2, lower_warning_limit=-1, lower_alarm_limit=-1,
+                          doc="1 when the distance exceeds 1 (MINOR alarm): ES budget doubled")
 
-    Rec_ThetaCenter = pvproperty(name="Rec:ThetaCenter", value=0.0, read_only=True,
-                                 units="deg", precision=4)
-    Rec_ThetaRange = pvproperty(name="Rec:ThetaRange", value=0.0, read_only=True, units="deg",
-                                precision=4)
-    Rec_Exposure = pvproperty(name="Rec:Exposure", value=0.0, read_only=True, units="s",
-                              precision=4)
+    Model_Name = _reading("Model:Name", "", dtype=ChannelType.STRING, doc="CNN model name")
+    Model_Provider = _reading("Model:Provider", "", dtype=ChannelType.STRING,
+                              doc="ONNX Runtime provider really in use")
 
-    Latent_X = pvproperty(name="Latent:X", value=0.0, read_only=True, precision=3)
-    Latent_Y = pvproperty(name="Latent:Y", value=0.0, read_only=True, precision=3)
-    Latent_Distance = pvproperty(name="Latent:Distance", value=0.0, read_only=True,
-                                 precision=3)
-    Latent_OOD = pvproperty(name="Latent:OOD", value=0, read_only=True, alarm_group="Latent:OOD",
-                            doc="1 when the CNN is out of its training distribution (MINOR)")
+    settings = SubGroup(_settings_group(), prefix="",
+                        doc="the settings the next reconstruction runs with")
 
-    Model_Name = pvproperty(name="Model:Name", value="", dtype=ChannelType.STRING,
-                            read_only=True)
-    Model_Provider = pvproperty(name="Model:Provider", value="", dtype=ChannelType.STRING,
-                                read_only=True)
+    type_map_read_only = _audited(PVGroup.type_map_read_only)
 
-    # Settings, applied to the next reconstruction.
-    Enable = _setting("Enable", 1, 0, 1, integer=True, doc="1: reconstruct scans")
-    ES_Enable = _setting("ES:Enable", 1, 0, 1, integer=True)
-    ES_MaxIter = _setting("ES:MaxIter", 400, 0, 100000, integer=True)
-    ES_TimeBudget = _setting("ES:TimeBudget", 5.0, 0.0, 600.0, units="s")
-    Polish_Iterations = _setting("Polish:Iterations", 150, 0, 10000, integer=True)
-    Support_Threshold = _setting("Support:Threshold", 0.2, 0.01, 0.9, precision=3)
+    def __init__(self, *args: Any, access: WriteAccess | None = None, **kwargs: Any) -> None:
+        self.access = access or WriteAccess()
+        #: PV name -> value of every setting a client put (applied on top of the running
+        #: settings at the next scan).
+        self.puts: dict[str, Any] = {}
+        super().__init__(*args, **kwargs)
+
+    def note_put(self, pv: PvpropertyData) -> None:
+        """Remember a client's accepted put of a setting (called in the IOC's loop)."""
+        self.puts[pv.pvname.removeprefix(self.prefix)] = pv.value
 
     @Heartbeat.scan(period=1.0)
     async def Heartbeat(self, instance, async_lib):
@@ -157,25 +443,24 @@ class ReconstructionIOC(PVGroup):
         index = value if isinstance(value, int) else STATUS.index(value)
         severity = AlarmSeverity.MAJOR_ALARM if STATUS[index] == "Error" else \
             AlarmSeverity.NO_ALARM
-        status = AlarmStatus.STATE if severity else AlarmStatus.NO_ALARM
-        await instance.alarm.write(status=status, severity=severity)
+        await _state_alarm(instance, severity)
         return value
 
-    # ------------------------------------------------------------------ helpers
-    def settings(self) -> dict[str, Any]:
-        """The current settings (read from any thread: plain attribute reads)."""
-        return {
-            "enable": bool(self.Enable.value),
-            "es_enable": bool(self.ES_Enable.value),
-            "es_max_iter": int(self.ES_MaxIter.value),
-            "es_time_budget": float(self.ES_TimeBudget.value),
-            "polish_iterations": int(self.Polish_Iterations.value),
-            "support_threshold": float(self.Support_Threshold.value),
-        }
+    @Quality.putter
+    async def Quality(self, instance, value):
+        name = QUALITY[value] if isinstance(value, int) else value
+        await _state_alarm(instance, QUALITY_SEVERITY.get(name, AlarmSeverity.NO_ALARM))
+        return value
+
+
+async def _state_alarm(instance: PvpropertyData, severity: AlarmSeverity) -> None:
+    """A STATE alarm of ``severity`` on a PV (NO_ALARM clears it)."""
+    status = AlarmStatus.STATE if severity else AlarmStatus.NO_ALARM
+    await instance.alarm.write(status=status, severity=severity)
 
 
 def result_values(result: Any) -> dict[str, Any]:
-    """PV name (attribute) -> value for a reconstruction result."""
+    """PV name (without prefix) -> value for a reconstruction result."""
     support = result.support
     idx = np.argwhere(support)
     extent = (idx.max(axis=0) - idx.min(axis=0) + 1) if idx.size else np.zeros(3, int)
@@ -184,36 +469,56 @@ def result_values(result: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "Chi": float(result.chi), "ChiCNN": float(result.chi_cnn),
         "Params": np.asarray(result.params, dtype=np.float64)[:MAX_PARAMS],
-        "Size_X": int(extent[2]), "Size_Y": int(extent[1]), "Size_Z": int(extent[0]),
-        "Volume": int(support.sum()), "Phase_RMS": float(np.sqrt(np.mean(phase**2))),
-        "Model_Name": str(result.model_name)[:39], "Model_Provider": str(result.provider)[:39],
-        "ES_CostHistory": np.asarray(result.es_costs[-MAX_HISTORY:] or [0.0], dtype=np.float64),
+        "Size:X": int(extent[2]), "Size:Y": int(extent[1]), "Size:Z": int(extent[0]),
+        "Volume": int(support.sum()), "Phase:RMS": float(np.sqrt(np.mean(phase**2))),
+        "Model:Name": str(result.model_name)[:39], "Model:Provider": str(result.provider)[:39],
+        "ES:CostHistory": np.asarray(result.es_costs[-MAX_HISTORY:] or [0.0], dtype=np.float64),
     }
     for key, name in (("preprocess", "Preprocess"), ("inference", "Inference"),
                       ("refine", "Refine"), ("polish", "Polish"), ("total", "Total")):
-        values[f"Latency_{name}"] = float(result.timings.get(key, 0.0))
-    for plane, image in screen_images(result).items():
-        values[plane] = image.ravel()
+        values[f"Latency:{name}"] = float(result.timings.get(key, 0.0))
+    values.update(screen_images(result))
     meta = getattr(result, "metadata", {}) or {}
     voxel = meta.get("voxel_size_nm")
     if voxel is not None:
-        values["Voxel_Size"] = np.asarray(voxel, dtype=np.float64)
-        values["Volume_NM"] = float(values["Volume"] * np.prod(voxel))
+        values["Voxel:Size"] = np.asarray(voxel, dtype=np.float64)
+        values["Volume:NM"] = float(values["Volume"] * np.prod(voxel))
     if getattr(result, "latent_distance", None) is not None:
-        values.update(Latent_X=float(result.latent_xy[0]), Latent_Y=float(result.latent_xy[1]),
-                      Latent_Distance=float(result.latent_distance),
-                      Latent_OOD=int(result.out_of_distribution))
+        values.update({"Latent:X": float(result.latent_xy[0]),
+                       "Latent:Y": float(result.latent_xy[1]),
+                       "Latent:Distance": float(result.latent_distance),
+                       "Latent:OOD": int(result.out_of_distribution)})
     rec = meta.get("recommendation")
     if rec:
-        values.update(Rec_ThetaCenter=float(rec["theta_center"]),
-                      Rec_ThetaRange=float(rec["theta_range"]),
-                      Rec_Exposure=float(rec["exposure"]) if math.isfinite(rec["exposure"])
-                      else 0.0)
+        values.update({"Rec:ThetaCenter": float(rec["theta_center"]),
+                       "Rec:ThetaRange": float(rec["theta_range"]),
+                       "Rec:Exposure": float(rec["exposure"]) if math.isfinite(rec["exposure"])
+                       else 0.0})
+    values.update(summary_values(result.summary()))
+    return values
+
+
+def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
+    """PV name -> value for the keys of the result schema (``result.summary()``) that are
+    present: the quality grade, and the physical figures a scan with geometry has."""
+    values: dict[str, Any] = {}
+    if summary.get("quality") in QUALITY:
+        values["Quality"] = summary["quality"]
+        values["Quality:Reasons"] = "; ".join(map(str, summary.get("quality_reasons") or ()))
+    for key, name in (("strain_rms", "Strain:RMS"), ("displacement_rms_nm", "Displacement:RMS"),
+                      ("crystal_volume_nm3", "Volume:NM")):
+        if summary.get(key) is not None:
+            values[name] = float(summary[key])
+    extents = summary.get("crystal_extents_nm")
+    if extents is not None:
+        a, b, c = sorted((float(e) for e in extents), reverse=True)
+        values.update({"Extent:A": a, "Extent:B": b, "Extent:C": c})
     return values
 
 
 def screen_images(result: Any, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
-    """The six ``size x size`` float32 slice images (amplitude, phase), centred on the crystal."""
+    """The six ``size x size`` float32 slice images (amplitude, phase), centred on the crystal,
+    flattened row-major and keyed by PV name (``Amp:XY`` ...)."""
     obj = result.object
     idx = np.argwhere(result.support)
     centre = idx.mean(axis=0).round().astype(int) if idx.size else np.array(obj.shape) // 2
@@ -223,8 +528,40 @@ def screen_images(result: Any, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
     sup = np.pad(result.support, size // 2)[window]
     amp = central_slices(np.abs(crop))
     phase = central_slices(np.where(sup, np.angle(crop), 0.0))
-    return {**{f"Amp_{k}": v.astype(np.float32) for k, v in amp.items()},
-            **{f"Phase_{k}": v.astype(np.float32) for k, v in phase.items()}}
+    return {**{f"Amp:{k}": v.astype(np.float32).ravel() for k, v in amp.items()},
+            **{f"Phase:{k}": v.astype(np.float32).ravel() for k, v in phase.items()}}
+
+
+def setting_values(settings: ReconstructionSettings) -> dict[str, Any]:
+    """The setting PVs' values (PV name without prefix -> value) for ``settings``."""
+    name, fields = ES_MAX_ITER
+    values: dict[str, Any] = {name: sum(getattr(settings, f) for f in fields)}
+    for field, pv_name in SETTING_PVS.items():
+        value = getattr(settings, field)
+        values[pv_name] = int(value) if isinstance(value, bool) else value
+    return values
+
+
+def apply_puts(settings: ReconstructionSettings,
+               puts: dict[str, Any]) -> ReconstructionSettings:
+    """``settings`` with the setting PVs a client put (PV name -> value).
+
+    ``ES:MaxIter`` is split over the coarse and fine ES runs in the running settings'
+    proportion; ``ES:Enable`` 0 turns the whole refinement off (search and ES).
+    """
+    changes = {field: puts[pv_name] for field, pv_name in SETTING_PVS.items()
+               if pv_name in puts}
+    name, (coarse, fine) = ES_MAX_ITER
+    if name in puts:
+        info = {i.name: i for i in ReconstructionSettings.fields_info()}
+        total = int(puts[name])
+        running = getattr(settings, coarse) + getattr(settings, fine)
+        share = getattr(settings, coarse) / running if running else 0.75
+        n_fine = min(info[fine].high, total - min(info[coarse].high, round(total * share)))
+        changes[coarse], changes[fine] = total - n_fine, n_fine
+    if not puts.get("ES:Enable", 1):
+        changes.update(shape_search_evaluations=0, **{coarse: 0, fine: 0})
+    return settings.replace(**changes)
 
 
 class IOCServer:
@@ -236,10 +573,13 @@ class IOCServer:
         PV prefix (default ``BCDI:``).
     interfaces : list of str, optional
         Network interfaces to serve on (caproto's default: all, or ``EPICS_CAS_INTF_ADDR_LIST``).
+    access : WriteAccess, optional
+        Who may put the settings (default: any client).
     """
 
-    def __init__(self, prefix: str = "BCDI:", interfaces: list[str] | None = None) -> None:
-        self.group = ReconstructionIOC(prefix=prefix)
+    def __init__(self, prefix: str = "BCDI:", interfaces: list[str] | None = None,
+                 access: WriteAccess | None = None) -> None:
+        self.group = ReconstructionIOC(prefix=prefix, access=access)
         self.interfaces = interfaces
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -250,8 +590,10 @@ class IOCServer:
         from caproto.asyncio.server import Context
 
         asyncio.set_event_loop(self.loop)
+        context = None
 
         async def main() -> None:
+            nonlocal context
             self._task = asyncio.current_task()
             # caproto's queues must be made inside the loop that runs them.
             context = Context(self.group.pvdb, self.interfaces)
@@ -262,14 +604,14 @@ class IOCServer:
         except asyncio.CancelledError:
             pass
         finally:
-            # Let caproto's circuit tasks finish cancelling so their sockets close in this
-            # loop, not in a garbage-collected closed one.
+            # Let caproto's circuit tasks finish cancelling, and close the clients' connections
+            # in this loop, not in a garbage-collected closed one.
             pending = asyncio.all_tasks(self.loop)
             for task in pending:
                 task.cancel()
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            for transport in list(getattr(self.loop, "_transports", {}).values()):
-                transport.close()
+            for circuit in list(context.circuits if context is not None else ()):
+                circuit.client.close()
             self.loop.run_until_complete(asyncio.sleep(0.05))
             self.loop.close()
 
@@ -290,17 +632,14 @@ class IOCServer:
         self._thread.join(timeout)
 
     def write(self, values: dict[str, Any], timeout: float = 10.0, wait: bool = True) -> None:
-        """Write PV values (attribute names) from any thread; with ``wait``, until they are
-        served (without, the caller never blocks: for the RunEngine's thread)."""
+        """Write PV values (names without the prefix) from any thread; with ``wait``, until
+        they are served (without, the caller never blocks: for the RunEngine's thread)."""
+        pvs = [(self.group.pvdb[self.group.prefix + name], value)
+               for name, value in values.items()]
 
         async def apply() -> None:
-            for attr, value in values.items():
-                pv = getattr(self.group, attr)
+            for pv, value in pvs:
                 await pv.write(value)
-                if attr == "Latent_OOD":  # out of distribution: a MINOR alarm on the flag
-                    await pv.alarm.write(
-                        status=AlarmStatus.STATE if value else AlarmStatus.NO_ALARM,
-                        severity=AlarmSeverity.MINOR_ALARM if value else AlarmSeverity.NO_ALARM)
 
         future = asyncio.run_coroutine_threadsafe(apply(), self.loop)
         if wait:
@@ -316,14 +655,31 @@ class IOCPublisher:
 
     Give it to :class:`~bcdi_bluesky.beamline.BCDIReconstructionCallback` as a publisher: it
     shows each stage live (Collecting, Reconstructing, Refining with ES:Iteration and ES:Cost,
-    Done or Error), writes every result PV, and applies the writable settings to the next
-    reconstruction.
+    Done or Error), writes every result PV, and hands the next reconstruction the settings
+    the control room put.
+
+    Parameters
+    ----------
+    prefix : str
+        PV prefix.
+    interfaces : list of str, optional
+        Network interfaces to serve on.
+    server : IOCServer, optional
+        A running server to publish through (default: start one).
+    access : WriteAccess, optional
+        Who may put the settings (default: any client).
+    settings : ReconstructionSettings, optional
+        The settings the setting PVs show until the first scan (then: that scan's running
+        settings, for every PV no client put). Default: ``ReconstructionSettings()``.
     """
 
     def __init__(self, prefix: str = "BCDI:", interfaces: list[str] | None = None,
-                 server: IOCServer | None = None) -> None:
-        self.server = server or IOCServer(prefix, interfaces).start()
+                 server: IOCServer | None = None, access: WriteAccess | None = None,
+                 settings: ReconstructionSettings | None = None) -> None:
+        self.server = server or IOCServer(prefix, interfaces, access).start()
         self._last_progress = 0.0
+        if settings is not None:
+            self.server.write(setting_values(settings))
 
     @property
     def group(self) -> ReconstructionIOC:
@@ -338,29 +694,19 @@ class IOCPublisher:
                            "StatusMsg": f"collecting scan {start_doc.get('scan_id')}"},
                           wait=False)
 
-    def configure(self, settings: Any, start_doc: dict) -> Any:
-        """The next scan's settings: ``settings`` changed by the setting PVs; None skips the
-        scan (``Enable`` 0). The reconstructor itself is never changed."""
-        s = self.group.settings()
-        if not s["enable"]:
+    def configure(self, settings: ReconstructionSettings | None,
+                  start_doc: dict) -> ReconstructionSettings | None:
+        """The next scan's settings: ``settings`` (the running ones) with every setting a
+        client put; None skips the scan (``Enable`` 0). The reconstructor is never changed,
+        and the setting PVs nobody put show the running values."""
+        settings = settings or ReconstructionSettings()
+        puts = dict(self.group.puts)
+        self.server.write({name: value for name, value in setting_values(settings).items()
+                           if name not in puts})
+        if not puts.get("Enable", 1):
             self.server.set_status("Idle", "reconstruction disabled (Enable = 0)")
             return None
-        if settings is None:  # an engine without settings of its own: start from the defaults
-            settings = ReconstructionSettings()
-        total = s["es_max_iter"] if s["es_enable"] else 0
-        changes = {
-            "es_coarse_iterations": total * 3 // 4,
-            "es_fine_iterations": total - total * 3 // 4,
-            "es_time_budget_s": s["es_time_budget"],
-            # Polish:Iterations bounds both polish runs (0: no polish).
-            "polish_iterations": s["polish_iterations"],
-            "polish_er_iterations": min(settings.polish_er_iterations,
-                                        s["polish_iterations"]),
-            "support_threshold": s["support_threshold"],
-        }
-        if not s["es_enable"]:  # no refinement at all: the odd-shape search goes with ES
-            changes["shape_search_evaluations"] = 0
-        settings = settings.replace(**changes)
+        settings = apply_puts(settings, puts)
         self.server.set_status("Reconstructing", f"reconstructing scan {start_doc.get('scan_id')}")
         return settings
 
@@ -371,8 +717,8 @@ class IOCPublisher:
             if now - self._last_progress < 0.1:
                 return
             self._last_progress = now
-            self.server.write({"Status": "Refining", "ES_Iteration": int(info["iteration"]),
-                               "ES_Cost": float(info["cost"])})
+            self.server.write({"Status": "Refining", "ES:Iteration": int(info["iteration"]),
+                               "ES:Cost": float(info["cost"])})
         elif stage == "inference":
             self.server.write({"ChiCNN": float(info["chi"])})
             if info.get("message"):  # e.g. out of distribution: say how the pipeline reacts
@@ -386,7 +732,7 @@ class IOCPublisher:
         """Write every result PV, then Done."""
         values = result_values(result)
         values["Count"] = int(self.group.Count.value) + 1
-        values["ES_Iteration"] = len(result.es_costs)
+        values["ES:Iteration"] = len(result.es_costs)
         self.server.write(values)
         self.server.set_status("Done", f"scan {start_doc.get('scan_id')}: chi {result.chi:.4f}")
 
@@ -396,55 +742,24 @@ class IOCPublisher:
 
 
 def pv_table(prefix: str = "BCDI:") -> str:
-    """Markdown table of every PV (name, type, units, writable, meaning)."""
+    """Markdown table of every PV (name, type, units, writable, meaning: the PV's ``doc``)."""
     group = ReconstructionIOC(prefix=prefix)
-    meaning = {
-        "Status": "Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm)",
-        "StatusMsg": "what is happening, or why it failed (long string)",
-        "ScanUID": "uid of the scan shown (first 39 characters)", "ScanID": "its scan id",
-        "Count": "reconstructions done", "Heartbeat": "+1 every second while the IOC runs",
-        "Chi": "final chi; warning/alarm limits in .HIGH/.HIHI (default 0.3/0.5)",
-        "ChiCNN": "chi of the CNN's estimate", "ES:Iteration": "ES step (live)",
-        "ES:Cost": "ES cost chi (live)", "ES:CostHistory": "chi of every ES step",
-        "Params": "crystal parameter vector (names in the model card)",
-        "Size:X": "support extent along x (axis 2)", "Size:Y": "along y (axis 1)",
-        "Size:Z": "along z (axis 0, rocking)", "Volume": "support volume",
-        "Volume:NM": "support volume in nm^3 (0 unless the scan metadata gives the geometry)",
-        "Voxel:Size": "voxel size (rocking, row, column) in nm, from the scan metadata",
-        "Phase:RMS": "RMS of the phase over the support (strain indicator)",
-        "Image:Width": "width of the slice images", "Image:Height": "their height",
-        "Rec:ThetaCenter": "recommended rocking centre", "Rec:ThetaRange": "recommended range",
-        "Rec:Exposure": "recommended exposure", "Model:Name": "CNN model name",
-        "Model:Provider": "ONNX Runtime provider really in use",
-        "Latent:X": "the scan on the CNN's latent map (model card), first axis",
-        "Latent:Y": "second axis",
-        "Latent:Distance": "distance to the training distribution (99% of priors below 1)",
-        "Latent:OOD": "1 when the distance exceeds 1 (MINOR alarm): ES budget doubled",
-        "Enable": "0 skips reconstructions (0 or 1)",
-        "ES:Enable": "0 skips the refinement: odd-shape search and ES (0 or 1)",
-        "ES:MaxIter": "ES steps, 0 .. 100000",
-        "ES:TimeBudget": "refinement seconds (search and ES), 0 .. 600",
-        "Polish:Iterations": "steps of the ER/HIO polish run (the ER run takes at most 50; "
-                             "0: no polish), 0 .. 10000",
-        "Support:Threshold": "support threshold (fraction of max amplitude), 0.01 .. 0.9",
-    }
-    for plane in ("XY", "XZ", "YZ"):
-        meaning[f"Amp:{plane}"] = f"amplitude, central {plane} plane (flattened, row-major)"
-        meaning[f"Phase:{plane}"] = f"phase in radians, central {plane} plane"
-    for stage in ("Preprocess", "Inference", "Refine", "Polish", "Total"):
-        meaning[f"Latency:{stage}"] = f"seconds of the {stage.lower()} stage"
     rows = ["| PV | type | units | writable | meaning |", "| --- | --- | --- | --- | --- |"]
-    for prop in group._pvs_.values():
-        name = prop.pvspec.name
-        channel = group.pvdb[prefix + name]
+    for name, channel in group.pvdb.items():
         dtype = channel.data_type.name.lower()
         length = getattr(channel, "max_length", 1)
         if length and length > 1 and dtype not in ("char", "string"):
             dtype += f"[{length}]"
+        if dtype == "char":  # a long string (CHAR waveform reported as a string)
+            dtype = "string"
         units = getattr(channel, "units", "") or ""
-        writable = "no" if prop.pvspec.read_only else "yes"
-        rows.append(f"| `{prefix}{name}` | {dtype} | {units} | {writable} | "
-                    f"{meaning.get(name, '')} |")
+        writable = "no" if channel.pvspec.read_only else "yes"
+        meaning = channel.pvspec.doc or ""
+        low, high = (getattr(channel, "lower_ctrl_limit", 0), getattr(channel, "upper_ctrl_limit",
+                                                                        0))
+        if not channel.pvspec.read_only and low != high:
+            meaning += f"; {low} .. {high}"
+        rows.append(f"| `{name}` | {dtype} | {units} | {writable} | {meaning} |")
     return "\n".join(rows) + "\n"
 
 

@@ -56,7 +56,7 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
         raise ValueError(f"symmetry_average must be one of {', '.join(SYMMETRY_GROUPS)}, got "
                          f"{symmetry_average!r}")
     state = load_checkpoint(checkpoint)
-    config = TrainConfig(**state["config"])
+    config = TrainConfig.from_checkpoint(state["config"])
     name = name or config.name
     net = build_network(config)
     net.load_state_dict(state["model"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import ModelError
 from ..physics import CrystalModel
 from .encoding import NormalisedEncoding, TwinInvariantEncoding, make_encoding
+from .latent import LatentMap
 
 DEFAULT_MODEL_NAME = "bcdi_cnn64"
 #: Providers tried in this order when the caller does not choose.
@@ -56,7 +57,14 @@ def sha256_of(path: Path) -> str:
 
 
 def load_card(onnx_path: Path) -> dict:
-    """Read and check the model card beside ``onnx_path``."""
+    """Read the model card beside ``onnx_path`` and check it (see :func:`check_card`).
+
+    Raises
+    ------
+    ModelError
+        One line naming the card and its first defect: missing, not UTF-8 JSON, not an
+        object, a field missing or of the wrong type, or a ``sha256`` that is not the file's.
+    """
     onnx_path = Path(onnx_path)
     card_path = onnx_path.with_suffix(".json")
     if not onnx_path.is_file():
@@ -64,17 +72,72 @@ def load_card(onnx_path: Path) -> dict:
     if not card_path.is_file():
         raise ModelError(f"model card not found: {card_path}")
     try:
-        card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        card = json.loads(card_path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ModelError(f"model card {card_path} cannot be read: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"model card {card_path} is not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
         raise ModelError(f"model card {card_path} is not valid JSON: {exc}") from None
-    for key in ("sha256", "input", "parameters"):
-        if key not in card:
-            raise ModelError(f"model card {card_path} lacks the field {key!r}")
+    check_card(card, card_path)
     digest = sha256_of(onnx_path)
     if digest != card["sha256"]:
         raise ModelError(f"model file {onnx_path} does not match its card {card_path} "
-                         f"(sha256 {digest[:12]}... vs {str(card['sha256'])[:12]}...)")
+                         f"(sha256 {digest[:12]}... vs {card['sha256'][:12]}...)")
     return card
+
+
+def _field(card: dict, dotted: str, kind: type | tuple[type, ...], card_path: Path):
+    """``card[a][b]...`` for ``dotted = "a.b"``, of type ``kind``; else one ModelError line."""
+    value: object = card
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise ModelError(f"model card {card_path} lacks the field {dotted!r}")
+        value = value[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int to Python, never to a card.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ModelError(f"model card {card_path}: {dotted!r} must be {names}, got "
+                         f"{type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def check_card(card: object, card_path: Path) -> None:
+    """Check the structure of a model card (everything but the ONNX graph: see
+    :class:`OnnxCrystalModel`, which compares the card with the graph it loads).
+
+    Parameters
+    ----------
+    card : object
+        The decoded JSON.
+    card_path : Path
+        Named in the error.
+
+    Raises
+    ------
+    ModelError
+        One line naming the first defect.
+    """
+    if not isinstance(card, dict):
+        raise ModelError(f"model card {card_path} must be a JSON object, got "
+                         f"{type(card).__name__}")
+    _field(card, "sha256", str, card_path)
+    shape = _field(card, "input.shape", list, card_path)
+    if len(shape) != 5 or shape[1] != 1 or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape[1:]) \
+            or len(set(shape[2:])) != 1:
+        raise ModelError(f"model card {card_path}: 'input.shape' must be [batch, 1, N, N, N], "
+                         f"got {shape!r}")
+    for key in ("n", "lmax", "n_rbf", "phase_order"):
+        _field(card, f"parameters.{key}", int, card_path)
+    _field(card, "parameters.names", list, card_path)
+    _field(card, "output.encoding", str, card_path)
+    if "latent" in card:
+        _field(card, "latent", dict, card_path)
+        for key in ("mean", "precision", "components", "points"):
+            _field(card, f"latent.{key}", list, card_path)
+        _field(card, "latent.scale", (int, float), card_path)
 
 
 class OnnxCrystalModel:
@@ -117,8 +180,45 @@ class OnnxCrystalModel:
             raise ModelError(f"cannot load model {self.path}: {exc}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.grid = int(self.card["input"]["shape"][-1])
+        self.crystal_model, self.encoding, self.latent_map = self._layout()
         if warmup:
             self.predict(np.zeros((1, 1, *(self.grid,) * 3), dtype=np.float32))
+
+    def _layout(self) -> tuple[CrystalModel, TwinInvariantEncoding | NormalisedEncoding,
+                               LatentMap | None]:
+        """The parameter layout, output encoding and latent map the card describes, checked
+        against each other and against the graph's input and output shapes."""
+        card, card_path = self.card, self.path.with_suffix(".json")
+        graph_in = self.session.get_inputs()[0].shape
+        # Only the named batch axis may be symbolic; every other axis is a number to compare.
+        if list(graph_in[1:]) != list(card["input"]["shape"][1:]):
+            raise ModelError(f"model {self.path} takes input shape {graph_in}, its card "
+                             f"{card_path} says {card['input']['shape']}")
+        try:
+            crystal_model = CrystalModel.from_dict(card["parameters"])
+            encoding = make_encoding(card["output"]["encoding"], crystal_model)
+            latent_map = LatentMap.from_dict(card["latent"]) if "latent" in card else None
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise ModelError(f"model card {card_path}: {exc}") from None
+        graph_out = self.session.get_outputs()[0].shape
+        if not graph_out or graph_out[-1] != encoding.size:
+            raise ModelError(f"model {self.path} outputs shape {graph_out}, but the card's "
+                             f"parameter layout ({crystal_model.size} parameters, encoding "
+                             f"{encoding.name}) needs {encoding.size} outputs")
+        if latent_map is not None:
+            size = crystal_model.size + 1  # the parameters and the prediction's chi
+            shapes = {"mean": ((size,), latent_map.mean.shape),
+                      "precision": ((size, size), latent_map.precision.shape),
+                      "components": ((2, size), latent_map.components.shape)}
+            for key, (want, got) in shapes.items():
+                if want != got:
+                    raise ModelError(f"model card {card_path}: 'latent.{key}' has shape {got}, "
+                                     f"the parameter layout needs {want}")
+            if latent_map.points.ndim != 2 or latent_map.points.shape[1:] != (2,) or not (
+                    math.isfinite(latent_map.scale) and latent_map.scale > 0):
+                raise ModelError(f"model card {card_path}: 'latent' needs points of shape "
+                                 f"(K, 2) and a positive scale")
+        return crystal_model, encoding, latent_map
 
     @property
     def name(self) -> str:
@@ -129,27 +229,6 @@ class OnnxCrystalModel:
     def provider(self) -> str:
         """The execution provider that really runs (the CPU wheel silently ignores CUDA)."""
         return self.session.get_providers()[0]
-
-    @cached_property
-    def crystal_model(self) -> CrystalModel:
-        """The crystal-parameter layout the network predicts."""
-        return CrystalModel.from_dict(self.card["parameters"])
-
-    @cached_property
-    def latent_map(self):
-        """The training distribution of the latent (None for a card without one)."""
-        from .latent import LatentMap
-
-        return LatentMap.from_dict(self.card["latent"]) if "latent" in self.card else None
-
-    @cached_property
-    def encoding(self) -> TwinInvariantEncoding | NormalisedEncoding:
-        """How the network's outputs encode the parameters (named in the card)."""
-        name = self.card.get("output", {}).get("encoding")
-        try:
-            return make_encoding(name, self.crystal_model)
-        except ValueError as exc:
-            raise ModelError(f"model card {self.path.with_suffix('.json')}: {exc}") from None
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Normalised parameters for network inputs.

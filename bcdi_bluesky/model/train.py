@@ -10,7 +10,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,56 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..physics import CrystalModel, CrystalPrior
+from ..physics import CrystalPrior
+from .config import TrainConfig
 from .data import MIRROR_STREAM, TRAIN_STREAM, VALIDATION_STREAM, make_batch, mirrored_copies
-from .encoding import TWIN_BLOCKS, TwinInvariantEncoding, make_encoding
+from .encoding import TwinInvariantEncoding
 from .evaluate import validate
 from .network import CrystalCNN, WeightedMSE, parameter_weights
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint)."""
-
-    name: str = "bcdi_cnn64"
-    grid: int = 64
-    lmax: int = 4
-    n_rbf: int = 3
-    phase_order: int = 3
-    width: int = 16
-    hidden: int = 256
-    batch_size: int = 16
-    steps: int = 4000
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 200
-    seed: int = 0
-    validate_every: int = 250
-    checkpoint_every: int = 100
-    validation_size: int = 128
-    encoding: str = TWIN_BLOCKS
-    #: Give the network the Friedel-asymmetry channel (see :class:`CrystalCNN`); False in
-    #: checkpoints written before it existed.
-    friedel: bool = False
-    #: Centred crop edge of the full-resolution encoder (see :class:`CrystalCNN`); 0: none.
-    zoom: int = 0
-    #: Mirror images per simulated crystal in a batch (1: every sample a fresh crystal).
-    mirror_copies: int = 1
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.mirror_copies <= 8 or self.batch_size % self.mirror_copies:
-            raise ValueError(f"mirror_copies must be in [1, 8] and divide the batch size "
-                             f"{self.batch_size}, got {self.mirror_copies}")
-
-    def crystal_model(self) -> CrystalModel:
-        """The parameter layout this run trains on."""
-        return CrystalModel(n=self.grid, lmax=self.lmax, n_rbf=self.n_rbf,
-                            phase_order=self.phase_order)
-
-    def output_encoding(self):
-        """How the network's outputs encode the parameters."""
-        return make_encoding(self.encoding, self.crystal_model())
 
 
 class _BatchStream(Dataset):
@@ -207,7 +163,7 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
     state = None
     if resume and path.is_file():
         state = load_checkpoint(path)
-        stored = TrainConfig(**state["config"])
+        stored = TrainConfig.from_checkpoint(state["config"])
         stored.steps = max(stored.steps, config.steps)
         config = stored
     torch.manual_seed(config.seed)

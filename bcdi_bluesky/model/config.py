@@ -1,0 +1,62 @@
+"""What defines a training run: :class:`TrainConfig` (no torch, so the CLI can offer its
+defaults without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..physics import CrystalModel
+from .encoding import TWIN_BLOCKS, make_encoding
+
+#: Values of features that a checkpoint written before they existed does not name.
+ABSENT_MEANS_OFF = {"friedel": False, "zoom": 0, "mirror_copies": 1}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint)."""
+
+    name: str = "bcdi_cnn64"
+    grid: int = 64
+    lmax: int = 4
+    n_rbf: int = 3
+    phase_order: int = 3
+    width: int = 16
+    hidden: int = 256
+    batch_size: int = 16
+    steps: int = 4000
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    seed: int = 0
+    validate_every: int = 250
+    checkpoint_every: int = 100
+    validation_size: int = 128
+    encoding: str = TWIN_BLOCKS
+    #: Give the network the Friedel-asymmetry channel I(q) - I(-q) (see ``CrystalCNN``).
+    friedel: bool = True
+    #: Centred crop edge of the full-resolution encoder (see ``CrystalCNN``); 0: none.
+    zoom: int = 32
+    #: Mirror images per simulated crystal in a batch (1: every sample a fresh crystal).
+    mirror_copies: int = 2
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.mirror_copies <= 8 or self.batch_size % self.mirror_copies:
+            raise ValueError(f"mirror_copies must be in [1, 8] and divide the batch size "
+                             f"{self.batch_size}, got {self.mirror_copies}")
+
+    @classmethod
+    def from_checkpoint(cls, stored: dict) -> TrainConfig:
+        """The config a checkpoint stored; a key it lacks means the feature was off when it
+        was written (:data:`ABSENT_MEANS_OFF`), not today's default."""
+        return cls(**{**ABSENT_MEANS_OFF, **stored})
+
+    def crystal_model(self) -> CrystalModel:
+        """The parameter layout this run trains on."""
+        return CrystalModel(n=self.grid, lmax=self.lmax, n_rbf=self.n_rbf,
+                            phase_order=self.phase_order)
+
+    def output_encoding(self):
+        """How the network's outputs encode the parameters."""
+        return make_encoding(self.encoding, self.crystal_model())

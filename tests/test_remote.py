@@ -1,0 +1,92 @@
+"""Documents over 0MQ: the safe encoding and the receiver that drops what it cannot read."""
+
+import logging
+import pickle
+
+import msgpack
+import numpy as np
+import pytest
+from event_model import compose_run
+
+from bcdi_bluesky.remote import (
+    NDARRAY_EXT,
+    RemoteDispatcher,
+    deserializer,
+    parse_address,
+    serializer,
+)
+
+
+class _Marker:
+    """Unpickling this would create ``path``: the proof that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_documents_round_trip_with_arrays():
+    bundle = compose_run(metadata={"scan_id": 3, "bcdi": {"hkl": (1, 1, 1)}})
+    desc = bundle.compose_descriptor(name="primary", data_keys={
+        "theta": {"source": "sim", "dtype": "number", "shape": []},
+        "det_image": {"source": "sim", "dtype": "array", "shape": [3, 4]}})
+    frame = np.arange(12, dtype=">f4").reshape(3, 4)  # big-endian, as caproto gives them
+    event = desc.compose_event(data={"theta": np.float32(20.5), "det_image": frame},
+                               timestamps={"theta": 0.0, "det_image": 0.0})
+    back = deserializer(serializer(event))
+    np.testing.assert_array_equal(back["data"]["det_image"], frame)
+    assert back["data"]["det_image"].dtype == frame.dtype
+    assert back["data"]["theta"] == pytest.approx(20.5)
+    assert deserializer(serializer(bundle.start_doc))["bcdi"]["hkl"] == [1, 1, 1]
+    text = np.array(["ab", "c"])
+    np.testing.assert_array_equal(deserializer(serializer({"t": text}))["t"], text)
+
+
+def test_nothing_unsafe_decodes(tmp_path):
+    marker = tmp_path / "ran"
+    payloads = [
+        pickle.dumps({"uid": _Marker(marker)}),
+        b"\x00garbage",
+        serializer([1, 2]),  # not a map
+        msgpack.packb({"a": msgpack.ExtType(NDARRAY_EXT, msgpack.packb(["|O", [1], b"x" * 8]))}),
+        msgpack.packb({"a": msgpack.ExtType(NDARRAY_EXT, msgpack.packb(["<f4", [4], b"x"]))}),
+        msgpack.packb({"a": msgpack.ExtType(7, b"")}),
+    ]
+    for payload in payloads:
+        with pytest.raises(ValueError):
+            deserializer(payload)
+    assert not marker.exists()
+    with pytest.raises(TypeError, match="dtype object"):
+        serializer({"a": np.array([None])})
+
+
+def test_receiver_drops_and_counts_bad_messages(caplog, tmp_path):
+    marker = tmp_path / "ran"
+    dispatcher = RemoteDispatcher("127.0.0.1:5578")
+    received = []
+    dispatcher.subscribe(lambda name, doc: received.append(name))
+    dispatcher.subscribe(lambda name, doc: 1 / 0)  # a broken subscriber stops nothing
+    good = serializer(compose_run().start_doc)
+    with caplog.at_level(logging.WARNING, logger="bcdi_bluesky.remote"):
+        for message in (b"no spaces", b" nonsense " + good, b" \xff\xfe " + good,
+                        b" start " + pickle.dumps({"uid": _Marker(marker)}),
+                        b" start " + serializer([1]), b" start " + good):
+            dispatcher.handle(message)
+    assert received == ["start"]
+    assert dispatcher.received == 6 and dispatcher.dropped == 5
+    assert not marker.exists()
+    dropped = [r for r in caplog.records if "dropped 0MQ message" in r.getMessage()]
+    assert len(dropped) == 5 and all("\n" not in r.getMessage() for r in dropped)
+    assert "unknown document name 'nonsense'" in caplog.text
+
+
+@pytest.mark.parametrize("address, words", [
+    ("127.0.0.1:99999", "out of range"), ("no-such-host.invalid:5578", "cannot resolve"),
+    ("5578", "HOST:PORT"), ("127.0.0.1:", "HOST:PORT")])
+def test_bad_addresses_are_one_line(address, words):
+    with pytest.raises(ValueError, match=words) as info:
+        parse_address(address)
+    assert "\n" not in str(info.value)
+    assert parse_address("127.0.0.1:5578") == ("127.0.0.1", 5578)
