@@ -1,14 +1,26 @@
 """Our reconstruction pipeline against cohere-core's iterative phase retrieval, in one run.
 
-    python benchmarks/bench_pipeline.py [--count 20] [--seed 2026] [--skip-cohere]
-        [--data-dir ../shared/data] [--json results.json]
+    python benchmarks/bench_pipeline.py [--ood-count 40] [--ood128-count 2] [--count 20]
+        [--seed 2026] [--ablation] [--skip-cohere] [--data-dir ../shared/data]
+        [--json results.json] [--report results.json]
 
-Everything runs on this machine, one reconstruction at a time, so the wall times compare.
+Everything runs on this machine, one reconstruction at a time, so the wall times compare. The
+JSON file is rewritten after every crystal, so a run stopped early keeps what it measured, and
+``--report`` prints the tables from it.
 
+0. **Out-of-family set** (first, the most telling): ``--ood-count`` crystals at 64^3 and
+   ``--ood128-count`` at 128^3 from :func:`~bcdi_bluesky.physics.out_of_family_crystal` with
+   ``BENCHMARK_SEED`` (never used for tuning: development used ``DEV_SEED``): faceted
+   polyhedra, platelets, rods and substrate-cut crystals with voids or ramps, inclusion,
+   dislocation and polynomial fields, noise-free to 1e7 photons, some with a detector gap.
+   Ours with ``refine="full"``, the same without spending more (ablation of the fit-driven
+   polish) and cohere-core; tables: medians, per kind, the confusion of the quality verdict
+   with IoU < 0.8, the CNN's out-of-distribution rate on every set.
 1. **Synthetic set**: ``--count`` fresh crystals from the prior at 1e8 photons (stream
    ``TEST_STREAM``, seed ``--seed``; the tests use other seeds). Each is reconstructed by our
    pipeline with ``refine="none"`` (CNN), ``"es"`` (CNN + extremum seeking) and ``"full"``
-   (+ ER/HIO polish), the last two also without the odd-shape search (ablation of
+   (+ ER/HIO polish), with ``--ablation`` the last two also without the odd-shape search
+   (ablation of
    :func:`~bcdi_bluesky.tuning.refine.fit_odd_shape`), and by cohere-core from a random
    start with cohere's default recipe (:data:`COHERE_RECIPE`, 620 iterations). Figures:
    support IoU and phase RMS against the truth (twin, translation and phase ramp resolved),
@@ -17,10 +29,10 @@ Everything runs on this machine, one reconstruction at a time, so the wall times
    example. No truth there: chi, R-factor, seconds, and the support IoU of each of our
    reconstructions with cohere's (cohere run from three random starts, the median one by
    R-factor reported).
-3. **Ablation** (synthetic set): the same polish (`seeded_polish`) seeded by our CNN + ES
-   object (that is ``refine="full"``), by a sphere sized from the intensity's autocorrelation,
-   and by a cohere-style random start in a central box; median IoU per seed, overall and per
-   kind of crystal (phase peak-to-peak, shape aspect ratio, density).
+3. **Ablation** (synthetic set, ``--ablation``): the same polish (`seeded_polish`) seeded
+   by our CNN + ES object (that is ``refine="full"``), by a sphere sized from the intensity's
+   autocorrelation, and by a cohere-style random start in a central box; median IoU per seed,
+   overall and per kind of crystal (phase peak-to-peak, shape aspect ratio, density).
 
 Conventions. Our intensities are centred (q = 0 at index ``N // 2``) with
 ``I = |fftshift(fftn(o))|^2``. cohere-core's ``Rec`` reads *amplitudes* from a file, moves
