@@ -131,16 +131,20 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
     """``good``, ``fair`` or ``poor``, and the reasons for anything below ``good``.
 
     The fit decides the level: counts against :data:`FIT_GOOD` / :data:`FIT_FAIR` times the
-    chi Poisson noise alone would leave; other data against :data:`CHI_GOOD` /
-    :data:`CHI_FAIR` and convergence. A low signal, an out-of-distribution CNN or a run cut
-    short by a wall-time cap each lower ``good`` to ``fair`` and add their reason.
+    chi Poisson noise alone would leave (poor also needs chi above :data:`CHI_FAIR`); other
+    data against :data:`CHI_GOOD` / :data:`CHI_FAIR` and convergence. A low signal, an
+    out-of-distribution CNN or a run cut short by a wall-time cap each lower ``good`` to
+    ``fair`` and add their reason.
     """
     e = evidence
     reasons: list[str] = []
     level = 0
     if e.expected_chi is not None and e.expected_chi > 0:
         ratio = e.chi / e.expected_chi
-        if ratio > FIT_FAIR:
+        # Poor takes a misfit against the noise and in absolute terms: at 1e8-1e9 photons
+        # the noise is so low that a sound reconstruction of a measured crystal (whose
+        # detector and coherence no model holds exactly) still sits several times above it.
+        if ratio > FIT_FAIR and e.chi > CHI_FAIR:
             level = 2
         elif ratio > FIT_GOOD:
             level = 1

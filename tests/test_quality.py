@@ -19,6 +19,7 @@ from bcdi_bluesky.pipeline import (
     prepare_measurement,
 )
 from bcdi_bluesky.quality import (
+    CHI_FAIR,
     CNN_CHI_Z_LIMIT,
     FIT_FAIR,
     FIT_GOOD,
@@ -86,6 +87,15 @@ def test_verdict_follows_the_fit_against_the_noise(ratio, level):
         chi=0.1 * ratio, expected_chi=0.1, converged=False, signal_floor=0.05))
     assert quality == level
     assert (reasons == []) == (level == "good")
+
+
+def test_a_small_misfit_of_bright_data_is_fair_not_poor():
+    # 1e9 photons: noise alone leaves chi 0.01; a sound measured reconstruction ends at 0.04.
+    quality, reasons = quality_verdict(QualityEvidence(
+        chi=0.04, expected_chi=0.01, converged=True, signal_floor=0.008))
+    assert quality == "fair" and "4.00x the Poisson noise" in reasons[0]
+    assert quality_verdict(QualityEvidence(
+        chi=CHI_FAIR + 0.01, expected_chi=0.01, converged=True, signal_floor=0.008))[0] == "poor"
 
 
 def test_verdict_without_counts_asks_for_convergence():
