@@ -475,8 +475,8 @@ def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
 
 
 def out_of_family_cases(rec: Reconstructor, base: Reconstructor, count: int, n: int,
-                        skip_cohere: bool, sink: list[dict[str, Any]] | None = None
-                        ) -> list[dict[str, Any]]:
+                        skip_cohere: bool, sink: list[dict[str, Any]] | None = None,
+                        start: int = 0) -> list[dict[str, Any]]:
     """Reconstruct ``count`` out-of-family crystals (``BENCHMARK_SEED``) at ``n^3``.
 
     Ours with ``refine="full"`` (``rec``) and the same without spending more (``base``: no
@@ -491,7 +491,7 @@ def out_of_family_cases(rec: Reconstructor, base: Reconstructor, count: int, n: 
         Per crystal: ``index``, ``n``, ``labels``, ``photons``, ``noise_free`` and ``methods``.
     """
     cases = []
-    for i in range(count):
+    for i in range(start, start + count):
         crystal = out_of_family_crystal(BENCHMARK_SEED, i, n)
         data, mask, truth = crystal.measured, crystal.mask, crystal.object
         methods: dict[str, dict[str, Any]] = {}
@@ -510,7 +510,7 @@ def out_of_family_cases(rec: Reconstructor, base: Reconstructor, count: int, n: 
                       "noise_free": crystal.noise_free, "methods": methods})
         if sink is not None:
             sink.append(cases[-1])
-        progress(f"out-of-family {n}^3 {i + 1}/{count} ({', '.join(crystal.labels)}): "
+        progress(f"out-of-family {n}^3 #{i} ({', '.join(crystal.labels)}): "
                  + ", ".join(f"{k} IoU {v['iou']:.2f} R {v['r_factor']:.3f} "
                              f"{v.get('quality', '')} {v['seconds']:.1f}s"
                              for k, v in methods.items()))
@@ -786,6 +786,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2026, help="seed of the synthetic set")
     parser.add_argument("--ood-count", type=int, default=40,
                         help="out-of-family crystals at 64^3")
+    parser.add_argument("--ood-start", type=int, default=0,
+                        help="index of the first out-of-family crystal (to continue a run)")
     parser.add_argument("--ood128-count", type=int, default=2,
                         help="out-of-family crystals at 128^3")
     parser.add_argument("--ablation", action="store_true",
@@ -834,7 +836,7 @@ def main() -> None:
     for key in ("out_of_family_64", "measured", "synthetic", "out_of_family_128"):
         results[key] = Saved()
     out_of_family_cases(rec, base, args.ood_count, 64, args.skip_cohere,
-                        results["out_of_family_64"])
+                        results["out_of_family_64"], args.ood_start)
     measured_cases(rec, plain, args.data_dir, args.skip_cohere, args.ablation,
                    results["measured"])
     synthetic_cases(rec, plain, args.count, args.seed, args.skip_cohere, args.ablation,
