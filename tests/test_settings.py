@@ -56,8 +56,8 @@ def test_replace_returns_a_validated_copy():
 
 
 def test_reconstructor_keeps_its_settings_and_a_call_may_use_others(scan54_64):
-    rec = Reconstructor(es_time_budget_s=60.0, support_threshold=0.35)
-    assert rec.settings.es_time_budget_s == 60.0
+    rec = Reconstructor(es_time_budget_s=20.0, support_threshold=0.35)
+    assert rec.settings.es_time_budget_s == 20.0
     assert rec.settings.support_threshold == pytest.approx(0.35)
     with pytest.raises(SettingsError):
         Reconstructor(es_time_budget_s=-5)
