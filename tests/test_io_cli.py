@@ -81,7 +81,11 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     assert report["provider"] == "CPUExecutionProvider" and report["model"] == "bcdi_cnn64"
     assert 0 < report["chi"] < report["stage_chi"]["cnn"]
     assert len(report["latent_xy"]) == 2 and report["latent_distance"] > 0
-    assert report["out_of_distribution"] is (report["latent_distance"] > 1)
+    # Flagged by the latent distance or by the CNN's fit, and then the verdict says which.
+    assert report["out_of_distribution"] is (
+        report["latent_distance"] > 1
+        or any("CNN fit unusual" in r for r in report["quality_reasons"]))
+    assert report["quality"] in ("good", "fair", "poor")
     with h5py.File(tmp_path / "r.cxi") as f:
         obj = f["entry_1/image_1/data"][()]
         assert obj.dtype == np.complex64 and obj.shape == scan54_64.shape
