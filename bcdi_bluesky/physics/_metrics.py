@@ -36,8 +36,12 @@ def _amplitudes(model_intensity, measured_intensity, mask):
 
 def fitted_scale(model_amplitude: np.ndarray, measured_amplitude: np.ndarray) -> float:
     """Least-squares scale ``s`` minimising ``||s a - b||``."""
-    den = float(np.dot(model_amplitude, model_amplitude))
-    return float(np.dot(model_amplitude, measured_amplitude)) / den if den > 0 else 0.0
+    # einsum, not np.dot: a BLAS dot of a 64^3 vector fans out to BLAS threads, which spin
+    # for CPU whenever other processes keep the cores busy (measured under load: the
+    # refinement's CPU time 7.0 s with them, 2.4 s with one BLAS thread).
+    den = float(np.einsum("i,i->", model_amplitude, model_amplitude))
+    num = float(np.einsum("i,i->", model_amplitude, measured_amplitude))
+    return num / den if den > 0 else 0.0
 
 
 def chi(model_intensity: np.ndarray, measured_intensity: np.ndarray,

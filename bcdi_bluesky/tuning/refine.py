@@ -42,7 +42,9 @@ class ChiCost:
         if not a.any():
             return 1.0
         # float64 and the explicit residual: ||b||^2 - s <a, b> cancels badly at small chi.
-        return float(np.linalg.norm(fitted_scale(a, self.b) * a - self.b) / self.b_norm)
+        residual = fitted_scale(a, self.b) * a - self.b
+        # einsum rather than np.linalg.norm (a BLAS call): see physics.fitted_scale.
+        return float(np.sqrt(np.einsum("i,i->", residual, residual)) / self.b_norm)
 
 
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
