@@ -478,7 +478,8 @@ def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
 
 def out_of_family_cases(rec: Reconstructor, base: Reconstructor, count: int, n: int,
                         skip_cohere: bool, sink: list[dict[str, Any]] | None = None,
-                        start: int = 0) -> list[dict[str, Any]]:
+                        start: int = 0, indices: list[int] | None = None
+                        ) -> list[dict[str, Any]]:
     """Reconstruct ``count`` out-of-family crystals (``BENCHMARK_SEED``) at ``n^3``.
 
     Ours with ``refine="full"`` (``rec``) and the same without spending more (``base``: no
@@ -493,7 +494,7 @@ def out_of_family_cases(rec: Reconstructor, base: Reconstructor, count: int, n: 
         Per crystal: ``index``, ``n``, ``labels``, ``photons``, ``noise_free`` and ``methods``.
     """
     cases = []
-    for i in range(start, start + count):
+    for i in indices if indices is not None else range(start, start + count):
         crystal = out_of_family_crystal(BENCHMARK_SEED, i, n)
         data, mask, truth = crystal.measured, crystal.mask, crystal.object
         methods: dict[str, dict[str, Any]] = {}
@@ -795,6 +796,8 @@ def main() -> None:
                         help="out-of-family crystals at 64^3")
     parser.add_argument("--ood-start", type=int, default=0,
                         help="index of the first out-of-family crystal (to continue a run)")
+    parser.add_argument("--ood-indices", default=None, metavar="I,J,...",
+                        help="these out-of-family crystals (64^3) instead of a range")
     parser.add_argument("--ood128-count", type=int, default=2,
                         help="out-of-family crystals at 128^3")
     parser.add_argument("--ablation", action="store_true",
@@ -843,7 +846,9 @@ def main() -> None:
     for key in ("out_of_family_64", "measured", "synthetic", "out_of_family_128"):
         results[key] = Saved()
     out_of_family_cases(rec, base, args.ood_count, 64, args.skip_cohere,
-                        results["out_of_family_64"], args.ood_start)
+                        results["out_of_family_64"], args.ood_start,
+                        None if args.ood_indices is None
+                        else [int(i) for i in args.ood_indices.split(",")])
     measured_cases(rec, plain, args.data_dir, args.skip_cohere, args.ablation,
                    results["measured"])
     synthetic_cases(rec, plain, args.count, args.seed, args.skip_cohere, args.ablation,
