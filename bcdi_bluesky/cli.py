@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run with no document for S seconds is recorded incomplete and its "
                         "frames freed")
     p.add_argument("--stop-timeout", type=_positive_number, default=5.0, metavar="S",
-                   help="on SIGTERM, seconds left to the scan being reconstructed")
+                   help="on SIGTERM, seconds left to the queued reconstructions (then the "
+                        "one in hand is cancelled)")
     p.add_argument("--max-message-mb", type=_positive_number, default=1024.0, metavar="MB",
                    help="0MQ drops longer messages unread")
     p.add_argument("--root-map", type=_root_pair, action="append", default=[],

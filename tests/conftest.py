@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,28 +13,14 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 from bluesky.utils import TransitionError
+from builders import free_port
 
 from bcdi_bluesky.epics.ioc import loopback_environment
 from bcdi_bluesky.physics import CrystalModel, CrystalPrior
 
-
-def _free_port() -> int:
-    """A port free for both TCP and UDP on loopback."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
 # Channel Access on loopback with non-default ports, set before anything imports ophyd (whose
 # pyepics control layer may start libca, which reads these once) or starts an IOC.
-_SERVER_PORT, _REPEATER_PORT = _free_port(), _free_port()
+_SERVER_PORT, _REPEATER_PORT = free_port(), free_port()
 EPICS_ENV = loopback_environment(_SERVER_PORT, _REPEATER_PORT)
 os.environ.update(EPICS_ENV)
 

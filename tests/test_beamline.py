@@ -3,12 +3,17 @@
 import gc
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import documents
 from event_model import compose_run
 
 from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings, Reconstructor
@@ -126,32 +131,6 @@ def _interrupted(beamline):
     raise RuntimeError("beam lost")
 
 
-def _documents(frames_by_theta, image_key="det_image", motor_key="theta", page=True,
-               metadata=None):
-    """A run made with event_model.compose_run (no RunEngine): fast and deterministic."""
-    bundle = compose_run(metadata={"scan_id": 7, **(metadata or {})})
-    docs = [("start", bundle.start_doc)]
-    shape = list(next(iter(frames_by_theta.values())).shape)
-    desc = bundle.compose_descriptor(
-        name="primary",
-        data_keys={motor_key: {"source": "sim", "dtype": "number", "shape": []},
-                   image_key: {"source": "sim", "dtype": "array", "shape": shape}})
-    docs.append(("descriptor", desc.descriptor_doc))
-    thetas = list(frames_by_theta)
-    if page:
-        docs.append(("event_page", desc.compose_event_page(
-            data={motor_key: thetas, image_key: [frames_by_theta[t] for t in thetas]},
-            timestamps={motor_key: [0.0] * len(thetas), image_key: [0.0] * len(thetas)},
-            seq_num=list(range(1, len(thetas) + 1)))))
-    else:
-        for t in thetas:
-            docs.append(("event", desc.compose_event(
-                data={motor_key: t, image_key: frames_by_theta[t]},
-                timestamps={motor_key: 0.0, image_key: 0.0})))
-    docs.append(("stop", bundle.compose_stop()))
-    return docs
-
-
 class _Capture:
     settings = ReconstructionSettings()
 
@@ -172,7 +151,7 @@ def test_frames_are_stacked_in_motor_order(make_callback, page):
     frames = {t: rng.uniform(size=(5, 6)).astype(np.float32) for t in thetas}
     capture = _Capture()
     cb = make_callback(reconstructor=capture)
-    for name, doc in _documents(frames, page=page):
+    for name, doc in documents(frames, page=page):
         cb(name, doc)
     assert cb.wait(timeout=10)
     expected = np.stack([frames[t] for t in sorted(thetas)])
@@ -182,7 +161,7 @@ def test_frames_are_stacked_in_motor_order(make_callback, page):
 def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
     capture = _Capture()
     cb = make_callback(reconstructor=capture, image_key="eiger_image")
-    for name, doc in _documents({0.0: np.ones((2, 2))}):
+    for name, doc in documents({0.0: np.ones((2, 2))}):
         cb(name, doc)
     assert cb.wait(timeout=10)
     (record,) = cb.records.values()
@@ -193,7 +172,7 @@ def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
 def test_start_metadata_can_opt_out(make_callback):
     capture = _Capture()
     cb = make_callback(reconstructor=capture)
-    docs = _documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))})
+    docs = documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))})
     docs[0] = ("start", {**docs[0][1], "bcdi_reconstruct": False})
     for name, doc in docs:
         cb(name, doc)
@@ -208,7 +187,7 @@ def test_full_queue_drops_the_oldest_and_records_it(make_callback):
     capture = _Capture(gate)
     cb = make_callback(reconstructor=capture, queue_size=1)
     for i in range(4):
-        for name, doc in _documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))}):
+        for name, doc in documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))}):
             cb(name, doc)
         if i == 0:  # scans keep coming while the first one is being reconstructed
             for _ in range(1000):
@@ -230,6 +209,20 @@ def test_a_malformed_document_is_logged_not_raised(make_callback, caplog):
     cb("event", {"descriptor": "unknown", "data": {}})  # no start: ignored
     cb("stop", {"no": "uid"})  # broken: logged
     assert "could not handle" in caplog.text
+
+
+def test_a_run_joined_mid_way_is_ignored_with_one_line(make_callback, caplog):
+    capture = _Capture()
+    cb = make_callback(reconstructor=capture)
+    docs = _small_run(page=False)
+    with caplog.at_level("DEBUG", logger="bcdi_bluesky.beamline.callback"):
+        _feed(cb, docs[1:])  # subscribed after the start document went by
+    assert cb.unrouted == len(docs) - 2  # descriptor and events; the stop is simply unknown
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "start document was not seen" in warnings[0].getMessage()
+    uid = _feed(cb, _small_run())
+    assert cb.wait(timeout=10) and cb.records[uid].status == "done"
+    assert list(cb.records) == [uid]
 
 
 def test_closed_loop_finds_a_misaligned_saturated_peak(RE, reconstructor, make_callback):
@@ -505,7 +498,7 @@ class _Hooks(Publisher):
 
 def _small_run(**kwargs):
     frames = {0.0: np.ones((4, 4)), 0.1: 3 * np.ones((4, 4)), 0.2: np.ones((4, 4))}
-    return _documents(frames, **kwargs)
+    return documents(frames, **kwargs)
 
 
 def _feed(cb, docs):
@@ -529,7 +522,7 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
             return real(*args, **kwargs)
         return broken
 
-    if step == "recommendation":  # as bcdi.energy_kev = 0 once did
+    if step == "recommendation":  # a division by zero, as bad metadata can cause
         monkeypatch.setattr(callback_module, "recommend", once(callback_module.recommend))
     if step == "metadata":
         monkeypatch.setattr(callback_module, "voxel_size_nm",
@@ -658,6 +651,32 @@ def test_close_never_hangs(make_callback):
     gate.set()
 
 
+def test_close_cancels_at_the_next_pipeline_step(make_callback):
+    class Endless:
+        """Refines for 30 s, reporting each step, as the pipeline's ES does."""
+
+        settings = ReconstructionSettings()
+
+        def reconstruct(self, volume, progress=None, **kwargs):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                progress("es_step", {"iteration": 0, "cost": 1.0})
+                time.sleep(0.01)
+
+    hooks = _Hooks()
+    cb = make_callback(reconstructor=Endless(), publishers=[hooks])
+    first, queued = _feed(cb, _small_run()), _feed(cb, _small_run())
+    while cb.records[first].status != "reconstructing":
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert cb.close(timeout=2.0) is True
+    assert time.monotonic() - started < 2.5
+    assert cb.records[first].status == "failed"
+    assert "closed before the reconstruction finished" in cb.records[first].message
+    assert cb.records[queued].status == "dropped"
+    assert [c[0] for c in hooks.calls].count("failure") == 2
+
+
 def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
     import gc
     import weakref
@@ -666,7 +685,7 @@ def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
     cb = make_callback(reconstructor=_Fake(), publishers=[hooks], run_timeout=0.3)
     frame = np.ones((4, 4))
     alive = weakref.ref(frame)
-    docs = _documents({0.0: frame, 0.1: 2 * frame}, page=False)
+    docs = documents({0.0: frame, 0.1: 2 * frame}, page=False)
     stop = docs.pop()
     uid = _feed(cb, docs)
     del docs, frame
@@ -687,7 +706,7 @@ def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
 
 def test_events_without_the_motor_are_counted(make_callback):
     frames = {0.1 * i: np.full((4, 4), i + 1.0) for i in range(5)}
-    docs = _documents(frames, page=False)
+    docs = documents(frames, page=False)
     for _, event in docs[2:4]:
         del event["data"]["theta"]
     capture = _Capture()
@@ -708,11 +727,12 @@ def _rss_mib():
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 @pytest.mark.timeout(120)
 def test_memory_stays_flat_over_100_scans(make_callback):
+    rng = np.random.default_rng(0)
+
     def scans(cb, n):
         for _ in range(n):
-            frames = {0.01 * i: np.random.default_rng(i).uniform(size=(96, 96))
-                      for i in range(32)}
-            _feed(cb, _documents(frames))
+            frames = {0.01 * i: rng.uniform(size=(32, 32)) for i in range(8)}
+            _feed(cb, documents(frames))
             assert cb.wait(timeout=10)
 
     # The measurement sees a leak: records that keep every result grow by ~4.5 MiB a scan.
@@ -818,8 +838,6 @@ def test_es_align_stages_a_file_backed_detector(RE, tmp_path):
 
 def _user_guide_example(title):
     """The Python block that follows ``<!-- example: title -->`` in docs/user_guide.md."""
-    from pathlib import Path
-
     text = (Path(__file__).resolve().parent.parent / "docs" / "user_guide.md").read_text()
     block = text.split(f"<!-- example: {title} -->", 1)[1]
     return block.split("```python\n", 1)[1].split("```", 1)[0]
@@ -842,9 +860,57 @@ def test_the_user_guide_publisher_example(make_callback, reconstructor, tmp_path
     glitch[0.0] = np.full_like(frames[0.0], np.nan)  # a detector glitch: the pipeline refuses
     for i, (run, metadata) in enumerate([(frames, {}), (frames, {"sample": "dark"}),
                                          (glitch, {})]):
-        _feed(cb, _documents(run, metadata={**metadata, "scan_id": i + 1}))
+        _feed(cb, documents(run, metadata={**metadata, "scan_id": i + 1}))
         assert cb.wait(timeout=60)
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [line["scan_id"] for line in lines] == [1, 3]
     assert 0 < lines[0]["chi"] < 1 and lines[0]["es_budget_s"] == 2.0
     assert "reconstruction failed" in lines[1]["error"] and "NaN" in lines[1]["error"]
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_fails_the_scans_not_the_service(tmp_path):
+    # A file-size limit makes the disk "full" for this process alone (SIGXFSZ ignored, so the
+    # write fails with EFBIG as it would with ENOSPC); each scan's result file then fails.
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        import numpy as np
+        from event_model import compose_run
+        from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
+        from bcdi_bluesky.beamline import ResultFileWriter
+
+        volume = np.load(sys.argv[1])
+        cb = BCDIReconstructionCallback(reconstructor=Reconstructor(), refine="none",
+                                        publishers=[ResultFileWriter(sys.argv[2])])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        n = volume.shape[0]
+        for scan_id in (1, 2):
+            bundle = compose_run(metadata={"scan_id": scan_id})
+            desc = bundle.compose_descriptor(name="primary", data_keys={
+                "theta": {"source": "sim", "dtype": "number", "shape": []},
+                "det_image": {"source": "sim", "dtype": "array",
+                              "shape": list(volume.shape[1:])}})
+            cb("start", bundle.start_doc)
+            cb("descriptor", desc.descriptor_doc)
+            cb("event_page", desc.compose_event_page(
+                data={"theta": [0.01 * i for i in range(n)], "det_image": list(volume)},
+                timestamps={"theta": [0.0] * n, "det_image": [0.0] * n},
+                seq_num=list(range(1, n + 1))))
+            cb("stop", bundle.compose_stop())
+            assert cb.wait(timeout=60)
+        for record in cb.records.values():
+            print(record.status, "|", record.message)
+        cb.close()
+    """)
+    scan54 = Path(__file__).resolve().parents[1] / "examples" / "data" / "S0054_intensity_64.npy"
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-c", script, str(scan54), str(out)],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    for line in lines:
+        status, message = line.split(" | ")
+        assert status == "failed" and "cannot write" in message, line
+    assert not out.exists() or list(out.iterdir()) == []  # no partial file, no temporary

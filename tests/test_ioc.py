@@ -6,6 +6,7 @@ import uuid
 
 import numpy as np
 import pytest
+from builders import documents, free_port
 
 from bcdi_bluesky.physics import CrystalPrior
 
@@ -33,7 +34,6 @@ def published(ioc):
     """One scan through the callback with the IOC as publisher."""
     from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
     from bcdi_bluesky.model.data import TEST_STREAM, make_sample
-    from tests.test_beamline import _documents
 
     rec = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30)
     geometry = {"bcdi": {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
@@ -43,7 +43,7 @@ def published(ioc):
     results = []
     cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
                                     publishers=[ioc, lambda r, s: results.append((r, s))])
-    for name, doc in _documents(frames, metadata=geometry):
+    for name, doc in documents(frames, metadata=geometry):
         cb(name, doc)
     assert cb.wait(timeout=120)
     cb.close()
@@ -114,7 +114,6 @@ def test_the_ioc_hands_the_next_scan_new_settings_and_never_changes_the_engine(
     import epics
 
     from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings
-    from tests.test_beamline import _documents
 
     caplog.set_level(logging.INFO, logger="bcdi_bluesky.epics.ioc")
     p = ioc.group.prefix
@@ -146,7 +145,7 @@ def test_the_ioc_hands_the_next_scan_new_settings_and_never_changes_the_engine(
     again = []
     cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
                                     publishers=[ioc, lambda r, s: again.append(r)])
-    for name, doc in _documents(frames):
+    for name, doc in documents(frames):
         cb(name, doc)
     assert cb.wait(timeout=120)
     cb.close()
@@ -369,10 +368,9 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
     from caproto import CAStatus, ChannelType
     from caproto.threading.client import Context
 
-    from tests.conftest import _free_port
 
     # Its own server port: the in-process IOC of the other tests may still hold the shared one.
-    port = str(_free_port())
+    port = str(free_port())
     monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
     monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
     prefix = f"S{uuid.uuid4().hex[:6]}:"

@@ -4,7 +4,6 @@ import json
 import pickle
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,22 +12,17 @@ import time
 import pytest
 import zmq
 from bluesky.callbacks.zmq import Publisher
+from builders import free_port
 
 from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
 from bcdi_bluesky.cli import main
 from bcdi_bluesky.remote import serializer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def proxy():
     """A 0MQ proxy bound to loopback only; yields (in_port, out_port)."""
-    ports = _free_port(), _free_port()
+    ports = free_port(), free_port()
     code = ("from bluesky.callbacks.zmq import Proxy; "
             f"Proxy('127.0.0.1:{ports[0]}', '127.0.0.1:{ports[1]}').start()")
     proc = subprocess.Popen([sys.executable, "-c", code])

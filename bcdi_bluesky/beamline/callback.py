@@ -41,7 +41,13 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
-from event_model import DocumentRouter, Filler, RunRouter, UnresolvableForeignKeyError
+from event_model import (
+    DocumentRouter,
+    Filler,
+    RunRouter,
+    UnresolvableForeignKeyError,
+    unpack_event_page,
+)
 
 from ..errors import NoBraggPeakError
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
@@ -81,6 +87,10 @@ def _debug_callbacks() -> bool:
     return bool(os.environ.get("BLUESKY_DEBUG_CALLBACKS", False))
 
 
+class _Cancelled(Exception):
+    """Raised through the pipeline's progress hook when :meth:`close` runs out of time."""
+
+
 class _FillOnStop(DocumentRouter):
     """The RunRouter's filler: it passes documents through unfilled. Frames written to files
     are read by an event-model ``Filler`` in the worker after the run stops (area detectors
@@ -105,8 +115,8 @@ class _RunCollector(DocumentRouter):
         self.record = record
         self.descriptors: dict[str, dict] = {}
         # (motor readback, seq_num, frame | datum id | None when a StreamDatum carries it,
-        #  the event document when the frame is in a file)
-        self.frames: list[tuple[float, int, Any, dict | None]] = []
+        #  (event page, index) when the frame is in a file)
+        self.frames: list[tuple[float, int, Any, tuple[dict, int] | None]] = []
         self.resources: list[dict] = []
         self.datums: list[dict] = []
         self.stream_resources: dict[str, dict] = {}
@@ -156,23 +166,28 @@ class _RunCollector(DocumentRouter):
         if doc["stream_resource"] in self.stream_resources:
             self.stream_datums.append(doc)
 
-    def event(self, doc: dict) -> None:
+    def event_page(self, doc: dict) -> None:
+        # The RunRouter hands events over as pages; reading the columns directly spares
+        # unpacking each page into events in the RunEngine's thread.
         if doc["descriptor"] not in self.descriptors:
             return
         data = doc["data"]
-        try:
-            theta = float(data[self.owner.motor_key])
-        except (KeyError, TypeError, ValueError):
-            theta = float("nan")
-        if not np.isfinite(theta):
-            self.record.events_without_motor += 1
-            return
-        # Keep a reference only (an array, a datum id, or None when a StreamDatum carries the
-        # frame): the worker reads and stacks. Copying frames here would put the analysis'
-        # cost into the scan.
-        value = data.get(self.owner.image_key)
-        self.frames.append((theta, int(doc.get("seq_num", 0)), value,
-                            doc if isinstance(value, str) else None))
+        thetas = data.get(self.owner.motor_key)
+        images = data.get(self.owner.image_key)
+        for k, seq_num in enumerate(doc["seq_num"]):
+            try:
+                theta = float(thetas[k])
+            except (TypeError, ValueError, IndexError):
+                theta = float("nan")
+            if not np.isfinite(theta):
+                self.record.events_without_motor += 1
+                continue
+            # Keep a reference only (an array, a datum id, or None when a StreamDatum carries
+            # the frame): the worker reads and stacks. Copying frames here would put the
+            # analysis' cost into the scan.
+            value = None if images is None else images[k]
+            self.frames.append((theta, int(seq_num), value,
+                                (doc, k) if isinstance(value, str) else None))
 
     def stop(self, doc: dict) -> None:
         self.owner._finish(self, doc)
@@ -264,6 +279,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         self._pending = 0
         self._idle = threading.Condition()
         self._closing = threading.Event()
+        self._cancel = threading.Event()
         self._worker = threading.Thread(target=self._work, name="bcdi-reconstruction",
                                         daemon=True)
         self._worker.start()
@@ -287,6 +303,8 @@ class BCDIReconstructionCallback(DocumentRouter):
                 if name == "descriptor":
                     log.warning("ignoring run %s: its start document was not seen (%s)",
                                 doc.get("run_start"), exc)
+                else:
+                    log.debug("ignoring a %s document of an unseen run (%s)", name, exc)
         except Exception:
             self._swallow(name)
         return name, doc
@@ -372,14 +390,25 @@ class BCDIReconstructionCallback(DocumentRouter):
             self._idle.notify_all()
 
     def _work(self) -> None:
-        tick = 0.5 if self.run_timeout is None else min(0.5, self.run_timeout / 4)
+        # Short enough for close() to see the worker stop promptly, long enough to cost nothing.
+        tick = 0.1 if self.run_timeout is None else min(0.1, self.run_timeout / 4)
         while True:
             try:
-                run = self._queue.get(timeout=tick)
+                run = (self._queue.get_nowait() if self._closing.is_set()
+                       else self._queue.get(timeout=tick))
             except queue.Empty:
                 if self._closing.is_set():
                     return
                 self._expire_runs()
+                continue
+            if self._cancel.is_set():
+                run.record.status = "dropped"
+                run.record.message = "the callback was closed before this scan's turn"
+                log.warning("scan %s not reconstructed: %s", run.record.scan_id,
+                            run.record.message)
+                self._hooks("failure", run.record.message, run.start_doc)
+                run.free()
+                self._done()
                 continue
             try:
                 self._reconstruct(run)
@@ -470,9 +499,13 @@ class BCDIReconstructionCallback(DocumentRouter):
                 filler.datum(datum)
         try:
             stack = []
-            for theta, seq_num, value, event in frames:
-                if event is not None:
-                    value = filler.fill_event(event, include=[self.image_key],
+            events: dict[int, list[dict]] = {}  # id(page) -> its events, unpacked once
+            for theta, seq_num, value, in_file in frames:
+                if in_file is not None:
+                    page, k = in_file
+                    if id(page) not in events:
+                        events[id(page)] = list(unpack_event_page(page))
+                    value = filler.fill_event(events[id(page)][k], include=[self.image_key],
                                               inplace=False)["data"][self.image_key]
                 elif value is None:
                     if seq_num not in streamed:
@@ -512,6 +545,8 @@ class BCDIReconstructionCallback(DocumentRouter):
         progress_errors: set = set()
 
         def progress(stage: str, info: dict) -> None:
+            if self._cancel.is_set():  # close() ran out of time: stop at this step
+                raise _Cancelled("the callback was closed before the reconstruction finished")
             notes.extend(self._hooks("progress", stage, info, start, seen=progress_errors))
 
         try:
@@ -598,12 +633,18 @@ class BCDIReconstructionCallback(DocumentRouter):
     def close(self, timeout: float | None = 10.0) -> bool:
         """Stop taking documents, finish the queued work within ``timeout`` s, stop the worker.
 
-        Never blocks longer than ``timeout``: what is still queued or reconstructing then is
-        logged and abandoned (the worker is a daemon thread). Returns True when the worker
-        finished everything.
+        Never blocks longer than ``timeout``. In its last quarter (at most 1 s) the scan being
+        reconstructed is cancelled at the pipeline's next step and recorded ``failed``, and the
+        scans still queued are recorded ``dropped``, each with a ``failure`` hook call. A
+        reconstruction that reaches no step in time is abandoned to the worker, a daemon
+        thread. Returns True when the worker has stopped.
         """
         self._closing.set()
-        self._worker.join(timeout)
+        grace = 0.0 if timeout is None else min(1.0, timeout / 4)
+        self._worker.join(None if timeout is None else timeout - grace)
+        if self._worker.is_alive():
+            self._cancel.set()
+            self._worker.join(grace)
         if not self._worker.is_alive():
             return True
         left = [r for r in self.records.values() if r.status in ("queued", "reconstructing")]

@@ -50,6 +50,8 @@ QUALITY_SEVERITY = {"good": AlarmSeverity.NO_ALARM, "fair": AlarmSeverity.MINOR_
 #: Side of the square slice images (pixels): the crystal's central planes, zoomed on it.
 IMAGE_SIZE = 64
 MAX_HISTORY = 2000
+#: The result's ``timings`` keys shown as ``Latency:<Stage>`` PVs (the last: the whole run).
+TIMED_STAGES = ("preprocess", "inference", "refine", "polish", "total")
 MAX_PARAMS = 256
 
 
@@ -288,9 +290,9 @@ def _settings_group() -> type[PVGroup]:
     info = {i.name: i for i in ReconstructionSettings.fields_info()}
     attrs: dict[str, Any] = {
         "Enable": _setting("Enable", 1, 0, 1, integer=True,
-                           doc="0 skips reconstructions (0 or 1)"),
+                           doc="0 skips reconstructions"),
         "ES_Enable": _setting("ES:Enable", 1, 0, 1, integer=True,
-                              doc="0 skips the refinement: odd-shape search and ES (0 or 1)"),
+                              doc="0 skips the refinement: odd-shape search and ES"),
     }
     name, (coarse, fine) = ES_MAX_ITER
     attrs[_attr(name)] = _setting(
@@ -303,6 +305,16 @@ def _settings_group() -> type[PVGroup]:
                                          integer=i.kind is not float, units=i.units,
                                          doc=f"{field}: {i.doc}")
     return type("ReconstructionSettingsPVs", (PVGroup,), attrs)
+
+
+def _latency_group() -> type[PVGroup]:
+    """``Latency:<Stage>``: seconds of each stage (the result's ``timings`` keys)."""
+    attrs = {stage.capitalize(): _reading(stage.capitalize(), units="s", precision=3,
+                                          doc=f"seconds of the {stage} stage")
+             for stage in TIMED_STAGES[:-1]}
+    attrs["Total"] = _reading("Total", units="s", precision=3,
+                              doc="seconds of the whole reconstruction")
+    return type("LatencyPVs", (PVGroup,), attrs)
 
 
 class ReconstructionIOC(PVGroup):
@@ -349,16 +361,8 @@ class ReconstructionIOC(PVGroup):
                               dtype=ChannelType.DOUBLE, max_length=MAX_HISTORY,
                               doc="chi of every ES step")
 
-    Latency_Preprocess = _reading("Latency:Preprocess", units="s", precision=3,
-                                  doc="seconds of the preprocess stage")
-    Latency_Inference = _reading("Latency:Inference", units="s", precision=3,
-                                 doc="seconds of the inference stage")
-    Latency_Refine = _reading("Latency:Refine", units="s", precision=3,
-                              doc="seconds of the refine stage")
-    Latency_Polish = _reading("Latency:Polish", units="s", precision=3,
-                              doc="seconds of the polish stage")
-    Latency_Total = _reading("Latency:Total", units="s", precision=3,
-                             doc="seconds of the whole reconstruction")
+    latency = SubGroup(_latency_group(), prefix="Latency:",
+                       doc="seconds of each stage of the last reconstruction")
 
     Params = _reading("Params", np.zeros(1, dtype=np.float64), dtype=ChannelType.DOUBLE,
                       max_length=MAX_PARAMS,
@@ -478,9 +482,8 @@ def result_values(result: Any) -> dict[str, Any]:
         "Model:Name": str(result.model_name)[:39], "Model:Provider": str(result.provider)[:39],
         "ES:CostHistory": np.asarray(result.es_costs[-MAX_HISTORY:] or [0.0], dtype=np.float64),
     }
-    for key, name in (("preprocess", "Preprocess"), ("inference", "Inference"),
-                      ("refine", "Refine"), ("polish", "Polish"), ("total", "Total")):
-        values[f"Latency:{name}"] = float(result.timings.get(key, 0.0))
+    for stage in TIMED_STAGES:
+        values[f"Latency:{stage.capitalize()}"] = float(result.timings.get(stage, 0.0))
     values.update(screen_images(result))
     meta = getattr(result, "metadata", {}) or {}
     voxel = meta.get("voxel_size_nm")
