@@ -131,7 +131,7 @@ def settings_from_args(args: argparse.Namespace) -> ReconstructionSettings:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .io import RESULT_SUFFIXES, read_intensity, write_result
+    from .io import RESULT_SUFFIXES, read_geometry, read_intensity, write_result
 
     settings = settings_from_args(args)
     source = Path(args.input)
@@ -145,9 +145,12 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.output and Path(args.output).suffix.lower() not in RESULT_SUFFIXES:
         raise UserError(f"{args.output}: unsupported output type (use one of "
                         f"{', '.join(RESULT_SUFFIXES)})")
+    if args.output and Path(args.output).suffix.lower() == ".vti" and not args.geometry:
+        raise UserError(f"{args.output}: a .vti file is on the lab grid: give --geometry")
     if args.plot:
         _check_plot_path(Path(args.plot))
     data, mask = read_intensity(args.input, args.dataset)
+    geometry = read_geometry(args.geometry) if args.geometry else None
     if not args.no_memory_check:
         check_memory(data.shape, str(args.input))
     from .pipeline import Reconstructor
@@ -161,7 +164,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                             if isinstance(v, float))
         print(f"{stage:>10}: {figures}", file=sys.stderr)
 
-    result = rec.reconstruct(data, mask, refine=args.refine, progress=progress)
+    result = rec.reconstruct(data, mask, refine=args.refine, progress=progress,
+                             geometry=geometry)
     outputs = {}
     if args.output:
         outputs["output"] = str(write_result(result, args.output, {"input": str(args.input)}))
@@ -405,8 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="reconstruct a crystal from a diffraction volume")
     p.add_argument("input", help=".npy, .npz (intensity, mask), .h5/.cxi/.nxs or TIFF stack")
-    p.add_argument("--output", "-o", default=None, help="result file (.npz, .cxi or .h5)")
+    p.add_argument("--output", "-o", default=None,
+                   help="result file (.npz, .cxi or .h5; .vti with --geometry)")
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
+    p.add_argument("--geometry", default=None, metavar="GEOM.json",
+                   help="the scan's geometry: results in nm, displacement and strain")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")

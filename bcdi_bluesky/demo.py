@@ -168,7 +168,8 @@ def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = Non
     step = beamline.crystal.step
     history = RE(closed_loop_scan(beamline.det, beamline.theta, analysis,
                                   beamline.crystal.bragg_theta, 63 * step, 64,
-                                  max_iterations=scans, until_converged=False)).plan_result
+                                  max_iterations=scans, until_converged=False,
+                                  geometry=beamline.geometry)).plan_result
     cb.wait(timeout=300)
     records = list(cb.records.values())
     truth = beamline.crystal.truth()

@@ -23,18 +23,35 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DataError
-from .physics import check_mask, check_volume
+from .physics import Geometry, check_mask, check_volume
 
 if TYPE_CHECKING:
     from .pipeline import ReconstructionResult
 
 INTENSITY_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".cxi", ".nxs", ".tif", ".tiff")
-RESULT_SUFFIXES = (".npz", ".h5", ".hdf5", ".cxi")
+RESULT_SUFFIXES = (".npz", ".h5", ".hdf5", ".cxi", ".vti")
 #: Datasets tried, in order, in HDF5/NeXus/CXI files.
 _H5_INTENSITY = ("entry_1/data_1/data", "entry/data/data", "entry_1/instrument_1/detector_1/data",
                  "intensity", "data")
 _H5_MASK = ("entry_1/instrument_1/detector_1/mask", "entry_1/data_1/mask", "entry/data/mask",
             "mask")
+
+
+def read_geometry(path: str | Path) -> Geometry:
+    """Read a scan's geometry from a JSON file (keys: :class:`~bcdi_bluesky.physics.Geometry`).
+
+    Raises
+    ------
+    DataError
+        Missing or unreadable file, not JSON, an unknown or missing key, a value out of range.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    try:
+        return Geometry.from_json(p)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _read_h5(path: Path, dataset: str | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -148,11 +165,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return p
 
 
+def _physical_arrays(result: ReconstructionResult) -> dict[str, np.ndarray]:
+    """The physical keys (empty without a geometry) and the geometry as JSON."""
+    physical = getattr(result, "physical", None)
+    if physical is None:
+        return {}
+    return {**physical.arrays(), "geometry": np.array(json.dumps(physical.geometry.to_dict()))}
+
+
 def _result_npz(result: ReconstructionResult, meta: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, object=result.object, support=result.support,
                         params=result.params, param_names=np.array(result.crystal_model.names),
-                        summary=json.dumps(meta))
+                        summary=json.dumps(meta), **_physical_arrays(result))
     return buffer.getvalue()
 
 
@@ -179,17 +204,130 @@ def _result_cxi(result: ReconstructionResult, meta: dict[str, Any]) -> bytes:
         f.create_dataset("support", data=result.support, compression="gzip")
         f.create_dataset("params", data=result.params)
         f.create_dataset("param_names", data=names.astype("S"))
+        uid = (getattr(result, "metadata", None) or {}).get("uid")
+        if uid:
+            # The raw Bluesky run this reconstruction came from.
+            entry.create_dataset("experiment_identifier", data=str(uid))
+        if getattr(result, "physical", None) is not None:
+            _cxi_physical(f, entry, image, result.physical)
         f.flush()
         return f.id.get_file_image()
 
 
+def _cxi_physical(f, entry, image, physical) -> None:
+    """The geometry and the lab-frame results in CXI/NeXus places, and under the file keys at
+    the root (as ``object`` and ``support``)."""
+    g = physical.geometry
+    for key, value in physical.arrays().items():
+        f.create_dataset(key, data=value, compression="gzip" if value.ndim == 3 else None)
+    # The input-grid image: its voxel basis (CXI's image basis vectors are in metres).
+    image.create_dataset("voxel_basis_nm", data=physical.voxel_basis_nm)
+    basis = image.create_dataset("basis_vectors", data=physical.voxel_basis_nm.T * 1e-9)
+    basis.attrs["units"] = "m"
+    # The lab-frame image: NXdata with its axes in nm.
+    lab = entry.create_group("image_2")
+    lab.attrs.update(NX_class="NXdata", signal="data", axes=["x_nm", "y_nm", "z_nm"])
+    lab.create_dataset("data", data=physical.object_lab, compression="gzip")
+    lab.create_dataset("mask", data=physical.support_lab, compression="gzip")
+    lab.create_dataset("displacement_nm", data=physical.displacement_nm, compression="gzip")
+    lab.create_dataset("strain", data=physical.strain, compression="gzip")
+    lab.create_dataset("data_type", data="electron density, lab frame (x, y up, z along beam)")
+    lab.create_dataset("data_space", data="real")
+    for k, axis in enumerate(("x_nm", "y_nm", "z_nm")):
+        coords = physical.origin_nm[k] + physical.voxel_size_nm[k] * np.arange(
+            physical.object_lab.shape[k])
+        lab.create_dataset(axis, data=coords).attrs["units"] = "nm"
+    sample = entry.create_group("sample_1")
+    sample.attrs["NX_class"] = "NXsample"
+    q = sample.create_dataset("q_bragg", data=physical.q_bragg_inv_nm)
+    q.attrs["units"] = "1/nm"
+    if g.hkl is not None:
+        sample.create_dataset("hkl", data=np.array(g.hkl))
+    if g.lattice_constant_nm is not None:
+        sample.create_dataset("lattice_constant", data=g.lattice_constant_nm).attrs["units"] = "nm"
+    for name, value in g.sample_angles_deg.items():
+        sample.create_dataset(name, data=value).attrs["units"] = "deg"
+    instrument = entry.create_group("instrument_1")
+    instrument.attrs["NX_class"] = "NXinstrument"
+    instrument.create_dataset("name", data=g.beamline)
+    source = instrument.create_group("source_1")
+    source.attrs["NX_class"] = "NXsource"
+    # CXI gives the energy in joules.
+    source.create_dataset("energy", data=g.energy_kev * 1.602176634e-16).attrs["units"] = "J"
+    source.create_dataset("wavelength", data=g.wavelength_nm * 1e-9).attrs["units"] = "m"
+    detector = instrument.create_group("detector_1")
+    detector.attrs["NX_class"] = "NXdetector"
+    detector.create_dataset("distance", data=g.detector_distance_m).attrs["units"] = "m"
+    detector.create_dataset("y_pixel_size", data=g.pixel_size_m[0]).attrs["units"] = "m"
+    detector.create_dataset("x_pixel_size", data=g.pixel_size_m[1]).attrs["units"] = "m"
+    for name, value in g.detector_angles_deg.items():
+        detector.create_dataset(name, data=value).attrs["units"] = "deg"
+    process = entry.create_group("process_1")
+    process.attrs["NX_class"] = "NXprocess"
+    process.create_dataset("geometry", data=json.dumps(g.to_dict()))
+    process.create_dataset("rocking_axis", data=g.rocking_axis)
+    process.create_dataset("rocking_step", data=g.rocking_step_deg).attrs["units"] = "deg"
+
+
+def vti_bytes(physical) -> bytes:
+    """A VTK XML image (``.vti``) of the crystal on its lab grid: spacing and origin in nm,
+    point arrays ``amplitude``, ``phase``, ``support``, ``displacement_nm``, ``strain``.
+
+    Raises
+    ------
+    DataError
+        vtk is not installed (it is the ``vtk`` extra).
+    """
+    try:
+        from vtkmodules.util.numpy_support import numpy_to_vtk
+        from vtkmodules.vtkCommonDataModel import vtkImageData
+        from vtkmodules.vtkIOXML import vtkXMLImageDataWriter
+    except ImportError:
+        raise DataError("writing .vti needs vtk: pip install 'bcdi-bluesky[vtk]'") from None
+    image = vtkImageData()
+    image.SetDimensions(*physical.object_lab.shape)
+    image.SetSpacing(*(float(v) for v in physical.voxel_size_nm))
+    image.SetOrigin(*(float(v) for v in physical.origin_nm))
+    fields = {
+        "amplitude": np.abs(physical.object_lab).astype(np.float32),
+        "phase": np.angle(physical.object_lab).astype(np.float32),
+        "support": physical.support_lab.astype(np.uint8),
+        "displacement_nm": physical.displacement_nm.astype(np.float32),
+        "strain": physical.strain.astype(np.float32),
+    }
+    points = image.GetPointData()
+    for name, values in fields.items():
+        # VTK runs x fastest: Fortran order of an [ix, iy, iz] array.
+        array = numpy_to_vtk(np.ravel(values, order="F").copy(), deep=True)
+        array.SetName(name)
+        points.AddArray(array)
+    points.SetActiveScalars("amplitude")
+    writer = vtkXMLImageDataWriter()
+    writer.SetInputData(image)
+    # Base64-encoded binary: the whole file is text, so the string vtk hands back is exact.
+    writer.SetDataModeToBinary()
+    writer.SetCompressorTypeToZLib()
+    writer.WriteToOutputStringOn()
+    if not writer.Write():
+        raise DataError("vtk could not render the image")
+    text = writer.GetOutputString()
+    return text if isinstance(text, bytes) else text.encode("ascii")
+
+
 def write_result(result: ReconstructionResult, path: str | Path,
                  extra: dict[str, Any] | None = None) -> Path:
-    """Write a reconstruction as ``.npz`` or CXI-style HDF5 (``.cxi``/``.h5``), atomically.
+    """Write a reconstruction as ``.npz``, CXI-style HDF5 (``.cxi``/``.h5``) or VTK ``.vti``,
+    atomically.
 
-    Both hold ``object`` (complex64, input grid and convention), ``support``, ``params`` (with
-    their names) and the run's figures (``summary``, JSON); the CXI layout puts the object at
-    ``entry_1/image_1/data`` as PyNX and cohere users expect.
+    ``.npz`` and CXI hold ``object`` (complex64, input grid and convention), ``support``,
+    ``params`` (with their names) and the run's figures (``summary``, JSON); the CXI layout puts
+    the object at ``entry_1/image_1/data`` as PyNX and cohere users expect. With the geometry
+    (``result.physical``) they also hold ``voxel_basis_nm``, ``object_lab``, ``support_lab``,
+    ``voxel_size_nm``, ``lab_origin_nm``, ``displacement_nm``, ``strain``, ``q_bragg_inv_nm``
+    and ``geometry`` (JSON); the CXI file adds the lab-frame image at ``entry_1/image_2``, the
+    source, detector and sample in NeXus places and the raw run's uid as
+    ``entry_1/experiment_identifier``. ``.vti`` (needs the geometry and vtk) holds the lab grid
+    for ParaView (:func:`vti_bytes`).
 
     Raises
     ------
@@ -201,6 +339,10 @@ def write_result(result: ReconstructionResult, path: str | Path,
     if suffix not in RESULT_SUFFIXES:
         raise DataError(f"{p}: unsupported output type {suffix!r} (use one of "
                         f"{', '.join(RESULT_SUFFIXES)})")
+    if suffix == ".vti":
+        if getattr(result, "physical", None) is None:
+            raise DataError(f"{p}: a .vti file needs the scan's geometry (--geometry)")
+        return atomic_write_bytes(p, vti_bytes(result.physical))
     meta = {**result.summary(), **(extra or {})}
     data = _result_npz(result, meta) if suffix == ".npz" else _result_cxi(result, meta)
     return atomic_write_bytes(p, data)

@@ -23,9 +23,12 @@ from .model.latent import latent_vector
 from .model.runtime import OnnxCrystalModel
 from .physics import (
     CrystalModel,
+    Geometry,
+    PhysicalResult,
     check_mask,
     check_volume,
     intensity,
+    physical_result,
     poisson_chi_expected,
     poisson_chi_floor,
 )
@@ -98,6 +101,8 @@ class ReconstructionResult:
     settings: ReconstructionSettings = field(default_factory=ReconstructionSettings)
     #: Set by the beamline layer (scan uid and id, recommendation for the next scan...).
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The crystal in the lab frame with displacement and strain, when the geometry is known.
+    physical: PhysicalResult | None = None
 
     @property
     def params_structured(self) -> dict:
@@ -110,7 +115,10 @@ class ReconstructionResult:
         return self.stage_chi.get("cnn", float("nan"))
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able figures of the run."""
+        """JSON-able figures of the run; with the geometry also ``crystal_volume_nm3``,
+        ``crystal_extents_nm``, ``strain_rms``, ``displacement_rms_nm`` (see
+        :meth:`~bcdi_bluesky.physics.PhysicalResult.summary`)."""
+        physical = self.physical.summary() if self.physical is not None else {}
         return {
             "chi": self.chi,
             "stage_chi": self.stage_chi,
@@ -132,6 +140,7 @@ class ReconstructionResult:
             "polish_attempts": dict(self.polish_attempts),
             "cut_short": list(self.cut_short),
             "settings": self.settings.as_dict(),
+            **physical,
         }
 
 
@@ -427,7 +436,8 @@ class Reconstructor:
     def reconstruct(self, intensity_: np.ndarray, mask: np.ndarray | None = None,
                     refine: str = "full", progress: ProgressHook | None = None,
                     initial_params: np.ndarray | None = None,
-                    settings: ReconstructionSettings | None = None) -> ReconstructionResult:
+                    settings: ReconstructionSettings | None = None,
+                    geometry: Geometry | None = None) -> ReconstructionResult:
         """Reconstruct a crystal from a diffraction volume.
 
         Parameters
@@ -445,6 +455,9 @@ class Reconstructor:
             the CNN's estimate.
         settings : ReconstructionSettings, optional
             Settings for this call only (default: :attr:`settings`); the result carries them.
+        geometry : Geometry, optional
+            The scan's geometry: the result then carries the crystal in the lab frame with
+            its displacement and strain (:attr:`ReconstructionResult.physical`).
 
         Raises
         ------
@@ -540,6 +553,8 @@ class Reconstructor:
             chi=final_chi, expected_chi=expected, converged=converged,
             signal_floor=measurement.noise_floor, distribution=distribution,
             cut_short=tuple(cut_short)))
+        physical = (physical_result(obj, geometry, settings.support_threshold)
+                    if geometry is not None else None)
         timings["total"] = time.perf_counter() - t0
         result = ReconstructionResult(
             object=obj, support=support, params=params, chi=final_chi, timings=timings,
@@ -550,6 +565,6 @@ class Reconstructor:
             latent_distance=distribution.latent_distance,
             out_of_distribution=distribution.flagged, quality=quality,
             quality_reasons=reasons, expected_chi=expected, polish_attempts=attempts,
-            cut_short=cut_short, settings=settings)
+            cut_short=cut_short, settings=settings, physical=physical)
         notify("done", {"seconds": timings["total"], "chi": final_chi, "quality": quality})
         return result

@@ -18,7 +18,7 @@ from event_model import compose_run
 
 from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings, Reconstructor
 from bcdi_bluesky.beamline import Publisher, SimulatedBeamline, rocking_scan
-from bcdi_bluesky.physics import compare_objects
+from bcdi_bluesky.physics import Geometry, compare_objects
 from bcdi_bluesky.pipeline import to_model_grid
 
 
@@ -44,7 +44,7 @@ def make_callback():
 def _scan(beamline, points=64):
     c = beamline.crystal.bragg_theta
     return rocking_scan(beamline.det, beamline.theta, c, (points - 1) * beamline.crystal.step,
-                        points, energy_kev=9.0)
+                        points, geometry=beamline.geometry, sample="hidden crystal")
 
 
 def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
@@ -59,8 +59,19 @@ def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
     record = cb.records[uid]
     assert record.status == "done" and record.frames == 64, record.message
     result, start = seen[0]
-    assert start["uid"] == uid and start["bcdi"]["energy_kev"] == 9.0
+    assert start["uid"] == uid and start["bcdi"]["sample"] == "hidden crystal"
     assert result.object.shape == (64, 96, 96)  # the detector is larger than the peak
+    # The plan recorded the geometry with this scan's centre and step; the result is in nm.
+    recorded = Geometry.from_dict(start["bcdi"]["geometry"])
+    assert recorded.sample_angles_deg["theta"] == pytest.approx(beamline.crystal.bragg_theta)
+    assert recorded.rocking_step_deg == pytest.approx(beamline.crystal.step)
+    assert result.physical is not None
+    np.testing.assert_allclose(result.physical.voxel_basis_nm,
+                               recorded.voxel_basis_nm(result.object.shape), rtol=1e-3)
+    assert result.metadata["voxel_size_nm"] == pytest.approx(
+        list(result.physical.voxel_size_nm))
+    summary = result.summary()
+    assert summary["crystal_volume_nm3"] > 0 and len(summary["crystal_extents_nm"]) == 3
     assert compare_objects(beamline.crystal.truth(), to_model_grid(result.object, 64)).iou >= 0.85
 
 
@@ -298,8 +309,17 @@ def test_derived_run_and_result_files(RE, reconstructor, make_callback, tmp_path
     assert start["quality_reasons"] == result.quality_reasons
     assert len(event["data"]["params"]) == result.params.size
     assert np.asarray(event["data"]["amp_XY"]).shape == result.object.shape[1:]
+    summary = result.summary()
+    for key in ("crystal_volume_nm3", "strain_rms", "displacement_rms_nm"):
+        assert event["data"][key] == pytest.approx(summary[key])
+    assert event["data"]["crystal_extents_nm"] == pytest.approx(summary["crystal_extents_nm"])
     (path,) = writer.written
     assert path.is_file() and path.suffix == ".cxi"
+    import h5py
+
+    with h5py.File(path, "r") as f:  # the file names the raw run and holds the lab frame
+        assert f["entry_1/experiment_identifier"][()].decode() == uid
+        assert f["strain"].shape == result.physical.strain.shape
 
 
 def test_file_backed_detector_gives_the_same_volume(RE, make_callback, tmp_path):
@@ -420,17 +440,22 @@ def test_es_under_bluesky_adaptive_optimize(RE):
         optimizer.suggest(2)
 
 
-def test_voxel_size_from_the_scan_geometry():
-    from bcdi_bluesky.beamline.recommend import voxel_size_nm
-
-    md = {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
-          "bragg_angle_deg": 16.087, "rocking_step": 0.005}
-    size = voxel_size_nm(md, (64, 64, 64))
-    wavelength = 1.239841984 / 9.0  # nm
-    assert size[1] == pytest.approx(wavelength * 1.5 / (64 * 55e-6))  # 58.7 nm
-    assert size[0] == pytest.approx(wavelength / (2 * 64 * np.sin(np.deg2rad(16.087))
-                                                  * np.deg2rad(0.005)))
-    assert voxel_size_nm({"energy_kev": 9.0}, (64, 64, 64)) is None
+def test_bad_geometry_is_ignored_not_fatal(RE, reconstructor, make_callback):
+    """A start document with a wrong geometry block: the scan is reconstructed in voxels, with
+    a warning; the experiment goes on."""
+    beamline = SimulatedBeamline(seed=5)
+    beamline.det.max_count.put(1e12)
+    cb = make_callback(reconstructor=reconstructor)
+    RE.subscribe(cb)
+    bad = {**beamline.geometry.to_dict(), "beamline": "nowhere"}
+    with pytest.raises(ValueError, match="not one of"):
+        list(rocking_scan(beamline.det, beamline.theta, 20.0, 0.3, 64, geometry=bad))
+    # Written by some other plan, the block reaches the callback.
+    (uid,) = RE(rocking_scan(beamline.det, beamline.theta, 20.0, 63 * beamline.crystal.step,
+                             64, md={"bcdi": {"geometry": bad}}))
+    assert cb.wait(timeout=120)
+    assert cb.records[uid].status == "done"
+    assert cb.records[uid].result.physical is None
 
 
 # ----------------------------------------------------------------- worker hardening
@@ -524,9 +549,8 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
 
     if step == "recommendation":  # a division by zero, as bad metadata can cause
         monkeypatch.setattr(callback_module, "recommend", once(callback_module.recommend))
-    if step == "metadata":
-        monkeypatch.setattr(callback_module, "voxel_size_nm",
-                            once(callback_module.voxel_size_nm))
+    if step == "metadata":  # the result's figures, read after the reconstruction
+        monkeypatch.setattr(_FakeResult, "summary", once(_FakeResult.summary))
     hooks = _Hooks(fail={"configure": "configure", "publisher": "result"}.get(step))
     fake = _Fake(fail=RuntimeError("simulated analysis failure")
                  if step == "reconstruction" else None)
@@ -630,10 +654,10 @@ def test_no_bragg_peak_skips_the_scan(make_callback):
 
 
 def test_bad_geometry_metadata_gives_no_voxel_size(make_callback):
-    geometry = {"energy_kev": 0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
-                "bragg_angle_deg": 16.0, "rocking_step": 0.005}
+    geometry = {"beamline": "generic", "energy_kev": 0, "detector_distance_m": 1.5,
+                "pixel_size_m": 55e-6, "detector_angles_deg": {"delta": 30.0}}
     cb = make_callback(reconstructor=_Fake())
-    uid = _feed(cb, _small_run(metadata={"bcdi": geometry}))
+    uid = _feed(cb, _small_run(metadata={"bcdi": {"geometry": geometry}}))
     assert cb.wait(timeout=10)
     record = cb.records[uid]
     assert record.status == "done" and record.result.metadata["voxel_size_nm"] is None

@@ -36,8 +36,10 @@ def published(ioc):
     from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 
     rec = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30)
-    geometry = {"bcdi": {"energy_kev": 9.0, "detector_distance_m": 1.5, "pixel_size_m": 55e-6,
-                         "bragg_angle_deg": 16.1, "rocking_step": 0.005}}
+    geometry = {"bcdi": {"geometry": {
+        "beamline": "generic", "energy_kev": 9.0, "detector_distance_m": 1.5,
+        "pixel_size_m": [55e-6, 55e-6], "sample_angles_deg": {"theta": 16.1},
+        "detector_angles_deg": {"delta": 30.0, "gamma": 10.0}, "rocking_step_deg": 0.005}}}
     sample = make_sample(rec.model, CrystalPrior(rec.model), 31, TEST_STREAM, 0, 1e8)
     frames = {0.005 * i: sample.counts[i] for i in range(64)}
     results = []
@@ -93,7 +95,11 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
     assert epics.caget(p + "Latent:OOD") == int(result.out_of_distribution)
     voxel = np.asarray(epics.caget(p + "Voxel:Size"))
     np.testing.assert_allclose(voxel, result.metadata["voxel_size_nm"])
-    assert epics.caget(p + "Volume:NM") == pytest.approx(result.support.sum() * voxel.prod())
+    # The scan's geometry puts the crystal in nm: its figures reach the PVs.
+    figures = result.summary()
+    assert epics.caget(p + "Volume:NM") == pytest.approx(figures["crystal_volume_nm3"])
+    assert epics.caget(p + "Strain:RMS") == pytest.approx(figures["strain_rms"], rel=1e-5)
+    assert epics.caget(p + "Extent:A") == pytest.approx(figures["crystal_extents_nm"][0])
     history = np.asarray(ours[p + "ES:CostHistory"])
     np.testing.assert_allclose(history, result.es_costs[-history.size:])
 

@@ -50,9 +50,10 @@ from event_model import (
 )
 
 from ..errors import NoBraggPeakError
+from ..physics import AXIS_NAMES, Geometry, geometry_from_start
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
 from .publishers import Publisher, ResultConsumer, as_publisher
-from .recommend import Recommendation, recommend, voxel_size_nm
+from .recommend import Recommendation, recommend
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,24 @@ class _RunCollector(DocumentRouter):
 
     def stop(self, doc: dict) -> None:
         self.owner._finish(self, doc)
+
+
+def _scan_geometry(start: dict, thetas: np.ndarray, scan_id: Any) -> Geometry | None:
+    """The run's geometry (hklpy2's record or ``bcdi.geometry``) for the volume as stacked here:
+    frames along axis 0 in increasing readback, so the rocking step is the readbacks' median
+    step; None, with a warning, when it is unusable."""
+    try:
+        geometry = geometry_from_start(start)
+        if geometry is not None:
+            data = {**geometry.to_dict(), "axes": list(AXIS_NAMES)}
+            step = float(np.median(np.diff(np.sort(thetas)))) if thetas.size > 1 else 0.0
+            if step > 0:
+                data["rocking_step_deg"] = step
+            geometry = Geometry.from_dict(data)
+    except ValueError as exc:
+        log.warning("scan %s: geometry ignored (%s); results in voxels", scan_id, exc)
+        return None
+    return geometry
 
 
 class BCDIReconstructionCallback(DocumentRouter):
@@ -571,12 +590,16 @@ class BCDIReconstructionCallback(DocumentRouter):
                 record.finished_at = time.time()
                 return
             step = "reconstruction"
-            result = self.reconstructor.reconstruct(volume, refine=self.refine,
-                                                    progress=progress, settings=settings)
+            geometry = _scan_geometry(start, thetas, record.scan_id)
+            result = self.reconstructor.reconstruct(
+                volume, refine=self.refine, progress=progress, settings=settings,
+                # Only when known: a reconstructor of the user's may not take the keyword.
+                **({"geometry": geometry} if geometry is not None else {}))
             del volume
             step = "metadata"
             if hasattr(result, "metadata"):
-                voxel = voxel_size_nm(start.get("bcdi", {}), result.object.shape)
+                physical = getattr(result, "physical", None)
+                voxel = None if physical is None else physical.voxel_size_nm
                 result.metadata.update(
                     uid=record.uid, scan_id=record.scan_id,
                     recommendation=(record.recommendation.as_dict() if record.recommendation

@@ -14,12 +14,14 @@ from ophyd import Component as Cpt
 from ophyd import Device, Signal
 from ophyd.status import DeviceStatus
 
+from ..physics import Geometry
 from ..tuning import ExtremumSeeker
 from .callback import BCDIReconstructionCallback
 
 
 def rocking_scan(detector: Any, motor: Any, centre: float, width: float, num: int, *,
-                 md: dict | None = None, **bcdi_metadata: Any):
+                 md: dict | None = None, geometry: Geometry | dict | None = None,
+                 **bcdi_metadata: Any):
     """A rocking curve: ``num`` frames with ``motor`` from ``centre - width/2`` to
     ``centre + width/2``, with the metadata the reconstruction callback records.
 
@@ -35,10 +37,13 @@ def rocking_scan(detector: Any, motor: Any, centre: float, width: float, num: in
         Number of frames.
     md : dict, optional
         Extra start-document metadata.
+    geometry : Geometry or dict, optional
+        The diffraction geometry (keys of :class:`~bcdi_bluesky.physics.Geometry`), stored as
+        ``md["bcdi"]["geometry"]`` with this scan's centre as the rocking circle's angle and
+        its step as ``rocking_step_deg``: the reconstruction is then reported in nm, with
+        displacement and strain.
     **bcdi_metadata
-        Geometry when known (``energy_kev``, ``detector_distance_m``, ``pixel_size_m``,
-        ``bragg_angle_deg``, ``hkl``...), stored under ``md["bcdi"]``; with the first four
-        the reconstruction's voxel size and volume are reported in nm.
+        More metadata stored under ``md["bcdi"]`` (sample name, hkl...).
     """
     if num < 2:
         raise ValueError(f"a rocking scan needs at least 2 frames, got {num}")
@@ -47,10 +52,15 @@ def rocking_scan(detector: Any, motor: Any, centre: float, width: float, num: in
     step = width / (num - 1)
     start = centre - step * (num // 2)
     stop = start + step * (num - 1)
-    meta = {"plan_name": "rocking_scan",
-            "bcdi": {"rocking_motor": motor.name, "detector": detector.name,
-                     "rocking_step": step, "rocking_centre": centre, **bcdi_metadata},
-            **(md or {})}
+    bcdi = {"rocking_motor": motor.name, "detector": detector.name, "rocking_step": step,
+            "rocking_centre": centre, **bcdi_metadata}
+    if geometry is not None:
+        g = geometry.to_dict() if isinstance(geometry, Geometry) else dict(geometry)
+        g["sample_angles_deg"] = {**g.get("sample_angles_deg", {}),
+                                  g.get("rocking_axis", "theta"): centre}
+        g["rocking_step_deg"] = step
+        bcdi["geometry"] = Geometry.from_dict(g).to_dict()  # a bad geometry fails here, early
+    meta = {"plan_name": "rocking_scan", "bcdi": bcdi, **(md or {})}
     return (yield from bp.scan([detector], motor, start, stop, num, md=meta))
 
 
@@ -109,7 +119,8 @@ class ReconstructionAnalysis(Device):
 def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis,
                      centre: float, width: float, num: int, *, max_iterations: int = 4,
                      tolerance_steps: float = 2.0, adjust_range: bool = False,
-                     until_converged: bool = True, md: dict | None = None):
+                     until_converged: bool = True, md: dict | None = None,
+                     geometry: Geometry | dict | None = None):
     """Scan, wait for the analysis, re-centre (and re-expose), until the scan is right.
 
     Each iteration runs :func:`rocking_scan`, waits for the reconstruction through
@@ -122,6 +133,9 @@ def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis
     The range stays ``width`` unless ``adjust_range``: the rocking step sets the q sampling
     along the rocking axis, which the reconstruction expects unchanged.
 
+    With ``geometry`` every scan records it (see :func:`rocking_scan`), and the
+    reconstructions come in nm with displacement and strain.
+
     Returns
     -------
     list of dict
@@ -133,7 +147,8 @@ def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis
     step = width / (num - 1)
     for i in range(max_iterations):
         yield from rocking_scan(detector, motor, centre, width, num,
-                                md={"closed_loop_iteration": i, **(md or {})})
+                                md={"closed_loop_iteration": i, **(md or {})},
+                                geometry=geometry)
         yield from bps.trigger(analysis, wait=True)
         rec = {}
         for name in ("theta_center", "theta_range", "exposure", "peak_inside", "saturated",

@@ -136,9 +136,11 @@ class DerivedRunPublisher(Publisher):
 
     The run has one event in stream ``primary`` with ``chi``, ``chi_cnn``, the quality verdict
     (``quality``: good, fair or poor, and ``quality_reasons`` joined by "; "), the parameter
-    vector, the support size, the timings and the three central amplitude and phase slices;
-    its start document names the model and the provider and carries the verdict too, so that
-    a search of the catalog finds the doubtful reconstructions without reading events.
+    vector, the support size, the timings and the three central amplitude and phase slices
+    (and, when the scan's geometry is known, ``crystal_volume_nm3``, ``crystal_extents_nm``,
+    ``strain_rms``, ``displacement_rms_nm``, ``q_bragg_inv_nm``, ``voxel_size_nm``); its start
+    document names the model and the provider and carries the verdict too, so that a search of
+    the catalog finds the doubtful reconstructions without reading events.
 
     Parameters
     ----------
@@ -179,6 +181,12 @@ class DerivedRunPublisher(Publisher):
             **{f"amp_{k}": v.astype(np.float32).tolist() for k, v in amp.items()},
             **{f"phase_{k}": v.astype(np.float32).tolist() for k, v in phase.items()},
         }
+        physical = getattr(result, "physical", None)
+        if physical is not None:
+            figures = physical.summary()
+            data.update({key: figures[key] for key in (
+                "crystal_volume_nm3", "crystal_extents_nm", "strain_rms",
+                "displacement_rms_nm", "q_bragg_inv_nm", "voxel_size_nm")})
         keys = {}
         for key, value in data.items():
             shape = list(np.shape(value))

@@ -97,28 +97,3 @@ def recommend(volume: np.ndarray, thetas: np.ndarray, exposure: float | None = N
         new_exposure = exposure * float(np.clip(factor, 0.1, 10.0))
     return Recommendation(centre, new_range, new_exposure, bool(peak_inside), bool(saturated),
                           brightest, fwhm)
-
-
-def voxel_size_nm(bcdi_md: dict, shape: tuple[int, int, int]) -> np.ndarray | None:
-    """Real-space voxel size (nm) along (rocking, row, column) from a rocking scan's metadata.
-
-    Needs ``energy_kev``, ``detector_distance_m``, ``pixel_size_m``, ``bragg_angle_deg`` and
-    ``rocking_step`` (degrees) in the start document's ``bcdi`` block (see
-    :func:`~bcdi_bluesky.beamline.rocking_scan`); None when any is missing. Detector plane:
-    ``lambda D / (N p)``; rocking direction: ``lambda / (2 N sin(theta_B) dtheta)``. The
-    detector frame is not orthogonal to the rocking direction, so the product is the volume
-    of a sheared voxel only to first order.
-    """
-    try:
-        wavelength_nm = 1.239841984 / float(bcdi_md["energy_kev"])
-        distance = float(bcdi_md["detector_distance_m"])
-        pixel = float(bcdi_md["pixel_size_m"])
-        theta = np.deg2rad(float(bcdi_md["bragg_angle_deg"]))
-        step = np.deg2rad(float(bcdi_md["rocking_step"]))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None
-    if not min(distance, pixel, step, np.sin(theta), wavelength_nm) > 0:  # also NaN
-        return None
-    rock = wavelength_nm / (2 * shape[0] * np.sin(theta) * step)
-    return np.array([rock, wavelength_nm * distance / (shape[1] * pixel),
-                     wavelength_nm * distance / (shape[2] * pixel)])

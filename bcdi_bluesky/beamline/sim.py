@@ -23,7 +23,7 @@ from ophyd import Device, Signal
 from ophyd.sim import SynAxis
 from ophyd.status import DeviceStatus
 
-from ..physics import CrystalModel, CrystalPrior, intensity
+from ..physics import CrystalModel, CrystalPrior, Geometry, intensity
 
 
 class HiddenCrystal:
@@ -232,6 +232,12 @@ class SimulatedBeamline:
         Where the sample stage (``sample_x``, ``sample_y``, um) puts the crystal in the beam.
     **crystal_kwargs
         More :class:`HiddenCrystal` settings (photons, step, n, params...).
+
+    Attributes
+    ----------
+    geometry : Geometry
+        The diffraction geometry the simulated scans are recorded with (:meth:`make_geometry`):
+        ``rocking_scan(..., geometry=beamline.geometry)`` writes it to the start document.
     """
 
     def __init__(self, seed: int = 0, misalignment: float = 0.0, frame_shape=(96, 96),
@@ -250,6 +256,25 @@ class SimulatedBeamline:
                   "illumination": self.illumination}
         self.det = (FileBackedBCDIDetector(save_path=save_path, **common) if file_backed
                     else BCDIDetector(**common))
+        self.geometry = self.make_geometry()
+
+    def make_geometry(self, energy_kev: float = 9.0, detector_distance_m: float = 1.0,
+                      pixel_size_m: float = 55e-6, gamma_deg: float = 10.0) -> Geometry:
+        """A ``generic`` geometry for this beamline: the rocking ``theta`` at the nominal Bragg
+        angle, the detector arm at ``2 theta_B`` split into an in-plane ``delta`` and an
+        out-of-plane ``gamma`` (which tilts Q out of the horizontal plane and shears the
+        sampling grid, as at a real beamline), the crystal's rocking step.
+        """
+        two_theta = np.deg2rad(2 * self.crystal.bragg_theta)
+        gamma = np.deg2rad(gamma_deg)
+        # cos(2 theta) = cos(delta) cos(gamma) puts the arm on the Bragg angle.
+        delta = np.rad2deg(np.arccos(np.cos(two_theta) / np.cos(gamma)))
+        return Geometry(beamline="generic", energy_kev=energy_kev,
+                        detector_distance_m=detector_distance_m,
+                        pixel_size_m=(pixel_size_m, pixel_size_m),
+                        sample_angles_deg={"theta": self.crystal.bragg_theta},
+                        detector_angles_deg={"delta": float(delta), "gamma": gamma_deg},
+                        rocking_axis="theta", rocking_step_deg=self.crystal.step)
 
     def illumination(self) -> float:
         """Fraction of the beam's peak flux on the crystal at the sample stage's readbacks."""

@@ -375,7 +375,7 @@ class ReconstructionIOC(PVGroup):
                          doc="crystal volume in nm^3 (0 unless the scan gives the geometry)")
     Voxel_Size = _reading("Voxel:Size", np.zeros(3), dtype=ChannelType.DOUBLE, max_length=3,
                           units="nm",
-                          doc="voxel size (rocking, row, column) in nm, from the scan metadata")
+                          doc="lab-grid voxel size (x, y, z) in nm (0 without geometry)")
     Extent_A = _reading("Extent:A", units="nm",
                         doc="largest principal extent of the crystal (0 without geometry)")
     Extent_B = _reading("Extent:B", units="nm", doc="middle principal extent")

@@ -1,4 +1,5 @@
-"""Physics core (numpy and scipy only): crystal model, forward model, priors and metrics."""
+"""Physics core (numpy and scipy only): crystal model, forward model, priors, metrics, and the
+diffraction geometry with displacement and strain in the lab frame."""
 
 from ._crystal import CrystalModel, Rendered
 from ._faceted import (
@@ -22,6 +23,7 @@ from ._forward import (
     scale_to_photons,
     simulate_counts,
 )
+from ._geometry import AXIS_NAMES, PRESETS, Diffractometer, Geometry, geometry_from_start
 from ._harmonics import LMAX_LIMIT, grid_table, real_sph_harm, sh_index
 from ._metrics import (
     ObjectComparison,
@@ -43,19 +45,36 @@ from ._metrics import (
     twin_object,
 )
 from ._priors import CrystalPrior
+from ._strain import (
+    PhysicalResult,
+    displacement_and_strain,
+    lab_positions,
+    phase_gradient,
+    phase_vortices,
+    physical_result,
+    principal_extents,
+    remove_ramp,
+    to_lab_grid,
+    unwrap_phase,
+)
 from ._validation import check_mask, check_volume
 
 __all__ = [
+    "AXIS_NAMES",
     "BENCHMARK_SEED",
     "DENSITY_KINDS",
     "DEV_SEED",
     "DISPLACEMENT_KINDS",
     "LMAX_LIMIT",
+    "PRESETS",
     "SHAPE_KINDS",
     "CrystalModel",
     "CrystalPrior",
+    "Diffractometer",
+    "Geometry",
     "ObjectComparison",
     "OutOfFamilyCrystal",
+    "PhysicalResult",
     "Rendered",
     "align",
     "beamstop_mask",
@@ -66,27 +85,37 @@ __all__ = [
     "complex_overlap",
     "cube_symmetry",
     "detector_gap_mask",
+    "displacement_and_strain",
     "displacement_phase",
     "far_field",
     "fitted_scale",
+    "geometry_from_start",
     "grid_table",
     "intensity",
+    "lab_positions",
     "mirror",
     "out_of_family_crystal",
     "out_of_family_object",
+    "phase_gradient",
     "phase_rms",
+    "phase_vortices",
+    "physical_result",
     "poisson_chi_expected",
     "poisson_chi_floor",
     "poisson_counts",
     "poisson_nll",
     "polyhedron_distance",
+    "principal_extents",
     "r_factor",
     "real_sph_harm",
+    "remove_ramp",
     "scale_to_photons",
     "sh_index",
     "simulate_counts",
     "ssim_amplitude",
     "support",
     "support_iou",
+    "to_lab_grid",
     "twin_object",
+    "unwrap_phase",
 ]
