@@ -439,7 +439,8 @@ def settings_table() -> str:
         units = f" {info.units}" if info.units else ""
         limits = "true, false" if info.kind is bool else f"{info.low} .. {info.high}{units}"
         pv = (f"`{SETTING_PVS[info.name]}`" if info.name in SETTING_PVS
-              else f"`{ES_MAX_ITER[0]}` (both ES counts)")
+              else f"`{ES_MAX_ITER[0]}` (both ES counts)" if info.name in ES_MAX_ITER[1]
+              else "none")
         option = "--" + info.name.replace("_", "-")
         rows.append(f"| `{info.name}` | {info.default}{units} | {limits} | `{option}` | "
                     f"{pv} | {info.doc} |")

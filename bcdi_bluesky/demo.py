@@ -52,7 +52,9 @@ class _Progress(Publisher):
         self._say(start, f"  reconstruction failed: {message}")
 
     def __call__(self, result: Any, start: dict) -> None:
-        self._say(start, f"  done: chi {result.chi:.4f} in {result.timings['total']:.2f} s")
+        self._say(start, f"  done: chi {result.chi:.4f} in {result.timings['total']:.2f} s, "
+                         f"quality {result.quality}"
+                         + "".join(f"\n    - {r}" for r in result.quality_reasons))
 
 
 def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
@@ -184,8 +186,10 @@ def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = Non
             "saturated": rec.saturated if rec else None,
             "peak_inside": rec.peak_inside if rec else None,
             "chi": result.chi if result is not None else None, "iou": iou,
+            "quality": result.quality if result is not None else None,
+            "quality_reasons": list(result.quality_reasons) if result is not None else [],
             "timings_s": result.timings if result is not None else {},
-            "status": record.status,
+            "status": record.status, "message": record.message,
         })
     figures = _figures(out, beamline, records, history)
     latent_map = cb.reconstructor.runtime.latent_map
@@ -199,15 +203,19 @@ def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = Non
                "true_peak_theta": beamline.crystal.peak_theta,
                "figures": [str(p) for p in figures]}
     header = (f"{'scan':>4} {'theta centre':>12} {'exposure':>9} {'max count':>9} {'chi':>7} "
-              f"{'IoU':>5} {'prep':>5} {'CNN':>5} {'ES':>5} {'polish':>6} {'total':>6}")
+              f"{'IoU':>5} {'quality':>8} {'prep':>5} {'CNN':>5} {'ES':>5} {'polish':>6} "
+              f"{'total':>6}")
     lines = [header]
     for r in rows:
         t = r["timings_s"]
         lines.append(
             f"{r['scan_id']:>4} {r['theta_center']:>12.4f} {r['exposure'] or 0:>9.3g} "
             f"{r['max_count'] or 0:>9.0f} {r['chi'] or float('nan'):>7.4f} {r['iou']:>5.2f} "
+            f"{r['quality'] or r['status']:>8} "
             f"{t.get('preprocess', 0):>5.2f} {t.get('inference', 0):>5.2f} "
             f"{t.get('refine', 0):>5.2f} {t.get('polish', 0):>6.2f} {t.get('total', 0):>6.2f}")
+        if r["chi"] is None:  # skipped or failed: say why
+            lines.append(f"{'':>4} {r['status']}: {r['message']}")
     lines.append(f"true Bragg peak at {beamline.crystal.peak_theta:.4f} deg; figures and CXI "
                  f"files in {out}")
     print("\n".join(lines), file=stream if as_json else sys.stdout, flush=True)

@@ -1,6 +1,11 @@
 """The reconstruction pipeline: preprocess -> CNN -> extremum seeking -> phase-retrieval polish.
 
-It knows nothing of Bluesky or EPICS: arrays in, a :class:`ReconstructionResult` out.
+It knows nothing of Bluesky or EPICS: arrays in, a :class:`ReconstructionResult` out. Each stage
+is a function with a small record in and out (:func:`prepare_measurement`, :func:`cnn_stage`,
+:func:`refine_stage`, :func:`polish_stage`); the decisions between them are named policies
+(:func:`es_budget_scale`, :func:`fit_at_noise`, :func:`~bcdi_bluesky.quality.quality_verdict`).
+Every stage stops by iteration counts and convergence, so the same input gives the same result
+on any machine; wall-time caps are a safety net, reported when they cut a run short.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
+from .errors import DataError
 from .model.latent import latent_vector
 from .model.runtime import OnnxCrystalModel
 from .physics import (
@@ -23,10 +29,21 @@ from .physics import (
     check_volume,
     intensity,
     physical_result,
+    poisson_chi_expected,
+    poisson_chi_floor,
 )
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
+from .quality import (
+    CHI_GOOD,
+    FIT_GOOD,
+    Distribution,
+    QualityEvidence,
+    check_bragg_peak,
+    out_of_distribution,
+    quality_verdict,
+)
 from .settings import ReconstructionSettings
-from .tuning.phase_retrieval import seeded_polish
+from .tuning.phase_retrieval import autocorrelation_seed, polish, seeded_polish
 from .tuning.refine import ChiCost, best_start, best_twin_variant, fit_odd_shape, refine_crystal
 
 REFINE_MODES = ("none", "es", "full")
@@ -57,7 +74,8 @@ class ReconstructionResult:
     #: Refinement costs step by step: the search's best-so-far, then the ES runs.
     es_costs: list[float] = field(default_factory=list)
     polish_errors: list[float] = field(default_factory=list)
-    #: Which polish run gave the object: "ER" or "ER/HIO" ("" without a polish).
+    #: Which polish run gave the object (a key of :attr:`polish_attempts`; "" without a
+    #: polish).
     polish_recipe: str = ""
     refine: str = "full"
     shift: tuple[int, int, int] = (0, 0, 0)
@@ -66,6 +84,19 @@ class ReconstructionResult:
     latent_xy: tuple[float, float] | None = None
     latent_distance: float | None = None
     out_of_distribution: bool = False
+    #: How far to trust the result (:func:`~bcdi_bluesky.quality.quality_verdict`): "good",
+    #: "fair" or "poor", and why it is not "good".
+    quality: str = "good"
+    quality_reasons: list[str] = field(default_factory=list)
+    #: chi that Poisson noise alone would leave with this result as the truth (None: the data
+    #: are not counts); the fit is at the noise when ``chi`` is near it.
+    expected_chi: float | None = None
+    #: Polish runs tried, with their chi against the data ("ER", "ER/HIO", "model ER/HIO",
+    #: "autocorrelation ER/HIO", "+ER to convergence"); the lowest gave the object.
+    polish_attempts: dict[str, float] = field(default_factory=dict)
+    #: Stages that a safety wall-time cap cut short ("refine", "polish"): the result then
+    #: depends on the machine's load.
+    cut_short: list[str] = field(default_factory=list)
     #: The settings the reconstruction ran with.
     settings: ReconstructionSettings = field(default_factory=ReconstructionSettings)
     #: Set by the beamline layer (scan uid and id, recommendation for the next scan...).
@@ -103,6 +134,11 @@ class ReconstructionResult:
             "latent_xy": list(self.latent_xy) if self.latent_xy is not None else None,
             "latent_distance": self.latent_distance,
             "out_of_distribution": self.out_of_distribution,
+            "quality": self.quality,
+            "quality_reasons": list(self.quality_reasons),
+            "expected_chi": self.expected_chi,
+            "polish_attempts": dict(self.polish_attempts),
+            "cut_short": list(self.cut_short),
             "settings": self.settings.as_dict(),
             **physical,
         }
@@ -137,6 +173,223 @@ def to_model_grid(obj: np.ndarray, n: int) -> np.ndarray:
     s = [x // 2 - n // 2 for x in field_input.shape]
     crop = field_input[s[0]:s[0] + n, s[1]:s[1] + n, s[2]:s[2] + n]
     return scipy.fft.ifftn(scipy.fft.ifftshift(crop)).astype(np.complex64)
+
+
+# ----------------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class Measurement:
+    """The checked input (:func:`prepare_measurement`)."""
+
+    data: np.ndarray  # float32, the input grid
+    valid: np.ndarray | None  # True for valid voxels (hot pixels removed); None: all valid
+    prepared: Prepared  # the data centred on the model grid
+    noise_floor: float | None  # physics.poisson_chi_floor (None: not counts)
+
+
+def prepare_measurement(intensity_: np.ndarray, mask: np.ndarray | None, n: int) -> Measurement:
+    """Check the volume and mask, mask hot pixels, check the Bragg peak, fit to the ``n^3`` grid.
+
+    Raises
+    ------
+    DataError
+        A volume or mask that cannot be reconstructed (wrong rank, NaN, negative...).
+    NoBraggPeakError
+        Photon counts without a detectable Bragg peak (:func:`~bcdi_bluesky.quality.
+        check_bragg_peak`): nothing is reconstructed.
+    """
+    data = check_volume(intensity_)
+    valid = check_mask(mask, data.shape)
+    valid = remove_hot_pixels(data, valid)
+    if valid.all():
+        valid = None
+    check_bragg_peak(data, valid)
+    return Measurement(data, valid, fit_to_grid(data, n, valid), poisson_chi_floor(data, valid))
+
+
+@dataclass(frozen=True)
+class CNNEstimate:
+    """The CNN's crystal (:func:`cnn_stage`) and where it stands against its training."""
+
+    params: np.ndarray  # physical parameters
+    chi: float  # against the data on the model grid
+    latent_xy: tuple[float, float] | None
+    distribution: Distribution
+
+
+def cnn_stage(runtime: OnnxCrystalModel, model: CrystalModel, prepared: Prepared,
+              chi_of: ChiCost) -> CNNEstimate:
+    """Predict the crystal; the data choose the twin-odd signs; place it on the latent map."""
+    predicted = runtime.predict(network_input(prepared.intensity, prepared.mask))
+    latent, cnn_chi = best_twin_variant(
+        model, runtime.encoding.twin_variants(predicted.astype(np.float64)), chi_of)
+    latent_map = runtime.latent_map
+    latent_xy, distance, chi_mean, chi_sd = None, None, None, None
+    if latent_map is not None:
+        z = latent_vector(latent, cnn_chi)
+        latent_xy = tuple(float(v) for v in latent_map.project(z))
+        distance = float(latent_map.distance(z))
+        chi_mean, chi_sd = latent_map.chi_distribution()
+    return CNNEstimate(model.denormalise(latent), cnn_chi, latent_xy,
+                       out_of_distribution(distance, cnn_chi, chi_mean, chi_sd))
+
+
+def es_budget_scale(distribution: Distribution) -> int:
+    """Work factor of the refinement: out of the CNN's depth, lean on the model-free search
+    and ES (twice their iterations)."""
+    return 2 if distribution.flagged else 1
+
+
+@dataclass(frozen=True)
+class ModelFit:
+    """The refined crystal parameters (:func:`refine_stage`)."""
+
+    params: np.ndarray
+    chi_shape: float  # after the odd-shape search
+    chi: float  # after ES
+    costs: list[float]
+    cut_short: bool
+
+
+def refine_stage(model: CrystalModel, params: np.ndarray, prepared: Prepared,
+                 settings: ReconstructionSettings, scale: int = 1,
+                 hook: Callable[[int, float], None] | None = None) -> ModelFit:
+    """Odd-shape search, then ES from the CNN's start and the search's (``scale`` times the
+    steps and the safety cap)."""
+    started = time.perf_counter()
+    budget = settings.es_time_budget_s * scale
+    offset = [0]
+
+    def step(iteration: int, cost: float) -> None:
+        if hook is not None:
+            hook(offset[0] + iteration, cost)
+
+    searched = fit_odd_shape(
+        model, params, prepared.intensity, prepared.mask,
+        max_evaluations=settings.shape_search_evaluations * scale, time_budget_s=budget,
+        hook=step)
+    offset[0] = searched.iterations
+    # The search's answer is a second start for ES, not a replacement of the CNN's: on
+    # crystals outside the model family it can lead ES to a poorer fit.
+    refined = refine_crystal(
+        model, params, prepared.intensity, prepared.mask,
+        alternatives=[searched.params] if searched.chi < searched.chi_start else [],
+        coarse_iterations=settings.es_coarse_iterations * scale,
+        fine_iterations=settings.es_fine_iterations * scale,
+        time_budget_s=max(budget - (time.perf_counter() - started), 0.0),
+        seed=settings.seed, hook=step)
+    return ModelFit(refined.params, searched.chi, refined.chi, searched.costs + refined.costs,
+                    searched.cut_short or refined.cut_short)
+
+
+def fit_at_noise(chi: float, expected_chi: float | None) -> bool:
+    """Policy: is a fit as good as the data allow? Counts: chi within :data:`~bcdi_bluesky.
+    quality.FIT_GOOD` of what Poisson noise alone leaves; other data (noise-free, corrected):
+    chi at most :data:`~bcdi_bluesky.quality.CHI_GOOD`."""
+    if expected_chi is not None:
+        return chi <= FIT_GOOD * expected_chi
+    return chi <= CHI_GOOD
+
+
+@dataclass
+class PolishOutcome:
+    """The polished object (:func:`polish_stage`) and how it was reached."""
+
+    object: np.ndarray
+    chi: float
+    expected_chi: float | None
+    errors: list[float]
+    recipe: str
+    attempts: dict[str, float]
+    converged: bool
+    cut_short: bool
+
+
+def polish_stage(measurement: Measurement, model_object: np.ndarray,
+                 settings: ReconstructionSettings,
+                 hook: Callable[[int, float], bool | None] | None = None) -> PolishOutcome:
+    """Fit-driven phase retrieval: spend more only while the fit stays above what the data allow.
+
+    1. :func:`~bcdi_bluesky.tuning.seeded_polish` from the model object (ER; ER/HIO unless ER
+       fits to the noise).
+    2. If the fit is not at the noise (:func:`fit_at_noise`), two more starts of
+       ``adaptive_iterations`` ER/HIO steps (``adaptive_hio_fraction`` HIO): the model seed
+       again, and a sphere sized from the autocorrelation (model-free, so a wrong model
+       cannot trap it). The lowest chi wins, as PyNX and cohere's GA rank their runs.
+    3. For data that are not counts (noise-free or corrected: no noise to stop at), if still
+       above :data:`~bcdi_bluesky.quality.CHI_GOOD`, ER from the winner until its error stops
+       falling (``converge_tolerance`` over 20 steps, at most ``converge_iterations`` steps).
+       On counts this only fits the noise (measured: chi 0.1% lower, IoU unchanged).
+
+    Every run stops by step counts or convergence; ``polish_time_budget_s`` caps them
+    together as a safety net (``cut_short``).
+    """
+    data, valid = measurement.data, measurement.valid
+    started = time.perf_counter()
+    steps = [0]
+
+    def left() -> float:
+        return max(settings.polish_time_budget_s - (time.perf_counter() - started), 0.0)
+
+    def counted(i: int, e: float) -> bool | None:
+        return None if hook is None else hook(steps[0] + i, e)
+
+    def chi_of(obj: np.ndarray) -> float:
+        return float(ChiCost(data, valid)(intensity(obj)))
+
+    def expected_of(obj: np.ndarray) -> float | None:
+        return poisson_chi_expected(intensity(obj), data, valid)
+
+    errors: list[float] = []
+    seed_support = np.abs(model_object) > 0.1 * np.abs(model_object).max()
+    first = seeded_polish(
+        data, model_object, seed_support, valid, er_iterations=settings.polish_er_iterations,
+        iterations=settings.polish_iterations, hio_fraction=settings.polish_hio_fraction,
+        time_budget_s=left(), hook=counted)
+    steps[0] += first.iterations
+    errors += first.errors
+    best, best_label = first, first.recipe
+    attempts = {first.recipe: first.chi}
+    cut = first.cut_short
+    expected = expected_of(best.object)
+    spend = settings.adaptive_iterations > 0 and not cut and not fit_at_noise(best.chi, expected)
+    if spend:
+        starts = {"model ER/HIO": (model_object, seed_support),
+                  "autocorrelation ER/HIO": autocorrelation_seed(data)}
+        for label, (obj, support) in starts.items():
+            run = polish(data, obj, support, valid, iterations=settings.adaptive_iterations,
+                         hio_fraction=settings.adaptive_hio_fraction, time_budget_s=left(),
+                         hook=counted)
+            steps[0] += run.iterations
+            errors += run.errors
+            run.chi = chi_of(run.object)
+            attempts[label] = run.chi
+            cut = cut or run.cut_short
+            if run.chi < best.chi:
+                best, best_label = run, label
+            if cut:
+                break
+        expected = expected_of(best.object)
+    converged = best.stopped_by == "converged"
+    counts = measurement.noise_floor is not None
+    if (settings.converge_iterations > 0 and not counts and not cut
+            and not fit_at_noise(best.chi, expected)):
+        run = polish(data, best.object, best.support, valid,
+                     iterations=settings.converge_iterations, hio_fraction=0.0,
+                     time_budget_s=left(), tolerance=settings.converge_tolerance, hook=counted)
+        steps[0] += run.iterations
+        errors += run.errors
+        run.chi = chi_of(run.object)
+        cut = cut or run.cut_short
+        converged = run.stopped_by == "converged"
+        label = f"{best_label} +ER to convergence"
+        attempts[label] = run.chi
+        if run.chi < best.chi:
+            best, best_label = run, label
+            expected = expected_of(best.object)
+    if fit_at_noise(best.chi, expected):
+        converged = True
+    return PolishOutcome(best.object, best.chi, expected, errors, best_label, attempts,
+                         converged, cut)
 
 
 class Reconstructor:
@@ -208,50 +461,38 @@ class Reconstructor:
 
         Raises
         ------
-        ValueError
+        DataError
             Wrong rank, NaN/inf, negative values, an empty volume, a mask of the wrong shape,
             or an unknown ``refine``.
+        NoBraggPeakError
+            Photon counts without a detectable Bragg peak (raised before any work).
         """
         if refine not in REFINE_MODES:
-            raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+            raise DataError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
         if settings is None:
             settings = self.settings
         notify = progress or (lambda stage, info: None)
         t0 = time.perf_counter()
         timings = {"preprocess": 0.0, "inference": 0.0, "refine": 0.0, "polish": 0.0}
 
-        data = check_volume(intensity_)
-        valid = check_mask(mask, data.shape)
-        valid = remove_hot_pixels(data, valid)
-        if valid.all():
-            valid = None
-        prepared = fit_to_grid(data, self.model.n, valid)
-        x = network_input(prepared.intensity, prepared.mask)
+        measurement = prepare_measurement(intensity_, mask, self.model.n)
+        prepared = measurement.prepared
         timings["preprocess"] = time.perf_counter() - t0
         notify("preprocess", {"seconds": timings["preprocess"], "shift": prepared.shift})
 
         t = time.perf_counter()
-        predicted = self.runtime.predict(x).astype(np.float64)
         chi_of = ChiCost(prepared.intensity, prepared.mask)
-        latent, cnn_chi = best_twin_variant(
-            self.model, self.runtime.encoding.twin_variants(predicted), chi_of)
-        params = self.model.denormalise(latent)
+        cnn = cnn_stage(self.runtime, self.model, prepared, chi_of)
+        params = cnn.params
         timings["inference"] = time.perf_counter() - t
-        stage_chi = {"cnn": cnn_chi}
-        latent_map = self.runtime.latent_map
-        latent_xy, distance, ood = None, None, False
-        if latent_map is not None:
-            z = latent_vector(latent, stage_chi["cnn"])
-            latent_xy = tuple(float(v) for v in latent_map.project(z))
-            distance = float(latent_map.distance(z))
-            ood = distance > 1.0
-        # Out of the CNN's depth: lean on the model-free refinement (twice the ES budget).
-        es_scale = 2 if ood else 1
-        message = (f"CNN out of distribution (latent distance {distance:.2f} > 1): doubling "
-                   "the extremum-seeking budget" if ood else "")
-        notify("inference", {"seconds": timings["inference"], "chi": stage_chi["cnn"],
-                             "params": params, "latent_distance": distance,
-                             "out_of_distribution": ood, "message": message})
+        stage_chi = {"cnn": cnn.chi}
+        distribution = cnn.distribution
+        scale = es_budget_scale(distribution)
+        message = ("; ".join(distribution.reasons) + ": doubling the extremum-seeking budget"
+                   if scale > 1 else "")
+        notify("inference", {"seconds": timings["inference"], "chi": cnn.chi,
+                             "params": params, "latent_distance": distribution.latent_distance,
+                             "out_of_distribution": distribution.flagged, "message": message})
 
         starts = [params]
         if initial_params is not None:
@@ -262,64 +503,56 @@ class Reconstructor:
             params = starts[best_start(self.model, starts, chi_of)[0]]
 
         es_costs: list[float] = []
+        cut_short: list[str] = []
         if refine in ("es", "full"):
             t = time.perf_counter()
-
-            budget = settings.es_time_budget_s * es_scale
-            steps_before = 0
-
-            def es_hook(iteration: int, cost: float) -> None:
-                if (steps_before + iteration) % 10 == 0:
-                    notify("es_step", {"iteration": steps_before + iteration, "cost": cost})
-
-            searched = fit_odd_shape(
-                self.model, params, prepared.intensity, prepared.mask,
-                max_evaluations=settings.shape_search_evaluations * es_scale,
-                time_budget_s=budget, hook=es_hook)
-            steps_before = searched.iterations
-            stage_chi["shape"] = searched.chi
-            # The search's answer is a second start for ES, not a replacement of the CNN's:
-            # on crystals outside the model family it can lead ES to a poorer fit.
-            refined = refine_crystal(
-                self.model, params, prepared.intensity, prepared.mask,
-                alternatives=[searched.params] if searched.chi < searched.chi_start else [],
-                coarse_iterations=settings.es_coarse_iterations * es_scale,
-                fine_iterations=settings.es_fine_iterations * es_scale,
-                time_budget_s=max(budget - searched.seconds, 0.0),
-                seed=settings.seed, hook=es_hook)
-            params, es_costs = refined.params, searched.costs + refined.costs
-            stage_chi["es"] = refined.chi
+            fitted = refine_stage(
+                self.model, params, prepared, settings, scale,
+                hook=lambda i, c: notify("es_step", {"iteration": i, "cost": c})
+                if i % 10 == 0 else None)
+            params, es_costs = fitted.params, fitted.costs
+            stage_chi["shape"], stage_chi["es"] = fitted.chi_shape, fitted.chi
+            if fitted.cut_short:
+                cut_short.append("refine")
             timings["refine"] = time.perf_counter() - t
-            notify("refine", {"seconds": timings["refine"], "chi": refined.chi,
+            notify("refine", {"seconds": timings["refine"], "chi": fitted.chi,
                               "params": params})
         self.previous_params = params
 
-        model_object = self.model.voxelise(params)
-        obj = to_input_grid(model_object, prepared, data.shape)
+        obj = to_input_grid(self.model.voxelise(params), prepared, measurement.data.shape)
         polish_errors: list[float] = []
         polish_recipe = ""
-        final_chi = None
+        attempts: dict[str, float] = {}
+        final_chi, expected, converged = None, None, False
         polishes = settings.polish_er_iterations > 0 or settings.polish_iterations > 0
         if refine == "full" and polishes:
             t = time.perf_counter()
-            seed_support = np.abs(obj) > 0.1 * np.abs(obj).max()
-            polished = seeded_polish(
-                data, obj, seed_support, valid, er_iterations=settings.polish_er_iterations,
-                iterations=settings.polish_iterations, hio_fraction=settings.polish_hio_fraction,
-                time_budget_s=settings.polish_time_budget_s,
+            polished = polish_stage(
+                measurement, obj, settings,
                 hook=lambda i, e: notify("polish_step", {"iteration": i, "error": e})
                 if i % 10 == 0 else None)
             obj, polish_errors = polished.object, polished.errors
-            polish_recipe, final_chi = polished.recipe, polished.chi  # chi of obj vs the data
+            polish_recipe, final_chi = polished.recipe, polished.chi
+            attempts, expected, converged = (polished.attempts, polished.expected_chi,
+                                             polished.converged)
+            if polished.cut_short:
+                cut_short.append("polish")
             timings["polish"] = time.perf_counter() - t
             notify("polish", {"seconds": timings["polish"], "recipe": polished.recipe})
 
         amp = np.abs(obj)
         support = amp > settings.support_threshold * amp.max()
         if final_chi is None:
-            final_chi = ChiCost(data, valid)(intensity(obj))
+            model_intensity = intensity(obj)
+            final_chi = ChiCost(measurement.data, measurement.valid)(model_intensity)
+            expected = poisson_chi_expected(model_intensity, measurement.data,
+                                            measurement.valid)
         if refine == "full":
             stage_chi["polish"] = final_chi
+        quality, reasons = quality_verdict(QualityEvidence(
+            chi=final_chi, expected_chi=expected, converged=converged,
+            signal_floor=measurement.noise_floor, distribution=distribution,
+            cut_short=tuple(cut_short)))
         physical = (physical_result(obj, geometry, settings.support_threshold)
                     if geometry is not None else None)
         timings["total"] = time.perf_counter() - t0
@@ -328,8 +561,10 @@ class Reconstructor:
             provider=self.provider, model_name=self.model_name, crystal_model=self.model,
             stage_chi=stage_chi, es_costs=es_costs, polish_errors=polish_errors,
             polish_recipe=polish_recipe,
-            refine=refine, shift=prepared.shift, latent_xy=latent_xy,
-            latent_distance=distance, out_of_distribution=ood, settings=settings,
-            physical=physical)
-        notify("done", {"seconds": timings["total"], "chi": final_chi})
+            refine=refine, shift=prepared.shift, latent_xy=cnn.latent_xy,
+            latent_distance=distribution.latent_distance,
+            out_of_distribution=distribution.flagged, quality=quality,
+            quality_reasons=reasons, expected_chi=expected, polish_attempts=attempts,
+            cut_short=cut_short, settings=settings, physical=physical)
+        notify("done", {"seconds": timings["total"], "chi": final_chi, "quality": quality})
         return result

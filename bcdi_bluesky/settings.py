@@ -58,8 +58,10 @@ class ReconstructionSettings:
     es_fine_iterations: int = _setting(
         100, "extremum-seeking steps on the full grid", low=0, high=5000)
     es_time_budget_s: float = _setting(
-        5.0, "wall-time cap of the refinement stage (shape search and ES together; doubled "
-        "for a scan out of the CNN's training distribution)", low=0.0, high=30.0, units="s")
+        30.0, "safety wall-time cap of the refinement stage (shape search and ES together; "
+        "doubled for a scan out of the CNN's training distribution): iteration counts end it, "
+        "the cap only guards against a stalled machine and is named in the result's quality "
+        "when it cuts the run", low=0.0, high=30.0, units="s")
     polish_er_iterations: int = _setting(
         50, "steps of the polish's first, ER-only run; kept when it fits the data down to the "
         "Poisson noise", low=0, high=2000)
@@ -69,7 +71,21 @@ class ReconstructionSettings:
     polish_hio_fraction: float = _setting(
         0.3, "share of HIO steps in the ER/HIO run", low=0.0, high=1.0)
     polish_time_budget_s: float = _setting(
-        5.0, "wall-time cap of the polish", low=0.0, high=30.0, units="s")
+        30.0, "safety wall-time cap of the polish (every run of it together); named in the "
+        "result's quality when it cuts the polish", low=0.0, high=30.0, units="s")
+    adaptive_iterations: int = _setting(
+        600, "steps of each further ER/HIO start (the model seed and the autocorrelation "
+        "seed) when the polished fit stays above the noise (0: never spend more)",
+        low=0, high=5000)
+    adaptive_hio_fraction: float = _setting(
+        0.65, "share of HIO steps in those further starts", low=0.0, high=1.0)
+    converge_iterations: int = _setting(
+        400, "most ER steps of the final run to convergence when the data are not counts "
+        "(noise-free or corrected) and the fit is not yet at chi 0.0025 (0: none)",
+        low=0, high=5000)
+    converge_tolerance: float = _setting(
+        0.002, "convergence: the final ER run stops once its error fell by less than this "
+        "(relative) over 20 steps", low=0.0, high=0.5)
     support_threshold: float = _setting(
         0.2, "fraction of the maximum amplitude that defines the reported support",
         low=0.01, high=0.9)

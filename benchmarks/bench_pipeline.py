@@ -1,14 +1,26 @@
 """Our reconstruction pipeline against cohere-core's iterative phase retrieval, in one run.
 
-    python benchmarks/bench_pipeline.py [--count 20] [--seed 2026] [--skip-cohere]
-        [--data-dir ../shared/data] [--json results.json]
+    python benchmarks/bench_pipeline.py [--ood-count 40] [--ood128-count 2] [--count 20]
+        [--seed 2026] [--ablation] [--skip-cohere] [--data-dir ../shared/data]
+        [--json results.json] [--report results.json]
 
-Everything runs on this machine, one reconstruction at a time, so the wall times compare.
+Everything runs on this machine, one reconstruction at a time, so the wall times compare. The
+JSON file is rewritten after every crystal, so a run stopped early keeps what it measured, and
+``--report`` prints the tables from it.
 
+0. **Out-of-family set** (first, the most telling): ``--ood-count`` crystals at 64^3 and
+   ``--ood128-count`` at 128^3 from :func:`~bcdi_bluesky.physics.out_of_family_crystal` with
+   ``BENCHMARK_SEED`` (never used for tuning: development used ``DEV_SEED``): faceted
+   polyhedra, platelets, rods and substrate-cut crystals with voids or ramps, inclusion,
+   dislocation and polynomial fields, noise-free to 1e7 photons, some with a detector gap.
+   Ours with ``refine="full"``, the same without spending more (ablation of the fit-driven
+   polish) and cohere-core; tables: medians, per kind, the confusion of the quality verdict
+   with IoU < 0.8, the CNN's out-of-distribution rate on every set.
 1. **Synthetic set**: ``--count`` fresh crystals from the prior at 1e8 photons (stream
    ``TEST_STREAM``, seed ``--seed``; the tests use other seeds). Each is reconstructed by our
    pipeline with ``refine="none"`` (CNN), ``"es"`` (CNN + extremum seeking) and ``"full"``
-   (+ ER/HIO polish), the last two also without the odd-shape search (ablation of
+   (+ ER/HIO polish), with ``--ablation`` the last two also without the odd-shape search
+   (ablation of
    :func:`~bcdi_bluesky.tuning.refine.fit_odd_shape`), and by cohere-core from a random
    start with cohere's default recipe (:data:`COHERE_RECIPE`, 620 iterations). Figures:
    support IoU and phase RMS against the truth (twin, translation and phase ramp resolved),
@@ -17,10 +29,10 @@ Everything runs on this machine, one reconstruction at a time, so the wall times
    example. No truth there: chi, R-factor, seconds, and the support IoU of each of our
    reconstructions with cohere's (cohere run from three random starts, the median one by
    R-factor reported).
-3. **Ablation** (synthetic set): the same polish (`seeded_polish`) seeded by our CNN + ES
-   object (that is ``refine="full"``), by a sphere sized from the intensity's autocorrelation,
-   and by a cohere-style random start in a central box; median IoU per seed, overall and per
-   kind of crystal (phase peak-to-peak, shape aspect ratio, density).
+3. **Ablation** (synthetic set, ``--ablation``): the same polish (`seeded_polish`) seeded
+   by our CNN + ES object (that is ``refine="full"``), by a sphere sized from the intensity's
+   autocorrelation, and by a cohere-style random start in a central box; median IoU per seed,
+   overall and per kind of crystal (phase peak-to-peak, shape aspect ratio, density).
 
 Conventions. Our intensities are centred (q = 0 at index ``N // 2``) with
 ``I = |fftshift(fftn(o))|^2``. cohere-core's ``Rec`` reads *amplitudes* from a file, moves
@@ -52,22 +64,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.fft
-import scipy.optimize
 
+from bcdi_bluesky.io import atomic_write_bytes
 from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 from bcdi_bluesky.physics import (
+    BENCHMARK_SEED,
+    DISPLACEMENT_KINDS,
+    SHAPE_KINDS,
     CrystalModel,
     CrystalPrior,
     chi,
     compare_objects,
     intensity,
+    out_of_family_crystal,
     r_factor,
     support_iou,
 )
 from bcdi_bluesky.physics._forward import FFT_WORKERS
 from bcdi_bluesky.pipeline import ReconstructionResult, Reconstructor
-from bcdi_bluesky.tuning import seeded_polish
+from bcdi_bluesky.quality import QUALITY_LEVELS
+from bcdi_bluesky.tuning import autocorrelation_seed, seeded_polish
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTONS = 1e8
@@ -96,9 +112,6 @@ MEASURED_SETS = {
     "3D-CDI-NN example": "3dcdinn_example/ft_crop_64_intensity.npy",
 }
 
-#: Fraction of the autocorrelation's maximum that defines its support (sphere seed).
-AUTOCORRELATION_THRESHOLD = 0.1
-
 # Crystal kinds: phase peak-to-peak (rad) over the support, principal-axis aspect ratio.
 FLAT_PHASE_PTP, STRAINED_PTP, ELONGATED_ASPECT = 1.0, 3.0, 1.8
 
@@ -120,57 +133,6 @@ SEED_LABELS = {
 
 
 # ----------------------------------------------------------------------------- seeds
-def ball_overlap_distance(threshold: float) -> float:
-    """Where a ball's normalised autocorrelation falls to ``threshold``, in ball diameters.
-
-    Two balls of radius ``R`` at distance ``d = 2 R x`` overlap by ``1 - 3x/2 + x^3/2`` of
-    their volume.
-
-    Parameters
-    ----------
-    threshold : float
-        Fraction of the autocorrelation's maximum, in (0, 1).
-
-    Returns
-    -------
-    float
-        ``x`` in (0, 1).
-    """
-    return float(scipy.optimize.brentq(lambda x: 1 - 1.5 * x + 0.5 * x**3 - threshold, 0, 1))
-
-
-def sphere_seed(measured: np.ndarray,
-                threshold: float = AUTOCORRELATION_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
-    """A naive seed: a uniform, zero-phase sphere, centred, sized from the autocorrelation.
-
-    ``|ifftn(I)|`` is the object's autocorrelation, whose support is the object's doubled in
-    every direction. Thresholded at a fraction of its maximum it is smaller than that (it tapers
-    to zero at the edge), so the volume is divided by ``(2 x)^3`` with ``x`` from
-    :func:`ball_overlap_distance`, which is exact for a ball, not by 8 (which gave spheres of
-    a fifth to a third of the crystal's volume).
-
-    Parameters
-    ----------
-    measured : ndarray
-        Centred intensity.
-    threshold : float
-        Fraction of the autocorrelation's maximum that defines its support.
-
-    Returns
-    -------
-    object, support : ndarray
-        complex64 sphere and its boolean support.
-    """
-    autocorrelation = np.abs(scipy.fft.ifftn(np.asarray(measured, dtype=np.float32)))
-    volume = np.count_nonzero(autocorrelation > threshold * autocorrelation.max())
-    volume /= (2 * ball_overlap_distance(threshold)) ** 3
-    radius = (3 * volume / (4 * np.pi)) ** (1 / 3)
-    grids = np.ogrid[tuple(slice(0, s) for s in measured.shape)]
-    r2 = sum((g - s // 2) ** 2 for g, s in zip(grids, measured.shape, strict=True))
-    inside = np.asarray(r2 <= radius * radius)
-    return inside.astype(np.complex64), inside
-
-
 def random_box_seed(shape: tuple[int, ...],
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A cohere-style random start: random complex values in a central half-size box.
@@ -333,7 +295,8 @@ def run_cohere(measured: np.ndarray, threshold: float = 0.0) -> CohereRun:
 
 
 def figures(obj: np.ndarray, measured: np.ndarray, truth: np.ndarray | None = None,
-            reference: np.ndarray | None = None) -> dict[str, float]:
+            reference: np.ndarray | None = None,
+            mask: np.ndarray | None = None) -> dict[str, float]:
     """Figures of merit of a reconstruction.
 
     Parameters
@@ -343,40 +306,58 @@ def figures(obj: np.ndarray, measured: np.ndarray, truth: np.ndarray | None = No
     measured : ndarray
         Intensity it is compared with (chi, R-factor).
     truth : ndarray, optional
-        True object: support IoU and phase RMS.
+        True object: support IoU, complex overlap and phase RMS.
     reference : ndarray, optional
         Another reconstruction (no truth): support IoU with it, as ``iou_ref``.
+    mask : ndarray of bool, optional
+        Valid voxels of ``measured`` (chi and R-factor leave the others out).
 
     Returns
     -------
     dict
-        ``chi``, ``r_factor``, ``iou``, ``phase_rms`` and ``iou_ref`` (NaN where unknown).
+        ``chi``, ``r_factor``, ``iou``, ``overlap``, ``phase_rms`` and ``iou_ref`` (NaN where
+        unknown).
     """
     model_intensity = intensity(obj)
-    out = {"chi": chi(model_intensity, measured), "r_factor": r_factor(model_intensity, measured),
-           "iou": float("nan"), "phase_rms": float("nan"), "iou_ref": float("nan")}
+    out = {"chi": chi(model_intensity, measured, mask),
+           "r_factor": r_factor(model_intensity, measured, mask),
+           "iou": float("nan"), "overlap": float("nan"), "phase_rms": float("nan"),
+           "iou_ref": float("nan")}
     if truth is not None:
         c = compare_objects(truth, obj)
-        out["iou"], out["phase_rms"] = c.iou, c.phase_rms
+        out["iou"], out["overlap"], out["phase_rms"] = c.iou, c.overlap, c.phase_rms
     if reference is not None:
         out["iou_ref"] = support_iou(reference, obj)
     return out
 
 
-def run_ours(rec: Reconstructor, measured: np.ndarray,
-             mode: str) -> tuple[ReconstructionResult, float]:
-    """Run our pipeline in one refine mode; return the result and the wall seconds."""
-    started = time.perf_counter()
-    result = rec.reconstruct(measured, refine=mode)
+def verdict(result: ReconstructionResult) -> dict[str, Any]:
+    """The result's own verdict and where its CNN stood (for the confusion and OOD tables)."""
+    return {"quality": result.quality, "quality_reasons": list(result.quality_reasons),
+            "out_of_distribution": result.out_of_distribution,
+            "latent_distance": result.latent_distance, "chi_cnn": result.chi_cnn,
+            "expected_chi": result.expected_chi, "polish_recipe": result.polish_recipe,
+            "polish_attempts": dict(result.polish_attempts), "cut_short": list(result.cut_short)}
+
+
+def run_ours(rec: Reconstructor, measured: np.ndarray, mode: str,
+             mask: np.ndarray | None = None) -> tuple[ReconstructionResult, float]:
+    """Run our pipeline in one refine mode; return the result and the wall seconds (the CPU
+    seconds of this process, all threads, go to ``result.metadata["cpu_seconds"]``)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    result = rec.reconstruct(measured, mask, refine=mode)
+    result.metadata["cpu_seconds"] = time.process_time() - cpu
     return result, time.perf_counter() - started
 
 
-def run_all_modes(rec: Reconstructor, plain: Reconstructor,
-                  measured: np.ndarray) -> dict[str, tuple[ReconstructionResult, float]]:
-    """Every mode of ``rec``, and :data:`NO_SEARCH_MODES` of ``plain`` (no shape search)."""
+def run_all_modes(rec: Reconstructor, plain: Reconstructor, measured: np.ndarray,
+                  ablation: bool = False) -> dict[str, tuple[ReconstructionResult, float]]:
+    """Every mode of ``rec``, and with ``ablation`` :data:`NO_SEARCH_MODES` of ``plain`` (no
+    shape search)."""
     runs = {mode: run_ours(rec, measured, mode) for mode in MODES}
-    runs.update({f"{mode}_no_search": run_ours(plain, measured, mode)
-                 for mode in NO_SEARCH_MODES})
+    if ablation:
+        runs.update({f"{mode}_no_search": run_ours(plain, measured, mode)
+                     for mode in NO_SEARCH_MODES})
     return runs
 
 
@@ -386,8 +367,10 @@ def progress(message: str) -> None:
 
 
 def synthetic_cases(rec: Reconstructor, plain: Reconstructor, count: int, seed: int,
-                    skip_cohere: bool) -> list[dict[str, Any]]:
-    """Reconstruct ``count`` fresh prior crystals with every method and every polish seed.
+                    skip_cohere: bool, ablation: bool = False,
+                    sink: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Reconstruct ``count`` fresh prior crystals with every method (and, with ``ablation``,
+    without the shape search and from the model-free polish seeds).
 
     Returns
     -------
@@ -405,9 +388,9 @@ def synthetic_cases(rec: Reconstructor, plain: Reconstructor, count: int, seed: 
         kind = crystal_kind(model, sample.params)
         methods: dict[str, dict[str, Any]] = {}
         stage_chi: dict[str, float] = {}
-        for method, (result, seconds) in run_all_modes(rec, plain, counts).items():
+        for method, (result, seconds) in run_all_modes(rec, plain, counts, ablation).items():
             methods[method] = {**figures(result.object, counts, truth), "seconds": seconds,
-                               "timings": dict(result.timings)}
+                               "timings": dict(result.timings), **verdict(result)}
             if method == "es":
                 stage_chi = dict(result.stage_chi)
         if not skip_cohere:
@@ -418,24 +401,28 @@ def synthetic_cases(rec: Reconstructor, plain: Reconstructor, count: int, seed: 
                                  "cohere_error": run.error, "chi_fit": run.chi,
                                  "chi_fit_unconverted": run.chi_unconverted}
         rng = np.random.default_rng([seed, i, 1])
-        for name, (start, start_support) in (("sphere", sphere_seed(counts)),
-                                             ("random_box", random_box_seed(counts.shape, rng))):
+        seeds = ((("sphere", autocorrelation_seed(counts)),
+                  ("random_box", random_box_seed(counts.shape, rng))) if ablation else ())
+        for name, (start, start_support) in seeds:
             started = time.perf_counter()
             polished = seeded_polish(counts, start, start_support,
-                                     er_iterations=rec.polish_er_iterations,
-                                     iterations=rec.polish_iterations,
-                                     hio_fraction=rec.polish_hio_fraction)
+                                     er_iterations=rec.settings.polish_er_iterations,
+                                     iterations=rec.settings.polish_iterations,
+                                     hio_fraction=rec.settings.polish_hio_fraction)
             methods[name] = {**figures(polished.object, counts, truth),
                              "seconds": time.perf_counter() - started}
         cases.append({"index": i, "kind": {**asdict(kind), "labels": kind.labels},
                       "stage_chi": stage_chi, "methods": methods})
+        if sink is not None:
+            sink.append(cases[-1])
         progress(f"synthetic {i + 1}/{count} ({', '.join(kind.labels)}): " + ", ".join(
             f"{k} IoU {v['iou']:.2f} {v['seconds']:.1f}s" for k, v in methods.items()))
     return cases
 
 
 def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
-                   skip_cohere: bool) -> list[dict[str, Any]]:
+                   skip_cohere: bool, ablation: bool = False,
+                   sink: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Reconstruct the measured crops with our three modes and cohere-core.
 
     Every figure is computed against the file's intensity as it is (unthresholded, on its
@@ -456,9 +443,10 @@ def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
         data = np.load(path).astype(np.float32)
         methods: dict[str, dict[str, Any]] = {}
         results = {}
-        for method, (result, seconds) in run_all_modes(rec, plain, data).items():
+        for method, (result, seconds) in run_all_modes(rec, plain, data, ablation).items():
             results[method] = result
-            methods[method] = {"seconds": seconds, "timings": dict(result.timings)}
+            methods[method] = {"seconds": seconds, "timings": dict(result.timings),
+                               **verdict(result)}
         stage_chi = dict(results["es"].stage_chi)
         cohere_obj = None
         if not skip_cohere:
@@ -481,8 +469,56 @@ def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
             methods[method].update(figures(result.object, data, reference=cohere_obj))
         cases.append({"name": name, "path": str(path), "stage_chi": stage_chi,
                       "methods": methods})
+        if sink is not None:
+            sink.append(cases[-1])
         progress(f"{name}: " + ", ".join(f"{k} chi {v['chi']:.3f} {v['seconds']:.1f}s"
                                          for k, v in methods.items()))
+    return cases
+
+
+def out_of_family_cases(rec: Reconstructor, base: Reconstructor, count: int, n: int,
+                        skip_cohere: bool, sink: list[dict[str, Any]] | None = None,
+                        start: int = 0, indices: list[int] | None = None
+                        ) -> list[dict[str, Any]]:
+    """Reconstruct ``count`` out-of-family crystals (``BENCHMARK_SEED``) at ``n^3``.
+
+    Ours with ``refine="full"`` (``rec``) and the same without spending more (``base``: no
+    further starts, no run to convergence: the ablation of the fit-driven polish); cohere-core
+    from a random start with its default recipe, given the counts as they are (a detector gap
+    is zeros to it, as to a user who has no mask). Figures against the truth and the counts
+    (chi and R-factor over the valid voxels).
+
+    Returns
+    -------
+    list of dict
+        Per crystal: ``index``, ``n``, ``labels``, ``photons``, ``noise_free`` and ``methods``.
+    """
+    cases = []
+    for i in indices if indices is not None else range(start, start + count):
+        crystal = out_of_family_crystal(BENCHMARK_SEED, i, n)
+        data, mask, truth = crystal.measured, crystal.mask, crystal.object
+        methods: dict[str, dict[str, Any]] = {}
+        for name, r in (("full", rec), ("base", base)):
+            result, seconds = run_ours(r, data, "full", mask)
+            methods[name] = {**figures(result.object, data, truth, mask=mask),
+                             "seconds": seconds, "cpu_seconds": result.metadata["cpu_seconds"],
+                             "timings": dict(result.timings), **verdict(result)}
+        if not skip_cohere:
+            centred, shift = centre_on_max(data)
+            cpu = time.process_time()
+            run = run_cohere(centred)
+            cpu = time.process_time() - cpu
+            obj = undo_centring(run.object, shift)
+            methods["cohere"] = {**figures(obj, data, truth, mask=mask), "seconds": run.seconds,
+                                 "cpu_seconds": cpu, "cohere_error": run.error}
+        cases.append({"index": i, "n": n, "labels": crystal.labels, "photons": crystal.photons,
+                      "noise_free": crystal.noise_free, "methods": methods})
+        if sink is not None:
+            sink.append(cases[-1])
+        progress(f"out-of-family {n}^3 #{i} ({', '.join(crystal.labels)}): "
+                 + ", ".join(f"{k} IoU {v['iou']:.2f} R {v['r_factor']:.3f} "
+                             f"{v.get('quality', '')} {v['seconds']:.1f}s"
+                             for k, v in methods.items()))
     return cases
 
 
@@ -579,6 +615,105 @@ def ablation_tables(cases: list[dict[str, Any]], skip_cohere: bool) -> str:
     return overall + "\n\n" + table(header, rows)
 
 
+def p90(values: list[float]) -> float:
+    """90th percentile of the finite values (NaN if none)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.percentile(finite, 90)) if finite else float("nan")
+
+
+#: IoU below which a reconstruction counts as wrong in the confusion table.
+WRONG_IOU = 0.8
+OOD_METHODS = {"full": "ours: full (fit-driven polish)",
+               "base": "ours: full without spending more (ablation)",
+               "cohere": "cohere-core 620 it."}
+
+
+def out_of_family_report(cases: list[dict[str, Any]]) -> str:
+    """Method table, per-kind medians, the issue's targets, the quality confusion table."""
+    methods = [m for m in OOD_METHODS if all(m in c["methods"] for c in cases)]
+
+    def col(group: list[dict[str, Any]], m: str, key: str) -> list[float]:
+        return [c["methods"][m][key] for c in group]
+
+    cohere = "cohere" in methods
+    rows = []
+    timed = [c for c in cases if all("cpu_seconds" in v for v in c["methods"].values())]
+    for m in methods:
+        secs = col(cases, m, "seconds")
+        ratio = (median(col(cases, "cohere", "seconds")) / median(secs)) if cohere else np.nan
+        cpu = col(timed, m, "cpu_seconds")
+        cpu_ratio = (median(col(timed, "cohere", "cpu_seconds")) / median(cpu)
+                     if cohere and timed else np.nan)
+        rows.append([OOD_METHODS[m], fmt(median(col(cases, m, "iou"))),
+                     fmt(median(col(cases, m, "overlap"))),
+                     fmt(median(col(cases, m, "phase_rms"))),
+                     fmt(median(col(cases, m, "r_factor"))), fmt(median(secs), 2),
+                     fmt(p90(secs), 2), fmt(ratio, 2) + "x", fmt(median(cpu), 2),
+                     fmt(p90(cpu), 2), fmt(cpu_ratio, 2) + "x"])
+    out = [table(["method", "IoU", "overlap", "phase RMS", "R-factor", "wall s", "wall p90",
+                  "cohere wall / ours", f"CPU s ({len(timed)})", "CPU p90",
+                  "cohere CPU / ours"], rows)]
+    groups = [*SHAPE_KINDS, *DISPLACEMENT_KINDS, "uniform", "voids", "ramp", "noise-free",
+              "counts", "gap"]
+    rows = []
+    for g in groups:
+        members = [c for c in cases if g in c["labels"]]
+        if members:
+            rows.append([g, str(len(members)),
+                         *(fmt(median(col(members, m, "iou"))) for m in methods)])
+    out.append(table(["median IoU by kind", "crystals", *methods], rows))
+    if cohere:
+        gap = [c["methods"]["full"]["iou"] - c["methods"]["cohere"]["iou"] for c in cases]
+        below = [(c["index"], c["methods"]["full"]["iou"], c["methods"]["cohere"]["iou"])
+                 for c, d in zip(cases, gap, strict=True) if d < -0.05]
+        out.append(
+            f"median IoU ours {median(col(cases, 'full', 'iou')):.3f} vs cohere "
+            f"{median(col(cases, 'cohere', 'iou')):.3f} (target: cohere's + 0.03); median "
+            f"overlap {median(col(cases, 'full', 'overlap')):.3f} vs "
+            f"{median(col(cases, 'cohere', 'overlap')):.3f}; crystals more than 0.05 IoU below "
+            f"cohere's: {len(below)}"
+            + ("" if not below else " (" + ", ".join(
+                f"#{i} {a:.2f} vs {b:.2f}" for i, a, b in below) + ")"))
+    free = [c for c in cases if c["noise_free"]]
+    if free:
+        r = col(free, "full", "r_factor")
+        out.append(f"noise-free crystals ({len(free)}): R-factor ours median {median(r):.4f}, "
+                   f"max {max(r):.4f}, {sum(v <= 0.01 for v in r)} of {len(r)} at <= 0.01"
+                   + (f"; cohere median {median(col(free, 'cohere', 'r_factor')):.4f}"
+                      if cohere else ""))
+    for m in ("full", "base"):
+        if m not in methods:
+            continue
+        rows = []
+        for q in QUALITY_LEVELS:
+            members = [c for c in cases if c["methods"][m]["quality"] == q]
+            wrong = sum(c["methods"][m]["iou"] < WRONG_IOU for c in members)
+            rows.append([q, str(wrong), str(len(members) - wrong)])
+        out.append(table([f"quality ({m})", f"IoU < {WRONG_IOU}", f"IoU >= {WRONG_IOU}"], rows))
+    chosen: dict[str, int] = {}
+    for c in cases:
+        label = c["methods"]["full"]["polish_recipe"]
+        chosen[label] = chosen.get(label, 0) + 1
+    out.append("polish run that gave the object (full): " + ", ".join(
+        f"{k} {v}" for k, v in sorted(chosen.items(), key=lambda kv: -kv[1])))
+    return "\n\n".join(out)
+
+
+def ood_rates(sets: dict[str, list[dict[str, Any]]], method: str = "full") -> str:
+    """How often the CNN was flagged out of distribution, and by what, on each set."""
+    lines = []
+    for name, cases in sets.items():
+        runs = [c["methods"][method] for c in cases if method in c["methods"]]
+        if not runs:
+            continue
+        flagged = sum(r["out_of_distribution"] for r in runs)
+        latent = sum((r["latent_distance"] or 0) > 1 for r in runs)
+        lines.append(f"{name}: CNN flagged out of distribution on {flagged}/{len(runs)} "
+                     f"({100 * flagged / len(runs):.0f}%); latent distance > 1 on {latent}, "
+                     f"the CNN's chi unusual on {flagged - latent} more")
+    return "\n".join(lines)
+
+
 def machine() -> dict[str, Any]:
     """Processor (model name where Linux gives it), CPU count and load average."""
     name = platform.processor() or platform.machine()
@@ -599,35 +734,52 @@ def convention_check(cases: list[dict[str, Any]]) -> str:
             f"returned {raw:.4f} (against the data cohere was given)")
 
 
-def report(args: argparse.Namespace, rec: Reconstructor, synthetic: list[dict[str, Any]],
-           measured: list[dict[str, Any]]) -> None:
-    """Print the machine and the tables."""
-    methods = [*MODES, *(f"{mode}_no_search" for mode in NO_SEARCH_MODES),
-               *([] if args.skip_cohere else ["cohere"])]
-    m = machine()
+def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Print the machine and the tables (``results`` as written to ``--json``)."""
+    synthetic, measured = results["synthetic"], results["measured"]
+    methods = [*MODES, *((f"{mode}_no_search" for mode in NO_SEARCH_MODES) if args.ablation
+                         else ()), *([] if args.skip_cohere else ["cohere"])]
+    m = results["machine"]
     print(f"machine: {m['processor']}, {m['cpus']} CPUs, load average "
-          f"{m['load_average'][0]:.1f} at the end; our FFT workers {FFT_WORKERS} (cohere's 1); "
-          f"ONNX Runtime provider {rec.provider}; model {rec.model_name}")
+          f"{m['load_average'][0]:.1f} at the end; our FFT workers {m['fft_workers']} "
+          f"(cohere's 1); ONNX Runtime provider {results['provider']}; model "
+          f"{results['model']}")
+    for key in ("out_of_family_64", "out_of_family_128"):
+        cases = results[key]
+        if cases:
+            print(f"\nOut-of-family: {len(cases)} crystals at {cases[0]['n']}^3 (seed "
+                  f"{BENCHMARK_SEED}); medians")
+            print(out_of_family_report(cases))
     if synthetic:
         print(f"\nSynthetic: {len(synthetic)} prior crystals at {PHOTONS:.0e} photons "
               f"(seed {args.seed}); medians")
         print(method_table(synthetic, methods, truth=True))
         print(es_gain(synthetic))
+        rows = [[q, str(sum(c["methods"]["full"]["quality"] == q for c in synthetic))]
+                for q in QUALITY_LEVELS]
+        print(table(["quality (full)", "crystals"], rows))
         if not args.skip_cohere:
             print(convention_check(synthetic))
     for case in measured:
         print(f"\nMeasured: {case['name']} ({case['path']})")
         print(method_table([case], methods, truth=False))
         print(es_gain([case]))
+        full = case["methods"]["full"]
+        print(f"quality (full): {full['quality']} {full['quality_reasons']}; polish runs "
+              f"{full['polish_attempts']}")
         if "cohere" in case["methods"]:
             each = case["methods"]["cohere"]["r_factor_of_each_run"]
             print(f"cohere R-factor of each of its {len(each)} random starts: "
                   + ", ".join(f"{r:.3f}" for r in each) + " (the median run is in the table)")
         if not args.skip_cohere:
             print(convention_check([case]))
-    if synthetic:
-        print(f"\nAblation (synthetic set): the same polish (ER {rec.polish_er_iterations} "
-              f"steps; ER/HIO {rec.polish_iterations} steps, {rec.polish_hio_fraction:.0%} HIO, "
+    print("\n" + ood_rates({"prior set": synthetic, "measured sets": measured,
+                            "out-of-family 64^3": results["out_of_family_64"],
+                            "out-of-family 128^3": results["out_of_family_128"]}))
+    if synthetic and args.ablation:
+        s = results["settings"]
+        print(f"\nAblation (synthetic set): the same polish (ER {s['polish_er_iterations']} "
+              f"steps; ER/HIO {s['polish_iterations']} steps, {s['polish_hio_fraction']:.0%} HIO, "
               f"unless ER fits to the noise), by seed")
         print(ablation_tables(synthetic, args.skip_cohere))
         print(f"kinds: phase peak-to-peak < {FLAT_PHASE_PTP} rad flat-phase, > {STRAINED_PTP} "
@@ -638,28 +790,72 @@ def main() -> None:
     """Run the benchmark and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=20, help="synthetic crystals")
+    parser.add_argument("--count", type=int, default=20, help="synthetic prior crystals")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the synthetic set")
+    parser.add_argument("--ood-count", type=int, default=40,
+                        help="out-of-family crystals at 64^3")
+    parser.add_argument("--ood-start", type=int, default=0,
+                        help="index of the first out-of-family crystal (to continue a run)")
+    parser.add_argument("--ood-indices", default=None, metavar="I,J,...",
+                        help="these out-of-family crystals (64^3) instead of a range")
+    parser.add_argument("--ood128-count", type=int, default=2,
+                        help="out-of-family crystals at 128^3")
+    parser.add_argument("--ablation", action="store_true",
+                        help="prior and measured sets also without the shape search and from "
+                             "the model-free polish seeds")
     parser.add_argument("--skip-cohere", action="store_true", help="run only our pipeline")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
                         help="folder with the measured data sets")
-    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write every figure here (rewritten after each crystal)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="only print the tables of a run saved with --json (complete or "
+                             "not)")
     args = parser.parse_args()
+    if args.report is not None:
+        report(args, json.loads(args.report.read_text()))
+        return
 
-    rec = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30)
-    plain = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30,
-                          shape_search_evaluations=0)
+    # Default settings: the iteration counts and convergence end every run; the 30 s caps
+    # are a safety net, and a result they cut says so (``cut_short``, in the JSON).
+    rec = Reconstructor()
+    plain = Reconstructor(settings=rec.settings, shape_search_evaluations=0)
+    base = Reconstructor(settings=rec.settings, adaptive_iterations=0, converge_iterations=0)
     # The first inference pays ONNX Runtime's start-up, which no later call does.
-    for r in (rec, plain):
-        r.reconstruct(np.ones((r.model.n,) * 3, dtype=np.float32), refine="none")
-    synthetic = synthetic_cases(rec, plain, args.count, args.seed, args.skip_cohere)
-    measured = measured_cases(rec, plain, args.data_dir, args.skip_cohere)
-    report(args, rec, synthetic, measured)
-    if args.json is not None:
-        args.json.write_text(json.dumps(
-            {"machine": machine(), "seed": args.seed, "photons": PHOTONS,
-             "cohere_recipe": COHERE_RECIPE, "synthetic": synthetic, "measured": measured},
-            indent=1, default=float))
+    warm = out_of_family_crystal(BENCHMARK_SEED + 1, 0).measured
+    for r in (rec, plain, base):
+        r.reconstruct(warm, refine="none")
+    results: dict[str, Any] = {
+        "machine": machine(), "seed": args.seed, "photons": PHOTONS,
+        "out_of_family_seed": BENCHMARK_SEED, "cohere_recipe": COHERE_RECIPE,
+        "settings": rec.settings.as_dict(), "provider": rec.provider,
+        "model": rec.model_name, "out_of_family_64": [], "measured": [],
+        "synthetic": [], "out_of_family_128": []}
+
+    class Saved(list):
+        """A list that rewrites the JSON file after each case: a run cut short keeps its
+        figures."""
+
+        def append(self, item: Any) -> None:
+            super().append(item)
+            if args.json is not None:
+                results["machine"] = machine()
+                atomic_write_bytes(args.json, json.dumps(results, indent=1,
+                                                         default=float).encode())
+
+    for key in ("out_of_family_64", "measured", "synthetic", "out_of_family_128"):
+        results[key] = Saved()
+    out_of_family_cases(rec, base, args.ood_count, 64, args.skip_cohere,
+                        results["out_of_family_64"], args.ood_start,
+                        None if args.ood_indices is None
+                        else [int(i) for i in args.ood_indices.split(",")])
+    measured_cases(rec, plain, args.data_dir, args.skip_cohere, args.ablation,
+                   results["measured"])
+    synthetic_cases(rec, plain, args.count, args.seed, args.skip_cohere, args.ablation,
+                    results["synthetic"])
+    out_of_family_cases(rec, base, args.ood128_count, 128, args.skip_cohere,
+                        results["out_of_family_128"])
+    report(args, results)
 
 
 if __name__ == "__main__":

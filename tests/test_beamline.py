@@ -303,6 +303,10 @@ def test_derived_run_and_result_files(RE, reconstructor, make_callback, tmp_path
     assert start["parent_uid"] == uid and start["model"] == "bcdi_cnn64"
     result = cb.records[uid].result
     assert event["data"]["chi"] == pytest.approx(result.chi)
+    assert result.quality in ("good", "fair", "poor")
+    assert start["quality"] == event["data"]["quality"] == result.quality
+    assert event["data"]["quality_reasons"] == "; ".join(result.quality_reasons)
+    assert start["quality_reasons"] == result.quality_reasons
     assert len(event["data"]["params"]) == result.params.size
     assert np.asarray(event["data"]["amp_XY"]).shape == result.object.shape[1:]
     summary = result.summary()

@@ -19,6 +19,14 @@ def volume():
     return rng.poisson(5.0, size=(16, 18, 20)).astype(np.float32) + 1
 
 
+@pytest.fixture
+def peaked(volume):
+    """``volume`` with a smooth Bragg peak: counts that the pipeline accepts."""
+    grids = np.ogrid[tuple(slice(0, s) for s in volume.shape)]
+    r2 = sum((g - s // 2) ** 2 for g, s in zip(grids, volume.shape, strict=True))
+    return volume + np.round(400 * np.exp(-r2 / 4.0)).astype(np.float32)
+
+
 def test_every_input_format_reads_the_same_volume(tmp_path, volume):
     mask = np.ones(volume.shape, dtype=bool)
     mask[:, :, 3] = False
@@ -82,7 +90,11 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     assert report["provider"] == "CPUExecutionProvider" and report["model"] == "bcdi_cnn64"
     assert 0 < report["chi"] < report["stage_chi"]["cnn"]
     assert len(report["latent_xy"]) == 2 and report["latent_distance"] > 0
-    assert report["out_of_distribution"] is (report["latent_distance"] > 1)
+    # Flagged by the latent distance or by the CNN's fit, and then the verdict says which.
+    assert report["out_of_distribution"] is (
+        report["latent_distance"] > 1
+        or any("CNN fit unusual" in r for r in report["quality_reasons"]))
+    assert report["quality"] in ("good", "fair", "poor")
     with h5py.File(tmp_path / "r.cxi") as f:
         obj = f["entry_1/image_1/data"][()]
         assert obj.dtype == np.complex64 and obj.shape == scan54_64.shape
@@ -148,8 +160,8 @@ def test_output_or_plot_onto_the_input_is_refused_and_the_data_survive(tmp_path,
     assert {name: (tmp_path / name).read_bytes() for name in measured} == measured
 
 
-def test_plot_and_output_errors_are_one_line_and_leave_no_partial_file(tmp_path, volume):
-    np.save(tmp_path / "in.npy", volume)
+def test_plot_and_output_errors_are_one_line_and_leave_no_partial_file(tmp_path, peaked):
+    np.save(tmp_path / "in.npy", peaked)
     run = _cli("reconstruct", "in.npy", "--refine", "none", "-o", "r.npz", "--plot", "r.docx",
                cwd=tmp_path)
     _one_line_error(run, "--plot r.docx: unsupported figure type", ".png")

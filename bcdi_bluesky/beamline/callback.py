@@ -615,8 +615,10 @@ class BCDIReconstructionCallback(DocumentRouter):
         return np.stack(stack), np.array([f[0] for f in frames])
 
     def latest(self) -> ScanRecord | None:
-        """The record of the most recent run that reached the worker (done or failed)."""
-        finished = [r for r in self.records.values() if r.status in ("done", "failed")]
+        """The record of the most recent run that reached the worker (done or failed, or
+        skipped there for want of a Bragg peak: its recommendation still moves the loop)."""
+        finished = [r for r in self.records.values() if r.status in ("done", "failed")
+                    or (r.status == "skipped" and r.recommendation is not None)]
         return finished[-1] if finished else None
 
     def _reconstruction_settings(self, start: dict) -> Any:

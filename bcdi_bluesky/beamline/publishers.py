@@ -137,11 +137,13 @@ DERIVED_PLAN_NAME = "bcdi_reconstruction"
 class DerivedRunPublisher(Publisher):
     """Emit each reconstruction as a derived Bluesky run whose start carries ``parent_uid``.
 
-    The run has one event in stream ``primary`` with ``chi``, ``chi_cnn``, the parameter
+    The run has one event in stream ``primary`` with ``chi``, ``chi_cnn``, the quality verdict
+    (``quality``: good, fair or poor, and ``quality_reasons`` joined by "; "), the parameter
     vector, the support size, the timings and the three central amplitude and phase slices
     (and, when the scan's geometry is known, ``crystal_volume_nm3``, ``crystal_extents_nm``,
     ``strain_rms``, ``displacement_rms_nm``, ``q_bragg_inv_nm``, ``voxel_size_nm``); its start
-    document names the model and the provider.
+    document names the model and the provider and carries the verdict too, so that a search of
+    the catalog finds the doubtful reconstructions without reading events.
 
     Parameters
     ----------
@@ -162,6 +164,8 @@ class DerivedRunPublisher(Publisher):
             "provider": result.provider,
             "refine": result.refine,
             "parameter_names": list(result.crystal_model.names),
+            "quality": result.quality,
+            "quality_reasons": list(result.quality_reasons),
         })
         self.emit("start", bundle.start_doc)
         amp = central_slices(np.abs(result.object))
@@ -169,6 +173,8 @@ class DerivedRunPublisher(Publisher):
         data = {
             "chi": float(result.chi),
             "chi_cnn": float(result.chi_cnn),
+            "quality": result.quality,
+            "quality_reasons": "; ".join(result.quality_reasons),
             "params": np.asarray(result.params, dtype=np.float64).tolist(),
             "support_voxels": int(result.support.sum()),
             "latent_distance": float(result.latent_distance if result.latent_distance
@@ -187,8 +193,8 @@ class DerivedRunPublisher(Publisher):
         keys = {}
         for key, value in data.items():
             shape = list(np.shape(value))
-            keys[key] = {"source": "bcdi-bluesky", "dtype": "array" if shape else "number",
-                         "shape": shape}
+            dtype = "string" if isinstance(value, str) else "array" if shape else "number"
+            keys[key] = {"source": "bcdi-bluesky", "dtype": dtype, "shape": shape}
         desc = bundle.compose_descriptor(name="primary", data_keys=keys)
         self.emit("descriptor", desc.descriptor_doc)
         now = time.time()

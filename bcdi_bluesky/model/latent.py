@@ -42,6 +42,12 @@ class LatentMap:
         d = np.asarray(latent, dtype=np.float64) - self.mean
         return np.sqrt(np.einsum("...i,ij,...j->...", d, self.precision, d)) / self.scale
 
+    def chi_distribution(self) -> tuple[float, float]:
+        """Mean and standard deviation of the CNN's chi (the latent's last coordinate) on the
+        prior crystals it was calibrated on (the shrunk covariance's marginal)."""
+        covariance = np.linalg.inv(self.precision)
+        return float(self.mean[-1]), float(np.sqrt(covariance[-1, -1]))
+
     def to_dict(self) -> dict:
         """For the model card."""
         return {"mean": self.mean.tolist(), "precision": self.precision.tolist(),

@@ -7,12 +7,14 @@ and exclude masked voxels. Real-space metrics first resolve what no measurement 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
 import scipy.ndimage
 from scipy.special import gammaln
+from scipy.stats import poisson
 
 from ._forward import FFT_WORKERS
 from ._validation import check_mask, check_volume
@@ -34,8 +36,12 @@ def _amplitudes(model_intensity, measured_intensity, mask):
 
 def fitted_scale(model_amplitude: np.ndarray, measured_amplitude: np.ndarray) -> float:
     """Least-squares scale ``s`` minimising ``||s a - b||``."""
-    den = float(np.dot(model_amplitude, model_amplitude))
-    return float(np.dot(model_amplitude, measured_amplitude)) / den if den > 0 else 0.0
+    # einsum, not np.dot: a BLAS dot of a 64^3 vector fans out to BLAS threads, which spin
+    # for CPU whenever other processes keep the cores busy (measured under load: the
+    # refinement's CPU time 7.0 s with them, 2.4 s with one BLAS thread).
+    den = float(np.einsum("i,i->", model_amplitude, model_amplitude))
+    num = float(np.einsum("i,i->", model_amplitude, measured_amplitude))
+    return num / den if den > 0 else 0.0
 
 
 def chi(model_intensity: np.ndarray, measured_intensity: np.ndarray,
@@ -85,6 +91,47 @@ def poisson_chi_floor(counts: np.ndarray, mask: np.ndarray | None = None) -> flo
     if total <= 0:
         return None
     return float(np.sqrt(0.25 * np.count_nonzero(n)) / np.sqrt(total))
+
+
+@functools.cache
+def _poisson_sqrt_residual_table() -> tuple[np.ndarray, np.ndarray]:
+    """``E[(sqrt(n) - sqrt(lam))^2]`` for ``n ~ Poisson(lam)`` on a log grid of ``lam``."""
+    lam = np.geomspace(1e-4, 1e4, 321)
+    values = np.empty_like(lam)
+    for i, mean in enumerate(lam):
+        n = np.arange(int(mean + 12 * np.sqrt(mean) + 30) + 1)
+        values[i] = np.sum(poisson.pmf(n, mean) * (np.sqrt(n) - np.sqrt(mean)) ** 2)
+    return np.log(lam), values
+
+
+def poisson_chi_expected(model_intensity: np.ndarray, counts: np.ndarray,
+                         mask: np.ndarray | None = None) -> float | None:
+    """The chi that ``counts`` would leave if ``model_intensity`` were the truth.
+
+    The model is scaled to the measured total; each valid voxel of mean ``lam`` then adds
+    ``E[(sqrt(n) - sqrt(lam))^2]`` (``n ~ Poisson(lam)``) to the squared residual: 1/4 where
+    counts are large, up to 0.45 near one photon, ``2 lam`` where photons are rare. Unlike
+    :func:`poisson_chi_floor` (a data-only lower bound that counts 1/4 per non-zero voxel and
+    falls 20-60% short at 1e5-1e8 photons), this is the expected chi of a perfect model: a
+    reconstruction at the noise has ``chi / expected`` near 1. ``None`` when the data are not
+    counts (as :func:`poisson_chi_floor`).
+    """
+    if poisson_chi_floor(counts, mask) is None:
+        return None
+    model = np.asarray(model_intensity, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64)
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        model, n = model[m], n[m]
+    total = model.sum()
+    if total <= 0:
+        return None
+    lam = model * (n.sum() / total)
+    log_lam, table = _poisson_sqrt_residual_table()
+    # Below the table 2 lam holds (one photon with probability lam); above it, 1/4.
+    expected = np.where(lam < 1e-4, 2.0 * lam,
+                        np.interp(np.log(np.maximum(lam, 1e-4)), log_lam, table, right=0.25))
+    return float(np.sqrt(expected.sum()) / np.linalg.norm(np.sqrt(n)))
 
 
 def poisson_nll(model_intensity: np.ndarray, counts: np.ndarray,

@@ -2,7 +2,7 @@
 phase-retrieval polish."""
 
 from .extremum_seeking import ESResult, ExtremumSeeker, StepHook
-from .phase_retrieval import PolishResult, polish, seeded_polish
+from .phase_retrieval import PolishResult, autocorrelation_seed, polish, seeded_polish
 from .refine import (
            ChiCost,
            RefineResult,
@@ -13,5 +13,5 @@ from .refine import (
 )
 
 __all__ = ["ChiCost", "ESResult", "ExtremumSeeker", "PolishResult", "RefineResult", "StepHook",
-           "best_start", "best_twin_variant",
+           "autocorrelation_seed", "best_start", "best_twin_variant",
            "fit_odd_shape", "polish", "refine_crystal", "seeded_polish"]

@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft
 import scipy.ndimage
+import scipy.optimize
 
 from ..physics import chi, intensity, poisson_chi_floor
 from ..physics._forward import FFT_WORKERS
+
+#: Fraction of the autocorrelation's maximum that defines its support
+#: (:func:`autocorrelation_seed`).
+AUTOCORRELATION_THRESHOLD = 0.1
 
 
 @dataclass
@@ -32,6 +37,14 @@ class PolishResult:
     recipe: str = ""
     #: chi of the result against the measured intensity (:func:`seeded_polish`).
     chi: float = float("nan")
+    #: What ended the run: "iterations", "converged" (``tolerance``), "hook" or "time" (the
+    #: wall-time cap, a safety net: the result then depends on the machine's load).
+    stopped_by: str = "iterations"
+
+    @property
+    def cut_short(self) -> bool:
+        """The wall-time cap ended the run before its step count."""
+        return self.stopped_by == "time"
 
 
 def default_recipe(iterations: int, hio_fraction: float = 0.65) -> list[str]:
@@ -57,6 +70,7 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
            hio_fraction: float = 0.65,
            shrink_every: int = 10, shrink_sigma: float = 1.0, shrink_threshold: float = 0.1,
            max_growth: int | None = None, time_budget_s: float | None = None,
+           tolerance: float = 0.0, window: int = 20,
            hook: Callable[[int, float], bool | None] | None = None) -> PolishResult:
     """Refine ``seed_object`` against ``measured`` by ER/HIO with shrink-wrap.
 
@@ -81,7 +95,11 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
         no limit, the default: measured on 6 prior crystals and both measured sets, a limit of
         2 or 4 voxels cost more than it saved).
     time_budget_s : float, optional
-        Stop (after a final ER step) when exceeded.
+        Safety cap: stop (after a final ER step) when exceeded (``stopped_by`` "time").
+    tolerance, window : float, int
+        Convergence: in the final ER block, stop once the error fell by less than
+        ``tolerance`` (relative) over the last ``window`` steps (0: run every step). The
+        stop depends on the data only, so the same input gives the same result anywhere.
     hook : callable, optional
         ``hook(iteration, error)``; False stops.
     """
@@ -102,7 +120,9 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
     amp_norm = float(np.linalg.norm(b))
     errors: list[float] = []
     recipe = default_recipe(iterations, hio_fraction)
+    last_hio = max((i for i, k in enumerate(recipe) if k == "HIO"), default=-1)
     done = 0
+    stopped_by = "iterations"
     for i, kind in enumerate(recipe):
         out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
         if out_of_time and kind == "HIO":
@@ -128,12 +148,18 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
         if shrink_every and (i + 1) % shrink_every == 0 and i + 1 < len(recipe):
             support = shrink_wrap(obj, shrink_sigma, shrink_threshold) & limit
         if hook is not None and hook(done, errors[-1]) is False:
+            stopped_by = "hook"
             break
         if out_of_time:
+            stopped_by = "time"
+            break
+        if (tolerance > 0 and i - window > last_hio and len(errors) > window
+                and errors[-1] > (1.0 - tolerance) * errors[-1 - window]):
+            stopped_by = "converged"
             break
     obj = obj * support
     return PolishResult(obj.astype(np.complex64, copy=False), support, errors, done,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, stopped_by=stopped_by)
 
 
 def seeded_polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarray,
@@ -180,7 +206,7 @@ def seeded_polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: n
                    hio_fraction=0.0, time_budget_s=time_budget_s, hook=hook, **options)
     first.recipe, first.chi = "ER", chi_of(first)
     floor = poisson_chi_floor(measured, mask)
-    stopped = first.iterations < er_iterations  # by the hook or the time budget
+    stopped = first.stopped_by in ("hook", "time")
     if (floor is not None and first.chi <= discrepancy * floor) or stopped or iterations <= 0:
         first.seconds = time.perf_counter() - started
         return first
@@ -191,7 +217,60 @@ def seeded_polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: n
                     hook=None if hook is None else lambda i, e: hook(offset + i, e), **options)
     second.recipe, second.chi = "ER/HIO", chi_of(second)
     best = second if second.chi < first.chi else first
+    if "time" in (first.stopped_by, second.stopped_by):
+        best.stopped_by = "time"
     best.errors = first.errors + second.errors
     best.iterations = first.iterations + second.iterations
     best.seconds = time.perf_counter() - started
     return best
+
+
+def ball_overlap_distance(threshold: float) -> float:
+    """Where a ball's normalised autocorrelation falls to ``threshold``, in ball diameters.
+
+    Two balls of radius ``R`` at distance ``d = 2 R x`` overlap by ``1 - 3x/2 + x^3/2`` of
+    their volume.
+
+    Parameters
+    ----------
+    threshold : float
+        Fraction of the autocorrelation's maximum, in (0, 1).
+
+    Returns
+    -------
+    float
+        ``x`` in (0, 1).
+    """
+    return float(scipy.optimize.brentq(lambda x: 1 - 1.5 * x + 0.5 * x**3 - threshold, 0, 1))
+
+
+def autocorrelation_seed(measured: np.ndarray, threshold: float = AUTOCORRELATION_THRESHOLD
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """A model-free seed: a uniform, zero-phase sphere, centred, sized from the autocorrelation.
+
+    ``|ifftn(I)|`` is the object's autocorrelation, whose support is the object's doubled in
+    every direction. Thresholded at a fraction of its maximum it is smaller than that (it tapers
+    to zero at the edge), so the volume is divided by ``(2 x)^3`` with ``x`` from
+    :func:`ball_overlap_distance`, which is exact for a ball, not by 8 (which gave spheres of
+    a fifth to a third of the crystal's volume).
+
+    Parameters
+    ----------
+    measured : ndarray
+        Centred intensity.
+    threshold : float
+        Fraction of the autocorrelation's maximum that defines its support.
+
+    Returns
+    -------
+    object, support : ndarray
+        complex64 sphere and its boolean support.
+    """
+    autocorrelation = np.abs(scipy.fft.ifftn(np.asarray(measured, dtype=np.float32)))
+    volume = np.count_nonzero(autocorrelation > threshold * autocorrelation.max())
+    volume /= (2 * ball_overlap_distance(threshold)) ** 3
+    radius = (3 * volume / (4 * np.pi)) ** (1 / 3)
+    grids = np.ogrid[tuple(slice(0, s) for s in measured.shape)]
+    r2 = sum((g - s // 2) ** 2 for g, s in zip(grids, measured.shape, strict=True))
+    inside = np.asarray(r2 <= radius * radius)
+    return inside.astype(np.complex64), inside

@@ -42,7 +42,9 @@ class ChiCost:
         if not a.any():
             return 1.0
         # float64 and the explicit residual: ||b||^2 - s <a, b> cancels badly at small chi.
-        return float(np.linalg.norm(fitted_scale(a, self.b) * a - self.b) / self.b_norm)
+        residual = fitted_scale(a, self.b) * a - self.b
+        # einsum rather than np.linalg.norm (a BLAS call): see physics.fitted_scale.
+        return float(np.sqrt(np.einsum("i,i->", residual, residual)) / self.b_norm)
 
 
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
@@ -97,7 +99,11 @@ def best_twin_variant(model: CrystalModel, variants: Sequence[np.ndarray], cost:
 
 
 class _Stop(Exception):
-    """Ends a scipy search early (time budget or hook)."""
+    """Ends a scipy search early (``by``: "time" for the wall-time cap, or "hook")."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__(by)
+        self.by = by
 
 
 @dataclass
@@ -110,6 +116,8 @@ class RefineResult:
     costs: list[float] = field(default_factory=list)
     iterations: int = 0
     seconds: float = 0.0
+    #: The wall-time cap stopped the run before its iteration counts.
+    cut_short: bool = False
 
 
 def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
@@ -172,14 +180,19 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
         count += 1
         return hook(count, c) if hook is not None else None
 
+    cut_short = False
+
     def seek(cost_fn: Callable[[np.ndarray], float], start: np.ndarray,
              iterations: int) -> tuple[np.ndarray, float, bool]:
+        nonlocal cut_short
         left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - started)
         if left is not None and left <= 0:
+            cut_short = True
             return start, np.inf, True
         es = ExtremumSeeker(start, gain=gain, dither=dither, decay=0.998, seed=seed)
         result = es.minimise(cost_fn, max_iter=iterations, time_budget_s=left, hook=step)
-        return result.best_params, result.best_cost, result.stopped_by == "hook"
+        cut_short = cut_short or result.stopped_by == "time"
+        return result.best_params, result.best_cost, result.stopped_by != "iterations"
 
     starts = [p0, *(model.normalise(model.clip(a)) for a in alternatives)]
     p, stop = p0, False
@@ -200,7 +213,7 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
     if final < best_chi:
         best_p, best_chi = p, final
     return RefineResult(model.denormalise(best_p), chi_start, best_chi, costs, count,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, cut_short)
 
 
 def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
@@ -258,7 +271,7 @@ def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
 
     def cost(values: np.ndarray) -> float:
         if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
-            raise _Stop
+            raise _Stop("time")
         p = p0.copy()
         p[odd] = np.clip(values, -1.0, 1.0)
         c = cost_fn(p)
@@ -266,18 +279,19 @@ def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
             best[:] = [c, p[odd].copy()]
         costs.append(best[0])
         if hook is not None and hook(len(costs), best[0]) is False:
-            raise _Stop
+            raise _Stop("hook")
         return c
 
+    cut_short = False
     try:
         scipy.optimize.minimize(cost, p0[odd], method="Powell", bounds=[(-1.0, 1.0)] * odd.size,
                                 options={"maxfev": max_evaluations, "xtol": 1e-2, "ftol": 1e-3})
-    except _Stop:
-        pass
+    except _Stop as stop:
+        cut_short = stop.by == "time"
     p = p0.copy()
     p[odd] = best[1]
     chi = full_cost(model.intensity(model.denormalise(p)))
     if chi >= chi_start:
         p, chi = p0, chi_start
     return RefineResult(model.denormalise(p), chi_start, chi, costs, len(costs),
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, cut_short)

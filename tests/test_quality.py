@@ -1,0 +1,142 @@
+"""The trust policies: Bragg peak, CNN distribution, fit against the noise, the verdict."""
+
+import numpy as np
+import pytest
+
+from bcdi_bluesky import NoBraggPeakError, Reconstructor
+from bcdi_bluesky.physics import (
+    DEV_SEED,
+    chi,
+    intensity,
+    out_of_family_crystal,
+    poisson_chi_expected,
+    poisson_chi_floor,
+)
+from bcdi_bluesky.pipeline import (
+    es_budget_scale,
+    fit_at_noise,
+    polish_stage,
+    prepare_measurement,
+)
+from bcdi_bluesky.quality import (
+    CHI_FAIR,
+    CNN_CHI_Z_LIMIT,
+    FIT_FAIR,
+    FIT_GOOD,
+    QualityEvidence,
+    check_bragg_peak,
+    out_of_distribution,
+    quality_verdict,
+)
+from bcdi_bluesky.settings import ReconstructionSettings
+from bcdi_bluesky.tuning import autocorrelation_seed
+
+
+@pytest.fixture(scope="module")
+def counted():
+    """A development crystal measured as photon counts (out of the CNN's family)."""
+    return next(c for c in (out_of_family_crystal(DEV_SEED, i) for i in range(8))
+                if not c.noise_free and c.mask is None)
+
+
+def test_expected_chi_is_the_truths_chi(counted):
+    truth = intensity(counted.object)
+    expected = poisson_chi_expected(truth, counted.measured)
+    assert chi(truth, counted.measured) == pytest.approx(expected, rel=0.03)
+    # The data-only floor is a lower bound, well below at these photon counts.
+    assert poisson_chi_floor(counted.measured) < 0.8 * expected
+    assert poisson_chi_expected(truth, counted.measured * 1.5 + 0.25) is None  # not counts
+
+
+def test_peak_less_volume_is_refused():
+    rng = np.random.default_rng(1)
+    # The tail of a rocking curve: a flat background and at most a few counts a frame.
+    tail = rng.poisson(0.3, size=(64, 64, 64)).astype(np.float32)
+    tail[30:34, 30:34, 0] += 6
+    assert tail.max() <= 12
+    with pytest.raises(NoBraggPeakError, match="no usable Bragg peak"):
+        check_bragg_peak(tail)
+    # The same refusal from the pipeline, before any work.
+    rec = Reconstructor()
+    with pytest.raises(NoBraggPeakError):
+        rec.reconstruct(tail)
+
+
+def test_weak_but_real_peak_passes(counted):
+    weak = np.random.default_rng(2).poisson(
+        intensity(counted.object) * (1e5 / intensity(counted.object).sum())).astype(np.float32)
+    check_bragg_peak(weak)  # 1e5 photons: hundreds in the peak voxel
+    check_bragg_peak(weak * 0.37)  # not counts: not judged here
+
+
+def test_out_of_distribution_uses_the_fit():
+    usual = out_of_distribution(0.5, 0.30, chi_mean=0.32, chi_sd=0.09)
+    assert not usual.flagged and usual.reasons == ()
+    bad_fit = out_of_distribution(0.5, 0.32 + (CNN_CHI_Z_LIMIT + 0.5) * 0.09, 0.32, 0.09)
+    assert bad_fit.flagged and "CNN fit unusual" in bad_fit.reasons[0]
+    far = out_of_distribution(1.4, 0.30, 0.32, 0.09)
+    assert far.flagged and "latent" in far.reasons[0]
+    assert out_of_distribution(None, 0.9, None, None).flagged is False
+    assert es_budget_scale(far) == 2 and es_budget_scale(usual) == 1
+
+
+@pytest.mark.parametrize("ratio, level", [(1.0, "good"), (FIT_GOOD + 0.05, "fair"),
+                                          (FIT_FAIR + 0.1, "poor")])
+def test_verdict_follows_the_fit_against_the_noise(ratio, level):
+    quality, reasons = quality_verdict(QualityEvidence(
+        chi=0.1 * ratio, expected_chi=0.1, converged=False, signal_floor=0.05))
+    assert quality == level
+    assert (reasons == []) == (level == "good")
+
+
+def test_a_small_misfit_of_bright_data_is_fair_not_poor():
+    # 1e9 photons: noise alone leaves chi 0.01; a sound measured reconstruction ends at 0.04.
+    quality, reasons = quality_verdict(QualityEvidence(
+        chi=0.04, expected_chi=0.01, converged=True, signal_floor=0.008))
+    assert quality == "fair" and "4.00x the Poisson noise" in reasons[0]
+    assert quality_verdict(QualityEvidence(
+        chi=CHI_FAIR + 0.01, expected_chi=0.01, converged=True, signal_floor=0.008))[0] == "poor"
+
+
+def test_verdict_without_counts_asks_for_convergence():
+    def verdict(chi_, converged):
+        return quality_verdict(QualityEvidence(chi_, None, converged, None))[0]
+
+    assert verdict(0.001, True) == "good"
+    assert verdict(0.001, False) == "fair"
+    assert verdict(0.05, True) == "fair"
+    assert verdict(0.3, True) == "poor"
+
+
+def test_anything_doubtful_keeps_a_good_fit_from_good():
+    base = {"chi": 0.1, "expected_chi": 0.1, "converged": True, "signal_floor": 0.05}
+    for extra, words in [({"signal_floor": 0.3}, "low signal"),
+                         ({"distribution": out_of_distribution(1.5, 0.3, 0.32, 0.09)},
+                          "out of distribution"),
+                         ({"cut_short": ("polish",)}, "wall-time cap")]:
+        quality, reasons = quality_verdict(QualityEvidence(**{**base, **extra}))
+        assert quality == "fair" and any(words in r for r in reasons)
+    # ... but never lift a poor fit.
+    assert quality_verdict(QualityEvidence(**{**base, "chi": 0.2, "cut_short": ("refine",)}))[
+        0] == "poor"
+
+
+@pytest.mark.timeout(300)
+def test_polish_spends_more_only_where_the_fit_asks(counted):
+    settings = ReconstructionSettings(polish_er_iterations=20, polish_iterations=40,
+                                      adaptive_iterations=150)
+    measurement = prepare_measurement(counted.measured, None, 64)
+    # Seeded by the truth the fit reaches the noise at once: nothing more is spent.
+    easy = polish_stage(measurement, counted.object, settings)
+    assert list(easy.attempts) == ["ER"] and fit_at_noise(easy.chi, easy.expected_chi)
+    # A strained cube seeded by a sphere: the short polish stays above the noise, and two
+    # more starts run; the lowest chi wins.
+    strained = out_of_family_crystal(DEV_SEED, 9)
+    assert strained.displacement_kind == "polynomial" and not strained.noise_free
+    sphere, _ = autocorrelation_seed(strained.measured)
+    hard = polish_stage(prepare_measurement(strained.measured, strained.mask, 64), sphere,
+                        settings)
+    assert {"model ER/HIO", "autocorrelation ER/HIO"} <= set(hard.attempts)
+    assert hard.chi == min(hard.attempts.values())
+    assert hard.chi <= next(iter(hard.attempts.values()))  # never worse than the first run
+    assert not hard.cut_short
