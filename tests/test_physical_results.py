@@ -63,10 +63,15 @@ def test_scan54_against_cohere(full, geometry):
     # give or take 5%.
     longest = [run["extents_nm"][0] for run in reference["runs"]]
     assert 0.95 * min(longest) <= ours_extents[0] <= 1.05 * max(longest)
-    # On the lab grid as on the input grid (the resampling keeps the crystal's size).
+    # On the lab grid as on the input grid (the resampling keeps the crystal's size): the two
+    # shorter extents within 5%; the longest, along the rocking direction, within one of its
+    # 47 nm steps (interpolating the amplitude moves the thresholded edge by up to half a step
+    # on each side).
     centre = np.array([s // 2 for s in full.support.shape])
     on_input, _ = principal_extents((np.argwhere(full.support) - centre) @ ours.T, ours)
-    np.testing.assert_allclose(summary["crystal_extents_nm"], on_input, rtol=0.05)
+    lab_extents = np.array(summary["crystal_extents_nm"])
+    np.testing.assert_allclose(lab_extents[1:], on_input[1:], rtol=0.05)
+    assert abs(lab_extents[0] - on_input[0]) <= np.linalg.norm(ours, axis=0).max()
     assert summary["crystal_volume_nm3"] == pytest.approx(
         full.support.sum() * abs(np.linalg.det(ours)), rel=0.1)
     # A nearly strain-free crystal: RMS strain in the 1e-4 range, displacement << d_111.
