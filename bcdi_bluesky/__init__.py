@@ -31,9 +31,20 @@ _LAZY = {
     "SettingsError": "bcdi_bluesky.errors",
 }
 
-__all__ = ["BCDIError", "BCDIReconstructionCallback", "DataError", "ModelError",
-           "NoBraggPeakError", "ReconstructionResult", "ReconstructionSettings", "Reconstructor",
-           "SettingsError", "__version__", "read_intensity", "write_result"]
+__all__ = [
+    "BCDIError",
+    "BCDIReconstructionCallback",
+    "DataError",
+    "ModelError",
+    "NoBraggPeakError",
+    "ReconstructionResult",
+    "ReconstructionSettings",
+    "Reconstructor",
+    "SettingsError",
+    "__version__",
+    "read_intensity",
+    "write_result",
+]
 
 
 def __getattr__(name: str) -> Any:

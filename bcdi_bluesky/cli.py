@@ -29,22 +29,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         from .model.train import TrainConfig, train
     except ImportError as exc:
-        raise UserError(f"training needs torch: pip install 'bcdi-bluesky[train]' ({exc})"
-                        ) from None
-    config = TrainConfig(name=args.name, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
-                         width=args.width, hidden=args.hidden,
-                         validate_every=args.validate_every,
-                         checkpoint_every=args.checkpoint_every, encoding=args.encoding,
-                         friedel=args.friedel, mirror_copies=args.mirror_copies,
-                         zoom=args.zoom)
-    state = train(config, Path(args.checkpoints), resume=args.resume, device=args.device,
-                  workers=args.workers, time_limit_s=args.time_limit,
-                  threads=args.threads, progress=not args.quiet,
-                  init_from=Path(args.init_from) if args.init_from else None)
+        raise UserError(
+            f"training needs torch: pip install 'bcdi-bluesky[train]' ({exc})"
+        ) from None
+    config = TrainConfig(
+        name=args.name,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        width=args.width,
+        hidden=args.hidden,
+        validate_every=args.validate_every,
+        checkpoint_every=args.checkpoint_every,
+        encoding=args.encoding,
+        friedel=args.friedel,
+        mirror_copies=args.mirror_copies,
+        zoom=args.zoom,
+    )
+    state = train(
+        config,
+        Path(args.checkpoints),
+        resume=args.resume,
+        device=args.device,
+        workers=args.workers,
+        time_limit_s=args.time_limit,
+        threads=args.threads,
+        progress=not args.quiet,
+        init_from=Path(args.init_from) if args.init_from else None,
+    )
     last = state["history"][-1] if state["history"] else {}
-    print(json.dumps({"name": state["config"]["name"], "step": state["step"],
-                      "elapsed_s": round(state["elapsed_s"], 1), "last_validation": last}))
+    print(
+        json.dumps(
+            {
+                "name": state["config"]["name"],
+                "step": state["step"],
+                "elapsed_s": round(state["elapsed_s"], 1),
+                "last_validation": last,
+            }
+        )
+    )
     return 0
 
 
@@ -53,17 +78,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from .model.export import export
         from .model.train import checkpoint_path
     except ImportError as exc:
-        raise UserError(f"export needs torch: pip install 'bcdi-bluesky[train]' ({exc})"
-                        ) from None
-    ckpt = Path(args.checkpoint) if args.checkpoint else checkpoint_path(
-        Path(args.checkpoints), args.name)
+        raise UserError(f"export needs torch: pip install 'bcdi-bluesky[train]' ({exc})") from None
+    ckpt = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else checkpoint_path(Path(args.checkpoints), args.name)
+    )
     if not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt}")
-    card = export(ckpt, Path(args.models_dir), args.name,
-                  validation_count=args.validation_count, latent_count=args.latent_count,
-                  symmetry_average=args.symmetry_average)
-    print(json.dumps({"name": card["name"], "sha256": card["sha256"],
-                      "validation": card["validation"]}))
+    card = export(
+        ckpt,
+        Path(args.models_dir),
+        args.name,
+        validation_count=args.validation_count,
+        latent_count=args.latent_count,
+        symmetry_average=args.symmetry_average,
+    )
+    print(
+        json.dumps(
+            {"name": card["name"], "sha256": card["sha256"], "validation": card["validation"]}
+        )
+    )
     return 0
 
 
@@ -107,9 +142,11 @@ def check_memory(shape: tuple[int, ...], source: str) -> None:
     need = int(np.prod(shape)) * BYTES_PER_INPUT_VOXEL
     free = available_memory()
     if free is not None and need > free:
-        raise UserError(f"{source}: a {'x'.join(map(str, shape))} volume needs about "
-                        f"{need / 2**30:.1f} GiB to reconstruct, {free / 2**30:.1f} GiB are "
-                        f"available (crop or bin it, or pass --no-memory-check)")
+        raise UserError(
+            f"{source}: a {'x'.join(map(str, shape))} volume needs about "
+            f"{need / 2**30:.1f} GiB to reconstruct, {free / 2**30:.1f} GiB are "
+            f"available (crop or bin it, or pass --no-memory-check)"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -126,8 +163,11 @@ def settings_from_args(args: argparse.Namespace) -> ReconstructionSettings:
     a value outside its limits is a one-line SettingsError)."""
     from .settings import ReconstructionSettings
 
-    given = {info.name: getattr(args, info.name) for info in ReconstructionSettings.fields_info()
-             if getattr(args, info.name) is not None}
+    given = {
+        info.name: getattr(args, info.name)
+        for info in ReconstructionSettings.fields_info()
+        if getattr(args, info.name) is not None
+    }
     return ReconstructionSettings().replace(**given)
 
 
@@ -141,11 +181,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         targets["--plot (its latent map)"] = _latent_plot_path(args.plot)
     for option, target in targets.items():
         if target and _same_file(Path(target), source):
-            raise UserError(f"{option} {target} is the input file: the measured data would be "
-                            f"overwritten (choose another name)")
+            raise UserError(
+                f"{option} {target} is the input file: the measured data would be "
+                f"overwritten (choose another name)"
+            )
     if args.output and Path(args.output).suffix.lower() not in RESULT_SUFFIXES:
-        raise UserError(f"{args.output}: unsupported output type (use one of "
-                        f"{', '.join(RESULT_SUFFIXES)})")
+        raise UserError(
+            f"{args.output}: unsupported output type (use one of {', '.join(RESULT_SUFFIXES)})"
+        )
     if args.output and Path(args.output).suffix.lower() == ".vti" and not args.geometry:
         raise UserError(f"{args.output}: a .vti file is on the lab grid: give --geometry")
     if args.plot:
@@ -161,12 +204,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     def progress(stage: str, info: dict) -> None:
         if args.json or stage.endswith("_step"):
             return
-        figures = ", ".join(f"{k} {v:.3g}" for k, v in info.items()
-                            if isinstance(v, float))
+        figures = ", ".join(f"{k} {v:.3g}" for k, v in info.items() if isinstance(v, float))
         print(f"{stage:>10}: {figures}", file=sys.stderr)
 
-    result = rec.reconstruct(data, mask, refine=args.refine, progress=progress,
-                             geometry=geometry)
+    result = rec.reconstruct(data, mask, refine=args.refine, progress=progress, geometry=geometry)
     outputs = {}
     if args.output:
         outputs["output"] = str(write_result(result, args.output, {"input": str(args.input)}))
@@ -177,8 +218,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         t = result.timings
-        print(f"{args.input}: chi {result.chi:.4f} (CNN {result.chi_cnn:.4f}), support "
-              f"{int(result.support.sum())} voxels, {t['total']:.2f} s on {result.provider}")
+        print(
+            f"{args.input}: chi {result.chi:.4f} (CNN {result.chi_cnn:.4f}), support "
+            f"{int(result.support.sum())} voxels, {t['total']:.2f} s on {result.provider}"
+        )
         for key, value in outputs.items():
             print(f"  {key}: {value}")
     return 0
@@ -197,8 +240,10 @@ def _check_plot_path(path: Path) -> None:
     kind = path.suffix.lower().lstrip(".")
     formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
     if kind not in formats:
-        raise UserError(f"--plot {path}: unsupported figure type (use one of "
-                        f"{', '.join('.' + k for k in sorted(formats))})")
+        raise UserError(
+            f"--plot {path}: unsupported figure type (use one of "
+            f"{', '.join('.' + k for k in sorted(formats))})"
+        )
     if path.is_dir():
         raise UserError(f"--plot {path} is a folder")
 
@@ -210,9 +255,13 @@ def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
     try:
         outputs = {"plot": str(plot_reconstruction(result, args.plot, title=str(args.input)))}
         if rec.runtime.latent_map is not None and result.latent_xy is not None:
-            outputs["latent_plot"] = str(plot_latent_map(
-                rec.runtime.latent_map, _latent_plot_path(args.plot),
-                scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)]))
+            outputs["latent_plot"] = str(
+                plot_latent_map(
+                    rec.runtime.latent_map,
+                    _latent_plot_path(args.plot),
+                    scans=[(Path(args.input).name, result.latent_xy, result.out_of_distribution)],
+                )
+            )
     except OSError as exc:  # the folder cannot be made or written, the disk is full
         raise UserError(f"--plot {args.plot}: cannot write ({exc.strerror or exc})") from None
     return outputs
@@ -231,24 +280,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         """stdout: one JSON line per scan that reached the worker."""
 
         def __call__(self, result, start_doc: dict) -> None:
-            print(json.dumps({"uid": start_doc["uid"], "scan_id": start_doc.get("scan_id"),
-                              "status": "done", **result.summary()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "uid": start_doc["uid"],
+                        "scan_id": start_doc.get("scan_id"),
+                        "status": "done",
+                        **result.summary(),
+                    }
+                ),
+                flush=True,
+            )
 
         def failure(self, message: str, start_doc: dict) -> None:
-            print(json.dumps({"uid": start_doc["uid"], "scan_id": start_doc.get("scan_id"),
-                              "status": "not reconstructed", "message": message}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "uid": start_doc["uid"],
+                        "scan_id": start_doc.get("scan_id"),
+                        "status": "not reconstructed",
+                        "message": message,
+                    }
+                ),
+                flush=True,
+            )
 
     if args.tiled:  # the runs completed on a Tiled server, frames read through it
         from .beamline.tiled import TiledRunSource, connect
 
-        dispatcher = TiledRunSource(connect(args.tiled, args.api_key), args.image_key,
-                                    args.motor_key)
+        dispatcher = TiledRunSource(
+            connect(args.tiled, args.api_key), args.image_key, args.motor_key
+        )
     else:
         try:
             dispatcher = RemoteDispatcher(
-                args.zmq, deserializer=pickle.loads if args.allow_pickle else deserializer,
-                max_message_bytes=int(args.max_message_mb * 2**20))
+                args.zmq,
+                deserializer=pickle.loads if args.allow_pickle else deserializer,
+                max_message_bytes=int(args.max_message_mb * 2**20),
+            )
         except ValueError as exc:
             raise UserError(f"--zmq: {exc}") from None
     try:
@@ -258,29 +327,47 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ModelError as exc:
         raise UserError(str(exc)) from None
     # stdout carries the JSON lines only; everything else goes to stderr through logging.
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     publishers: list = [ResultFileWriter(args.output)] if args.output else []
     if args.prefix:
         from .epics import IOCPublisher
 
-        publishers.append(IOCPublisher(prefix=args.prefix, access=_write_access(args),
-                                       settings=reconstructor.settings))
+        publishers.append(
+            IOCPublisher(
+                prefix=args.prefix, access=_write_access(args), settings=reconstructor.settings
+            )
+        )
     publishers.append(Report())  # last: its line says that the other publishers are done
     dask_client, executor = _dask(args.dask, reconstructor) if args.dask else (None, None)
     callback = BCDIReconstructionCallback(
-        image_key=args.image_key, motor_key=args.motor_key, publishers=publishers,
-        reconstructor=reconstructor, refine=args.refine, run_timeout=args.run_timeout,
-        root_map=dict(args.root_map), executor=executor)
+        image_key=args.image_key,
+        motor_key=args.motor_key,
+        publishers=publishers,
+        reconstructor=reconstructor,
+        refine=args.refine,
+        run_timeout=args.run_timeout,
+        root_map=dict(args.root_map),
+        executor=executor,
+    )
     dispatcher.subscribe(callback)
     # A service manager stops us with SIGTERM: stop listening, give the scan in hand the rest
     # of the stop budget, exit.
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
     if args.allow_pickle:
-        print("bcdi-bluesky serve: --allow-pickle: every sender to the proxy can run code "
-              "here", file=sys.stderr, flush=True)
-    source = (f"Tiled at {args.tiled}" if args.tiled else
-              f"the 0MQ proxy at {dispatcher.host}:{dispatcher.port}")
+        print(
+            "bcdi-bluesky serve: --allow-pickle: every sender to the proxy can run code here",
+            file=sys.stderr,
+            flush=True,
+        )
+    source = (
+        f"Tiled at {args.tiled}"
+        if args.tiled
+        else f"the 0MQ proxy at {dispatcher.host}:{dispatcher.port}"
+    )
     print(f"bcdi-bluesky serve: listening to {source}", file=sys.stderr, flush=True)
     finished = False
     try:
@@ -290,8 +377,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if dask_client is not None:
             dask_client.close()
         if getattr(dispatcher, "dropped", 0):
-            print(f"bcdi-bluesky serve: {dispatcher.dropped} of {dispatcher.received} "
-                  "messages dropped", file=sys.stderr, flush=True)
+            print(
+                f"bcdi-bluesky serve: {dispatcher.dropped} of {dispatcher.received} "
+                "messages dropped",
+                file=sys.stderr,
+                flush=True,
+            )
     if not finished:
         # A reconstruction is still running in the worker thread (its abandonment is logged):
         # the interpreter's teardown under it would abort the process ("terminate called
@@ -341,29 +432,38 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
     # (JSON key of what a publisher returns, publisher)
     publishers: list = [("output", ResultFileWriter(args.output))] if args.output else []
     if args.write_back:
-        publishers.append(("derived_uid",
-                           DerivedRunPublisher(tiled_runs.tiled_writer(client))))
+        publishers.append(("derived_uid", DerivedRunPublisher(tiled_runs.tiled_writer(client))))
     failed = 0
     try:
         for outcome in tiled_runs.reprocess(
-                client, uids, executor, spec, refine=args.refine, image_key=args.image_key,
-                motor_key=args.motor_key, stream_name=args.stream, window=window,
-                timeout=args.timeout):
+            client,
+            uids,
+            executor,
+            spec,
+            refine=args.refine,
+            image_key=args.image_key,
+            motor_key=args.motor_key,
+            stream_name=args.stream,
+            window=window,
+            timeout=args.timeout,
+        ):
             line = {"uid": outcome.uid, "scan_id": outcome.start.get("scan_id")}
             if outcome.error:
                 failed += 1
                 line.update(status="failed", message=outcome.error)
             else:
-                line.update(status="done", **outcome.result.summary(),
-                            worker=outcome.result.metadata.get("worker"))
+                line.update(
+                    status="done",
+                    **outcome.result.summary(),
+                    worker=outcome.result.metadata.get("worker"),
+                )
                 for key, publish in publishers:
                     try:
                         line[key] = str(publish(outcome.result, outcome.start))
                     except Exception as exc:  # a full disk, a refused write: the next run
                         if line["status"] == "done":  # count each run once
                             failed += 1
-                        line.update(status="failed", message=f"{key}: {type(exc).__name__}: "
-                                                             f"{exc}")
+                        line.update(status="failed", message=f"{key}: {type(exc).__name__}: {exc}")
             print(json.dumps(line), flush=True)
     finally:
         if dask_client is None:
@@ -383,8 +483,12 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
     server = IOCServer(prefix=args.prefix, access=access).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix} "
-          f"({access.describe()})", file=sys.stderr, flush=True)
+    print(
+        f"bcdi-bluesky ioc: serving {len(server.group.pvdb)} PVs with prefix {args.prefix} "
+        f"({access.describe()})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         while not stop.wait(0.5):
             pass
@@ -396,8 +500,14 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(scans=args.scans, output=args.output, prefix=args.prefix, linger=args.linger,
-             seed=args.seed, as_json=args.json)
+    run_demo(
+        scans=args.scans,
+        output=args.output,
+        prefix=args.prefix,
+        linger=args.linger,
+        seed=args.seed,
+        as_json=args.json,
+    )
     return 0
 
 
@@ -421,9 +531,13 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
             group.add_argument(option, action="store_true", default=None, help=info.doc)
             continue
         units = f" {info.units}" if info.units else ""
-        group.add_argument(option, type=info.kind, default=None, metavar=info.kind.__name__.upper(),
-                           help=f"{info.doc} ({info.low} .. {info.high}{units}; default "
-                                f"{info.default})")
+        group.add_argument(
+            option,
+            type=info.kind,
+            default=None,
+            metavar=info.kind.__name__.upper(),
+            help=f"{info.doc} ({info.low} .. {info.high}{units}; default {info.default})",
+        )
 
 
 def settings_table() -> str:
@@ -433,27 +547,36 @@ def settings_table() -> str:
     from .epics.ioc import ES_MAX_ITER, SETTING_PVS
     from .settings import ReconstructionSettings
 
-    rows = ["| setting | default | limits | `reconstruct` option | IOC PV | meaning |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| setting | default | limits | `reconstruct` option | IOC PV | meaning |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for info in ReconstructionSettings.fields_info():
         units = f" {info.units}" if info.units else ""
         limits = "true, false" if info.kind is bool else f"{info.low} .. {info.high}{units}"
-        pv = (f"`{SETTING_PVS[info.name]}`" if info.name in SETTING_PVS
-              else f"`{ES_MAX_ITER[0]}` (both ES counts)" if info.name in ES_MAX_ITER[1]
-              else "none")
+        pv = (
+            f"`{SETTING_PVS[info.name]}`"
+            if info.name in SETTING_PVS
+            else f"`{ES_MAX_ITER[0]}` (both ES counts)"
+            if info.name in ES_MAX_ITER[1]
+            else "none"
+        )
         option = "--" + info.name.replace("_", "-")
-        rows.append(f"| `{info.name}` | {info.default}{units} | {limits} | `{option}` | "
-                    f"{pv} | {info.doc} |")
+        rows.append(
+            f"| `{info.name}` | {info.default}{units} | {limits} | `{option}` | {pv} | {info.doc} |"
+        )
     return "\n".join(rows) + "\n"
 
 
 def _add_access_options(p: argparse.ArgumentParser) -> None:
     """Who may put the IOC's settings (docs/reliability.md: who may write which PV)."""
-    p.add_argument("--read-only", action="store_true",
-                   help="refuse every put to the settings PVs")
-    p.add_argument("--write-hosts", default=None, metavar="HOST[,HOST...]",
-                   help="accept puts only from Channel Access clients announcing one of "
-                        "these host names")
+    p.add_argument("--read-only", action="store_true", help="refuse every put to the settings PVs")
+    p.add_argument(
+        "--write-hosts",
+        default=None,
+        metavar="HOST[,HOST...]",
+        help="accept puts only from Channel Access clients announcing one of these host names",
+    )
 
 
 def _positive_number(text: str) -> float:
@@ -476,89 +599,155 @@ def _root_pair(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
-        prog="bcdi-bluesky",
-        description="Real-time BCDI reconstruction for Bluesky beamlines.")
+        prog="bcdi-bluesky", description="Real-time BCDI reconstruction for Bluesky beamlines."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="closed-loop scans on the simulated beamline, with the IOC")
     p.add_argument("--scans", type=_at_least_one, default=3)
     p.add_argument("--output", default=None, help="output folder (default: a new temp folder)")
     p.add_argument("--prefix", default=None, help="IOC prefix (default: a random DEMOxxxx:)")
-    p.add_argument("--linger", type=float, default=0.0,
-                   help="keep the IOC serving this many seconds after the last scan")
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help="keep the IOC serving this many seconds after the last scan",
+    )
     p.add_argument("--seed", type=int, default=0, help="the hidden crystal")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout at the end")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("reconstruct", help="reconstruct a crystal from a diffraction volume")
     p.add_argument("input", help=".npy, .npz (intensity, mask), .h5/.cxi/.nxs or TIFF stack")
-    p.add_argument("--output", "-o", default=None,
-                   help="result file (.npz, .cxi or .h5; .vti with --geometry)")
+    p.add_argument(
+        "--output", "-o", default=None, help="result file (.npz, .cxi or .h5; .vti with --geometry)"
+    )
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
-    p.add_argument("--geometry", default=None, metavar="GEOM.json",
-                   help="the scan's geometry: results in nm, displacement and strain")
+    p.add_argument(
+        "--geometry",
+        default=None,
+        metavar="GEOM.json",
+        help="the scan's geometry: results in nm, displacement and strain",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument("--dataset", default=None, help="HDF5 dataset holding the intensity")
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="reconstruct even when the volume seems too large for the memory left")
+    p.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="reconstruct even when the volume seems too large for the memory left",
+    )
     _add_settings_options(p)
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("serve", help="reconstruct the runs published by a Bluesky 0MQ proxy")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tiled", default=None, metavar="URL",
-                        help="follow the runs completed on this Tiled server (frames read "
-                             "through it)")
-    source.add_argument("--zmq", metavar="HOST:PORT",
-                        help="the proxy's output address (bluesky-0MQ-proxy IN OUT: OUT)")
-    p.add_argument("--api-key", default=None,
-                   help="with --tiled: the Tiled API key (default: $TILED_API_KEY)")
-    p.add_argument("--dask", default=None, metavar="SCHEDULER",
-                   help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)")
+    source.add_argument(
+        "--tiled",
+        default=None,
+        metavar="URL",
+        help="follow the runs completed on this Tiled server (frames read through it)",
+    )
+    source.add_argument(
+        "--zmq",
+        metavar="HOST:PORT",
+        help="the proxy's output address (bluesky-0MQ-proxy IN OUT: OUT)",
+    )
+    p.add_argument(
+        "--api-key", default=None, help="with --tiled: the Tiled API key (default: $TILED_API_KEY)"
+    )
+    p.add_argument(
+        "--dask",
+        default=None,
+        metavar="SCHEDULER",
+        help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)",
+    )
     p.add_argument("--image-key", default="det_image")
     p.add_argument("--motor-key", default="theta")
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
     p.add_argument("--prefix", default=None, help="also serve the results as PVs (e.g. BCDI:)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="UNSAFE: read bluesky's default pickled messages, which run any code a "
-                        "sender puts in them (only where every sender is trusted)")
-    p.add_argument("--run-timeout", type=_positive_number, default=3600.0, metavar="S",
-                   help="a run with no document for S seconds is recorded incomplete and its "
-                        "frames freed")
-    p.add_argument("--stop-timeout", type=_positive_number, default=5.0, metavar="S",
-                   help="on SIGTERM, seconds left to the queued reconstructions (then the "
-                        "one in hand is cancelled)")
-    p.add_argument("--max-message-mb", type=_positive_number, default=1024.0, metavar="MB",
-                   help="0MQ drops longer messages unread")
-    p.add_argument("--root-map", type=_root_pair, action="append", default=[],
-                   metavar="OLD=NEW", help="read files written under OLD from NEW (repeatable)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="UNSAFE: read bluesky's default pickled messages, which run any code a "
+        "sender puts in them (only where every sender is trusted)",
+    )
+    p.add_argument(
+        "--run-timeout",
+        type=_positive_number,
+        default=3600.0,
+        metavar="S",
+        help="a run with no document for S seconds is recorded incomplete and its frames freed",
+    )
+    p.add_argument(
+        "--stop-timeout",
+        type=_positive_number,
+        default=5.0,
+        metavar="S",
+        help="on SIGTERM, seconds left to the queued reconstructions (then the "
+        "one in hand is cancelled)",
+    )
+    p.add_argument(
+        "--max-message-mb",
+        type=_positive_number,
+        default=1024.0,
+        metavar="MB",
+        help="0MQ drops longer messages unread",
+    )
+    p.add_argument(
+        "--root-map",
+        type=_root_pair,
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="read files written under OLD from NEW (repeatable)",
+    )
     _add_access_options(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("reprocess", help="reconstruct runs stored in a Tiled server")
     p.add_argument("--tiled", required=True, metavar="URL", help="the Tiled server")
     p.add_argument("--api-key", default=None, help="Tiled API key (default: $TILED_API_KEY)")
-    p.add_argument("uids", nargs="*", metavar="UID",
-                   help="runs to reconstruct (default: the --last most recent raw runs)")
-    p.add_argument("--last", type=int, default=10,
-                   help="without UIDs: this many of the most recent completed runs that have "
-                        "frames and are not themselves reconstructions")
-    p.add_argument("--dask", default=None, metavar="SCHEDULER",
-                   help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)")
+    p.add_argument(
+        "uids",
+        nargs="*",
+        metavar="UID",
+        help="runs to reconstruct (default: the --last most recent raw runs)",
+    )
+    p.add_argument(
+        "--last",
+        type=int,
+        default=10,
+        help="without UIDs: this many of the most recent completed runs that have "
+        "frames and are not themselves reconstructions",
+    )
+    p.add_argument(
+        "--dask",
+        default=None,
+        metavar="SCHEDULER",
+        help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)",
+    )
     p.add_argument("--output", default=None, help="folder for one CXI result file per run")
-    p.add_argument("--write-back", action="store_true",
-                   help="write each result into the same server as a run with parent_uid")
+    p.add_argument(
+        "--write-back",
+        action="store_true",
+        help="write each result into the same server as a run with parent_uid",
+    )
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument("--image-key", default="det_image")
     p.add_argument("--motor-key", default="theta")
     p.add_argument("--stream", default="primary", help="event stream holding the frames")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
-    p.add_argument("--timeout", type=float, default=3600.0, metavar="S",
-                   help="a run with no result after S seconds is reported failed")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="a run with no result after S seconds is reported failed",
+    )
     p.set_defaults(func=_cmd_reprocess)
 
     p = sub.add_parser("ioc", help="run the reconstruction IOC alone (its settings PVs)")
@@ -580,27 +769,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=t.warmup_steps)
     p.add_argument("--width", type=int, default=t.width, help="channels of the first conv stage")
     p.add_argument("--hidden", type=int, default=t.hidden, help="units of the dense layer")
-    p.add_argument("--encoding", default=t.encoding,
-                   choices=("twin_blocks_v1", "twin_invariant_v1", "normalised_v1"),
-                   help="what the network regresses (see bcdi_bluesky.model.encoding)")
-    p.add_argument("--no-friedel", dest="friedel", action="store_false",
-                   help="leave out the network's I(q) - I(-q) input channel")
-    p.add_argument("--zoom", type=int, default=t.zoom,
-                   help="centred crop edge seen by a full-resolution encoder (0: none)")
-    p.add_argument("--mirror-copies", type=int, default=t.mirror_copies,
-                   help="mirror images of each simulated crystal per batch (1-8; more trains "
-                        "faster where simulating the crystals is the bottleneck, as on a CPU)")
+    p.add_argument(
+        "--encoding",
+        default=t.encoding,
+        choices=("twin_blocks_v1", "twin_invariant_v1", "normalised_v1"),
+        help="what the network regresses (see bcdi_bluesky.model.encoding)",
+    )
+    p.add_argument(
+        "--no-friedel",
+        dest="friedel",
+        action="store_false",
+        help="leave out the network's I(q) - I(-q) input channel",
+    )
+    p.add_argument(
+        "--zoom",
+        type=int,
+        default=t.zoom,
+        help="centred crop edge seen by a full-resolution encoder (0: none)",
+    )
+    p.add_argument(
+        "--mirror-copies",
+        type=int,
+        default=t.mirror_copies,
+        help="mirror images of each simulated crystal per batch (1-8; more trains "
+        "faster where simulating the crystals is the bottleneck, as on a CPU)",
+    )
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop cleanly with a checkpoint after this many seconds")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="stop cleanly with a checkpoint after this many seconds",
+    )
     p.add_argument("--validate-every", type=int, default=t.validate_every)
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--init-from", default=None,
-                   help="warm-start a new run from another checkpoint's weights")
+    p.add_argument(
+        "--init-from", default=None, help="warm-start a new run from another checkpoint's weights"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -610,12 +819,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="explicit checkpoint file")
     p.add_argument("--models-dir", default="models")
     p.add_argument("--validation-count", type=int, default=500)
-    p.add_argument("--symmetry-average", default="half_turns",
-                   choices=("half_turns", "mirrors", "none"),
-                   help="average the exported network over these grid symmetries (cost: 4x, "
-                        "8x, 1x the bare network)")
-    p.add_argument("--latent-count", type=int, default=2000,
-                   help="prior crystals that calibrate the latent map (0: none)")
+    p.add_argument(
+        "--symmetry-average",
+        default="half_turns",
+        choices=("half_turns", "mirrors", "none"),
+        help="average the exported network over these grid symmetries (cost: 4x, "
+        "8x, 1x the bare network)",
+    )
+    p.add_argument(
+        "--latent-count",
+        type=int,
+        default=2000,
+        help="prior crystals that calibrate the latent map (0: none)",
+    )
     p.set_defaults(func=_cmd_export)
     return parser
 
@@ -625,8 +841,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The project's log lines (puts to the IOC, dropped scans) on stderr, one per event;
     # stdout stays for the commands' results.
-    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        level=logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        level=logging.WARNING,
+        stream=sys.stderr,
+    )
     logging.getLogger("bcdi_bluesky").setLevel(logging.INFO)
     try:
         return int(args.func(args))

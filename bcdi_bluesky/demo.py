@@ -52,9 +52,11 @@ class _Progress(Publisher):
         self._say(start, f"  reconstruction failed: {message}")
 
     def __call__(self, result: Any, start: dict) -> None:
-        self._say(start, f"  done: chi {result.chi:.4f} in {result.timings['total']:.2f} s, "
-                         f"quality {result.quality}"
-                         + "".join(f"\n    - {r}" for r in result.quality_reasons))
+        self._say(
+            start,
+            f"  done: chi {result.chi:.4f} in {result.timings['total']:.2f} s, "
+            f"quality {result.quality}" + "".join(f"\n    - {r}" for r in result.quality_reasons),
+        )
 
 
 def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
@@ -68,8 +70,13 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     paths = []
     for record in records:
         if record.result is not None:
-            paths.append(plot_reconstruction(record.result, out / f"scan_{record.scan_id}.png",
-                                             title=f"scan {record.scan_id}"))
+            paths.append(
+                plot_reconstruction(
+                    record.result,
+                    out / f"scan_{record.scan_id}.png",
+                    title=f"scan {record.scan_id}",
+                )
+            )
     last = next((r for r in reversed(records) if r.result is not None), None)
     if last is not None:
         truth = beamline.crystal.truth()
@@ -77,12 +84,22 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
         sup_t = np.abs(truth) > 0.2 * np.abs(truth).max()
         sup_r = np.abs(recon) > 0.2 * np.abs(recon).max()
         fig, axes = plt.subplots(4, 3, figsize=(10, 12), layout="constrained")
-        rows = [("hidden crystal, amplitude", np.abs(truth), "gray", None),
-                ("reconstruction, amplitude", np.abs(recon), "gray", None),
-                ("hidden crystal, phase (rad)", np.where(sup_t, np.angle(truth), np.nan),
-                 "twilight", (-np.pi, np.pi)),
-                ("reconstruction, phase (rad)", np.where(sup_r, np.angle(recon), np.nan),
-                 "twilight", (-np.pi, np.pi))]
+        rows = [
+            ("hidden crystal, amplitude", np.abs(truth), "gray", None),
+            ("reconstruction, amplitude", np.abs(recon), "gray", None),
+            (
+                "hidden crystal, phase (rad)",
+                np.where(sup_t, np.angle(truth), np.nan),
+                "twilight",
+                (-np.pi, np.pi),
+            ),
+            (
+                "reconstruction, phase (rad)",
+                np.where(sup_r, np.angle(recon), np.nan),
+                "twilight",
+                (-np.pi, np.pi),
+            ),
+        ]
         idx = np.argwhere(sup_t)
         lo, hi = np.maximum(idx.min(0) - 4, 0), idx.max(0) + 5
         window = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
@@ -112,8 +129,7 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     scans = [h["iteration"] + 1 for h in history]
     ax.plot(scans, [h["centre"] for h in history], "o-", label="scan centre")
-    ax.plot(scans, [h["theta_center"] for h in history], "s--",
-            label="recommended next centre")
+    ax.plot(scans, [h["theta_center"] for h in history], "s--", label="recommended next centre")
     ax.axhline(beamline.crystal.peak_theta, color="k", ls=":", label="true Bragg peak")
     ax.set_xlabel("scan")
     ax.set_ylabel("theta (deg)")
@@ -126,9 +142,15 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     return paths
 
 
-def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = None,
-             linger: float = 0.0, seed: int = 0, as_json: bool = False,
-             stream: TextIO = sys.stderr) -> dict:
+def run_demo(
+    scans: int = 3,
+    output: str | None = None,
+    prefix: str | None = None,
+    linger: float = 0.0,
+    seed: int = 0,
+    as_json: bool = False,
+    stream: TextIO = sys.stderr,
+) -> dict:
     """Run the demo; returns the JSON-able summary (``scans``, ``output``)."""
     from bluesky import RunEngine
 
@@ -151,60 +173,100 @@ def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = Non
     # costs a beacon warning, which the demo keeps off the terminal.
     interfaces = None if "EPICS_CAS_INTF_ADDR_LIST" in os.environ else ["127.0.0.1"]
     logging.getLogger("caproto").setLevel(logging.CRITICAL)
-    print(f"bcdi-bluesky demo: simulated beamline (seed {seed}), sample misaligned; IOC prefix "
-          f"{prefix}; outputs in {out}", file=stream, flush=True)
+    print(
+        f"bcdi-bluesky demo: simulated beamline (seed {seed}), sample misaligned; IOC prefix "
+        f"{prefix}; outputs in {out}",
+        file=stream,
+        flush=True,
+    )
     beamline = SimulatedBeamline(seed=seed, misalignment=0.25)
     beamline.det.exposure.put(0.05)
     ioc = IOCPublisher(prefix=prefix, interfaces=interfaces)
     collected: list = []
     cb = BCDIReconstructionCallback(
         reconstructor=Reconstructor(),
-        publishers=[ioc, ResultFileWriter(out), _Progress(stream),
-                    lambda result, start: collected.append(start["uid"])],
-        keep_results=max(scans, 1))  # the figures show every scan's reconstruction
+        publishers=[
+            ioc,
+            ResultFileWriter(out),
+            _Progress(stream),
+            lambda result, start: collected.append(start["uid"]),
+        ],
+        keep_results=max(scans, 1),
+    )  # the figures show every scan's reconstruction
     RE = RunEngine({}, context_managers=[], call_returns_result=True)
     RE.subscribe(cb)
     analysis = ReconstructionAnalysis(name="analysis", callback=cb)
     step = beamline.crystal.step
-    history = RE(closed_loop_scan(beamline.det, beamline.theta, analysis,
-                                  beamline.crystal.bragg_theta, 63 * step, 64,
-                                  max_iterations=scans, until_converged=False,
-                                  geometry=beamline.geometry)).plan_result
+    history = RE(
+        closed_loop_scan(
+            beamline.det,
+            beamline.theta,
+            analysis,
+            beamline.crystal.bragg_theta,
+            63 * step,
+            64,
+            max_iterations=scans,
+            until_converged=False,
+            geometry=beamline.geometry,
+        )
+    ).plan_result
     cb.wait(timeout=300)
     records = list(cb.records.values())
     truth = beamline.crystal.truth()
     rows = []
     for h, record in zip(history, records, strict=False):
         result = record.result
-        iou = (compare_objects(truth, to_model_grid(result.object, truth.shape[0])).iou
-               if result is not None else float("nan"))
+        iou = (
+            compare_objects(truth, to_model_grid(result.object, truth.shape[0])).iou
+            if result is not None
+            else float("nan")
+        )
         rec = record.recommendation
-        rows.append({
-            "scan_id": record.scan_id, "theta_center": h["centre"],
-            "exposure": record.exposure,
-            "max_count": rec.max_count_observed if rec else None,
-            "saturated": rec.saturated if rec else None,
-            "peak_inside": rec.peak_inside if rec else None,
-            "chi": result.chi if result is not None else None, "iou": iou,
-            "quality": result.quality if result is not None else None,
-            "quality_reasons": list(result.quality_reasons) if result is not None else [],
-            "timings_s": result.timings if result is not None else {},
-            "status": record.status, "message": record.message,
-        })
+        rows.append(
+            {
+                "scan_id": record.scan_id,
+                "theta_center": h["centre"],
+                "exposure": record.exposure,
+                "max_count": rec.max_count_observed if rec else None,
+                "saturated": rec.saturated if rec else None,
+                "peak_inside": rec.peak_inside if rec else None,
+                "chi": result.chi if result is not None else None,
+                "iou": iou,
+                "quality": result.quality if result is not None else None,
+                "quality_reasons": list(result.quality_reasons) if result is not None else [],
+                "timings_s": result.timings if result is not None else {},
+                "status": record.status,
+                "message": record.message,
+            }
+        )
     figures = _figures(out, beamline, records, history)
     latent_map = cb.reconstructor.runtime.latent_map
     if latent_map is not None:
         from .plotting import plot_latent_map
 
-        figures.append(plot_latent_map(latent_map, out / "latent_map.png", scans=[
-            (f"scan {r.scan_id}", r.result.latent_xy, r.result.out_of_distribution)
-            for r in records if r.result is not None and r.result.latent_xy is not None]))
-    summary = {"scans": rows, "output": str(out), "ioc_prefix": prefix,
-               "true_peak_theta": beamline.crystal.peak_theta,
-               "figures": [str(p) for p in figures]}
-    header = (f"{'scan':>4} {'theta centre':>12} {'exposure':>9} {'max count':>9} {'chi':>7} "
-              f"{'IoU':>5} {'quality':>8} {'prep':>5} {'CNN':>5} {'ES':>5} {'polish':>6} "
-              f"{'total':>6}")
+        figures.append(
+            plot_latent_map(
+                latent_map,
+                out / "latent_map.png",
+                scans=[
+                    (f"scan {r.scan_id}", r.result.latent_xy, r.result.out_of_distribution)
+                    for r in records
+                    if r.result is not None and r.result.latent_xy is not None
+                ],
+            )
+        )
+    summary = {
+        "scans": rows,
+        "output": str(out),
+        "ioc_prefix": prefix,
+        "true_peak_theta": beamline.crystal.peak_theta,
+        "figures": [str(p) for p in figures],
+    }
+    header = (
+        f"{'scan':>4} {'theta centre':>12} {'exposure':>9} {'max count':>9} {'chi':>7} "
+        f"{'IoU':>5} {'quality':>8} {'prep':>5} {'CNN':>5} {'ES':>5} {'polish':>6} "
+        f"{'total':>6}"
+    )
     lines = [header]
     for r in rows:
         t = r["timings_s"]
@@ -213,11 +275,13 @@ def run_demo(scans: int = 3, output: str | None = None, prefix: str | None = Non
             f"{r['max_count'] or 0:>9.0f} {r['chi'] or float('nan'):>7.4f} {r['iou']:>5.2f} "
             f"{r['quality'] or r['status']:>8} "
             f"{t.get('preprocess', 0):>5.2f} {t.get('inference', 0):>5.2f} "
-            f"{t.get('refine', 0):>5.2f} {t.get('polish', 0):>6.2f} {t.get('total', 0):>6.2f}")
+            f"{t.get('refine', 0):>5.2f} {t.get('polish', 0):>6.2f} {t.get('total', 0):>6.2f}"
+        )
         if r["chi"] is None:  # skipped or failed: say why
             lines.append(f"{'':>4} {r['status']}: {r['message']}")
-    lines.append(f"true Bragg peak at {beamline.crystal.peak_theta:.4f} deg; figures and CXI "
-                 f"files in {out}")
+    lines.append(
+        f"true Bragg peak at {beamline.crystal.peak_theta:.4f} deg; figures and CXI files in {out}"
+    )
     print("\n".join(lines), file=stream if as_json else sys.stdout, flush=True)
     if as_json:
         print(json.dumps(summary), flush=True)

@@ -31,10 +31,19 @@ if TYPE_CHECKING:
 INTENSITY_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".cxi", ".nxs", ".tif", ".tiff")
 RESULT_SUFFIXES = (".npz", ".h5", ".hdf5", ".cxi", ".vti")
 #: Datasets tried, in order, in HDF5/NeXus/CXI files.
-_H5_INTENSITY = ("entry_1/data_1/data", "entry/data/data", "entry_1/instrument_1/detector_1/data",
-                 "intensity", "data")
-_H5_MASK = ("entry_1/instrument_1/detector_1/mask", "entry_1/data_1/mask", "entry/data/mask",
-            "mask")
+_H5_INTENSITY = (
+    "entry_1/data_1/data",
+    "entry/data/data",
+    "entry_1/instrument_1/detector_1/data",
+    "intensity",
+    "data",
+)
+_H5_MASK = (
+    "entry_1/instrument_1/detector_1/mask",
+    "entry_1/data_1/mask",
+    "entry/data/mask",
+    "mask",
+)
 
 
 def read_geometry(path: str | Path) -> Geometry:
@@ -77,8 +86,9 @@ def _read_h5(path: Path, dataset: str | None) -> tuple[np.ndarray, np.ndarray | 
     return np.asarray(data), mask
 
 
-def read_intensity(path: str | Path, dataset: str | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+def read_intensity(
+    path: str | Path, dataset: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a 3D intensity and optional mask from ``.npy``, ``.npz``, HDF5/NeXus/CXI or TIFF.
 
     Parameters
@@ -100,8 +110,9 @@ def read_intensity(path: str | Path, dataset: str | None = None
         raise DataError(f"{p}: no such file")
     suffix = p.suffix.lower()
     if suffix not in INTENSITY_SUFFIXES:
-        raise DataError(f"{p}: unsupported file type {suffix!r} (use one of "
-                        f"{', '.join(INTENSITY_SUFFIXES)})")
+        raise DataError(
+            f"{p}: unsupported file type {suffix!r} (use one of {', '.join(INTENSITY_SUFFIXES)})"
+        )
     try:
         mask = None
         if suffix == ".npy":
@@ -154,8 +165,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         os.replace(tmp, p)
         tmp = None
     except OSError as exc:
-        raise DataError(f"{p}: cannot write ({exc.strerror or exc}); nothing was written"
-                        ) from None
+        raise DataError(f"{p}: cannot write ({exc.strerror or exc}); nothing was written") from None
     finally:
         if tmp is not None:
             try:
@@ -175,9 +185,15 @@ def _physical_arrays(result: ReconstructionResult) -> dict[str, np.ndarray]:
 
 def _result_npz(result: ReconstructionResult, meta: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, object=result.object, support=result.support,
-                        params=result.params, param_names=np.array(result.crystal_model.names),
-                        summary=json.dumps(meta), **_physical_arrays(result))
+    np.savez_compressed(
+        buffer,
+        object=result.object,
+        support=result.support,
+        params=result.params,
+        param_names=np.array(result.crystal_model.names),
+        summary=json.dumps(meta),
+        **_physical_arrays(result),
+    )
     return buffer.getvalue()
 
 
@@ -235,7 +251,8 @@ def _cxi_physical(f, entry, image, physical) -> None:
     lab.create_dataset("data_space", data="real")
     for k, axis in enumerate(("x_nm", "y_nm", "z_nm")):
         coords = physical.origin_nm[k] + physical.voxel_size_nm[k] * np.arange(
-            physical.object_lab.shape[k])
+            physical.object_lab.shape[k]
+        )
         lab.create_dataset(axis, data=coords).attrs["units"] = "nm"
     sample = entry.create_group("sample_1")
     sample.attrs["NX_class"] = "NXsample"
@@ -314,8 +331,9 @@ def vti_bytes(physical) -> bytes:
     return text if isinstance(text, bytes) else text.encode("ascii")
 
 
-def write_result(result: ReconstructionResult, path: str | Path,
-                 extra: dict[str, Any] | None = None) -> Path:
+def write_result(
+    result: ReconstructionResult, path: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
     """Write a reconstruction as ``.npz``, CXI-style HDF5 (``.cxi``/``.h5``) or VTK ``.vti``,
     atomically.
 
@@ -337,8 +355,9 @@ def write_result(result: ReconstructionResult, path: str | Path,
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in RESULT_SUFFIXES:
-        raise DataError(f"{p}: unsupported output type {suffix!r} (use one of "
-                        f"{', '.join(RESULT_SUFFIXES)})")
+        raise DataError(
+            f"{p}: unsupported output type {suffix!r} (use one of {', '.join(RESULT_SUFFIXES)})"
+        )
     if suffix == ".vti":
         if getattr(result, "physical", None) is None:
             raise DataError(f"{p}: a .vti file needs the scan's geometry (--geometry)")

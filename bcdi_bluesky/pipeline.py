@@ -171,7 +171,7 @@ def to_model_grid(obj: np.ndarray, n: int) -> np.ndarray:
     reconstruction on a larger input grid brought to a model crystal's grid (comparisons)."""
     field_input = scipy.fft.fftshift(scipy.fft.fftn(obj))
     s = [x // 2 - n // 2 for x in field_input.shape]
-    crop = field_input[s[0]:s[0] + n, s[1]:s[1] + n, s[2]:s[2] + n]
+    crop = field_input[s[0] : s[0] + n, s[1] : s[1] + n, s[2] : s[2] + n]
     return scipy.fft.ifftn(scipy.fft.ifftshift(crop)).astype(np.complex64)
 
 
@@ -216,12 +216,14 @@ class CNNEstimate:
     distribution: Distribution
 
 
-def cnn_stage(runtime: OnnxCrystalModel, model: CrystalModel, prepared: Prepared,
-              chi_of: ChiCost) -> CNNEstimate:
+def cnn_stage(
+    runtime: OnnxCrystalModel, model: CrystalModel, prepared: Prepared, chi_of: ChiCost
+) -> CNNEstimate:
     """Predict the crystal; the data choose the twin-odd signs; place it on the latent map."""
     predicted = runtime.predict(network_input(prepared.intensity, prepared.mask))
     latent, cnn_chi = best_twin_variant(
-        model, runtime.encoding.twin_variants(predicted.astype(np.float64)), chi_of)
+        model, runtime.encoding.twin_variants(predicted.astype(np.float64)), chi_of
+    )
     latent_map = runtime.latent_map
     latent_xy, distance, chi_mean, chi_sd = None, None, None, None
     if latent_map is not None:
@@ -229,8 +231,12 @@ def cnn_stage(runtime: OnnxCrystalModel, model: CrystalModel, prepared: Prepared
         latent_xy = tuple(float(v) for v in latent_map.project(z))
         distance = float(latent_map.distance(z))
         chi_mean, chi_sd = latent_map.chi_distribution()
-    return CNNEstimate(model.denormalise(latent), cnn_chi, latent_xy,
-                       out_of_distribution(distance, cnn_chi, chi_mean, chi_sd))
+    return CNNEstimate(
+        model.denormalise(latent),
+        cnn_chi,
+        latent_xy,
+        out_of_distribution(distance, cnn_chi, chi_mean, chi_sd),
+    )
 
 
 def es_budget_scale(distribution: Distribution) -> int:
@@ -250,9 +256,14 @@ class ModelFit:
     cut_short: bool
 
 
-def refine_stage(model: CrystalModel, params: np.ndarray, prepared: Prepared,
-                 settings: ReconstructionSettings, scale: int = 1,
-                 hook: Callable[[int, float], None] | None = None) -> ModelFit:
+def refine_stage(
+    model: CrystalModel,
+    params: np.ndarray,
+    prepared: Prepared,
+    settings: ReconstructionSettings,
+    scale: int = 1,
+    hook: Callable[[int, float], None] | None = None,
+) -> ModelFit:
     """Odd-shape search, then ES from the CNN's start and the search's (``scale`` times the
     steps and the safety cap)."""
     started = time.perf_counter()
@@ -264,21 +275,36 @@ def refine_stage(model: CrystalModel, params: np.ndarray, prepared: Prepared,
             hook(offset[0] + iteration, cost)
 
     searched = fit_odd_shape(
-        model, params, prepared.intensity, prepared.mask,
-        max_evaluations=settings.shape_search_evaluations * scale, time_budget_s=budget,
-        hook=step)
+        model,
+        params,
+        prepared.intensity,
+        prepared.mask,
+        max_evaluations=settings.shape_search_evaluations * scale,
+        time_budget_s=budget,
+        hook=step,
+    )
     offset[0] = searched.iterations
     # The search's answer is a second start for ES, not a replacement of the CNN's: on
     # crystals outside the model family it can lead ES to a poorer fit.
     refined = refine_crystal(
-        model, params, prepared.intensity, prepared.mask,
+        model,
+        params,
+        prepared.intensity,
+        prepared.mask,
         alternatives=[searched.params] if searched.chi < searched.chi_start else [],
         coarse_iterations=settings.es_coarse_iterations * scale,
         fine_iterations=settings.es_fine_iterations * scale,
         time_budget_s=max(budget - (time.perf_counter() - started), 0.0),
-        seed=settings.seed, hook=step)
-    return ModelFit(refined.params, searched.chi, refined.chi, searched.costs + refined.costs,
-                    searched.cut_short or refined.cut_short)
+        seed=settings.seed,
+        hook=step,
+    )
+    return ModelFit(
+        refined.params,
+        searched.chi,
+        refined.chi,
+        searched.costs + refined.costs,
+        searched.cut_short or refined.cut_short,
+    )
 
 
 def fit_at_noise(chi: float, expected_chi: float | None) -> bool:
@@ -304,9 +330,12 @@ class PolishOutcome:
     cut_short: bool
 
 
-def polish_stage(measurement: Measurement, model_object: np.ndarray,
-                 settings: ReconstructionSettings,
-                 hook: Callable[[int, float], bool | None] | None = None) -> PolishOutcome:
+def polish_stage(
+    measurement: Measurement,
+    model_object: np.ndarray,
+    settings: ReconstructionSettings,
+    hook: Callable[[int, float], bool | None] | None = None,
+) -> PolishOutcome:
     """Fit-driven phase retrieval: spend more only while the fit stays above what the data allow.
 
     1. :func:`~bcdi_bluesky.tuning.seeded_polish` from the model object (ER; ER/HIO unless ER
@@ -342,9 +371,16 @@ def polish_stage(measurement: Measurement, model_object: np.ndarray,
     errors: list[float] = []
     seed_support = np.abs(model_object) > 0.1 * np.abs(model_object).max()
     first = seeded_polish(
-        data, model_object, seed_support, valid, er_iterations=settings.polish_er_iterations,
-        iterations=settings.polish_iterations, hio_fraction=settings.polish_hio_fraction,
-        time_budget_s=left(), hook=counted)
+        data,
+        model_object,
+        seed_support,
+        valid,
+        er_iterations=settings.polish_er_iterations,
+        iterations=settings.polish_iterations,
+        hio_fraction=settings.polish_hio_fraction,
+        time_budget_s=left(),
+        hook=counted,
+    )
     steps[0] += first.iterations
     errors += first.errors
     best, best_label = first, first.recipe
@@ -353,12 +389,21 @@ def polish_stage(measurement: Measurement, model_object: np.ndarray,
     expected = expected_of(best.object)
     spend = settings.adaptive_iterations > 0 and not cut and not fit_at_noise(best.chi, expected)
     if spend:
-        starts = {"model ER/HIO": (model_object, seed_support),
-                  "autocorrelation ER/HIO": autocorrelation_seed(data)}
+        starts = {
+            "model ER/HIO": (model_object, seed_support),
+            "autocorrelation ER/HIO": autocorrelation_seed(data),
+        }
         for label, (obj, support) in starts.items():
-            run = polish(data, obj, support, valid, iterations=settings.adaptive_iterations,
-                         hio_fraction=settings.adaptive_hio_fraction, time_budget_s=left(),
-                         hook=counted)
+            run = polish(
+                data,
+                obj,
+                support,
+                valid,
+                iterations=settings.adaptive_iterations,
+                hio_fraction=settings.adaptive_hio_fraction,
+                time_budget_s=left(),
+                hook=counted,
+            )
             steps[0] += run.iterations
             errors += run.errors
             run.chi = chi_of(run.object)
@@ -371,11 +416,23 @@ def polish_stage(measurement: Measurement, model_object: np.ndarray,
         expected = expected_of(best.object)
     converged = best.stopped_by == "converged"
     counts = measurement.noise_floor is not None
-    if (settings.converge_iterations > 0 and not counts and not cut
-            and not fit_at_noise(best.chi, expected)):
-        run = polish(data, best.object, best.support, valid,
-                     iterations=settings.converge_iterations, hio_fraction=0.0,
-                     time_budget_s=left(), tolerance=settings.converge_tolerance, hook=counted)
+    if (
+        settings.converge_iterations > 0
+        and not counts
+        and not cut
+        and not fit_at_noise(best.chi, expected)
+    ):
+        run = polish(
+            data,
+            best.object,
+            best.support,
+            valid,
+            iterations=settings.converge_iterations,
+            hio_fraction=0.0,
+            time_budget_s=left(),
+            tolerance=settings.converge_tolerance,
+            hook=counted,
+        )
         steps[0] += run.iterations
         errors += run.errors
         run.chi = chi_of(run.object)
@@ -388,8 +445,9 @@ def polish_stage(measurement: Measurement, model_object: np.ndarray,
             expected = expected_of(best.object)
     if fit_at_noise(best.chi, expected):
         converged = True
-    return PolishOutcome(best.object, best.chi, expected, errors, best_label, attempts,
-                         converged, cut)
+    return PolishOutcome(
+        best.object, best.chi, expected, errors, best_label, attempts, converged, cut
+    )
 
 
 class Reconstructor:
@@ -416,8 +474,15 @@ class Reconstructor:
         The model or its card cannot be loaded.
     """
 
-    def __init__(self, model_path=None, providers=None, threads: int | None = None, *,
-                 settings: ReconstructionSettings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        model_path=None,
+        providers=None,
+        threads: int | None = None,
+        *,
+        settings: ReconstructionSettings | None = None,
+        **overrides: Any,
+    ) -> None:
         self.settings = (settings or ReconstructionSettings()).replace(**overrides)
         self.runtime = OnnxCrystalModel(model_path, providers=providers, threads=threads)
         self.model = self.runtime.crystal_model
@@ -433,11 +498,16 @@ class Reconstructor:
         """Name of the CNN (from its card)."""
         return self.runtime.name
 
-    def reconstruct(self, intensity_: np.ndarray, mask: np.ndarray | None = None,
-                    refine: str = "full", progress: ProgressHook | None = None,
-                    initial_params: np.ndarray | None = None,
-                    settings: ReconstructionSettings | None = None,
-                    geometry: Geometry | None = None) -> ReconstructionResult:
+    def reconstruct(
+        self,
+        intensity_: np.ndarray,
+        mask: np.ndarray | None = None,
+        refine: str = "full",
+        progress: ProgressHook | None = None,
+        initial_params: np.ndarray | None = None,
+        settings: ReconstructionSettings | None = None,
+        geometry: Geometry | None = None,
+    ) -> ReconstructionResult:
         """Reconstruct a crystal from a diffraction volume.
 
         Parameters
@@ -488,11 +558,22 @@ class Reconstructor:
         stage_chi = {"cnn": cnn.chi}
         distribution = cnn.distribution
         scale = es_budget_scale(distribution)
-        message = ("; ".join(distribution.reasons) + ": doubling the extremum-seeking budget"
-                   if scale > 1 else "")
-        notify("inference", {"seconds": timings["inference"], "chi": cnn.chi,
-                             "params": params, "latent_distance": distribution.latent_distance,
-                             "out_of_distribution": distribution.flagged, "message": message})
+        message = (
+            "; ".join(distribution.reasons) + ": doubling the extremum-seeking budget"
+            if scale > 1
+            else ""
+        )
+        notify(
+            "inference",
+            {
+                "seconds": timings["inference"],
+                "chi": cnn.chi,
+                "params": params,
+                "latent_distance": distribution.latent_distance,
+                "out_of_distribution": distribution.flagged,
+                "message": message,
+            },
+        )
 
         starts = [params]
         if initial_params is not None:
@@ -507,16 +588,21 @@ class Reconstructor:
         if refine in ("es", "full"):
             t = time.perf_counter()
             fitted = refine_stage(
-                self.model, params, prepared, settings, scale,
-                hook=lambda i, c: notify("es_step", {"iteration": i, "cost": c})
-                if i % 10 == 0 else None)
+                self.model,
+                params,
+                prepared,
+                settings,
+                scale,
+                hook=lambda i, c: (
+                    notify("es_step", {"iteration": i, "cost": c}) if i % 10 == 0 else None
+                ),
+            )
             params, es_costs = fitted.params, fitted.costs
             stage_chi["shape"], stage_chi["es"] = fitted.chi_shape, fitted.chi
             if fitted.cut_short:
                 cut_short.append("refine")
             timings["refine"] = time.perf_counter() - t
-            notify("refine", {"seconds": timings["refine"], "chi": fitted.chi,
-                              "params": params})
+            notify("refine", {"seconds": timings["refine"], "chi": fitted.chi, "params": params})
         self.previous_params = params
 
         obj = to_input_grid(self.model.voxelise(params), prepared, measurement.data.shape)
@@ -528,13 +614,20 @@ class Reconstructor:
         if refine == "full" and polishes:
             t = time.perf_counter()
             polished = polish_stage(
-                measurement, obj, settings,
-                hook=lambda i, e: notify("polish_step", {"iteration": i, "error": e})
-                if i % 10 == 0 else None)
+                measurement,
+                obj,
+                settings,
+                hook=lambda i, e: (
+                    notify("polish_step", {"iteration": i, "error": e}) if i % 10 == 0 else None
+                ),
+            )
             obj, polish_errors = polished.object, polished.errors
             polish_recipe, final_chi = polished.recipe, polished.chi
-            attempts, expected, converged = (polished.attempts, polished.expected_chi,
-                                             polished.converged)
+            attempts, expected, converged = (
+                polished.attempts,
+                polished.expected_chi,
+                polished.converged,
+            )
             if polished.cut_short:
                 cut_short.append("polish")
             timings["polish"] = time.perf_counter() - t
@@ -545,26 +638,50 @@ class Reconstructor:
         if final_chi is None:
             model_intensity = intensity(obj)
             final_chi = ChiCost(measurement.data, measurement.valid)(model_intensity)
-            expected = poisson_chi_expected(model_intensity, measurement.data,
-                                            measurement.valid)
+            expected = poisson_chi_expected(model_intensity, measurement.data, measurement.valid)
         if refine == "full":
             stage_chi["polish"] = final_chi
-        quality, reasons = quality_verdict(QualityEvidence(
-            chi=final_chi, expected_chi=expected, converged=converged,
-            signal_floor=measurement.noise_floor, distribution=distribution,
-            cut_short=tuple(cut_short)))
-        physical = (physical_result(obj, geometry, settings.support_threshold)
-                    if geometry is not None else None)
+        quality, reasons = quality_verdict(
+            QualityEvidence(
+                chi=final_chi,
+                expected_chi=expected,
+                converged=converged,
+                signal_floor=measurement.noise_floor,
+                distribution=distribution,
+                cut_short=tuple(cut_short),
+            )
+        )
+        physical = (
+            physical_result(obj, geometry, settings.support_threshold)
+            if geometry is not None
+            else None
+        )
         timings["total"] = time.perf_counter() - t0
         result = ReconstructionResult(
-            object=obj, support=support, params=params, chi=final_chi, timings=timings,
-            provider=self.provider, model_name=self.model_name, crystal_model=self.model,
-            stage_chi=stage_chi, es_costs=es_costs, polish_errors=polish_errors,
+            object=obj,
+            support=support,
+            params=params,
+            chi=final_chi,
+            timings=timings,
+            provider=self.provider,
+            model_name=self.model_name,
+            crystal_model=self.model,
+            stage_chi=stage_chi,
+            es_costs=es_costs,
+            polish_errors=polish_errors,
             polish_recipe=polish_recipe,
-            refine=refine, shift=prepared.shift, latent_xy=cnn.latent_xy,
+            refine=refine,
+            shift=prepared.shift,
+            latent_xy=cnn.latent_xy,
             latent_distance=distribution.latent_distance,
-            out_of_distribution=distribution.flagged, quality=quality,
-            quality_reasons=reasons, expected_chi=expected, polish_attempts=attempts,
-            cut_short=cut_short, settings=settings, physical=physical)
+            out_of_distribution=distribution.flagged,
+            quality=quality,
+            quality_reasons=reasons,
+            expected_chi=expected,
+            polish_attempts=attempts,
+            cut_short=cut_short,
+            settings=settings,
+            physical=physical,
+        )
         notify("done", {"seconds": timings["total"], "chi": final_chi, "quality": quality})
         return result

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 PLANES = (("XY", 0), ("XZ", 1), ("YZ", 2))  # plane name, axis cut through its centre
 
 
-def central_slices(volume: np.ndarray, centre: tuple[int, int, int] | None = None
-                   ) -> dict[str, np.ndarray]:
+def central_slices(
+    volume: np.ndarray, centre: tuple[int, int, int] | None = None
+) -> dict[str, np.ndarray]:
     """The three central planes of a volume: ``XY`` (cut along axis 0), ``XZ``, ``YZ``."""
     c = centre or tuple(s // 2 for s in volume.shape)
     return {"XY": volume[c[0], :, :], "XZ": volume[:, c[1], :], "YZ": volume[:, :, c[2]]}
@@ -44,8 +45,9 @@ def _window(support: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:
 LAB_PLANES = (("XY", 2, (0, 1)), ("XZ", 1, (0, 2)), ("YZ", 0, (1, 2)))
 
 
-def lab_slices(physical: PhysicalResult, volume: np.ndarray
-               ) -> dict[str, tuple[np.ndarray, list[float]]]:
+def lab_slices(
+    physical: PhysicalResult, volume: np.ndarray
+) -> dict[str, tuple[np.ndarray, list[float]]]:
     """Planes of a lab-grid volume through the support's centre, as ``imshow`` wants them
     (rows = the vertical axis) with their extent in nm."""
     centre = support_centre(physical.support_lab)
@@ -67,9 +69,11 @@ def _lab_rows(fig, grid, physical: PhysicalResult) -> None:
     strain = physical.strain
     dmax = float(np.nanmax(np.abs(disp))) if np.isfinite(disp).any() else 1.0
     smax = float(np.nanpercentile(np.abs(strain), 99)) if np.isfinite(strain).any() else 1e-3
-    rows = (("amplitude", amp, "gray", 0.0, float(amp.max()) or 1.0),
-            ("displacement along Q (nm)", disp, "RdBu_r", -dmax, dmax),
-            ("strain along Q", strain, "RdBu_r", -smax, smax))
+    rows = (
+        ("amplitude", amp, "gray", 0.0, float(amp.max()) or 1.0),
+        ("displacement along Q (nm)", disp, "RdBu_r", -dmax, dmax),
+        ("strain along Q", strain, "RdBu_r", -smax, smax),
+    )
     axis_names = "xyz"
     for row, (label, volume, cmap, lo, hi) in enumerate(rows):
         for col, (name, (plane, extent)) in enumerate(lab_slices(physical, volume).items()):
@@ -82,8 +86,7 @@ def _lab_rows(fig, grid, physical: PhysicalResult) -> None:
             fig.colorbar(im, ax=ax, shrink=0.8)
 
 
-def plot_reconstruction(result: ReconstructionResult, path: str | Path,
-                        title: str = "") -> Path:
+def plot_reconstruction(result: ReconstructionResult, path: str | Path, title: str = "") -> Path:
     """Amplitude and phase in three central planes, and the convergence of ES and polish.
 
     With the geometry (``result.physical``) the planes are those of the lab frame (x, y up, z
@@ -117,8 +120,7 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path,
             ax.set_title(f"amplitude, {name} plane (voxels)")
             fig.colorbar(im, ax=ax, shrink=0.8)
             ax = fig.add_subplot(grid[1, col])
-            im = ax.imshow(phase[name], cmap="twilight", vmin=-np.pi, vmax=np.pi,
-                           origin="lower")
+            im = ax.imshow(phase[name], cmap="twilight", vmin=-np.pi, vmax=np.pi, origin="lower")
             ax.set_title(f"phase (rad), {name} plane")
             fig.colorbar(im, ax=ax, shrink=0.8)
         bottom = 2
@@ -127,8 +129,12 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path,
         ax.plot(result.es_costs, lw=1, label="extremum seeking: chi per step")
     if result.polish_errors:
         start = len(result.es_costs)
-        ax.plot(range(start, start + len(result.polish_errors)), result.polish_errors, lw=1,
-                label="ER/HIO polish: Fourier error")
+        ax.plot(
+            range(start, start + len(result.polish_errors)),
+            result.polish_errors,
+            lw=1,
+            label="ER/HIO polish: Fourier error",
+        )
     ax.axhline(result.chi_cnn, color="gray", ls=":", label=f"CNN estimate chi {result.chi_cnn:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("chi / error")
@@ -138,20 +144,30 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path,
     ax = fig.add_subplot(grid[bottom, 2])
     ax.axis("off")
     t = result.timings
-    lines = [f"chi (final): {result.chi:.4f}",
-             f"support: {int(result.support.sum())} voxels"]
+    lines = [f"chi (final): {result.chi:.4f}", f"support: {int(result.support.sum())} voxels"]
     if physical is not None:
         figures = physical.summary()
-        lines += [f"volume: {figures['crystal_volume_nm3'] / 1e9:.3g} um^3",
-                  "extents: " + " x ".join(f"{v:.0f}" for v in figures["crystal_extents_nm"])
-                  + " nm",
-                  f"strain RMS: {figures['strain_rms']:.2e}",
-                  f"displacement RMS: {figures['displacement_rms_nm']:.3f} nm"]
-    ax.text(0, 1, "\n".join([
-        *lines,
-        f"model: {result.model_name} on {result.provider}",
-        "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()),
-    ]), va="top", fontsize=9, family="monospace", wrap=True)
+        lines += [
+            f"volume: {figures['crystal_volume_nm3'] / 1e9:.3g} um^3",
+            "extents: " + " x ".join(f"{v:.0f}" for v in figures["crystal_extents_nm"]) + " nm",
+            f"strain RMS: {figures['strain_rms']:.2e}",
+            f"displacement RMS: {figures['displacement_rms_nm']:.3f} nm",
+        ]
+    ax.text(
+        0,
+        1,
+        "\n".join(
+            [
+                *lines,
+                f"model: {result.model_name} on {result.provider}",
+                "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()),
+            ]
+        ),
+        va="top",
+        fontsize=9,
+        family="monospace",
+        wrap=True,
+    )
     if title:
         fig.suptitle(title)
     p = Path(path)
@@ -161,10 +177,13 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path,
     return p
 
 
-def plot_latent_map(latent_map, path: str | Path, scans: list[tuple[str, tuple[float, float],
-                                                                  bool]] = (),
-                    pairs: list[tuple[tuple[float, float], tuple[float, float]]] = (),
-                    title: str = "CNN latent map") -> Path:
+def plot_latent_map(
+    latent_map,
+    path: str | Path,
+    scans: list[tuple[str, tuple[float, float], bool]] = (),
+    pairs: list[tuple[tuple[float, float], tuple[float, float]]] = (),
+    title: str = "CNN latent map",
+) -> Path:
     """The training distribution on the model card's 2D map, with scans and true/predicted pairs.
 
     Parameters

@@ -14,8 +14,9 @@ import scipy.ndimage
 from .physics import check_mask, check_volume
 
 
-def peak_position(intensity: np.ndarray, mask: np.ndarray | None = None,
-                  smooth: float = 1.0) -> tuple[int, int, int]:
+def peak_position(
+    intensity: np.ndarray, mask: np.ndarray | None = None, smooth: float = 1.0
+) -> tuple[int, int, int]:
     """Index of the Bragg peak: the maximum after hot-pixel removal and a light smoothing.
 
     Hot pixels (see :func:`remove_hot_pixels`) and masked voxels are ignored; the smoothing
@@ -33,8 +34,9 @@ def centre_shift(intensity: np.ndarray, mask: np.ndarray | None = None) -> tuple
     return tuple(s // 2 - p for s, p in zip(intensity.shape, peak, strict=True))
 
 
-def remove_hot_pixels(intensity: np.ndarray, mask: np.ndarray | None = None,
-                      factor: float = 20.0) -> np.ndarray:
+def remove_hot_pixels(
+    intensity: np.ndarray, mask: np.ndarray | None = None, factor: float = 20.0
+) -> np.ndarray:
     """Mask (True = valid) that also excludes isolated hot voxels.
 
     A voxel is hot when it exceeds ``factor`` times the largest of its 26 neighbours plus one

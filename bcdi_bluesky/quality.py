@@ -73,7 +73,8 @@ def check_bragg_peak(data: np.ndarray, mask: np.ndarray | None = None) -> None:
         raise NoBraggPeakError(
             f"no usable Bragg peak: the brightest voxel holds {peak:.0f} photons over a "
             f"background of {background:.0f}, below {ROSE_SNR:g} Poisson standard deviations "
-            "(is the peak inside the scan?)")
+            "(is the peak inside the scan?)"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ class Distribution:
     reasons: tuple[str, ...] = ()
 
 
-def out_of_distribution(latent_distance: float | None, cnn_chi: float,
-                        chi_mean: float | None, chi_sd: float | None) -> Distribution:
+def out_of_distribution(
+    latent_distance: float | None, cnn_chi: float, chi_mean: float | None, chi_sd: float | None
+) -> Distribution:
     """Flag a scan whose CNN latent or CNN fit is unusual for the training prior.
 
     Parameters
@@ -104,8 +106,10 @@ def out_of_distribution(latent_distance: float | None, cnn_chi: float,
     if chi_mean is not None and chi_sd:
         z = (cnn_chi - chi_mean) / chi_sd
         if z > CNN_CHI_Z_LIMIT:
-            reasons.append(f"CNN fit unusual for its training (chi {cnn_chi:.3f}, {z:.1f} sd "
-                           f"above the prior's mean {chi_mean:.3f})")
+            reasons.append(
+                f"CNN fit unusual for its training (chi {cnn_chi:.3f}, {z:.1f} sd "
+                f"above the prior's mean {chi_mean:.3f})"
+            )
     if latent_distance is not None and latent_distance > 1.0:
         reasons.append(f"CNN latent out of distribution (distance {latent_distance:.2f} > 1)")
     return Distribution(latent_distance, z, bool(reasons), tuple(reasons))
@@ -149,8 +153,10 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
         elif ratio > FIT_GOOD:
             level = 1
         if level:
-            reasons.append(f"fit {ratio:.2f}x the Poisson noise (chi {e.chi:.4f}, noise alone "
-                           f"{e.expected_chi:.4f})")
+            reasons.append(
+                f"fit {ratio:.2f}x the Poisson noise (chi {e.chi:.4f}, noise alone "
+                f"{e.expected_chi:.4f})"
+            )
     else:
         if e.chi > CHI_FAIR:
             level = 2
@@ -163,8 +169,9 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
             reasons.append(f"phase retrieval not converged (chi {e.chi:.4f})")
     if e.signal_floor is not None and e.signal_floor > LOW_SIGNAL_FLOOR:
         level = max(level, 1)
-        reasons.append(f"low signal (Poisson chi floor {e.signal_floor:.2f} > "
-                       f"{LOW_SIGNAL_FLOOR:g})")
+        reasons.append(
+            f"low signal (Poisson chi floor {e.signal_floor:.2f} > {LOW_SIGNAL_FLOOR:g})"
+        )
     if e.distribution.flagged:
         level = max(level, 1)
         reasons.extend(e.distribution.reasons)
@@ -174,6 +181,18 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
     return QUALITY_LEVELS[level], reasons
 
 
-__all__ = ["CHI_FAIR", "CHI_GOOD", "CNN_CHI_Z_LIMIT", "FIT_FAIR", "FIT_GOOD", "LOW_SIGNAL_FLOOR",
-           "QUALITY_LEVELS", "ROSE_SNR", "Distribution", "QualityEvidence", "check_bragg_peak",
-           "out_of_distribution", "quality_verdict"]
+__all__ = [
+    "CHI_FAIR",
+    "CHI_GOOD",
+    "CNN_CHI_Z_LIMIT",
+    "FIT_FAIR",
+    "FIT_GOOD",
+    "LOW_SIGNAL_FLOOR",
+    "QUALITY_LEVELS",
+    "ROSE_SNR",
+    "Distribution",
+    "QualityEvidence",
+    "check_bragg_peak",
+    "out_of_distribution",
+    "quality_verdict",
+]

@@ -50,8 +50,10 @@ def _encode(obj: Any) -> Any:
         if obj.dtype.kind not in SAFE_DTYPE_KINDS:
             raise TypeError(f"cannot send a numpy array of dtype {obj.dtype}")
         array = np.ascontiguousarray(obj)
-        return msgpack.ExtType(NDARRAY_EXT, msgpack.packb(
-            [array.dtype.str, list(array.shape), array.tobytes()], use_bin_type=True))
+        return msgpack.ExtType(
+            NDARRAY_EXT,
+            msgpack.packb([array.dtype.str, list(array.shape), array.tobytes()], use_bin_type=True),
+        )
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot serialize {type(obj).__name__}")
@@ -66,8 +68,9 @@ def _decode_ext(code: int, data: bytes) -> np.ndarray:
         raise ValueError(f"refused array dtype {dtype_text!r}")
     shape = tuple(int(n) for n in shape)
     if any(n < 0 for n in shape) or len(raw) != dtype.itemsize * int(np.prod(shape)):
-        raise ValueError(f"array of shape {shape} and dtype {dtype} does not match "
-                         f"{len(raw)} bytes")
+        raise ValueError(
+            f"array of shape {shape} and dtype {dtype} does not match {len(raw)} bytes"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
@@ -149,9 +152,15 @@ class RemoteDispatcher:
         Seconds between checks of :meth:`stop` while no message comes.
     """
 
-    def __init__(self, address: str, *, deserializer: Callable[[bytes], dict] = deserializer,
-                 prefix: bytes = b"", max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 poll_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        deserializer: Callable[[bytes], dict] = deserializer,
+        prefix: bytes = b"",
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        poll_interval: float = 0.2,
+    ) -> None:
         self.host, self.port = parse_address(address)
         self.deserializer = deserializer
         self.prefix = bytes(prefix)

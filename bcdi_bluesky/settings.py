@@ -32,10 +32,10 @@ class SettingInfo(NamedTuple):
     doc: str
 
 
-def _setting(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
-             units: str = "") -> Any:
-    return field(default=default, metadata={"doc": doc, "low": low, "high": high,
-                                            "units": units})
+def _setting(
+    default: Any, doc: str, *, low: float | None = None, high: float | None = None, units: str = ""
+) -> Any:
+    return field(default=default, metadata={"doc": doc, "low": low, "high": high, "units": units})
 
 
 @dataclass(frozen=True)
@@ -51,49 +51,89 @@ class ReconstructionSettings:
     """
 
     shape_search_evaluations: int = _setting(
-        150, "forward models of the search for the odd-l shape terms before ES (0: no search)",
-        low=0, high=2000)
+        150,
+        "forward models of the search for the odd-l shape terms before ES (0: no search)",
+        low=0,
+        high=2000,
+    )
     es_coarse_iterations: int = _setting(
-        300, "extremum-seeking steps on the central half-size cube of q", low=0, high=5000)
+        300, "extremum-seeking steps on the central half-size cube of q", low=0, high=5000
+    )
     es_fine_iterations: int = _setting(
-        100, "extremum-seeking steps on the full grid", low=0, high=5000)
+        100, "extremum-seeking steps on the full grid", low=0, high=5000
+    )
     es_time_budget_s: float = _setting(
-        30.0, "safety wall-time cap of the refinement stage (shape search and ES together; "
+        30.0,
+        "safety wall-time cap of the refinement stage (shape search and ES together; "
         "doubled for a scan out of the CNN's training distribution): iteration counts end it, "
         "the cap only guards against a stalled machine and is named in the result's quality "
-        "when it cuts the run", low=0.0, high=30.0, units="s")
+        "when it cuts the run",
+        low=0.0,
+        high=30.0,
+        units="s",
+    )
     polish_er_iterations: int = _setting(
-        50, "steps of the polish's first, ER-only run; kept when it fits the data down to the "
-        "Poisson noise", low=0, high=2000)
+        50,
+        "steps of the polish's first, ER-only run; kept when it fits the data down to the "
+        "Poisson noise",
+        low=0,
+        high=2000,
+    )
     polish_iterations: int = _setting(
-        150, "steps of the polish's ER/HIO run otherwise (0 with polish_er_iterations 0: no "
-        "polish)", low=0, high=5000)
+        150,
+        "steps of the polish's ER/HIO run otherwise (0 with polish_er_iterations 0: no polish)",
+        low=0,
+        high=5000,
+    )
     polish_hio_fraction: float = _setting(
-        0.3, "share of HIO steps in the ER/HIO run", low=0.0, high=1.0)
+        0.3, "share of HIO steps in the ER/HIO run", low=0.0, high=1.0
+    )
     polish_time_budget_s: float = _setting(
-        30.0, "safety wall-time cap of the polish (every run of it together); named in the "
-        "result's quality when it cuts the polish", low=0.0, high=30.0, units="s")
+        30.0,
+        "safety wall-time cap of the polish (every run of it together); named in the "
+        "result's quality when it cuts the polish",
+        low=0.0,
+        high=30.0,
+        units="s",
+    )
     adaptive_iterations: int = _setting(
-        600, "steps of each further ER/HIO start (the model seed and the autocorrelation "
+        600,
+        "steps of each further ER/HIO start (the model seed and the autocorrelation "
         "seed) when the polished fit stays above the noise (0: never spend more)",
-        low=0, high=5000)
+        low=0,
+        high=5000,
+    )
     adaptive_hio_fraction: float = _setting(
-        0.65, "share of HIO steps in those further starts", low=0.0, high=1.0)
+        0.65, "share of HIO steps in those further starts", low=0.0, high=1.0
+    )
     converge_iterations: int = _setting(
-        400, "most ER steps of the final run to convergence when the data are not counts "
+        400,
+        "most ER steps of the final run to convergence when the data are not counts "
         "(noise-free or corrected) and the fit is not yet at chi 0.0025 (0: none)",
-        low=0, high=5000)
+        low=0,
+        high=5000,
+    )
     converge_tolerance: float = _setting(
-        0.002, "convergence: the final ER run stops once its error fell by less than this "
-        "(relative) over 20 steps", low=0.0, high=0.5)
+        0.002,
+        "convergence: the final ER run stops once its error fell by less than this "
+        "(relative) over 20 steps",
+        low=0.0,
+        high=0.5,
+    )
     support_threshold: float = _setting(
-        0.2, "fraction of the maximum amplitude that defines the reported support",
-        low=0.01, high=0.9)
+        0.2,
+        "fraction of the maximum amplitude that defines the reported support",
+        low=0.01,
+        high=0.9,
+    )
     track: bool = _setting(
-        False, "start ES from the better (by chi) of the CNN's estimate and the previous "
-        "reconstruction, to follow an evolving sample across a series of scans")
-    seed: int = _setting(0, "seed of the ES dither assignment (runs are deterministic)",
-                         low=0, high=2**31 - 1)
+        False,
+        "start ES from the better (by chi) of the CNN's estimate and the previous "
+        "reconstruction, to follow an evolving sample across a series of scans",
+    )
+    seed: int = _setting(
+        0, "seed of the ES dither assignment (runs are deterministic)", low=0, high=2**31 - 1
+    )
 
     def __post_init__(self) -> None:
         for info in self.fields_info():
@@ -104,9 +144,18 @@ class ReconstructionSettings:
     def fields_info(cls) -> list[SettingInfo]:
         """Every setting: name, default, type, limits, units and help, in declaration order."""
         kinds = {"int": int, "float": float, "bool": bool}
-        return [SettingInfo(f.name, f.default, kinds[str(f.type)], f.metadata["low"],
-                            f.metadata["high"], f.metadata["units"], f.metadata["doc"])
-                for f in dataclasses.fields(cls)]
+        return [
+            SettingInfo(
+                f.name,
+                f.default,
+                kinds[str(f.type)],
+                f.metadata["low"],
+                f.metadata["high"],
+                f.metadata["units"],
+                f.metadata["doc"],
+            )
+            for f in dataclasses.fields(cls)
+        ]
 
     def replace(self, **changes: Any) -> ReconstructionSettings:
         """A validated copy with ``changes`` (field names) applied."""
@@ -137,10 +186,12 @@ def _coerce(info: SettingInfo, value: Any) -> Any:
             raise SettingsError(f"{name} must be a whole number, got {value!r}")
         number = int(number)
     if (info.low is not None and number < info.low) or (
-            info.high is not None and number > info.high):
+        info.high is not None and number > info.high
+    ):
         units = f" {info.units}" if info.units else ""
-        raise SettingsError(f"{name} = {value!r} is outside its limits "
-                            f"{info.low:g} .. {info.high:g}{units}")
+        raise SettingsError(
+            f"{name} = {value!r} is outside its limits {info.low:g} .. {info.high:g}{units}"
+        )
     return number
 
 

@@ -36,8 +36,16 @@ def main() -> None:
     beamline = SimulatedBeamline(seed=4)
     beamline.det.max_count.put(1e12)
     step = beamline.crystal.step
-    plan = lambda: rocking_scan(beamline.det, beamline.theta, beamline.crystal.bragg_theta,  # noqa: E731
-                                (args.points - 1) * step, args.points)
+
+    def plan():
+        return rocking_scan(
+            beamline.det,
+            beamline.theta,
+            beamline.crystal.bragg_theta,
+            (args.points - 1) * step,
+            args.points,
+        )
+
     arrived = threading.Event()
     stop_time = {}
     result_time = {}
@@ -47,17 +55,25 @@ def main() -> None:
         arrived.set()
 
     cb = BCDIReconstructionCallback(reconstructor=Reconstructor(), on_result=on_result)
-    cb.reconstructor.reconstruct(beamline.det.make_frame()[None].repeat(4, 0) + 1,
-                                 refine="none")  # warm up ONNX Runtime outside the timing
+    cb.reconstructor.reconstruct(
+        beamline.det.make_frame()[None].repeat(4, 0) + 1, refine="none"
+    )  # warm up ONNX Runtime outside the timing
     RE(plan())  # warm up ophyd and the RunEngine
     bare, with_cb, busy, in_cb, latency = [], [], [], [], []
     for _ in range(args.runs):
         t = time.perf_counter()
         RE(plan())
         bare.append(time.perf_counter() - t)
-        tokens = [RE.subscribe(cb), RE.subscribe(
-            lambda name, doc: stop_time.__setitem__(doc["run_start"], time.perf_counter())
-            if name == "stop" else None)]
+        tokens = [
+            RE.subscribe(cb),
+            RE.subscribe(
+                lambda name, doc: (
+                    stop_time.__setitem__(doc["run_start"], time.perf_counter())
+                    if name == "stop"
+                    else None
+                )
+            ),
+        ]
         arrived.clear()
         t = time.perf_counter()
         (uid,) = RE(plan())

@@ -45,21 +45,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=100)
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"numpy {np.__version__}, scipy {scipy.__version__}; FFT workers {FFT_WORKERS}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"numpy {np.__version__}, scipy {scipy.__version__}; FFT workers {FFT_WORKERS}"
+    )
     print(f"{'N':>5}{'bare fftn ms':>14}{'voxelise ms':>13}{'forward ms':>12}{'forward/fft':>13}")
     for n in (64, 128):
         model = CrystalModel(n=n)
         prior = CrystalPrior(model)
         params = [prior.sample(np.random.default_rng(i)) for i in range(8)]
         grid = np.zeros((n, n, n), dtype=np.complex64)
-        grid[n // 4: 3 * n // 4, n // 4: 3 * n // 4, n // 4: 3 * n // 4] = 1.0
+        grid[n // 4 : 3 * n // 4, n // 4 : 3 * n // 4, n // 4 : 3 * n // 4] = 1.0
         cycle = itertools.cycle(params)  # a different crystal every run
-        fft, vox, fwd = _medians_s([
-            lambda g=grid: scipy.fft.fftn(g, workers=FFT_WORKERS),
-            lambda m=model, c=cycle: m.voxelise(next(c)),
-            lambda m=model, c=cycle: m.intensity(next(c)),
-        ], args.runs)
+        fft, vox, fwd = _medians_s(
+            [
+                lambda g=grid: scipy.fft.fftn(g, workers=FFT_WORKERS),
+                lambda m=model, c=cycle: m.voxelise(next(c)),
+                lambda m=model, c=cycle: m.intensity(next(c)),
+            ],
+            args.runs,
+        )
         print(f"{n:>5}{fft * 1e3:>14.2f}{vox * 1e3:>13.2f}{fwd * 1e3:>12.2f}{fwd / fft:>13.2f}")
 
 

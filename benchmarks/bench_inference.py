@@ -24,8 +24,11 @@ def _session(path: str, provider: str, threads: int) -> ort.InferenceSession | N
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     try:
-        s = ort.InferenceSession(path, sess_options=options,
-                                 providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+        s = ort.InferenceSession(
+            path,
+            sess_options=options,
+            providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])),
+        )
     except Exception as exc:  # a provider that is listed can still fail to initialise
         print(f"{provider}: failed to start ({str(exc).splitlines()[0][:120]})")
         return None
@@ -62,14 +65,16 @@ def main() -> None:
     import os
     import platform
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"CPU threads {args.threads}; model {path}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"CPU threads {args.threads}; model {path}"
+    )
     cpu = _session(path, "CPUExecutionProvider", args.threads)
     reference = cpu.run(None, {cpu.get_inputs()[0].name: eight})[0]
-    print(f"{'provider':<28}{'latency ms (b=1)':>18}{'volumes/s (b=8)':>18}"
-          f"{'max |diff| vs CPU':>20}")
-    for provider in ("CPUExecutionProvider", "CUDAExecutionProvider",
-                     "TensorrtExecutionProvider"):
+    print(
+        f"{'provider':<28}{'latency ms (b=1)':>18}{'volumes/s (b=8)':>18}{'max |diff| vs CPU':>20}"
+    )
+    for provider in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"):
         s = cpu if provider == "CPUExecutionProvider" else _session(path, provider, args.threads)
         if s is None:
             print(f"{provider:<28}{'not available':>18}")

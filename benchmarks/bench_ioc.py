@@ -38,9 +38,11 @@ def main() -> None:
     import sys
 
     # A repeater first, or the IOC logs a beacon error every second.
-    repeater_proc = subprocess.Popen([sys.executable, "-c",
-                                      "from caproto.sync.repeater import run; run()"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    repeater_proc = subprocess.Popen(
+        [sys.executable, "-c", "from caproto.sync.repeater import run; run()"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     import epics
     import numpy as np

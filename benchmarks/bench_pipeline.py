@@ -133,8 +133,9 @@ SEED_LABELS = {
 
 
 # ----------------------------------------------------------------------------- seeds
-def random_box_seed(shape: tuple[int, ...],
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_box_seed(
+    shape: tuple[int, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A cohere-style random start: random complex values in a central half-size box.
 
     Like cohere's, the values have real and imaginary parts uniform in [0, 1).
@@ -290,13 +291,18 @@ def run_cohere(measured: np.ndarray, threshold: float = 0.0) -> CohereRun:
         seconds = time.perf_counter() - started
     image = np.asarray(rec.get_image())
     obj = np.conj(image).astype(np.complex64)
-    return CohereRun(obj, seconds, float(rec.errs[-1]), chi(intensity(obj), data),
-                     chi(intensity(image), data))
+    return CohereRun(
+        obj, seconds, float(rec.errs[-1]), chi(intensity(obj), data), chi(intensity(image), data)
+    )
 
 
-def figures(obj: np.ndarray, measured: np.ndarray, truth: np.ndarray | None = None,
-            reference: np.ndarray | None = None,
-            mask: np.ndarray | None = None) -> dict[str, float]:
+def figures(
+    obj: np.ndarray,
+    measured: np.ndarray,
+    truth: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> dict[str, float]:
     """Figures of merit of a reconstruction.
 
     Parameters
@@ -319,10 +325,14 @@ def figures(obj: np.ndarray, measured: np.ndarray, truth: np.ndarray | None = No
         unknown).
     """
     model_intensity = intensity(obj)
-    out = {"chi": chi(model_intensity, measured, mask),
-           "r_factor": r_factor(model_intensity, measured, mask),
-           "iou": float("nan"), "overlap": float("nan"), "phase_rms": float("nan"),
-           "iou_ref": float("nan")}
+    out = {
+        "chi": chi(model_intensity, measured, mask),
+        "r_factor": r_factor(model_intensity, measured, mask),
+        "iou": float("nan"),
+        "overlap": float("nan"),
+        "phase_rms": float("nan"),
+        "iou_ref": float("nan"),
+    }
     if truth is not None:
         c = compare_objects(truth, obj)
         out["iou"], out["overlap"], out["phase_rms"] = c.iou, c.overlap, c.phase_rms
@@ -333,15 +343,22 @@ def figures(obj: np.ndarray, measured: np.ndarray, truth: np.ndarray | None = No
 
 def verdict(result: ReconstructionResult) -> dict[str, Any]:
     """The result's own verdict and where its CNN stood (for the confusion and OOD tables)."""
-    return {"quality": result.quality, "quality_reasons": list(result.quality_reasons),
-            "out_of_distribution": result.out_of_distribution,
-            "latent_distance": result.latent_distance, "chi_cnn": result.chi_cnn,
-            "expected_chi": result.expected_chi, "polish_recipe": result.polish_recipe,
-            "polish_attempts": dict(result.polish_attempts), "cut_short": list(result.cut_short)}
+    return {
+        "quality": result.quality,
+        "quality_reasons": list(result.quality_reasons),
+        "out_of_distribution": result.out_of_distribution,
+        "latent_distance": result.latent_distance,
+        "chi_cnn": result.chi_cnn,
+        "expected_chi": result.expected_chi,
+        "polish_recipe": result.polish_recipe,
+        "polish_attempts": dict(result.polish_attempts),
+        "cut_short": list(result.cut_short),
+    }
 
 
-def run_ours(rec: Reconstructor, measured: np.ndarray, mode: str,
-             mask: np.ndarray | None = None) -> tuple[ReconstructionResult, float]:
+def run_ours(
+    rec: Reconstructor, measured: np.ndarray, mode: str, mask: np.ndarray | None = None
+) -> tuple[ReconstructionResult, float]:
     """Run our pipeline in one refine mode; return the result and the wall seconds (the CPU
     seconds of this process, all threads, go to ``result.metadata["cpu_seconds"]``)."""
     started, cpu = time.perf_counter(), time.process_time()
@@ -350,14 +367,16 @@ def run_ours(rec: Reconstructor, measured: np.ndarray, mode: str,
     return result, time.perf_counter() - started
 
 
-def run_all_modes(rec: Reconstructor, plain: Reconstructor, measured: np.ndarray,
-                  ablation: bool = False) -> dict[str, tuple[ReconstructionResult, float]]:
+def run_all_modes(
+    rec: Reconstructor, plain: Reconstructor, measured: np.ndarray, ablation: bool = False
+) -> dict[str, tuple[ReconstructionResult, float]]:
     """Every mode of ``rec``, and with ``ablation`` :data:`NO_SEARCH_MODES` of ``plain`` (no
     shape search)."""
     runs = {mode: run_ours(rec, measured, mode) for mode in MODES}
     if ablation:
-        runs.update({f"{mode}_no_search": run_ours(plain, measured, mode)
-                     for mode in NO_SEARCH_MODES})
+        runs.update(
+            {f"{mode}_no_search": run_ours(plain, measured, mode) for mode in NO_SEARCH_MODES}
+        )
     return runs
 
 
@@ -366,9 +385,15 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def synthetic_cases(rec: Reconstructor, plain: Reconstructor, count: int, seed: int,
-                    skip_cohere: bool, ablation: bool = False,
-                    sink: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def synthetic_cases(
+    rec: Reconstructor,
+    plain: Reconstructor,
+    count: int,
+    seed: int,
+    skip_cohere: bool,
+    ablation: bool = False,
+    sink: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Reconstruct ``count`` fresh prior crystals with every method (and, with ``ablation``,
     without the shape search and from the model-free polish seeds).
 
@@ -389,40 +414,73 @@ def synthetic_cases(rec: Reconstructor, plain: Reconstructor, count: int, seed: 
         methods: dict[str, dict[str, Any]] = {}
         stage_chi: dict[str, float] = {}
         for method, (result, seconds) in run_all_modes(rec, plain, counts, ablation).items():
-            methods[method] = {**figures(result.object, counts, truth), "seconds": seconds,
-                               "timings": dict(result.timings), **verdict(result)}
+            methods[method] = {
+                **figures(result.object, counts, truth),
+                "seconds": seconds,
+                "timings": dict(result.timings),
+                **verdict(result),
+            }
             if method == "es":
                 stage_chi = dict(result.stage_chi)
         if not skip_cohere:
             centred, shift = centre_on_max(counts)
             run = run_cohere(centred)
             obj = undo_centring(run.object, shift)
-            methods["cohere"] = {**figures(obj, counts, truth), "seconds": run.seconds,
-                                 "cohere_error": run.error, "chi_fit": run.chi,
-                                 "chi_fit_unconverted": run.chi_unconverted}
+            methods["cohere"] = {
+                **figures(obj, counts, truth),
+                "seconds": run.seconds,
+                "cohere_error": run.error,
+                "chi_fit": run.chi,
+                "chi_fit_unconverted": run.chi_unconverted,
+            }
         rng = np.random.default_rng([seed, i, 1])
-        seeds = ((("sphere", autocorrelation_seed(counts)),
-                  ("random_box", random_box_seed(counts.shape, rng))) if ablation else ())
+        seeds = (
+            (
+                ("sphere", autocorrelation_seed(counts)),
+                ("random_box", random_box_seed(counts.shape, rng)),
+            )
+            if ablation
+            else ()
+        )
         for name, (start, start_support) in seeds:
             started = time.perf_counter()
-            polished = seeded_polish(counts, start, start_support,
-                                     er_iterations=rec.settings.polish_er_iterations,
-                                     iterations=rec.settings.polish_iterations,
-                                     hio_fraction=rec.settings.polish_hio_fraction)
-            methods[name] = {**figures(polished.object, counts, truth),
-                             "seconds": time.perf_counter() - started}
-        cases.append({"index": i, "kind": {**asdict(kind), "labels": kind.labels},
-                      "stage_chi": stage_chi, "methods": methods})
+            polished = seeded_polish(
+                counts,
+                start,
+                start_support,
+                er_iterations=rec.settings.polish_er_iterations,
+                iterations=rec.settings.polish_iterations,
+                hio_fraction=rec.settings.polish_hio_fraction,
+            )
+            methods[name] = {
+                **figures(polished.object, counts, truth),
+                "seconds": time.perf_counter() - started,
+            }
+        cases.append(
+            {
+                "index": i,
+                "kind": {**asdict(kind), "labels": kind.labels},
+                "stage_chi": stage_chi,
+                "methods": methods,
+            }
+        )
         if sink is not None:
             sink.append(cases[-1])
-        progress(f"synthetic {i + 1}/{count} ({', '.join(kind.labels)}): " + ", ".join(
-            f"{k} IoU {v['iou']:.2f} {v['seconds']:.1f}s" for k, v in methods.items()))
+        progress(
+            f"synthetic {i + 1}/{count} ({', '.join(kind.labels)}): "
+            + ", ".join(f"{k} IoU {v['iou']:.2f} {v['seconds']:.1f}s" for k, v in methods.items())
+        )
     return cases
 
 
-def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
-                   skip_cohere: bool, ablation: bool = False,
-                   sink: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def measured_cases(
+    rec: Reconstructor,
+    plain: Reconstructor,
+    data_dir: Path,
+    skip_cohere: bool,
+    ablation: bool = False,
+    sink: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Reconstruct the measured crops with our three modes and cohere-core.
 
     Every figure is computed against the file's intensity as it is (unthresholded, on its
@@ -445,8 +503,11 @@ def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
         results = {}
         for method, (result, seconds) in run_all_modes(rec, plain, data, ablation).items():
             results[method] = result
-            methods[method] = {"seconds": seconds, "timings": dict(result.timings),
-                               **verdict(result)}
+            methods[method] = {
+                "seconds": seconds,
+                "timings": dict(result.timings),
+                **verdict(result),
+            }
         stage_chi = dict(results["es"].stage_chi)
         cohere_obj = None
         if not skip_cohere:
@@ -460,26 +521,37 @@ def measured_cases(rec: Reconstructor, plain: Reconstructor, data_dir: Path,
                 runs.append((figures(obj, data)["r_factor"], len(runs), run, obj))
             runs.sort(key=lambda r: r[:2])
             _, _, run, cohere_obj = runs[len(runs) // 2]
-            methods["cohere"] = {**figures(cohere_obj, data), "seconds": run.seconds,
-                                 "cohere_error": run.error, "chi_fit": run.chi,
-                                 "chi_fit_unconverted": run.chi_unconverted,
-                                 "shift": list(shift),
-                                 "r_factor_of_each_run": [r[0] for r in runs]}
+            methods["cohere"] = {
+                **figures(cohere_obj, data),
+                "seconds": run.seconds,
+                "cohere_error": run.error,
+                "chi_fit": run.chi,
+                "chi_fit_unconverted": run.chi_unconverted,
+                "shift": list(shift),
+                "r_factor_of_each_run": [r[0] for r in runs],
+            }
         for method, result in results.items():
             methods[method].update(figures(result.object, data, reference=cohere_obj))
-        cases.append({"name": name, "path": str(path), "stage_chi": stage_chi,
-                      "methods": methods})
+        cases.append({"name": name, "path": str(path), "stage_chi": stage_chi, "methods": methods})
         if sink is not None:
             sink.append(cases[-1])
-        progress(f"{name}: " + ", ".join(f"{k} chi {v['chi']:.3f} {v['seconds']:.1f}s"
-                                         for k, v in methods.items()))
+        progress(
+            f"{name}: "
+            + ", ".join(f"{k} chi {v['chi']:.3f} {v['seconds']:.1f}s" for k, v in methods.items())
+        )
     return cases
 
 
-def out_of_family_cases(rec: Reconstructor, base: Reconstructor, count: int, n: int,
-                        skip_cohere: bool, sink: list[dict[str, Any]] | None = None,
-                        start: int = 0, indices: list[int] | None = None
-                        ) -> list[dict[str, Any]]:
+def out_of_family_cases(
+    rec: Reconstructor,
+    base: Reconstructor,
+    count: int,
+    n: int,
+    skip_cohere: bool,
+    sink: list[dict[str, Any]] | None = None,
+    start: int = 0,
+    indices: list[int] | None = None,
+) -> list[dict[str, Any]]:
     """Reconstruct ``count`` out-of-family crystals (``BENCHMARK_SEED``) at ``n^3``.
 
     Ours with ``refine="full"`` (``rec``) and the same without spending more (``base``: no
@@ -500,25 +572,45 @@ def out_of_family_cases(rec: Reconstructor, base: Reconstructor, count: int, n: 
         methods: dict[str, dict[str, Any]] = {}
         for name, r in (("full", rec), ("base", base)):
             result, seconds = run_ours(r, data, "full", mask)
-            methods[name] = {**figures(result.object, data, truth, mask=mask),
-                             "seconds": seconds, "cpu_seconds": result.metadata["cpu_seconds"],
-                             "timings": dict(result.timings), **verdict(result)}
+            methods[name] = {
+                **figures(result.object, data, truth, mask=mask),
+                "seconds": seconds,
+                "cpu_seconds": result.metadata["cpu_seconds"],
+                "timings": dict(result.timings),
+                **verdict(result),
+            }
         if not skip_cohere:
             centred, shift = centre_on_max(data)
             cpu = time.process_time()
             run = run_cohere(centred)
             cpu = time.process_time() - cpu
             obj = undo_centring(run.object, shift)
-            methods["cohere"] = {**figures(obj, data, truth, mask=mask), "seconds": run.seconds,
-                                 "cpu_seconds": cpu, "cohere_error": run.error}
-        cases.append({"index": i, "n": n, "labels": crystal.labels, "photons": crystal.photons,
-                      "noise_free": crystal.noise_free, "methods": methods})
+            methods["cohere"] = {
+                **figures(obj, data, truth, mask=mask),
+                "seconds": run.seconds,
+                "cpu_seconds": cpu,
+                "cohere_error": run.error,
+            }
+        cases.append(
+            {
+                "index": i,
+                "n": n,
+                "labels": crystal.labels,
+                "photons": crystal.photons,
+                "noise_free": crystal.noise_free,
+                "methods": methods,
+            }
+        )
         if sink is not None:
             sink.append(cases[-1])
-        progress(f"out-of-family {n}^3 #{i} ({', '.join(crystal.labels)}): "
-                 + ", ".join(f"{k} IoU {v['iou']:.2f} R {v['r_factor']:.3f} "
-                             f"{v.get('quality', '')} {v['seconds']:.1f}s"
-                             for k, v in methods.items()))
+        progress(
+            f"out-of-family {n}^3 #{i} ({', '.join(crystal.labels)}): "
+            + ", ".join(
+                f"{k} IoU {v['iou']:.2f} R {v['r_factor']:.3f} "
+                f"{v.get('quality', '')} {v['seconds']:.1f}s"
+                for k, v in methods.items()
+            )
+        )
     return cases
 
 
@@ -559,6 +651,7 @@ def method_table(cases: list[dict[str, Any]], methods: list[str], truth: bool) -
     truth : bool
         Real-space columns against the truth (synthetic) or the IoU with cohere (measured).
     """
+
     def med(method: str, key: str) -> float:
         return median([c["methods"][method].get(key, float("nan")) for c in cases])
 
@@ -567,13 +660,19 @@ def method_table(cases: list[dict[str, Any]], methods: list[str], truth: bool) -
     header = ["method", *first, "chi", "R-factor", "seconds", "cohere time / ours"]
     rows = []
     for m in methods:
-        real = ([fmt(med(m, "iou")), fmt(med(m, "phase_rms"))] if truth
-                else [fmt(med(m, "iou_ref"))])
+        real = [fmt(med(m, "iou")), fmt(med(m, "phase_rms"))] if truth else [fmt(med(m, "iou_ref"))]
         seconds = med(m, "seconds")
         ratio = cohere_time / seconds if seconds > 0 else float("nan")
-        rows.append([METHOD_LABELS.get(m, m), *real, fmt(med(m, "chi"), 4),
-                     fmt(med(m, "r_factor")), fmt(seconds, 2),
-                     "-" if not np.isfinite(ratio) else f"{ratio:.2f}x"])
+        rows.append(
+            [
+                METHOD_LABELS.get(m, m),
+                *real,
+                fmt(med(m, "chi"), 4),
+                fmt(med(m, "r_factor")),
+                fmt(seconds, 2),
+                "-" if not np.isfinite(ratio) else f"{ratio:.2f}x",
+            ]
+        )
     return table(header, rows)
 
 
@@ -582,9 +681,11 @@ def es_gain(cases: list[dict[str, Any]]) -> str:
     lowered = [c["stage_chi"]["es"] < c["stage_chi"]["cnn"] for c in cases]
     cnn = median([c["stage_chi"]["cnn"] for c in cases])
     es = median([c["stage_chi"]["es"] for c in cases])
-    return (f"ES lowered chi below the CNN's in {sum(lowered)}/{len(lowered)} cases "
-            f"({100 * sum(lowered) / max(len(lowered), 1):.0f}%); median chi CNN {cnn:.4f} "
-            f"-> ES {es:.4f}")
+    return (
+        f"ES lowered chi below the CNN's in {sum(lowered)}/{len(lowered)} cases "
+        f"({100 * sum(lowered) / max(len(lowered), 1):.0f}%); median chi CNN {cnn:.4f} "
+        f"-> ES {es:.4f}"
+    )
 
 
 def ablation_tables(cases: list[dict[str, Any]], skip_cohere: bool) -> str:
@@ -603,12 +704,27 @@ def ablation_tables(cases: list[dict[str, Any]], skip_cohere: bool) -> str:
 
     overall = table(
         ["seed of the polish", "median IoU", "phase RMS", "chi", "polish s"],
-        [[labels[s], fmt(med(cases, s, "iou")), fmt(med(cases, s, "phase_rms")),
-          fmt(med(cases, s, "chi"), 4), fmt(polish_seconds(s), 2)] for s in seeds])
-    classes = ("flat-phase", "moderate", "strained", "compact", "platelet/needle", "uniform",
-               "voids/ramps")
-    groups = {"all": cases,
-              **{k: [c for c in cases if k in c["kind"]["labels"]] for k in classes}}
+        [
+            [
+                labels[s],
+                fmt(med(cases, s, "iou")),
+                fmt(med(cases, s, "phase_rms")),
+                fmt(med(cases, s, "chi"), 4),
+                fmt(polish_seconds(s), 2),
+            ]
+            for s in seeds
+        ],
+    )
+    classes = (
+        "flat-phase",
+        "moderate",
+        "strained",
+        "compact",
+        "platelet/needle",
+        "uniform",
+        "voids/ramps",
+    )
+    groups = {"all": cases, **{k: [c for c in cases if k in c["kind"]["labels"]] for k in classes}}
     header = ["median IoU by kind", *groups]
     rows = [["(crystals)", *(str(len(v)) for v in groups.values())]]
     rows += [[labels[s], *(fmt(med(v, s, "iou")) for v in groups.values())] for s in seeds]
@@ -623,9 +739,11 @@ def p90(values: list[float]) -> float:
 
 #: IoU below which a reconstruction counts as wrong in the confusion table.
 WRONG_IOU = 0.8
-OOD_METHODS = {"full": "ours: full (fit-driven polish)",
-               "base": "ours: full without spending more (ablation)",
-               "cohere": "cohere-core 620 it."}
+OOD_METHODS = {
+    "full": "ours: full (fit-driven polish)",
+    "base": "ours: full without spending more (ablation)",
+    "cohere": "cohere-core 620 it.",
+}
 
 
 def out_of_family_report(cases: list[dict[str, Any]]) -> str:
@@ -642,45 +760,89 @@ def out_of_family_report(cases: list[dict[str, Any]]) -> str:
         secs = col(cases, m, "seconds")
         ratio = (median(col(cases, "cohere", "seconds")) / median(secs)) if cohere else np.nan
         cpu = col(timed, m, "cpu_seconds")
-        cpu_ratio = (median(col(timed, "cohere", "cpu_seconds")) / median(cpu)
-                     if cohere and timed else np.nan)
-        rows.append([OOD_METHODS[m], fmt(median(col(cases, m, "iou"))),
-                     fmt(median(col(cases, m, "overlap"))),
-                     fmt(median(col(cases, m, "phase_rms"))),
-                     fmt(median(col(cases, m, "r_factor"))), fmt(median(secs), 2),
-                     fmt(p90(secs), 2), fmt(ratio, 2) + "x", fmt(median(cpu), 2),
-                     fmt(p90(cpu), 2), fmt(cpu_ratio, 2) + "x"])
-    out = [table(["method", "IoU", "overlap", "phase RMS", "R-factor", "wall s", "wall p90",
-                  "cohere wall / ours", f"CPU s ({len(timed)})", "CPU p90",
-                  "cohere CPU / ours"], rows)]
-    groups = [*SHAPE_KINDS, *DISPLACEMENT_KINDS, "uniform", "voids", "ramp", "noise-free",
-              "counts", "gap"]
+        cpu_ratio = (
+            median(col(timed, "cohere", "cpu_seconds")) / median(cpu)
+            if cohere and timed
+            else np.nan
+        )
+        rows.append(
+            [
+                OOD_METHODS[m],
+                fmt(median(col(cases, m, "iou"))),
+                fmt(median(col(cases, m, "overlap"))),
+                fmt(median(col(cases, m, "phase_rms"))),
+                fmt(median(col(cases, m, "r_factor"))),
+                fmt(median(secs), 2),
+                fmt(p90(secs), 2),
+                fmt(ratio, 2) + "x",
+                fmt(median(cpu), 2),
+                fmt(p90(cpu), 2),
+                fmt(cpu_ratio, 2) + "x",
+            ]
+        )
+    out = [
+        table(
+            [
+                "method",
+                "IoU",
+                "overlap",
+                "phase RMS",
+                "R-factor",
+                "wall s",
+                "wall p90",
+                "cohere wall / ours",
+                f"CPU s ({len(timed)})",
+                "CPU p90",
+                "cohere CPU / ours",
+            ],
+            rows,
+        )
+    ]
+    groups = [
+        *SHAPE_KINDS,
+        *DISPLACEMENT_KINDS,
+        "uniform",
+        "voids",
+        "ramp",
+        "noise-free",
+        "counts",
+        "gap",
+    ]
     rows = []
     for g in groups:
         members = [c for c in cases if g in c["labels"]]
         if members:
-            rows.append([g, str(len(members)),
-                         *(fmt(median(col(members, m, "iou"))) for m in methods)])
+            rows.append(
+                [g, str(len(members)), *(fmt(median(col(members, m, "iou"))) for m in methods)]
+            )
     out.append(table(["median IoU by kind", "crystals", *methods], rows))
     if cohere:
         gap = [c["methods"]["full"]["iou"] - c["methods"]["cohere"]["iou"] for c in cases]
-        below = [(c["index"], c["methods"]["full"]["iou"], c["methods"]["cohere"]["iou"])
-                 for c, d in zip(cases, gap, strict=True) if d < -0.05]
+        below = [
+            (c["index"], c["methods"]["full"]["iou"], c["methods"]["cohere"]["iou"])
+            for c, d in zip(cases, gap, strict=True)
+            if d < -0.05
+        ]
         out.append(
             f"median IoU ours {median(col(cases, 'full', 'iou')):.3f} vs cohere "
             f"{median(col(cases, 'cohere', 'iou')):.3f} (target: cohere's + 0.03); median "
             f"overlap {median(col(cases, 'full', 'overlap')):.3f} vs "
             f"{median(col(cases, 'cohere', 'overlap')):.3f}; crystals more than 0.05 IoU below "
             f"cohere's: {len(below)}"
-            + ("" if not below else " (" + ", ".join(
-                f"#{i} {a:.2f} vs {b:.2f}" for i, a, b in below) + ")"))
+            + (
+                ""
+                if not below
+                else " (" + ", ".join(f"#{i} {a:.2f} vs {b:.2f}" for i, a, b in below) + ")"
+            )
+        )
     free = [c for c in cases if c["noise_free"]]
     if free:
         r = col(free, "full", "r_factor")
-        out.append(f"noise-free crystals ({len(free)}): R-factor ours median {median(r):.4f}, "
-                   f"max {max(r):.4f}, {sum(v <= 0.01 for v in r)} of {len(r)} at <= 0.01"
-                   + (f"; cohere median {median(col(free, 'cohere', 'r_factor')):.4f}"
-                      if cohere else ""))
+        out.append(
+            f"noise-free crystals ({len(free)}): R-factor ours median {median(r):.4f}, "
+            f"max {max(r):.4f}, {sum(v <= 0.01 for v in r)} of {len(r)} at <= 0.01"
+            + (f"; cohere median {median(col(free, 'cohere', 'r_factor')):.4f}" if cohere else "")
+        )
     for m in ("full", "base"):
         if m not in methods:
             continue
@@ -694,8 +856,10 @@ def out_of_family_report(cases: list[dict[str, Any]]) -> str:
     for c in cases:
         label = c["methods"]["full"]["polish_recipe"]
         chosen[label] = chosen.get(label, 0) + 1
-    out.append("polish run that gave the object (full): " + ", ".join(
-        f"{k} {v}" for k, v in sorted(chosen.items(), key=lambda kv: -kv[1])))
+    out.append(
+        "polish run that gave the object (full): "
+        + ", ".join(f"{k} {v}" for k, v in sorted(chosen.items(), key=lambda kv: -kv[1]))
+    )
     return "\n\n".join(out)
 
 
@@ -708,9 +872,11 @@ def ood_rates(sets: dict[str, list[dict[str, Any]]], method: str = "full") -> st
             continue
         flagged = sum(r["out_of_distribution"] for r in runs)
         latent = sum((r["latent_distance"] or 0) > 1 for r in runs)
-        lines.append(f"{name}: CNN flagged out of distribution on {flagged}/{len(runs)} "
-                     f"({100 * flagged / len(runs):.0f}%); latent distance > 1 on {latent}, "
-                     f"the CNN's chi unusual on {flagged - latent} more")
+        lines.append(
+            f"{name}: CNN flagged out of distribution on {flagged}/{len(runs)} "
+            f"({100 * flagged / len(runs):.0f}%); latent distance > 1 on {latent}, "
+            f"the CNN's chi unusual on {flagged - latent} more"
+        )
     return "\n".join(lines)
 
 
@@ -722,41 +888,58 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 name = f"{line.split(':', 1)[1].strip()} ({name})"
                 break
-    return {"processor": name, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-            "fft_workers": FFT_WORKERS}
+    return {
+        "processor": name,
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "fft_workers": FFT_WORKERS,
+    }
 
 
 def convention_check(cases: list[dict[str, Any]]) -> str:
     """cohere's image against the data it was given, converted and as returned."""
     conv = median([c["methods"]["cohere"]["chi_fit"] for c in cases])
     raw = median([c["methods"]["cohere"]["chi_fit_unconverted"] for c in cases])
-    return (f"cohere convention check: chi of conj(image) {conv:.4f}, of the image as "
-            f"returned {raw:.4f} (against the data cohere was given)")
+    return (
+        f"cohere convention check: chi of conj(image) {conv:.4f}, of the image as "
+        f"returned {raw:.4f} (against the data cohere was given)"
+    )
 
 
 def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Print the machine and the tables (``results`` as written to ``--json``)."""
     synthetic, measured = results["synthetic"], results["measured"]
-    methods = [*MODES, *((f"{mode}_no_search" for mode in NO_SEARCH_MODES) if args.ablation
-                         else ()), *([] if args.skip_cohere else ["cohere"])]
+    methods = [
+        *MODES,
+        *((f"{mode}_no_search" for mode in NO_SEARCH_MODES) if args.ablation else ()),
+        *([] if args.skip_cohere else ["cohere"]),
+    ]
     m = results["machine"]
-    print(f"machine: {m['processor']}, {m['cpus']} CPUs, load average "
-          f"{m['load_average'][0]:.1f} at the end; our FFT workers {m['fft_workers']} "
-          f"(cohere's 1); ONNX Runtime provider {results['provider']}; model "
-          f"{results['model']}")
+    print(
+        f"machine: {m['processor']}, {m['cpus']} CPUs, load average "
+        f"{m['load_average'][0]:.1f} at the end; our FFT workers {m['fft_workers']} "
+        f"(cohere's 1); ONNX Runtime provider {results['provider']}; model "
+        f"{results['model']}"
+    )
     for key in ("out_of_family_64", "out_of_family_128"):
         cases = results[key]
         if cases:
-            print(f"\nOut-of-family: {len(cases)} crystals at {cases[0]['n']}^3 (seed "
-                  f"{BENCHMARK_SEED}); medians")
+            print(
+                f"\nOut-of-family: {len(cases)} crystals at {cases[0]['n']}^3 (seed "
+                f"{BENCHMARK_SEED}); medians"
+            )
             print(out_of_family_report(cases))
     if synthetic:
-        print(f"\nSynthetic: {len(synthetic)} prior crystals at {PHOTONS:.0e} photons "
-              f"(seed {args.seed}); medians")
+        print(
+            f"\nSynthetic: {len(synthetic)} prior crystals at {PHOTONS:.0e} photons "
+            f"(seed {args.seed}); medians"
+        )
         print(method_table(synthetic, methods, truth=True))
         print(es_gain(synthetic))
-        rows = [[q, str(sum(c["methods"]["full"]["quality"] == q for c in synthetic))]
-                for q in QUALITY_LEVELS]
+        rows = [
+            [q, str(sum(c["methods"]["full"]["quality"] == q for c in synthetic))]
+            for q in QUALITY_LEVELS
+        ]
         print(table(["quality (full)", "crystals"], rows))
         if not args.skip_cohere:
             print(convention_check(synthetic))
@@ -765,52 +948,92 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         print(method_table([case], methods, truth=False))
         print(es_gain([case]))
         full = case["methods"]["full"]
-        print(f"quality (full): {full['quality']} {full['quality_reasons']}; polish runs "
-              f"{full['polish_attempts']}")
+        print(
+            f"quality (full): {full['quality']} {full['quality_reasons']}; polish runs "
+            f"{full['polish_attempts']}"
+        )
         if "cohere" in case["methods"]:
             each = case["methods"]["cohere"]["r_factor_of_each_run"]
-            print(f"cohere R-factor of each of its {len(each)} random starts: "
-                  + ", ".join(f"{r:.3f}" for r in each) + " (the median run is in the table)")
+            print(
+                f"cohere R-factor of each of its {len(each)} random starts: "
+                + ", ".join(f"{r:.3f}" for r in each)
+                + " (the median run is in the table)"
+            )
         if not args.skip_cohere:
             print(convention_check([case]))
-    print("\n" + ood_rates({"prior set": synthetic, "measured sets": measured,
-                            "out-of-family 64^3": results["out_of_family_64"],
-                            "out-of-family 128^3": results["out_of_family_128"]}))
+    print(
+        "\n"
+        + ood_rates(
+            {
+                "prior set": synthetic,
+                "measured sets": measured,
+                "out-of-family 64^3": results["out_of_family_64"],
+                "out-of-family 128^3": results["out_of_family_128"],
+            }
+        )
+    )
     if synthetic and args.ablation:
         s = results["settings"]
-        print(f"\nAblation (synthetic set): the same polish (ER {s['polish_er_iterations']} "
-              f"steps; ER/HIO {s['polish_iterations']} steps, {s['polish_hio_fraction']:.0%} HIO, "
-              f"unless ER fits to the noise), by seed")
+        print(
+            f"\nAblation (synthetic set): the same polish (ER {s['polish_er_iterations']} "
+            f"steps; ER/HIO {s['polish_iterations']} steps, {s['polish_hio_fraction']:.0%} HIO, "
+            f"unless ER fits to the noise), by seed"
+        )
         print(ablation_tables(synthetic, args.skip_cohere))
-        print(f"kinds: phase peak-to-peak < {FLAT_PHASE_PTP} rad flat-phase, > {STRAINED_PTP} "
-              f"rad strained; support aspect ratio > {ELONGATED_ASPECT} platelet/needle")
+        print(
+            f"kinds: phase peak-to-peak < {FLAT_PHASE_PTP} rad flat-phase, > {STRAINED_PTP} "
+            f"rad strained; support aspect ratio > {ELONGATED_ASPECT} platelet/needle"
+        )
 
 
 def main() -> None:
     """Run the benchmark and print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=20, help="synthetic prior crystals")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the synthetic set")
-    parser.add_argument("--ood-count", type=int, default=40,
-                        help="out-of-family crystals at 64^3")
-    parser.add_argument("--ood-start", type=int, default=0,
-                        help="index of the first out-of-family crystal (to continue a run)")
-    parser.add_argument("--ood-indices", default=None, metavar="I,J,...",
-                        help="these out-of-family crystals (64^3) instead of a range")
-    parser.add_argument("--ood128-count", type=int, default=2,
-                        help="out-of-family crystals at 128^3")
-    parser.add_argument("--ablation", action="store_true",
-                        help="prior and measured sets also without the shape search and from "
-                             "the model-free polish seeds")
+    parser.add_argument("--ood-count", type=int, default=40, help="out-of-family crystals at 64^3")
+    parser.add_argument(
+        "--ood-start",
+        type=int,
+        default=0,
+        help="index of the first out-of-family crystal (to continue a run)",
+    )
+    parser.add_argument(
+        "--ood-indices",
+        default=None,
+        metavar="I,J,...",
+        help="these out-of-family crystals (64^3) instead of a range",
+    )
+    parser.add_argument(
+        "--ood128-count", type=int, default=2, help="out-of-family crystals at 128^3"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="prior and measured sets also without the shape search and from "
+        "the model-free polish seeds",
+    )
     parser.add_argument("--skip-cohere", action="store_true", help="run only our pipeline")
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
-                        help="folder with the measured data sets")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write every figure here (rewritten after each crystal)")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="only print the tables of a run saved with --json (complete or "
-                             "not)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=REPO.parent / "shared" / "data",
+        help="folder with the measured data sets",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="write every figure here (rewritten after each crystal)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="only print the tables of a run saved with --json (complete or not)",
+    )
     args = parser.parse_args()
     if args.report is not None:
         report(args, json.loads(args.report.read_text()))
@@ -826,11 +1049,19 @@ def main() -> None:
     for r in (rec, plain, base):
         r.reconstruct(warm, refine="none")
     results: dict[str, Any] = {
-        "machine": machine(), "seed": args.seed, "photons": PHOTONS,
-        "out_of_family_seed": BENCHMARK_SEED, "cohere_recipe": COHERE_RECIPE,
-        "settings": rec.settings.as_dict(), "provider": rec.provider,
-        "model": rec.model_name, "out_of_family_64": [], "measured": [],
-        "synthetic": [], "out_of_family_128": []}
+        "machine": machine(),
+        "seed": args.seed,
+        "photons": PHOTONS,
+        "out_of_family_seed": BENCHMARK_SEED,
+        "cohere_recipe": COHERE_RECIPE,
+        "settings": rec.settings.as_dict(),
+        "provider": rec.provider,
+        "model": rec.model_name,
+        "out_of_family_64": [],
+        "measured": [],
+        "synthetic": [],
+        "out_of_family_128": [],
+    }
 
     class Saved(list):
         """A list that rewrites the JSON file after each case: a run cut short keeps its
@@ -840,21 +1071,27 @@ def main() -> None:
             super().append(item)
             if args.json is not None:
                 results["machine"] = machine()
-                atomic_write_bytes(args.json, json.dumps(results, indent=1,
-                                                         default=float).encode())
+                atomic_write_bytes(args.json, json.dumps(results, indent=1, default=float).encode())
 
     for key in ("out_of_family_64", "measured", "synthetic", "out_of_family_128"):
         results[key] = Saved()
-    out_of_family_cases(rec, base, args.ood_count, 64, args.skip_cohere,
-                        results["out_of_family_64"], args.ood_start,
-                        None if args.ood_indices is None
-                        else [int(i) for i in args.ood_indices.split(",")])
-    measured_cases(rec, plain, args.data_dir, args.skip_cohere, args.ablation,
-                   results["measured"])
-    synthetic_cases(rec, plain, args.count, args.seed, args.skip_cohere, args.ablation,
-                    results["synthetic"])
-    out_of_family_cases(rec, base, args.ood128_count, 128, args.skip_cohere,
-                        results["out_of_family_128"])
+    out_of_family_cases(
+        rec,
+        base,
+        args.ood_count,
+        64,
+        args.skip_cohere,
+        results["out_of_family_64"],
+        args.ood_start,
+        None if args.ood_indices is None else [int(i) for i in args.ood_indices.split(",")],
+    )
+    measured_cases(rec, plain, args.data_dir, args.skip_cohere, args.ablation, results["measured"])
+    synthetic_cases(
+        rec, plain, args.count, args.seed, args.skip_cohere, args.ablation, results["synthetic"]
+    )
+    out_of_family_cases(
+        rec, base, args.ood128_count, 128, args.skip_cohere, results["out_of_family_128"]
+    )
     report(args, results)
 
 

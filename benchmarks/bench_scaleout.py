@@ -40,8 +40,9 @@ from bcdi_bluesky.beamline.sim import HiddenCrystal
 def volumes(count: int) -> list[np.ndarray]:
     """One noisy diffraction volume per hidden crystal (seeds 100, 101, ...)."""
     rng = np.random.default_rng(0)
-    return [rng.poisson(HiddenCrystal(seed=100 + k).pattern).astype(np.float32)
-            for k in range(count)]
+    return [
+        rng.poisson(HiddenCrystal(seed=100 + k).pattern).astype(np.float32) for k in range(count)
+    ]
 
 
 def batch(executor: Executor, data: list[np.ndarray], refine: str) -> tuple[float, list]:
@@ -79,8 +80,10 @@ def main() -> None:
     args = parser.parse_args()
     from distributed import Client, LocalCluster
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"load average before: {os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"load average before: {os.getloadavg()[0]:.2f}"
+    )
     data = volumes(args.scans)
     rows = []
 
@@ -97,17 +100,24 @@ def main() -> None:
         rows.append(("thread pool, 1 thread", wall, own, overhead(pool, data[0])))
 
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                          silence_logs=40) as cluster, \
-                Client(cluster, set_as_default=False) as client:
+        with (
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                silence_logs=40,
+            ) as cluster,
+            Client(cluster, set_as_default=False) as client,
+        ):
             executor = dask_executor(client)  # the plugin loads the model on each worker
-            client.submit(reconstruct_volume, ReconstructorSpec(), data[0], "none",
-                          pure=False).result(timeout=600)
+            client.submit(
+                reconstruct_volume, ReconstructorSpec(), data[0], "none", pure=False
+            ).result(timeout=600)
             cost = overhead(executor, data[0])
             wall, own = batch(executor, data, args.refine)
-            rows.append((f"Dask, {workers} worker process{'es' * (workers > 1)}", wall, own,
-                         cost))
+            rows.append((f"Dask, {workers} worker process{'es' * (workers > 1)}", wall, own, cost))
 
     print(f"refine={args.refine}, {args.scans} scans of 64^3 per configuration")
     print(f"{'executor':<28}{'scans/min':>10}{'s/scan':>9}{'ratio':>8}{'overhead ms':>13}")
@@ -115,8 +125,9 @@ def main() -> None:
         per_min = 60.0 * len(own) / wall
         ratio = reference / wall
         cost_text = "-" if cost is None else f"{cost * 1e3:.1f}"
-        print(f"{name:<28}{per_min:>10.2f}{statistics.median(own):>9.2f}{ratio:>8.2f}"
-              f"{cost_text:>13}")
+        print(
+            f"{name:<28}{per_min:>10.2f}{statistics.median(own):>9.2f}{ratio:>8.2f}{cost_text:>13}"
+        )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -45,14 +45,20 @@ def main() -> None:
         pairs.append((tuple(truth), result.latent_xy))
         flagged += result.out_of_distribution
     scans = []
-    for label, path in (("APS scan 54", REPO / "examples/data/S0054_intensity_64.npy"),
-                        ("3D-CDI-NN", REPO.parent / "shared/data/3dcdinn_example/"
-                                                    "ft_crop_64_intensity.npy")):
+    for label, path in (
+        ("APS scan 54", REPO / "examples/data/S0054_intensity_64.npy"),
+        ("3D-CDI-NN", REPO.parent / "shared/data/3dcdinn_example/ft_crop_64_intensity.npy"),
+    ):
         if path.is_file():
             r = rec.reconstruct(np.load(path), refine="none")
             scans.append((label, r.latent_xy, r.out_of_distribution))
-    plot_latent_map(latent_map, args.output, scans=scans, pairs=pairs,
-                    title=f"CNN latent map, {args.count} simulated crystals")
+    plot_latent_map(
+        latent_map,
+        args.output,
+        scans=scans,
+        pairs=pairs,
+        title=f"CNN latent map, {args.count} simulated crystals",
+    )
     print(f"{flagged}/{args.count} simulated crystals flagged; figure: {args.output}")
 
 

@@ -21,22 +21,29 @@ from tests.test_strain import GEOMETRIES, dislocation_case, inclusion_case  # no
 
 
 def main() -> int:
-    print("| geometry | crystal | displacement RMS (nm) | its error RMS | strain RMS true "
-          "| ours | dislocation line, max distance (voxels) | seconds |")
+    print(
+        "| geometry | crystal | displacement RMS (nm) | its error RMS | strain RMS true "
+        "| ours | dislocation line, max distance (voxels) | seconds |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, g in sorted(GEOMETRIES.items()):
         for crystal, case in (("inclusion", inclusion_case), ("dislocation", dislocation_case)):
             t = time.perf_counter()
             f = case(g)
             seconds = time.perf_counter() - t
-            line = (f"{f['line_distance_max_voxels']:.2f} ({f['vortices']} squares)"
-                    if "vortices" in f else "-")
-            print(f"| {name} | {crystal} | {f['displacement_rms_nm']:.4f} | "
-                  f"{f['displacement_error_rms_nm']:.4f} "
-                  f"({100 * f['displacement_error_rms_nm'] / f['displacement_rms_nm']:.1f}%) | "
-                  f"{f['strain_rms']:.2e} | {f['our_strain_rms']:.2e} "
-                  f"({100 * (f['our_strain_rms'] / f['strain_rms'] - 1):+.0f}%) | {line} | "
-                  f"{seconds:.2f} |")
+            line = (
+                f"{f['line_distance_max_voxels']:.2f} ({f['vortices']} squares)"
+                if "vortices" in f
+                else "-"
+            )
+            print(
+                f"| {name} | {crystal} | {f['displacement_rms_nm']:.4f} | "
+                f"{f['displacement_error_rms_nm']:.4f} "
+                f"({100 * f['displacement_error_rms_nm'] / f['displacement_rms_nm']:.1f}%) | "
+                f"{f['strain_rms']:.2e} | {f['our_strain_rms']:.2e} "
+                f"({100 * (f['our_strain_rms'] / f['strain_rms'] - 1):+.0f}%) | {line} | "
+                f"{seconds:.2f} |"
+            )
     return 0
 
 

@@ -27,8 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"
 
 
-def render(vti: Path, q_unit: np.ndarray, threshold: float, output: Path,
-           size: tuple[int, int] = (1200, 560)) -> None:
+def render(
+    vti: Path,
+    q_unit: np.ndarray,
+    threshold: float,
+    output: Path,
+    size: tuple[int, int] = (1200, 560),
+) -> None:
     """Render the two views of ``vti`` to a PNG."""
     import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the offscreen backend)
     from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
@@ -59,7 +64,8 @@ def render(vti: Path, q_unit: np.ndarray, threshold: float, output: Path,
     # The surface lies at the support's edge, where interpolation meets the NaN outside: for
     # its colour only, extend the strain from the nearest support voxel.
     nearest = scipy.ndimage.distance_transform_edt(
-        np.isnan(values), return_distances=False, return_indices=True)
+        np.isnan(values), return_distances=False, return_indices=True
+    )
     filled = numpy_to_vtk(np.ravel(values[tuple(nearest)], order="F").copy(), deep=True)
     filled.SetName("strain_filled")
     points.AddArray(filled)
@@ -97,9 +103,12 @@ def render(vti: Path, q_unit: np.ndarray, threshold: float, output: Path,
     window = vtkRenderWindow()
     window.SetOffScreenRendering(1)
     window.SetSize(*size)
-    for k, (source, array, title) in enumerate((
+    for k, (source, array, title) in enumerate(
+        (
             (surface.GetOutput(), "strain_filled", "support surface, coloured by strain along Q"),
-            (cut.GetOutput(), "strain", "strain along Q, plane through the centre normal to Q"))):
+            (cut.GetOutput(), "strain", "strain along Q, plane through the centre normal to Q"),
+        )
+    ):
         mapper = vtkPolyDataMapper()
         mapper.SetInputData(source)
         mapper.SetLookupTable(lut)
@@ -165,16 +174,25 @@ def render(vti: Path, q_unit: np.ndarray, threshold: float, output: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "docs" / "img" /
-                        "scan54_strain.png")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "img" / "scan54_strain.png")
     args = parser.parse_args(argv)
     data, mask = read_intensity(DATA / "S0054_intensity_64.npy")
     geometry = read_geometry(DATA / "S0054_geometry.json")
     rec = Reconstructor()
     result = rec.reconstruct(data, mask, geometry=geometry)
     figures = result.summary()
-    print({k: figures[k] for k in ("chi", "crystal_volume_nm3", "crystal_extents_nm",
-                                   "strain_rms", "displacement_rms_nm")})
+    print(
+        {
+            k: figures[k]
+            for k in (
+                "chi",
+                "crystal_volume_nm3",
+                "crystal_extents_nm",
+                "strain_rms",
+                "displacement_rms_nm",
+            )
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         vti = write_result(result, Path(tmp) / "scan54.vti")
         render(vti, result.physical.q_unit, rec.settings.support_threshold, args.output)

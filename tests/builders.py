@@ -24,27 +24,41 @@ def free_port() -> int:
         return port
 
 
-def documents(frames_by_theta, image_key="det_image", motor_key="theta", page=True,
-               metadata=None):
+def documents(frames_by_theta, image_key="det_image", motor_key="theta", page=True, metadata=None):
     """A run made with event_model.compose_run (no RunEngine): fast and deterministic."""
     bundle = compose_run(metadata={"scan_id": 7, **(metadata or {})})
     docs = [("start", bundle.start_doc)]
     shape = list(next(iter(frames_by_theta.values())).shape)
     desc = bundle.compose_descriptor(
         name="primary",
-        data_keys={motor_key: {"source": "sim", "dtype": "number", "shape": []},
-                   image_key: {"source": "sim", "dtype": "array", "shape": shape}})
+        data_keys={
+            motor_key: {"source": "sim", "dtype": "number", "shape": []},
+            image_key: {"source": "sim", "dtype": "array", "shape": shape},
+        },
+    )
     docs.append(("descriptor", desc.descriptor_doc))
     thetas = list(frames_by_theta)
     if page:
-        docs.append(("event_page", desc.compose_event_page(
-            data={motor_key: thetas, image_key: [frames_by_theta[t] for t in thetas]},
-            timestamps={motor_key: [0.0] * len(thetas), image_key: [0.0] * len(thetas)},
-            seq_num=list(range(1, len(thetas) + 1)))))
+        docs.append(
+            (
+                "event_page",
+                desc.compose_event_page(
+                    data={motor_key: thetas, image_key: [frames_by_theta[t] for t in thetas]},
+                    timestamps={motor_key: [0.0] * len(thetas), image_key: [0.0] * len(thetas)},
+                    seq_num=list(range(1, len(thetas) + 1)),
+                ),
+            )
+        )
     else:
         for t in thetas:
-            docs.append(("event", desc.compose_event(
-                data={motor_key: t, image_key: frames_by_theta[t]},
-                timestamps={motor_key: 0.0, image_key: 0.0})))
+            docs.append(
+                (
+                    "event",
+                    desc.compose_event(
+                        data={motor_key: t, image_key: frames_by_theta[t]},
+                        timestamps={motor_key: 0.0, image_key: 0.0},
+                    ),
+                )
+            )
     docs.append(("stop", bundle.compose_stop()))
     return docs

@@ -82,9 +82,11 @@ def RE():
 def epics_env():
     """The loopback Channel Access environment, with a repeater running (started first, or
     the IOC logs a beacon error every second)."""
-    proc = subprocess.Popen([sys.executable, "-c",
-                             "from caproto.sync.repeater import run; run()"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from caproto.sync.repeater import run; run()"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     yield EPICS_ENV
     proc.terminate()

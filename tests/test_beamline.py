@@ -43,16 +43,24 @@ def make_callback():
 
 def _scan(beamline, points=64):
     c = beamline.crystal.bragg_theta
-    return rocking_scan(beamline.det, beamline.theta, c, (points - 1) * beamline.crystal.step,
-                        points, geometry=beamline.geometry, sample="hidden crystal")
+    return rocking_scan(
+        beamline.det,
+        beamline.theta,
+        c,
+        (points - 1) * beamline.crystal.step,
+        points,
+        geometry=beamline.geometry,
+        sample="hidden crystal",
+    )
 
 
 def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
     beamline = SimulatedBeamline(seed=4)
     beamline.det.max_count.put(1e12)  # no saturation here; the closed loop handles that
     seen = []
-    cb = make_callback(reconstructor=reconstructor,
-                       on_result=lambda result, start: seen.append((result, start)))
+    cb = make_callback(
+        reconstructor=reconstructor, on_result=lambda result, start: seen.append((result, start))
+    )
     RE.subscribe(cb)
     (uid,) = RE(_scan(beamline))
     assert cb.wait(timeout=120)
@@ -66,10 +74,10 @@ def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
     assert recorded.sample_angles_deg["theta"] == pytest.approx(beamline.crystal.bragg_theta)
     assert recorded.rocking_step_deg == pytest.approx(beamline.crystal.step)
     assert result.physical is not None
-    np.testing.assert_allclose(result.physical.voxel_basis_nm,
-                               recorded.voxel_basis_nm(result.object.shape), rtol=1e-3)
-    assert result.metadata["voxel_size_nm"] == pytest.approx(
-        list(result.physical.voxel_size_nm))
+    np.testing.assert_allclose(
+        result.physical.voxel_basis_nm, recorded.voxel_basis_nm(result.object.shape), rtol=1e-3
+    )
+    assert result.metadata["voxel_size_nm"] == pytest.approx(list(result.physical.voxel_size_nm))
     summary = result.summary()
     assert summary["crystal_volume_nm3"] > 0 and len(summary["crystal_extents_nm"]) == 3
     assert compare_objects(beamline.crystal.truth(), to_model_grid(result.object, 64)).iou >= 0.85
@@ -245,8 +253,11 @@ def test_closed_loop_finds_a_misaligned_saturated_peak(RE, reconstructor, make_c
     RE.subscribe(cb)
     analysis = ReconstructionAnalysis(name="analysis", callback=cb)
     step = beamline.crystal.step
-    RE(closed_loop_scan(beamline.det, beamline.theta, analysis, beamline.crystal.bragg_theta,
-                        63 * step, 64))
+    RE(
+        closed_loop_scan(
+            beamline.det, beamline.theta, analysis, beamline.crystal.bragg_theta, 63 * step, 64
+        )
+    )
     records = list(cb.records.values())
     assert 2 <= len(records) <= 4
     first, last = records[0].recommendation, records[-1].recommendation
@@ -289,9 +300,11 @@ def test_derived_run_and_result_files(RE, reconstructor, make_callback, tmp_path
     writer = ResultFileWriter(tmp_path / "results")
     beamline = SimulatedBeamline(seed=5)
     beamline.det.max_count.put(1e12)
-    cb = make_callback(reconstructor=reconstructor, refine="none",
-                       publishers=[DerivedRunPublisher(lambda n, d: derived.append((n, d))),
-                                   writer])
+    cb = make_callback(
+        reconstructor=reconstructor,
+        refine="none",
+        publishers=[DerivedRunPublisher(lambda n, d: derived.append((n, d))), writer],
+    )
     RE.subscribe(cb)
     (uid,) = RE(_scan(beamline, 32))
     assert cb.wait(timeout=60)
@@ -354,21 +367,37 @@ def test_stream_resource_frames_are_read_from_hdf5(make_callback, tmp_path):
     with h5py.File(path, "w") as f:
         f["entry/data/data"] = stack
     bundle = compose_run()
-    desc = bundle.compose_descriptor(name="primary", data_keys={
-        "theta": {"source": "sim", "dtype": "number", "shape": []},
-        "det_image": {"source": "sim", "dtype": "array", "shape": [4, 5],
-                      "external": "STREAM:"}})
-    sres = bundle.compose_stream_resource(mimetype="application/x-hdf5",
-                                          uri=f"file://localhost{path}", data_key="det_image",
-                                          parameters={"dataset": "/entry/data/data"})
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={
+            "theta": {"source": "sim", "dtype": "number", "shape": []},
+            "det_image": {
+                "source": "sim",
+                "dtype": "array",
+                "shape": [4, 5],
+                "external": "STREAM:",
+            },
+        },
+    )
+    sres = bundle.compose_stream_resource(
+        mimetype="application/x-hdf5",
+        uri=f"file://localhost{path}",
+        data_key="det_image",
+        parameters={"dataset": "/entry/data/data"},
+    )
     capture = _Capture()
     cb = make_callback(reconstructor=capture)
     cb("start", bundle.start_doc)
     cb("descriptor", desc.descriptor_doc)
     cb("stream_resource", sres.stream_resource_doc)
-    cb("stream_datum", sres.compose_stream_datum(indices={"start": 0, "stop": 3},
-                                                 seq_nums={"start": 1, "stop": 4},
-                                                 descriptor=desc.descriptor_doc))
+    cb(
+        "stream_datum",
+        sres.compose_stream_datum(
+            indices={"start": 0, "stop": 3},
+            seq_nums={"start": 1, "stop": 4},
+            descriptor=desc.descriptor_doc,
+        ),
+    )
     for theta in thetas:
         cb("event", desc.compose_event(data={"theta": theta}, timestamps={"theta": 0.0}))
     cb("stop", bundle.compose_stop())
@@ -387,8 +416,15 @@ def test_es_align_finds_the_beam(RE):
     peak_total = beamline.crystal.pattern[32].sum() * 0.01  # perfectly aligned, no background
     events = []
     RE.subscribe(lambda name, doc: events.append(doc) if name == "event" else None)
-    RE(es_align([beamline.sample_x, beamline.sample_y], [(-3, 3), (-3, 3)], "det_total",
-                [beamline.det], iterations=300))
+    RE(
+        es_align(
+            [beamline.sample_x, beamline.sample_y],
+            [(-3, 3), (-3, 3)],
+            "det_total",
+            [beamline.det],
+            iterations=300,
+        )
+    )
     assert beamline.illumination() > 0.95
     final = [e["data"]["det_total"] for e in events[-20:]]
     assert np.median(final) > 0.95 * peak_total
@@ -420,16 +456,23 @@ def test_es_under_bluesky_adaptive_optimize(RE):
 
     def evaluate(uid, suggestions):
         events = runs[uid]
-        return [{"det_total": events[i]["data"]["det_total"], "_id": s["_id"]}
-                for i, s in enumerate(suggestions)]
+        return [
+            {"det_total": events[i]["data"]["det_total"], "_id": s["_id"]}
+            for i, s in enumerate(suggestions)
+        ]
 
-    optimizer = ExtremumSeekingOptimizer({"sample_x": (-3, 3), "sample_y": (-3, 3)},
-                                         "det_total", initial={"sample_x": 0.0,
-                                                               "sample_y": 0.0})
+    optimizer = ExtremumSeekingOptimizer(
+        {"sample_x": (-3, 3), "sample_y": (-3, 3)},
+        "det_total",
+        initial={"sample_x": 0.0, "sample_y": 0.0},
+    )
     assert isinstance(optimizer, Optimizer)
-    problem = OptimizationProblem(optimizer=optimizer,
-                                  actuators=[beamline.sample_x, beamline.sample_y],
-                                  sensors=[beamline.det], evaluation_function=evaluate)
+    problem = OptimizationProblem(
+        optimizer=optimizer,
+        actuators=[beamline.sample_x, beamline.sample_y],
+        sensors=[beamline.det],
+        evaluation_function=evaluate,
+    )
     start = beamline.illumination()
     RE(optimize(problem, iterations=250))
     ((_, params, _outcome),) = optimizer.get_best_points()
@@ -451,8 +494,16 @@ def test_bad_geometry_is_ignored_not_fatal(RE, reconstructor, make_callback):
     with pytest.raises(ValueError, match="not one of"):
         list(rocking_scan(beamline.det, beamline.theta, 20.0, 0.3, 64, geometry=bad))
     # Written by some other plan, the block reaches the callback.
-    (uid,) = RE(rocking_scan(beamline.det, beamline.theta, 20.0, 63 * beamline.crystal.step,
-                             64, md={"bcdi": {"geometry": bad}}))
+    (uid,) = RE(
+        rocking_scan(
+            beamline.det,
+            beamline.theta,
+            20.0,
+            63 * beamline.crystal.step,
+            64,
+            md={"bcdi": {"geometry": bad}},
+        )
+    )
     assert cb.wait(timeout=120)
     assert cb.records[uid].status == "done"
     assert cb.records[uid].result.physical is None
@@ -532,8 +583,9 @@ def _feed(cb, docs):
     return docs[0][1]["uid"]
 
 
-@pytest.mark.parametrize("step", ["assembly", "recommendation", "configure", "reconstruction",
-                                  "metadata", "publisher"])
+@pytest.mark.parametrize(
+    "step", ["assembly", "recommendation", "configure", "reconstruction", "metadata", "publisher"]
+)
 def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monkeypatch, step):
     from bcdi_bluesky.beamline import callback as callback_module
 
@@ -545,6 +597,7 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
             if len(calls) == 1:
                 raise ZeroDivisionError("float division by zero")
             return real(*args, **kwargs)
+
         return broken
 
     if step == "recommendation":  # a division by zero, as bad metadata can cause
@@ -552,8 +605,9 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
     if step == "metadata":  # the result's figures, read after the reconstruction
         monkeypatch.setattr(_FakeResult, "summary", once(_FakeResult.summary))
     hooks = _Hooks(fail={"configure": "configure", "publisher": "result"}.get(step))
-    fake = _Fake(fail=RuntimeError("simulated analysis failure")
-                 if step == "reconstruction" else None)
+    fake = _Fake(
+        fail=RuntimeError("simulated analysis failure") if step == "reconstruction" else None
+    )
     cb = make_callback(reconstructor=fake, publishers=[hooks])
     first_docs = _small_run()
     if step == "assembly":  # a detector that changed its frame size mid-scan
@@ -564,9 +618,14 @@ def test_a_failing_step_fails_its_scan_and_the_next_proceeds(make_callback, monk
     assert cb.wait(timeout=10)
     record = cb.records[first]
     assert record.status == "failed", record
-    expected = {"assembly": "frames of different shapes", "recommendation": "division by zero",
-                "configure": "configure broke", "reconstruction": "simulated analysis failure",
-                "metadata": "division by zero", "publisher": "result broke"}[step]
+    expected = {
+        "assembly": "frames of different shapes",
+        "recommendation": "division by zero",
+        "configure": "configure broke",
+        "reconstruction": "simulated analysis failure",
+        "metadata": "division by zero",
+        "publisher": "result broke",
+    }[step]
     assert expected in record.message
     if step != "publisher":
         assert f"{step} failed" in record.message
@@ -604,14 +663,25 @@ def test_hooks_are_called_in_order_and_settings_chain(make_callback):
     hooks, plain = _Hooks(), []
     fake = _Fake()
     skip_dark = SkipDark()
-    cb = make_callback(reconstructor=fake, publishers=[hooks, Shorter(), skip_dark],
-                       on_result=lambda result, start: plain.append(start["uid"]))
+    cb = make_callback(
+        reconstructor=fake,
+        publishers=[hooks, Shorter(), skip_dark],
+        on_result=lambda result, start: plain.append(start["uid"]),
+    )
     uid = _feed(cb, _small_run())
     assert cb.wait(timeout=10)
     dark = _feed(cb, _small_run(metadata={"sample": "dark"}))
     assert cb.wait(timeout=10)
-    assert [c[0] for c in hooks.calls] == ["collecting", "configure", "progress", "progress",
-                                           "progress", "result", "collecting", "configure"]
+    assert [c[0] for c in hooks.calls] == [
+        "collecting",
+        "configure",
+        "progress",
+        "progress",
+        "progress",
+        "result",
+        "collecting",
+        "configure",
+    ]
     assert [s.es_time_budget_s for s in skip_dark.seen] == [1.0, 1.0]
     assert fake.settings_seen == [ReconstructionSettings(es_time_budget_s=1.0)]
     assert plain == [uid]
@@ -643,8 +713,9 @@ def test_no_bragg_peak_skips_the_scan(make_callback):
     from bcdi_bluesky.errors import NoBraggPeakError
 
     hooks = _Hooks()
-    cb = make_callback(reconstructor=_Fake(fail=NoBraggPeakError("no Bragg peak: flat")),
-                       publishers=[hooks])
+    cb = make_callback(
+        reconstructor=_Fake(fail=NoBraggPeakError("no Bragg peak: flat")), publishers=[hooks]
+    )
     first, second = _feed(cb, _small_run()), _feed(cb, _small_run())
     assert cb.wait(timeout=10)
     assert cb.records[first].status == "skipped"
@@ -654,8 +725,13 @@ def test_no_bragg_peak_skips_the_scan(make_callback):
 
 
 def test_bad_geometry_metadata_gives_no_voxel_size(make_callback):
-    geometry = {"beamline": "generic", "energy_kev": 0, "detector_distance_m": 1.5,
-                "pixel_size_m": 55e-6, "detector_angles_deg": {"delta": 30.0}}
+    geometry = {
+        "beamline": "generic",
+        "energy_kev": 0,
+        "detector_distance_m": 1.5,
+        "pixel_size_m": 55e-6,
+        "detector_angles_deg": {"delta": 30.0},
+    }
     cb = make_callback(reconstructor=_Fake())
     uid = _feed(cb, _small_run(metadata={"bcdi": {"geometry": geometry}}))
     assert cb.wait(timeout=10)
@@ -823,21 +899,37 @@ def test_root_map_applies_to_stream_resources(make_callback, tmp_path):
     with h5py.File(tmp_path / "frames.h5", "w") as f:
         f["data"] = stack
     bundle = compose_run()
-    desc = bundle.compose_descriptor(name="primary", data_keys={
-        "theta": {"source": "sim", "dtype": "number", "shape": []},
-        "det_image": {"source": "sim", "dtype": "array", "shape": [3, 4],
-                      "external": "STREAM:"}})
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={
+            "theta": {"source": "sim", "dtype": "number", "shape": []},
+            "det_image": {
+                "source": "sim",
+                "dtype": "array",
+                "shape": [3, 4],
+                "external": "STREAM:",
+            },
+        },
+    )
     sres = bundle.compose_stream_resource(
-        mimetype="application/x-hdf5", uri="file://localhost/beamline/data/frames.h5",
-        data_key="det_image", parameters={"dataset": "/data"})
+        mimetype="application/x-hdf5",
+        uri="file://localhost/beamline/data/frames.h5",
+        data_key="det_image",
+        parameters={"dataset": "/data"},
+    )
     capture = _Capture()
     cb = make_callback(reconstructor=capture, root_map={"/beamline/data": str(tmp_path)})
     cb("start", bundle.start_doc)
     cb("descriptor", desc.descriptor_doc)
     cb("stream_resource", sres.stream_resource_doc)
-    cb("stream_datum", sres.compose_stream_datum(indices={"start": 0, "stop": 2},
-                                                 seq_nums={"start": 1, "stop": 3},
-                                                 descriptor=desc.descriptor_doc))
+    cb(
+        "stream_datum",
+        sres.compose_stream_datum(
+            indices={"start": 0, "stop": 2},
+            seq_nums={"start": 1, "stop": 3},
+            descriptor=desc.descriptor_doc,
+        ),
+    )
     for theta in (0.0, 0.1):
         cb("event", desc.compose_event(data={"theta": theta}, timestamps={"theta": 0.0}))
     cb("stop", bundle.compose_stop())
@@ -876,14 +968,14 @@ def test_the_user_guide_publisher_example(make_callback, reconstructor, tmp_path
     namespace = {}
     exec(compile(code, "user_guide.md", "exec"), namespace)
     log_path = tmp_path / "scans.jsonl"
-    cb = make_callback(reconstructor=reconstructor, refine="none",
-                       publishers=[namespace["ScanLog"](log_path)])
+    cb = make_callback(
+        reconstructor=reconstructor, refine="none", publishers=[namespace["ScanLog"](log_path)]
+    )
     pattern = HiddenCrystal(seed=3).pattern
     frames = {0.005 * i: 1e6 * pattern[i] / pattern.max() for i in range(pattern.shape[0])}
     glitch = dict(frames)
     glitch[0.0] = np.full_like(frames[0.0], np.nan)  # a detector glitch: the pipeline refuses
-    for i, (run, metadata) in enumerate([(frames, {}), (frames, {"sample": "dark"}),
-                                         (glitch, {})]):
+    for i, (run, metadata) in enumerate([(frames, {}), (frames, {"sample": "dark"}), (glitch, {})]):
         _feed(cb, documents(run, metadata={**metadata, "scan_id": i + 1}))
         assert cb.wait(timeout=60)
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
@@ -929,8 +1021,12 @@ def test_a_full_disk_fails_the_scans_not_the_service(tmp_path):
     """)
     scan54 = Path(__file__).resolve().parents[1] / "examples" / "data" / "S0054_intensity_64.npy"
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-c", script, str(scan54), str(out)],
-                          capture_output=True, text=True, timeout=110)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(scan54), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 2, proc.stdout

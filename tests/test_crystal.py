@@ -84,10 +84,12 @@ def test_symmetry_matrices_move_the_crystal_with_the_grid(model64):
             a = model64.symmetry_matrix(perm, flips)
             np.testing.assert_allclose(a @ a.T, np.eye(model64.size), atol=1e-9)
             moved = model64.voxelise(model64.denormalise(a @ model64.normalise(p)))
-            np.testing.assert_allclose(moved, cube_symmetry(obj, perm, flips), atol=1e-4,
-                                       err_msg=f"{perm} {flips}")
-    assert not np.allclose(model64.symmetry_matrix((1, 2, 0), ()),
-                           model64.symmetry_matrix((2, 0, 1), ()))
+            np.testing.assert_allclose(
+                moved, cube_symmetry(obj, perm, flips), atol=1e-4, err_msg=f"{perm} {flips}"
+            )
+    assert not np.allclose(
+        model64.symmetry_matrix((1, 2, 0), ()), model64.symmetry_matrix((2, 0, 1), ())
+    )
     with pytest.raises(ValueError, match="permutation"):
         model64.symmetry_matrix((0, 0, 1), ())
 

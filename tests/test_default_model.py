@@ -63,6 +63,7 @@ def _card_cases():
             else:
                 node[last] = value
             return card
+
         return change
 
     smaller = CrystalModel(n=64, lmax=3, n_rbf=3, phase_order=3)
@@ -82,12 +83,18 @@ def _card_cases():
         ("latent-not-object", set_in("latent", [1, 2]), "'latent' must be dict"),
         ("latent-mean-text", set_in("latent.mean", "zero"), "'latent.mean' must be list"),
         ("latent-scale-null", set_in("latent.scale", None), "'latent.scale' must be int or float"),
-        ("latent-precision-shape", set_in("latent.precision", [[1.0, 0.0], [0.0, 1.0]]),
-         "'latent.precision' has shape (2, 2)"),
+        (
+            "latent-precision-shape",
+            set_in("latent.precision", [[1.0, 0.0], [0.0, 1.0]]),
+            "'latent.precision' has shape (2, 2)",
+        ),
         ("latent-ragged", set_in("latent.points", [[0.0, 1.0], [2.0]]), "model card"),
         ("graph-input", set_in("input.shape", ["batch", 1, 32, 32, 32]), "takes input shape"),
-        ("layout-vs-output", lambda card: {**card, "parameters": smaller.to_dict()},
-         "outputs shape ['batch', 125]"),
+        (
+            "layout-vs-output",
+            lambda card: {**card, "parameters": smaller.to_dict()},
+            "outputs shape ['batch', 125]",
+        ),
     ]
 
 

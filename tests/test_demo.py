@@ -9,9 +9,22 @@ import pytest
 
 @pytest.mark.timeout(240)
 def test_demo_json_records_and_files(tmp_path, epics_env):
-    run = subprocess.run([sys.executable, "-m", "bcdi_bluesky.cli", "demo", "--scans", "2",
-                          "--json", "--output", str(tmp_path / "demo")],
-                         capture_output=True, text=True, timeout=200)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "demo",
+            "--scans",
+            "2",
+            "--json",
+            "--output",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, run.stdout  # nothing but the JSON object on stdout
@@ -19,8 +32,16 @@ def test_demo_json_records_and_files(tmp_path, epics_env):
     assert summary["output"] == str(tmp_path / "demo")
     first, second = summary["scans"]
     for record in (first, second):
-        assert set(record) >= {"scan_id", "chi", "iou", "theta_center", "timings_s", "quality",
-                               "status", "message"}
+        assert set(record) >= {
+            "scan_id",
+            "chi",
+            "iou",
+            "theta_center",
+            "timings_s",
+            "quality",
+            "status",
+            "message",
+        }
     # Starts misaligned (the peak outside the range: a few counts a frame): not reconstructed,
     # and the table says why; then the loop moves onto the peak.
     assert first["chi"] is None and first["quality"] is None
@@ -35,8 +56,13 @@ def test_demo_json_records_and_files(tmp_path, epics_env):
     out = tmp_path / "demo"
     files = [p.name for p in out.glob("scan_*.cxi")]
     assert len(files) == 1 and files[0].startswith("scan_2_")  # nothing for scan 1
-    for name in ("scan_2.png", "truth_vs_reconstruction.png", "es_cost.png",
-                 "closed_loop.png", "latent_map.png"):
+    for name in (
+        "scan_2.png",
+        "truth_vs_reconstruction.png",
+        "es_cost.png",
+        "closed_loop.png",
+        "latent_map.png",
+    ):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     assert "scan 2:" in run.stderr and "ES iteration" in run.stderr

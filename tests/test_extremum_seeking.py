@@ -93,10 +93,17 @@ def test_budgets_and_hook_stop_the_run():
     assert r.stopped_by == "time" and r.iterations < 10**7
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"p0": []}, "at least one"), ({"p0": [np.nan]}, "NaN"), ({"gain": 0.0}, "gain"),
-    ({"decay": 1.5}, "decay"), ({"omega_range": (2.0, 1.0)}, "omega"), ({"dither": -1}, "dither"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"p0": []}, "at least one"),
+        ({"p0": [np.nan]}, "NaN"),
+        ({"gain": 0.0}, "gain"),
+        ({"decay": 1.5}, "decay"),
+        ({"omega_range": (2.0, 1.0)}, "omega"),
+        ({"dither": -1}, "dither"),
+    ],
+)
 def test_bad_settings_are_clear_errors(kwargs, match):
     args = {"p0": [0.0, 0.0], **kwargs}
     with pytest.raises(ValueError, match=match):

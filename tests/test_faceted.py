@@ -28,8 +28,12 @@ def windings(obj: np.ndarray, threshold: float = 0.5) -> int:
     for a, b in ((0, 1), (0, 2), (1, 2)):
         p = np.moveaxis(phase, (a, b), (0, 1))
         m = np.moveaxis(inside, (a, b), (0, 1))
-        loop = (wrap(p[1:, :-1] - p[:-1, :-1]) + wrap(p[1:, 1:] - p[1:, :-1])
-                + wrap(p[:-1, 1:] - p[1:, 1:]) + wrap(p[:-1, :-1] - p[:-1, 1:]))
+        loop = (
+            wrap(p[1:, :-1] - p[:-1, :-1])
+            + wrap(p[1:, 1:] - p[1:, :-1])
+            + wrap(p[:-1, 1:] - p[1:, 1:])
+            + wrap(p[:-1, :-1] - p[:-1, 1:])
+        )
         inner = m[1:, :-1] & m[:-1, :-1] & m[1:, 1:] & m[:-1, 1:]
         count += int(np.count_nonzero(np.abs(loop[inner]) > np.pi))
     return count
@@ -79,11 +83,22 @@ def test_amplitude_and_one_voxel_edge():
     assert partial < 0.45 * np.count_nonzero(amp >= 0.95)
 
 
-@pytest.mark.parametrize("kind, wound", [("screw dislocation", True), ("edge dislocation", True),
-                                         ("none", False), ("polynomial", False)])
+@pytest.mark.parametrize(
+    "kind, wound",
+    [
+        ("screw dislocation", True),
+        ("edge dislocation", True),
+        ("none", False),
+        ("polynomial", False),
+    ],
+)
 def test_dislocations_wind_the_phase_by_two_pi(kind, wound):
-    hits = [windings(out_of_family_object(np.random.default_rng(s), 64, "cuboctahedron", kind,
-                                          "uniform")) for s in range(3)]
+    hits = [
+        windings(
+            out_of_family_object(np.random.default_rng(s), 64, "cuboctahedron", kind, "uniform")
+        )
+        for s in range(3)
+    ]
     if wound:
         assert min(hits) >= 3  # the line pierces several plaquettes inside the crystal
     else:

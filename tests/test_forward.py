@@ -40,7 +40,8 @@ def test_masks_hide_beamstop_and_gap(model64, prior64, rng):
     stop = beamstop_mask(shape, 2.5)
     assert not stop[32, 32, 32] and stop[0, 0, 0]
     assert np.count_nonzero(~stop) == np.count_nonzero(
-        sum((g - 32) ** 2 for g in np.indices(shape)) <= 6.25)
+        sum((g - 32) ** 2 for g in np.indices(shape)) <= 6.25
+    )
     gap = detector_gap_mask(shape, axis=2, start=40, width=3)
     assert not gap[:, :, 40:43].any() and gap[:, :, 39].all()
     with pytest.raises(ValueError, match="axis"):

@@ -41,17 +41,31 @@ def _xrayutilities_basis(g: Geometry, shape: tuple[int, int, int]) -> np.ndarray
     lab frame, then ``Tdir = 2 pi inv(Trecip)^T``), divided by the shape."""
     xu = pytest.importorskip("xrayutilities")
     sample_axes, detector_axes, incident, pixels = _cohere_34idc_axes()
-    qc = xu.experiment.QConversion(sample_axes, detector_axes, incident,
-                                   en=g.energy_kev * 1000.0)
+    qc = xu.experiment.QConversion(sample_axes, detector_axes, incident, en=g.energy_kev * 1000.0)
     # cohere's frames are the transpose of ours: its first pixel axis is our column.
-    qc.init_area(pixels[0], pixels[1], cch1=0.5, cch2=0.5, Nch1=2, Nch2=2,
-                 distance=g.detector_distance_m, pwidth1=g.pixel_size_m[1],
-                 pwidth2=g.pixel_size_m[0])
+    qc.init_area(
+        pixels[0],
+        pixels[1],
+        cch1=0.5,
+        cch2=0.5,
+        Nch1=2,
+        Nch2=2,
+        distance=g.detector_distance_m,
+        pwidth1=g.pixel_size_m[1],
+        pwidth2=g.pixel_size_m[0],
+    )
     a = g.sample_angles_deg
     th = a["theta"]
-    q2 = np.array(qc.area(np.array([th, th + g.rocking_step_deg]), a["chi"], a["phi"],
-                          g.detector_angles_deg["delta"], g.detector_angles_deg["gamma"],
-                          deg=True))
+    q2 = np.array(
+        qc.area(
+            np.array([th, th + g.rocking_step_deg]),
+            a["chi"],
+            a["phi"],
+            g.detector_angles_deg["delta"],
+            g.detector_angles_deg["gamma"],
+            deg=True,
+        )
+    )
     column = q2[:, 0, 1, 0] - q2[:, 0, 0, 0]
     row = q2[:, 0, 0, 1] - q2[:, 0, 0, 0]
     rock = q2[:, 1, 0, 0] - q2[:, 0, 0, 0]
@@ -65,8 +79,7 @@ def test_scan54_voxel_basis_matches_xrayutilities(scan54, shape):
     ours = scan54.voxel_basis_nm(shape)
     ref = _xrayutilities_basis(scan54, shape)
     assert np.linalg.det(ours) == pytest.approx(np.linalg.det(ref), rel=0.02)
-    np.testing.assert_allclose(np.linalg.norm(ours, axis=0), np.linalg.norm(ref, axis=0),
-                               rtol=0.02)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=0), np.linalg.norm(ref, axis=0), rtol=0.02)
     # Not only the sizes: the same lab vectors (to 1% of the longest).
     assert np.abs(ours - ref).max() < 0.01 * np.linalg.norm(ref, axis=0).max()
 
@@ -86,8 +99,9 @@ def test_scan54_figures(scan54):
     assert scan54.d_spacing_nm() == pytest.approx(d111, rel=0.015)
     # The basis is the dual of the reciprocal steps.
     steps = scan54.q_steps_inv_nm() * 64
-    np.testing.assert_allclose(scan54.voxel_basis_nm((64, 64, 64)).T @ steps,
-                               2 * math.pi * np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(
+        scan54.voxel_basis_nm((64, 64, 64)).T @ steps, 2 * math.pi * np.eye(3), atol=1e-9
+    )
 
 
 def test_axis_order_permutes_the_basis(scan54):
@@ -103,10 +117,16 @@ def test_every_preset_gives_a_bragg_geometry(name):
     preset = PRESETS[name]
     sample = {n: 0.0 for n, _ in preset.sample_circles}
     detector = dict(zip([n for n, _ in preset.detector_circles], (30.0, 10.0), strict=False))
-    g = Geometry(beamline=name, energy_kev=9.0, detector_distance_m=1.0,
-                 pixel_size_m=(55e-6, 55e-6), sample_angles_deg=sample,
-                 detector_angles_deg=detector, rocking_axis=preset.sample_circles[0][0],
-                 rocking_step_deg=0.01)
+    g = Geometry(
+        beamline=name,
+        energy_kev=9.0,
+        detector_distance_m=1.0,
+        pixel_size_m=(55e-6, 55e-6),
+        sample_angles_deg=sample,
+        detector_angles_deg=detector,
+        rocking_axis=preset.sample_circles[0][0],
+        rocking_step_deg=0.01,
+    )
     q = np.linalg.norm(g.q_bragg_inv_nm)
     two_theta = math.acos(math.cos(math.radians(30)) * math.cos(math.radians(10)))
     assert q == pytest.approx(2 * g.k_inv_nm * math.sin(two_theta / 2), rel=1e-9)
@@ -141,10 +161,13 @@ def test_geometry_from_the_start_document(scan54):
     start = {"bcdi": {"geometry": scan54.to_dict()}}
     assert geometry_from_start(start) == scan54
     # hklpy2's record of the diffractometer: its energy and lattice take precedence.
-    start["diffractometers"] = {"fourc": {
-        "_header": {"energy": 10.0, "energy_units": "keV", "wavelength": 1.2398},
-        "sample_name": "gold",
-        "samples": {"gold": {"lattice": {"a": 4.0782, "b": 4.0782, "c": 4.0782}}}}}
+    start["diffractometers"] = {
+        "fourc": {
+            "_header": {"energy": 10.0, "energy_units": "keV", "wavelength": 1.2398},
+            "sample_name": "gold",
+            "samples": {"gold": {"lattice": {"a": 4.0782, "b": 4.0782, "c": 4.0782}}},
+        }
+    }
     g = geometry_from_start(start)
     assert g.energy_kev == 10.0 and g.lattice_constant_nm == pytest.approx(0.40782)
     with pytest.raises(ValueError, match="not one of"):
@@ -156,5 +179,6 @@ def test_binning_coarsens_the_sampling(scan54):
     real-space voxel on a grid of half the size."""
     binned = scan54.with_binning(rocking=2, detector=2)
     assert binned.rocking_step_deg == pytest.approx(2 * scan54.rocking_step_deg)
-    np.testing.assert_allclose(binned.voxel_basis_nm((32, 32, 32)),
-                               scan54.voxel_basis_nm((64, 64, 64)), rtol=1e-3)
+    np.testing.assert_allclose(
+        binned.voxel_basis_nm((32, 32, 32)), scan54.voxel_basis_nm((64, 64, 64)), rtol=1e-3
+    )

@@ -38,8 +38,7 @@ def test_every_input_format_reads_the_same_volume(tmp_path, volume):
         f["entry_1/instrument_1/detector_1/mask"] = (~mask[0]).astype(np.uint32)  # CXI: 0 = good
     with h5py.File(tmp_path / "e.h5", "w") as f:
         f["scan/frames"] = volume.astype(">f4")  # big-endian, as some writers store it
-    for name, expect_mask in (("a.npy", None), ("b.npz", mask), ("c.tif", None),
-                              ("d.cxi", mask)):
+    for name, expect_mask in (("a.npy", None), ("b.npz", mask), ("c.tif", None), ("d.cxi", mask)):
         data, m = read_intensity(tmp_path / name)
         np.testing.assert_array_equal(data, volume)
         if expect_mask is None:
@@ -73,15 +72,32 @@ def test_bad_files_are_clear_errors(tmp_path, volume):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "bcdi_bluesky.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=240, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "bcdi_bluesky.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=cwd,
+    )
 
 
 def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     np.save(tmp_path / "scan.npy", scan54_64)
     # The budget is a cap (about 1 s is used on an idle 2-core machine): room for a loaded one.
-    run = _cli("reconstruct", "scan.npy", "--refine", "es", "--json", "--output", "r.cxi",
-               "--plot", "r.png", "--es-time-budget-s", "30", cwd=tmp_path)
+    run = _cli(
+        "reconstruct",
+        "scan.npy",
+        "--refine",
+        "es",
+        "--json",
+        "--output",
+        "r.cxi",
+        "--plot",
+        "r.png",
+        "--es-time-budget-s",
+        "30",
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, run.stdout  # exactly one JSON object on stdout
@@ -93,7 +109,8 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     # Flagged by the latent distance or by the CNN's fit, and then the verdict says which.
     assert report["out_of_distribution"] is (
         report["latent_distance"] > 1
-        or any("CNN fit unusual" in r for r in report["quality_reasons"]))
+        or any("CNN fit unusual" in r for r in report["quality_reasons"])
+    )
     assert report["quality"] in ("good", "fair", "poor")
     with h5py.File(tmp_path / "r.cxi") as f:
         obj = f["entry_1/image_1/data"][()]
@@ -108,14 +125,17 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
         assert json.loads(str(z["summary"]))["refine"] == "none"
 
 
-@pytest.mark.parametrize("content, match", [
-    (np.ones((4, 4)), "3D"),
-    (np.full((8, 8, 8), np.nan), "NaN"),
-    (-np.ones((8, 8, 8)), "negative"),
-    (np.zeros((8, 8, 8)), "empty"),
-    (np.full((8, 8, 8), 1e300), "beyond float32's range"),
-    (None, "no such file"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (np.ones((4, 4)), "3D"),
+        (np.full((8, 8, 8), np.nan), "NaN"),
+        (-np.ones((8, 8, 8)), "negative"),
+        (np.zeros((8, 8, 8)), "empty"),
+        (np.full((8, 8, 8), 1e300), "beyond float32's range"),
+        (None, "no such file"),
+    ],
+)
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, content, match):
     if content is not None:
         np.save(tmp_path / "in.npy", content)
@@ -128,8 +148,7 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, content, match):
 
 def test_bad_output_suffix_and_missing_model(tmp_path, scan54_64):
     np.save(tmp_path / "scan.npy", scan54_64)
-    run = _cli("reconstruct", "scan.npy", "--refine", "none", "--output", "r.txt",
-               cwd=tmp_path)
+    run = _cli("reconstruct", "scan.npy", "--refine", "none", "--output", "r.txt", cwd=tmp_path)
     assert run.returncode != 0 and "unsupported output" in run.stderr
     run = _cli("reconstruct", "scan.npy", "--model", "nothing.onnx", cwd=tmp_path)
     assert run.returncode != 0 and "nothing.onnx" in run.stderr
@@ -151,9 +170,9 @@ def test_output_or_plot_onto_the_input_is_refused_and_the_data_survive(tmp_path,
     tifffile.imwrite(tmp_path / "stack.tif", volume)
     measured = {name: (tmp_path / name).read_bytes() for name in ("scan.cxi", "stack.tif")}
     for args, words in (
-            (("scan.cxi", "-o", "scan.cxi"), ("--output scan.cxi is the input file",)),
-            (("scan.cxi", "-o", "./sub/../scan.cxi"), ("is the input file",)),
-            (("stack.tif", "--plot", "stack.tif"), ("--plot stack.tif is the input file",)),
+        (("scan.cxi", "-o", "scan.cxi"), ("--output scan.cxi is the input file",)),
+        (("scan.cxi", "-o", "./sub/../scan.cxi"), ("is the input file",)),
+        (("stack.tif", "--plot", "stack.tif"), ("--plot stack.tif is the input file",)),
     ):
         (tmp_path / "sub").mkdir(exist_ok=True)
         _one_line_error(_cli("reconstruct", *args, "--refine", "none", cwd=tmp_path), *words)
@@ -162,25 +181,30 @@ def test_output_or_plot_onto_the_input_is_refused_and_the_data_survive(tmp_path,
 
 def test_plot_and_output_errors_are_one_line_and_leave_no_partial_file(tmp_path, peaked):
     np.save(tmp_path / "in.npy", peaked)
-    run = _cli("reconstruct", "in.npy", "--refine", "none", "-o", "r.npz", "--plot", "r.docx",
-               cwd=tmp_path)
+    run = _cli(
+        "reconstruct", "in.npy", "--refine", "none", "-o", "r.npz", "--plot", "r.docx", cwd=tmp_path
+    )
     _one_line_error(run, "--plot r.docx: unsupported figure type", ".png")
     assert not (tmp_path / "r.npz").exists()  # refused before any work
     (tmp_path / "taken").write_text("a file, not a folder")
     for option in ("--plot", "-o"):
         name = "taken/fig.png" if option == "--plot" else "taken/r.npz"
-        run = _cli("reconstruct", "in.npy", "--refine", "none", "--json", option, name,
-                   cwd=tmp_path)
+        run = _cli(
+            "reconstruct", "in.npy", "--refine", "none", "--json", option, name, cwd=tmp_path
+        )
         _one_line_error(run, "taken", "cannot write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "taken"]
 
 
-@pytest.mark.parametrize("option, value, words", [
-    ("--es-time-budget-s", "-1", "es_time_budget_s = -1.0 is outside its limits 0 .. 30 s"),
-    ("--es-time-budget-s", "nan", "es_time_budget_s must be finite"),
-    ("--polish-time-budget-s", "600", "outside its limits"),
-    ("--es-coarse-iterations", "100000", "es_coarse_iterations = 100000 is outside"),
-])
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--es-time-budget-s", "-1", "es_time_budget_s = -1.0 is outside its limits 0 .. 30 s"),
+        ("--es-time-budget-s", "nan", "es_time_budget_s must be finite"),
+        ("--polish-time-budget-s", "600", "outside its limits"),
+        ("--es-coarse-iterations", "100000", "es_coarse_iterations = 100000 is outside"),
+    ],
+)
 def test_settings_options_are_validated_by_the_settings(tmp_path, volume, option, value, words):
     np.save(tmp_path / "in.npy", volume)
     run = _cli("reconstruct", "in.npy", option, value, "-o", "r.npz", cwd=tmp_path)
@@ -208,17 +232,20 @@ def test_a_volume_too_large_for_the_memory_left_is_refused(tmp_path):
     np.save(tmp_path / "big.npy", np.ones((128, 128, 128), dtype=np.float32))
     # The address space this process may still use, capped at 64 MiB more than it holds after
     # its imports: less than the ~130 MiB a 128^3 reconstruction needs.
-    code = ("import resource, sys\n"
-            "import h5py, tifffile\n"
-            "from bcdi_bluesky import cli\n"
-            "import bcdi_bluesky.io\n"
-            "pages = int(open('/proc/self/statm').read().split()[0])\n"
-            "cap = pages * resource.getpagesize() + 64 * 2**20\n"
-            "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (cap, hard))\n"
-            "sys.exit(cli.main(['reconstruct', 'big.npy', '-o', 'r.npz']))\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
+    code = (
+        "import resource, sys\n"
+        "import h5py, tifffile\n"
+        "from bcdi_bluesky import cli\n"
+        "import bcdi_bluesky.io\n"
+        "pages = int(open('/proc/self/statm').read().split()[0])\n"
+        "cap = pages * resource.getpagesize() + 64 * 2**20\n"
+        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (cap, hard))\n"
+        "sys.exit(cli.main(['reconstruct', 'big.npy', '-o', 'r.npz']))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     _one_line_error(run, "big.npy: a 128x128x128 volume needs about 0.1 GiB", "--no-memory-check")
     assert not (tmp_path / "r.npz").exists()
 

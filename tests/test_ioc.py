@@ -36,15 +36,25 @@ def published(ioc):
     from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 
     rec = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30)
-    geometry = {"bcdi": {"geometry": {
-        "beamline": "generic", "energy_kev": 9.0, "detector_distance_m": 1.5,
-        "pixel_size_m": [55e-6, 55e-6], "sample_angles_deg": {"theta": 16.1},
-        "detector_angles_deg": {"delta": 30.0, "gamma": 10.0}, "rocking_step_deg": 0.005}}}
+    geometry = {
+        "bcdi": {
+            "geometry": {
+                "beamline": "generic",
+                "energy_kev": 9.0,
+                "detector_distance_m": 1.5,
+                "pixel_size_m": [55e-6, 55e-6],
+                "sample_angles_deg": {"theta": 16.1},
+                "detector_angles_deg": {"delta": 30.0, "gamma": 10.0},
+                "rocking_step_deg": 0.005,
+            }
+        }
+    }
     sample = make_sample(rec.model, CrystalPrior(rec.model), 31, TEST_STREAM, 0, 1e8)
     frames = {0.005 * i: sample.counts[i] for i in range(64)}
     results = []
-    cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
-                                    publishers=[ioc, lambda r, s: results.append((r, s))])
+    cb = BCDIReconstructionCallback(
+        reconstructor=rec, refine="es", publishers=[ioc, lambda r, s: results.append((r, s))]
+    )
     for name, doc in documents(frames, metadata=geometry):
         cb(name, doc)
     assert cb.wait(timeout=120)
@@ -79,12 +89,15 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
             amp = np.asarray(values[f"{p}Amp:{plane}"], dtype=np.float32).reshape(h, w)
             np.testing.assert_allclose(amp.ravel(), images[f"Amp:{plane}"], rtol=1e-6)
             phase = np.asarray(values[f"{p}Phase:{plane}"], dtype=np.float32).reshape(h, w)
-            np.testing.assert_allclose(phase.ravel(), images[f"Phase:{plane}"], rtol=1e-6,
-                                       atol=1e-6)
-        np.testing.assert_allclose(np.asarray(values[p + "Params"], dtype=float),
-                                   result.params, rtol=1e-12)
+            np.testing.assert_allclose(
+                phase.ravel(), images[f"Phase:{plane}"], rtol=1e-6, atol=1e-6
+            )
+        np.testing.assert_allclose(
+            np.asarray(values[p + "Params"], dtype=float), result.params, rtol=1e-12
+        )
         assert float(np.ravel(values[p + "Latency:Total"])[0]) == pytest.approx(
-            result.timings["total"])
+            result.timings["total"]
+        )
         assert int(np.ravel(values[p + "Volume"])[0]) == int(result.support.sum())
     assert epics.caget(p + "Status", as_string=True) == "Done"
     assert epics.caget(p + "ScanUID") == start["uid"][:39]
@@ -101,7 +114,7 @@ def test_every_pv_with_pyepics_and_caproto(ioc, published, caproto_ctx):
     assert epics.caget(p + "Strain:RMS") == pytest.approx(figures["strain_rms"], rel=1e-5)
     assert epics.caget(p + "Extent:A") == pytest.approx(figures["crystal_extents_nm"][0])
     history = np.asarray(ours[p + "ES:CostHistory"])
-    np.testing.assert_allclose(history, result.es_costs[-history.size:])
+    np.testing.assert_allclose(history, result.es_costs[-history.size :])
 
 
 def _one_line_records(caplog, words):
@@ -113,7 +126,8 @@ def _one_line_records(caplog, words):
 
 
 def test_the_ioc_hands_the_next_scan_new_settings_and_never_changes_the_engine(
-        ioc, published, caproto_ctx, caplog):
+    ioc, published, caproto_ctx, caplog
+):
     import getpass
     import logging
 
@@ -133,8 +147,9 @@ def test_the_ioc_hands_the_next_scan_new_settings_and_never_changes_the_engine(
     assert epics.caput(p + "ES:MaxIter", 0, wait=True, timeout=5) == 1
     assert epics.caput(p + "Support:Threshold", 0.3, wait=True, timeout=5) == 1
     got = ioc.configure(own, {"scan_id": 2})
-    assert got == own.replace(es_coarse_iterations=0, es_fine_iterations=0,
-                              support_threshold=0.3)  # and the budget stays 20 s
+    assert got == own.replace(
+        es_coarse_iterations=0, es_fine_iterations=0, support_threshold=0.3
+    )  # and the budget stays 20 s
     assert own.es_coarse_iterations == 300  # a new value: what was handed in is unchanged
     (record,) = _one_line_records(caplog, f"{p}Support:Threshold = 0.3")
     assert f"put by {getpass.getuser()}@" in record.getMessage()
@@ -149,8 +164,9 @@ def test_the_ioc_hands_the_next_scan_new_settings_and_never_changes_the_engine(
     # in its result, and the engine keeps its own settings.
     result, _, rec, frames = published
     again = []
-    cb = BCDIReconstructionCallback(reconstructor=rec, refine="es",
-                                    publishers=[ioc, lambda r, s: again.append(r)])
+    cb = BCDIReconstructionCallback(
+        reconstructor=rec, refine="es", publishers=[ioc, lambda r, s: again.append(r)]
+    )
     for name, doc in documents(frames):
         cb(name, doc)
     assert cb.wait(timeout=120)
@@ -180,8 +196,13 @@ def test_bad_puts_are_refused_with_an_alarm_and_one_log_line(ioc, caproto_ctx, c
     (budget,) = caproto_ctx.get_pvs(p + "ES:TimeBudget", timeout=5)
     before = budget.read(timeout=5).data[0]
     # NaN, below and above the limits (30 s: the settings' hard limit), text.
-    for data, kind in (([float("nan")], None), ([-1.0], None), ([31.0], None), ([1e300], None),
-                       ([b"forever"], ChannelType.STRING)):
+    for data, kind in (
+        ([float("nan")], None),
+        ([-1.0], None),
+        ([31.0], None),
+        ([1e300], None),
+        ([b"forever"], ChannelType.STRING),
+    ):
         answer = budget.write(data, data_type=kind, wait=True, timeout=5)
         assert answer.status == CAStatus.ECA_PUTFAIL.value, data
         reading = budget.read(data_type="time", timeout=5)
@@ -191,14 +212,23 @@ def test_bad_puts_are_refused_with_an_alarm_and_one_log_line(ioc, caproto_ctx, c
     assert len(_one_line_records(caplog, f"{p}ES:TimeBudget: put of")) == 5
     # Integers: fractions and NaN refused, not truncated, whatever the wire type.
     (iters,) = caproto_ctx.get_pvs(p + "Polish:Iterations", timeout=5)
-    for data, kind in (([2.5], ChannelType.DOUBLE), ([float("nan")], ChannelType.DOUBLE),
-                       ([b"2.5"], ChannelType.STRING), ([b"many"], ChannelType.STRING),
-                       ([-5], None), ([6000], None)):
-        assert iters.write(data, data_type=kind, wait=True, timeout=5).status == \
-            CAStatus.ECA_PUTFAIL.value, data
+    for data, kind in (
+        ([2.5], ChannelType.DOUBLE),
+        ([float("nan")], ChannelType.DOUBLE),
+        ([b"2.5"], ChannelType.STRING),
+        ([b"many"], ChannelType.STRING),
+        ([-5], None),
+        ([6000], None),
+    ):
+        assert (
+            iters.write(data, data_type=kind, wait=True, timeout=5).status
+            == CAStatus.ECA_PUTFAIL.value
+        ), data
     assert iters.read(timeout=5).data[0] == 150
-    assert iters.write([3.0], data_type=ChannelType.DOUBLE, wait=True, timeout=5).status == \
-        CAStatus.ECA_NORMAL.value
+    assert (
+        iters.write([3.0], data_type=ChannelType.DOUBLE, wait=True, timeout=5).status
+        == CAStatus.ECA_NORMAL.value
+    )
     assert iters.read(data_type="time", timeout=5).metadata.severity == AlarmSeverity.NO_ALARM
     assert epics.caput(p + "Polish:Iterations", 150, wait=True, timeout=5) == 1
     # pyepics (libca) meets the same refusals.
@@ -263,15 +293,16 @@ def test_only_the_write_hosts_may_put_and_read_only_refuses_everyone(ioc, caplog
         (accepted,) = _one_line_records(caplog, f"{p}ES:TimeBudget = 2.0")
         assert accepted.getMessage().endswith("@CTRL-ROOM")
         (refused,) = _one_line_records(caplog, f"{p}ES:TimeBudget: put of 7.0")
-        assert "@visitor-laptop refused: settings writable from console2, ctrl-room only" in \
-            refused.getMessage()
+        assert (
+            "@visitor-laptop refused: settings writable from console2, ctrl-room only"
+            in refused.getMessage()
+        )
 
         ioc.group.access = WriteAccess(read_only=True)
         anyone = Context(host_name="ctrl-room")
         try:
             (budget,) = anyone.get_pvs(p + "ES:TimeBudget", timeout=5)
-            assert budget.write([3.0], wait=True, timeout=5).status == \
-                CAStatus.ECA_NOWTACCESS.value
+            assert budget.write([3.0], wait=True, timeout=5).status == CAStatus.ECA_NOWTACCESS.value
             assert budget.read(timeout=5).data[0] == 2.0
         finally:
             anyone.disconnect()
@@ -343,8 +374,7 @@ def test_error_state_raises_a_major_alarm(ioc, caproto_ctx):
     reading = status.read(data_type="time", timeout=5)
     assert reading.metadata.severity == AlarmSeverity.MAJOR_ALARM
     ioc.server.set_status("Idle")
-    assert status.read(data_type="time", timeout=5).metadata.severity == \
-        AlarmSeverity.NO_ALARM
+    assert status.read(data_type="time", timeout=5).metadata.severity == AlarmSeverity.NO_ALARM
 
 
 def test_screen_and_pv_table_name_only_real_pvs():
@@ -374,15 +404,25 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
     from caproto import CAStatus, ChannelType
     from caproto.threading.client import Context
 
-
     # Its own server port: the in-process IOC of the other tests may still hold the shared one.
     port = str(free_port())
     monkeypatch.setenv("EPICS_CA_SERVER_PORT", port)
     monkeypatch.setenv("EPICS_CAS_SERVER_PORT", port)
     prefix = f"S{uuid.uuid4().hex[:6]}:"
-    with subprocess.Popen([sys.executable, "-m", "bcdi_bluesky.cli", "ioc", "--prefix", prefix,
-                           "--write-hosts", "ctrl-room"],
-                          stderr=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "ioc",
+            "--prefix",
+            prefix,
+            "--write-hosts",
+            "ctrl-room",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
         ctx, visitor = Context(host_name="ctrl-room"), Context(host_name="visitor")
         try:
             assert "settings writable from ctrl-room only" in proc.stderr.readline()
@@ -414,10 +454,14 @@ def test_result_schema_pvs_and_the_quality_alarm(ioc, published, caproto_ctx):
         """The published result with the schema's physical and quality keys."""
 
         def __init__(self, quality, reasons):
-            self.extra = {"quality": quality, "quality_reasons": reasons,
-                          "strain_rms": 3.2e-4, "displacement_rms_nm": 0.041,
-                          "crystal_extents_nm": [180.0, 410.5, 95.25],
-                          "crystal_volume_nm3": 4.2e6}
+            self.extra = {
+                "quality": quality,
+                "quality_reasons": reasons,
+                "strain_rms": 3.2e-4,
+                "displacement_rms_nm": 0.041,
+                "crystal_extents_nm": [180.0, 410.5, 95.25],
+                "crystal_volume_nm3": 4.2e6,
+            }
 
         def __getattr__(self, name):
             return getattr(result, name)
@@ -426,22 +470,40 @@ def test_result_schema_pvs_and_the_quality_alarm(ioc, published, caproto_ctx):
             return {**result.summary(), **self.extra}
 
     p = ioc.group.prefix
-    names = ("Quality", "Quality:Reasons", "Strain:RMS", "Displacement:RMS", "Extent:A",
-             "Extent:B", "Extent:C", "Volume:NM")
+    names = (
+        "Quality",
+        "Quality:Reasons",
+        "Strain:RMS",
+        "Displacement:RMS",
+        "Extent:A",
+        "Extent:B",
+        "Extent:C",
+        "Volume:NM",
+    )
     pvs = dict(zip(names, caproto_ctx.get_pvs(*(p + n for n in names), timeout=5), strict=True))
-    for quality, severity in (("poor", AlarmSeverity.MAJOR_ALARM),
-                              ("fair", AlarmSeverity.MINOR_ALARM),
-                              ("good", AlarmSeverity.NO_ALARM)):
+    for quality, severity in (
+        ("poor", AlarmSeverity.MAJOR_ALARM),
+        ("fair", AlarmSeverity.MINOR_ALARM),
+        ("good", AlarmSeverity.NO_ALARM),
+    ):
         reasons = [] if quality == "good" else ["chi above 0.3", "support touches the edge"]
         ioc(WithSchema(quality, reasons), start)
         reading = pvs["Quality"].read(data_type="time", timeout=5)
         assert reading.metadata.severity == severity
-        assert pvs["Quality"].read(data_type=ChannelType.STRING, timeout=5).data[0] == \
-            quality.encode()
+        assert (
+            pvs["Quality"].read(data_type=ChannelType.STRING, timeout=5).data[0] == quality.encode()
+        )
         text = epics.caget(p + "Quality:Reasons", as_string=True, use_monitor=False)
         assert text == "; ".join(reasons)
     values = {n: float(pvs[n].read(timeout=5).data[0]) for n in names[2:]}
-    assert values == pytest.approx({"Strain:RMS": 3.2e-4, "Displacement:RMS": 0.041,
-                                    "Extent:A": 410.5, "Extent:B": 180.0, "Extent:C": 95.25,
-                                    "Volume:NM": 4.2e6})
+    assert values == pytest.approx(
+        {
+            "Strain:RMS": 3.2e-4,
+            "Displacement:RMS": 0.041,
+            "Extent:A": 410.5,
+            "Extent:B": 180.0,
+            "Extent:C": 95.25,
+            "Volume:NM": 4.2e6,
+        }
+    )
     ioc(result, start)  # back to the plain result for the tests after this one

@@ -39,13 +39,15 @@ def test_noise_is_flagged_and_prior_crystals_are_not(rec):
 def test_out_of_distribution_doubles_the_es_budget(rec):
     noise = np.random.default_rng(4).poisson(5.0, size=(64, 64, 64)).astype(np.float32) + 1.5
     messages = []
-    result = rec.reconstruct(noise, refine="none",
-                             progress=lambda stage, info: messages.append(info.get("message")))
+    result = rec.reconstruct(
+        noise, refine="none", progress=lambda stage, info: messages.append(info.get("message"))
+    )
     assert result.out_of_distribution
     assert any(m and "doubling the extremum-seeking budget" in m for m in messages)
     # The refinement stage given the policy's factor runs that many times the steps.
-    settings = ReconstructionSettings(shape_search_evaluations=0, es_coarse_iterations=20,
-                                      es_fine_iterations=10)
+    settings = ReconstructionSettings(
+        shape_search_evaluations=0, es_coarse_iterations=20, es_fine_iterations=10
+    )
     prepared = prepare_measurement(noise, None, rec.model.n).prepared
     single = refine_stage(rec.model, result.params, prepared, settings, scale=1)
     double = refine_stage(rec.model, result.params, prepared, settings, scale=2)

@@ -27,9 +27,12 @@ def crystal(model64, prior64):
 
 def test_perfect_against_itself_its_twin_and_a_shifted_copy(crystal):
     ramp = np.exp(1j * (0.3 * np.indices(crystal.shape)[2] * 2 * np.pi / 64 + 1.1))
-    for other in (crystal, twin_object(crystal),
-                  np.roll(crystal, (4, -3, 6), axis=(0, 1, 2)) * np.exp(0.7j),
-                  crystal * ramp.astype(np.complex64)):
+    for other in (
+        crystal,
+        twin_object(crystal),
+        np.roll(crystal, (4, -3, 6), axis=(0, 1, 2)) * np.exp(0.7j),
+        crystal * ramp.astype(np.complex64),
+    ):
         c = compare_objects(crystal, other)
         assert c.iou == pytest.approx(1.0)
         assert c.overlap == pytest.approx(1.0, abs=1e-5)

@@ -12,9 +12,21 @@ from bcdi_bluesky.model.export import export_onnx  # noqa: E402
 from bcdi_bluesky.model.runtime import ModelError, OnnxCrystalModel, load_card, sha256_of  # noqa: E402
 from bcdi_bluesky.model.train import TrainConfig, build_network, load_checkpoint, train  # noqa: E402
 
-SMALL = dict(name="tiny", grid=32, width=4, hidden=16, batch_size=2, steps=4, warmup_steps=2,
-             validate_every=4, checkpoint_every=2, validation_size=2, friedel=False, zoom=0,
-             mirror_copies=1)
+SMALL = dict(
+    name="tiny",
+    grid=32,
+    width=4,
+    hidden=16,
+    batch_size=2,
+    steps=4,
+    warmup_steps=2,
+    validate_every=4,
+    checkpoint_every=2,
+    validation_size=2,
+    friedel=False,
+    zoom=0,
+    mirror_copies=1,
+)
 
 
 @pytest.mark.parametrize("encoding", [TwinInvariantEncoding, TwinBlockEncoding])
@@ -25,14 +37,17 @@ def test_encoding_round_trip_and_twin_invariance(model64, prior64, encoding):
     e = enc.encode(p)
     np.testing.assert_allclose(enc.encode(p * model64.twin_signs), e, atol=1e-12)
     back = enc.decode(e)
-    err = np.minimum(np.abs(back - p).max(axis=1),
-                     np.abs(back - p * model64.twin_signs).max(axis=1))
+    err = np.minimum(
+        np.abs(back - p).max(axis=1), np.abs(back - p * model64.twin_signs).max(axis=1)
+    )
     if encoding is TwinInvariantEncoding:
         assert err.max() < 1e-9
     for k in range(len(p)):
         # One of the sign variants is the crystal or its twin.
-        errs = [min(np.abs(v - p[k]).max(), np.abs(v - p[k] * model64.twin_signs).max())
-                for v in enc.twin_variants(back[k])]
+        errs = [
+            min(np.abs(v - p[k]).max(), np.abs(v - p[k] * model64.twin_signs).max())
+            for v in enc.twin_variants(back[k])
+        ]
         assert len(errs) == 2 ** (len(enc.blocks) - 1) and min(errs) < 1e-9
     with pytest.raises(ValueError, match="length"):
         enc.decode(np.zeros(3))
@@ -45,8 +60,9 @@ def test_symmetries_act_linearly_on_the_encoding(model64, prior64, encoding):
     p = np.array([model64.normalise(prior64.sample(rng)) for _ in range(4)])
     for g in [((0, 1, 2), (1,)), ((2, 0, 1), (0, 2)), ((1, 0, 2), ())]:
         a = model64.symmetry_matrix(*g)
-        np.testing.assert_allclose(enc.encode(p @ a.T), enc.encode(p) @ enc.symmetry_map(a).T,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            enc.encode(p @ a.T), enc.encode(p) @ enc.symmetry_map(a).T, atol=1e-12
+        )
     mixing = np.eye(model64.size)
     mixing[[0, 6], [6, 0]] = 1.0  # radius with an l = 3 term
     with pytest.raises(ValueError, match="mixes"):
@@ -64,8 +80,9 @@ def test_twin_blocks_separate_the_odd_families(model64):
     q = p.copy()
     q[enc.blocks[0]] *= -1
     np.testing.assert_allclose(enc.encode(q), enc.encode(p), atol=1e-12)
-    assert not np.allclose(TwinInvariantEncoding(model64).encode(q),
-                           TwinInvariantEncoding(model64).encode(p))
+    assert not np.allclose(
+        TwinInvariantEncoding(model64).encode(q), TwinInvariantEncoding(model64).encode(p)
+    )
 
 
 def test_mirrored_copies_are_valid_samples(model64, prior64):
@@ -77,6 +94,7 @@ def test_mirrored_copies_are_valid_samples(model64, prior64):
     xs, ys = mirrored_copies(model64, x, y, 3, np.random.default_rng(0))
     assert xs.shape == (6, 1, 64, 64, 64) and ys.shape == (6, model64.size)
     assert xs.dtype == x.dtype and ys.dtype == y.dtype
+
     def noise_free(normalised):
         obj = model64.voxelise(model64.denormalise(normalised))
         return network_input(intensity(obj) * 1e8).ravel()
@@ -101,12 +119,17 @@ def test_mirrored_copies_are_valid_samples(model64, prior64):
 
 
 def test_friedel_channel_warm_start_keeps_the_old_network(tmp_path):
-    old_state = train(TrainConfig(**{**SMALL, "encoding": "normalised_v1"}), tmp_path / "a",
-                      workers=0, progress=False)
+    old_state = train(
+        TrainConfig(**{**SMALL, "encoding": "normalised_v1"}),
+        tmp_path / "a",
+        workers=0,
+        progress=False,
+    )
     config = TrainConfig(**{**SMALL, "friedel": True, "mirror_copies": 2})
     net = build_network(config).eval()
     assert net.encoder[0].in_channels == 2
     from bcdi_bluesky.model.train import warm_start
+
     warm_start(net, tmp_path / "a" / "tiny" / "last.pt", config)
     old = build_network(TrainConfig.from_checkpoint(old_state["config"])).eval()
     old.load_state_dict(old_state["model"])
@@ -114,15 +137,15 @@ def test_friedel_channel_warm_start_keeps_the_old_network(tmp_path):
     enc = config.output_encoding()
     with torch.no_grad():
         new, before = net(x), old(x)
-    np.testing.assert_allclose(new[:, : enc.n_even].numpy(), before[:, enc.even].numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(new[:, : enc.n_even].numpy(), before[:, enc.even].numpy(), atol=1e-6)
     # The Friedel channel is I(q) - I(-q): zero for a centrosymmetric input, so such an input
     # gives the same output whatever the channel's weights.
     with torch.no_grad():
         net.encoder[0].weight[:, 1:].normal_()
         sym = x + torch.roll(torch.flip(x, (2, 3, 4)), (1, 1, 1), (2, 3, 4))
-        np.testing.assert_allclose(net(sym)[:, : enc.n_even].numpy(),
-                                   old(sym)[:, enc.even].numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            net(sym)[:, : enc.n_even].numpy(), old(sym)[:, enc.even].numpy(), atol=1e-5
+        )
     # ... and a training run with it (and mirrored copies) goes through.
     state = train(config, tmp_path / "b", workers=0, progress=False)
     assert state["step"] == 4 and state["config"]["friedel"]
@@ -133,6 +156,7 @@ def test_zoom_encoder_warm_start_keeps_the_dense_layer(tmp_path):
     config = TrainConfig(**{**SMALL, "zoom": 16})
     net = build_network(config)
     from bcdi_bluesky.model.train import warm_start
+
     warm_start(net, tmp_path / "a" / "tiny" / "last.pt", config)
     old = old_state["model"]["head.2.weight"]
     new = net.state_dict()["head.2.weight"]
@@ -160,8 +184,7 @@ def test_mirror_average_is_equivariant(model64):
         for g in group:
             mirrored = torch.from_numpy(np.ascontiguousarray(cube_symmetry(x.numpy(), *g)))
             with torch.no_grad():
-                expected = avg(x).numpy() @ enc.symmetry_map(
-                    enc.model.symmetry_matrix(*g)).T
+                expected = avg(x).numpy() @ enc.symmetry_map(enc.model.symmetry_matrix(*g)).T
                 np.testing.assert_allclose(avg(mirrored).numpy(), expected, atol=1e-5)
     with torch.no_grad():  # and it differs from the bare network (an untrained one is not)
         assert not np.allclose(SymmetryAverage(net, enc)(x).numpy(), net(x).numpy(), atol=1e-3)
@@ -171,12 +194,12 @@ def test_training_resumes_exactly(tmp_path):
     straight = train(TrainConfig(**SMALL), tmp_path / "a", workers=0, progress=False)
     first = TrainConfig(**{**SMALL, "steps": 2})
     train(first, tmp_path / "b", workers=0, progress=False)
-    resumed = train(TrainConfig(**SMALL), tmp_path / "b", resume=True, workers=0,
-                    progress=False)
+    resumed = train(TrainConfig(**SMALL), tmp_path / "b", resume=True, workers=0, progress=False)
     assert resumed["step"] == straight["step"] == 4
     for key, value in straight["model"].items():
-        np.testing.assert_allclose(resumed["model"][key].numpy(), value.numpy(), atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            resumed["model"][key].numpy(), value.numpy(), atol=1e-6, err_msg=key
+        )
     assert resumed["history"][-1]["step"] == 4
     assert load_checkpoint(tmp_path / "b" / "tiny" / "last.pt")["step"] == 4
 
@@ -186,8 +209,9 @@ def test_export_writes_a_complete_card(tmp_path):
 
     config = TrainConfig(**{**SMALL, "friedel": True, "mirror_copies": 2})
     train(config, tmp_path, workers=0, progress=False)
-    card = export(tmp_path / "tiny" / "last.pt", tmp_path / "models", validation_count=4,
-                  latent_count=24)
+    card = export(
+        tmp_path / "tiny" / "last.pt", tmp_path / "models", validation_count=4, latent_count=24
+    )
     onnx_path = tmp_path / "models" / "tiny.onnx"
     assert card == load_card(onnx_path)
     assert card["sha256"] == sha256_of(onnx_path)
@@ -216,10 +240,13 @@ def tiny_onnx(tmp_path_factory):
     net = SymmetryAverage(build_network(config), config.output_encoding()).eval()
     path = folder / "tiny.onnx"
     export_onnx(net, config.grid, path)
-    card = {"name": "tiny", "sha256": sha256_of(path),
-            "input": {"shape": ["batch", 1, 32, 32, 32]},
-            "output": {"encoding": config.encoding},
-            "parameters": config.crystal_model().to_dict()}
+    card = {
+        "name": "tiny",
+        "sha256": sha256_of(path),
+        "input": {"shape": ["batch", 1, 32, 32, 32]},
+        "output": {"encoding": config.encoding},
+        "parameters": config.crystal_model().to_dict(),
+    }
     path.with_suffix(".json").write_text(json.dumps(card))
     return net, path
 

@@ -22,8 +22,15 @@ EXAMPLE_DATA = REPO / "examples" / "data"
 
 GEOMETRY_JSON = EXAMPLE_DATA / "S0054_geometry.json"
 REFERENCE = REPO / "benchmarks" / "scan54_cohere_reference.json"
-PHYSICAL_KEYS = ("voxel_basis_nm", "object_lab", "support_lab", "voxel_size_nm",
-                 "displacement_nm", "strain", "q_bragg_inv_nm")
+PHYSICAL_KEYS = (
+    "voxel_basis_nm",
+    "object_lab",
+    "support_lab",
+    "voxel_size_nm",
+    "displacement_nm",
+    "strain",
+    "q_bragg_inv_nm",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +56,10 @@ def test_scan54_against_cohere(full, geometry):
     ref_basis = np.array(reference["voxel_basis_nm"])
     ours = full.physical.voxel_basis_nm
     assert abs(np.linalg.det(ours)) == pytest.approx(abs(np.linalg.det(ref_basis)), rel=0.02)
-    np.testing.assert_allclose(np.linalg.norm(ours, axis=0), np.linalg.norm(ref_basis, axis=0),
-                               rtol=0.02)
-    np.testing.assert_allclose(full.physical.q_bragg_inv_nm, reference["q_bragg_inv_nm"],
-                               rtol=0.01)
+    np.testing.assert_allclose(
+        np.linalg.norm(ours, axis=0), np.linalg.norm(ref_basis, axis=0), rtol=0.02
+    )
+    np.testing.assert_allclose(full.physical.q_bragg_inv_nm, reference["q_bragg_inv_nm"], rtol=0.01)
     summary = full.summary()
     ours_extents = np.array(summary["crystal_extents_nm"])
     # The two shorter extents within 10% of cohere's (medians over its six random starts):
@@ -73,7 +80,8 @@ def test_scan54_against_cohere(full, geometry):
     np.testing.assert_allclose(lab_extents[1:], on_input[1:], rtol=0.05)
     assert abs(lab_extents[0] - on_input[0]) <= np.linalg.norm(ours, axis=0).max()
     assert summary["crystal_volume_nm3"] == pytest.approx(
-        full.support.sum() * abs(np.linalg.det(ours)), rel=0.1)
+        full.support.sum() * abs(np.linalg.det(ours)), rel=0.1
+    )
     # A nearly strain-free crystal: RMS strain in the 1e-4 range, displacement << d_111.
     assert 1e-5 < summary["strain_rms"] < 2e-3
     assert summary["displacement_rms_nm"] < 0.1 * geometry.d_spacing_nm()
@@ -96,10 +104,10 @@ def test_files_hold_the_physical_results(tmp_path, full, geometry):
         np.testing.assert_allclose(entry["sample_1/q_bragg"][()], geometry.q_bragg_inv_nm)
         assert entry["sample_1/q_bragg"].attrs["units"] == "1/nm"
         assert entry["instrument_1/detector_1/distance"][()] == 0.5
-        assert entry["instrument_1/source_1/energy"][()] == pytest.approx(9.0 * 1.602e-16,
-                                                                          rel=1e-3)
-        np.testing.assert_allclose(entry["image_1/basis_vectors"][()] * 1e9,
-                                   full.physical.voxel_basis_nm.T)
+        assert entry["instrument_1/source_1/energy"][()] == pytest.approx(9.0 * 1.602e-16, rel=1e-3)
+        np.testing.assert_allclose(
+            entry["image_1/basis_vectors"][()] * 1e9, full.physical.voxel_basis_nm.T
+        )
         lab = entry["image_2"]
         assert lab.attrs["signal"] == "data"
         np.testing.assert_array_equal(lab["strain"][()], arrays["strain"])
@@ -146,19 +154,33 @@ def test_without_geometry_no_physical_keys_and_no_vti(tmp_path, scan54_64):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "bcdi_bluesky.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=240, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "bcdi_bluesky.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=cwd,
+    )
 
 
 @pytest.mark.timeout(250)
 def test_cli_geometry_json_and_errors(tmp_path):
     out = tmp_path / "scan.cxi"
-    proc = _cli("reconstruct", EXAMPLE_DATA / "S0054_intensity_64.npy", "--geometry",
-                GEOMETRY_JSON, "--refine", "none", "--output", out, "--json", cwd=tmp_path)
+    proc = _cli(
+        "reconstruct",
+        EXAMPLE_DATA / "S0054_intensity_64.npy",
+        "--geometry",
+        GEOMETRY_JSON,
+        "--refine",
+        "none",
+        "--output",
+        out,
+        "--json",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    for key in ("crystal_volume_nm3", "crystal_extents_nm", "strain_rms",
-                "displacement_rms_nm"):
+    for key in ("crystal_volume_nm3", "crystal_extents_nm", "strain_rms", "displacement_rms_nm"):
         assert key in summary
     assert len(summary["crystal_extents_nm"]) == 3 and summary["crystal_volume_nm3"] > 0
     with h5py.File(out, "r") as f:
@@ -166,11 +188,19 @@ def test_cli_geometry_json_and_errors(tmp_path):
     # A geometry with a typo: one line naming the key, no output file, no traceback.
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**json.loads(Path(GEOMETRY_JSON).read_text()), "energy": 9}))
-    for geometry, output, match in ((bad, "x.npz", "unknown geometry keys"),
-                                    (tmp_path / "missing.json", "x.npz", "no such file"),
-                                    (None, "x.vti", "give --geometry")):
-        args = ["reconstruct", EXAMPLE_DATA / "S0054_intensity_64.npy", "--output",
-                tmp_path / output, "--refine", "none"]
+    for geometry, output, match in (
+        (bad, "x.npz", "unknown geometry keys"),
+        (tmp_path / "missing.json", "x.npz", "no such file"),
+        (None, "x.vti", "give --geometry"),
+    ):
+        args = [
+            "reconstruct",
+            EXAMPLE_DATA / "S0054_intensity_64.npy",
+            "--output",
+            tmp_path / output,
+            "--refine",
+            "none",
+        ]
         if geometry is not None:
             args += ["--geometry", geometry]
         proc = _cli(*args, cwd=tmp_path)

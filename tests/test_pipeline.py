@@ -37,10 +37,16 @@ def test_full_pipeline_recovers_simulated_crystals(rec, samples):
     for s in samples:
         truth = rec.model.voxelise(s.params)
         stages: list[str] = []
-        result = rec.reconstruct(s.counts, refine="full",
-                                 progress=lambda stage, info, seen=stages: seen.append(stage))
+        result = rec.reconstruct(
+            s.counts, refine="full", progress=lambda stage, info, seen=stages: seen.append(stage)
+        )
         assert [st for st in stages if not st.endswith("_step")] == [
-            "preprocess", "inference", "refine", "polish", "done"]
+            "preprocess",
+            "inference",
+            "refine",
+            "polish",
+            "done",
+        ]
         assert result.object.shape == s.counts.shape and result.object.dtype == np.complex64
         assert result.support.shape == s.counts.shape and result.support.dtype == bool
         assert result.stage_chi["es"] < result.stage_chi["cnn"]
@@ -92,8 +98,9 @@ def test_masked_detector_gap(rec, samples):
 
 
 def test_tracking_starts_from_the_previous_scan(samples):
-    rec = Reconstructor(track=True, es_coarse_iterations=100, es_fine_iterations=20,
-                        es_time_budget_s=30.0)
+    rec = Reconstructor(
+        track=True, es_coarse_iterations=100, es_fine_iterations=20, es_time_budget_s=30.0
+    )
     s = samples[0]
     first = rec.reconstruct(s.counts, refine="es")
     assert rec.previous_params is first.params
@@ -114,12 +121,15 @@ def test_measured_data_sets(rec, name, bound, scan54_64, cdinn_64):
     assert 200 < result.support.sum() < 20000
 
 
-@pytest.mark.parametrize("volume, match", [
-    (np.ones((8, 8)), "3D"),
-    (np.full((8, 8, 8), np.nan), "NaN"),
-    (-np.ones((8, 8, 8)), "negative"),
-    (np.zeros((8, 8, 8)), "empty"),
-])
+@pytest.mark.parametrize(
+    "volume, match",
+    [
+        (np.ones((8, 8)), "3D"),
+        (np.full((8, 8, 8), np.nan), "NaN"),
+        (-np.ones((8, 8, 8)), "negative"),
+        (np.zeros((8, 8, 8)), "empty"),
+    ],
+)
 def test_bad_input_is_a_clear_error(rec, volume, match):
     with pytest.raises(ValueError, match=match):
         rec.reconstruct(volume)
@@ -138,15 +148,22 @@ def test_same_input_same_result_under_cpu_load():
     give identical results while another process keeps a core busy."""
     crystal = out_of_family_crystal(DEV_SEED, 9)  # strained: the fit-driven polish spends more
     settings = ReconstructionSettings(
-        shape_search_evaluations=40, es_coarse_iterations=80, es_fine_iterations=20,
-        polish_er_iterations=20, polish_iterations=40, adaptive_iterations=60,
-        converge_iterations=40)
+        shape_search_evaluations=40,
+        es_coarse_iterations=80,
+        es_fine_iterations=20,
+        polish_er_iterations=20,
+        polish_iterations=40,
+        adaptive_iterations=60,
+        converge_iterations=40,
+    )
     rec = Reconstructor(settings=settings)
     load = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        runs = [rec.reconstruct(crystal.measured),
-                rec.reconstruct(crystal.measured),
-                rec.reconstruct(crystal.measured.astype(np.int32))]
+        runs = [
+            rec.reconstruct(crystal.measured),
+            rec.reconstruct(crystal.measured),
+            rec.reconstruct(crystal.measured.astype(np.int32)),
+        ]
     finally:
         load.kill()
         load.wait(timeout=10)

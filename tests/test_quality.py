@@ -35,8 +35,11 @@ from bcdi_bluesky.tuning import autocorrelation_seed
 @pytest.fixture(scope="module")
 def counted():
     """A development crystal measured as photon counts (out of the CNN's family)."""
-    return next(c for c in (out_of_family_crystal(DEV_SEED, i) for i in range(8))
-                if not c.noise_free and c.mask is None)
+    return next(
+        c
+        for c in (out_of_family_crystal(DEV_SEED, i) for i in range(8))
+        if not c.noise_free and c.mask is None
+    )
 
 
 def test_expected_chi_is_the_truths_chi(counted):
@@ -63,8 +66,11 @@ def test_peak_less_volume_is_refused():
 
 
 def test_weak_but_real_peak_passes(counted):
-    weak = np.random.default_rng(2).poisson(
-        intensity(counted.object) * (1e5 / intensity(counted.object).sum())).astype(np.float32)
+    weak = (
+        np.random.default_rng(2)
+        .poisson(intensity(counted.object) * (1e5 / intensity(counted.object).sum()))
+        .astype(np.float32)
+    )
     check_bragg_peak(weak)  # 1e5 photons: hundreds in the peak voxel
     check_bragg_peak(weak * 0.37)  # not counts: not judged here
 
@@ -80,22 +86,31 @@ def test_out_of_distribution_uses_the_fit():
     assert es_budget_scale(far) == 2 and es_budget_scale(usual) == 1
 
 
-@pytest.mark.parametrize("ratio, level", [(1.0, "good"), (FIT_GOOD + 0.05, "fair"),
-                                          (FIT_FAIR + 0.1, "poor")])
+@pytest.mark.parametrize(
+    "ratio, level", [(1.0, "good"), (FIT_GOOD + 0.05, "fair"), (FIT_FAIR + 0.1, "poor")]
+)
 def test_verdict_follows_the_fit_against_the_noise(ratio, level):
-    quality, reasons = quality_verdict(QualityEvidence(
-        chi=0.1 * ratio, expected_chi=0.1, converged=False, signal_floor=0.05))
+    quality, reasons = quality_verdict(
+        QualityEvidence(chi=0.1 * ratio, expected_chi=0.1, converged=False, signal_floor=0.05)
+    )
     assert quality == level
     assert (reasons == []) == (level == "good")
 
 
 def test_a_small_misfit_of_bright_data_is_fair_not_poor():
     # 1e9 photons: noise alone leaves chi 0.01; a sound measured reconstruction ends at 0.04.
-    quality, reasons = quality_verdict(QualityEvidence(
-        chi=0.04, expected_chi=0.01, converged=True, signal_floor=0.008))
+    quality, reasons = quality_verdict(
+        QualityEvidence(chi=0.04, expected_chi=0.01, converged=True, signal_floor=0.008)
+    )
     assert quality == "fair" and "4.00x the Poisson noise" in reasons[0]
-    assert quality_verdict(QualityEvidence(
-        chi=CHI_FAIR + 0.01, expected_chi=0.01, converged=True, signal_floor=0.008))[0] == "poor"
+    assert (
+        quality_verdict(
+            QualityEvidence(
+                chi=CHI_FAIR + 0.01, expected_chi=0.01, converged=True, signal_floor=0.008
+            )
+        )[0]
+        == "poor"
+    )
 
 
 def test_verdict_without_counts_asks_for_convergence():
@@ -110,21 +125,25 @@ def test_verdict_without_counts_asks_for_convergence():
 
 def test_anything_doubtful_keeps_a_good_fit_from_good():
     base = {"chi": 0.1, "expected_chi": 0.1, "converged": True, "signal_floor": 0.05}
-    for extra, words in [({"signal_floor": 0.3}, "low signal"),
-                         ({"distribution": out_of_distribution(1.5, 0.3, 0.32, 0.09)},
-                          "out of distribution"),
-                         ({"cut_short": ("polish",)}, "wall-time cap")]:
+    for extra, words in [
+        ({"signal_floor": 0.3}, "low signal"),
+        ({"distribution": out_of_distribution(1.5, 0.3, 0.32, 0.09)}, "out of distribution"),
+        ({"cut_short": ("polish",)}, "wall-time cap"),
+    ]:
         quality, reasons = quality_verdict(QualityEvidence(**{**base, **extra}))
         assert quality == "fair" and any(words in r for r in reasons)
     # ... but never lift a poor fit.
-    assert quality_verdict(QualityEvidence(**{**base, "chi": 0.2, "cut_short": ("refine",)}))[
-        0] == "poor"
+    assert (
+        quality_verdict(QualityEvidence(**{**base, "chi": 0.2, "cut_short": ("refine",)}))[0]
+        == "poor"
+    )
 
 
 @pytest.mark.timeout(300)
 def test_polish_spends_more_only_where_the_fit_asks(counted):
-    settings = ReconstructionSettings(polish_er_iterations=20, polish_iterations=40,
-                                      adaptive_iterations=150)
+    settings = ReconstructionSettings(
+        polish_er_iterations=20, polish_iterations=40, adaptive_iterations=150
+    )
     measurement = prepare_measurement(counted.measured, None, 64)
     # Seeded by the truth the fit reaches the noise at once: nothing more is spent.
     easy = polish_stage(measurement, counted.object, settings)
@@ -134,8 +153,7 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     strained = out_of_family_crystal(DEV_SEED, 9)
     assert strained.displacement_kind == "polynomial" and not strained.noise_free
     sphere, _ = autocorrelation_seed(strained.measured)
-    hard = polish_stage(prepare_measurement(strained.measured, strained.mask, 64), sphere,
-                        settings)
+    hard = polish_stage(prepare_measurement(strained.measured, strained.mask, 64), sphere, settings)
     assert {"model ER/HIO", "autocorrelation ER/HIO"} <= set(hard.attempts)
     assert hard.chi == min(hard.attempts.values())
     assert hard.chi <= next(iter(hard.attempts.values()))  # never worse than the first run

@@ -61,8 +61,7 @@ def test_es_refinement_never_ends_worse_than_its_start(model64):
     sample = make_sample(model64, CrystalPrior(model64), 31, TEST_STREAM, 2, 1e8)
     start = _without_odd_shape(model64, sample.params)
     start[0] *= 1.1
-    result = refine_crystal(model64, start, sample.counts, coarse_iterations=60,
-                            fine_iterations=20)
+    result = refine_crystal(model64, start, sample.counts, coarse_iterations=60, fine_iterations=20)
     assert result.chi < result.chi_start and result.iterations == 80
 
 
@@ -99,8 +98,7 @@ def test_seeded_polish_keeps_a_good_seed_and_repairs_a_poor_one(model64):
     # Rescaled counts are not counts: no noise floor, so the ER/HIO run goes too, and the
     # better of the two fits is returned.
     steps: list[int] = []
-    both = seeded_polish(sample.counts * 1.37, seed, support,
-                         hook=lambda i, e: steps.append(i))
+    both = seeded_polish(sample.counts * 1.37, seed, support, hook=lambda i, e: steps.append(i))
     assert both.iterations == 200 and steps == list(range(1, 201))
     assert both.recipe in ("ER", "ER/HIO") and both.chi <= good.chi + 0.01
     # A uniform ball of the wrong size is a poor seed: ER/HIO repairs it.
@@ -123,8 +121,9 @@ def test_the_data_choose_the_relative_signs_of_the_odd_families(model64):
     flipped[enc.blocks[1]] *= -1  # what a decoder with its own sign convention may give
     flipped[enc.blocks[0]] *= -1
     chosen, chi = best_twin_variant(model64, enc.twin_variants(flipped), ChiCost(sample.counts))
-    assert min(np.abs(chosen - truth).max(),
-               np.abs(chosen - truth * model64.twin_signs).max()) < 1e-12
+    assert (
+        min(np.abs(chosen - truth).max(), np.abs(chosen - truth * model64.twin_signs).max()) < 1e-12
+    )
     assert chi < 0.05
     with pytest.raises(ValueError, match="candidate"):
         best_start(model64, [], ChiCost(sample.counts))

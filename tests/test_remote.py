@@ -29,12 +29,18 @@ class _Marker:
 
 def test_documents_round_trip_with_arrays():
     bundle = compose_run(metadata={"scan_id": 3, "bcdi": {"hkl": (1, 1, 1)}})
-    desc = bundle.compose_descriptor(name="primary", data_keys={
-        "theta": {"source": "sim", "dtype": "number", "shape": []},
-        "det_image": {"source": "sim", "dtype": "array", "shape": [3, 4]}})
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={
+            "theta": {"source": "sim", "dtype": "number", "shape": []},
+            "det_image": {"source": "sim", "dtype": "array", "shape": [3, 4]},
+        },
+    )
     frame = np.arange(12, dtype=">f4").reshape(3, 4)  # big-endian, as caproto gives them
-    event = desc.compose_event(data={"theta": np.float32(20.5), "det_image": frame},
-                               timestamps={"theta": 0.0, "det_image": 0.0})
+    event = desc.compose_event(
+        data={"theta": np.float32(20.5), "det_image": frame},
+        timestamps={"theta": 0.0, "det_image": 0.0},
+    )
     back = deserializer(serializer(event))
     np.testing.assert_array_equal(back["data"]["det_image"], frame)
     assert back["data"]["det_image"].dtype == frame.dtype
@@ -70,9 +76,14 @@ def test_receiver_drops_and_counts_bad_messages(caplog, tmp_path):
     dispatcher.subscribe(lambda name, doc: 1 / 0)  # a broken subscriber stops nothing
     good = serializer(compose_run().start_doc)
     with caplog.at_level(logging.WARNING, logger="bcdi_bluesky.remote"):
-        for message in (b"no spaces", b" nonsense " + good, b" \xff\xfe " + good,
-                        b" start " + pickle.dumps({"uid": _Marker(marker)}),
-                        b" start " + serializer([1]), b" start " + good):
+        for message in (
+            b"no spaces",
+            b" nonsense " + good,
+            b" \xff\xfe " + good,
+            b" start " + pickle.dumps({"uid": _Marker(marker)}),
+            b" start " + serializer([1]),
+            b" start " + good,
+        ):
             dispatcher.handle(message)
     assert received == ["start"]
     assert dispatcher.received == 6 and dispatcher.dropped == 5
@@ -82,9 +93,15 @@ def test_receiver_drops_and_counts_bad_messages(caplog, tmp_path):
     assert "unknown document name 'nonsense'" in caplog.text
 
 
-@pytest.mark.parametrize("address, words", [
-    ("127.0.0.1:99999", "out of range"), ("no-such-host.invalid:5578", "cannot resolve"),
-    ("5578", "HOST:PORT"), ("127.0.0.1:", "HOST:PORT")])
+@pytest.mark.parametrize(
+    "address, words",
+    [
+        ("127.0.0.1:99999", "out of range"),
+        ("no-such-host.invalid:5578", "cannot resolve"),
+        ("5578", "HOST:PORT"),
+        ("127.0.0.1:", "HOST:PORT"),
+    ],
+)
 def test_bad_addresses_are_one_line(address, words):
     with pytest.raises(ValueError, match=words) as info:
         parse_address(address)

@@ -71,9 +71,12 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, suffix):
         sys.exit(0)
     """)
     out = tmp_path / f"r{suffix}"
-    proc = subprocess.run([sys.executable, "-c", script,
-                           str(SCAN54), str(out)],
-                          capture_output=True, text=True, timeout=110)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(SCAN54), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "cannot write" in proc.stdout and "nothing was written" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # no partial file, no temporary

@@ -41,9 +41,26 @@ def tiled_server(tmp_path_factory):
     log = open(home / "server.log", "w")
     # --temp puts the catalog under $TMPDIR: here, inside the test's folder.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tiled", "serve", "catalog", "--temp", "--api-key", API_KEY,
-         "--host", "127.0.0.1", "--port", str(port), "-r", str(frames)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(home)})
+        [
+            sys.executable,
+            "-m",
+            "tiled",
+            "serve",
+            "catalog",
+            "--temp",
+            "--api-key",
+            API_KEY,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-r",
+            str(frames),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TMPDIR": str(home)},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -88,9 +105,16 @@ def _write_runs(engine, client, frames, seeds, points=16):
             beamline = SimulatedBeamline(seed=seed, file_backed="hdf5", save_path=str(frames))
             beamline.det.max_count.put(1e12)
             step = beamline.crystal.step
-            (uid,) = engine(rocking_scan(beamline.det, beamline.theta,
-                                         beamline.crystal.bragg_theta,
-                                         (points - 1) * step, points, energy_kev=9.0))
+            (uid,) = engine(
+                rocking_scan(
+                    beamline.det,
+                    beamline.theta,
+                    beamline.crystal.bragg_theta,
+                    (points - 1) * step,
+                    points,
+                    energy_kev=9.0,
+                )
+            )
             uids.append(uid)
             beamlines.append(beamline)
     finally:
@@ -109,8 +133,14 @@ def cluster():
     """Two worker processes, one thread each, every server on loopback."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0", silence_logs=40) as lc:
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        silence_logs=40,
+    ) as lc:
         with Client(lc, set_as_default=False) as c:
             yield lc, c
 
@@ -155,16 +185,35 @@ def _kill_a_busy_worker(dask_client, deadline_s=60.0):
 
 
 @pytest.mark.timeout(240)
-def test_reprocess_on_dask_writes_back_and_survives_a_lost_worker(client, raw_runs, cluster,
-                                                                   tiled_server, tmp_path):
+def test_reprocess_on_dask_writes_back_and_survives_a_lost_worker(
+    client, raw_runs, cluster, tiled_server, tmp_path
+):
     url, _ = tiled_server
     uids, _ = raw_runs
     lc, dask_client = cluster
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bcdi_bluesky.cli", "reprocess", "--tiled", url, "--api-key",
-         API_KEY, *uids, "--dask", lc.scheduler_address, "--refine", "none", "--output",
-         str(tmp_path), "--write-back"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "reprocess",
+            "--tiled",
+            url,
+            "--api-key",
+            API_KEY,
+            *uids,
+            "--dask",
+            lc.scheduler_address,
+            "--refine",
+            "none",
+            "--output",
+            str(tmp_path),
+            "--write-back",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         killed = _kill_a_busy_worker(dask_client)
         out, err = proc.communicate(timeout=180)
@@ -209,8 +258,9 @@ def test_reprocess_full_pipeline_against_the_truth(client, raw_runs, engine, til
     _, frames = tiled_server
     (uid,), (beamline,) = _write_runs(engine, client, frames, seeds=(4,), points=64)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        outcome, missing = tiled_runs.reprocess(client, [uid, "no-such-uid"], pool,
-                                                ReconstructorSpec(), refine="full")
+        outcome, missing = tiled_runs.reprocess(
+            client, [uid, "no-such-uid"], pool, ReconstructorSpec(), refine="full"
+        )
     assert missing.uid == "no-such-uid" and "no run" in missing.error
     assert missing.result is None
     assert outcome.error == "" and outcome.uid == uid
@@ -260,8 +310,9 @@ def test_callback_on_dask_keeps_scan_order_and_records(RE, cluster):
             self.events.append(("failure", start_doc["uid"], message))
 
     log = Log()
-    cb = BCDIReconstructionCallback(publishers=[log], refine="none", queue_size=8,
-                                    executor=dask_executor(dask_client))
+    cb = BCDIReconstructionCallback(
+        publishers=[log], refine="none", queue_size=8, executor=dask_executor(dask_client)
+    )
     try:
         RE.subscribe(cb)
         uids = []
@@ -271,9 +322,15 @@ def test_callback_on_dask_keeps_scan_order_and_records(RE, cluster):
             beamline.det.exposure.put(exposure)  # 0 s: nothing but zeros, a task that fails
             beamline.det.background = 0.0
             step = beamline.crystal.step
-            (uid,) = RE(rocking_scan(beamline.det, beamline.theta,
-                                     beamline.crystal.bragg_theta, (points - 1) * step,
-                                     points))
+            (uid,) = RE(
+                rocking_scan(
+                    beamline.det,
+                    beamline.theta,
+                    beamline.crystal.bragg_theta,
+                    (points - 1) * step,
+                    points,
+                )
+            )
             uids.append(uid)
         assert cb.wait(timeout=150)
     finally:
@@ -297,9 +354,24 @@ def test_serve_follows_tiled_and_reconstructs_on_dask(client, engine, tiled_serv
     url, frames = tiled_server
     lc, _ = cluster
     serve = subprocess.Popen(
-        [sys.executable, "-m", "bcdi_bluesky.cli", "serve", "--tiled", url, "--api-key",
-         API_KEY, "--dask", lc.scheduler_address, "--refine", "none"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "serve",
+            "--tiled",
+            url,
+            "--api-key",
+            API_KEY,
+            "--dask",
+            lc.scheduler_address,
+            "--refine",
+            "none",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         line = ""
@@ -349,13 +421,17 @@ def test_callback_publishes_in_scan_order_when_a_later_scan_finishes_first(RE):
                 if not first:
                     second_done.set()
                 return result
+
             return super().submit(task, *args, **kwargs)
 
     seen = []
     with HoldFirst(max_workers=2) as pool:
         cb = BCDIReconstructionCallback(
             on_result=lambda result, start: seen.append((start["uid"], result)),
-            refine="none", queue_size=4, executor=pool)
+            refine="none",
+            queue_size=4,
+            executor=pool,
+        )
         try:
             RE.subscribe(cb)
             uids = []
@@ -363,8 +439,11 @@ def test_callback_publishes_in_scan_order_when_a_later_scan_finishes_first(RE):
                 beamline = SimulatedBeamline(seed=seed)
                 beamline.det.max_count.put(1e12)
                 step = beamline.crystal.step
-                (uid,) = RE(rocking_scan(beamline.det, beamline.theta,
-                                         beamline.crystal.bragg_theta, 15 * step, 16))
+                (uid,) = RE(
+                    rocking_scan(
+                        beamline.det, beamline.theta, beamline.crystal.bragg_theta, 15 * step, 16
+                    )
+                )
                 uids.append(uid)
             assert cb.wait(timeout=90)
         finally:
@@ -398,13 +477,18 @@ def test_close_cancels_a_result_the_executor_never_gives(RE):
 
     with Hangs(max_workers=1) as pool:
         try:
-            cb = BCDIReconstructionCallback(publishers=[Failures()], refine="none",
-                                            executor=pool)
+            cb = BCDIReconstructionCallback(publishers=[Failures()], refine="none", executor=pool)
             RE.subscribe(cb)
             beamline = SimulatedBeamline(seed=61)
-            (uid,) = RE(rocking_scan(beamline.det, beamline.theta,
-                                     beamline.crystal.bragg_theta, 7 * beamline.crystal.step,
-                                     8))
+            (uid,) = RE(
+                rocking_scan(
+                    beamline.det,
+                    beamline.theta,
+                    beamline.crystal.bragg_theta,
+                    7 * beamline.crystal.step,
+                    8,
+                )
+            )
             assert not cb.wait(timeout=1.0)
             started = time.monotonic()
             assert cb.close(timeout=2.0)

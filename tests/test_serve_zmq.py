@@ -23,8 +23,10 @@ from bcdi_bluesky.remote import serializer
 def proxy():
     """A 0MQ proxy bound to loopback only; yields (in_port, out_port)."""
     ports = free_port(), free_port()
-    code = ("from bluesky.callbacks.zmq import Proxy; "
-            f"Proxy('127.0.0.1:{ports[0]}', '127.0.0.1:{ports[1]}').start()")
+    code = (
+        "from bluesky.callbacks.zmq import Proxy; "
+        f"Proxy('127.0.0.1:{ports[0]}', '127.0.0.1:{ports[1]}').start()"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     time.sleep(1.0)
     assert proc.poll() is None, "proxy did not start"
@@ -74,9 +76,20 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
     in_port, out_port = proxy
     marker = tmp_path / "code_ran_in_serve"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "bcdi_bluesky.cli", "serve", "--zmq", f"127.0.0.1:{out_port}",
-         "--output", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "serve",
+            "--zmq",
+            f"127.0.0.1:{out_port}",
+            "--output",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = _Lines(serve.stdout), _Lines(serve.stderr)
     context = zmq.Context()
     raw = context.socket(zmq.PUB)
@@ -96,8 +109,9 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
         beamline = SimulatedBeamline(seed=4)
         beamline.det.max_count.put(1e12)
         step = beamline.crystal.step
-        scan = rocking_scan(beamline.det, beamline.theta, beamline.crystal.bragg_theta,
-                            31 * step, 32)
+        scan = rocking_scan(
+            beamline.det, beamline.theta, beamline.crystal.bragg_theta, 31 * step, 32
+        )
         (uid,) = RE(scan)
         line = out.wait_for(lambda line: line.strip(), 120)
         assert line is not None, err.lines
@@ -108,8 +122,7 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
         assert not marker.exists()
         assert sum("dropped 0MQ message" in line for line in err.lines) == 3
         # A second scan, and SIGTERM while it is being reconstructed.
-        RE(rocking_scan(beamline.det, beamline.theta, beamline.crystal.bragg_theta,
-                        31 * step, 32))
+        RE(rocking_scan(beamline.det, beamline.theta, beamline.crystal.bragg_theta, 31 * step, 32))
         time.sleep(1.0)
         stopped = time.monotonic()
         serve.send_signal(signal.SIGTERM)
@@ -132,8 +145,10 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
     assert any("messages dropped" in line for line in err.lines)
 
 
-@pytest.mark.parametrize("address, words", [("127.0.0.1:99999", "out of range"),
-                                            ("no-such-host.invalid:5578", "cannot resolve")])
+@pytest.mark.parametrize(
+    "address, words",
+    [("127.0.0.1:99999", "out of range"), ("no-such-host.invalid:5578", "cannot resolve")],
+)
 def test_serve_bad_address_is_one_line(capsys, address, words):
     assert main(["serve", "--zmq", address]) == 2
     captured = capsys.readouterr()

@@ -27,17 +27,20 @@ def test_defaults_limits_and_docs_come_from_one_place():
     assert info["es_time_budget_s"].units == "s"
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"es_time_budget_s": float("nan")}, "finite"),
-    ({"es_time_budget_s": -1.0}, "limits"),
-    ({"polish_iterations": 10**9}, "limits"),
-    ({"polish_iterations": 1.5}, "whole number"),
-    ({"polish_iterations": "many"}, "number"),
-    ({"seed": True}, "number"),
-    ({"track": 2}, "true or false"),
-    ({"support_threshold": 0.0}, "limits"),
-    ({"not_a_setting": 1}, "unknown"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"es_time_budget_s": float("nan")}, "finite"),
+        ({"es_time_budget_s": -1.0}, "limits"),
+        ({"polish_iterations": 10**9}, "limits"),
+        ({"polish_iterations": 1.5}, "whole number"),
+        ({"polish_iterations": "many"}, "number"),
+        ({"seed": True}, "number"),
+        ({"track": 2}, "true or false"),
+        ({"support_threshold": 0.0}, "limits"),
+        ({"not_a_setting": 1}, "unknown"),
+    ],
+)
 def test_bad_values_are_refused_with_the_reason(changes, match):
     with pytest.raises(SettingsError, match=match) as caught:
         ReconstructionSettings().replace(**changes)

@@ -29,10 +29,17 @@ THRESHOLD = ReconstructionSettings().support_threshold
 
 def _geometries() -> dict[str, Geometry]:
     scan54 = Geometry.from_json(EXAMPLE_DATA / "S0054_geometry.json")
-    id01 = Geometry(beamline="esrf_id01", energy_kev=8.5, detector_distance_m=0.8,
-                    pixel_size_m=(55e-6, 55e-6), sample_angles_deg={"eta": 17.0},
-                    detector_angles_deg={"delta": 33.0, "nu": 6.0}, rocking_axis="eta",
-                    rocking_step_deg=0.008, axes=("rocking", "detector_row", "detector_column"))
+    id01 = Geometry(
+        beamline="esrf_id01",
+        energy_kev=8.5,
+        detector_distance_m=0.8,
+        pixel_size_m=(55e-6, 55e-6),
+        sample_angles_deg={"eta": 17.0},
+        detector_angles_deg={"delta": 33.0, "nu": 6.0},
+        rocking_axis="eta",
+        rocking_step_deg=0.008,
+        axes=("rocking", "detector_row", "detector_column"),
+    )
     return {"aps_34idc scan 54": scan54, "esrf_id01": id01}
 
 
@@ -108,11 +115,16 @@ def inclusion_case(g: Geometry) -> dict:
     strain = np.where(dist < a, e0, e0 * a**3 * (1 / dist**3 - 3 * qd**2 / dist**5))[s]
     strain -= strain.mean()
     ours = phys.strain[s]
-    return {"phys": phys, "displacement_rms_nm": true_rms, "displacement_error_rms_nm": error_rms,
-            "strain_rms": float(np.sqrt(np.mean(strain**2))),
-            "our_strain_rms": float(np.sqrt(np.nanmean(ours**2))),
-            "finite_strain_fraction": float(np.isfinite(ours).mean()),
-            "object": obj, "phase_of": phase_of}
+    return {
+        "phys": phys,
+        "displacement_rms_nm": true_rms,
+        "displacement_error_rms_nm": error_rms,
+        "strain_rms": float(np.sqrt(np.mean(strain**2))),
+        "our_strain_rms": float(np.sqrt(np.nanmean(ours**2))),
+        "finite_strain_fraction": float(np.isfinite(ours).mean()),
+        "object": obj,
+        "phase_of": phase_of,
+    }
 
 
 def dislocation_case(g: Geometry) -> dict:
@@ -146,10 +158,15 @@ def dislocation_case(g: Geometry) -> dict:
     true_strain = np.einsum("i,i...->...", q, grad) / np.linalg.norm(q) ** 2
     away = phys.support_lab & (rho2 > (2 * phys.voxel_size_nm[0]) ** 2)
     truth = true_strain[away] - true_strain[phys.support_lab].mean()
-    return {"phys": phys, "displacement_rms_nm": true_rms, "displacement_error_rms_nm": error_rms,
-            "strain_rms": float(np.sqrt(np.mean(truth**2))),
-            "our_strain_rms": float(np.sqrt(np.nanmean(phys.strain[away] ** 2))),
-            "vortices": len(found), "line_distance_max_voxels": float(distance.max())}
+    return {
+        "phys": phys,
+        "displacement_rms_nm": true_rms,
+        "displacement_error_rms_nm": error_rms,
+        "strain_rms": float(np.sqrt(np.mean(truth**2))),
+        "our_strain_rms": float(np.sqrt(np.nanmean(phys.strain[away] ** 2))),
+        "vortices": len(found),
+        "line_distance_max_voxels": float(distance.max()),
+    }
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
@@ -198,8 +215,7 @@ def test_support_and_volume_on_the_lab_grid():
     expected = 4 / 3 * np.pi * np.prod(radii) * (1 + np.log(4) / 25) ** 3
     assert volume == pytest.approx(expected, rel=0.05)
     extents = phys.summary()["crystal_extents_nm"]
-    np.testing.assert_allclose(sorted(extents), sorted(2 * radii * (1 + np.log(4) / 25)),
-                               rtol=0.08)
+    np.testing.assert_allclose(sorted(extents), sorted(2 * radii * (1 + np.log(4) / 25)), rtol=0.08)
     assert phys.summary()["strain_rms"] < 1e-4  # a flat phase has no strain
 
 
@@ -217,8 +233,7 @@ def test_inclusion_through_phase_retrieval():
     truth = figures["object"]
     expected = intensity(truth).astype(np.float64)
     counts = np.random.default_rng(0).poisson(expected * (1e9 / expected.sum()))
-    rec = Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0,
-                        polish_iterations=600)
+    rec = Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0, polish_iterations=600)
     result = rec.reconstruct(counts.astype(np.float32), refine="full")
     # The twin, a translation and the phase ramp are not measured: align before comparing.
     phys = physical_result(align(truth, result.object), g, THRESHOLD)
@@ -227,5 +242,6 @@ def test_inclusion_through_phase_retrieval():
     ours = phys.summary()
     reference = figures["phys"].summary()
     assert ours["strain_rms"] == pytest.approx(reference["strain_rms"], rel=0.20)
-    np.testing.assert_allclose(ours["crystal_extents_nm"], reference["crystal_extents_nm"],
-                               rtol=0.10)
+    np.testing.assert_allclose(
+        ours["crystal_extents_nm"], reference["crystal_extents_nm"], rtol=0.10
+    )

@@ -39,20 +39,34 @@ class ExtremumSeekingOptimizer:
         As for :class:`bcdi_bluesky.tuning.ExtremumSeeker` (cost not normalised).
     """
 
-    def __init__(self, bounds: Mapping[str, tuple[float, float]], objective: str, *,
-                 initial: Mapping[str, float] | None = None, maximize: bool = True,
-                 log_objective: bool = True, gain: float = 4.0, dither: float = 0.05,
-                 decay: float = 0.999, seed: int = 0) -> None:
+    def __init__(
+        self,
+        bounds: Mapping[str, tuple[float, float]],
+        objective: str,
+        *,
+        initial: Mapping[str, float] | None = None,
+        maximize: bool = True,
+        log_objective: bool = True,
+        gain: float = 4.0,
+        dither: float = 0.05,
+        decay: float = 0.999,
+        seed: int = 0,
+    ) -> None:
         self.names = list(bounds)
         self.lo = np.array([bounds[n][0] for n in self.names], dtype=float)
         self.hi = np.array([bounds[n][1] for n in self.names], dtype=float)
         if np.any(self.hi <= self.lo):
             raise ValueError("every bound must satisfy low < high")
-        start = np.array([(initial or {}).get(n, (lo + hi) / 2)
-                          for n, lo, hi in zip(self.names, self.lo, self.hi, strict=True)])
+        start = np.array(
+            [
+                (initial or {}).get(n, (lo + hi) / 2)
+                for n, lo, hi in zip(self.names, self.lo, self.hi, strict=True)
+            ]
+        )
         p0 = 2 * (np.clip(start, self.lo, self.hi) - self.lo) / (self.hi - self.lo) - 1
-        self.es = ExtremumSeeker(p0, gain=gain, dither=dither, decay=decay,
-                                 normalise_cost=False, seed=seed)
+        self.es = ExtremumSeeker(
+            p0, gain=gain, dither=dither, decay=decay, normalise_cost=False, seed=seed
+        )
         self.objective = objective
         self.sign = -1.0 if maximize else 1.0
         self.log_objective = log_objective
@@ -88,8 +102,11 @@ class ExtremumSeekingOptimizer:
                 else:
                     self.es.tell(math.nan)  # a failed measurement: the dither still advances
             else:
-                log.info("outcome %s is not the pending suggestion: kept for the best point "
-                         "only (ES learns from its own measurements in order)", point)
+                log.info(
+                    "outcome %s is not the pending suggestion: kept for the best point "
+                    "only (ES learns from its own measurements in order)",
+                    point,
+                )
             score = -self.sign * value
             if math.isfinite(value) and score > self._best_value:
                 self._best_value = score

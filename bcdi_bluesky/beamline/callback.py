@@ -68,8 +68,9 @@ from .scaleout import ReconstructorSpec, reconstruct_volume
 log = logging.getLogger(__name__)
 
 #: What happened to a scan (:attr:`ScanRecord.status`).
-ScanStatus = Literal["collecting", "queued", "skipped", "dropped", "reconstructing", "done",
-                     "failed", "incomplete"]
+ScanStatus = Literal[
+    "collecting", "queued", "skipped", "dropped", "reconstructing", "done", "failed", "incomplete"
+]
 
 
 @dataclass
@@ -107,8 +108,9 @@ class _FillOnStop(DocumentRouter):
     are read by an event-model ``Filler`` in the worker after the run stops (area detectors
     close their files at unstage, and reading in the RunEngine's thread would slow the scan)."""
 
-    def __init__(self, handler_registry: dict, *, root_map: dict | None = None,
-                 inplace: bool = False) -> None:
+    def __init__(
+        self, handler_registry: dict, *, root_map: dict | None = None, inplace: bool = False
+    ) -> None:
         super().__init__()
 
     def event_page(self, doc: dict) -> dict:
@@ -118,8 +120,7 @@ class _FillOnStop(DocumentRouter):
 class _RunCollector(DocumentRouter):
     """The documents of one run that the reconstruction needs (RunEngine thread)."""
 
-    def __init__(self, owner: BCDIReconstructionCallback, start: dict,
-                 record: ScanRecord) -> None:
+    def __init__(self, owner: BCDIReconstructionCallback, start: dict, record: ScanRecord) -> None:
         super().__init__()
         self.owner = owner
         self.start_doc = start
@@ -197,8 +198,9 @@ class _RunCollector(DocumentRouter):
             # the frame): the worker reads and stacks. Copying frames here would put the
             # analysis' cost into the scan.
             value = None if images is None else images[k]
-            self.frames.append((theta, int(seq_num), value,
-                                (doc, k) if isinstance(value, str) else None))
+            self.frames.append(
+                (theta, int(seq_num), value, (doc, k) if isinstance(value, str) else None)
+            )
 
     def stop(self, doc: dict) -> None:
         self.owner._finish(self, doc)
@@ -278,15 +280,26 @@ class BCDIReconstructionCallback(DocumentRouter):
         Seconds to wait for one reconstruction from the executor before recording it failed.
     """
 
-    def __init__(self, image_key: str = "det_image", motor_key: str = "theta",
-                 on_result: ResultConsumer | None = None,
-                 publishers: Sequence[Publisher | ResultConsumer] = (),
-                 reconstructor: Any = None, *, refine: str = "full", queue_size: int = 2,
-                 reconstruct_failed: bool = False, stream_name: str = "primary",
-                 handler_registry: dict | None = None, root_map: dict | None = None,
-                 run_timeout: float | None = 3600.0, keep_results: int = 3,
-                 executor: Executor | None = None, max_in_flight: int = 4,
-                 task_timeout: float = 3600.0) -> None:
+    def __init__(
+        self,
+        image_key: str = "det_image",
+        motor_key: str = "theta",
+        on_result: ResultConsumer | None = None,
+        publishers: Sequence[Publisher | ResultConsumer] = (),
+        reconstructor: Any = None,
+        *,
+        refine: str = "full",
+        queue_size: int = 2,
+        reconstruct_failed: bool = False,
+        stream_name: str = "primary",
+        handler_registry: dict | None = None,
+        root_map: dict | None = None,
+        run_timeout: float | None = 3600.0,
+        keep_results: int = 3,
+        executor: Executor | None = None,
+        max_in_flight: int = 4,
+        task_timeout: float = 3600.0,
+    ) -> None:
         super().__init__()
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
@@ -329,13 +342,13 @@ class BCDIReconstructionCallback(DocumentRouter):
         self._slots = threading.Semaphore(max_in_flight)
         # (run, future, notes, step) in scan order: what the results thread finishes
         self._in_flight: queue.Queue = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name="bcdi-reconstruction",
-                                        daemon=True)
+        self._worker = threading.Thread(target=self._work, name="bcdi-reconstruction", daemon=True)
         self._worker.start()
         self._collector = None
         if executor is not None:
-            self._collector = threading.Thread(target=self._collect, name="bcdi-results",
-                                               daemon=True)
+            self._collector = threading.Thread(
+                target=self._collect, name="bcdi-results", daemon=True
+            )
             self._collector.start()
 
     # ------------------------------------------------------------ RunEngine thread
@@ -355,8 +368,11 @@ class BCDIReconstructionCallback(DocumentRouter):
                 # restarted mid-run): nothing to do with it, one line per run.
                 self.unrouted += 1
                 if name == "descriptor":
-                    log.warning("ignoring run %s: its start document was not seen (%s)",
-                                doc.get("run_start"), exc)
+                    log.warning(
+                        "ignoring run %s: its start document was not seen (%s)",
+                        doc.get("run_start"),
+                        exc,
+                    )
                 else:
                     log.debug("ignoring a %s document of an unseen run (%s)", name, exc)
         except Exception:
@@ -366,8 +382,11 @@ class BCDIReconstructionCallback(DocumentRouter):
     def _swallow(self, name: str) -> None:
         if _debug_callbacks():
             raise
-        log.exception("BCDI callback could not handle a %r document; analysis of that run "
-                      "may be incomplete, the experiment goes on", name)
+        log.exception(
+            "BCDI callback could not handle a %r document; analysis of that run "
+            "may be incomplete, the experiment goes on",
+            name,
+        )
 
     def _factory(self, name: str, start: dict):
         """RunRouter factory: one collector per run that may be reconstructed."""
@@ -392,8 +411,10 @@ class BCDIReconstructionCallback(DocumentRouter):
         notes = self._frame_notes(record)
         if run.expired:
             record.status = "incomplete"
-            record.message = (f"no stop document within {self.run_timeout:g} s of the last "
-                              f"document; {record.frames} frames freed" + notes)
+            record.message = (
+                f"no stop document within {self.run_timeout:g} s of the last "
+                f"document; {record.frames} frames freed" + notes
+            )
             run.free()
             log.warning("scan %s incomplete: %s", record.scan_id, record.message)
         elif exit_status != "success" and not self.reconstruct_failed:
@@ -403,8 +424,10 @@ class BCDIReconstructionCallback(DocumentRouter):
             log.info("scan %s not reconstructed: %s", record.scan_id, record.message)
         elif not run.frames:
             record.status = "skipped"
-            record.message = (f"no frames with keys {self.image_key!r} and {self.motor_key!r} "
-                              f"in stream {self.stream_name!r}" + notes)
+            record.message = (
+                f"no frames with keys {self.image_key!r} and {self.motor_key!r} "
+                f"in stream {self.stream_name!r}" + notes
+            )
         else:
             record.message = notes.removeprefix("; ")
             self._enqueue(run)
@@ -412,8 +435,10 @@ class BCDIReconstructionCallback(DocumentRouter):
     def _frame_notes(self, record: ScanRecord) -> str:
         if not record.events_without_motor:
             return ""
-        return (f"; {record.events_without_motor} events without a finite "
-                f"{self.motor_key!r} readback left out")
+        return (
+            f"; {record.events_without_motor} events without a finite "
+            f"{self.motor_key!r} readback left out"
+        )
 
     def _enqueue(self, run: _RunCollector) -> None:
         with self._idle:
@@ -431,8 +456,11 @@ class BCDIReconstructionCallback(DocumentRouter):
                 old.record.status = "dropped"
                 old.record.message = "a newer scan arrived while the reconstruction queue was full"
                 self.dropped.append(old.record)
-                log.warning("scan %s dropped from the reconstruction queue (newer scan %s)",
-                            old.record.scan_id, run.record.scan_id)
+                log.warning(
+                    "scan %s dropped from the reconstruction queue (newer scan %s)",
+                    old.record.scan_id,
+                    run.record.scan_id,
+                )
                 self._done()
         run.record.status = "queued"
         run.record.queued_at = time.time()
@@ -448,8 +476,11 @@ class BCDIReconstructionCallback(DocumentRouter):
         tick = 0.1 if self.run_timeout is None else min(0.1, self.run_timeout / 4)
         while True:
             try:
-                run = (self._queue.get_nowait() if self._closing.is_set()
-                       else self._queue.get(timeout=tick))
+                run = (
+                    self._queue.get_nowait()
+                    if self._closing.is_set()
+                    else self._queue.get(timeout=tick)
+                )
             except queue.Empty:
                 if self._closing.is_set():
                     return
@@ -458,8 +489,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             if self._cancel.is_set():
                 run.record.status = "dropped"
                 run.record.message = "the callback was closed before this scan's turn"
-                log.warning("scan %s not reconstructed: %s", run.record.scan_id,
-                            run.record.message)
+                log.warning("scan %s not reconstructed: %s", run.record.scan_id, run.record.message)
                 self._hooks("failure", run.record.message, run.start_doc)
                 run.free()
                 self._done()
@@ -506,8 +536,9 @@ class BCDIReconstructionCallback(DocumentRouter):
             except FutureTimeout:
                 if self._cancel.is_set():
                     future.cancel()
-                    raise _Cancelled("the callback was closed before the reconstruction "
-                                     "finished") from None
+                    raise _Cancelled(
+                        "the callback was closed before the reconstruction finished"
+                    ) from None
                 if time.monotonic() > deadline:
                     future.cancel()
                     raise TimeoutError(f"no result within {self.task_timeout:g} s") from None
@@ -518,14 +549,21 @@ class BCDIReconstructionCallback(DocumentRouter):
             return
         now = time.monotonic()
         with self._lock:
-            stale = [run for run in self._open.values()
-                     if now - run.last_seen > self.run_timeout]
+            stale = [run for run in self._open.values() if now - run.last_seen > self.run_timeout]
             for run in stale:
                 run.expired = True
                 # Through the router, so that it forgets the run as after a real stop.
-                self._router("stop", {"run_start": run.start_doc["uid"], "uid": str(uuid.uuid4()),
-                                      "time": time.time(), "exit_status": "abort",
-                                      "reason": "no stop document", "num_events": {}})
+                self._router(
+                    "stop",
+                    {
+                        "run_start": run.start_doc["uid"],
+                        "uid": str(uuid.uuid4()),
+                        "time": time.time(),
+                        "exit_status": "abort",
+                        "reason": "no stop document",
+                        "num_events": {},
+                    },
+                )
         for run in stale:
             self._hooks("failure", run.record.message, run.start_doc)
 
@@ -550,8 +588,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                         continue
                     seen.add(key)
                 errors.append(f"{hook} of {publisher!r} failed: {type(exc).__name__}: {exc}")
-                log.warning("publisher hook error: %s", errors[-1],
-                            exc_info=_debug_callbacks())
+                log.warning("publisher hook error: %s", errors[-1], exc_info=_debug_callbacks())
                 self._caught(exc)
         return errors
 
@@ -571,9 +608,12 @@ class BCDIReconstructionCallback(DocumentRouter):
         for datum in run.stream_datums:
             resource = run.stream_resources[datum["stream_resource"]]
             idx, seq = datum["indices"], datum["seq_nums"]
-            rows = read_stream_rows(self._mapped(resource["uri"]),
-                                    resource["parameters"]["dataset"], idx["start"],
-                                    idx["stop"])
+            rows = read_stream_rows(
+                self._mapped(resource["uri"]),
+                resource["parameters"]["dataset"],
+                idx["start"],
+                idx["stop"],
+            )
             for k, row in enumerate(rows):
                 frames[seq["start"] + k] = row
         return frames
@@ -598,12 +638,15 @@ class BCDIReconstructionCallback(DocumentRouter):
                     page, k = in_file
                     if id(page) not in events:
                         events[id(page)] = list(unpack_event_page(page))
-                    value = filler.fill_event(events[id(page)][k], include=[self.image_key],
-                                              inplace=False)["data"][self.image_key]
+                    value = filler.fill_event(
+                        events[id(page)][k], include=[self.image_key], inplace=False
+                    )["data"][self.image_key]
                 elif value is None:
                     if seq_num not in streamed:
-                        raise ValueError(f"no frame for event {seq_num} at {theta}: neither in "
-                                         "the event nor in a StreamDatum")
+                        raise ValueError(
+                            f"no frame for event {seq_num} at {theta}: neither in "
+                            "the event nor in a StreamDatum"
+                        )
                     value = streamed[seq_num]
                 stack.append(np.asarray(value, dtype=np.float32))
         finally:
@@ -617,14 +660,19 @@ class BCDIReconstructionCallback(DocumentRouter):
     def latest(self) -> ScanRecord | None:
         """The record of the most recent run that reached the worker (done or failed, or
         skipped there for want of a Bragg peak: its recommendation still moves the loop)."""
-        finished = [r for r in self.records.values() if r.status in ("done", "failed")
-                    or (r.status == "skipped" and r.recommendation is not None)]
+        finished = [
+            r
+            for r in self.records.values()
+            if r.status in ("done", "failed")
+            or (r.status == "skipped" and r.recommendation is not None)
+        ]
         return finished[-1] if finished else None
 
     def _reconstruction_settings(self, start: dict) -> Any:
         """Ask each publisher in turn; None when one skips the scan."""
-        settings = (ReconstructionSettings() if self.reconstructor is None
-                    else self.reconstructor.settings)
+        settings = (
+            ReconstructionSettings() if self.reconstructor is None else self.reconstructor.settings
+        )
         for publisher in self.publishers:
             settings = publisher.configure(settings, start)
             if settings is None:
@@ -675,16 +723,17 @@ class BCDIReconstructionCallback(DocumentRouter):
             if self.executor is not None:
                 self._slots.acquire()
                 try:
-                    future = self.executor.submit(reconstruct_volume, self._spec, volume,
-                                                  self.refine, settings, **extra)
+                    future = self.executor.submit(
+                        reconstruct_volume, self._spec, volume, self.refine, settings, **extra
+                    )
                 except BaseException:
                     self._slots.release()
                     raise
                 self._in_flight.put((run, future, notes, step))
                 return True
-            result = self.reconstructor.reconstruct(volume, refine=self.refine,
-                                                    progress=progress, settings=settings,
-                                                    **extra)
+            result = self.reconstructor.reconstruct(
+                volume, refine=self.refine, progress=progress, settings=settings, **extra
+            )
             del volume
             step = "metadata"
             self._annotate(record, start, result)
@@ -709,8 +758,9 @@ class BCDIReconstructionCallback(DocumentRouter):
         if hasattr(result, "summary"):
             record.figures = result.summary()
 
-    def _not_reconstructed(self, record: ScanRecord, start: dict, exc: Exception, step: str,
-                           notes: list[str]) -> None:
+    def _not_reconstructed(
+        self, record: ScanRecord, start: dict, exc: Exception, step: str, notes: list[str]
+    ) -> None:
         """Record why a scan has no reconstruction and tell the publishers."""
         if isinstance(exc, NoBraggPeakError):
             record.status, record.message = "skipped", "; ".join([str(exc), *notes])
@@ -718,8 +768,9 @@ class BCDIReconstructionCallback(DocumentRouter):
         else:
             record.status = "failed"
             record.message = "; ".join([f"{step} failed: {type(exc).__name__}: {exc}", *notes])
-            log.error("scan %s failed: %s", record.scan_id, record.message,
-                      exc_info=_debug_callbacks())
+            log.error(
+                "scan %s failed: %s", record.scan_id, record.message, exc_info=_debug_callbacks()
+            )
             self._caught(exc)
         record.finished_at = time.time()
         self._hooks("failure", record.message, start)
@@ -783,6 +834,9 @@ class BCDIReconstructionCallback(DocumentRouter):
         if not any(thread.is_alive() for thread in threads):
             return True
         left = [r for r in self.records.values() if r.status in ("queued", "reconstructing")]
-        log.warning("closing with %d scans unfinished: %s", len(left),
-                    ", ".join(f"{r.scan_id} ({r.status})" for r in left))
+        log.warning(
+            "closing with %d scans unfinished: %s",
+            len(left),
+            ", ".join(f"{r.scan_id} ({r.status})" for r in left),
+        )
         return False

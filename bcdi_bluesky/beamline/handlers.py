@@ -31,8 +31,9 @@ class AreaDetectorHDF5Handler:
 
     specs = ("AD_HDF5",)
 
-    def __init__(self, resource_path: str, root: str = "", frame_per_point: int = 1,
-                 **kwargs) -> None:
+    def __init__(
+        self, resource_path: str, root: str = "", frame_per_point: int = 1, **kwargs
+    ) -> None:
         self.path = os.path.join(root, resource_path)
         self.frame_per_point = int(frame_per_point)
 
@@ -41,12 +42,13 @@ class AreaDetectorHDF5Handler:
 
         n = self.frame_per_point
         with h5py.File(self.path, "r") as f:
-            data = f["entry/data/data"][point_number * n:(point_number + 1) * n]
+            data = f["entry/data/data"][point_number * n : (point_number + 1) * n]
         return data[0] if n == 1 else data.sum(axis=0)
 
 
-DEFAULT_HANDLERS = {spec: cls for cls in (NpyFrameHandler, AreaDetectorHDF5Handler)
-                    for spec in cls.specs}
+DEFAULT_HANDLERS = {
+    spec: cls for cls in (NpyFrameHandler, AreaDetectorHDF5Handler) for spec in cls.specs
+}
 
 
 def read_stream_rows(uri: str, dataset: str, start: int, stop: int) -> np.ndarray:

@@ -19,9 +19,17 @@ from ..tuning import ExtremumSeeker
 from .callback import BCDIReconstructionCallback
 
 
-def rocking_scan(detector: Any, motor: Any, centre: float, width: float, num: int, *,
-                 md: dict | None = None, geometry: Geometry | dict | None = None,
-                 **bcdi_metadata: Any):
+def rocking_scan(
+    detector: Any,
+    motor: Any,
+    centre: float,
+    width: float,
+    num: int,
+    *,
+    md: dict | None = None,
+    geometry: Geometry | dict | None = None,
+    **bcdi_metadata: Any,
+):
     """A rocking curve: ``num`` frames with ``motor`` from ``centre - width/2`` to
     ``centre + width/2``, with the metadata the reconstruction callback records.
 
@@ -52,12 +60,19 @@ def rocking_scan(detector: Any, motor: Any, centre: float, width: float, num: in
     step = width / (num - 1)
     start = centre - step * (num // 2)
     stop = start + step * (num - 1)
-    bcdi = {"rocking_motor": motor.name, "detector": detector.name, "rocking_step": step,
-            "rocking_centre": centre, **bcdi_metadata}
+    bcdi = {
+        "rocking_motor": motor.name,
+        "detector": detector.name,
+        "rocking_step": step,
+        "rocking_centre": centre,
+        **bcdi_metadata,
+    }
     if geometry is not None:
         g = geometry.to_dict() if isinstance(geometry, Geometry) else dict(geometry)
-        g["sample_angles_deg"] = {**g.get("sample_angles_deg", {}),
-                                  g.get("rocking_axis", "theta"): centre}
+        g["sample_angles_deg"] = {
+            **g.get("sample_angles_deg", {}),
+            g.get("rocking_axis", "theta"): centre,
+        }
         g["rocking_step_deg"] = step
         bcdi["geometry"] = Geometry.from_dict(g).to_dict()  # a bad geometry fails here, early
     meta = {"plan_name": "rocking_scan", "bcdi": bcdi, **(md or {})}
@@ -81,8 +96,13 @@ class ReconstructionAnalysis(Device):
     chi = Cpt(Signal, value=float("nan"))
     scan_uid = Cpt(Signal, value="")
 
-    def __init__(self, *args: Any, callback: BCDIReconstructionCallback,
-                 timeout: float = 300.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        callback: BCDIReconstructionCallback,
+        timeout: float = 300.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.callback = callback
         self.timeout = timeout
@@ -93,14 +113,18 @@ class ReconstructionAnalysis(Device):
 
         def wait() -> None:
             if not self.callback.wait(self.timeout):
-                status.set_exception(TimeoutError(
-                    f"reconstruction not finished within {self.timeout} s"))
+                status.set_exception(
+                    TimeoutError(f"reconstruction not finished within {self.timeout} s")
+                )
                 return
             record = self.callback.latest()
             rec = record.recommendation if record is not None else None
             if rec is None:
-                status.set_exception(RuntimeError(
-                    "no recommendation: " + (record.message if record else "no scan yet")))
+                status.set_exception(
+                    RuntimeError(
+                        "no recommendation: " + (record.message if record else "no scan yet")
+                    )
+                )
                 return
             self.theta_center.put(rec.theta_center)
             self.theta_range.put(rec.theta_range)
@@ -116,11 +140,21 @@ class ReconstructionAnalysis(Device):
         return status
 
 
-def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis,
-                     centre: float, width: float, num: int, *, max_iterations: int = 4,
-                     tolerance_steps: float = 2.0, adjust_range: bool = False,
-                     until_converged: bool = True, md: dict | None = None,
-                     geometry: Geometry | dict | None = None):
+def closed_loop_scan(
+    detector: Any,
+    motor: Any,
+    analysis: ReconstructionAnalysis,
+    centre: float,
+    width: float,
+    num: int,
+    *,
+    max_iterations: int = 4,
+    tolerance_steps: float = 2.0,
+    adjust_range: bool = False,
+    until_converged: bool = True,
+    md: dict | None = None,
+    geometry: Geometry | dict | None = None,
+):
     """Scan, wait for the analysis, re-centre (and re-expose), until the scan is right.
 
     Each iteration runs :func:`rocking_scan`, waits for the reconstruction through
@@ -146,17 +180,33 @@ def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis
     history = []
     step = width / (num - 1)
     for i in range(max_iterations):
-        yield from rocking_scan(detector, motor, centre, width, num,
-                                md={"closed_loop_iteration": i, **(md or {})},
-                                geometry=geometry)
+        yield from rocking_scan(
+            detector,
+            motor,
+            centre,
+            width,
+            num,
+            md={"closed_loop_iteration": i, **(md or {})},
+            geometry=geometry,
+        )
         yield from bps.trigger(analysis, wait=True)
         rec = {}
-        for name in ("theta_center", "theta_range", "exposure", "peak_inside", "saturated",
-                     "chi", "scan_uid"):
+        for name in (
+            "theta_center",
+            "theta_range",
+            "exposure",
+            "peak_inside",
+            "saturated",
+            "chi",
+            "scan_uid",
+        ):
             rec[name] = yield from bps.rd(getattr(analysis, name))
         history.append({"iteration": i, "centre": centre, **rec})
-        converged = (rec["peak_inside"] and not rec["saturated"]
-                     and abs(rec["theta_center"] - centre) <= tolerance_steps * step)
+        converged = (
+            rec["peak_inside"]
+            and not rec["saturated"]
+            and abs(rec["theta_center"] - centre) <= tolerance_steps * step
+        )
         history[-1]["converged"] = bool(converged)
         if converged and until_converged:
             break
@@ -169,10 +219,20 @@ def closed_loop_scan(detector: Any, motor: Any, analysis: ReconstructionAnalysis
     return history
 
 
-def es_align(motors: Sequence[Any], bounds: Sequence[tuple[float, float]], objective: str,
-             detectors: Sequence[Any], *, iterations: int = 300, gain: float = 4.0,
-             dither: float = 0.05, decay: float = 0.999, log_objective: bool = True,
-             seed: int = 0, md: dict | None = None):
+def es_align(
+    motors: Sequence[Any],
+    bounds: Sequence[tuple[float, float]],
+    objective: str,
+    detectors: Sequence[Any],
+    *,
+    iterations: int = 300,
+    gain: float = 4.0,
+    dither: float = 0.05,
+    decay: float = 0.999,
+    log_objective: bool = True,
+    seed: int = 0,
+    md: dict | None = None,
+):
     """Align by extremum seeking: move ``motors`` to maximise a measured ``objective``.
 
     One ES step is one measurement: the plan moves the motors to the optimiser's next point,
@@ -214,13 +274,16 @@ def es_align(motors: Sequence[Any], bounds: Sequence[tuple[float, float]], objec
         start.append((yield from bps.rd(m)))
     p0 = 2 * (np.clip(start, lo, hi) - lo) / (hi - lo) - 1
     # Maximising: the ES minimises the cost, so the cost is minus the (log) objective.
-    es = ExtremumSeeker(p0, gain=gain, dither=dither, decay=decay, normalise_cost=False,
-                        seed=seed)
+    es = ExtremumSeeker(p0, gain=gain, dither=dither, decay=decay, normalise_cost=False, seed=seed)
     best = {"objective": -np.inf, "positions": list(start)}
     values: list[float] = []
-    meta = {"plan_name": "es_align", "motors": [m.name for m in motors], "objective": objective,
-            "es": {"gain": gain, "dither": dither, "decay": decay, "iterations": iterations},
-            **(md or {})}
+    meta = {
+        "plan_name": "es_align",
+        "motors": [m.name for m in motors],
+        "objective": objective,
+        "es": {"gain": gain, "dither": dither, "decay": decay, "iterations": iterations},
+        **(md or {}),
+    }
 
     # Staged for the whole run, as a scan plan does: a file-backed detector opens its file at
     # stage and refuses a trigger before it.
@@ -242,5 +305,8 @@ def es_align(motors: Sequence[Any], bounds: Sequence[tuple[float, float]], objec
         yield from bps.mv(*args)
 
     yield from inner()
-    return {"best_positions": best["positions"], "best_objective": best["objective"],
-            "objectives": values}
+    return {
+        "best_positions": best["positions"],
+        "best_objective": best["objective"],
+        "objectives": values,
+    }

@@ -68,8 +68,9 @@ class Publisher:
     def collecting(self, start_doc: dict) -> None:
         """A run started (called in the RunEngine's thread: return quickly)."""
 
-    def configure(self, settings: ReconstructionSettings,
-                  start_doc: dict) -> ReconstructionSettings | None:
+    def configure(
+        self, settings: ReconstructionSettings, start_doc: dict
+    ) -> ReconstructionSettings | None:
         """The settings for this scan (default: unchanged); None skips the scan."""
         return settings
 
@@ -114,16 +115,19 @@ def as_publisher(obj: Any) -> Publisher:
     if isinstance(obj, Publisher):
         return obj
     if not isinstance(obj, ResultConsumer):
-        raise TypeError(f"a publisher must be callable as publisher(result, start_doc), "
-                        f"got {obj!r}")
+        raise TypeError(
+            f"a publisher must be callable as publisher(result, start_doc), got {obj!r}"
+        )
     present = [hook for hook in HOOKS[:-1] if callable(getattr(obj, hook, None))]
     if not present:
         return CallablePublisher(obj)
     if len(present) == len(HOOKS) - 1:
         return obj
     missing = sorted(set(HOOKS[:-1]) - set(present))
-    raise TypeError(f"{type(obj).__name__} defines the publisher hooks {present} but not "
-                    f"{missing}: subclass bcdi_bluesky.beamline.Publisher")
+    raise TypeError(
+        f"{type(obj).__name__} defines the publisher hooks {present} but not "
+        f"{missing}: subclass bcdi_bluesky.beamline.Publisher"
+    )
 
 
 #: A document consumer, ``emit(name, doc)`` (a RunEngine dispatcher, a databroker/tiled
@@ -156,17 +160,19 @@ class DerivedRunPublisher(Publisher):
 
     def __call__(self, result, start_doc: dict) -> str:
         """Emit the derived run; returns its uid."""
-        bundle = compose_run(metadata={
-            "parent_uid": start_doc["uid"],
-            "parent_scan_id": start_doc.get("scan_id"),
-            "plan_name": DERIVED_PLAN_NAME,
-            "model": result.model_name,
-            "provider": result.provider,
-            "refine": result.refine,
-            "parameter_names": list(result.crystal_model.names),
-            "quality": result.quality,
-            "quality_reasons": list(result.quality_reasons),
-        })
+        bundle = compose_run(
+            metadata={
+                "parent_uid": start_doc["uid"],
+                "parent_scan_id": start_doc.get("scan_id"),
+                "plan_name": DERIVED_PLAN_NAME,
+                "model": result.model_name,
+                "provider": result.provider,
+                "refine": result.refine,
+                "parameter_names": list(result.crystal_model.names),
+                "quality": result.quality,
+                "quality_reasons": list(result.quality_reasons),
+            }
+        )
         self.emit("start", bundle.start_doc)
         amp = central_slices(np.abs(result.object))
         phase = central_slices(np.where(result.support, np.angle(result.object), 0.0))
@@ -177,8 +183,9 @@ class DerivedRunPublisher(Publisher):
             "quality_reasons": "; ".join(result.quality_reasons),
             "params": np.asarray(result.params, dtype=np.float64).tolist(),
             "support_voxels": int(result.support.sum()),
-            "latent_distance": float(result.latent_distance if result.latent_distance
-                                     is not None else np.nan),
+            "latent_distance": float(
+                result.latent_distance if result.latent_distance is not None else np.nan
+            ),
             "out_of_distribution": int(result.out_of_distribution),
             **{f"time_{k}": float(v) for k, v in result.timings.items()},
             **{f"amp_{k}": v.astype(np.float32).tolist() for k, v in amp.items()},
@@ -187,9 +194,19 @@ class DerivedRunPublisher(Publisher):
         physical = getattr(result, "physical", None)
         if physical is not None:
             figures = physical.summary()
-            data.update({key: figures[key] for key in (
-                "crystal_volume_nm3", "crystal_extents_nm", "strain_rms",
-                "displacement_rms_nm", "q_bragg_inv_nm", "voxel_size_nm")})
+            data.update(
+                {
+                    key: figures[key]
+                    for key in (
+                        "crystal_volume_nm3",
+                        "crystal_extents_nm",
+                        "strain_rms",
+                        "displacement_rms_nm",
+                        "q_bragg_inv_nm",
+                        "voxel_size_nm",
+                    )
+                }
+            )
         keys = {}
         for key, value in data.items():
             shape = list(np.shape(value))

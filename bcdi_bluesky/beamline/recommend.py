@@ -33,9 +33,14 @@ class Recommendation:
         return asdict(self)
 
 
-def recommend(volume: np.ndarray, thetas: np.ndarray, exposure: float | None = None,
-              max_count: float | None = None, target_fraction: float = 0.5,
-              range_per_fwhm: float = 16.0) -> Recommendation:
+def recommend(
+    volume: np.ndarray,
+    thetas: np.ndarray,
+    exposure: float | None = None,
+    max_count: float | None = None,
+    target_fraction: float = 0.5,
+    range_per_fwhm: float = 16.0,
+) -> Recommendation:
     """Recommend the next scan from a rocking scan's frames.
 
     Parameters
@@ -95,8 +100,9 @@ def recommend(volume: np.ndarray, thetas: np.ndarray, exposure: float | None = N
     else:
         factor = target_fraction * max_count / max(brightest, 1.0)
         new_exposure = exposure * float(np.clip(factor, 0.1, 10.0))
-    return Recommendation(centre, new_range, new_exposure, bool(peak_inside), bool(saturated),
-                          brightest, fwhm)
+    return Recommendation(
+        centre, new_range, new_exposure, bool(peak_inside), bool(saturated), brightest, fwhm
+    )
 
 
 def annotate_result(result, start: dict, recommendation: Recommendation | None = None) -> None:
@@ -106,6 +112,8 @@ def annotate_result(result, start: dict, recommendation: Recommendation | None =
     physical = getattr(result, "physical", None)
     voxel = None if physical is None else physical.voxel_size_nm
     result.metadata.update(
-        uid=start.get("uid"), scan_id=start.get("scan_id"),
+        uid=start.get("uid"),
+        scan_id=start.get("scan_id"),
         recommendation=None if recommendation is None else recommendation.as_dict(),
-        voxel_size_nm=None if voxel is None else np.asarray(voxel).tolist())
+        voxel_size_nm=None if voxel is None else np.asarray(voxel).tolist(),
+    )

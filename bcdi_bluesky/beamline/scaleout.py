@@ -75,8 +75,9 @@ def warm_reconstructor(spec: ReconstructorSpec) -> Reconstructor:
         if reconstructor is None:
             from ..pipeline import Reconstructor
 
-            reconstructor = Reconstructor(spec.model_path, providers=spec.providers,
-                                          threads=spec.threads)
+            reconstructor = Reconstructor(
+                spec.model_path, providers=spec.providers, threads=spec.threads
+            )
             _cache[spec] = reconstructor
         return reconstructor
 
@@ -86,23 +87,30 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def reconstruct_volume(spec: ReconstructorSpec, volume: np.ndarray, refine: str,
-                       settings: ReconstructionSettings | None = None,
-                       mask: np.ndarray | None = None, **options: Any) -> ReconstructionResult:
+def reconstruct_volume(
+    spec: ReconstructorSpec,
+    volume: np.ndarray,
+    refine: str,
+    settings: ReconstructionSettings | None = None,
+    mask: np.ndarray | None = None,
+    **options: Any,
+) -> ReconstructionResult:
     """The task an executor runs: reconstruct ``volume`` with this process's warm model.
 
     ``options`` go to :meth:`~bcdi_bluesky.pipeline.Reconstructor.reconstruct` (the scan's
     ``geometry``). The result's ``metadata["worker"]`` names the process that made it.
     Progress hooks do not cross process boundaries, so none is called.
     """
-    result = warm_reconstructor(spec).reconstruct(volume, mask, refine=refine,
-                                                  settings=settings, **options)
+    result = warm_reconstructor(spec).reconstruct(
+        volume, mask, refine=refine, settings=settings, **options
+    )
     result.metadata["worker"] = worker_name()
     return result
 
 
-def dask_executor(client: Any, spec: ReconstructorSpec | None = None, *,
-                  resources: dict[str, float] | None = None) -> Executor:
+def dask_executor(
+    client: Any, spec: ReconstructorSpec | None = None, *, resources: dict[str, float] | None = None
+) -> Executor:
     """A ``concurrent.futures`` executor on a Dask cluster, with warm workers.
 
     Parameters

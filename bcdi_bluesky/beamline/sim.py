@@ -47,13 +47,23 @@ class HiddenCrystal:
         Use these crystal parameters instead of drawing them.
     """
 
-    def __init__(self, seed: int = 0, n: int = 64, photons: float = 1e8,
-                 bragg_theta: float = 20.0, misalignment: float = 0.0, step: float = 0.005,
-                 params: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        n: int = 64,
+        photons: float = 1e8,
+        bragg_theta: float = 20.0,
+        misalignment: float = 0.0,
+        step: float = 0.005,
+        params: np.ndarray | None = None,
+    ) -> None:
         self.model = CrystalModel(n=n)
         prior = CrystalPrior(self.model)
-        self.params = (prior.sample(np.random.default_rng(seed)) if params is None
-                       else self.model.clip(np.asarray(params, dtype=np.float64)))
+        self.params = (
+            prior.sample(np.random.default_rng(seed))
+            if params is None
+            else self.model.clip(np.asarray(params, dtype=np.float64))
+        )
         self.photons = float(photons)
         self.bragg_theta = float(bragg_theta)
         self.misalignment = float(misalignment)
@@ -110,9 +120,17 @@ class BCDIDetector(Device):
     transmission = Cpt(Signal, value=1.0, kind="config")
     max_count = Cpt(Signal, value=65535.0, kind="config")
 
-    def __init__(self, *args, crystal: HiddenCrystal, motor: SynAxis,
-                 frame_shape: tuple[int, int] = (96, 96), background: float = 0.05,
-                 seed: int = 0, illumination=None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        crystal: HiddenCrystal,
+        motor: SynAxis,
+        frame_shape: tuple[int, int] = (96, 96),
+        background: float = 0.05,
+        seed: int = 0,
+        illumination=None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.crystal = crystal
         self.motor = motor
@@ -135,7 +153,7 @@ class BCDIDetector(Device):
         expected = np.full(self.frame_shape, self.background * float(self.exposure.get()))
         n = self.crystal.model.n
         r0, c0 = (self.frame_shape[0] - n) // 2, (self.frame_shape[1] - n) // 2
-        expected[r0:r0 + n, c0:c0 + n] += t * self.crystal.expected_slice(theta)
+        expected[r0 : r0 + n, c0 : c0 + n] += t * self.crystal.expected_slice(theta)
         counts = self._rng.poisson(expected).astype(np.float32)
         return np.minimum(counts, np.float32(self.max_count.get()))
 
@@ -174,9 +192,19 @@ class FileBackedBCDIDetector(BCDIDetector):
         self._stem = uuid.uuid4().hex[:12]
         self._resource_uid = str(uuid.uuid4())
         self._counter = itertools.count()
-        self._asset_docs.append(("resource", {
-            "uid": self._resource_uid, "spec": "BCDI_NPY_FRAME", "root": self.save_path,
-            "resource_path": self._stem, "resource_kwargs": {}, "path_semantics": "posix"}))
+        self._asset_docs.append(
+            (
+                "resource",
+                {
+                    "uid": self._resource_uid,
+                    "spec": "BCDI_NPY_FRAME",
+                    "root": self.save_path,
+                    "resource_path": self._stem,
+                    "resource_kwargs": {},
+                    "path_semantics": "posix",
+                },
+            )
+        )
         return super().stage()
 
     def unstage(self):
@@ -190,9 +218,16 @@ class FileBackedBCDIDetector(BCDIDetector):
         index = next(self._counter)
         np.save(os.path.join(self.save_path, f"{self._stem}_{index}.npy"), self.image.get())
         self._datum_id = f"{self._resource_uid}/{index}"
-        self._asset_docs.append(("datum", {"resource": self._resource_uid,
-                                           "datum_id": self._datum_id,
-                                           "datum_kwargs": {"index": index}}))
+        self._asset_docs.append(
+            (
+                "datum",
+                {
+                    "resource": self._resource_uid,
+                    "datum_id": self._datum_id,
+                    "datum_kwargs": {"index": index},
+                },
+            )
+        )
         return status
 
     def collect_asset_docs(self):
@@ -208,8 +243,12 @@ class FileBackedBCDIDetector(BCDIDetector):
     def describe(self):
         out = super().describe()
         key = f"{self.name}_image"
-        out[key] = {**out[key], "external": "FILESTORE:", "dtype": "array",
-                    "shape": list(self.frame_shape)}
+        out[key] = {
+            **out[key],
+            "external": "FILESTORE:",
+            "dtype": "array",
+            "shape": list(self.frame_shape),
+        }
         return out
 
 
@@ -240,9 +279,13 @@ class HDF5StreamBCDIDetector(BCDIDetector):
         self._resource_uid = str(uuid.uuid4())
         self._path = os.path.join(self.save_path, f"{self._resource_uid}.h5")
         self._file = h5py.File(self._path, "w", libver="latest")
-        self._file.create_dataset(self.dataset, shape=(0, *self.frame_shape),
-                                  maxshape=(None, *self.frame_shape), dtype="float32",
-                                  chunks=(1, *self.frame_shape))
+        self._file.create_dataset(
+            self.dataset,
+            shape=(0, *self.frame_shape),
+            maxshape=(None, *self.frame_shape),
+            dtype="float32",
+            chunks=(1, *self.frame_shape),
+        )
         self._announced = False
         return super().stage()
 
@@ -264,14 +307,33 @@ class HDF5StreamBCDIDetector(BCDIDetector):
         self._file.flush()
         if not self._announced:
             self._announced = True
-            self._asset_docs.append(("stream_resource", {
-                "uid": self._resource_uid, "data_key": f"{self.name}_image",
-                "mimetype": "application/x-hdf5", "uri": f"file://localhost{self._path}",
-                "parameters": {"dataset": self.dataset, "chunk_shape": [1, *self.frame_shape]}}))
-        self._asset_docs.append(("stream_datum", {
-            "uid": f"{self._resource_uid}/{index}", "stream_resource": self._resource_uid,
-            "descriptor": "", "indices": {"start": index, "stop": index + 1},
-            "seq_nums": {"start": 0, "stop": 0}}))
+            self._asset_docs.append(
+                (
+                    "stream_resource",
+                    {
+                        "uid": self._resource_uid,
+                        "data_key": f"{self.name}_image",
+                        "mimetype": "application/x-hdf5",
+                        "uri": f"file://localhost{self._path}",
+                        "parameters": {
+                            "dataset": self.dataset,
+                            "chunk_shape": [1, *self.frame_shape],
+                        },
+                    },
+                )
+            )
+        self._asset_docs.append(
+            (
+                "stream_datum",
+                {
+                    "uid": f"{self._resource_uid}/{index}",
+                    "stream_resource": self._resource_uid,
+                    "descriptor": "",
+                    "indices": {"start": index, "stop": index + 1},
+                    "seq_nums": {"start": 0, "stop": 0},
+                },
+            )
+        )
         return status
 
     def collect_asset_docs(self):
@@ -286,8 +348,13 @@ class HDF5StreamBCDIDetector(BCDIDetector):
     def describe(self):
         out = super().describe()
         key = f"{self.name}_image"
-        out[key] = {**out[key], "external": "STREAM:", "dtype": "array",
-                    "dtype_numpy": np.dtype("float32").str, "shape": list(self.frame_shape)}
+        out[key] = {
+            **out[key],
+            "external": "STREAM:",
+            "dtype": "array",
+            "dtype_numpy": np.dtype("float32").str,
+            "shape": list(self.frame_shape),
+        }
         return out
 
 
@@ -320,9 +387,16 @@ class SimulatedBeamline:
         ``rocking_scan(..., geometry=beamline.geometry)`` writes it to the start document.
     """
 
-    def __init__(self, seed: int = 0, misalignment: float = 0.0, frame_shape=(96, 96),
-                 file_backed: bool | str = False, save_path: str | None = None,
-                 beam_centre: tuple[float, float] = (0.0, 0.0), **crystal_kwargs) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        misalignment: float = 0.0,
+        frame_shape=(96, 96),
+        file_backed: bool | str = False,
+        save_path: str | None = None,
+        beam_centre: tuple[float, float] = (0.0, 0.0),
+        **crystal_kwargs,
+    ) -> None:
         self.crystal = HiddenCrystal(seed=seed, misalignment=misalignment, **crystal_kwargs)
         self.theta = SynAxis(name="theta", value=self.crystal.bragg_theta)
         # Sample stage: the crystal sits in a Gaussian beam (sigma 1 um) centred at
@@ -331,9 +405,14 @@ class SimulatedBeamline:
         self.sample_y = SynAxis(name="sample_y", value=0.0)
         self.beam_centre = np.array(beam_centre, dtype=float)
         self.beam_sigma = 1.0
-        common = {"name": "det", "crystal": self.crystal, "motor": self.theta,
-                  "frame_shape": frame_shape, "seed": seed + 1,
-                  "illumination": self.illumination}
+        common = {
+            "name": "det",
+            "crystal": self.crystal,
+            "motor": self.theta,
+            "frame_shape": frame_shape,
+            "seed": seed + 1,
+            "illumination": self.illumination,
+        }
         if file_backed == "hdf5":
             self.det = HDF5StreamBCDIDetector(save_path=save_path, **common)
         elif file_backed:
@@ -342,8 +421,13 @@ class SimulatedBeamline:
             self.det = BCDIDetector(**common)
         self.geometry = self.make_geometry()
 
-    def make_geometry(self, energy_kev: float = 9.0, detector_distance_m: float = 1.0,
-                      pixel_size_m: float = 55e-6, gamma_deg: float = 10.0) -> Geometry:
+    def make_geometry(
+        self,
+        energy_kev: float = 9.0,
+        detector_distance_m: float = 1.0,
+        pixel_size_m: float = 55e-6,
+        gamma_deg: float = 10.0,
+    ) -> Geometry:
         """A ``generic`` geometry for this beamline: the rocking ``theta`` at the nominal Bragg
         angle, the detector arm at ``2 theta_B`` split into an in-plane ``delta`` and an
         out-of-plane ``gamma`` (which tilts Q out of the horizontal plane and shears the
@@ -353,12 +437,16 @@ class SimulatedBeamline:
         gamma = np.deg2rad(gamma_deg)
         # cos(2 theta) = cos(delta) cos(gamma) puts the arm on the Bragg angle.
         delta = np.rad2deg(np.arccos(np.cos(two_theta) / np.cos(gamma)))
-        return Geometry(beamline="generic", energy_kev=energy_kev,
-                        detector_distance_m=detector_distance_m,
-                        pixel_size_m=(pixel_size_m, pixel_size_m),
-                        sample_angles_deg={"theta": self.crystal.bragg_theta},
-                        detector_angles_deg={"delta": float(delta), "gamma": gamma_deg},
-                        rocking_axis="theta", rocking_step_deg=self.crystal.step)
+        return Geometry(
+            beamline="generic",
+            energy_kev=energy_kev,
+            detector_distance_m=detector_distance_m,
+            pixel_size_m=(pixel_size_m, pixel_size_m),
+            sample_angles_deg={"theta": self.crystal.bragg_theta},
+            detector_angles_deg={"delta": float(delta), "gamma": gamma_deg},
+            rocking_axis="theta",
+            rocking_step_deg=self.crystal.step,
+        )
 
     def illumination(self) -> float:
         """Fraction of the beam's peak flux on the crystal at the sample stage's readbacks."""

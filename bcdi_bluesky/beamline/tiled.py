@@ -50,8 +50,7 @@ def connect(url: str, api_key: str | None = None) -> Any:
     try:
         return from_uri(url, api_key=api_key, remember_me=False)
     except Exception as exc:  # httpx and tiled raise several kinds; all mean "cannot use it"
-        raise DataError(f"cannot connect to Tiled at {url}: {type(exc).__name__}: {exc}"
-                        ) from None
+        raise DataError(f"cannot connect to Tiled at {url}: {type(exc).__name__}: {exc}") from None
 
 
 @dataclass
@@ -69,8 +68,9 @@ def is_derived(start: dict) -> bool:
     return "parent_uid" in start
 
 
-def recent_runs(client: Any, last: int, stream_name: str = "primary",
-                image_key: str = "det_image") -> list[str]:
+def recent_runs(
+    client: Any, last: int, stream_name: str = "primary", image_key: str = "det_image"
+) -> list[str]:
     """The uids of the ``last`` most recent completed raw runs with frames, oldest first.
 
     Derived runs (a ``parent_uid`` in their start) and runs without a stop document or
@@ -96,8 +96,13 @@ def recent_runs(client: Any, last: int, stream_name: str = "primary",
     return uids[::-1]
 
 
-def read_run(client: Any, uid: str, image_key: str = "det_image", motor_key: str = "theta",
-             stream_name: str = "primary") -> TiledRun:
+def read_run(
+    client: Any,
+    uid: str,
+    image_key: str = "det_image",
+    motor_key: str = "theta",
+    stream_name: str = "primary",
+) -> TiledRun:
     """Read the frames and rocking angles of run ``uid`` through Tiled.
 
     Raises
@@ -123,11 +128,12 @@ def read_run(client: Any, uid: str, image_key: str = "det_image", motor_key: str
         frames = np.asarray(stream[image_key].read(), dtype=np.float32)
         thetas = np.asarray(stream[motor_key].read(), dtype=np.float64)
     except Exception as exc:  # the server could not read a file, the connection broke...
-        raise DataError(f"run {uid}: cannot read the frames: {type(exc).__name__}: {exc}"
-                        ) from None
+        raise DataError(f"run {uid}: cannot read the frames: {type(exc).__name__}: {exc}") from None
     if frames.ndim != 3 or frames.shape[0] != thetas.shape[0] or frames.shape[0] == 0:
-        raise DataError(f"run {uid}: {frames.shape[0] if frames.ndim else 0} frames of shape "
-                        f"{frames.shape[1:]} for {thetas.shape[0]} rocking angles")
+        raise DataError(
+            f"run {uid}: {frames.shape[0] if frames.ndim else 0} frames of shape "
+            f"{frames.shape[1:]} for {thetas.shape[0]} rocking angles"
+        )
     order = np.argsort(thetas, kind="stable")
     return TiledRun(uid, start, frames[order], thetas[order])
 
@@ -150,11 +156,20 @@ class Outcome:
     error: str = ""
 
 
-def reprocess(client: Any, uids: Sequence[str], executor: Executor,
-              spec: ReconstructorSpec | None = None, *, refine: str = "full",
-              settings: ReconstructionSettings | None = None, image_key: str = "det_image",
-              motor_key: str = "theta", stream_name: str = "primary", window: int = 4,
-              timeout: float | None = 3600.0) -> Iterator[Outcome]:
+def reprocess(
+    client: Any,
+    uids: Sequence[str],
+    executor: Executor,
+    spec: ReconstructorSpec | None = None,
+    *,
+    refine: str = "full",
+    settings: ReconstructionSettings | None = None,
+    image_key: str = "det_image",
+    motor_key: str = "theta",
+    stream_name: str = "primary",
+    window: int = 4,
+    timeout: float | None = 3600.0,
+) -> Iterator[Outcome]:
     """Reconstruct Tiled runs on ``executor``; yield one :class:`Outcome` per uid, in order.
 
     Up to ``window`` runs are read and in the executor's hands at once (memory stays bounded
@@ -184,8 +199,14 @@ def reprocess(client: Any, uids: Sequence[str], executor: Executor,
         except DataError as exc:
             pending.append((uid, {"uid": uid}, None, str(exc)))
         else:
-            pending.append((uid, run.start, executor.submit(
-                reconstruct_volume, spec, run.volume, refine, settings), ""))
+            pending.append(
+                (
+                    uid,
+                    run.start,
+                    executor.submit(reconstruct_volume, spec, run.volume, refine, settings),
+                    "",
+                )
+            )
         while len(pending) >= max(window, 1):
             yield settle(*pending.pop(0))
     while pending:
@@ -232,9 +253,13 @@ class RunFollower:
         self.close()
 
 
-def run_documents(client: Any, uid: str, image_key: str = "det_image",
-                  motor_key: str = "theta",
-                  stream_name: str = "primary") -> Iterator[tuple[str, dict]]:
+def run_documents(
+    client: Any,
+    uid: str,
+    image_key: str = "det_image",
+    motor_key: str = "theta",
+    stream_name: str = "primary",
+) -> Iterator[tuple[str, dict]]:
     """The documents of a stored run, with the frames read through Tiled inside the events.
 
     Start and stop are the stored ones; the descriptor is the stored one of ``stream_name``
@@ -244,24 +269,40 @@ def run_documents(client: Any, uid: str, image_key: str = "det_image",
     data = read_run(client, uid, image_key, motor_key, stream_name)
     run = client[uid]
     stored = [dict(d) for d in run.descriptors if d.get("name", "primary") == stream_name]
-    descriptor = dict(stored[0]) if stored else {"configuration": {}, "hints": {},
-                                                 "object_keys": {}}
+    descriptor = (
+        dict(stored[0]) if stored else {"configuration": {}, "hints": {}, "object_keys": {}}
+    )
     keys = dict(descriptor.get("data_keys", {}))
-    keys[image_key] = {"source": "tiled", "dtype": "array", "dtype_numpy": "<f4",
-                       "shape": list(data.volume.shape[1:])}
-    keys[motor_key] = dict(keys.get(motor_key, {"source": "tiled", "dtype": "number",
-                                                "shape": []}))
-    descriptor.update(uid=f"{uid}-{stream_name}-replay", run_start=uid, name=stream_name,
-                      time=descriptor.get("time", time.time()),
-                      data_keys={image_key: keys[image_key], motor_key: keys[motor_key]})
+    keys[image_key] = {
+        "source": "tiled",
+        "dtype": "array",
+        "dtype_numpy": "<f4",
+        "shape": list(data.volume.shape[1:]),
+    }
+    keys[motor_key] = dict(keys.get(motor_key, {"source": "tiled", "dtype": "number", "shape": []}))
+    descriptor.update(
+        uid=f"{uid}-{stream_name}-replay",
+        run_start=uid,
+        name=stream_name,
+        time=descriptor.get("time", time.time()),
+        data_keys={image_key: keys[image_key], motor_key: keys[motor_key]},
+    )
     yield "start", data.start
     yield "descriptor", descriptor
     for k, (frame, theta) in enumerate(zip(data.volume, data.thetas, strict=True)):
         now = time.time()
-        yield "event", {"uid": f"{descriptor['uid']}-{k + 1}", "descriptor": descriptor["uid"],
-                        "seq_num": k + 1, "time": now, "filled": {},
-                        "data": {image_key: frame, motor_key: float(theta)},
-                        "timestamps": {image_key: now, motor_key: now}}
+        yield (
+            "event",
+            {
+                "uid": f"{descriptor['uid']}-{k + 1}",
+                "descriptor": descriptor["uid"],
+                "seq_num": k + 1,
+                "time": now,
+                "filled": {},
+                "data": {image_key: frame, motor_key: float(theta)},
+                "timestamps": {image_key: now, motor_key: now},
+            },
+        )
     yield "stop", dict(run.metadata["stop"])
 
 
@@ -275,8 +316,13 @@ class TiledRunSource:
     logged and passed over.
     """
 
-    def __init__(self, client: Any, image_key: str = "det_image", motor_key: str = "theta",
-                 stream_name: str = "primary") -> None:
+    def __init__(
+        self,
+        client: Any,
+        image_key: str = "det_image",
+        motor_key: str = "theta",
+        stream_name: str = "primary",
+    ) -> None:
         self.client = client
         self.keys = (image_key, motor_key, stream_name)
         self._consumers: list[Callable[[str, dict], Any]] = []
@@ -324,6 +370,5 @@ def wait_for_server(url: str, timeout: float = 30.0) -> None:
                 return
         except OSError as exc:
             if time.monotonic() > deadline:
-                raise DataError(f"no Tiled server at {url} after {timeout:g} s: {exc}"
-                                ) from None
+                raise DataError(f"no Tiled server at {url} after {timeout:g} s: {exc}") from None
             time.sleep(0.2)

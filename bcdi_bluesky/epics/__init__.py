@@ -14,6 +14,16 @@ from .ioc import (
     summary_values,
 )
 
-__all__ = ["QUALITY", "STATUS", "IOCPublisher", "IOCServer", "ReconstructionIOC", "WriteAccess",
-           "loopback_environment", "pv_table", "result_values", "screen_images",
-           "summary_values"]
+__all__ = [
+    "QUALITY",
+    "STATUS",
+    "IOCPublisher",
+    "IOCServer",
+    "ReconstructionIOC",
+    "WriteAccess",
+    "loopback_environment",
+    "pv_table",
+    "result_values",
+    "screen_images",
+    "summary_values",
+]

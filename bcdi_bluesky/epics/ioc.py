@@ -45,8 +45,11 @@ log = logging.getLogger(__name__)
 STATUS = ("Idle", "Collecting", "Reconstructing", "Refining", "Done", "Error")
 #: States of the ``Quality`` PV: a result's own grade, or unknown.
 QUALITY = ("good", "fair", "poor", "unknown")
-QUALITY_SEVERITY = {"good": AlarmSeverity.NO_ALARM, "fair": AlarmSeverity.MINOR_ALARM,
-                    "poor": AlarmSeverity.MAJOR_ALARM}
+QUALITY_SEVERITY = {
+    "good": AlarmSeverity.NO_ALARM,
+    "fair": AlarmSeverity.MINOR_ALARM,
+    "poor": AlarmSeverity.MAJOR_ALARM,
+}
 #: Side of the square slice images (pixels): the crystal's central planes, zoomed on it.
 IMAGE_SIZE = 64
 MAX_HISTORY = 2000
@@ -76,8 +79,9 @@ class WriteAccess:
     hosts: frozenset[str] | None = None
 
     @classmethod
-    def from_options(cls, read_only: bool = False,
-                     write_hosts: str | Sequence[str] | None = None) -> WriteAccess:
+    def from_options(
+        cls, read_only: bool = False, write_hosts: str | Sequence[str] | None = None
+    ) -> WriteAccess:
         """From the command line's ``--read-only`` and ``--write-hosts HOST[,HOST...]``."""
         if write_hosts is None:
             return cls(read_only=read_only)
@@ -136,13 +140,15 @@ class _Audited(PvpropertyData):
             rights &= ~AccessRights.WRITE
         return rights
 
-    async def auth_write(self, hostname, username, data, data_type, metadata, *, flags=0,
-                         user_address=None):
+    async def auth_write(
+        self, hostname, username, data, data_type, metadata, *, flags=0, user_address=None
+    ):
         who = f"{username}@{hostname}"
         if AccessRights.WRITE not in self.check_access(hostname, username):
             reason = "read-only PV" if self.pvspec.read_only else self.ioc.access.describe()
-            return await self._refuse(data, who, reason, AlarmStatus.WRITE_ACCESS,
-                                      CAStatus.ECA_NOWTACCESS)
+            return await self._refuse(
+                data, who, reason, AlarmStatus.WRITE_ACCESS, CAStatus.ECA_NOWTACCESS
+            )
         before = self.value
         try:
             if self.data_type == ChannelType.LONG:
@@ -150,18 +156,17 @@ class _Audited(PvpropertyData):
             await self.write_from_dbr(data, data_type, metadata, flags=flags)
         except Exception as exc:  # a bad value of any kind: the client gets ECA_PUTFAIL
             reason = str(exc) or type(exc).__name__
-            return await self._refuse(data, who, reason, AlarmStatus.WRITE,
-                                      CAStatus.ECA_PUTFAIL)
+            return await self._refuse(data, who, reason, AlarmStatus.WRITE, CAStatus.ECA_PUTFAIL)
         if self.setting:
             await self.alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
             self.ioc.note_put(self)
         log.info("%s = %s (was %s), put by %s", self.full_name, self.value, before, who)
         return True
 
-    async def _refuse(self, data, who: str, reason: str, status: AlarmStatus,
-                      ca_status: CAStatus) -> CAStatus:
-        log.warning("%s: put of %s by %s refused: %s", self.full_name, _shown(data), who,
-                    reason)
+    async def _refuse(
+        self, data, who: str, reason: str, status: AlarmStatus, ca_status: CAStatus
+    ) -> CAStatus:
+        log.warning("%s: put of %s by %s refused: %s", self.full_name, _shown(data), who, reason)
         if self.setting:
             await self.alarm.write(status=status, severity=AlarmSeverity.MAJOR_ALARM)
         return ca_status
@@ -172,8 +177,9 @@ def _check_whole_numbers(data: Any, data_type: ChannelType) -> None:
     any check could see it); integers arrive as such."""
     kind = native_type(data_type)
     if kind == ChannelType.STRING:
-        numbers = np.array([float(v.decode() if isinstance(v, bytes) else v)
-                            for v in np.ravel(data)])
+        numbers = np.array(
+            [float(v.decode() if isinstance(v, bytes) else v) for v in np.ravel(data)]
+        )
     elif kind in (ChannelType.DOUBLE, ChannelType.FLOAT):
         numbers = np.asarray(data, dtype=np.float64)
     else:
@@ -185,8 +191,7 @@ def _check_whole_numbers(data: Any, data_type: ChannelType) -> None:
 def _shown(data: Any) -> str:
     """A short text of a put's payload for the log."""
     values = list(np.ravel(np.asarray(data, dtype=object)))[:4]
-    text = ", ".join(v.decode(errors="replace") if isinstance(v, bytes) else str(v)
-                     for v in values)
+    text = ", ".join(v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values)
     return text[:80]
 
 
@@ -214,18 +219,32 @@ class _SettingDouble(_Audited, PvpropertyDouble):
     setting = True
 
 
-def _setting(name: str, value: float, low: float, high: float, integer: bool = False,
-             **kwargs: Any) -> pvproperty:
+def _setting(
+    name: str, value: float, low: float, high: float, integer: bool = False, **kwargs: Any
+) -> pvproperty:
     """A writable setting within [low, high] (caproto's control limits), with its own alarm
     group (PVs of a PVGroup otherwise share one alarm: a refused put would light up every PV,
     and a Status write would clear it)."""
     if integer:
-        return pvproperty(name=name, value=int(value), dtype=_SettingInteger,
-                          lower_ctrl_limit=int(low), upper_ctrl_limit=int(high), alarm_group=name,
-                          **kwargs)
-    return pvproperty(name=name, value=float(value), dtype=_SettingDouble, precision=3,
-                      lower_ctrl_limit=float(low), upper_ctrl_limit=float(high),
-                      alarm_group=name, **kwargs)
+        return pvproperty(
+            name=name,
+            value=int(value),
+            dtype=_SettingInteger,
+            lower_ctrl_limit=int(low),
+            upper_ctrl_limit=int(high),
+            alarm_group=name,
+            **kwargs,
+        )
+    return pvproperty(
+        name=name,
+        value=float(value),
+        dtype=_SettingDouble,
+        precision=3,
+        lower_ctrl_limit=float(low),
+        upper_ctrl_limit=float(high),
+        alarm_group=name,
+        **kwargs,
+    )
 
 
 def _reading(name: str, value: Any = 0.0, **kwargs: Any) -> pvproperty:
@@ -234,9 +253,13 @@ def _reading(name: str, value: Any = 0.0, **kwargs: Any) -> pvproperty:
 
 
 def _image(plane: str, what: str, doc: str) -> pvproperty:
-    return _reading(f"{what}:{plane}", np.zeros(IMAGE_SIZE * IMAGE_SIZE, dtype=np.float32),
-                    dtype=ChannelType.FLOAT, max_length=IMAGE_SIZE * IMAGE_SIZE,
-                    doc=f"{doc}, central {plane} plane (flattened, row-major)")
+    return _reading(
+        f"{what}:{plane}",
+        np.zeros(IMAGE_SIZE * IMAGE_SIZE, dtype=np.float32),
+        dtype=ChannelType.FLOAT,
+        max_length=IMAGE_SIZE * IMAGE_SIZE,
+        doc=f"{doc}, central {plane} plane (flattened, row-major)",
+    )
 
 
 def _finite_limit(field: str, linked: str):
@@ -289,31 +312,51 @@ def _settings_group() -> type[PVGroup]:
     value, control limits, units and help of each come from the settings object."""
     info = {i.name: i for i in ReconstructionSettings.fields_info()}
     attrs: dict[str, Any] = {
-        "Enable": _setting("Enable", 1, 0, 1, integer=True,
-                           doc="0 skips reconstructions"),
-        "ES_Enable": _setting("ES:Enable", 1, 0, 1, integer=True,
-                              doc="0 skips the refinement: odd-shape search and ES"),
+        "Enable": _setting("Enable", 1, 0, 1, integer=True, doc="0 skips reconstructions"),
+        "ES_Enable": _setting(
+            "ES:Enable",
+            1,
+            0,
+            1,
+            integer=True,
+            doc="0 skips the refinement: odd-shape search and ES",
+        ),
     }
     name, (coarse, fine) = ES_MAX_ITER
     attrs[_attr(name)] = _setting(
-        name, info[coarse].default + info[fine].default, 0, info[coarse].high + info[fine].high,
-        integer=True, doc=f"ES steps: {coarse} + {fine}, split as in the running settings")
+        name,
+        info[coarse].default + info[fine].default,
+        0,
+        info[coarse].high + info[fine].high,
+        integer=True,
+        doc=f"ES steps: {coarse} + {fine}, split as in the running settings",
+    )
     for field, pv_name in SETTING_PVS.items():
         i = info[field]
         low, high = (0, 1) if i.kind is bool else (i.low, i.high)
-        attrs[_attr(pv_name)] = _setting(pv_name, i.default, low, high,
-                                         integer=i.kind is not float, units=i.units,
-                                         doc=f"{field}: {i.doc}")
+        attrs[_attr(pv_name)] = _setting(
+            pv_name,
+            i.default,
+            low,
+            high,
+            integer=i.kind is not float,
+            units=i.units,
+            doc=f"{field}: {i.doc}",
+        )
     return type("ReconstructionSettingsPVs", (PVGroup,), attrs)
 
 
 def _latency_group() -> type[PVGroup]:
     """``Latency:<Stage>``: seconds of each stage (the result's ``timings`` keys)."""
-    attrs = {stage.capitalize(): _reading(stage.capitalize(), units="s", precision=3,
-                                          doc=f"seconds of the {stage} stage")
-             for stage in TIMED_STAGES[:-1]}
-    attrs["Total"] = _reading("Total", units="s", precision=3,
-                              doc="seconds of the whole reconstruction")
+    attrs = {
+        stage.capitalize(): _reading(
+            stage.capitalize(), units="s", precision=3, doc=f"seconds of the {stage} stage"
+        )
+        for stage in TIMED_STAGES[:-1]
+    }
+    attrs["Total"] = _reading(
+        "Total", units="s", precision=3, doc="seconds of the whole reconstruction"
+    )
     return type("LatencyPVs", (PVGroup,), attrs)
 
 
@@ -331,23 +374,41 @@ class ReconstructionIOC(PVGroup):
         Who may put the settings (default: any client).
     """
 
-    Status = pvproperty(value=STATUS[0], enum_strings=STATUS, dtype=ChannelType.ENUM,
-                        read_only=True, alarm_group="Status",
-                        doc="Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm)")
-    StatusMsg = pvproperty(value="", dtype=ChannelType.CHAR, max_length=1024,
-                           report_as_string=True, read_only=True,
-                           doc="what is happening, or why it failed (long string)")
-    ScanUID = _reading("ScanUID", "", dtype=ChannelType.STRING,
-                       doc="uid of the scan shown (first 39 characters)")
+    Status = pvproperty(
+        value=STATUS[0],
+        enum_strings=STATUS,
+        dtype=ChannelType.ENUM,
+        read_only=True,
+        alarm_group="Status",
+        doc="Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm)",
+    )
+    StatusMsg = pvproperty(
+        value="",
+        dtype=ChannelType.CHAR,
+        max_length=1024,
+        report_as_string=True,
+        read_only=True,
+        doc="what is happening, or why it failed (long string)",
+    )
+    ScanUID = _reading(
+        "ScanUID", "", dtype=ChannelType.STRING, doc="uid of the scan shown (first 39 characters)"
+    )
     ScanID = _reading("ScanID", 0, doc="its scan id")
     Count = _reading("Count", 0, doc="reconstructions done")
     Heartbeat = _reading("Heartbeat", 0, doc="+1 every second while the IOC runs")
 
-    Chi = pvproperty(value=0.0, record=_AuditedAiFields, read_only=True, precision=4,
-                     alarm_group="Chi",
-                     upper_alarm_limit=0.5, upper_warning_limit=0.3,
-                     lower_alarm_limit=-1.0, lower_warning_limit=-1.0,
-                     doc="final chi; warning/alarm limits in .HIGH/.HIHI (default 0.3/0.5)")
+    Chi = pvproperty(
+        value=0.0,
+        record=_AuditedAiFields,
+        read_only=True,
+        precision=4,
+        alarm_group="Chi",
+        upper_alarm_limit=0.5,
+        upper_warning_limit=0.3,
+        lower_alarm_limit=-1.0,
+        lower_warning_limit=-1.0,
+        doc="final chi; warning/alarm limits in .HIGH/.HIHI (default 0.3/0.5)",
+    )
     Chi = Chi.fields.hihi_alarm_limit.putter(_finite_limit("hihi", "upper_alarm_limit"))
     Chi = Chi.fields.high_alarm_limit.putter(_finite_limit("high", "upper_warning_limit"))
     Chi = Chi.fields.low_alarm_limit.putter(_finite_limit("low", "lower_warning_limit"))
@@ -357,43 +418,80 @@ class ReconstructionIOC(PVGroup):
     ChiCNN = _reading("ChiCNN", precision=4, doc="chi of the CNN's estimate")
     ES_Iteration = _reading("ES:Iteration", 0, doc="ES step (live)")
     ES_Cost = _reading("ES:Cost", precision=4, doc="ES cost chi (live)")
-    ES_CostHistory = _reading("ES:CostHistory", np.zeros(1, dtype=np.float64),
-                              dtype=ChannelType.DOUBLE, max_length=MAX_HISTORY,
-                              doc="chi of every ES step")
+    ES_CostHistory = _reading(
+        "ES:CostHistory",
+        np.zeros(1, dtype=np.float64),
+        dtype=ChannelType.DOUBLE,
+        max_length=MAX_HISTORY,
+        doc="chi of every ES step",
+    )
 
-    latency = SubGroup(_latency_group(), prefix="Latency:",
-                       doc="seconds of each stage of the last reconstruction")
+    latency = SubGroup(
+        _latency_group(), prefix="Latency:", doc="seconds of each stage of the last reconstruction"
+    )
 
-    Params = _reading("Params", np.zeros(1, dtype=np.float64), dtype=ChannelType.DOUBLE,
-                      max_length=MAX_PARAMS,
-                      doc="crystal parameter vector (names in the model card)")
+    Params = _reading(
+        "Params",
+        np.zeros(1, dtype=np.float64),
+        dtype=ChannelType.DOUBLE,
+        max_length=MAX_PARAMS,
+        doc="crystal parameter vector (names in the model card)",
+    )
     Size_X = _reading("Size:X", 0, units="voxel", doc="support extent along x (axis 2)")
     Size_Y = _reading("Size:Y", 0, units="voxel", doc="along y (axis 1)")
     Size_Z = _reading("Size:Z", 0, units="voxel", doc="along z (axis 0, rocking)")
     Volume = _reading("Volume", 0, units="voxel", doc="support volume")
-    Volume_NM = _reading("Volume:NM", units="nm^3",
-                         doc="crystal volume in nm^3 (0 unless the scan gives the geometry)")
-    Voxel_Size = _reading("Voxel:Size", np.zeros(3), dtype=ChannelType.DOUBLE, max_length=3,
-                          units="nm",
-                          doc="lab-grid voxel size (x, y, z) in nm (0 without geometry)")
-    Extent_A = _reading("Extent:A", units="nm",
-                        doc="largest principal extent of the crystal (0 without geometry)")
+    Volume_NM = _reading(
+        "Volume:NM",
+        units="nm^3",
+        doc="crystal volume in nm^3 (0 unless the scan gives the geometry)",
+    )
+    Voxel_Size = _reading(
+        "Voxel:Size",
+        np.zeros(3),
+        dtype=ChannelType.DOUBLE,
+        max_length=3,
+        units="nm",
+        doc="lab-grid voxel size (x, y, z) in nm (0 without geometry)",
+    )
+    Extent_A = _reading(
+        "Extent:A", units="nm", doc="largest principal extent of the crystal (0 without geometry)"
+    )
     Extent_B = _reading("Extent:B", units="nm", doc="middle principal extent")
     Extent_C = _reading("Extent:C", units="nm", doc="smallest principal extent")
-    Phase_RMS = _reading("Phase:RMS", units="rad", precision=3,
-                         doc="RMS of the phase over the support (strain indicator)")
-    Strain_RMS = _reading("Strain:RMS", precision=6,
-                          doc="RMS of the strain over the support (0 without geometry)")
-    Displacement_RMS = _reading("Displacement:RMS", units="nm", precision=4,
-                                doc="RMS of the displacement over the support (0 without "
-                                    "geometry)")
-    Quality = pvproperty(value=QUALITY[-1], enum_strings=QUALITY, dtype=ChannelType.ENUM,
-                         read_only=True, alarm_group="Quality",
-                         doc="good, fair (MINOR alarm), poor (MAJOR alarm); unknown before a "
-                             "result that grades itself")
-    Quality_Reasons = pvproperty(name="Quality:Reasons", value="", dtype=ChannelType.CHAR,
-                                 max_length=1024, report_as_string=True, read_only=True,
-                                 doc="why the quality is not good (long string)")
+    Phase_RMS = _reading(
+        "Phase:RMS",
+        units="rad",
+        precision=3,
+        doc="RMS of the phase over the support (strain indicator)",
+    )
+    Strain_RMS = _reading(
+        "Strain:RMS", precision=6, doc="RMS of the strain over the support (0 without geometry)"
+    )
+    Displacement_RMS = _reading(
+        "Displacement:RMS",
+        units="nm",
+        precision=4,
+        doc="RMS of the displacement over the support (0 without geometry)",
+    )
+    Quality = pvproperty(
+        value=QUALITY[-1],
+        enum_strings=QUALITY,
+        dtype=ChannelType.ENUM,
+        read_only=True,
+        alarm_group="Quality",
+        doc="good, fair (MINOR alarm), poor (MAJOR alarm); unknown before a "
+        "result that grades itself",
+    )
+    Quality_Reasons = pvproperty(
+        name="Quality:Reasons",
+        value="",
+        dtype=ChannelType.CHAR,
+        max_length=1024,
+        report_as_string=True,
+        read_only=True,
+        doc="why the quality is not good (long string)",
+    )
 
     Image_Width = _reading("Image:Width", IMAGE_SIZE, doc="width of the slice images")
     Image_Height = _reading("Image:Height", IMAGE_SIZE, doc="their height")
@@ -404,29 +502,41 @@ class ReconstructionIOC(PVGroup):
     Phase_XZ = _image("XZ", "Phase", "phase in radians")
     Phase_YZ = _image("YZ", "Phase", "phase in radians")
 
-    Rec_ThetaCenter = _reading("Rec:ThetaCenter", units="deg", precision=4,
-                               doc="recommended rocking centre")
-    Rec_ThetaRange = _reading("Rec:ThetaRange", units="deg", precision=4,
-                              doc="recommended range")
+    Rec_ThetaCenter = _reading(
+        "Rec:ThetaCenter", units="deg", precision=4, doc="recommended rocking centre"
+    )
+    Rec_ThetaRange = _reading("Rec:ThetaRange", units="deg", precision=4, doc="recommended range")
     Rec_Exposure = _reading("Rec:Exposure", units="s", precision=4, doc="recommended exposure")
 
-    Latent_X = _reading("Latent:X", precision=3,
-                        doc="the scan on the CNN's latent map (model card), first axis")
+    Latent_X = _reading(
+        "Latent:X", precision=3, doc="the scan on the CNN's latent map (model card), first axis"
+    )
     Latent_Y = _reading("Latent:Y", precision=3, doc="second axis")
-    Latent_Distance = _reading("Latent:Distance", precision=3,
-                               doc="distance to the training distribution (99% of priors "
-                                   "below 1)")
+    Latent_Distance = _reading(
+        "Latent:Distance",
+        precision=3,
+        doc="distance to the training distribution (99% of priors below 1)",
+    )
     # The flag's MINOR alarm comes from caproto's alarm limits (HIGH above 0.5).
-    Latent_OOD = _reading("Latent:OOD", 0, alarm_group="Latent:OOD", upper_warning_limit=0.5,
-                          upper_alarm_limit=2, lower_warning_limit=-1, lower_alarm_limit=-1,
-                          doc="1 when the distance exceeds 1 (MINOR alarm): ES budget doubled")
+    Latent_OOD = _reading(
+        "Latent:OOD",
+        0,
+        alarm_group="Latent:OOD",
+        upper_warning_limit=0.5,
+        upper_alarm_limit=2,
+        lower_warning_limit=-1,
+        lower_alarm_limit=-1,
+        doc="1 when the distance exceeds 1 (MINOR alarm): ES budget doubled",
+    )
 
     Model_Name = _reading("Model:Name", "", dtype=ChannelType.STRING, doc="CNN model name")
-    Model_Provider = _reading("Model:Provider", "", dtype=ChannelType.STRING,
-                              doc="ONNX Runtime provider really in use")
+    Model_Provider = _reading(
+        "Model:Provider", "", dtype=ChannelType.STRING, doc="ONNX Runtime provider really in use"
+    )
 
-    settings = SubGroup(_settings_group(), prefix="",
-                        doc="the settings the next reconstruction runs with")
+    settings = SubGroup(
+        _settings_group(), prefix="", doc="the settings the next reconstruction runs with"
+    )
 
     type_map_read_only = _audited(PVGroup.type_map_read_only)
 
@@ -449,8 +559,7 @@ class ReconstructionIOC(PVGroup):
     async def Status(self, instance, value):
         # Error raises a MAJOR alarm; any other state clears it.
         index = value if isinstance(value, int) else STATUS.index(value)
-        severity = AlarmSeverity.MAJOR_ALARM if STATUS[index] == "Error" else \
-            AlarmSeverity.NO_ALARM
+        severity = AlarmSeverity.MAJOR_ALARM if STATUS[index] == "Error" else AlarmSeverity.NO_ALARM
         await _state_alarm(instance, severity)
         return value
 
@@ -475,11 +584,16 @@ def result_values(result: Any) -> dict[str, Any]:
     phase = np.angle(result.object[support]) if idx.size else np.zeros(1)
     phase = np.angle(np.exp(1j * (phase - np.angle(np.mean(np.exp(1j * phase))))))
     values: dict[str, Any] = {
-        "Chi": float(result.chi), "ChiCNN": float(result.chi_cnn),
+        "Chi": float(result.chi),
+        "ChiCNN": float(result.chi_cnn),
         "Params": np.asarray(result.params, dtype=np.float64)[:MAX_PARAMS],
-        "Size:X": int(extent[2]), "Size:Y": int(extent[1]), "Size:Z": int(extent[0]),
-        "Volume": int(support.sum()), "Phase:RMS": float(np.sqrt(np.mean(phase**2))),
-        "Model:Name": str(result.model_name)[:39], "Model:Provider": str(result.provider)[:39],
+        "Size:X": int(extent[2]),
+        "Size:Y": int(extent[1]),
+        "Size:Z": int(extent[0]),
+        "Volume": int(support.sum()),
+        "Phase:RMS": float(np.sqrt(np.mean(phase**2))),
+        "Model:Name": str(result.model_name)[:39],
+        "Model:Provider": str(result.provider)[:39],
         "ES:CostHistory": np.asarray(result.es_costs[-MAX_HISTORY:] or [0.0], dtype=np.float64),
     }
     for stage in TIMED_STAGES:
@@ -491,16 +605,23 @@ def result_values(result: Any) -> dict[str, Any]:
         values["Voxel:Size"] = np.asarray(voxel, dtype=np.float64)
         values["Volume:NM"] = float(values["Volume"] * np.prod(voxel))
     if getattr(result, "latent_distance", None) is not None:
-        values.update({"Latent:X": float(result.latent_xy[0]),
-                       "Latent:Y": float(result.latent_xy[1]),
-                       "Latent:Distance": float(result.latent_distance),
-                       "Latent:OOD": int(result.out_of_distribution)})
+        values.update(
+            {
+                "Latent:X": float(result.latent_xy[0]),
+                "Latent:Y": float(result.latent_xy[1]),
+                "Latent:Distance": float(result.latent_distance),
+                "Latent:OOD": int(result.out_of_distribution),
+            }
+        )
     rec = meta.get("recommendation")
     if rec:
-        values.update({"Rec:ThetaCenter": float(rec["theta_center"]),
-                       "Rec:ThetaRange": float(rec["theta_range"]),
-                       "Rec:Exposure": float(rec["exposure"]) if math.isfinite(rec["exposure"])
-                       else 0.0})
+        values.update(
+            {
+                "Rec:ThetaCenter": float(rec["theta_center"]),
+                "Rec:ThetaRange": float(rec["theta_range"]),
+                "Rec:Exposure": float(rec["exposure"]) if math.isfinite(rec["exposure"]) else 0.0,
+            }
+        )
     values.update(summary_values(result.summary()))
     return values
 
@@ -512,8 +633,11 @@ def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
     if summary.get("quality") in QUALITY:
         values["Quality"] = summary["quality"]
         values["Quality:Reasons"] = "; ".join(map(str, summary.get("quality_reasons") or ()))
-    for key, name in (("strain_rms", "Strain:RMS"), ("displacement_rms_nm", "Displacement:RMS"),
-                      ("crystal_volume_nm3", "Volume:NM")):
+    for key, name in (
+        ("strain_rms", "Strain:RMS"),
+        ("displacement_rms_nm", "Displacement:RMS"),
+        ("crystal_volume_nm3", "Volume:NM"),
+    ):
         if summary.get(key) is not None:
             values[name] = float(summary[key])
     extents = summary.get("crystal_extents_nm")
@@ -535,8 +659,10 @@ def screen_images(result: Any, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
     sup = np.pad(result.support, size // 2)[window]
     amp = central_slices(np.abs(crop))
     phase = central_slices(np.where(sup, np.angle(crop), 0.0))
-    return {**{f"Amp:{k}": v.astype(np.float32).ravel() for k, v in amp.items()},
-            **{f"Phase:{k}": v.astype(np.float32).ravel() for k, v in phase.items()}}
+    return {
+        **{f"Amp:{k}": v.astype(np.float32).ravel() for k, v in amp.items()},
+        **{f"Phase:{k}": v.astype(np.float32).ravel() for k, v in phase.items()},
+    }
 
 
 def setting_values(settings: ReconstructionSettings) -> dict[str, Any]:
@@ -549,15 +675,13 @@ def setting_values(settings: ReconstructionSettings) -> dict[str, Any]:
     return values
 
 
-def apply_puts(settings: ReconstructionSettings,
-               puts: dict[str, Any]) -> ReconstructionSettings:
+def apply_puts(settings: ReconstructionSettings, puts: dict[str, Any]) -> ReconstructionSettings:
     """``settings`` with the setting PVs a client put (PV name -> value).
 
     ``ES:MaxIter`` is split over the coarse and fine ES runs in the running settings'
     proportion; ``ES:Enable`` 0 turns the whole refinement off (search and ES).
     """
-    changes = {field: puts[pv_name] for field, pv_name in SETTING_PVS.items()
-               if pv_name in puts}
+    changes = {field: puts[pv_name] for field, pv_name in SETTING_PVS.items() if pv_name in puts}
     name, (coarse, fine) = ES_MAX_ITER
     if name in puts:
         info = {i.name: i for i in ReconstructionSettings.fields_info()}
@@ -584,8 +708,12 @@ class IOCServer:
         Who may put the settings (default: any client).
     """
 
-    def __init__(self, prefix: str = "BCDI:", interfaces: list[str] | None = None,
-                 access: WriteAccess | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str = "BCDI:",
+        interfaces: list[str] | None = None,
+        access: WriteAccess | None = None,
+    ) -> None:
         self.group = ReconstructionIOC(prefix=prefix, access=access)
         self.interfaces = interfaces
         self.loop = asyncio.new_event_loop()
@@ -641,8 +769,7 @@ class IOCServer:
     def write(self, values: dict[str, Any], timeout: float = 10.0, wait: bool = True) -> None:
         """Write PV values (names without the prefix) from any thread; with ``wait``, until
         they are served (without, the caller never blocks: for the RunEngine's thread)."""
-        pvs = [(self.group.pvdb[self.group.prefix + name], value)
-               for name, value in values.items()]
+        pvs = [(self.group.pvdb[self.group.prefix + name], value) for name, value in values.items()]
 
         async def apply() -> None:
             for pv, value in pvs:
@@ -680,9 +807,14 @@ class IOCPublisher:
         settings, for every PV no client put). Default: ``ReconstructionSettings()``.
     """
 
-    def __init__(self, prefix: str = "BCDI:", interfaces: list[str] | None = None,
-                 server: IOCServer | None = None, access: WriteAccess | None = None,
-                 settings: ReconstructionSettings | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str = "BCDI:",
+        interfaces: list[str] | None = None,
+        server: IOCServer | None = None,
+        access: WriteAccess | None = None,
+        settings: ReconstructionSettings | None = None,
+    ) -> None:
         self.server = server or IOCServer(prefix, interfaces, access).start()
         self._last_progress = 0.0
         if settings is not None:
@@ -696,20 +828,27 @@ class IOCPublisher:
     # Hooks the callback calls (duck-typed: plain callables work as publishers too).
     def collecting(self, start_doc: dict) -> None:
         """A run started: show it (called in the RunEngine's thread, so it does not wait)."""
-        self.server.write({"Status": "Collecting", "ScanUID": start_doc["uid"][:39],
-                           "ScanID": int(start_doc.get("scan_id") or 0),
-                           "StatusMsg": f"collecting scan {start_doc.get('scan_id')}"},
-                          wait=False)
+        self.server.write(
+            {
+                "Status": "Collecting",
+                "ScanUID": start_doc["uid"][:39],
+                "ScanID": int(start_doc.get("scan_id") or 0),
+                "StatusMsg": f"collecting scan {start_doc.get('scan_id')}",
+            },
+            wait=False,
+        )
 
-    def configure(self, settings: ReconstructionSettings | None,
-                  start_doc: dict) -> ReconstructionSettings | None:
+    def configure(
+        self, settings: ReconstructionSettings | None, start_doc: dict
+    ) -> ReconstructionSettings | None:
         """The next scan's settings: ``settings`` (the running ones) with every setting a
         client put; None skips the scan (``Enable`` 0). The reconstructor is never changed,
         and the setting PVs nobody put show the running values."""
         settings = settings or ReconstructionSettings()
         puts = dict(self.group.puts)
-        self.server.write({name: value for name, value in setting_values(settings).items()
-                           if name not in puts})
+        self.server.write(
+            {name: value for name, value in setting_values(settings).items() if name not in puts}
+        )
         if not puts.get("Enable", 1):
             self.server.set_status("Idle", "reconstruction disabled (Enable = 0)")
             return None
@@ -724,8 +863,13 @@ class IOCPublisher:
             if now - self._last_progress < 0.1:
                 return
             self._last_progress = now
-            self.server.write({"Status": "Refining", "ES:Iteration": int(info["iteration"]),
-                               "ES:Cost": float(info["cost"])})
+            self.server.write(
+                {
+                    "Status": "Refining",
+                    "ES:Iteration": int(info["iteration"]),
+                    "ES:Cost": float(info["cost"]),
+                }
+            )
         elif stage == "inference":
             self.server.write({"ChiCNN": float(info["chi"])})
             if info.get("message"):  # e.g. out of distribution: say how the pipeline reacts
@@ -762,8 +906,10 @@ def pv_table(prefix: str = "BCDI:") -> str:
         units = getattr(channel, "units", "") or ""
         writable = "no" if channel.pvspec.read_only else "yes"
         meaning = channel.pvspec.doc or ""
-        low, high = (getattr(channel, "lower_ctrl_limit", 0), getattr(channel, "upper_ctrl_limit",
-                                                                        0))
+        low, high = (
+            getattr(channel, "lower_ctrl_limit", 0),
+            getattr(channel, "upper_ctrl_limit", 0),
+        )
         if not channel.pvspec.read_only and low != high:
             meaning += f"; {low} .. {high}"
         rows.append(f"| `{name}` | {dtype} | {units} | {writable} | {meaning} |")
@@ -774,9 +920,14 @@ def loopback_environment(server_port: int, repeater_port: int) -> dict[str, str]
     """EPICS variables for Channel Access on 127.0.0.1 only, with the given ports (tests,
     benchmarks, a demo on one machine): set them before any client or server starts."""
     return {
-        "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-        "EPICS_CA_SERVER_PORT": str(server_port), "EPICS_CAS_SERVER_PORT": str(server_port),
-        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CA_REPEATER_PORT": str(repeater_port),
-        "EPICS_CAS_BEACON_PORT": str(repeater_port), "EPICS_CA_MAX_ARRAY_BYTES": "10000000",
+        "EPICS_CA_ADDR_LIST": "127.0.0.1",
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CA_SERVER_PORT": str(server_port),
+        "EPICS_CAS_SERVER_PORT": str(server_port),
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+        "EPICS_CA_REPEATER_PORT": str(repeater_port),
+        "EPICS_CAS_BEACON_PORT": str(repeater_port),
+        "EPICS_CA_MAX_ARRAY_BYTES": "10000000",
     }

@@ -43,8 +43,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.mirror_copies <= 8 or self.batch_size % self.mirror_copies:
-            raise ValueError(f"mirror_copies must be in [1, 8] and divide the batch size "
-                             f"{self.batch_size}, got {self.mirror_copies}")
+            raise ValueError(
+                f"mirror_copies must be in [1, 8] and divide the batch size "
+                f"{self.batch_size}, got {self.mirror_copies}"
+            )
 
     @classmethod
     def from_checkpoint(cls, stored: dict) -> TrainConfig:
@@ -54,8 +56,9 @@ class TrainConfig:
 
     def crystal_model(self) -> CrystalModel:
         """The parameter layout this run trains on."""
-        return CrystalModel(n=self.grid, lmax=self.lmax, n_rbf=self.n_rbf,
-                            phase_order=self.phase_order)
+        return CrystalModel(
+            n=self.grid, lmax=self.lmax, n_rbf=self.n_rbf, phase_order=self.phase_order
+        )
 
     def output_encoding(self):
         """How the network's outputs encode the parameters."""

@@ -25,8 +25,14 @@ class Sample:
     inputs: np.ndarray  # float32 N^3 network input
 
 
-def make_sample(model: CrystalModel, prior: CrystalPrior, seed: int, stream: int, index: int,
-                photons: float | None = None) -> Sample:
+def make_sample(
+    model: CrystalModel,
+    prior: CrystalPrior,
+    seed: int,
+    stream: int,
+    index: int,
+    photons: float | None = None,
+) -> Sample:
     """Deterministic sample ``index`` of a stream: the same arguments give the same sample."""
     rng = np.random.default_rng([seed, stream, index])
     params = prior.sample(rng)
@@ -36,8 +42,15 @@ def make_sample(model: CrystalModel, prior: CrystalPrior, seed: int, stream: int
     return Sample(params, total, prepared.intensity, network_input(prepared.intensity))
 
 
-def make_batch(model: CrystalModel, prior: CrystalPrior, seed: int, stream: int, start: int,
-               size: int, photons: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def make_batch(
+    model: CrystalModel,
+    prior: CrystalPrior,
+    seed: int,
+    stream: int,
+    start: int,
+    size: int,
+    photons: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Inputs ``(size, 1, N, N, N)`` and normalised targets ``(size, P)`` of consecutive samples."""
     xs, ys = [], []
     for i in range(start, start + size):
@@ -47,8 +60,13 @@ def make_batch(model: CrystalModel, prior: CrystalPrior, seed: int, stream: int,
     return np.stack(xs)[:, None], np.stack(ys).astype(np.float32)
 
 
-def mirrored_copies(model: CrystalModel, inputs: np.ndarray, targets: np.ndarray, copies: int,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mirrored_copies(
+    model: CrystalModel,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    copies: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """``copies`` distinct mirror images of each sample (of the 8 that z, y, x mirrors make).
 
     ``inputs`` ``(B, 1, N, N, N)`` and normalised ``targets`` ``(B, P)`` become
@@ -61,8 +79,9 @@ def mirrored_copies(model: CrystalModel, inputs: np.ndarray, targets: np.ndarray
     for x, y in zip(inputs, targets, strict=True):
         for code in rng.permutation(8)[:copies]:
             axes = tuple(a for a in range(3) if code >> a & 1)
-            signs = np.prod([model.reflection_signs(a) for a in axes] or [np.ones(model.size)],
-                            axis=0)
+            signs = np.prod(
+                [model.reflection_signs(a) for a in axes] or [np.ones(model.size)], axis=0
+            )
             xs.append(np.ascontiguousarray(mirror(x, axes)))
             ys.append((y * signs).astype(targets.dtype))
     return np.stack(xs), np.stack(ys)

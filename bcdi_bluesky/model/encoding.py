@@ -91,8 +91,8 @@ class TwinInvariantEncoding:
             k = block.size
             i, j = np.triu_indices(k)
             m = np.zeros((y.shape[0], k, k))
-            m[:, i, j] = y[:, start:start + i.size]
-            m[:, j, i] = y[:, start:start + i.size]
+            m[:, i, j] = y[:, start : start + i.size]
+            m[:, j, i] = y[:, start : start + i.size]
             start += i.size
             vals, vecs = np.linalg.eigh(m)
             lam = np.maximum(vals[:, -1], 0.0)
@@ -138,8 +138,10 @@ class TwinInvariantEncoding:
         for k, block in enumerate(self.blocks, start=1):
             blocks[block] = k
         if np.any(np.abs(a)[blocks[:, None] != blocks[None, :]] > 1e-9):
-            raise ValueError("the symmetry mixes twin-even parameters with twin-odd ones, or "
-                             "one block with another")
+            raise ValueError(
+                "the symmetry mixes twin-even parameters with twin-odd ones, or "
+                "one block with another"
+            )
         out = np.zeros((self.size, self.size))
         out[: self.n_even, : self.n_even] = a[np.ix_(self.even, self.even)]
         start = self.n_even
@@ -149,7 +151,7 @@ class TwinInvariantEncoding:
             for col in range(i.size):
                 unit = np.zeros((block.size, block.size))
                 unit[i[col], j[col]] = unit[j[col], i[col]] = 1.0
-                out[start:start + i.size, start + col] = (ab @ unit @ ab.T)[i, j]
+                out[start : start + i.size, start + col] = (ab @ unit @ ab.T)[i, j]
             start += i.size
         return out
 
@@ -236,8 +238,11 @@ class NormalisedEncoding:
         return np.asarray(parameter_weights, dtype=np.float64)
 
 
-ENCODINGS = {TWIN_INVARIANT: TwinInvariantEncoding, TWIN_BLOCKS: TwinBlockEncoding,
-             NORMALISED: NormalisedEncoding}
+ENCODINGS = {
+    TWIN_INVARIANT: TwinInvariantEncoding,
+    TWIN_BLOCKS: TwinBlockEncoding,
+    NORMALISED: NormalisedEncoding,
+}
 
 
 def make_encoding(name: str, model: CrystalModel) -> TwinInvariantEncoding | NormalisedEncoding:

@@ -29,16 +29,24 @@ class Validation:
         }
 
 
-def validate(predict: Callable[[np.ndarray], np.ndarray], model: CrystalModel,
-             count: int, seed: int, photons: float = 1e8, batch: int = 8,
-             stream: int = TEST_STREAM) -> Validation:
+def validate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    model: CrystalModel,
+    count: int,
+    seed: int,
+    photons: float = 1e8,
+    batch: int = 8,
+    stream: int = TEST_STREAM,
+) -> Validation:
     """Score ``predict`` (network inputs ``(B, N, N, N)`` -> normalised parameters) on fresh
     crystals at a fixed photon count; IoU at threshold 0.2 with twin and translation resolved."""
     prior = CrystalPrior(model)
     ious, chis = [], []
     for start in range(0, count, batch):
-        samples = [make_sample(model, prior, seed, stream, i, photons)
-                   for i in range(start, min(start + batch, count))]
+        samples = [
+            make_sample(model, prior, seed, stream, i, photons)
+            for i in range(start, min(start + batch, count))
+        ]
         preds = np.atleast_2d(predict(np.stack([s.inputs for s in samples])))
         for s, pred in zip(samples, preds, strict=True):
             truth = model.voxelise(s.params)
@@ -55,5 +63,10 @@ def training_mean(model: CrystalModel, seed: int, count: int = 2000) -> np.ndarr
     without simulating the intensities.
     """
     prior = CrystalPrior(model)
-    return np.mean([model.normalise(prior.sample(np.random.default_rng([seed, TRAIN_STREAM, i])))
-                    for i in range(count)], axis=0)
+    return np.mean(
+        [
+            model.normalise(prior.sample(np.random.default_rng([seed, TRAIN_STREAM, i])))
+            for i in range(count)
+        ],
+        axis=0,
+    )

@@ -31,16 +31,28 @@ def export_onnx(net: torch.nn.Module, grid: int, path: Path) -> None:
         # The exporter narrates its progress through warnings and prints; neither is a problem.
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            net, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False,
+            net,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
             external_data=False,
         )
         program.save(str(path))
 
 
-def export(checkpoint: Path, models_dir: Path, name: str | None = None,
-           validation_count: int = 500, validation_seed: int = 12345,
-           latent_count: int = 2000, symmetry_average: str = "half_turns") -> dict:
+def export(
+    checkpoint: Path,
+    models_dir: Path,
+    name: str | None = None,
+    validation_count: int = 500,
+    validation_seed: int = 12345,
+    latent_count: int = 2000,
+    symmetry_average: str = "half_turns",
+) -> dict:
     """Export ``checkpoint`` to ``models_dir/<name>.onnx`` and write ``<name>.json``.
 
     The card records the input convention, the parameter layout, the training recipe, the
@@ -53,8 +65,10 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
     :class:`~bcdi_bluesky.model.network.SymmetryAverage`).
     """
     if symmetry_average not in SYMMETRY_GROUPS:
-        raise ValueError(f"symmetry_average must be one of {', '.join(SYMMETRY_GROUPS)}, got "
-                         f"{symmetry_average!r}")
+        raise ValueError(
+            f"symmetry_average must be one of {', '.join(SYMMETRY_GROUPS)}, got "
+            f"{symmetry_average!r}"
+        )
     state = load_checkpoint(checkpoint)
     config = TrainConfig.from_checkpoint(state["config"])
     name = name or config.name
@@ -77,17 +91,21 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
             "shape": ["batch", 1, config.grid, config.grid, config.grid],
             "dtype": "float32",
             "normalisation": "log(1 + I) / max(log(1 + I)) after rolling the Bragg peak "
-                             "(smoothed maximum) to index N//2; masked voxels 0",
+            "(smoothed maximum) to index N//2; masked voxels 0",
         },
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", config.output_encoding().size],
-                   "dtype": "float32", "encoding": config.encoding,
-                   "meaning": "crystal parameters normalised to [-1, 1] by the bounds below, "
-                              "in the named encoding (bcdi_bluesky.model.encoding): "
-                              "normalised_v1 = the vector itself; twin_invariant_v1 = the "
-                              "twin-even parameters, then the upper triangle of w w^T / |w| "
-                              "for the twin-odd ones; twin_blocks_v1 = the same with one "
-                              "matrix per family of twin-odd parameters (odd surface terms, "
-                              "RBF centres, phase), whose relative signs the data choose"},
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", config.output_encoding().size],
+            "dtype": "float32",
+            "encoding": config.encoding,
+            "meaning": "crystal parameters normalised to [-1, 1] by the bounds below, "
+            "in the named encoding (bcdi_bluesky.model.encoding): "
+            "normalised_v1 = the vector itself; twin_invariant_v1 = the "
+            "twin-even parameters, then the upper triangle of w w^T / |w| "
+            "for the twin-odd ones; twin_blocks_v1 = the same with one "
+            "matrix per family of twin-odd parameters (odd surface terms, "
+            "RBF centres, phase), whose relative signs the data choose",
+        },
         "parameters": model.to_dict(),
         "network": net.config,
         "training": {
@@ -97,16 +115,18 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
             "steps": int(state["step"]),
             "batch_size": config.batch_size,
             "epochs": "1 (every crystal is fresh: streamed from the priors, never repeated; "
-                      "each is seen as mirror_copies mirror images in its batch)",
+            "each is seen as mirror_copies mirror images in its batch)",
             "seed": config.seed,
             "wall_time_s": round(float(state["elapsed_s"]), 1),
             "machine": state.get("machine", ""),
             "device": state.get("device", ""),
             "optimiser": f"AdamW lr {config.lr} (warm-up {config.warmup_steps} steps, cosine), "
-                         f"weight decay {config.weight_decay}",
-            "loss": ("weighted MSE, minimum over the target and its twin"
-                     if config.output_encoding().needs_twin_min
-                     else "weighted MSE on the twin-invariant encoding"),
+            f"weight decay {config.weight_decay}",
+            "loss": (
+                "weighted MSE, minimum over the target and its twin"
+                if config.output_encoding().needs_twin_min
+                else "weighted MSE on the twin-invariant encoding"
+            ),
             "warm_start": config.extra.get("warm_start", ""),
             "history": state.get("history", [])[-10:],
         },
@@ -119,8 +139,12 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
     runtime = OnnxCrystalModel(onnx_path, providers=["CPUExecutionProvider"])
     started = time.perf_counter()
     result = validate(runtime.predict, model, validation_count, validation_seed).summary()
-    trivial = validate(lambda x: np.tile(card["training_mean"], (len(x), 1)), model,
-                       min(validation_count, 100), validation_seed).summary()
+    trivial = validate(
+        lambda x: np.tile(card["training_mean"], (len(x), 1)),
+        model,
+        min(validation_count, 100),
+        validation_seed,
+    ).summary()
     card["validation"] = {
         **result,
         "photons": 1e8,
@@ -128,17 +152,28 @@ def export(checkpoint: Path, models_dir: Path, name: str | None = None,
         "stream": "test (disjoint from training and validation streams)",
         "support_threshold": 0.2,
         "method": "ONNX Runtime CPU, CNN only (no refinement); IoU after resolving twin and "
-                  "translation; chi of the predicted object's intensity against the noisy counts",
+        "translation; chi of the predicted object's intensity against the noisy counts",
         "trivial_predictor": {k: v for k, v in trivial.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
     if latent_count:
         calibration_seed = 0
-        latent = calibrate(runtime.predict, model, count=latent_count, seed=calibration_seed,
-                           twin_variants=runtime.encoding.twin_variants)
-        card["latent"] = {**latent.to_dict(), "calibration": {
-            "crystals": latent_count, "seed": calibration_seed,
-            "stream": f"calibration ({CALIBRATION_STREAM})",
-            "photons": "drawn from the prior (1e6-1e9)", "shrinkage": 0.05}}
+        latent = calibrate(
+            runtime.predict,
+            model,
+            count=latent_count,
+            seed=calibration_seed,
+            twin_variants=runtime.encoding.twin_variants,
+        )
+        card["latent"] = {
+            **latent.to_dict(),
+            "calibration": {
+                "crystals": latent_count,
+                "seed": calibration_seed,
+                "stream": f"calibration ({CALIBRATION_STREAM})",
+                "photons": "drawn from the prior (1e6-1e9)",
+                "shrinkage": 0.05,
+            },
+        }
     card_path.write_text(json.dumps(card, indent=1))
     return card

@@ -50,23 +50,31 @@ class LatentMap:
 
     def to_dict(self) -> dict:
         """For the model card."""
-        return {"mean": self.mean.tolist(), "precision": self.precision.tolist(),
-                "components": self.components.tolist(), "scale": self.scale,
-                "points": self.points.round(4).tolist(),
-                "meaning": "latent = the CNN's normalised parameter vector and the chi of "
-                           "that prediction against the data; distance = "
-                           "Mahalanobis (shrunk covariance) / its 99th percentile on fresh "
-                           "prior crystals; map = 2D PCA of the latent"}
+        return {
+            "mean": self.mean.tolist(),
+            "precision": self.precision.tolist(),
+            "components": self.components.tolist(),
+            "scale": self.scale,
+            "points": self.points.round(4).tolist(),
+            "meaning": "latent = the CNN's normalised parameter vector and the chi of "
+            "that prediction against the data; distance = "
+            "Mahalanobis (shrunk covariance) / its 99th percentile on fresh "
+            "prior crystals; map = 2D PCA of the latent",
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> LatentMap:
         """Inverse of :meth:`to_dict`."""
-        return cls(np.array(d["mean"]), np.array(d["precision"]), np.array(d["components"]),
-                   float(d["scale"]), np.array(d["points"]))
+        return cls(
+            np.array(d["mean"]),
+            np.array(d["precision"]),
+            np.array(d["components"]),
+            float(d["scale"]),
+            np.array(d["points"]),
+        )
 
 
-def fit_latent_map(latents: np.ndarray, shrinkage: float = 0.05,
-                   points: int = 300) -> LatentMap:
+def fit_latent_map(latents: np.ndarray, shrinkage: float = 0.05, points: int = 300) -> LatentMap:
     """Fit the map to latents of fresh prior crystals (rows)."""
     z = np.asarray(latents, dtype=np.float64)
     mean = z.mean(axis=0)
@@ -89,10 +97,14 @@ def latent_vector(normalised: np.ndarray, chi: float) -> np.ndarray:
     return np.concatenate([np.asarray(normalised, dtype=np.float64).ravel(), [float(chi)]])
 
 
-def calibrate(predict: Callable[[np.ndarray], np.ndarray], model: CrystalModel,
-              count: int = 2000, seed: int = 0, batch: int = 16,
-              twin_variants: Callable[[np.ndarray], list[np.ndarray]] | None = None
-              ) -> LatentMap:
+def calibrate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    model: CrystalModel,
+    count: int = 2000,
+    seed: int = 0,
+    batch: int = 16,
+    twin_variants: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+) -> LatentMap:
     """Run ``predict`` on ``count`` fresh prior crystals (their photon counts drawn from the
     prior too) and fit the map.
 
@@ -106,14 +118,18 @@ def calibrate(predict: Callable[[np.ndarray], np.ndarray], model: CrystalModel,
     prior = CrystalPrior(model)
     latents = []
     for start in range(0, count, batch):
-        samples = [make_sample(model, prior, seed, CALIBRATION_STREAM, i)
-                   for i in range(start, min(start + batch, count))]
+        samples = [
+            make_sample(model, prior, seed, CALIBRATION_STREAM, i)
+            for i in range(start, min(start + batch, count))
+        ]
         preds = np.atleast_2d(predict(np.stack([s.inputs for s in samples])))
         for s, pred in zip(samples, preds, strict=True):
             prepared = fit_to_grid(s.counts, model.n)
             pred = pred.astype(np.float64)
             latent, chi = best_twin_variant(
-                model, twin_variants(pred) if twin_variants else [pred],
-                ChiCost(prepared.intensity, prepared.mask))
+                model,
+                twin_variants(pred) if twin_variants else [pred],
+                ChiCost(prepared.intensity, prepared.mask),
+            )
             latents.append(latent_vector(latent, chi))
     return fit_latent_map(np.array(latents))

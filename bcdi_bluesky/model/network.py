@@ -62,8 +62,16 @@ class CrystalCNN(nn.Module):
         the main encoder's first stride-2 convolution blurs away.
     """
 
-    def __init__(self, n_params: int, grid: int = 64, width: int = 16, hidden: int = 256,
-                 n_bounded: int | None = None, friedel: bool = False, zoom: int = 0):
+    def __init__(
+        self,
+        n_params: int,
+        grid: int = 64,
+        width: int = 16,
+        hidden: int = 256,
+        n_bounded: int | None = None,
+        friedel: bool = False,
+        zoom: int = 0,
+    ):
         super().__init__()
         if grid % 16:
             raise ValueError(f"grid must be a multiple of 16, got {grid}")
@@ -72,8 +80,15 @@ class CrystalCNN(nn.Module):
         self.n_bounded = n_params if n_bounded is None else int(n_bounded)
         self.friedel = bool(friedel)
         self.zoom = int(zoom)
-        self.config = {"n_params": n_params, "grid": grid, "width": width, "hidden": hidden,
-                       "n_bounded": self.n_bounded, "friedel": self.friedel, "zoom": self.zoom}
+        self.config = {
+            "n_params": n_params,
+            "grid": grid,
+            "width": width,
+            "hidden": hidden,
+            "n_bounded": self.n_bounded,
+            "friedel": self.friedel,
+            "zoom": self.zoom,
+        }
         w = width
         channels = 2 if friedel else 1
         self.encoder = nn.Sequential(
@@ -153,15 +168,15 @@ class SymmetryAverage(nn.Module):
         self.symmetries = [(tuple(p), tuple(f)) for p, f in symmetries]
         model = encoding.model
         # The prediction for view g estimates encode(A_g p); A_g^T maps it back.
-        unmaps = [encoding.symmetry_map(model.symmetry_matrix(p, f).T)
-                  for p, f in self.symmetries]
+        unmaps = [encoding.symmetry_map(model.symmetry_matrix(p, f).T) for p, f in self.symmetries]
         self.register_buffer("unmaps", torch.tensor(np.array(unmaps), dtype=torch.float32))
         self.config = {**getattr(net, "config", {}), "symmetry_average": len(self.symmetries)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, N, N, N)`` inputs -> ``(B, K)`` mean encoded outputs."""
-        views = torch.cat([_mirror(x, f).permute(0, 1, *(2 + a for a in p))
-                           for p, f in self.symmetries], dim=0)
+        views = torch.cat(
+            [_mirror(x, f).permute(0, 1, *(2 + a for a in p)) for p, f in self.symmetries], dim=0
+        )
         y = self.net(views).reshape(len(self.symmetries), x.shape[0], -1)
         return torch.einsum("gbk,gjk->bj", y, self.unmaps) / len(self.symmetries)
 

@@ -22,11 +22,15 @@ from .latent import LatentMap
 
 DEFAULT_MODEL_NAME = "bcdi_cnn64"
 #: Providers tried in this order when the caller does not choose.
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
-                       "CPUExecutionProvider")
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
-__all__ = ["DEFAULT_MODEL_NAME", "PREFERRED_PROVIDERS", "ModelError", "OnnxCrystalModel",
-           "models_dir"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "PREFERRED_PROVIDERS",
+    "ModelError",
+    "OnnxCrystalModel",
+    "models_dir",
+]
 
 
 def models_dir() -> Path:
@@ -35,8 +39,9 @@ def models_dir() -> Path:
     for candidate in (here / "_models", here.parent / "models"):
         if candidate.is_dir():
             return candidate
-    raise ModelError(f"no models folder found (looked in {here / '_models'} and "
-                     f"{here.parent / 'models'})")
+    raise ModelError(
+        f"no models folder found (looked in {here / '_models'} and {here.parent / 'models'})"
+    )
 
 
 def default_model_path() -> Path:
@@ -82,8 +87,10 @@ def load_card(onnx_path: Path) -> dict:
     check_card(card, card_path)
     digest = sha256_of(onnx_path)
     if digest != card["sha256"]:
-        raise ModelError(f"model file {onnx_path} does not match its card {card_path} "
-                         f"(sha256 {digest[:12]}... vs {card['sha256'][:12]}...)")
+        raise ModelError(
+            f"model file {onnx_path} does not match its card {card_path} "
+            f"(sha256 {digest[:12]}... vs {card['sha256'][:12]}...)"
+        )
     return card
 
 
@@ -98,8 +105,10 @@ def _field(card: dict, dotted: str, kind: type | tuple[type, ...], card_path: Pa
     # bool is an int to Python, never to a card.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise ModelError(f"model card {card_path}: {dotted!r} must be {names}, got "
-                         f"{type(value).__name__} {str(value)[:40]!r}")
+        raise ModelError(
+            f"model card {card_path}: {dotted!r} must be {names}, got "
+            f"{type(value).__name__} {str(value)[:40]!r}"
+        )
     return value
 
 
@@ -120,15 +129,18 @@ def check_card(card: object, card_path: Path) -> None:
         One line naming the first defect.
     """
     if not isinstance(card, dict):
-        raise ModelError(f"model card {card_path} must be a JSON object, got "
-                         f"{type(card).__name__}")
+        raise ModelError(f"model card {card_path} must be a JSON object, got {type(card).__name__}")
     _field(card, "sha256", str, card_path)
     shape = _field(card, "input.shape", list, card_path)
-    if len(shape) != 5 or shape[1] != 1 or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape[1:]) \
-            or len(set(shape[2:])) != 1:
-        raise ModelError(f"model card {card_path}: 'input.shape' must be [batch, 1, N, N, N], "
-                         f"got {shape!r}")
+    if (
+        len(shape) != 5
+        or shape[1] != 1
+        or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape[1:])
+        or len(set(shape[2:])) != 1
+    ):
+        raise ModelError(
+            f"model card {card_path}: 'input.shape' must be [batch, 1, N, N, N], got {shape!r}"
+        )
     for key in ("n", "lmax", "n_rbf", "phase_order"):
         _field(card, f"parameters.{key}", int, card_path)
     _field(card, "parameters.names", list, card_path)
@@ -156,9 +168,13 @@ class OnnxCrystalModel:
         Run one inference at load so the first scan does not pay for initialisation.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None,
-                 providers: list[str] | tuple[str, ...] | None = None,
-                 threads: int | None = None, warmup: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        providers: list[str] | tuple[str, ...] | None = None,
+        threads: int | None = None,
+        warmup: bool = True,
+    ) -> None:
         import onnxruntime as ort  # deferred: importing the package should stay cheap
 
         self.path = Path(path) if path is not None else default_model_path()
@@ -167,15 +183,17 @@ class OnnxCrystalModel:
         wanted = list(providers) if providers is not None else list(PREFERRED_PROVIDERS)
         chosen = [p for p in wanted if p in available]
         if not chosen:
-            raise ModelError(f"none of the providers {wanted} is available "
-                             f"(this onnxruntime offers {available})")
+            raise ModelError(
+                f"none of the providers {wanted} is available (this onnxruntime offers {available})"
+            )
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                                providers=chosen)
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=chosen
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"cannot load model {self.path}: {exc}") from None
         self.input_name = self.session.get_inputs()[0].name
@@ -184,16 +202,19 @@ class OnnxCrystalModel:
         if warmup:
             self.predict(np.zeros((1, 1, *(self.grid,) * 3), dtype=np.float32))
 
-    def _layout(self) -> tuple[CrystalModel, TwinInvariantEncoding | NormalisedEncoding,
-                               LatentMap | None]:
+    def _layout(
+        self,
+    ) -> tuple[CrystalModel, TwinInvariantEncoding | NormalisedEncoding, LatentMap | None]:
         """The parameter layout, output encoding and latent map the card describes, checked
         against each other and against the graph's input and output shapes."""
         card, card_path = self.card, self.path.with_suffix(".json")
         graph_in = self.session.get_inputs()[0].shape
         # Only the named batch axis may be symbolic; every other axis is a number to compare.
         if list(graph_in[1:]) != list(card["input"]["shape"][1:]):
-            raise ModelError(f"model {self.path} takes input shape {graph_in}, its card "
-                             f"{card_path} says {card['input']['shape']}")
+            raise ModelError(
+                f"model {self.path} takes input shape {graph_in}, its card "
+                f"{card_path} says {card['input']['shape']}"
+            )
         try:
             crystal_model = CrystalModel.from_dict(card["parameters"])
             encoding = make_encoding(card["output"]["encoding"], crystal_model)
@@ -202,22 +223,33 @@ class OnnxCrystalModel:
             raise ModelError(f"model card {card_path}: {exc}") from None
         graph_out = self.session.get_outputs()[0].shape
         if not graph_out or graph_out[-1] != encoding.size:
-            raise ModelError(f"model {self.path} outputs shape {graph_out}, but the card's "
-                             f"parameter layout ({crystal_model.size} parameters, encoding "
-                             f"{encoding.name}) needs {encoding.size} outputs")
+            raise ModelError(
+                f"model {self.path} outputs shape {graph_out}, but the card's "
+                f"parameter layout ({crystal_model.size} parameters, encoding "
+                f"{encoding.name}) needs {encoding.size} outputs"
+            )
         if latent_map is not None:
             size = crystal_model.size + 1  # the parameters and the prediction's chi
-            shapes = {"mean": ((size,), latent_map.mean.shape),
-                      "precision": ((size, size), latent_map.precision.shape),
-                      "components": ((2, size), latent_map.components.shape)}
+            shapes = {
+                "mean": ((size,), latent_map.mean.shape),
+                "precision": ((size, size), latent_map.precision.shape),
+                "components": ((2, size), latent_map.components.shape),
+            }
             for key, (want, got) in shapes.items():
                 if want != got:
-                    raise ModelError(f"model card {card_path}: 'latent.{key}' has shape {got}, "
-                                     f"the parameter layout needs {want}")
-            if latent_map.points.ndim != 2 or latent_map.points.shape[1:] != (2,) or not (
-                    math.isfinite(latent_map.scale) and latent_map.scale > 0):
-                raise ModelError(f"model card {card_path}: 'latent' needs points of shape "
-                                 f"(K, 2) and a positive scale")
+                    raise ModelError(
+                        f"model card {card_path}: 'latent.{key}' has shape {got}, "
+                        f"the parameter layout needs {want}"
+                    )
+            if (
+                latent_map.points.ndim != 2
+                or latent_map.points.shape[1:] != (2,)
+                or not (math.isfinite(latent_map.scale) and latent_map.scale > 0)
+            ):
+                raise ModelError(
+                    f"model card {card_path}: 'latent' needs points of shape "
+                    f"(K, 2) and a positive scale"
+                )
         return crystal_model, encoding, latent_map
 
     @property
@@ -251,8 +283,10 @@ class OnnxCrystalModel:
         elif x.ndim == 4:
             x = x[:, None]
         if x.ndim != 5 or x.shape[1] != 1 or x.shape[2:] != (self.grid,) * 3:
-            raise ValueError(f"network input must be ({self.grid},)*3 per volume, got shape "
-                             f"{np.asarray(inputs).shape}")
+            raise ValueError(
+                f"network input must be ({self.grid},)*3 per volume, got shape "
+                f"{np.asarray(inputs).shape}"
+            )
         # Native-endian, contiguous float32: EPICS clients hand out big-endian arrays, on
         # which ONNX Runtime silently computes NaN.
         x = np.ascontiguousarray(x, dtype=np.dtype(np.float32).newbyteorder("="))

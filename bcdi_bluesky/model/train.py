@@ -81,8 +81,15 @@ def load_checkpoint(path: Path) -> dict:
 def build_network(config: TrainConfig) -> CrystalCNN:
     """The network a config describes (outputs: the twin-invariant encoding)."""
     enc = config.output_encoding()
-    return CrystalCNN(enc.size, config.grid, config.width, config.hidden, n_bounded=enc.n_even,
-                      friedel=config.friedel, zoom=config.zoom)
+    return CrystalCNN(
+        enc.size,
+        config.grid,
+        config.width,
+        config.hidden,
+        n_bounded=enc.n_even,
+        friedel=config.friedel,
+        zoom=config.zoom,
+    )
 
 
 def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
@@ -103,36 +110,55 @@ def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
             own[key] = value.clone()
             copied += 1
     first = next(k for k in own if k.startswith("encoder."))
-    if (first in old and own[first].shape[1] == 2 and old[first].shape[1] == 1
-            and own[first].shape[0] == old[first].shape[0]):
+    if (
+        first in old
+        and own[first].shape[1] == 2
+        and old[first].shape[1] == 1
+        and own[first].shape[0] == old[first].shape[0]
+    ):
         own[first].zero_()
         own[first][:, :1] = old[first]
         copied += 1
     dense = next(k for k in own if k.startswith("head.") and k.endswith("weight"))
-    if (dense in old and own[dense].shape[0] == old[dense].shape[0]
-            and own[dense].shape[1] > old[dense].shape[1]):
+    if (
+        dense in old
+        and own[dense].shape[0] == old[dense].shape[0]
+        and own[dense].shape[1] > old[dense].shape[1]
+    ):
         columns = old[dense].shape[1]
         own[dense][:, :columns] = old[dense]
         own[dense][:, columns:] *= 0.1
         copied += 1
     enc = config.output_encoding()
     last_w, last_b = [k for k in own if k.startswith("head.")][-2:]
-    if (isinstance(enc, TwinInvariantEncoding) and old[last_w].shape[0] == enc.model.size
-            and own[last_w].shape != old[last_w].shape):
+    if (
+        isinstance(enc, TwinInvariantEncoding)
+        and old[last_w].shape[0] == enc.model.size
+        and own[last_w].shape != old[last_w].shape
+    ):
         own[last_w][: enc.n_even] = old[last_w][enc.even]
         own[last_b][: enc.n_even] = old[last_b][enc.even]
         # The matrix rows keep a small random start, not zero: zero rows would pass no
         # gradient back into the trunk, which must learn new features for the odd terms.
-        own[last_w][enc.n_even:] *= 0.1
-        own[last_b][enc.n_even:] = 0.0
+        own[last_w][enc.n_even :] *= 0.1
+        own[last_b][enc.n_even :] = 0.0
         copied += 2
     net.load_state_dict(own)
     return copied
 
 
-def train(config: TrainConfig, directory: Path, *, resume: bool = False, device: str = "cpu",
-          workers: int = 1, time_limit_s: float | None = None, threads: int | None = None,
-          progress: bool = True, init_from: Path | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    directory: Path,
+    *,
+    resume: bool = False,
+    device: str = "cpu",
+    workers: int = 1,
+    time_limit_s: float | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    init_from: Path | None = None,
+) -> dict:
     """Train (or continue training) and checkpoint; returns the final checkpoint state.
 
     Parameters
@@ -173,8 +199,10 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
         config.extra["warm_start"] = str(init_from)
     net = net.to(device)
     encoding = config.output_encoding()
-    loss_fn = WeightedMSE(encoding.weights(parameter_weights(encoding.model)),
-                          encoding.model.twin_signs if encoding.needs_twin_min else None)
+    loss_fn = WeightedMSE(
+        encoding.weights(parameter_weights(encoding.model)),
+        encoding.model.twin_signs if encoding.needs_twin_min else None,
+    )
     loss_fn = loss_fn.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, elapsed, history = 0, 0.0, []
@@ -196,22 +224,40 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
         return encoding.decode(out)
 
     def snapshot(elapsed_s: float) -> dict:
-        return {"config": asdict(config), "model": net.state_dict(),
-                "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed_s,
-                "torch_rng": torch.get_rng_state(),
-                "history": history, "machine": platform.platform(),
-                "device": torch.cuda.get_device_name() if device.startswith("cuda") else
-                platform.processor() or platform.machine()}
+        return {
+            "config": asdict(config),
+            "model": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "elapsed_s": elapsed_s,
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "machine": platform.platform(),
+            "device": torch.cuda.get_device_name()
+            if device.startswith("cuda")
+            else platform.processor() or platform.machine(),
+        }
 
-    loader = DataLoader(_BatchStream(config, step), batch_size=None, shuffle=False,
-                        num_workers=workers, prefetch_factor=4 if workers else None,
-                        persistent_workers=False,
-                        # Its own generator: a loader seeding itself from the global RNG
-                        # would shift the dropout masks of a resumed run.
-                        generator=torch.Generator().manual_seed(config.seed))
+    loader = DataLoader(
+        _BatchStream(config, step),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        # Its own generator: a loader seeding itself from the global RNG
+        # would shift the dropout masks of a resumed run.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step",
-               dynamic_ncols=True, desc=config.name)
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc=config.name,
+    )
     net.train()
     running = None
     for x, y in loader:
@@ -230,8 +276,9 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, device:
         now = time.perf_counter()
         total_elapsed = elapsed + (now - started)
         if step % config.validate_every == 0 or step == config.steps:
-            v = validate(predict, model, config.validation_size, config.seed,
-                         stream=VALIDATION_STREAM).summary()
+            v = validate(
+                predict, model, config.validation_size, config.seed, stream=VALIDATION_STREAM
+            ).summary()
             history.append({"step": step, "loss": running, "elapsed_s": total_elapsed, **v})
             bar.set_postfix(loss=f"{running:.4f}", val_iou=f"{v['iou_median']:.3f}", lr=f"{lr:.1e}")
         elif step % 10 == 0:

@@ -102,8 +102,9 @@ class CrystalModel:
         if not 0 <= self.n_rbf <= 16:
             raise ValueError(f"n_rbf must be in [0, 16], got {self.n_rbf}")
         if not 1 <= self.phase_order <= 5:
-            raise ValueError(f"phase_order must be in [1, 5] (1: no phase field), got "
-                             f"{self.phase_order}")
+            raise ValueError(
+                f"phase_order must be in [1, 5] (1: no phase field), got {self.phase_order}"
+            )
 
     # ----------------------------------------------------------------- layout
     @cached_property
@@ -151,8 +152,10 @@ class CrystalModel:
         names += [f"rbf{k}_c{a}" for k in range(self.n_rbf) for a in _AXES]
         names += [f"rbf{k}_amplitude" for k in range(self.n_rbf)]
         names += [f"rbf{k}_width" for k in range(self.n_rbf)]
-        names += ["phase_" + "".join(a * e for a, e in zip(_AXES, ex, strict=True))
-                  for ex in self.phase_exponents]
+        names += [
+            "phase_" + "".join(a * e for a, e in zip(_AXES, ex, strict=True))
+            for ex in self.phase_exponents
+        ]
         return names
 
     @cached_property
@@ -207,8 +210,7 @@ class CrystalModel:
         signs.setflags(write=False)
         return signs
 
-    def symmetry_matrix(self, permutation: tuple[int, ...], flips: tuple[int, ...]
-                        ) -> np.ndarray:
+    def symmetry_matrix(self, permutation: tuple[int, ...], flips: tuple[int, ...]) -> np.ndarray:
         """Matrix that maps a parameter vector to the crystal under a symmetry of the cube.
 
         The symmetry is the one :func:`bcdi_bluesky.physics.cube_symmetry` applies to a
@@ -225,8 +227,10 @@ class CrystalModel:
         """
         permutation, flips = tuple(int(a) for a in permutation), tuple(sorted(set(flips)))
         if sorted(permutation) != [0, 1, 2] or not set(flips) <= {0, 1, 2}:
-            raise ValueError(f"permutation must order (0, 1, 2) and flips name axes 0-2, got "
-                             f"{permutation!r}, {flips!r}")
+            raise ValueError(
+                f"permutation must order (0, 1, 2) and flips name axes 0-2, got "
+                f"{permutation!r}, {flips!r}"
+            )
         key = ("symmetry", permutation, flips)
         if key not in self._cache:
             # r'_k = sigma_{perm[k]} r_{perm[k]}: the point that lands at r came from G^-1 r.
@@ -244,8 +248,9 @@ class CrystalModel:
             u = np.random.default_rng(0).normal(size=(200, 3))
 
             def monomials(points: np.ndarray) -> np.ndarray:
-                return np.stack([np.prod(points ** np.array(ex), axis=1)
-                                 for ex in self.phase_exponents])
+                return np.stack(
+                    [np.prod(points ** np.array(ex), axis=1) for ex in self.phase_exponents]
+                )
 
             phase = np.linalg.lstsq(monomials(u).T, monomials(u @ g).T, rcond=None)[0]
             matrix[s["phase"], s["phase"]] = phase
@@ -305,16 +310,25 @@ class CrystalModel:
         """JSON-able description of the layout (for model cards and result files)."""
         lo, hi = self.bounds
         return {
-            "n": self.n, "lmax": self.lmax, "n_rbf": self.n_rbf, "phase_order": self.phase_order,
-            "names": self.names, "lower": lo.tolist(), "upper": hi.tolist(),
+            "n": self.n,
+            "lmax": self.lmax,
+            "n_rbf": self.n_rbf,
+            "phase_order": self.phase_order,
+            "names": self.names,
+            "lower": lo.tolist(),
+            "upper": hi.tolist(),
             "twin_signs": self.twin_signs.tolist(),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> CrystalModel:
         """Inverse of :meth:`to_dict` (checks that names match)."""
-        model = cls(n=int(d["n"]), lmax=int(d["lmax"]), n_rbf=int(d["n_rbf"]),
-                    phase_order=int(d["phase_order"]))
+        model = cls(
+            n=int(d["n"]),
+            lmax=int(d["lmax"]),
+            n_rbf=int(d["n_rbf"]),
+            phase_order=int(d["phase_order"]),
+        )
         if "names" in d and list(d["names"]) != model.names:
             raise ValueError("parameter names in the description do not match the model layout")
         return model
@@ -371,8 +385,9 @@ class CrystalModel:
         for coeff, (ez, ey, ex) in zip(p[s["phase"]], self.phase_exponents, strict=True):
             if coeff != 0.0:
                 phase += np.float32(coeff) * (powers[0][ez] * powers[1][ey] * powers[2][ex])
-        return Rendered(self.n, table.flat_index[inside], shape, density, phase,
-                        table.parity[inside])
+        return Rendered(
+            self.n, table.flat_index[inside], shape, density, phase, table.parity[inside]
+        )
 
     def voxelise(self, params: np.ndarray) -> np.ndarray:
         """Render the complex64 ``N^3`` object of a parameter vector."""

@@ -40,10 +40,17 @@ from ._forward import detector_gap_mask, intensity, scale_to_photons, simulate_c
 BENCHMARK_SEED = 1313
 #: Seed of the crystals used while developing and tuning (disjoint from the benchmark's).
 DEV_SEED = 7
-SHAPE_KINDS = ("octahedron", "cube", "cuboctahedron", "truncated octahedron", "wulff",
-               "platelet", "rod", "substrate-cut")
-DISPLACEMENT_KINDS = ("none", "polynomial", "inclusion", "screw dislocation",
-                      "edge dislocation")
+SHAPE_KINDS = (
+    "octahedron",
+    "cube",
+    "cuboctahedron",
+    "truncated octahedron",
+    "wulff",
+    "platelet",
+    "rod",
+    "substrate-cut",
+)
+DISPLACEMENT_KINDS = ("none", "polynomial", "inclusion", "screw dislocation", "edge dislocation")
 DENSITY_KINDS = ("uniform", "voids", "ramp")
 #: Total of a noise-free intensity (any scale would do; this one is count-like).
 NOISE_FREE_PHOTONS = 1e9
@@ -60,8 +67,14 @@ _FAMILIES = {
     "100": np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float),
     "111": np.array([[a, b, c] for a in (1, -1) for b in (1, -1) for c in (1, -1)], float)
     / np.sqrt(3.0),
-    "110": np.array([v for v in ([1, 1, 0], [1, -1, 0], [0, 1, 1], [0, 1, -1], [1, 0, 1],
-                                 [1, 0, -1]) for v in (v, [-x for x in v])], float)
+    "110": np.array(
+        [
+            v
+            for v in ([1, 1, 0], [1, -1, 0], [0, 1, 1], [0, 1, -1], [1, 0, 1], [1, 0, -1])
+            for v in (v, [-x for x in v])
+        ],
+        float,
+    )
     / np.sqrt(2.0),
 }
 # Facet distances per shape kind, relative to the {100} distance (inf: family absent). A cube
@@ -103,9 +116,13 @@ class OutOfFamilyCrystal:
     @property
     def labels(self) -> list[str]:
         """Shape, displacement, density and measurement kind (for per-kind tables)."""
-        return [self.shape_kind, self.displacement_kind, self.density_kind,
-                "noise-free" if self.noise_free else "counts",
-                *(["gap"] if self.mask is not None else [])]
+        return [
+            self.shape_kind,
+            self.displacement_kind,
+            self.density_kind,
+            "noise-free" if self.noise_free else "counts",
+            *(["gap"] if self.mask is not None else []),
+        ]
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -123,8 +140,7 @@ def _coordinates(n: int) -> np.ndarray:
     return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"))
 
 
-def polyhedron_distance(u: np.ndarray, normals: np.ndarray, distances: np.ndarray
-                        ) -> np.ndarray:
+def polyhedron_distance(u: np.ndarray, normals: np.ndarray, distances: np.ndarray) -> np.ndarray:
     """Signed distance (positive inside) to the intersection of half-spaces ``m . u <= d``.
 
     Parameters
@@ -147,8 +163,9 @@ def polyhedron_distance(u: np.ndarray, normals: np.ndarray, distances: np.ndarra
     return out
 
 
-def _faces(rng: np.random.Generator, kind: str, half_width: float, stretch: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _faces(
+    rng: np.random.Generator, kind: str, half_width: float, stretch: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Unit normals and distances of the faces in the crystal frame (stretched by ``stretch``)."""
     normals, distances = [], []
     for family, relative in _SHAPE_DISTANCES[kind].items():
@@ -176,8 +193,9 @@ def _unit(rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def displacement_phase(rng: np.random.Generator, kind: str, r: np.ndarray, size: float
-                       ) -> np.ndarray:
+def displacement_phase(
+    rng: np.random.Generator, kind: str, r: np.ndarray, size: float
+) -> np.ndarray:
     """Phase ``g . u(r)`` in radians of a displacement field of ``kind``.
 
     Parameters
@@ -230,14 +248,17 @@ def displacement_phase(rng: np.random.Generator, kind: str, r: np.ndarray, size:
         nu = POISSON_RATIO
         rho2 = np.maximum(x1 * x1 + x2 * x2, 1e-9)
         u1 = theta + x1 * x2 / (2 * (1 - nu) * rho2)
-        u2 = -((1 - 2 * nu) / (4 * (1 - nu)) * np.log(rho2 / size**2)
-               + (x1 * x1 - x2 * x2) / (4 * (1 - nu) * rho2))
+        u2 = -(
+            (1 - 2 * nu) / (4 * (1 - nu)) * np.log(rho2 / size**2)
+            + (x1 * x1 - x2 * x2) / (4 * (1 - nu) * rho2)
+        )
         return sign * u1 + rng.uniform(-0.5, 0.5) * u2
     raise ValueError(f"unknown displacement kind {kind!r}; expected one of {DISPLACEMENT_KINDS}")
 
 
-def out_of_family_object(rng: np.random.Generator, n: int, shape_kind: str,
-                         displacement_kind: str, density_kind: str) -> np.ndarray:
+def out_of_family_object(
+    rng: np.random.Generator, n: int, shape_kind: str, displacement_kind: str, density_kind: str
+) -> np.ndarray:
     """Render one faceted crystal (complex64, centred on the ``n^3`` grid).
 
     The largest extent stays within :data:`MAX_EXTENT` of the grid (oversampling above 2 on
@@ -246,8 +267,7 @@ def out_of_family_object(rng: np.random.Generator, n: int, shape_kind: str,
     if shape_kind not in SHAPE_KINDS:
         raise ValueError(f"unknown shape kind {shape_kind!r}; expected one of {SHAPE_KINDS}")
     if density_kind not in DENSITY_KINDS:
-        raise ValueError(f"unknown density kind {density_kind!r}; expected one of "
-                         f"{DENSITY_KINDS}")
+        raise ValueError(f"unknown density kind {density_kind!r}; expected one of {DENSITY_KINDS}")
     rotation = random_rotation(rng)
     stretch = _stretch(rng, shape_kind)
     # Half-width of the {100} faces in voxels, before the size check below.
@@ -324,5 +344,16 @@ def out_of_family_crystal(seed: int, index: int, n: int = 64) -> OutOfFamilyCrys
     else:
         photons = float(np.exp(rng.uniform(*np.log(PHOTON_RANGE))))
         measured = simulate_counts(obj, photons, rng, mask)
-    return OutOfFamilyCrystal(seed, index, n, shape_kind, displacement_kind, density_kind,
-                              photons, noise_free, obj, measured, mask)
+    return OutOfFamilyCrystal(
+        seed,
+        index,
+        n,
+        shape_kind,
+        displacement_kind,
+        density_kind,
+        photons,
+        noise_free,
+        obj,
+        measured,
+        mask,
+    )

@@ -28,8 +28,9 @@ def intensity(obj: np.ndarray, workers: int | None = None) -> np.ndarray:
     return scipy.fft.fftshift(power).astype(np.float32, copy=False)
 
 
-def scale_to_photons(intensity_: np.ndarray, photons: float,
-                     mask: np.ndarray | None = None) -> np.ndarray:
+def scale_to_photons(
+    intensity_: np.ndarray, photons: float, mask: np.ndarray | None = None
+) -> np.ndarray:
     """Scale an intensity so that its (valid) voxels hold ``photons`` in total."""
     if not np.isfinite(photons) or photons <= 0:
         raise ValueError(f"photons must be a positive number, got {photons!r}")
@@ -53,8 +54,7 @@ def beamstop_mask(shape: tuple[int, int, int], radius: float) -> np.ndarray:
     return np.asarray(r2 > radius * radius)
 
 
-def detector_gap_mask(shape: tuple[int, int, int], axis: int, start: int,
-                      width: int) -> np.ndarray:
+def detector_gap_mask(shape: tuple[int, int, int], axis: int, start: int, width: int) -> np.ndarray:
     """Mask (True = valid) hiding a gap of ``width`` voxels at ``start`` along a detector axis.
 
     The gap spans every frame of the rocking scan, like the seam between detector modules.
@@ -68,8 +68,9 @@ def detector_gap_mask(shape: tuple[int, int, int], axis: int, start: int,
     return mask
 
 
-def simulate_counts(obj: np.ndarray, photons: float, rng: np.random.Generator,
-                    mask: np.ndarray | None = None) -> np.ndarray:
+def simulate_counts(
+    obj: np.ndarray, photons: float, rng: np.random.Generator, mask: np.ndarray | None = None
+) -> np.ndarray:
     """Measured counts of ``obj`` with ``photons`` in total and Poisson noise; masked voxels 0."""
     counts = poisson_counts(scale_to_photons(intensity(obj), photons, mask), rng)
     if mask is not None:

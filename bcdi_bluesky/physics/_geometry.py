@@ -64,21 +64,34 @@ class Diffractometer:
 #: in tifffile's orientation (row first), the transpose of cohere's reading.
 PRESETS: dict[str, Diffractometer] = {
     "aps_34idc": Diffractometer(
-        "aps_34idc", (("theta", "y+"), ("chi", "z-"), ("phi", "y+")),
-        (("delta", "y+"), ("gamma", "x-")), ("y-", "x+"),
-        "APS 34-ID-C: theta about the vertical, horizontal delta, vertical gamma (Timepix)"),
+        "aps_34idc",
+        (("theta", "y+"), ("chi", "z-"), ("phi", "y+")),
+        (("delta", "y+"), ("gamma", "x-")),
+        ("y-", "x+"),
+        "APS 34-ID-C: theta about the vertical, horizontal delta, vertical gamma (Timepix)",
+    ),
     "esrf_id01": Diffractometer(
-        "esrf_id01", (("mu", "y-"), ("eta", "x-"), ("phi", "y-")),
-        (("nu", "y-"), ("delta", "x-")), ("y-", "x-"),
-        "ESRF ID01: vertical scattering plane, eta rocking about a horizontal axis"),
+        "esrf_id01",
+        (("mu", "y-"), ("eta", "x-"), ("phi", "y-")),
+        (("nu", "y-"), ("delta", "x-")),
+        ("y-", "x-"),
+        "ESRF ID01: vertical scattering plane, eta rocking about a horizontal axis",
+    ),
     "petra_p10": Diffractometer(
-        "petra_p10", (("mu", "y+"), ("om", "x-"), ("chi", "z+"), ("phi", "y-")),
-        (("gamma", "y+"), ("delta", "x-")), ("y-", "x+"),
-        "PETRA III P10: om rocking about a horizontal axis, gamma/delta detector arm"),
+        "petra_p10",
+        (("mu", "y+"), ("om", "x-"), ("chi", "z+"), ("phi", "y-")),
+        (("gamma", "y+"), ("delta", "x-")),
+        ("y-", "x+"),
+        "PETRA III P10: om rocking about a horizontal axis, gamma/delta detector arm",
+    ),
     "generic": Diffractometer(
-        "generic", (("theta", "y+"),), (("delta", "y+"), ("gamma", "x-")), ("y-", "x+"),
+        "generic",
+        (("theta", "y+"),),
+        (("delta", "y+"), ("gamma", "x-")),
+        ("y-", "x+"),
         "one sample circle about the vertical, a detector arm with an in-plane delta and an "
-        "out-of-plane gamma, rows pointing down and columns along +x at zero angles"),
+        "out-of-plane gamma, rows pointing down and columns along +x at zero angles",
+    ),
 }
 
 
@@ -151,10 +164,16 @@ class Geometry:
     def __post_init__(self) -> None:
         object.__setattr__(self, "pixel_size_m", _pair(self.pixel_size_m, "pixel_size_m"))
         object.__setattr__(self, "axes", tuple(self.axes))
-        object.__setattr__(self, "sample_angles_deg",
-                           {str(k): float(v) for k, v in dict(self.sample_angles_deg).items()})
-        object.__setattr__(self, "detector_angles_deg",
-                           {str(k): float(v) for k, v in dict(self.detector_angles_deg).items()})
+        object.__setattr__(
+            self,
+            "sample_angles_deg",
+            {str(k): float(v) for k, v in dict(self.sample_angles_deg).items()},
+        )
+        object.__setattr__(
+            self,
+            "detector_angles_deg",
+            {str(k): float(v) for k, v in dict(self.detector_angles_deg).items()},
+        )
         if self.hkl is not None:
             object.__setattr__(self, "hkl", tuple(int(v) for v in self.hkl))
         self.check()
@@ -169,8 +188,11 @@ class Geometry:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown geometry keys {unknown} (known: {sorted(known)})")
-        missing = [k for k in ("beamline", "energy_kev", "detector_distance_m", "pixel_size_m")
-                   if k not in data]
+        missing = [
+            k
+            for k in ("beamline", "energy_kev", "detector_distance_m", "pixel_size_m")
+            if k not in data
+        ]
         if missing:
             raise ValueError(f"geometry lacks {missing}")
         try:
@@ -214,26 +236,33 @@ class Geometry:
         if not (math.isfinite(self.rocking_step_deg) and self.rocking_step_deg != 0):
             raise ValueError(f"rocking_step_deg must be non-zero, got {self.rocking_step_deg}")
         if sorted(self.axes) != sorted(AXIS_NAMES):
-            raise ValueError(f"axes must be a permutation of {list(AXIS_NAMES)}, got "
-                             f"{list(self.axes)}")
+            raise ValueError(
+                f"axes must be a permutation of {list(AXIS_NAMES)}, got {list(self.axes)}"
+            )
         preset = PRESETS[self.beamline]
         sample = [n for n, _ in preset.sample_circles]
         detector = [n for n, _ in preset.detector_circles]
         if self.rocking_axis not in sample:
-            raise ValueError(f"rocking_axis {self.rocking_axis!r} is not a sample circle of "
-                             f"{self.beamline} ({sample})")
-        for given, names, what in ((self.sample_angles_deg, sample, "sample_angles_deg"),
-                                   (self.detector_angles_deg, detector, "detector_angles_deg")):
+            raise ValueError(
+                f"rocking_axis {self.rocking_axis!r} is not a sample circle of "
+                f"{self.beamline} ({sample})"
+            )
+        for given, names, what in (
+            (self.sample_angles_deg, sample, "sample_angles_deg"),
+            (self.detector_angles_deg, detector, "detector_angles_deg"),
+        ):
             # A motor the convention does not model (34-ID-C's mu) may be recorded at zero.
             extra = sorted(k for k in set(given) - set(names) if given[k] != 0.0)
             if extra:
-                raise ValueError(f"{what} has non-zero {extra}, not circles of "
-                                 f"{self.beamline} {names}")
+                raise ValueError(
+                    f"{what} has non-zero {extra}, not circles of {self.beamline} {names}"
+                )
             if not all(math.isfinite(v) for v in given.values()):
                 raise ValueError(f"{what} must be finite")
         if self.lattice_constant_nm is not None and not self.lattice_constant_nm > 0:
-            raise ValueError(f"lattice_constant_nm must be positive, got "
-                             f"{self.lattice_constant_nm}")
+            raise ValueError(
+                f"lattice_constant_nm must be positive, got {self.lattice_constant_nm}"
+            )
         if np.linalg.norm(self.q_bragg_inv_nm) < 1e-9:
             raise ValueError("the detector angles put the detector in the direct beam (Q = 0)")
 
@@ -261,8 +290,11 @@ class Geometry:
         r = self._detector_rotation()
         e_row = r @ _axis_vector(self.preset.pixel_directions[0])
         e_col = r @ _axis_vector(self.preset.pixel_directions[1])
-        pos = (self.detector_distance_m * (r @ _axis_vector("z+"))
-               + d_row * self.pixel_size_m[0] * e_row + d_col * self.pixel_size_m[1] * e_col)
+        pos = (
+            self.detector_distance_m * (r @ _axis_vector("z+"))
+            + d_row * self.pixel_size_m[0] * e_row
+            + d_col * self.pixel_size_m[1] * e_col
+        )
         return self.k_inv_nm * (pos / np.linalg.norm(pos) - _axis_vector("z+"))
 
     @property
@@ -276,8 +308,9 @@ class Geometry:
         for name, axis in self.preset.sample_circles:
             if name == self.rocking_axis:
                 return outer @ _axis_vector(axis)
-            outer = outer @ rotation(_axis_vector(axis),
-                                     math.radians(self.sample_angles_deg.get(name, 0.0)))
+            outer = outer @ rotation(
+                _axis_vector(axis), math.radians(self.sample_angles_deg.get(name, 0.0))
+            )
         raise AssertionError("unreachable: check() validated the rocking axis")
 
     def q_steps_inv_nm(self) -> np.ndarray:

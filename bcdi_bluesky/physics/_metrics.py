@@ -24,8 +24,10 @@ def _amplitudes(model_intensity, measured_intensity, mask):
     model = check_volume(model_intensity, "model intensity", require_signal=False)
     measured = check_volume(measured_intensity, "measured intensity", require_signal=False)
     if model.shape != measured.shape:
-        raise ValueError(f"model intensity has shape {model.shape} but the measured intensity "
-                         f"has shape {measured.shape}")
+        raise ValueError(
+            f"model intensity has shape {model.shape} but the measured intensity "
+            f"has shape {measured.shape}"
+        )
     m = check_mask(mask, measured.shape)
     a = np.sqrt(model, dtype=np.float64)
     b = np.sqrt(measured, dtype=np.float64)
@@ -44,8 +46,9 @@ def fitted_scale(model_amplitude: np.ndarray, measured_amplitude: np.ndarray) ->
     return num / den if den > 0 else 0.0
 
 
-def chi(model_intensity: np.ndarray, measured_intensity: np.ndarray,
-        mask: np.ndarray | None = None) -> float:
+def chi(
+    model_intensity: np.ndarray, measured_intensity: np.ndarray, mask: np.ndarray | None = None
+) -> float:
     """cohere's error ``||s A_model - sqrt(I)|| / ||sqrt(I)||`` with ``s`` fitted by least squares.
 
     Parameters
@@ -62,8 +65,9 @@ def chi(model_intensity: np.ndarray, measured_intensity: np.ndarray,
     return float(np.linalg.norm(fitted_scale(a, b) * a - b) / norm)
 
 
-def r_factor(model_intensity: np.ndarray, measured_intensity: np.ndarray,
-             mask: np.ndarray | None = None) -> float:
+def r_factor(
+    model_intensity: np.ndarray, measured_intensity: np.ndarray, mask: np.ndarray | None = None
+) -> float:
     """Amplitude R-factor ``sum|sqrt(I) - s A_model| / sum sqrt(I)`` (least-squares ``s``)."""
     a, b = _amplitudes(model_intensity, measured_intensity, mask)
     total = float(b.sum())
@@ -104,8 +108,9 @@ def _poisson_sqrt_residual_table() -> tuple[np.ndarray, np.ndarray]:
     return np.log(lam), values
 
 
-def poisson_chi_expected(model_intensity: np.ndarray, counts: np.ndarray,
-                         mask: np.ndarray | None = None) -> float | None:
+def poisson_chi_expected(
+    model_intensity: np.ndarray, counts: np.ndarray, mask: np.ndarray | None = None
+) -> float | None:
     """The chi that ``counts`` would leave if ``model_intensity`` were the truth.
 
     The model is scaled to the measured total; each valid voxel of mean ``lam`` then adds
@@ -129,13 +134,15 @@ def poisson_chi_expected(model_intensity: np.ndarray, counts: np.ndarray,
     lam = model * (n.sum() / total)
     log_lam, table = _poisson_sqrt_residual_table()
     # Below the table 2 lam holds (one photon with probability lam); above it, 1/4.
-    expected = np.where(lam < 1e-4, 2.0 * lam,
-                        np.interp(np.log(np.maximum(lam, 1e-4)), log_lam, table, right=0.25))
+    expected = np.where(
+        lam < 1e-4, 2.0 * lam, np.interp(np.log(np.maximum(lam, 1e-4)), log_lam, table, right=0.25)
+    )
     return float(np.sqrt(expected.sum()) / np.linalg.norm(np.sqrt(n)))
 
 
-def poisson_nll(model_intensity: np.ndarray, counts: np.ndarray,
-                mask: np.ndarray | None = None) -> float:
+def poisson_nll(
+    model_intensity: np.ndarray, counts: np.ndarray, mask: np.ndarray | None = None
+) -> float:
     """Mean Poisson negative log-likelihood per valid voxel of ``counts`` given the model.
 
     The model is scaled to the measured total (the maximum-likelihood scale); the model
@@ -171,8 +178,9 @@ def mirror(volume: np.ndarray, axes: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
     return out
 
 
-def cube_symmetry(volume: np.ndarray, permutation: tuple[int, ...] = (0, 1, 2),
-                  flips: tuple[int, ...] = ()) -> np.ndarray:
+def cube_symmetry(
+    volume: np.ndarray, permutation: tuple[int, ...] = (0, 1, 2), flips: tuple[int, ...] = ()
+) -> np.ndarray:
     """Apply a symmetry of the cube to the last three axes of ``volume``.
 
     Mirror the axes in ``flips`` about index ``N // 2`` (:func:`mirror`), then transpose the
@@ -192,8 +200,9 @@ def twin_object(obj: np.ndarray) -> np.ndarray:
 
 def _best_shift(ref_amp: np.ndarray, amp: np.ndarray) -> tuple[tuple[int, ...], float]:
     """Integer circular shift of ``amp`` that maximises its correlation with ``ref_amp``."""
-    xc = scipy.fft.ifftn(scipy.fft.fftn(ref_amp) * np.conj(scipy.fft.fftn(amp)),
-                         workers=FFT_WORKERS).real
+    xc = scipy.fft.ifftn(
+        scipy.fft.fftn(ref_amp) * np.conj(scipy.fft.fftn(amp)), workers=FFT_WORKERS
+    ).real
     peak = np.unravel_index(int(np.argmax(xc)), xc.shape)
     return tuple(int(i) for i in peak), float(xc[peak])
 
@@ -220,8 +229,9 @@ def _remove_ramp(ref: np.ndarray, obj: np.ndarray, weight: np.ndarray) -> np.nda
     return (obj * np.exp(1j * ramp)).astype(np.complex64)
 
 
-def align(reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2,
-          phase: bool = True) -> np.ndarray:
+def align(
+    reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2, phase: bool = True
+) -> np.ndarray:
     """Return ``obj`` or its twin, translated, with phase ramp and offset matched to ``reference``.
 
     The twin and translation are chosen by the amplitude cross-correlation; the ramp and the
@@ -254,8 +264,9 @@ def support(obj: np.ndarray, threshold: float = 0.2) -> np.ndarray:
     return amp > threshold * amp.max()
 
 
-def support_iou(reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2,
-                aligned: bool = False) -> float:
+def support_iou(
+    reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2, aligned: bool = False
+) -> float:
     """Intersection over union of the supports (after :func:`align` unless ``aligned``)."""
     o = obj if aligned else align(reference, obj, threshold, phase=False)
     a, b = support(reference, threshold), support(o, threshold)
@@ -271,8 +282,9 @@ def complex_overlap(reference: np.ndarray, obj: np.ndarray) -> float:
     return float(np.abs(np.vdot(a, b)) / den) if den > 0 else 0.0
 
 
-def phase_rms(reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2,
-              aligned: bool = False) -> float:
+def phase_rms(
+    reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2, aligned: bool = False
+) -> float:
     """Amplitude-weighted RMS phase difference (radians) over the reference's support."""
     o = obj if aligned else align(reference, obj, threshold)
     sel = support(reference, threshold)
@@ -296,7 +308,8 @@ def ssim_amplitude(reference: np.ndarray, obj: np.ndarray, sigma: float = 1.5) -
     cov = g(a * b) - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
     ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
-        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
     return float(ssim.mean())
 
 
@@ -311,12 +324,17 @@ class ObjectComparison:
 
     def as_dict(self) -> dict[str, float]:
         """The figures as a plain dict."""
-        return {"iou": self.iou, "overlap": self.overlap, "phase_rms": self.phase_rms,
-                "ssim": self.ssim}
+        return {
+            "iou": self.iou,
+            "overlap": self.overlap,
+            "phase_rms": self.phase_rms,
+            "ssim": self.ssim,
+        }
 
 
-def compare_objects(reference: np.ndarray, obj: np.ndarray,
-                    threshold: float = 0.2) -> ObjectComparison:
+def compare_objects(
+    reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2
+) -> ObjectComparison:
     """Align ``obj`` to ``reference`` once and compute IoU, overlap, phase RMS and SSIM."""
     o = align(reference, obj, threshold)
     return ObjectComparison(

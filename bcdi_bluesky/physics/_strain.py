@@ -36,8 +36,9 @@ def lab_positions(shape: tuple[int, ...], basis: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j...->i...", basis, idx)
 
 
-def _bounding_box(support: np.ndarray, basis: np.ndarray, margin: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _bounding_box(
+    support: np.ndarray, basis: np.ndarray, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Lab bounding box of the support's voxels (their parallelepipeds), plus ``margin``."""
     idx = np.argwhere(support)
     if idx.size == 0:
@@ -50,9 +51,13 @@ def _bounding_box(support: np.ndarray, basis: np.ndarray, margin: float
     return pts.min(axis=0) - half - margin, pts.max(axis=0) + half + margin
 
 
-def to_lab_grid(obj: np.ndarray, basis: np.ndarray, region: np.ndarray,
-                spacing_nm: float | None = None, margin_voxels: int = 2
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def to_lab_grid(
+    obj: np.ndarray,
+    basis: np.ndarray,
+    region: np.ndarray,
+    spacing_nm: float | None = None,
+    margin_voxels: int = 2,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Resample an object from its (sheared) input grid onto an orthogonal lab grid.
 
     Trilinear interpolation of the real and imaginary parts at each lab grid point's position
@@ -95,10 +100,12 @@ def to_lab_grid(obj: np.ndarray, basis: np.ndarray, region: np.ndarray,
     centre = np.array([s // 2 for s in obj.shape], dtype=np.float64)[:, None]
     coords = np.linalg.solve(basis, r) + centre
     out = np.empty(r.shape[1], dtype=np.complex64)
-    out.real = scipy.ndimage.map_coordinates(obj.real.astype(np.float64), coords, order=1,
-                                             mode="constant", cval=0.0)
-    out.imag = scipy.ndimage.map_coordinates(obj.imag.astype(np.float64), coords, order=1,
-                                             mode="constant", cval=0.0)
+    out.real = scipy.ndimage.map_coordinates(
+        obj.real.astype(np.float64), coords, order=1, mode="constant", cval=0.0
+    )
+    out.imag = scipy.ndimage.map_coordinates(
+        obj.imag.astype(np.float64), coords, order=1, mode="constant", cval=0.0
+    )
     return out.reshape(tuple(n)), lo, float(spacing_nm)
 
 
@@ -106,8 +113,9 @@ def _wrap(x: np.ndarray) -> np.ndarray:
     return (x + np.pi) % (2 * np.pi) - np.pi
 
 
-def _pair_differences(obj: np.ndarray, support: np.ndarray, axis: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def _pair_differences(
+    obj: np.ndarray, support: np.ndarray, axis: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Wrapped phase difference to the next voxel along ``axis`` and where both are in the
     support (the last plane has no next voxel)."""
     lo = [slice(None)] * 3
@@ -118,8 +126,9 @@ def _pair_differences(obj: np.ndarray, support: np.ndarray, axis: int
     return d, both
 
 
-def remove_ramp(obj: np.ndarray, support: np.ndarray, spacing: np.ndarray | float = 1.0
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def remove_ramp(
+    obj: np.ndarray, support: np.ndarray, spacing: np.ndarray | float = 1.0
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Remove the linear phase ramp and the phase offset of an object on its support.
 
     The ramp is the amplitude-weighted mean of the wrapped neighbour phase differences, so a
@@ -146,8 +155,7 @@ def remove_ramp(obj: np.ndarray, support: np.ndarray, spacing: np.ndarray | floa
         if w.sum() > 0:
             g[axis] = float(np.sum(w * d) / w.sum()) / spacing[axis]
     r = [np.arange(s) * spacing[k] for k, s in enumerate(obj.shape)]
-    ramp = (g[0] * r[0][:, None, None] + g[1] * r[1][None, :, None]
-            + g[2] * r[2][None, None, :])
+    ramp = g[0] * r[0][:, None, None] + g[1] * r[1][None, :, None] + g[2] * r[2][None, None, :]
     flat = obj * np.exp(-1j * ramp)
     c = float(np.angle(np.sum(np.where(support, flat, 0))))
     return (flat * np.exp(-1j * c)).astype(np.complex64), g, c
@@ -200,9 +208,15 @@ def unwrap_phase(obj: np.ndarray, support: np.ndarray) -> np.ndarray:
     n_links, n_roots = tree.row.size, roots.size
     eq = np.arange(n_links)
     system = scipy.sparse.coo_matrix(
-        (np.concatenate([np.ones(n_links), -np.ones(n_links), np.ones(n_roots)]),
-         (np.concatenate([eq, eq, n_links + np.arange(n_roots)]),
-          np.concatenate([tree.col, tree.row, roots]))), shape=(m, m)).tocsc()
+        (
+            np.concatenate([np.ones(n_links), -np.ones(n_links), np.ones(n_roots)]),
+            (
+                np.concatenate([eq, eq, n_links + np.arange(n_roots)]),
+                np.concatenate([tree.col, tree.row, roots]),
+            ),
+        ),
+        shape=(m, m),
+    ).tocsc()
     rhs = np.concatenate([_wrap(phase[tree.col] - phase[tree.row]), phase[roots]])
     unwrapped = np.atleast_1d(scipy.sparse.linalg.spsolve(system, rhs))
     mean = float(np.sum(amp * unwrapped) / amp.sum()) if amp.sum() > 0 else 0.0
@@ -228,8 +242,11 @@ def phase_gradient(obj: np.ndarray, support: np.ndarray, spacing: float) -> np.n
         fwd[tuple(lo)] = np.where(both, d, np.nan)
         bwd[tuple(hi)] = np.where(both, d, np.nan)
         both_sides = np.isfinite(fwd) & np.isfinite(bwd)
-        g = np.where(both_sides, 0.5 * (np.nan_to_num(fwd) + np.nan_to_num(bwd)),
-                     np.where(np.isfinite(fwd), fwd, bwd))
+        g = np.where(
+            both_sides,
+            0.5 * (np.nan_to_num(fwd) + np.nan_to_num(bwd)),
+            np.where(np.isfinite(fwd), fwd, bwd),
+        )
         grad[axis] = np.where(support, g / spacing, np.nan)
     return grad
 
@@ -299,8 +316,9 @@ class PhysicalResult:
     def crystal_extents_nm(self) -> np.ndarray:
         """Principal extents of the support on the lab grid (nm), largest first."""
         idx = np.argwhere(self.support_lab).astype(np.float64)
-        return principal_extents(self.origin_nm + idx * self.voxel_size_nm,
-                                 np.diag(self.voxel_size_nm))[0]
+        return principal_extents(
+            self.origin_nm + idx * self.voxel_size_nm, np.diag(self.voxel_size_nm)
+        )[0]
 
     def summary(self) -> dict[str, Any]:
         """``crystal_volume_nm3``, ``crystal_extents_nm``, ``strain_rms``,
@@ -312,8 +330,9 @@ class PhysicalResult:
             "crystal_volume_nm3": float(s.sum() * np.prod(self.voxel_size_nm)),
             "crystal_extents_nm": [float(v) for v in self.crystal_extents_nm()],
             "strain_rms": float(np.sqrt(np.mean(strain**2))) if strain.size else float("nan"),
-            "displacement_rms_nm": (float(np.sqrt(np.mean(disp**2))) if disp.size
-                                    else float("nan")),
+            "displacement_rms_nm": (
+                float(np.sqrt(np.mean(disp**2))) if disp.size else float("nan")
+            ),
             "q_bragg_inv_nm": [float(v) for v in self.q_bragg_inv_nm],
             "voxel_size_nm": [float(v) for v in self.voxel_size_nm],
         }
@@ -332,8 +351,9 @@ class PhysicalResult:
         }
 
 
-def displacement_and_strain(object_lab: np.ndarray, support_lab: np.ndarray, spacing_nm: float,
-                            q_inv_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def displacement_and_strain(
+    object_lab: np.ndarray, support_lab: np.ndarray, spacing_nm: float, q_inv_nm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Displacement along Q (nm) and strain along Q on an orthogonal grid of ``spacing_nm``.
 
     Returns the de-ramped object, the displacement and the strain (NaN off the support).
@@ -347,8 +367,9 @@ def displacement_and_strain(object_lab: np.ndarray, support_lab: np.ndarray, spa
     return flat, displacement.astype(np.float32), strain.astype(np.float32)
 
 
-def physical_result(obj: np.ndarray, geometry: Geometry, support_threshold: float,
-                    spacing_nm: float | None = None) -> PhysicalResult:
+def physical_result(
+    obj: np.ndarray, geometry: Geometry, support_threshold: float, spacing_nm: float | None = None
+) -> PhysicalResult:
     """The object of a reconstruction (input grid) in the lab frame, with displacement and
     strain along Q.
 
@@ -378,9 +399,16 @@ def physical_result(obj: np.ndarray, geometry: Geometry, support_threshold: floa
     q = geometry.q_bragg_inv_nm
     flat, displacement, strain = displacement_and_strain(object_lab, support_lab, h, q)
     return PhysicalResult(
-        geometry=geometry, voxel_basis_nm=basis, q_bragg_inv_nm=q,
-        voxel_size_nm=np.full(3, h), origin_nm=origin, object_lab=flat,
-        support_lab=support_lab, displacement_nm=displacement, strain=strain)
+        geometry=geometry,
+        voxel_basis_nm=basis,
+        q_bragg_inv_nm=q,
+        voxel_size_nm=np.full(3, h),
+        origin_nm=origin,
+        object_lab=flat,
+        support_lab=support_lab,
+        displacement_nm=displacement,
+        strain=strain,
+    )
 
 
 def _corner(array: np.ndarray, a: int, b: int, da: int, db: int) -> np.ndarray:
@@ -408,10 +436,18 @@ def phase_vortices(obj: np.ndarray, support: np.ndarray) -> np.ndarray:
     for a, b in ((0, 1), (0, 2), (1, 2)):
         c00, c10 = _corner(obj, a, b, 0, 0), _corner(obj, a, b, 1, 0)
         c11, c01 = _corner(obj, a, b, 1, 1), _corner(obj, a, b, 0, 1)
-        inside = (_corner(support, a, b, 0, 0) & _corner(support, a, b, 1, 0)
-                  & _corner(support, a, b, 1, 1) & _corner(support, a, b, 0, 1))
-        winding = (np.angle(c10 * np.conj(c00)) + np.angle(c11 * np.conj(c10))
-                   + np.angle(c01 * np.conj(c11)) + np.angle(c00 * np.conj(c01)))
+        inside = (
+            _corner(support, a, b, 0, 0)
+            & _corner(support, a, b, 1, 0)
+            & _corner(support, a, b, 1, 1)
+            & _corner(support, a, b, 0, 1)
+        )
+        winding = (
+            np.angle(c10 * np.conj(c00))
+            + np.angle(c11 * np.conj(c10))
+            + np.angle(c01 * np.conj(c11))
+            + np.angle(c00 * np.conj(c01))
+        )
         hits = np.argwhere(inside & (np.abs(winding) > np.pi)).astype(np.float64)
         hits[:, a] += 0.5
         hits[:, b] += 0.5

@@ -55,8 +55,10 @@ def check_volume(
             with np.errstate(invalid="ignore"):
                 big = np.isfinite(arr) & (np.abs(arr) > np.finfo(np.float32).max)
             if big.any():
-                raise DataError(f"{name} holds {int(big.sum())} values beyond float32's range "
-                                f"(largest {float(np.abs(arr[big]).max()):.3g}); rescale it")
+                raise DataError(
+                    f"{name} holds {int(big.sum())} values beyond float32's range "
+                    f"(largest {float(np.abs(arr[big]).max()):.3g}); rescale it"
+                )
         arr = arr.astype(np.float32, copy=False)
     else:
         raise DataError(f"{name} must be numeric, got dtype {arr.dtype}")
@@ -67,8 +69,10 @@ def check_volume(
         bad = int(arr.size - np.count_nonzero(finite))
         raise DataError(f"{name} contains {bad} NaN or inf values")
     if not allow_negative and not np.iscomplexobj(arr) and arr.min() < 0:
-        raise DataError(f"{name} contains negative values (min {float(arr.min()):.4g}); "
-                         "subtract the background without going below zero")
+        raise DataError(
+            f"{name} contains negative values (min {float(arr.min()):.4g}); "
+            "subtract the background without going below zero"
+        )
     if require_signal and not np.any(arr):
         raise DataError(f"{name} is empty (all values are zero)")
     return arr

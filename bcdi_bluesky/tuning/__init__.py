@@ -4,14 +4,26 @@ phase-retrieval polish."""
 from .extremum_seeking import ESResult, ExtremumSeeker, StepHook
 from .phase_retrieval import PolishResult, autocorrelation_seed, polish, seeded_polish
 from .refine import (
-           ChiCost,
-           RefineResult,
-           best_start,
-           best_twin_variant,
-           fit_odd_shape,
-           refine_crystal,
+    ChiCost,
+    RefineResult,
+    best_start,
+    best_twin_variant,
+    fit_odd_shape,
+    refine_crystal,
 )
 
-__all__ = ["ChiCost", "ESResult", "ExtremumSeeker", "PolishResult", "RefineResult", "StepHook",
-           "autocorrelation_seed", "best_start", "best_twin_variant",
-           "fit_odd_shape", "polish", "refine_crystal", "seeded_polish"]
+__all__ = [
+    "ChiCost",
+    "ESResult",
+    "ExtremumSeeker",
+    "PolishResult",
+    "RefineResult",
+    "StepHook",
+    "autocorrelation_seed",
+    "best_start",
+    "best_twin_variant",
+    "fit_odd_shape",
+    "polish",
+    "refine_crystal",
+    "seeded_polish",
+]

@@ -64,9 +64,16 @@ class ExtremumSeeker:
         Assigns the frequencies to parameters (a seeded permutation): runs are deterministic.
     """
 
-    def __init__(self, p0: np.ndarray, gain: float = 2.0, dither: float | np.ndarray = 0.05,
-                 omega_range: tuple[float, float] = (1.0, 1.75), decay: float = 1.0,
-                 normalise_cost: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        p0: np.ndarray,
+        gain: float = 2.0,
+        dither: float | np.ndarray = 0.05,
+        omega_range: tuple[float, float] = (1.0, 1.75),
+        decay: float = 1.0,
+        normalise_cost: bool = True,
+        seed: int = 0,
+    ) -> None:
         p = np.asarray(p0, dtype=np.float64).ravel()
         if p.size == 0:
             raise ValueError("extremum seeking needs at least one parameter")
@@ -82,8 +89,7 @@ class ExtremumSeeker:
         self.p = np.clip(p, -1.0, 1.0)
         rng = np.random.default_rng(seed)
         # Distinct frequencies; the tiny offset keeps them distinct for a single parameter too.
-        self.omega = rng.permutation(np.linspace(lo, hi, p.size) if p.size > 1 else
-                                     np.array([hi]))
+        self.omega = rng.permutation(np.linspace(lo, hi, p.size) if p.size > 1 else np.array([hi]))
         self.dt = 2.0 * math.pi / (10.0 * float(self.omega.max()))
         d = np.broadcast_to(np.asarray(dither, dtype=np.float64), p.shape).copy()
         if np.any(d <= 0) or not np.all(np.isfinite(d)):
@@ -120,14 +126,19 @@ class ExtremumSeeker:
             c = 0.0
         n = self.iteration
         self.p = np.clip(
-            self.p + self.step_bound * np.cos(self.omega * n * self.dt + self.gain * c),
-            -1.0, 1.0)
+            self.p + self.step_bound * np.cos(self.omega * n * self.dt + self.gain * c), -1.0, 1.0
+        )
         self.dither *= self.decay
         self.iteration += 1
         return self.p.copy()
 
-    def minimise(self, cost: Callable[[np.ndarray], float], max_iter: int = 500,
-                 time_budget_s: float | None = None, hook: StepHook | None = None) -> ESResult:
+    def minimise(
+        self,
+        cost: Callable[[np.ndarray], float],
+        max_iter: int = 500,
+        time_budget_s: float | None = None,
+        hook: StepHook | None = None,
+    ) -> ESResult:
         """Run until ``max_iter`` evaluations, the time budget, or the hook says stop.
 
         Returns the best parameters seen (lowest cost), not merely the last ones: the dither

@@ -65,13 +65,24 @@ def shrink_wrap(obj: np.ndarray, sigma: float, threshold: float) -> np.ndarray:
     return blurred > threshold * blurred.max()
 
 
-def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarray,
-           mask: np.ndarray | None = None, *, iterations: int = 150, beta: float = 0.9,
-           hio_fraction: float = 0.65,
-           shrink_every: int = 10, shrink_sigma: float = 1.0, shrink_threshold: float = 0.1,
-           max_growth: int | None = None, time_budget_s: float | None = None,
-           tolerance: float = 0.0, window: int = 20,
-           hook: Callable[[int, float], bool | None] | None = None) -> PolishResult:
+def polish(
+    measured: np.ndarray,
+    seed_object: np.ndarray,
+    seed_support: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    iterations: int = 150,
+    beta: float = 0.9,
+    hio_fraction: float = 0.65,
+    shrink_every: int = 10,
+    shrink_sigma: float = 1.0,
+    shrink_threshold: float = 0.1,
+    max_growth: int | None = None,
+    time_budget_s: float | None = None,
+    tolerance: float = 0.0,
+    window: int = 20,
+    hook: Callable[[int, float], bool | None] | None = None,
+) -> PolishResult:
     """Refine ``seed_object`` against ``measured`` by ER/HIO with shrink-wrap.
 
     Parameters
@@ -109,8 +120,11 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
     valid = None if mask is None else scipy.fft.ifftshift(mask)
     invalid = None if valid is None else ~valid
     support = np.asarray(seed_support, dtype=bool).copy()
-    limit = (np.ones_like(support) if max_growth is None
-             else scipy.ndimage.binary_dilation(support, iterations=max_growth))
+    limit = (
+        np.ones_like(support)
+        if max_growth is None
+        else scipy.ndimage.binary_dilation(support, iterations=max_growth)
+    )
     obj = np.asarray(seed_object, dtype=np.complex64) * support
     f = scipy.fft.fftn(obj, workers=FFT_WORKERS)
     a = np.abs(f) if valid is None else np.abs(f)[valid]
@@ -153,21 +167,39 @@ def polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarr
         if out_of_time:
             stopped_by = "time"
             break
-        if (tolerance > 0 and i - window > last_hio and len(errors) > window
-                and errors[-1] > (1.0 - tolerance) * errors[-1 - window]):
+        if (
+            tolerance > 0
+            and i - window > last_hio
+            and len(errors) > window
+            and errors[-1] > (1.0 - tolerance) * errors[-1 - window]
+        ):
             stopped_by = "converged"
             break
     obj = obj * support
-    return PolishResult(obj.astype(np.complex64, copy=False), support, errors, done,
-                        time.perf_counter() - started, stopped_by=stopped_by)
+    return PolishResult(
+        obj.astype(np.complex64, copy=False),
+        support,
+        errors,
+        done,
+        time.perf_counter() - started,
+        stopped_by=stopped_by,
+    )
 
 
-def seeded_polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: np.ndarray,
-                  mask: np.ndarray | None = None, *, er_iterations: int = 50,
-                  iterations: int = 150, hio_fraction: float = 0.3, discrepancy: float = 1.5,
-                  time_budget_s: float | None = None,
-                  hook: Callable[[int, float], bool | None] | None = None,
-                  **options) -> PolishResult:
+def seeded_polish(
+    measured: np.ndarray,
+    seed_object: np.ndarray,
+    seed_support: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    er_iterations: int = 50,
+    iterations: int = 150,
+    hio_fraction: float = 0.3,
+    discrepancy: float = 1.5,
+    time_budget_s: float | None = None,
+    hook: Callable[[int, float], bool | None] | None = None,
+    **options,
+) -> PolishResult:
     """A polish that keeps a good seed and falls back to ER/HIO for a poor one.
 
     ER alone runs first: it only descends, so from a seed close to the answer (a crystal the
@@ -202,8 +234,17 @@ def seeded_polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: n
     def chi_of(result: PolishResult) -> float:
         return chi(intensity(result.object), measured, mask)
 
-    first = polish(measured, seed_object, seed_support, mask, iterations=er_iterations,
-                   hio_fraction=0.0, time_budget_s=time_budget_s, hook=hook, **options)
+    first = polish(
+        measured,
+        seed_object,
+        seed_support,
+        mask,
+        iterations=er_iterations,
+        hio_fraction=0.0,
+        time_budget_s=time_budget_s,
+        hook=hook,
+        **options,
+    )
     first.recipe, first.chi = "ER", chi_of(first)
     floor = poisson_chi_floor(measured, mask)
     stopped = first.stopped_by in ("hook", "time")
@@ -212,9 +253,17 @@ def seeded_polish(measured: np.ndarray, seed_object: np.ndarray, seed_support: n
         return first
     left = None if time_budget_s is None else max(time_budget_s - first.seconds, 0.0)
     offset = first.iterations
-    second = polish(measured, seed_object, seed_support, mask, iterations=iterations,
-                    hio_fraction=hio_fraction, time_budget_s=left,
-                    hook=None if hook is None else lambda i, e: hook(offset + i, e), **options)
+    second = polish(
+        measured,
+        seed_object,
+        seed_support,
+        mask,
+        iterations=iterations,
+        hio_fraction=hio_fraction,
+        time_budget_s=left,
+        hook=None if hook is None else lambda i, e: hook(offset + i, e),
+        **options,
+    )
     second.recipe, second.chi = "ER/HIO", chi_of(second)
     best = second if second.chi < first.chi else first
     if "time" in (first.stopped_by, second.stopped_by):
@@ -244,8 +293,9 @@ def ball_overlap_distance(threshold: float) -> float:
     return float(scipy.optimize.brentq(lambda x: 1 - 1.5 * x + 0.5 * x**3 - threshold, 0, 1))
 
 
-def autocorrelation_seed(measured: np.ndarray, threshold: float = AUTOCORRELATION_THRESHOLD
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def autocorrelation_seed(
+    measured: np.ndarray, threshold: float = AUTOCORRELATION_THRESHOLD
+) -> tuple[np.ndarray, np.ndarray]:
     """A model-free seed: a uniform, zero-phase sphere, centred, sized from the autocorrelation.
 
     ``|ifftn(I)|`` is the object's autocorrelation, whose support is the object's doubled in

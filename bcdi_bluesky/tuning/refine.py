@@ -53,8 +53,9 @@ def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
     return volume[tuple(slice(a, a + n) for a in starts)]
 
 
-def coarse_chi(model: CrystalModel, measured: np.ndarray,
-               mask: np.ndarray | None = None) -> Callable[[np.ndarray], float]:
+def coarse_chi(
+    model: CrystalModel, measured: np.ndarray, mask: np.ndarray | None = None
+) -> Callable[[np.ndarray], float]:
     """``chi(normalised parameters)`` on the central half-size cube of q (8x cheaper)."""
     half = model.n // 2
     coarse = model.with_grid(half)
@@ -62,8 +63,9 @@ def coarse_chi(model: CrystalModel, measured: np.ndarray,
     return lambda p: cost(coarse.intensity(coarse.denormalise(p)))
 
 
-def best_start(model: CrystalModel, starts: Sequence[np.ndarray], cost: ChiCost
-               ) -> tuple[int, float]:
+def best_start(
+    model: CrystalModel, starts: Sequence[np.ndarray], cost: ChiCost
+) -> tuple[int, float]:
     """Index and ``chi`` of the physical parameter vector that fits the data best.
 
     Parameters
@@ -87,8 +89,9 @@ def best_start(model: CrystalModel, starts: Sequence[np.ndarray], cost: ChiCost
     return best, chis[best]
 
 
-def best_twin_variant(model: CrystalModel, variants: Sequence[np.ndarray], cost: ChiCost
-                      ) -> tuple[np.ndarray, float]:
+def best_twin_variant(
+    model: CrystalModel, variants: Sequence[np.ndarray], cost: ChiCost
+) -> tuple[np.ndarray, float]:
     """The normalised candidate (``encoding.twin_variants``) whose crystal fits best, and its chi.
 
     The CNN gives each family of twin-odd parameters up to its own sign; the data choose
@@ -120,12 +123,21 @@ class RefineResult:
     cut_short: bool = False
 
 
-def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
-                   mask: np.ndarray | None = None, *, alternatives: Sequence[np.ndarray] = (),
-                   coarse_iterations: int = 300,
-                   fine_iterations: int = 100, time_budget_s: float | None = None,
-                   gain: float = 3.0, dither: float = 0.04, seed: int = 0,
-                   hook: Callable[[int, float], bool | None] | None = None) -> RefineResult:
+def refine_crystal(
+    model: CrystalModel,
+    params: np.ndarray,
+    measured: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    alternatives: Sequence[np.ndarray] = (),
+    coarse_iterations: int = 300,
+    fine_iterations: int = 100,
+    time_budget_s: float | None = None,
+    gain: float = 3.0,
+    dither: float = 0.04,
+    seed: int = 0,
+    hook: Callable[[int, float], bool | None] | None = None,
+) -> RefineResult:
     """Tune crystal parameters by bounded ES to minimise ``chi`` against ``measured``.
 
     Parameters
@@ -161,8 +173,9 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
     """
     started = time.perf_counter()
     if measured.shape != (model.n,) * 3:
-        raise ValueError(f"measured intensity has shape {measured.shape}, the model grid is "
-                         f"{(model.n,) * 3}")
+        raise ValueError(
+            f"measured intensity has shape {measured.shape}, the model grid is {(model.n,) * 3}"
+        )
     full_cost = ChiCost(measured, mask)
 
     def chi_full(p: np.ndarray) -> float:
@@ -182,8 +195,9 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
 
     cut_short = False
 
-    def seek(cost_fn: Callable[[np.ndarray], float], start: np.ndarray,
-             iterations: int) -> tuple[np.ndarray, float, bool]:
+    def seek(
+        cost_fn: Callable[[np.ndarray], float], start: np.ndarray, iterations: int
+    ) -> tuple[np.ndarray, float, bool]:
         nonlocal cut_short
         left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - started)
         if left is not None and left <= 0:
@@ -212,14 +226,27 @@ def refine_crystal(model: CrystalModel, params: np.ndarray, measured: np.ndarray
     final = chi_full(p)
     if final < best_chi:
         best_p, best_chi = p, final
-    return RefineResult(model.denormalise(best_p), chi_start, best_chi, costs, count,
-                        time.perf_counter() - started, cut_short)
+    return RefineResult(
+        model.denormalise(best_p),
+        chi_start,
+        best_chi,
+        costs,
+        count,
+        time.perf_counter() - started,
+        cut_short,
+    )
 
 
-def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
-                  mask: np.ndarray | None = None, *, max_evaluations: int = 150,
-                  time_budget_s: float | None = None,
-                  hook: Callable[[int, float], bool | None] | None = None) -> RefineResult:
+def fit_odd_shape(
+    model: CrystalModel,
+    params: np.ndarray,
+    measured: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    max_evaluations: int = 150,
+    time_budget_s: float | None = None,
+    hook: Callable[[int, float], bool | None] | None = None,
+) -> RefineResult:
     """Fit the odd-``l`` surface terms (the crystal's asymmetry) to ``measured``.
 
     The intensity cannot tell an object from its twin, which negates these terms, and for a
@@ -256,15 +283,17 @@ def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
     """
     started = time.perf_counter()
     if measured.shape != (model.n,) * 3:
-        raise ValueError(f"measured intensity has shape {measured.shape}, the model grid is "
-                         f"{(model.n,) * 3}")
+        raise ValueError(
+            f"measured intensity has shape {measured.shape}, the model grid is {(model.n,) * 3}"
+        )
     full_cost = ChiCost(measured, mask)
     p0 = model.normalise(model.clip(params))
     chi_start = full_cost(model.intensity(model.denormalise(p0)))
     odd = np.flatnonzero(model.sh_degrees % 2 == 1) + model.slices["sh"].start
     if max_evaluations <= 0 or odd.size == 0 or model.n // 2 < 16:
-        return RefineResult(model.denormalise(p0), chi_start, chi_start, [], 0,
-                            time.perf_counter() - started)
+        return RefineResult(
+            model.denormalise(p0), chi_start, chi_start, [], 0, time.perf_counter() - started
+        )
     cost_fn = coarse_chi(model, measured, mask)
     costs: list[float] = []
     best = [np.inf, p0[odd].copy()]
@@ -284,8 +313,13 @@ def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
 
     cut_short = False
     try:
-        scipy.optimize.minimize(cost, p0[odd], method="Powell", bounds=[(-1.0, 1.0)] * odd.size,
-                                options={"maxfev": max_evaluations, "xtol": 1e-2, "ftol": 1e-3})
+        scipy.optimize.minimize(
+            cost,
+            p0[odd],
+            method="Powell",
+            bounds=[(-1.0, 1.0)] * odd.size,
+            options={"maxfev": max_evaluations, "xtol": 1e-2, "ftol": 1e-3},
+        )
     except _Stop as stop:
         cut_short = stop.by == "time"
     p = p0.copy()
@@ -293,5 +327,12 @@ def fit_odd_shape(model: CrystalModel, params: np.ndarray, measured: np.ndarray,
     chi = full_cost(model.intensity(model.denormalise(p)))
     if chi >= chi_start:
         p, chi = p0, chi_start
-    return RefineResult(model.denormalise(p), chi_start, chi, costs, len(costs),
-                        time.perf_counter() - started, cut_short)
+    return RefineResult(
+        model.denormalise(p),
+        chi_start,
+        chi,
+        costs,
+        len(costs),
+        time.perf_counter() - started,
+        cut_short,
+    )
