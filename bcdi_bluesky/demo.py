@@ -65,7 +65,8 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plotting import central_slices, plot_reconstruction
+    from .physics import central_slices
+    from .plotting import plot_reconstruction
 
     paths = []
     for record in records:

@@ -7,19 +7,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .physics import central_slices
+
 if TYPE_CHECKING:
     from .physics import PhysicalResult
     from .pipeline import ReconstructionResult
 
 PLANES = (("XY", 0), ("XZ", 1), ("YZ", 2))  # plane name, axis cut through its centre
-
-
-def central_slices(
-    volume: np.ndarray, centre: tuple[int, int, int] | None = None
-) -> dict[str, np.ndarray]:
-    """The three central planes of a volume: ``XY`` (cut along axis 0), ``XZ``, ``YZ``."""
-    c = centre or tuple(s // 2 for s in volume.shape)
-    return {"XY": volume[c[0], :, :], "XZ": volume[:, c[1], :], "YZ": volume[:, :, c[2]]}
 
 
 def support_centre(support: np.ndarray) -> tuple[int, int, int]:

@@ -20,8 +20,7 @@ import time
 import numpy as np
 import scipy.fft
 
-from bcdi_bluesky.physics import CrystalPrior
-from bcdi_bluesky.physics._forward import FFT_WORKERS
+from bcdi_bluesky.physics import FFT_WORKERS, CrystalPrior
 
 
 def _medians_s(fns, runs: int) -> list[float]:

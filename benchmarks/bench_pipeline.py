@@ -70,6 +70,7 @@ from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 from bcdi_bluesky.physics import (
     BENCHMARK_SEED,
     DISPLACEMENT_KINDS,
+    FFT_WORKERS,
     SHAPE_KINDS,
     CrystalModel,
     CrystalPrior,
@@ -80,7 +81,6 @@ from bcdi_bluesky.physics import (
     r_factor,
     support_iou,
 )
-from bcdi_bluesky.physics._forward import FFT_WORKERS
 from bcdi_bluesky.pipeline import ReconstructionResult, Reconstructor
 from bcdi_bluesky.quality import QUALITY_LEVELS
 from bcdi_bluesky.tuning import autocorrelation_seed, seeded_polish

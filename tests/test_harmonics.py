@@ -2,8 +2,13 @@ import numpy as np
 import pytest
 import scipy.special
 
-from bcdi_bluesky.physics import LMAX_LIMIT, grid_table, real_sph_harm, sh_index
-from bcdi_bluesky.physics._harmonics import fibonacci_directions
+from bcdi_bluesky.physics import (
+    LMAX_LIMIT,
+    fibonacci_directions,
+    grid_table,
+    real_sph_harm,
+    sh_index,
+)
 
 
 def test_matches_scipy_complex_harmonics():

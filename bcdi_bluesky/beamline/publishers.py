@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from event_model import compose_run
 
-from ..plotting import central_slices
+from ..physics import central_slices
 
 if TYPE_CHECKING:
     from ..pipeline import ReconstructionResult

@@ -37,7 +37,7 @@ from caproto.server import (
 from caproto.server.records import AiFields
 
 from ..errors import SettingsError
-from ..plotting import central_slices
+from ..physics import central_slices
 from ..settings import ReconstructionSettings
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from ._faceted import (
     polyhedron_distance,
 )
 from ._forward import (
+    FFT_WORKERS,
     beamstop_mask,
     detector_gap_mask,
     far_field,
@@ -24,10 +25,11 @@ from ._forward import (
     simulate_counts,
 )
 from ._geometry import AXIS_NAMES, PRESETS, Diffractometer, Geometry, geometry_from_start
-from ._harmonics import LMAX_LIMIT, grid_table, real_sph_harm, sh_index
+from ._harmonics import LMAX_LIMIT, fibonacci_directions, grid_table, real_sph_harm, sh_index
 from ._metrics import (
     ObjectComparison,
     align,
+    central_slices,
     chi,
     compare_objects,
     complex_overlap,
@@ -65,6 +67,7 @@ __all__ = [
     "DENSITY_KINDS",
     "DEV_SEED",
     "DISPLACEMENT_KINDS",
+    "FFT_WORKERS",
     "LMAX_LIMIT",
     "PRESETS",
     "SHAPE_KINDS",
@@ -78,6 +81,7 @@ __all__ = [
     "Rendered",
     "align",
     "beamstop_mask",
+    "central_slices",
     "check_mask",
     "check_volume",
     "chi",
@@ -88,6 +92,7 @@ __all__ = [
     "displacement_and_strain",
     "displacement_phase",
     "far_field",
+    "fibonacci_directions",
     "fitted_scale",
     "geometry_from_start",
     "grid_table",

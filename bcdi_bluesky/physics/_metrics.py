@@ -343,3 +343,11 @@ def compare_objects(
         phase_rms=phase_rms(reference, o, threshold, aligned=True),
         ssim=ssim_amplitude(reference, o),
     )
+
+
+def central_slices(
+    volume: np.ndarray, centre: tuple[int, int, int] | None = None
+) -> dict[str, np.ndarray]:
+    """The three central planes of a volume: ``XY`` (cut along axis 0), ``XZ``, ``YZ``."""
+    c = centre or tuple(s // 2 for s in volume.shape)
+    return {"XY": volume[c[0], :, :], "XZ": volume[:, c[1], :], "YZ": volume[:, :, c[2]]}

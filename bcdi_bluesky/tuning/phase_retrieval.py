@@ -16,8 +16,7 @@ import scipy.fft
 import scipy.ndimage
 import scipy.optimize
 
-from ..physics import chi, intensity, poisson_chi_floor
-from ..physics._forward import FFT_WORKERS
+from ..physics import FFT_WORKERS, chi, intensity, poisson_chi_floor
 
 #: Fraction of the autocorrelation's maximum that defines its support
 #: (:func:`autocorrelation_seed`).
