@@ -183,14 +183,12 @@ def run_demo(
     beamline = SimulatedBeamline(seed=seed, misalignment=0.25)
     beamline.det.exposure.put(0.05)
     ioc = IOCPublisher(prefix=prefix, interfaces=interfaces)
-    collected: list = []
     cb = BCDIReconstructionCallback(
         reconstructor=Reconstructor(),
         publishers=[
             ioc,
             ResultFileWriter(out),
             _Progress(stream),
-            lambda result, start: collected.append(start["uid"]),
         ],
         keep_results=max(scans, 1),
     )  # the figures show every scan's reconstruction

@@ -84,14 +84,6 @@ class HiddenCrystal:
         """The hidden object (complex64, ``n^3``)."""
         return self.model.voxelise(self.params)
 
-    def drift(self, rng: np.random.Generator, amount: float = 0.02) -> None:
-        """Let shape and strain evolve a little (in-situ heating, load): for tracking tests."""
-        with self._lock:
-            p = self.model.normalise(self.params)
-            p = np.clip(p + rng.normal(0.0, amount, p.size), -1.0, 1.0)
-            self.params = self.model.denormalise(p)
-            self._update()
-
     def expected_slice(self, theta: float) -> np.ndarray:
         """Expected photons per pixel (1 s, full transmission) at rocking angle ``theta``."""
         n = self.model.n
@@ -452,11 +444,3 @@ class SimulatedBeamline:
         """Fraction of the beam's peak flux on the crystal at the sample stage's readbacks."""
         pos = np.array([self.sample_x.readback.get(), self.sample_y.readback.get()], dtype=float)
         return float(np.exp(-0.5 * np.sum((pos - self.beam_centre) ** 2) / self.beam_sigma**2))
-
-    def rocking_range(self, points: int | None = None) -> tuple[float, float, int]:
-        """A scan that covers the whole pattern around the nominal angle: (start, stop, num)."""
-        n = self.crystal.model.n
-        num = points or n
-        half = (num // 2) * self.crystal.step
-        centre = self.crystal.bragg_theta
-        return centre - half, centre + (num - 1 - num // 2) * self.crystal.step, num
