@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.fft
@@ -51,6 +51,55 @@ REFINE_MODES = ("none", "es", "full")
 #: ``progress(stage, info)``: called after each stage ("preprocess", "inference", "refine",
 #: "polish", "done") and during ES ("es_step") and polish ("polish_step").
 ProgressHook = Callable[[str, dict[str, Any]], None]
+
+
+class ResultField(NamedTuple):
+    """One key of the result schema: its units ("" for none) and what it means."""
+
+    units: str
+    doc: str
+
+
+#: The result schema: every key of :meth:`ReconstructionResult.summary`, with units and meaning.
+#: Every face uses these names: ``reconstruct --json``, the lines of ``serve`` and
+#: ``reprocess``, the figures of a scan record, result files, derived runs (scalar keys, nested
+#: ones as ``key_sub``) and the IOC's result PVs.
+RESULT_SCHEMA: dict[str, ResultField] = {
+    "chi": ResultField("", "misfit ||A - sqrt(I)|| / ||sqrt(I)|| of the result against the data"),
+    "stage_chi": ResultField("", "chi after each stage: cnn, shape, es, polish"),
+    "timings_s": ResultField(
+        "s", "seconds of each stage: preprocess, inference, refine, polish, total"
+    ),
+    "provider": ResultField("", "the ONNX Runtime provider that ran the CNN"),
+    "model": ResultField("", "name of the CNN"),
+    "refine": ResultField("", "refinement mode: none, es or full"),
+    "es_iterations": ResultField("", "cost evaluations of the refinement (search and ES)"),
+    "polish_iterations": ResultField("", "phase-retrieval steps of the run that gave the object"),
+    "polish_recipe": ResultField("", "the polish run that gave the object"),
+    "support_voxels": ResultField("voxel", "voxels in the support on the input grid"),
+    "shape": ResultField("voxel", "shape of the input grid"),
+    "latent_xy": ResultField("", "position of the scan on the model card's latent map"),
+    "latent_distance": ResultField(
+        "",
+        "calibrated distance of the CNN's latent to its "
+        "training distribution (99% of prior crystals below 1)",
+    ),
+    "out_of_distribution": ResultField("", "the CNN is out of its training distribution"),
+    "quality": ResultField("", "verdict on the result: good, fair or poor"),
+    "quality_reasons": ResultField("", "why the verdict is what it is"),
+    "expected_chi": ResultField("", "chi that Poisson noise alone would leave (counts only)"),
+    "polish_attempts": ResultField("", "chi of each polish run that ran"),
+    "cut_short": ResultField("", "stages that a wall-time safety cap cut short"),
+    "settings": ResultField("", "the ReconstructionSettings the reconstruction ran with"),
+    "crystal_volume_nm3": ResultField("nm^3", "crystal volume (with the scan's geometry)"),
+    "crystal_extents_nm": ResultField("nm", "principal extents, longest first (with geometry)"),
+    "strain_rms": ResultField("", "RMS of the strain along Q over the support (with geometry)"),
+    "displacement_rms_nm": ResultField(
+        "nm", "RMS of the displacement along Q over the support (with geometry)"
+    ),
+    "q_bragg_inv_nm": ResultField("1/nm", "Q of the Bragg peak in the lab frame (with geometry)"),
+    "voxel_size_nm": ResultField("nm", "spacing of the lab grid (with geometry)"),
+}
 
 
 @dataclass

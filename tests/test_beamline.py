@@ -323,6 +323,15 @@ def test_derived_run_and_result_files(RE, reconstructor, make_callback, tmp_path
     assert len(event["data"]["params"]) == result.params.size
     assert np.asarray(event["data"]["amp_XY"]).shape == result.object.shape[1:]
     summary = result.summary()
+    from bcdi_bluesky.pipeline import RESULT_SCHEMA
+
+    assert set(summary) <= set(RESULT_SCHEMA)  # one schema names every figure
+    assert start["settings"] == result.settings.as_dict()
+    assert event["data"]["timings_s_total"] == pytest.approx(result.timings["total"])
+    assert event["data"]["stage_chi_cnn"] == pytest.approx(result.chi_cnn)
+    data_keys = derived[1][1]["data_keys"]
+    assert data_keys["timings_s_total"]["units"] == "s"
+    assert data_keys["crystal_volume_nm3"]["units"] == "nm^3"
     for key in ("crystal_volume_nm3", "strain_rms", "displacement_rms_nm"):
         assert event["data"][key] == pytest.approx(summary[key])
     assert event["data"]["crystal_extents_nm"] == pytest.approx(summary["crystal_extents_nm"])

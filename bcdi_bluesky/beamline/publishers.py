@@ -138,16 +138,54 @@ Emit = Callable[[str, dict], None]
 DERIVED_PLAN_NAME = "bcdi_reconstruction"
 
 
+def schema_figures(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The figures of a result's summary as event data, named by the result schema
+    (:data:`~bcdi_bluesky.pipeline.RESULT_SCHEMA`), and their units.
+
+    Nested figures become ``key_sub`` (``timings_s_total``, ``stage_chi_cnn``); lists of text
+    are joined by "; "; flags become 0 or 1; missing figures (None) are left out; the settings
+    go to the start document instead.
+    """
+    from ..pipeline import RESULT_SCHEMA
+
+    data: dict[str, Any] = {}
+    units: dict[str, str] = {}
+
+    def add(name: str, value: Any, unit: str) -> None:
+        if value is None:
+            return
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = "; ".join(value)
+        elif isinstance(value, (bool, np.bool_)):
+            value = int(value)
+        elif isinstance(value, (list, tuple)):
+            value = [float(v) for v in value]
+        elif not isinstance(value, str):
+            value = float(value)
+        data[name], units[name] = value, unit
+
+    for key, value in summary.items():
+        if key == "settings":
+            continue
+        unit = RESULT_SCHEMA[key].units
+        if isinstance(value, dict):
+            for sub, item in value.items():
+                add(f"{key}_{sub}", item, unit)
+        else:
+            add(key, value, unit)
+    return data, units
+
+
 class DerivedRunPublisher(Publisher):
     """Emit each reconstruction as a derived Bluesky run whose start carries ``parent_uid``.
 
-    The run has one event in stream ``primary`` with ``chi``, ``chi_cnn``, the quality verdict
-    (``quality``: good, fair or poor, and ``quality_reasons`` joined by "; "), the parameter
-    vector, the support size, the timings and the three central amplitude and phase slices
-    (and, when the scan's geometry is known, ``crystal_volume_nm3``, ``crystal_extents_nm``,
-    ``strain_rms``, ``displacement_rms_nm``, ``q_bragg_inv_nm``, ``voxel_size_nm``); its start
-    document names the model and the provider and carries the verdict too, so that a search of
-    the catalog finds the doubtful reconstructions without reading events.
+    The run has one event in stream ``primary`` with every figure of the result schema
+    (:func:`schema_figures`: ``chi``, ``stage_chi_cnn``, ``timings_s_total``, ``quality``,
+    ``quality_reasons`` joined by "; ", and with the scan's geometry ``crystal_volume_nm3``,
+    ``strain_rms``...; units in the descriptor), the parameter vector and the three central
+    amplitude and phase slices; its start document names the model and the provider and
+    carries the verdict and the settings too, so that a search of the catalog finds the
+    doubtful reconstructions without reading events.
 
     Parameters
     ----------
@@ -171,47 +209,27 @@ class DerivedRunPublisher(Publisher):
                 "parameter_names": list(result.crystal_model.names),
                 "quality": result.quality,
                 "quality_reasons": list(result.quality_reasons),
+                "settings": result.settings.as_dict(),
             }
         )
         self.emit("start", bundle.start_doc)
         amp = central_slices(np.abs(result.object))
         phase = central_slices(np.where(result.support, np.angle(result.object), 0.0))
-        data = {
-            "chi": float(result.chi),
-            "chi_cnn": float(result.chi_cnn),
-            "quality": result.quality,
-            "quality_reasons": "; ".join(result.quality_reasons),
-            "params": np.asarray(result.params, dtype=np.float64).tolist(),
-            "support_voxels": int(result.support.sum()),
-            "latent_distance": float(
-                result.latent_distance if result.latent_distance is not None else np.nan
-            ),
-            "out_of_distribution": int(result.out_of_distribution),
-            **{f"time_{k}": float(v) for k, v in result.timings.items()},
-            **{f"amp_{k}": v.astype(np.float32).tolist() for k, v in amp.items()},
-            **{f"phase_{k}": v.astype(np.float32).tolist() for k, v in phase.items()},
-        }
-        physical = getattr(result, "physical", None)
-        if physical is not None:
-            figures = physical.summary()
-            data.update(
-                {
-                    key: figures[key]
-                    for key in (
-                        "crystal_volume_nm3",
-                        "crystal_extents_nm",
-                        "strain_rms",
-                        "displacement_rms_nm",
-                        "q_bragg_inv_nm",
-                        "voxel_size_nm",
-                    )
-                }
-            )
+        data, units = schema_figures(result.summary())
+        data.update(
+            {
+                "params": np.asarray(result.params, dtype=np.float64).tolist(),
+                **{f"amp_{k}": v.astype(np.float32).tolist() for k, v in amp.items()},
+                **{f"phase_{k}": v.astype(np.float32).tolist() for k, v in phase.items()},
+            }
+        )
         keys = {}
         for key, value in data.items():
             shape = list(np.shape(value))
             dtype = "string" if isinstance(value, str) else "array" if shape else "number"
             keys[key] = {"source": "bcdi-bluesky", "dtype": dtype, "shape": shape}
+            if units.get(key):
+                keys[key]["units"] = units[key]
         desc = bundle.compose_descriptor(name="primary", data_keys=keys)
         self.emit("descriptor", desc.descriptor_doc)
         now = time.time()

@@ -106,14 +106,15 @@ def recommend(
 
 
 def annotate_result(result, start: dict, recommendation: Recommendation | None = None) -> None:
-    """Write the scan's identity, the recommendation for the next scan and the voxel size
-    (from the result's physical view, when the scan had a geometry) into ``result.metadata``.
+    """Write the scan's identity, the recommendation for the next scan (a
+    :class:`Recommendation`, or None) and the voxel size (from the result's physical view, when
+    the scan had a geometry) into ``result.metadata``.
     """
     physical = getattr(result, "physical", None)
     voxel = None if physical is None else physical.voxel_size_nm
     result.metadata.update(
         uid=start.get("uid"),
         scan_id=start.get("scan_id"),
-        recommendation=None if recommendation is None else recommendation.as_dict(),
+        recommendation=recommendation,
         voxel_size_nm=None if voxel is None else np.asarray(voxel).tolist(),
     )

@@ -613,13 +613,13 @@ def result_values(result: Any) -> dict[str, Any]:
                 "Latent:OOD": int(result.out_of_distribution),
             }
         )
-    rec = meta.get("recommendation")
-    if rec:
+    rec = meta.get("recommendation")  # a beamline Recommendation, read by its attributes
+    if rec is not None:
         values.update(
             {
-                "Rec:ThetaCenter": float(rec["theta_center"]),
-                "Rec:ThetaRange": float(rec["theta_range"]),
-                "Rec:Exposure": float(rec["exposure"]) if math.isfinite(rec["exposure"]) else 0.0,
+                "Rec:ThetaCenter": float(rec.theta_center),
+                "Rec:ThetaRange": float(rec.theta_range),
+                "Rec:Exposure": float(rec.exposure) if math.isfinite(rec.exposure) else 0.0,
             }
         )
     values.update(summary_values(result.summary()))
