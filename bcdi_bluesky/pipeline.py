@@ -27,11 +27,11 @@ from .physics import (
     PhysicalResult,
     check_mask,
     check_volume,
-    intensity,
     physical_result,
     poisson_chi_expected,
     poisson_chi_floor,
 )
+from .physics import intensity as far_field_intensity
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
 from .quality import (
     CHI_GOOD,
@@ -235,7 +235,7 @@ class Measurement:
     noise_floor: float | None  # physics.poisson_chi_floor (None: not counts)
 
 
-def prepare_measurement(intensity_: np.ndarray, mask: np.ndarray | None, n: int) -> Measurement:
+def prepare_measurement(intensity: np.ndarray, mask: np.ndarray | None, n: int) -> Measurement:
     """Check the volume and mask, mask hot pixels, check the Bragg peak, fit to the ``n^3`` grid.
 
     Raises
@@ -246,7 +246,7 @@ def prepare_measurement(intensity_: np.ndarray, mask: np.ndarray | None, n: int)
         Photon counts without a detectable Bragg peak (:func:`~bcdi_bluesky.quality.
         check_bragg_peak`): nothing is reconstructed.
     """
-    data = check_volume(intensity_)
+    data = check_volume(intensity)
     valid = check_mask(mask, data.shape)
     valid = remove_hot_pixels(data, valid)
     if valid.all():
@@ -412,10 +412,10 @@ def polish_stage(
         return None if hook is None else hook(steps[0] + i, e)
 
     def chi_of(obj: np.ndarray) -> float:
-        return float(ChiCost(data, valid)(intensity(obj)))
+        return float(ChiCost(data, valid)(far_field_intensity(obj)))
 
     def expected_of(obj: np.ndarray) -> float | None:
-        return poisson_chi_expected(intensity(obj), data, valid)
+        return poisson_chi_expected(far_field_intensity(obj), data, valid)
 
     errors: list[float] = []
     seed_support = np.abs(model_object) > 0.1 * np.abs(model_object).max()
@@ -549,7 +549,7 @@ class Reconstructor:
 
     def reconstruct(
         self,
-        intensity_: np.ndarray,
+        intensity: np.ndarray,
         mask: np.ndarray | None = None,
         refine: str = "full",
         progress: ProgressHook | None = None,
@@ -561,7 +561,7 @@ class Reconstructor:
 
         Parameters
         ----------
-        intensity_ : array_like
+        intensity : array_like
             3D intensity (photon counts or corrected intensities), any shape, centred or not.
         mask : array_like of bool, optional
             True for valid voxels (detector gaps, beamstop and hot pixels False).
@@ -594,7 +594,7 @@ class Reconstructor:
         t0 = time.perf_counter()
         timings = {"preprocess": 0.0, "inference": 0.0, "refine": 0.0, "polish": 0.0}
 
-        measurement = prepare_measurement(intensity_, mask, self.model.n)
+        measurement = prepare_measurement(intensity, mask, self.model.n)
         prepared = measurement.prepared
         timings["preprocess"] = time.perf_counter() - t0
         notify("preprocess", {"seconds": timings["preprocess"], "shift": prepared.shift})
@@ -685,7 +685,7 @@ class Reconstructor:
         amp = np.abs(obj)
         support = amp > settings.support_threshold * amp.max()
         if final_chi is None:
-            model_intensity = intensity(obj)
+            model_intensity = far_field_intensity(obj)
             final_chi = ChiCost(measurement.data, measurement.valid)(model_intensity)
             expected = poisson_chi_expected(model_intensity, measurement.data, measurement.valid)
         if refine == "full":
