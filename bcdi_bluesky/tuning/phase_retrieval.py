@@ -17,10 +17,14 @@ import scipy.ndimage
 import scipy.optimize
 
 from ..physics import FFT_WORKERS, chi, intensity, poisson_chi_floor
+from ..settings import ReconstructionSettings
 
 #: Fraction of the autocorrelation's maximum that defines its support
 #: (:func:`autocorrelation_seed`).
 AUTOCORRELATION_THRESHOLD = 0.1
+
+#: The pipeline's defaults (one source: :class:`~bcdi_bluesky.ReconstructionSettings`).
+_DEFAULTS = ReconstructionSettings()
 
 
 @dataclass
@@ -46,7 +50,7 @@ class PolishResult:
         return self.stopped_by == "time"
 
 
-def default_recipe(iterations: int, hio_fraction: float = 0.65) -> list[str]:
+def default_recipe(iterations: int, hio_fraction: float) -> list[str]:
     """``iterations`` steps: ER, then ``hio_fraction`` of them HIO, then ER (the first ER block
     is 20% of the steps, or less where HIO takes more; at least one ER at the end)."""
     if iterations <= 0:
@@ -70,9 +74,9 @@ def polish(
     seed_support: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    iterations: int = 150,
+    iterations: int,
+    hio_fraction: float,
     beta: float = 0.9,
-    hio_fraction: float = 0.65,
     shrink_every: int = 10,
     shrink_sigma: float = 1.0,
     shrink_threshold: float = 0.1,
@@ -191,9 +195,9 @@ def seeded_polish(
     seed_support: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    er_iterations: int = 50,
-    iterations: int = 150,
-    hio_fraction: float = 0.3,
+    er_iterations: int = _DEFAULTS.polish_er_iterations,
+    iterations: int = _DEFAULTS.polish_iterations,
+    hio_fraction: float = _DEFAULTS.polish_hio_fraction,
     discrepancy: float = 1.5,
     time_budget_s: float | None = None,
     hook: Callable[[int, float], bool | None] | None = None,
