@@ -49,7 +49,7 @@ class _Progress(Publisher):
             self._say(start, f"  {stage} done in {info['seconds']:.2f} s{extra}")
 
     def failure(self, message: str, start: dict) -> None:
-        self._say(start, f"  reconstruction failed: {message}")
+        self._say(start, f"  not reconstructed: {message}")
 
     def __call__(self, result: Any, start: dict) -> None:
         self._say(
