@@ -107,3 +107,13 @@ def test_bad_addresses_are_one_line(address, words):
         parse_address(address)
     assert "\n" not in str(info.value)
     assert parse_address("127.0.0.1:5578") == ("127.0.0.1", 5578)
+
+
+def test_allow_pickle_reads_bluesky_default_messages():
+    # What `serve --allow-pickle` does: bluesky's default Publisher pickles; trusted senders.
+    dispatcher = RemoteDispatcher("127.0.0.1:5578", deserializer=pickle.loads)
+    received = []
+    dispatcher.subscribe(lambda name, doc: received.append((name, doc)))
+    start = compose_run(metadata={"scan_id": 5}).start_doc
+    dispatcher.handle(b" ".join([b"", b"start", pickle.dumps(start)]))
+    assert received == [("start", start)] and dispatcher.dropped == 0
