@@ -102,8 +102,17 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, run.stdout  # exactly one JSON object on stdout
     report = json.loads(lines[0])
-    assert set(report["timings_s"]) == {"preprocess", "inference", "refine", "polish", "total"}
+    assert set(report["timings_s"]) == {
+        "preprocess",
+        "inference",
+        "network",
+        "twin_choice",
+        "refine",
+        "polish",
+        "total",
+    }
     assert report["provider"] == "CPUExecutionProvider" and report["model"] == "bcdi_cnn64"
+    assert (report["device"], report["array_library"]) == ("cpu", "numpy")
     assert 0 < report["chi"] < report["stage_chi"]["cnn"]
     assert len(report["latent_xy"]) == 2 and report["latent_distance"] > 0
     # Flagged by the latent distance or by the CNN's fit, and then the verdict says which.

@@ -8,6 +8,7 @@ from .refine import (
     RefineResult,
     best_start,
     best_twin_variant,
+    coarse_chi,
     fit_odd_shape,
     refine_crystal,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "autocorrelation_seed",
     "best_start",
     "best_twin_variant",
+    "coarse_chi",
     "fit_odd_shape",
     "polish",
     "refine_crystal",
