@@ -221,6 +221,13 @@ def test_settings_options_are_validated_by_the_settings(tmp_path, volume, option
     assert not (tmp_path / "r.npz").exists()
 
 
+def test_an_unknown_device_is_one_line_and_no_output(tmp_path, volume):
+    np.save(tmp_path / "in.npy", volume)
+    run = _cli("reconstruct", "in.npy", "--device", "tpu", "-o", "r.npz", cwd=tmp_path)
+    _one_line_error(run, "device must be one of ('auto', 'cpu', 'cuda') or 'cuda:N'")
+    assert not (tmp_path / "r.npz").exists()
+
+
 def test_every_setting_is_an_option_of_reconstruct():
     from bcdi_bluesky import ReconstructionSettings
     from bcdi_bluesky.cli import build_parser, settings_from_args

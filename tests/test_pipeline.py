@@ -53,7 +53,19 @@ def test_full_pipeline_recovers_simulated_crystals(rec, samples):
         assert result.chi < result.stage_chi["es"]
         assert compare_objects(truth, result.object).iou >= 0.8
         assert result.chi == pytest.approx(chi(intensity(result.object), s.counts), rel=1e-3)
-        assert set(result.timings) == {"preprocess", "inference", "refine", "polish", "total"}
+        assert set(result.timings) == {
+            "preprocess",
+            "inference",
+            "network",
+            "twin_choice",
+            "refine",
+            "polish",
+            "total",
+        }
+        assert (
+            result.timings["network"] + result.timings["twin_choice"]
+            <= (result.timings["inference"])
+        )
         assert result.polish_recipe in result.polish_attempts
         assert result.chi == pytest.approx(min(result.polish_attempts.values()), rel=1e-6)
         assert result.summary()["polish_recipe"] == result.polish_recipe
