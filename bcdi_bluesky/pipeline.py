@@ -55,6 +55,18 @@ from .tuning.refine import (
 )
 
 REFINE_MODES = ("none", "es", "full")
+#: Keys of :attr:`ReconstructionResult.timings`, seconds: the stages, the CNN stage's two parts
+#: (``network``: its input and the network; ``twin_choice``: the data's choice of the twin-odd
+#: signs; both inside ``inference``), and the whole run.
+TIMING_KEYS = (
+    "preprocess",
+    "inference",
+    "network",
+    "twin_choice",
+    "refine",
+    "polish",
+    "total",
+)
 
 #: ``progress(stage, info)``: called after each stage ("preprocess", "inference", "refine",
 #: "polish", "done") and during ES ("es_step") and polish ("polish_step").
@@ -662,9 +674,7 @@ class Reconstructor:
         backend = self.backend
         notify = progress or (lambda stage, info: None)
         t0 = time.perf_counter()
-        timings = dict.fromkeys(
-            ("preprocess", "inference", "network", "twin_choice", "refine", "polish"), 0.0
-        )
+        timings = dict.fromkeys(TIMING_KEYS, 0.0)
 
         measurement = prepare_measurement(intensity, mask, self.model.n)
         prepared = measurement.prepared
