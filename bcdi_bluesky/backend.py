@@ -280,14 +280,17 @@ def select_backend(device: str = "auto", library: str | None = None) -> ArrayBac
         raise ValueError(f"array library must be one of {LIBRARIES}, got {library!r}")
     if device == "cpu":
         return NUMPY if library in (None, "numpy") else ArrayBackend(library, "cpu")
+    if library == "numpy":
+        if device != "auto":
+            raise ValueError(f"numpy runs on the CPU only, not on {device!r}")
+        return NUMPY
     if device == "auto" and not _gpu_visible():
         return NUMPY
     index = _cuda_index(device) or 0
     candidates = [library] if library in GPU_LIBRARIES else list(GPU_LIBRARIES)
-    if library != "numpy":
-        for name in candidates:
-            if _gpu_count(name) > index:
-                return ArrayBackend(name, f"cuda:{index}")
+    for name in candidates:
+        if _gpu_count(name) > index:
+            return ArrayBackend(name, f"cuda:{index}")
     if device != "auto" and not _fallback_logged:
         _fallback_logged = True
         logger.warning(

@@ -148,9 +148,11 @@ def test_asking_for_a_missing_gpu_falls_back_once_with_a_log_line(caplog, monkey
     assert select_backend("cpu") is NUMPY
 
 
-@pytest.mark.parametrize(("device", "library"), [("gpu", None), ("cuda:x", None), ("cpu", "jax")])
+@pytest.mark.parametrize(
+    ("device", "library"), [("gpu", None), ("cuda:x", None), ("cpu", "jax"), ("cuda", "numpy")]
+)
 def test_an_unknown_device_is_a_settings_error(device, library):
-    with pytest.raises(ValueError, match=r"device|library"):
+    with pytest.raises(ValueError, match=r"device|library|numpy runs"):
         select_backend(device, library)
     with pytest.raises(SettingsError):
         Reconstructor(device=device, array_library=library)
