@@ -44,7 +44,13 @@ from .quality import (
     quality_verdict,
 )
 from .settings import ReconstructionSettings
-from .tuning.phase_retrieval import autocorrelation_seed, polish, seeded_polish
+from .tuning.phase_retrieval import (
+    CoherenceKernel,
+    PolishResult,
+    autocorrelation_seed,
+    polish,
+    seeded_polish,
+)
 from .tuning.refine import (
     ChiCost,
     best_start,
@@ -115,6 +121,11 @@ RESULT_SCHEMA: dict[str, ResultField] = {
     "quality_reasons": ResultField("", "why the verdict is what it is"),
     "expected_chi": ResultField("", "chi that Poisson noise alone would leave (counts only)"),
     "polish_attempts": ResultField("", "chi of each polish run that ran"),
+    "coherence_kernel_peak": ResultField(
+        "",
+        "largest value of the partial-coherence kernel over q (1: a coherent beam; None: "
+        "not modelled, setting partial_coherence)",
+    ),
     "cut_short": ResultField("", "stages that a wall-time safety cap cut short"),
     "settings": ResultField("", "the ReconstructionSettings the reconstruction ran with"),
     "crystal_volume_nm3": ResultField("nm^3", "crystal volume (with the scan's geometry)"),
@@ -178,6 +189,8 @@ class ReconstructionResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     #: The crystal in the lab frame with displacement and strain, when the geometry is known.
     physical: PhysicalResult | None = None
+    #: The partial-coherence kernel over q (centred, sums to 1) when the polish modelled it.
+    coherence_kernel: np.ndarray | None = None
     #: Where the numeric stages ran ("cpu", "cuda:0") and with which array library.
     device: str = "cpu"
     array_library: str = "numpy"
@@ -218,6 +231,9 @@ class ReconstructionResult:
             "quality_reasons": list(self.quality_reasons),
             "expected_chi": self.expected_chi,
             "polish_attempts": dict(self.polish_attempts),
+            "coherence_kernel_peak": (
+                None if self.coherence_kernel is None else float(self.coherence_kernel.max())
+            ),
             "cut_short": list(self.cut_short),
             "settings": self.settings.as_dict(),
             **physical,
@@ -429,6 +445,7 @@ class PolishOutcome:
     attempts: dict[str, float]
     converged: bool
     cut_short: bool
+    kernel: CoherenceKernel | None = None
 
 
 def polish_stage(
@@ -468,11 +485,11 @@ def polish_stage(
     def counted(i: int, e: float) -> bool | None:
         return None if hook is None else hook(steps[0] + i, e)
 
-    def chi_of(obj: Any) -> float:
-        return chi_cost(far_field_intensity(obj, backend=backend))
+    def chi_of(run: PolishResult) -> float:
+        return chi_cost(run.model_intensity(backend))
 
-    def expected_of(obj: Any) -> float | None:
-        model_intensity = backend.to_numpy(far_field_intensity(obj, backend=backend))
+    def expected_of(run: PolishResult) -> float | None:
+        model_intensity = backend.to_numpy(run.model_intensity(backend))
         return poisson_chi_expected(model_intensity, measurement.data, measurement.valid)
 
     errors: list[float] = []
@@ -489,13 +506,14 @@ def polish_stage(
         time_budget_s=left(),
         hook=counted,
         backend=backend,
+        partial_coherence=settings.partial_coherence,
     )
     steps[0] += first.iterations
     errors += first.errors
     best, best_label = first, first.recipe
     attempts = {first.recipe: first.chi}
     cut = first.cut_short
-    expected = expected_of(best.object)
+    expected = expected_of(best)
     spend = settings.adaptive_iterations > 0 and not cut and not fit_at_noise(best.chi, expected)
     if spend:
         starts = {
@@ -513,17 +531,18 @@ def polish_stage(
                 time_budget_s=left(),
                 hook=counted,
                 backend=backend,
+                partial_coherence=settings.partial_coherence,
             )
             steps[0] += run.iterations
             errors += run.errors
-            run.chi = chi_of(run.object)
+            run.chi = chi_of(run)
             attempts[label] = run.chi
             cut = cut or run.cut_short
             if run.chi < best.chi:
                 best, best_label = run, label
             if cut:
                 break
-        expected = expected_of(best.object)
+        expected = expected_of(best)
     converged = best.stopped_by == "converged"
     counts = measurement.noise_floor is not None
     if (
@@ -543,21 +562,23 @@ def polish_stage(
             tolerance=settings.converge_tolerance,
             hook=counted,
             backend=backend,
+            partial_coherence=settings.partial_coherence,
+            kernel=best.kernel,
         )
         steps[0] += run.iterations
         errors += run.errors
-        run.chi = chi_of(run.object)
+        run.chi = chi_of(run)
         cut = cut or run.cut_short
         converged = run.stopped_by == "converged"
         label = f"{best_label} +ER to convergence"
         attempts[label] = run.chi
         if run.chi < best.chi:
             best, best_label = run, label
-            expected = expected_of(best.object)
+            expected = expected_of(best)
     if fit_at_noise(best.chi, expected):
         converged = True
     return PolishOutcome(
-        best.object, best.chi, expected, errors, best_label, attempts, converged, cut
+        best.object, best.chi, expected, errors, best_label, attempts, converged, cut, best.kernel
     )
 
 
@@ -746,6 +767,7 @@ class Reconstructor:
         polish_recipe = ""
         attempts: dict[str, float] = {}
         final_chi, expected, converged = None, None, False
+        coherence_kernel = None
         polishes = settings.polish_er_iterations > 0 or settings.polish_iterations > 0
         if refine == "full" and polishes:
             t = time.perf_counter()
@@ -765,6 +787,8 @@ class Reconstructor:
                 polished.expected_chi,
                 polished.converged,
             )
+            if polished.kernel is not None:
+                coherence_kernel = polished.kernel.centred()
             if polished.cut_short:
                 cut_short.append("polish")
             timings["polish"] = time.perf_counter() - t
@@ -822,6 +846,7 @@ class Reconstructor:
             physical=physical,
             device=backend.device,
             array_library=backend.library,
+            coherence_kernel=coherence_kernel,
         )
         notify("done", {"seconds": timings["total"], "chi": final_chi, "quality": quality})
         return result

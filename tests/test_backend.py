@@ -83,17 +83,26 @@ def test_refinement_is_the_same_on_torch(measured):
     np.testing.assert_allclose(runs["torch"], runs["numpy"], rtol=0, atol=1e-4)
 
 
-def test_phase_retrieval_is_the_same_on_torch(measured):
+@pytest.mark.parametrize("partial_coherence", [False, True])
+def test_phase_retrieval_is_the_same_on_torch(measured, partial_coherence):
     model, params, counts, mask = measured
     seed = model.voxelise(model.clip(params * 0.95))
     support = np.abs(seed) > 0.1 * np.abs(seed).max()
     chis = {}
     for backend in (NUMPY, TORCH):
-        run = polish(counts, seed, support, mask, iterations=60, hio_fraction=0.5, backend=backend)
-        assert run.iterations == 60
-        chis[backend.library] = ChiCost(counts, mask, backend)(
-            intensity(run.object, backend=backend)
+        run = polish(
+            counts,
+            seed,
+            support,
+            mask,
+            iterations=60,
+            hio_fraction=0.5,
+            backend=backend,
+            partial_coherence=partial_coherence,
         )
+        assert run.iterations == 60
+        assert (run.kernel is not None) == partial_coherence
+        chis[backend.library] = ChiCost(counts, mask, backend)(run.model_intensity(backend))
         assert isinstance(run.object, np.ndarray) == backend.is_numpy
     assert chis["numpy"] < 0.2
     assert abs(chis["torch"] - chis["numpy"]) <= 1e-3

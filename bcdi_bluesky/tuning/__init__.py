@@ -2,7 +2,13 @@
 phase-retrieval polish."""
 
 from .extremum_seeking import ESResult, ExtremumSeeker, StepHook
-from .phase_retrieval import PolishResult, autocorrelation_seed, polish, seeded_polish
+from .phase_retrieval import (
+    CoherenceKernel,
+    PolishResult,
+    autocorrelation_seed,
+    polish,
+    seeded_polish,
+)
 from .refine import (
     ChiCost,
     RefineResult,
@@ -15,6 +21,7 @@ from .refine import (
 
 __all__ = [
     "ChiCost",
+    "CoherenceKernel",
     "ESResult",
     "ExtremumSeeker",
     "PolishResult",

@@ -30,6 +30,82 @@ AUTOCORRELATION_THRESHOLD = 0.1
 _DEFAULTS = ReconstructionSettings()
 
 
+class CoherenceKernel:
+    """Partial coherence: the measured intensity as the coherent one blurred by a kernel ``K``.
+
+    ``I_measured = K * |F|^2`` (a convolution over q), as cohere's Lucy kernel and PyNX's PSF
+    model a beam that is not fully coherent. ``K`` starts as a Gaussian of
+    :attr:`START_SIGMA` pixels, is kept non-negative, of unit sum and inside a
+    ``(2 HALF_WIDTH + 1)^3`` box around q = 0, and is refined by Richardson-Lucy from the
+    current model and the data (:meth:`update`). The convolution is periodic (a product in
+    Fourier space), so the same kernel blurs a centred intensity or one with q = 0 at index 0.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The grid of q.
+    backend : ArrayBackend
+        Where the kernel lives.
+    """
+
+    #: Half-width (pixels) of the box the kernel may spread over.
+    HALF_WIDTH = 3
+    #: Width (pixels) of the Gaussian the kernel starts from.
+    START_SIGMA = 0.8
+    #: Richardson-Lucy iterations per :meth:`update`.
+    RL_ITERATIONS = 5
+
+    def __init__(self, shape: tuple[int, ...], backend: ArrayBackend = NUMPY) -> None:
+        self.backend = backend
+        grids = np.meshgrid(*(np.fft.fftfreq(n) * n for n in shape), indexing="ij", sparse=True)
+        window = np.ones(shape, dtype=bool)
+        for g in grids:
+            window &= np.abs(g) <= self.HALF_WIDTH
+        kernel = np.exp(-0.5 * sum(g * g for g in grids) / self.START_SIGMA**2) * window
+        self.window = backend.asarray(window)
+        self._set(backend.asarray((kernel / kernel.sum()).astype(np.float32)))
+
+    def _set(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.transfer = self.backend.fftn(self.backend.xp.astype(kernel, self.backend.xp.complex64))
+
+    def blur(self, power: Any) -> Any:
+        """``K * power`` (float32, non-negative)."""
+        xp = self.backend.xp
+        spectrum = self.backend.fftn(xp.astype(power, xp.complex64))
+        blurred = self.backend.ifftn(spectrum * self.transfer, overwrite=True).real
+        return xp.clip(blurred, min=0.0)
+
+    def update(self, power: Any, measured: Any, valid: Any | None = None) -> None:
+        """Richardson-Lucy steps for ``K`` given the coherent model ``power`` and the data
+        (both with q = 0 at the same index; ``valid``: True where measured)."""
+        xp, backend = self.backend.xp, self.backend
+        total = float(xp.sum(power))
+        if total <= 0:
+            return
+        spectrum = backend.fftn(xp.astype(power, xp.complex64))
+        for _ in range(self.RL_ITERATIONS):
+            blurred = xp.clip(backend.ifftn(spectrum * self.transfer).real, min=1e-12)
+            ratio = measured / blurred
+            if valid is not None:
+                ratio = xp.where(valid, ratio, 1.0)
+            ratio = backend.fftn(xp.astype(ratio, xp.complex64))
+            correlation = backend.ifftn(ratio * xp.conj(spectrum), overwrite=True).real / total
+            kernel = xp.clip(self.kernel * correlation, min=0.0) * self.window
+            norm = float(xp.sum(kernel))
+            if not norm > 0:
+                return
+            self._set(kernel / norm)
+
+    def centred(self) -> np.ndarray:
+        """The kernel on the host with q = 0 at index ``N // 2`` (for files and figures)."""
+        return self.backend.to_numpy(self.backend.fftshift(self.kernel))
+
+    def peak(self) -> float:
+        """The kernel's central value: 1 for a fully coherent beam, lower as it spreads."""
+        return float(self.backend.to_numpy(self.kernel).reshape(-1)[0])
+
+
 @dataclass
 class PolishResult:
     """The polished object (centred-q convention of the input) and its support (arrays of the
@@ -47,6 +123,13 @@ class PolishResult:
     #: What ended the run: "iterations", "converged" (``tolerance``), "hook" or "time" (the
     #: wall-time cap, a safety net: the result then depends on the machine's load).
     stopped_by: str = "iterations"
+    #: The partial-coherence kernel the run fitted (``partial_coherence``), else None.
+    kernel: CoherenceKernel | None = None
+
+    def model_intensity(self, backend: ArrayBackend = NUMPY) -> Any:
+        """The centred intensity this result models: ``|F|^2``, blurred by its kernel."""
+        coherent = intensity(self.object, backend=backend)
+        return coherent if self.kernel is None else self.kernel.blur(coherent)
 
     @property
     def cut_short(self) -> bool:
@@ -90,6 +173,8 @@ def polish(
     window: int = 20,
     hook: Callable[[int, float], bool | None] | None = None,
     backend: ArrayBackend = NUMPY,
+    partial_coherence: bool = False,
+    kernel: CoherenceKernel | None = None,
 ) -> PolishResult:
     """Refine ``seed_object`` against ``measured`` by ER/HIO with shrink-wrap.
 
@@ -124,6 +209,13 @@ def polish(
     backend : ArrayBackend
         Where the iterations run; inputs may be host numpy or arrays of the backend, the
         result's arrays are the backend's.
+    partial_coherence : bool
+        Model the data as the coherent intensity blurred by a :class:`CoherenceKernel`: the
+        modulus constraint uses the blurred model, and the kernel is refined every
+        ``shrink_every`` steps from the first third of the run on (from the start when
+        ``kernel`` is given).
+    kernel : CoherenceKernel, optional
+        A kernel to start from (a previous run's); it is refined in place.
     """
     started = time.perf_counter()
     xp = backend.xp
@@ -150,6 +242,14 @@ def polish(
     errors: list[float] = []
     recipe = default_recipe(iterations, hio_fraction)
     last_hio = max((i for i, k in enumerate(recipe) if k == "HIO"), default=-1)
+    # A given kernel is refined from the first step; a fresh one once the first third of the
+    # run has brought the coherent model close (Richardson-Lucy needs a fair model).
+    kernel_from = 0 if kernel is not None else len(recipe) // 3
+    if not partial_coherence:
+        kernel = None
+    elif kernel is None:
+        kernel = CoherenceKernel(tuple(amp.shape), backend)
+    measured_q = amp * amp
     done = 0
     stopped_by = "iterations"
     for i, kind in enumerate(recipe):
@@ -157,7 +257,13 @@ def polish(
         if out_of_time and kind == "HIO":
             kind = "ER"
         f = backend.fftn(obj)
-        mod = xp.abs(f)
+        if kernel is not None and i >= kernel_from:
+            power = backend.power(f)
+            if shrink_every and (i - kernel_from) % shrink_every == 0:
+                kernel.update(power, measured_q, valid)
+            mod = xp.sqrt(kernel.blur(power))
+        else:
+            mod = xp.abs(f)
         diff = mod - amp
         if valid is not None:
             diff = diff[valid]
@@ -202,6 +308,7 @@ def polish(
         done,
         time.perf_counter() - started,
         stopped_by=stopped_by,
+        kernel=kernel,
     )
 
 
@@ -249,13 +356,14 @@ def seeded_polish(
     backend : ArrayBackend
         Where both runs iterate (:func:`polish`).
     **options
-        Passed on to :func:`polish` (``beta``, shrink-wrap settings, ``max_growth``).
+        Passed on to :func:`polish` (``beta``, shrink-wrap settings, ``max_growth``,
+        ``partial_coherence``).
     """
     started = time.perf_counter()
     chi_cost = ChiCost(measured, mask, backend)
 
     def chi_of(result: PolishResult) -> float:
-        return chi_cost(intensity(result.object, backend=backend))
+        return chi_cost(result.model_intensity(backend))
 
     first = polish(
         measured,
