@@ -162,13 +162,18 @@ class ArrayBackend:
         out += field_.imag * field_.imag
         return out
 
-    def dot(self, a: Any, b: Any) -> float:
-        """``sum(a * b)`` accumulated in float64, as a Python float (1D real arrays)."""
+    def vdot(self, a: Any, b: Any) -> Any:
+        """``sum(a * b)`` accumulated in float64, left on the device (1D real arrays): a GPU
+        computes on with it without waiting; :meth:`dot` brings it to the host."""
         xp = self.xp
         if self.is_numpy:
             # einsum, not BLAS: a threaded BLAS call this small stalls on a busy host.
-            return float(np.einsum("i,i->", a, b, dtype=np.float64))
-        return float(xp.sum(xp.astype(a, xp.float64) * xp.astype(b, xp.float64)))
+            return np.einsum("i,i->", a, b, dtype=np.float64)
+        return xp.sum(xp.astype(a, xp.float64) * xp.astype(b, xp.float64))
+
+    def dot(self, a: Any, b: Any) -> float:
+        """``sum(a * b)`` accumulated in float64, as a Python float (1D real arrays)."""
+        return float(self.vdot(a, b))
 
     def matvec(self, vector: np.ndarray, table: Any) -> Any:
         """``vector @ table`` for a short host vector and a (M, K) table on this backend."""

@@ -53,15 +53,16 @@ class ChiCost:
 
     def __call__(self, model_intensity: Any) -> float:
         """chi of a model intensity (an array of the backend) on the data's grid."""
-        xp, dot = self.backend.xp, self.backend.dot
+        xp, vdot = self.backend.xp, self.backend.vdot
         a = xp.sqrt(xp.astype(model_intensity, xp.float64))
         a = a[self.mask] if self.mask is not None else xp.reshape(a, (-1,))
-        aa = dot(a, a)
-        if aa == 0:
-            return 1.0
+        aa = vdot(a, a)
+        # The scale stays on the device (one host sync per call, at the end); no signal:
+        # scale 0, residual -b, chi 1.
+        scale = xp.where(aa > 0, vdot(a, self.b) / xp.where(aa > 0, aa, 1.0), 0.0)
         # float64 and the explicit residual: ||b||^2 - s <a, b> cancels badly at small chi.
-        residual = (dot(a, self.b) / aa) * a - self.b
-        return dot(residual, residual) ** 0.5 / self.b_norm
+        residual = scale * a - self.b
+        return float(vdot(residual, residual)) ** 0.5 / self.b_norm
 
 
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
