@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 #: FFT worker threads of the numpy backend (scipy.fft); all cores by default.
 FFT_WORKERS = int(os.environ.get("BCDI_FFT_WORKERS", os.cpu_count() or 1))
 
+#: Volumes up to this many voxels are transformed on one thread: for them, handing work to a
+#: second thread costs more than it saves (32^3: 0.39 ms on one thread, 0.52 ms on two).
+SMALL_FFT_VOXELS = 32**3
+
 #: What ``device=`` accepts (besides ``"cuda:N"``).
 DEVICES = ("auto", "cpu", "cuda")
 #: Array libraries, in the order ``"cuda"`` tries them.
@@ -135,13 +139,13 @@ class ArrayBackend:
     def fftn(self, x: Any, overwrite: bool = False) -> Any:
         """Unnormalised forward FFT over every axis (complex64 in, complex64 out)."""
         if self.is_numpy:
-            return scipy.fft.fftn(x, workers=FFT_WORKERS, overwrite_x=overwrite)
+            return scipy.fft.fftn(x, workers=fft_workers(x.size), overwrite_x=overwrite)
         return self._native.fft.fftn(x)
 
     def ifftn(self, x: Any, overwrite: bool = False) -> Any:
         """Inverse FFT over every axis (``1/N`` normalised, as numpy's)."""
         if self.is_numpy:
-            return scipy.fft.ifftn(x, workers=FFT_WORKERS, overwrite_x=overwrite)
+            return scipy.fft.ifftn(x, workers=fft_workers(x.size), overwrite_x=overwrite)
         return self._native.fft.ifftn(x)
 
     def fftshift(self, x: Any) -> Any:
@@ -227,6 +231,12 @@ class ArrayBackend:
 
 #: The plain CPU backend.
 NUMPY = ArrayBackend()
+
+
+def fft_workers(voxels: int) -> int:
+    """scipy.fft threads for a volume of ``voxels``: one for small ones, else
+    :data:`FFT_WORKERS`."""
+    return 1 if voxels <= SMALL_FFT_VOXELS else FFT_WORKERS
 
 
 def _cuda_index(device: str) -> int | None:

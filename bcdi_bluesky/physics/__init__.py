@@ -1,6 +1,7 @@
 """Physics core (numpy and scipy only): crystal model, forward model, priors, metrics, and the
 diffraction geometry with displacement and strain in the lab frame."""
 
+from ..backend import FFT_WORKERS
 from ._crystal import CrystalModel, Rendered
 from ._faceted import (
     BENCHMARK_SEED,
@@ -15,7 +16,6 @@ from ._faceted import (
     polyhedron_distance,
 )
 from ._forward import (
-    FFT_WORKERS,
     beamstop_mask,
     detector_gap_mask,
     far_field,

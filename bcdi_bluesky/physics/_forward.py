@@ -7,14 +7,14 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
-from ..backend import FFT_WORKERS, NUMPY, ArrayBackend
+from ..backend import NUMPY, ArrayBackend, fft_workers
 from ._validation import check_volume
 
 
 def far_field(obj: np.ndarray, workers: int | None = None) -> np.ndarray:
     """Centred complex far field ``fftshift(fftn(obj))`` (complex64; q = 0 at index N // 2)."""
     obj = np.asarray(obj, dtype=np.complex64)
-    return scipy.fft.fftshift(scipy.fft.fftn(obj, workers=workers or FFT_WORKERS))
+    return scipy.fft.fftshift(scipy.fft.fftn(obj, workers=workers or fft_workers(obj.size)))
 
 
 def intensity(obj: Any, workers: int | None = None, *, backend: ArrayBackend = NUMPY) -> Any:
@@ -24,7 +24,8 @@ def intensity(obj: Any, workers: int | None = None, *, backend: ArrayBackend = N
     threads of the numpy backend.
     """
     if backend.is_numpy:
-        f = scipy.fft.fftn(np.asarray(obj, dtype=np.complex64), workers=workers or FFT_WORKERS)
+        obj = np.asarray(obj, dtype=np.complex64)
+        f = scipy.fft.fftn(obj, workers=workers or fft_workers(obj.size))
     else:
         f = backend.fftn(backend.asarray(obj, dtype=backend.xp.complex64))
     # Shifting the real power moves half the bytes of shifting the complex field.

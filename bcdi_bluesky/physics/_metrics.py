@@ -16,7 +16,7 @@ import scipy.ndimage
 from scipy.special import gammaln
 from scipy.stats import poisson
 
-from ._forward import FFT_WORKERS
+from ..backend import FFT_WORKERS
 from ._validation import check_mask, check_volume
 
 
