@@ -294,6 +294,7 @@ SETTING_PVS = {
     "adaptive_hio_fraction": "Polish:AdaptiveHIOFraction",
     "converge_iterations": "Polish:ConvergeIterations",
     "converge_tolerance": "Polish:ConvergeTolerance",
+    "partial_coherence": "Polish:PartialCoherence",
     "support_threshold": "Support:Threshold",
     "track": "Track",
     "seed": "ES:Seed",
