@@ -439,3 +439,5 @@ def test_distillation_learns_the_average_and_resumes_exactly(tiny_teacher, tmp_p
     assert "symmetry_average" not in card["network"]
     assert card["training"]["distillation"]["teacher"] == "teacher.onnx"
     assert card["training"]["distillation"]["truth_share"] == 0.25
+    _, _, none = network_from_onnx(tmp_path / "models" / f"{config.name}_distilled.onnx")
+    assert none == ()

@@ -211,7 +211,7 @@ def train(
         Encoded targets for a batch of inputs; required by a distillation run, a config with
         ``extra["distillation"]`` (:func:`bcdi_bluesky.model.distil.distil` sets both). Its
         loss is ``(1 - s) L(net, teacher) + s L(net, truth)`` with
-        ``s = extra["distillation"]["truth_share"]``; its BatchNorm stays frozen.
+        ``s = extra["distillation"]["truth_share"]``; the network stays in eval mode.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -250,12 +250,10 @@ def train(
     model = config.crystal_model()
 
     def training_mode() -> None:
-        net.train()
-        if distillation:
-            # The teacher's BatchNorm is folded into its convolutions: its statistics stay fixed.
-            for module in net.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        # A distilled network learns a deterministic target in eval mode: the teacher's
+        # BatchNorm is folded into its convolutions (its statistics stay fixed), and dropout
+        # would only add noise to the small differences it learns.
+        net.train(not distillation)
 
     def predict(x: np.ndarray) -> np.ndarray:
         net.eval()
