@@ -901,8 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--symmetry-average",
         default="half_turns",
-        choices=("half_turns", "mirrors", "none"),
-        help="average the exported network over these grid symmetries (cost: 4x, "
+        choices=("half_turn_y", "half_turns", "mirrors", "none"),
+        help="average the exported network over these grid symmetries (cost: 2x, 4x, "
         "8x, 1x the bare network)",
     )
     p.add_argument(

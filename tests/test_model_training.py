@@ -170,7 +170,7 @@ def test_zoom_encoder_warm_start_keeps_the_dense_layer(tmp_path):
 def test_mirror_average_is_equivariant(model64):
     # The averaged network's prediction for a mirrored (or transposed) measurement is the
     # mirrored prediction: exactly, whatever the weights.
-    from bcdi_bluesky.model.network import HALF_TURNS, MIRRORS, SymmetryAverage
+    from bcdi_bluesky.model.network import HALF_TURN_Y, HALF_TURNS, MIRRORS, SymmetryAverage
     from bcdi_bluesky.physics import cube_symmetry
 
     config = TrainConfig(**{**SMALL, "friedel": True})
@@ -178,7 +178,8 @@ def test_mirror_average_is_equivariant(model64):
     net = build_network(config).eval()
     enc = config.output_encoding()
     assert len(HALF_TURNS) == 4 and set(HALF_TURNS) < set(MIRRORS)
-    for group in (MIRRORS, HALF_TURNS, [((0, 1, 2), ()), ((1, 0, 2), ())]):
+    assert set(HALF_TURN_Y) < set(HALF_TURNS)
+    for group in (MIRRORS, HALF_TURNS, HALF_TURN_Y, [((0, 1, 2), ()), ((1, 0, 2), ())]):
         avg = SymmetryAverage(net, enc, group).eval()
         x = torch.rand(2, 1, 32, 32, 32)
         for g in group:
