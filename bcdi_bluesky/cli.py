@@ -241,7 +241,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         check_memory(data.shape, str(args.input))
     from .pipeline import Reconstructor
 
-    rec = Reconstructor(args.model, settings=settings)
+    rec = Reconstructor(args.model, settings=settings, device=args.device)
 
     def progress(stage: str, info: dict) -> None:
         if args.json or stage.endswith("_step"):
@@ -365,7 +365,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .pipeline import Reconstructor
 
-        reconstructor = Reconstructor(args.model)
+        reconstructor = Reconstructor(args.model, device=args.device)
     except ModelError as exc:
         raise UserError(str(exc)) from None
     # stdout carries the JSON lines only; everything else goes to stderr through logging.
@@ -674,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a figure of the result")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
+    _add_device_argument(p)
     p.add_argument("--dataset", default=None, help="HDF5 dataset holding the intensity")
     p.add_argument(
         "--no-memory-check",
@@ -709,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--motor-key", default="theta")
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
+    _add_device_argument(p)
     p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
     p.add_argument("--prefix", default=None, help="also serve the results as PVs (e.g. BCDI:)")
     p.add_argument(
@@ -913,6 +915,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_export)
     return parser
+
+
+def _add_device_argument(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the numeric stages run (:class:`~bcdi_bluesky.Reconstructor`)."""
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda[:N]",
+        help="where the forward model, refinement and phase retrieval run (auto: a GPU when "
+        "CuPy or torch sees one; the CNN's device is ONNX Runtime's provider)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.fft
 
-from .errors import DataError
+from .backend import NUMPY, ArrayBackend, select_backend
+from .errors import DataError, SettingsError
 from .model.latent import latent_vector
 from .model.runtime import OnnxCrystalModel
 from .physics import (
@@ -43,10 +44,35 @@ from .quality import (
     quality_verdict,
 )
 from .settings import ReconstructionSettings
-from .tuning.phase_retrieval import autocorrelation_seed, polish, seeded_polish
-from .tuning.refine import ChiCost, best_start, best_twin_variant, fit_odd_shape, refine_crystal
+from .tuning.phase_retrieval import (
+    CoherenceKernel,
+    PolishResult,
+    autocorrelation_seed,
+    polish,
+    seeded_polish,
+)
+from .tuning.refine import (
+    ChiCost,
+    best_start,
+    best_twin_variant,
+    coarse_chi,
+    fit_odd_shape,
+    refine_crystal,
+)
 
 REFINE_MODES = ("none", "es", "full")
+#: Keys of :attr:`ReconstructionResult.timings`, seconds: the stages, the CNN stage's two parts
+#: (``network``: its input and the network; ``twin_choice``: the data's choice of the twin-odd
+#: signs; both inside ``inference``), and the whole run.
+TIMING_KEYS = (
+    "preprocess",
+    "inference",
+    "network",
+    "twin_choice",
+    "refine",
+    "polish",
+    "total",
+)
 
 #: ``progress(stage, info)``: called after each stage ("preprocess", "inference", "refine",
 #: "polish", "done") and during ES ("es_step") and polish ("polish_step").
@@ -68,9 +94,15 @@ RESULT_SCHEMA: dict[str, ResultField] = {
     "chi": ResultField("", "misfit ||A - sqrt(I)|| / ||sqrt(I)|| of the result against the data"),
     "stage_chi": ResultField("", "chi after each stage: cnn, shape, es, polish"),
     "timings_s": ResultField(
-        "s", "seconds of each stage: preprocess, inference, refine, polish, total"
+        "s",
+        "seconds of each stage: preprocess, inference (the CNN stage: network, then the "
+        "data's choice of the twin-odd signs, twin_choice), refine, polish, total",
     ),
     "provider": ResultField("", "the ONNX Runtime provider that ran the CNN"),
+    "device": ResultField("", "where the numeric stages ran: cpu or cuda:N"),
+    "array_library": ResultField(
+        "", "the array library of the numeric stages: numpy, cupy or torch"
+    ),
     "model": ResultField("", "name of the CNN"),
     "refine": ResultField("", "refinement mode: none, es or full"),
     "es_iterations": ResultField("", "cost evaluations of the refinement (search and ES)"),
@@ -89,6 +121,11 @@ RESULT_SCHEMA: dict[str, ResultField] = {
     "quality_reasons": ResultField("", "why the verdict is what it is"),
     "expected_chi": ResultField("", "chi that Poisson noise alone would leave (counts only)"),
     "polish_attempts": ResultField("", "chi of each polish run that ran"),
+    "coherence_kernel_peak": ResultField(
+        "",
+        "largest value of the partial-coherence kernel over q (1: a coherent beam; None: "
+        "not modelled, setting partial_coherence)",
+    ),
     "cut_short": ResultField("", "stages that a wall-time safety cap cut short"),
     "settings": ResultField("", "the ReconstructionSettings the reconstruction ran with"),
     "crystal_volume_nm3": ResultField("nm^3", "crystal volume (with the scan's geometry)"),
@@ -152,6 +189,11 @@ class ReconstructionResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     #: The crystal in the lab frame with displacement and strain, when the geometry is known.
     physical: PhysicalResult | None = None
+    #: The partial-coherence kernel over q (centred, sums to 1) when the polish modelled it.
+    coherence_kernel: np.ndarray | None = None
+    #: Where the numeric stages ran ("cpu", "cuda:0") and with which array library.
+    device: str = "cpu"
+    array_library: str = "numpy"
 
     @property
     def params_structured(self) -> dict:
@@ -173,6 +215,8 @@ class ReconstructionResult:
             "stage_chi": self.stage_chi,
             "timings_s": self.timings,
             "provider": self.provider,
+            "device": self.device,
+            "array_library": self.array_library,
             "model": self.model_name,
             "refine": self.refine,
             "es_iterations": len(self.es_costs),
@@ -187,22 +231,29 @@ class ReconstructionResult:
             "quality_reasons": list(self.quality_reasons),
             "expected_chi": self.expected_chi,
             "polish_attempts": dict(self.polish_attempts),
+            "coherence_kernel_peak": (
+                None if self.coherence_kernel is None else float(self.coherence_kernel.max())
+            ),
             "cut_short": list(self.cut_short),
             "settings": self.settings.as_dict(),
             **physical,
         }
 
 
-def to_input_grid(obj: np.ndarray, prepared: Prepared, shape: tuple[int, ...]) -> np.ndarray:
+def to_input_grid(
+    obj: np.ndarray, prepared: Prepared, shape: tuple[int, ...], backend: ArrayBackend = NUMPY
+) -> np.ndarray:
     """Carry an object from the model grid to the input grid.
 
     The model grid's far field is the input's, rolled by ``prepared.shift`` and cropped at
     ``prepared.crop``: putting it back where it came from (zeros elsewhere) and transforming
     back gives the object on the input grid (Fourier interpolation when the grids differ).
+    The transforms run on ``backend``; the object comes back as an array of it.
     """
     n = obj.shape[0]
-    field_model = scipy.fft.fftshift(scipy.fft.fftn(obj))
-    field_input = np.zeros(shape, dtype=np.complex64)
+    xp = backend.xp
+    field_model = backend.fftshift(backend.fftn(backend.asarray(obj, dtype=xp.complex64)))
+    field_input = backend.zeros(shape, xp.complex64)
     src, dst = [], []
     for size, start, shift in zip(shape, prepared.crop, prepared.shift, strict=True):
         j = np.arange(n)
@@ -210,9 +261,11 @@ def to_input_grid(obj: np.ndarray, prepared: Prepared, shape: tuple[int, ...]) -
         keep = (rolled >= 0) & (rolled < size)
         src.append(j[keep])
         dst.append((rolled[keep] - shift) % size)
-    field_input[np.ix_(*dst)] = field_model[np.ix_(*src)]
-    out = scipy.fft.ifftn(scipy.fft.ifftshift(field_input)) * (np.prod(shape) / n**3)
-    return out.astype(np.complex64)
+    put = tuple(backend.asarray(i) for i in np.ix_(*dst))
+    take = tuple(backend.asarray(i) for i in np.ix_(*src))
+    field_input[put] = field_model[take]
+    out = backend.ifftn(backend.ifftshift(field_input), overwrite=True)
+    return out * float(np.prod(shape) / n**3)
 
 
 def to_model_grid(obj: np.ndarray, n: int) -> np.ndarray:
@@ -263,16 +316,26 @@ class CNNEstimate:
     chi: float  # against the data on the model grid
     latent_xy: tuple[float, float] | None
     distribution: Distribution
+    network_s: float = 0.0  # seconds of the network input and the network
+    twin_choice_s: float = 0.0  # seconds of the data's choice of the twin-odd signs
 
 
 def cnn_stage(
-    runtime: OnnxCrystalModel, model: CrystalModel, prepared: Prepared, chi_of: ChiCost
+    runtime: OnnxCrystalModel,
+    model: CrystalModel,
+    prepared: Prepared,
+    chi_of: ChiCost,
+    coarse_chi_of: Callable[[np.ndarray], float] | None = None,
 ) -> CNNEstimate:
-    """Predict the crystal; the data choose the twin-odd signs; place it on the latent map."""
+    """Predict the crystal; the data choose the twin-odd signs (ranked by ``coarse_chi_of``
+    when given, :func:`~bcdi_bluesky.tuning.coarse_chi`); place it on the latent map."""
+    t = time.perf_counter()
     predicted = runtime.predict(network_input(prepared.intensity, prepared.mask))
+    network_s = time.perf_counter() - t
     latent, cnn_chi = best_twin_variant(
-        model, runtime.encoding.twin_variants(predicted.astype(np.float64)), chi_of
+        model, runtime.encoding.twin_variants(predicted.astype(np.float64)), chi_of, coarse_chi_of
     )
+    twin_choice_s = time.perf_counter() - t - network_s
     latent_map = runtime.latent_map
     latent_xy, distance, chi_mean, chi_sd = None, None, None, None
     if latent_map is not None:
@@ -285,6 +348,8 @@ def cnn_stage(
         cnn_chi,
         latent_xy,
         out_of_distribution(distance, cnn_chi, chi_mean, chi_sd),
+        network_s,
+        twin_choice_s,
     )
 
 
@@ -312,6 +377,7 @@ def refine_stage(
     settings: ReconstructionSettings,
     scale: int = 1,
     hook: Callable[[int, float], None] | None = None,
+    backend: ArrayBackend = NUMPY,
 ) -> ModelFit:
     """Odd-shape search, then ES from the CNN's start and the search's (``scale`` times the
     steps and the safety cap)."""
@@ -331,6 +397,7 @@ def refine_stage(
         max_evaluations=settings.shape_search_evaluations * scale,
         time_budget_s=budget,
         hook=step,
+        backend=backend,
     )
     offset[0] = searched.iterations
     # The search's answer is a second start for ES, not a replacement of the CNN's: on
@@ -346,6 +413,7 @@ def refine_stage(
         time_budget_s=max(budget - (time.perf_counter() - started), 0.0),
         seed=settings.seed,
         hook=step,
+        backend=backend,
     )
     return ModelFit(
         refined.params,
@@ -377,6 +445,7 @@ class PolishOutcome:
     attempts: dict[str, float]
     converged: bool
     cut_short: bool
+    kernel: CoherenceKernel | None = None
 
 
 def polish_stage(
@@ -384,6 +453,7 @@ def polish_stage(
     model_object: np.ndarray,
     settings: ReconstructionSettings,
     hook: Callable[[int, float], bool | None] | None = None,
+    backend: ArrayBackend = NUMPY,
 ) -> PolishOutcome:
     """Fit-driven phase retrieval: spend more only while the fit stays above what the data allow.
 
@@ -399,9 +469,13 @@ def polish_stage(
        On counts this only fits the noise (measured: chi 0.1% lower, IoU unchanged).
 
     Every run stops by step counts or convergence; ``polish_time_budget_s`` caps them
-    together as a safety net (``cut_short``).
+    together as a safety net (``cut_short``). The runs iterate on ``backend``, where the data
+    move once; the object comes back as an array of it.
     """
-    data, valid = measurement.data, measurement.valid
+    xp = backend.xp
+    data = backend.asarray(measurement.data)
+    valid = None if measurement.valid is None else backend.asarray(measurement.valid)
+    chi_cost = ChiCost(data, valid, backend)
     started = time.perf_counter()
     steps = [0]
 
@@ -411,14 +485,16 @@ def polish_stage(
     def counted(i: int, e: float) -> bool | None:
         return None if hook is None else hook(steps[0] + i, e)
 
-    def chi_of(obj: np.ndarray) -> float:
-        return float(ChiCost(data, valid)(far_field_intensity(obj)))
+    def chi_of(run: PolishResult) -> float:
+        return chi_cost(run.model_intensity(backend))
 
-    def expected_of(obj: np.ndarray) -> float | None:
-        return poisson_chi_expected(far_field_intensity(obj), data, valid)
+    def expected_of(run: PolishResult) -> float | None:
+        model_intensity = backend.to_numpy(run.model_intensity(backend))
+        return poisson_chi_expected(model_intensity, measurement.data, measurement.valid)
 
     errors: list[float] = []
-    seed_support = np.abs(model_object) > 0.1 * np.abs(model_object).max()
+    model_object = backend.asarray(model_object, dtype=xp.complex64)
+    seed_support = xp.abs(model_object) > 0.1 * xp.max(xp.abs(model_object))
     first = seeded_polish(
         data,
         model_object,
@@ -429,18 +505,20 @@ def polish_stage(
         hio_fraction=settings.polish_hio_fraction,
         time_budget_s=left(),
         hook=counted,
+        backend=backend,
+        partial_coherence=settings.partial_coherence,
     )
     steps[0] += first.iterations
     errors += first.errors
     best, best_label = first, first.recipe
     attempts = {first.recipe: first.chi}
     cut = first.cut_short
-    expected = expected_of(best.object)
+    expected = expected_of(best)
     spend = settings.adaptive_iterations > 0 and not cut and not fit_at_noise(best.chi, expected)
     if spend:
         starts = {
             "model ER/HIO": (model_object, seed_support),
-            "autocorrelation ER/HIO": autocorrelation_seed(data),
+            "autocorrelation ER/HIO": autocorrelation_seed(measurement.data),
         }
         for label, (obj, support) in starts.items():
             run = polish(
@@ -452,17 +530,19 @@ def polish_stage(
                 hio_fraction=settings.adaptive_hio_fraction,
                 time_budget_s=left(),
                 hook=counted,
+                backend=backend,
+                partial_coherence=settings.partial_coherence,
             )
             steps[0] += run.iterations
             errors += run.errors
-            run.chi = chi_of(run.object)
+            run.chi = chi_of(run)
             attempts[label] = run.chi
             cut = cut or run.cut_short
             if run.chi < best.chi:
                 best, best_label = run, label
             if cut:
                 break
-        expected = expected_of(best.object)
+        expected = expected_of(best)
     converged = best.stopped_by == "converged"
     counts = measurement.noise_floor is not None
     if (
@@ -481,21 +561,24 @@ def polish_stage(
             time_budget_s=left(),
             tolerance=settings.converge_tolerance,
             hook=counted,
+            backend=backend,
+            partial_coherence=settings.partial_coherence,
+            kernel=best.kernel,
         )
         steps[0] += run.iterations
         errors += run.errors
-        run.chi = chi_of(run.object)
+        run.chi = chi_of(run)
         cut = cut or run.cut_short
         converged = run.stopped_by == "converged"
         label = f"{best_label} +ER to convergence"
         attempts[label] = run.chi
         if run.chi < best.chi:
             best, best_label = run, label
-            expected = expected_of(best.object)
+            expected = expected_of(best)
     if fit_at_noise(best.chi, expected):
         converged = True
     return PolishOutcome(
-        best.object, best.chi, expected, errors, best_label, attempts, converged, cut
+        best.object, best.chi, expected, errors, best_label, attempts, converged, cut, best.kernel
     )
 
 
@@ -512,6 +595,14 @@ class Reconstructor:
         ONNX Runtime CPU threads.
     settings : ReconstructionSettings, optional
         How much work each reconstruction may do (default: ``ReconstructionSettings()``).
+    device : {"auto", "cpu", "cuda"} or "cuda:N"
+        Where the numeric stages (forward model, chi, search, ES, phase retrieval) run:
+        ``"auto"`` takes a GPU when CuPy or torch sees one (:func:`~bcdi_bluesky.backend.
+        select_backend`); falling back to the CPU is logged once. The CNN's device is the ONNX
+        Runtime provider's (``providers``).
+    array_library : {"numpy", "cupy", "torch"}, optional
+        Force the array library (``device="cpu", array_library="torch"`` runs the GPU code
+        path on the CPU).
     **overrides
         Settings fields to change from ``settings`` (``Reconstructor(es_time_budget_s=20)``).
 
@@ -530,9 +621,15 @@ class Reconstructor:
         threads: int | None = None,
         *,
         settings: ReconstructionSettings | None = None,
+        device: str = "auto",
+        array_library: str | None = None,
         **overrides: Any,
     ) -> None:
         self.settings = (settings or ReconstructionSettings()).replace(**overrides)
+        try:
+            self.backend = select_backend(device, array_library)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         self.runtime = OnnxCrystalModel(model_path, providers=providers, threads=threads)
         self.model = self.runtime.crystal_model
         self.previous_params: np.ndarray | None = None
@@ -541,6 +638,11 @@ class Reconstructor:
     def provider(self) -> str:
         """The ONNX Runtime provider that really runs."""
         return self.runtime.provider
+
+    @property
+    def device(self) -> str:
+        """Where the numeric stages run ("cpu", "cuda:0")."""
+        return self.backend.device
 
     @property
     def model_name(self) -> str:
@@ -590,9 +692,10 @@ class Reconstructor:
             raise DataError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
         if settings is None:
             settings = self.settings
+        backend = self.backend
         notify = progress or (lambda stage, info: None)
         t0 = time.perf_counter()
-        timings = {"preprocess": 0.0, "inference": 0.0, "refine": 0.0, "polish": 0.0}
+        timings = dict.fromkeys(TIMING_KEYS, 0.0)
 
         measurement = prepare_measurement(intensity, mask, self.model.n)
         prepared = measurement.prepared
@@ -600,10 +703,12 @@ class Reconstructor:
         notify("preprocess", {"seconds": timings["preprocess"], "shift": prepared.shift})
 
         t = time.perf_counter()
-        chi_of = ChiCost(prepared.intensity, prepared.mask)
-        cnn = cnn_stage(self.runtime, self.model, prepared, chi_of)
+        chi_of = ChiCost(prepared.intensity, prepared.mask, backend)
+        coarse_chi_of = coarse_chi(self.model, prepared.intensity, prepared.mask, backend)
+        cnn = cnn_stage(self.runtime, self.model, prepared, chi_of, coarse_chi_of)
         params = cnn.params
         timings["inference"] = time.perf_counter() - t
+        timings["network"], timings["twin_choice"] = cnn.network_s, cnn.twin_choice_s
         stage_chi = {"cnn": cnn.chi}
         distribution = cnn.distribution
         scale = es_budget_scale(distribution)
@@ -645,6 +750,7 @@ class Reconstructor:
                 hook=lambda i, c: (
                     notify("es_step", {"iteration": i, "cost": c}) if i % 10 == 0 else None
                 ),
+                backend=backend,
             )
             params, es_costs = fitted.params, fitted.costs
             stage_chi["shape"], stage_chi["es"] = fitted.chi_shape, fitted.chi
@@ -654,11 +760,14 @@ class Reconstructor:
             notify("refine", {"seconds": timings["refine"], "chi": fitted.chi, "params": params})
         self.previous_params = params
 
-        obj = to_input_grid(self.model.voxelise(params), prepared, measurement.data.shape)
+        obj = to_input_grid(
+            self.model.voxelise(params, backend), prepared, measurement.data.shape, backend
+        )
         polish_errors: list[float] = []
         polish_recipe = ""
         attempts: dict[str, float] = {}
         final_chi, expected, converged = None, None, False
+        coherence_kernel = None
         polishes = settings.polish_er_iterations > 0 or settings.polish_iterations > 0
         if refine == "full" and polishes:
             t = time.perf_counter()
@@ -669,6 +778,7 @@ class Reconstructor:
                 hook=lambda i, e: (
                     notify("polish_step", {"iteration": i, "error": e}) if i % 10 == 0 else None
                 ),
+                backend=backend,
             )
             obj, polish_errors = polished.object, polished.errors
             polish_recipe, final_chi = polished.recipe, polished.chi
@@ -677,11 +787,14 @@ class Reconstructor:
                 polished.expected_chi,
                 polished.converged,
             )
+            if polished.kernel is not None:
+                coherence_kernel = polished.kernel.centred()
             if polished.cut_short:
                 cut_short.append("polish")
             timings["polish"] = time.perf_counter() - t
             notify("polish", {"seconds": timings["polish"], "recipe": polished.recipe})
 
+        obj = backend.to_numpy(obj)
         amp = np.abs(obj)
         support = amp > settings.support_threshold * amp.max()
         if final_chi is None:
@@ -731,6 +844,9 @@ class Reconstructor:
             cut_short=cut_short,
             settings=settings,
             physical=physical,
+            device=backend.device,
+            array_library=backend.library,
+            coherence_kernel=coherence_kernel,
         )
         notify("done", {"seconds": timings["total"], "chi": final_chi, "quality": quality})
         return result

@@ -120,6 +120,11 @@ class ReconstructionSettings:
         low=0.0,
         high=0.5,
     )
+    partial_coherence: bool = _setting(
+        False,
+        "model partial coherence in the polish: the data as the coherent intensity blurred "
+        "by a kernel (at most 7 pixels across) refined by Richardson-Lucy",
+    )
     support_threshold: float = _setting(
         0.2,
         "fraction of the maximum amplitude that defines the reported support",

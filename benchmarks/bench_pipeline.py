@@ -253,10 +253,12 @@ class CohereRun:
     chi_unconverted: float  # the same for cohere's image as returned (not conjugated)
 
 
-def run_cohere(measured: np.ndarray, threshold: float = 0.0) -> CohereRun:
-    """Reconstruct with cohere-core (numpy backend, CPU) from a random start.
+def run_cohere(
+    measured: np.ndarray, threshold: float = 0.0, package: str = "np", device: int = -1
+) -> CohereRun:
+    """Reconstruct with cohere-core from a random start (numpy on the CPU by default).
 
-    ``cohere_core.controller.phasing.create_rec(params, data_file, "np", -1)`` loads the
+    ``cohere_core.controller.phasing.create_rec(params, data_file, package, device)`` loads the
     amplitudes (``.npy``), ``fftshift``s them to put q = 0 at index 0, draws the random start
     and support (central box of :data:`COHERE_RECIPE`'s ``initial_support_area``);
     ``Rec.iterate()`` runs the recipe and ``Rec.get_image()`` returns the image, scaled to
@@ -270,6 +272,8 @@ def run_cohere(measured: np.ndarray, threshold: float = 0.0) -> CohereRun:
         Intensity with its maximum at index ``N // 2`` (see :func:`centre_on_max`).
     threshold : float
         Intensities at or below it are zeroed, as cohere's preprocessing does.
+    package, device : str, int
+        cohere's array library ("np", "cp" for CuPy, "torch") and GPU id (-1: the CPU).
 
     Returns
     -------
@@ -285,11 +289,13 @@ def run_cohere(measured: np.ndarray, threshold: float = 0.0) -> CohereRun:
         started = time.perf_counter()
         # cohere reports progress with print(); the table is the output here.
         with contextlib.redirect_stdout(io.StringIO()):
-            rec = phasing.create_rec(copy.deepcopy(COHERE_RECIPE), path, "np", -1, debug=True)
+            rec = phasing.create_rec(
+                copy.deepcopy(COHERE_RECIPE), path, package, device, debug=True
+            )
             if rec is None or rec.iterate() != 0:
                 raise RuntimeError("cohere-core reconstruction failed")
         seconds = time.perf_counter() - started
-    image = np.asarray(rec.get_image())
+    image = np.asarray(phasing.devlib.to_numpy(rec.get_image()))  # CuPy or torch: to the host
     obj = np.conj(image).astype(np.complex64)
     return CohereRun(
         obj, seconds, float(rec.errs[-1]), chi(intensity(obj), data), chi(intensity(image), data)

@@ -11,6 +11,7 @@ import tifffile
 
 from bcdi_bluesky import read_intensity
 from bcdi_bluesky.io import DataError
+from bcdi_bluesky.pipeline import TIMING_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +103,9 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, run.stdout  # exactly one JSON object on stdout
     report = json.loads(lines[0])
-    assert set(report["timings_s"]) == {"preprocess", "inference", "refine", "polish", "total"}
+    assert tuple(report["timings_s"]) == TIMING_KEYS
     assert report["provider"] == "CPUExecutionProvider" and report["model"] == "bcdi_cnn64"
+    assert (report["device"], report["array_library"]) == ("cpu", "numpy")
     assert 0 < report["chi"] < report["stage_chi"]["cnn"]
     assert len(report["latent_xy"]) == 2 and report["latent_distance"] > 0
     # Flagged by the latent distance or by the CNN's fit, and then the verdict says which.
@@ -209,6 +211,13 @@ def test_settings_options_are_validated_by_the_settings(tmp_path, volume, option
     np.save(tmp_path / "in.npy", volume)
     run = _cli("reconstruct", "in.npy", option, value, "-o", "r.npz", cwd=tmp_path)
     _one_line_error(run, words)
+    assert not (tmp_path / "r.npz").exists()
+
+
+def test_an_unknown_device_is_one_line_and_no_output(tmp_path, volume):
+    np.save(tmp_path / "in.npy", volume)
+    run = _cli("reconstruct", "in.npy", "--device", "tpu", "-o", "r.npz", cwd=tmp_path)
+    _one_line_error(run, "device must be one of ('auto', 'cpu', 'cuda') or 'cuda:N'")
     assert not (tmp_path / "r.npz").exists()
 
 

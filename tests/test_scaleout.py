@@ -113,6 +113,7 @@ def _write_runs(engine, client, frames, seeds, points=16):
                     (points - 1) * step,
                     points,
                     energy_kev=9.0,
+                    geometry=beamline.geometry,
                 )
             )
             uids.append(uid)
@@ -269,6 +270,12 @@ def test_reprocess_full_pipeline_against_the_truth(client, raw_runs, engine, til
     assert result.metadata["scan_id"] == outcome.start["scan_id"]
     iou = compare_objects(beamline.crystal.truth(), to_model_grid(result.object, 64)).iou
     assert iou >= 0.85
+    # The start document's geometry reached the worker: results in nm, as the live callback's.
+    used = result.physical.geometry.to_dict()
+    sent = beamline.geometry.to_dict()
+    assert (used["beamline"], used["energy_kev"]) == (sent["beamline"], sent["energy_kev"])
+    assert used["rocking_step_deg"] == pytest.approx(sent["rocking_step_deg"], rel=1e-6)
+    assert result.summary()["crystal_extents_nm"][0] > 0
 
 
 # tiled 0.2.20's client opens its WebSocket the way websockets 17 deprecates; the warning is

@@ -206,7 +206,7 @@ class _RunCollector(DocumentRouter):
         self.owner._finish(self, doc)
 
 
-def _scan_geometry(start: dict, thetas: np.ndarray, scan_id: Any) -> Geometry | None:
+def scan_geometry(start: dict, thetas: np.ndarray, scan_id: Any) -> Geometry | None:
     """The run's geometry (hklpy2's record or ``bcdi.geometry``) for the volume as stacked here:
     frames along axis 0 in increasing readback, so the rocking step is the readbacks' median
     step; None, with a warning, when it is unusable."""
@@ -717,7 +717,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                 record.finished_at = time.time()
                 return False
             step = "reconstruction"
-            geometry = _scan_geometry(start, thetas, record.scan_id)
+            geometry = scan_geometry(start, thetas, record.scan_id)
             # Only when known: a reconstructor of the user's may not take the keyword.
             extra = {"geometry": geometry} if geometry is not None else {}
             if self.executor is not None:

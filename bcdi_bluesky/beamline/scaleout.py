@@ -46,11 +46,15 @@ class ReconstructorSpec:
         ONNX Runtime providers in order of preference (default: the Reconstructor's).
     threads : int, optional
         ONNX Runtime CPU threads.
+    device : str
+        Where the numeric stages run (``Reconstructor(device=...)``); ``"auto"``, the default,
+        lets each worker take its GPU when it has one.
     """
 
     model_path: str | None = None
     providers: tuple[str, ...] | None = None
     threads: int | None = None
+    device: str = "auto"
 
     @classmethod
     def of(cls, reconstructor: Reconstructor | None) -> ReconstructorSpec:
@@ -76,7 +80,7 @@ def warm_reconstructor(spec: ReconstructorSpec) -> Reconstructor:
             from ..pipeline import Reconstructor
 
             reconstructor = Reconstructor(
-                spec.model_path, providers=spec.providers, threads=spec.threads
+                spec.model_path, providers=spec.providers, threads=spec.threads, device=spec.device
             )
             _cache[spec] = reconstructor
         return reconstructor

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DataError
+from .callback import scan_geometry
 from .recommend import annotate_result
 from .scaleout import ReconstructorSpec, reconstruct_volume
 
@@ -172,6 +173,9 @@ def reprocess(
 ) -> Iterator[Outcome]:
     """Reconstruct Tiled runs on ``executor``; yield one :class:`Outcome` per uid, in order.
 
+    A run whose start document carries its geometry (hklpy2's record or ``bcdi.geometry``)
+    gets its results in the lab frame, as the live callback gives them.
+
     Up to ``window`` runs are read and in the executor's hands at once (memory stays bounded
     on a long list; the executor decides where they run). A run that cannot be read, a task
     that raised (after the executor's retries) or that gave no answer within ``timeout``
@@ -199,14 +203,12 @@ def reprocess(
         except DataError as exc:
             pending.append((uid, {"uid": uid}, None, str(exc)))
         else:
-            pending.append(
-                (
-                    uid,
-                    run.start,
-                    executor.submit(reconstruct_volume, spec, run.volume, refine, settings),
-                    "",
-                )
+            geometry = scan_geometry(run.start, run.thetas, run.start.get("scan_id", uid))
+            options = {} if geometry is None else {"geometry": geometry}
+            future = executor.submit(
+                reconstruct_volume, spec, run.volume, refine, settings, **options
             )
+            pending.append((uid, run.start, future, ""))
         while len(pending) >= max(window, 1):
             yield settle(*pending.pop(0))
     while pending:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -262,12 +263,24 @@ class OnnxCrystalModel:
         """The execution provider that really runs (the CPU wheel silently ignores CUDA)."""
         return self.session.get_providers()[0]
 
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
+    @property
+    def device(self) -> tuple[str, int]:
+        """ONNX Runtime's ``(device_type, device_id)`` of the provider that runs."""
+        if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+            options = self.session.get_provider_options().get(self.provider, {})
+            return "cuda", int(options.get("device_id", 0))
+        return "cpu", 0
+
+    def predict(self, inputs: Any) -> np.ndarray:
         """Normalised parameters for network inputs.
+
+        The network runs through an IO binding: an input that already lives on the provider's
+        device (a CuPy array or a torch tensor on that GPU) is read in place, with no trip
+        through the host; anything else is checked and handed over as a host array.
 
         Parameters
         ----------
-        inputs : ndarray
+        inputs : array_like
             ``(N, N, N)``, ``(B, N, N, N)`` or ``(B, 1, N, N, N)`` network inputs (see
             :func:`bcdi_bluesky.preprocess.network_input`), any dtype or byte order.
 
@@ -276,22 +289,55 @@ class OnnxCrystalModel:
         ndarray
             ``(P,)`` for a single volume, else ``(B, P)``, float32 in [-1, 1].
         """
-        x = np.asarray(inputs)
-        single = x.ndim == 3
-        if single:
-            x = x[None, None]
-        elif x.ndim == 4:
-            x = x[:, None]
-        if x.ndim != 5 or x.shape[1] != 1 or x.shape[2:] != (self.grid,) * 3:
+        single = len(inputs.shape) == 3
+        device_input = _device_buffer(inputs, self.device)
+        binding = self.session.io_binding()
+        if device_input is not None:
+            shape = self._batch_shape(inputs.shape)
+            kind, index = self.device
+            binding.bind_input(self.input_name, kind, index, np.float32, list(shape), device_input)
+        else:
+            binding.bind_cpu_input(self.input_name, self._host_input(inputs))
+        binding.bind_output(self.session.get_outputs()[0].name, "cpu")
+        self.session.run_with_iobinding(binding)
+        raw = binding.copy_outputs_to_cpu()[0]
+        out = self.encoding.decode(raw).astype(np.float32)
+        return out[0] if single else out
+
+    def _batch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(B, 1, N, N, N)`` of an input shape, or ValueError."""
+        full = {3: (1, 1, *shape), 4: (shape[0], 1, *shape[1:]), 5: tuple(shape)}.get(len(shape))
+        if full is None or full[1] != 1 or full[2:] != (self.grid,) * 3:
             raise ValueError(
-                f"network input must be ({self.grid},)*3 per volume, got shape "
-                f"{np.asarray(inputs).shape}"
+                f"network input must be ({self.grid},)*3 per volume, got shape {tuple(shape)}"
             )
-        # Native-endian, contiguous float32: EPICS clients hand out big-endian arrays, on
-        # which ONNX Runtime silently computes NaN.
+        return full
+
+    def _host_input(self, inputs: Any) -> np.ndarray:
+        """A checked, native-endian, contiguous float32 host copy of ``inputs``."""
+        x = np.asarray(inputs)
+        x = x.reshape(self._batch_shape(x.shape))
+        # EPICS clients hand out big-endian arrays, on which ONNX Runtime silently computes NaN.
         x = np.ascontiguousarray(x, dtype=np.dtype(np.float32).newbyteorder("="))
         if not np.all(np.isfinite(x)):
             raise ValueError("network input contains NaN or inf")
-        out = self.encoding.decode(self.session.run(None, {self.input_name: x})[0])
-        out = out.astype(np.float32)
-        return out[0] if single else out
+        return x
+
+
+def _device_buffer(inputs: Any, device: tuple[str, int]) -> int | None:
+    """The data pointer of a contiguous float32 GPU array on ``device`` (CuPy or torch), else
+    None (host arrays, other devices and dtypes go through the host)."""
+    kind, index = device
+    if kind != "cuda" or isinstance(inputs, np.ndarray):
+        return None
+    module = type(inputs).__module__.split(".")[0]
+    if module == "cupy":
+        if str(inputs.dtype) == "float32" and inputs.flags.c_contiguous:
+            if inputs.device.id == index:
+                return int(inputs.data.ptr)
+    elif module == "torch":
+        on = inputs.device
+        if on.type == "cuda" and (on.index or 0) == index and str(inputs.dtype) == "torch.float32":
+            if inputs.is_contiguous():
+                return int(inputs.data_ptr())
+    return None

@@ -22,11 +22,12 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
-import scipy.fft
 
-from ._forward import FFT_WORKERS, intensity
+from ..backend import NUMPY, ArrayBackend
+from ._forward import intensity
 from ._harmonics import check_lmax, fibonacci_directions, grid_table, real_sph_harm
 
 _SQRT_4PI = float(np.sqrt(4.0 * np.pi))
@@ -36,25 +37,28 @@ _AXES = "zyx"
 
 @dataclass(frozen=True)
 class Rendered:
-    """A crystal rendered on the voxels it can reach (see :meth:`CrystalModel.render`)."""
+    """A crystal rendered on the voxels it can reach (see :meth:`CrystalModel.render`).
+
+    The arrays belong to :attr:`backend` (numpy arrays for the default CPU backend).
+    """
 
     n: int
-    flat_index: np.ndarray  # (K,) indices into the raveled N^3 grid
-    shape: np.ndarray  # (K,) soft support in [0, 1]
-    density: np.ndarray  # (K,) density (>= 0)
-    phase: np.ndarray  # (K,) phase in radians
-    parity: np.ndarray  # (K,) (-1)^(i+j+k) of each voxel
+    flat_index: Any  # (K,) indices into the raveled N^3 grid
+    shape: Any  # (K,) soft support in [0, 1]
+    density: Any  # (K,) density (>= 0)
+    phase: Any  # (K,) phase in radians
+    parity: Any  # (K,) (-1)^(i+j+k) of each voxel
+    backend: ArrayBackend = NUMPY
 
-    def values(self) -> np.ndarray:
+    def values(self) -> Any:
         """Complex64 values of the object on :attr:`flat_index`."""
-        amp = (self.shape * self.density).astype(np.float32)
-        return amp * np.exp(1j * self.phase.astype(np.float32))
+        return (self.shape * self.density) * self.backend.xp.exp(1j * self.phase)
 
-    def to_object(self) -> np.ndarray:
+    def to_object(self) -> Any:
         """The complex64 ``N^3`` object."""
-        obj = np.zeros(self.n**3, dtype=np.complex64)
+        obj = self.backend.zeros(self.n**3, self.backend.xp.complex64)
         obj[self.flat_index] = self.values()
-        return obj.reshape((self.n,) * 3)
+        return self.backend.xp.reshape(obj, (self.n,) * 3)
 
 
 _buffers = threading.local()
@@ -338,76 +342,96 @@ class CrystalModel:
         """Surface distance from the centre (voxels) along unit ``directions`` (..., 3)."""
         p = self.check_vector(params)
         y = real_sph_harm(self.lmax, directions)[4:]
-        return self._surface(p, np.tensordot(p[self.slices["sh"]], y, axes=1))
+        return self._surface(p, np.tensordot(p[self.slices["sh"]], y, axes=1), NUMPY.xp)
 
-    def _surface(self, p: np.ndarray, sh_sum: np.ndarray) -> np.ndarray:
-        r0 = p[0] * self.n
-        r = r0 * np.maximum(1.0 + _SQRT_4PI * sh_sum, _MIN_RELATIVE_RADIUS)
-        return np.minimum(r, self.n // 2 - 2.5)
+    def _surface(self, p: np.ndarray, sh_sum: Any, xp: Any) -> Any:
+        r0 = float(p[0]) * self.n
+        r = r0 * xp.clip(1.0 + _SQRT_4PI * sh_sum, min=_MIN_RELATIVE_RADIUS)
+        return xp.clip(r, max=self.n // 2 - 2.5)
 
     def _max_extent(self, p: np.ndarray) -> float:
         key = ("fib", self.lmax)
         if key not in self._cache:
             self._cache[key] = real_sph_harm(self.lmax, fibonacci_directions())[4:]
         sh_sum = np.einsum("i,ij->j", p[self.slices["sh"]], self._cache[key])
-        return float(self._surface(p, sh_sum).max())
+        return float(self._surface(p, sh_sum, NUMPY.xp).max())
 
-    def render(self, params: np.ndarray) -> Rendered:
-        """Evaluate shape, density and phase on the voxels the crystal can reach."""
+    def render(self, params: np.ndarray, backend: ArrayBackend = NUMPY) -> Rendered:
+        """Evaluate shape, density and phase on the voxels the crystal can reach.
+
+        Parameters
+        ----------
+        params : ndarray
+            Physical parameters (host numpy).
+        backend : ArrayBackend
+            Where the voxels are evaluated (the grid tables move there once).
+        """
         p = self.check_vector(params)
         s = self.slices
+        xp = backend.xp
         table = grid_table(self.n, self.lmax)
-        r0 = p[0] * self.n
+        flat_index, radius, coords, harmonics, parity = backend.cached(
+            ("grid_table", self.n, self.lmax),
+            lambda: tuple(
+                backend.asarray(a)
+                for a in (
+                    table.flat_index,
+                    table.radius,
+                    table.coords,
+                    table.harmonics[4:],
+                    table.parity,
+                )
+            ),
+        )
+        r0 = float(p[0] * self.n)
         # A Fibonacci-sampled maximum plus a margin bounds the surface; only voxels closer
         # than that are evaluated (a prefix of the radius-sorted table).
         k = table.prefix(self._max_extent(p) * 1.03 + 1.5)
-        # einsum, not BLAS: a multithreaded BLAS gemv this small is 100x slower when another
-        # process keeps the cores busy (as an acquisition host does).
-        sh_sum = np.einsum("i,ij->j", p[s["sh"]].astype(np.float32), table.harmonics[4:, :k])
-        shape = np.clip(self._surface(p, sh_sum) - table.radius[:k] + 0.5, 0.0, 1.0)
-        inside = np.flatnonzero(shape > 0)
-        shape = shape[inside].astype(np.float32)
-        u = table.coords[:, inside] / np.float32(r0)
+        sh_sum = backend.matvec(p[s["sh"]], harmonics[:, :k])
+        shape = xp.clip(self._surface(p, sh_sum, xp) - radius[:k] + 0.5, min=0.0, max=1.0)
+        inside = backend.flatnonzero(shape > 0)
+        shape = shape[inside]
+        u = coords[:, inside] / r0
 
-        density = np.ones(inside.size, dtype=np.float32)
+        density = xp.ones_like(shape)
         centres = p[s["rbf_centre"]].reshape(self.n_rbf, 3)
         for c, a, w in zip(centres, p[s["rbf_amplitude"]], p[s["rbf_width"]], strict=True):
             if a != 0.0:
-                d2 = np.sum((u - c[:, None].astype(np.float32)) ** 2, axis=0)
-                density += np.float32(a) * np.exp(d2 * np.float32(-0.5 / (w * w)))
-        np.maximum(density, 0.0, out=density)
+                d2 = (u[0] - float(c[0])) ** 2 + (u[1] - float(c[1])) ** 2
+                d2 += (u[2] - float(c[2])) ** 2
+                density += float(a) * xp.exp(d2 * float(-0.5 / (w * w)))
+        density = xp.clip(density, min=0.0)
 
-        phase = np.zeros(inside.size, dtype=np.float32)
-        powers = [[np.ones_like(u[a]), u[a]] for a in range(3)]
+        phase = xp.zeros_like(shape)
+        powers = [[xp.ones_like(u[a]), u[a]] for a in range(3)]
         for a in range(3):
             for _ in range(2, self.phase_order + 1):
                 powers[a].append(powers[a][-1] * u[a])
         for coeff, (ez, ey, ex) in zip(p[s["phase"]], self.phase_exponents, strict=True):
             if coeff != 0.0:
-                phase += np.float32(coeff) * (powers[0][ez] * powers[1][ey] * powers[2][ex])
-        return Rendered(
-            self.n, table.flat_index[inside], shape, density, phase, table.parity[inside]
-        )
+                phase += float(coeff) * (powers[0][ez] * powers[1][ey] * powers[2][ex])
+        return Rendered(self.n, flat_index[inside], shape, density, phase, parity[inside], backend)
 
-    def voxelise(self, params: np.ndarray) -> np.ndarray:
-        """Render the complex64 ``N^3`` object of a parameter vector."""
-        return self.render(params).to_object()
+    def voxelise(self, params: np.ndarray, backend: ArrayBackend = NUMPY) -> Any:
+        """Render the complex64 ``N^3`` object of a parameter vector (an array of ``backend``)."""
+        return self.render(params, backend).to_object()
 
-    def intensity(self, params: np.ndarray) -> np.ndarray:
+    def intensity(self, params: np.ndarray, backend: ArrayBackend = NUMPY) -> Any:
         """Centred intensity ``|fftshift(fftn(voxelise(params)))|^2`` (float32), fast.
 
         The forward model is the inner loop of refinement. For even ``N`` the object is
-        multiplied by ``(-1)^(i+j+k)`` while it is scattered into a reused buffer, which makes
-        the FFT come out centred (no ``fftshift``), and the FFT runs in place.
+        multiplied by ``(-1)^(i+j+k)`` while it is scattered into a zeroed buffer, which makes
+        the FFT come out centred (no ``fftshift``), and the FFT runs in place (on numpy into a
+        reused per-thread buffer).
         """
-        rendered = self.render(params)
+        rendered = self.render(params, backend)
         if self.n % 2:
-            return intensity(rendered.to_object())
-        buf = _scratch(self.n)
-        flat = buf.reshape(-1)
-        flat.fill(0)
+            return intensity(rendered.to_object(), backend=backend)
+        if backend.is_numpy:
+            flat = _scratch(self.n).reshape(-1)
+            flat.fill(0)
+        else:
+            flat = backend.zeros(self.n**3, backend.xp.complex64)
         flat[rendered.flat_index] = rendered.values() * rendered.parity
-        f = scipy.fft.fftn(buf, workers=FFT_WORKERS, overwrite_x=True)
-        power = np.square(f.real)
-        power += np.square(f.imag)
-        return power
+        f = backend.fftn(backend.xp.reshape(flat, (self.n,) * 3), overwrite=True)
+        return backend.power(f)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import numpy as np
 import scipy.fft
 
+from ..backend import FFT_WORKERS, NUMPY, ArrayBackend
 from ._validation import check_volume
-
-#: FFT worker threads (scipy.fft); all cores by default.
-FFT_WORKERS = int(os.environ.get("BCDI_FFT_WORKERS", os.cpu_count() or 1))
 
 
 def far_field(obj: np.ndarray, workers: int | None = None) -> np.ndarray:
@@ -19,13 +17,18 @@ def far_field(obj: np.ndarray, workers: int | None = None) -> np.ndarray:
     return scipy.fft.fftshift(scipy.fft.fftn(obj, workers=workers or FFT_WORKERS))
 
 
-def intensity(obj: np.ndarray, workers: int | None = None) -> np.ndarray:
-    """Centred diffraction intensity ``|fftshift(fftn(obj))|^2`` as float32."""
-    f = scipy.fft.fftn(np.asarray(obj, dtype=np.complex64), workers=workers or FFT_WORKERS)
-    power = np.square(f.real)
-    power += np.square(f.imag)
+def intensity(obj: Any, workers: int | None = None, *, backend: ArrayBackend = NUMPY) -> Any:
+    """Centred diffraction intensity ``|fftshift(fftn(obj))|^2`` as float32.
+
+    ``obj`` may be an array of ``backend`` (then so is the result); ``workers`` sets the FFT
+    threads of the numpy backend.
+    """
+    if backend.is_numpy:
+        f = scipy.fft.fftn(np.asarray(obj, dtype=np.complex64), workers=workers or FFT_WORKERS)
+    else:
+        f = backend.fftn(backend.asarray(obj, dtype=backend.xp.complex64))
     # Shifting the real power moves half the bytes of shifting the complex field.
-    return scipy.fft.fftshift(power).astype(np.float32, copy=False)
+    return backend.fftshift(backend.power(f))
 
 
 def scale_to_photons(

@@ -2,18 +2,26 @@
 phase-retrieval polish."""
 
 from .extremum_seeking import ESResult, ExtremumSeeker, StepHook
-from .phase_retrieval import PolishResult, autocorrelation_seed, polish, seeded_polish
+from .phase_retrieval import (
+    CoherenceKernel,
+    PolishResult,
+    autocorrelation_seed,
+    polish,
+    seeded_polish,
+)
 from .refine import (
     ChiCost,
     RefineResult,
     best_start,
     best_twin_variant,
+    coarse_chi,
     fit_odd_shape,
     refine_crystal,
 )
 
 __all__ = [
     "ChiCost",
+    "CoherenceKernel",
     "ESResult",
     "ExtremumSeeker",
     "PolishResult",
@@ -22,6 +30,7 @@ __all__ = [
     "autocorrelation_seed",
     "best_start",
     "best_twin_variant",
+    "coarse_chi",
     "fit_odd_shape",
     "polish",
     "refine_crystal",

@@ -10,14 +10,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.fft
 import scipy.ndimage
 import scipy.optimize
 
-from ..physics import FFT_WORKERS, chi, intensity, poisson_chi_floor
+from ..backend import NUMPY, ArrayBackend
+from ..physics import intensity, poisson_chi_floor
 from ..settings import ReconstructionSettings
+from .refine import ChiCost
 
 #: Fraction of the autocorrelation's maximum that defines its support
 #: (:func:`autocorrelation_seed`).
@@ -27,12 +30,89 @@ AUTOCORRELATION_THRESHOLD = 0.1
 _DEFAULTS = ReconstructionSettings()
 
 
+class CoherenceKernel:
+    """Partial coherence: the measured intensity as the coherent one blurred by a kernel ``K``.
+
+    ``I_measured = K * |F|^2`` (a convolution over q), as cohere's Lucy kernel and PyNX's PSF
+    model a beam that is not fully coherent. ``K`` starts as a Gaussian of
+    :attr:`START_SIGMA` pixels, is kept non-negative, of unit sum and inside a
+    ``(2 HALF_WIDTH + 1)^3`` box around q = 0, and is refined by Richardson-Lucy from the
+    current model and the data (:meth:`update`). The convolution is periodic (a product in
+    Fourier space), so the same kernel blurs a centred intensity or one with q = 0 at index 0.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The grid of q.
+    backend : ArrayBackend
+        Where the kernel lives.
+    """
+
+    #: Half-width (pixels) of the box the kernel may spread over.
+    HALF_WIDTH = 3
+    #: Width (pixels) of the Gaussian the kernel starts from.
+    START_SIGMA = 0.8
+    #: Richardson-Lucy iterations per :meth:`update`.
+    RL_ITERATIONS = 5
+
+    def __init__(self, shape: tuple[int, ...], backend: ArrayBackend = NUMPY) -> None:
+        self.backend = backend
+        grids = np.meshgrid(*(np.fft.fftfreq(n) * n for n in shape), indexing="ij", sparse=True)
+        window = np.ones(shape, dtype=bool)
+        for g in grids:
+            window &= np.abs(g) <= self.HALF_WIDTH
+        kernel = np.exp(-0.5 * sum(g * g for g in grids) / self.START_SIGMA**2) * window
+        self.window = backend.asarray(window)
+        self._set(backend.asarray((kernel / kernel.sum()).astype(np.float32)))
+
+    def _set(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.transfer = self.backend.fftn(self.backend.xp.astype(kernel, self.backend.xp.complex64))
+
+    def blur(self, power: Any) -> Any:
+        """``K * power`` (float32, non-negative)."""
+        xp = self.backend.xp
+        spectrum = self.backend.fftn(xp.astype(power, xp.complex64))
+        blurred = self.backend.ifftn(spectrum * self.transfer, overwrite=True).real
+        return xp.clip(blurred, min=0.0)
+
+    def update(self, power: Any, measured: Any, valid: Any | None = None) -> None:
+        """Richardson-Lucy steps for ``K`` given the coherent model ``power`` and the data
+        (both with q = 0 at the same index; ``valid``: True where measured)."""
+        xp, backend = self.backend.xp, self.backend
+        total = float(xp.sum(power))
+        if total <= 0:
+            return
+        spectrum = backend.fftn(xp.astype(power, xp.complex64))
+        for _ in range(self.RL_ITERATIONS):
+            blurred = xp.clip(backend.ifftn(spectrum * self.transfer).real, min=1e-12)
+            ratio = measured / blurred
+            if valid is not None:
+                ratio = xp.where(valid, ratio, 1.0)
+            ratio = backend.fftn(xp.astype(ratio, xp.complex64))
+            correlation = backend.ifftn(ratio * xp.conj(spectrum), overwrite=True).real / total
+            kernel = xp.clip(self.kernel * correlation, min=0.0) * self.window
+            norm = float(xp.sum(kernel))
+            if not norm > 0:
+                return
+            self._set(kernel / norm)
+
+    def centred(self) -> np.ndarray:
+        """The kernel on the host with q = 0 at index ``N // 2`` (for files and figures)."""
+        return self.backend.to_numpy(self.backend.fftshift(self.kernel))
+
+    def peak(self) -> float:
+        """The kernel's central value: 1 for a fully coherent beam, lower as it spreads."""
+        return float(self.backend.to_numpy(self.kernel).reshape(-1)[0])
+
+
 @dataclass
 class PolishResult:
-    """The polished object (centred-q convention of the input) and its support."""
+    """The polished object (centred-q convention of the input) and its support (arrays of the
+    backend the polish ran on)."""
 
-    object: np.ndarray
-    support: np.ndarray
+    object: Any
+    support: Any
     errors: list[float] = field(default_factory=list)
     iterations: int = 0
     seconds: float = 0.0
@@ -43,6 +123,13 @@ class PolishResult:
     #: What ended the run: "iterations", "converged" (``tolerance``), "hook" or "time" (the
     #: wall-time cap, a safety net: the result then depends on the machine's load).
     stopped_by: str = "iterations"
+    #: The partial-coherence kernel the run fitted (``partial_coherence``), else None.
+    kernel: CoherenceKernel | None = None
+
+    def model_intensity(self, backend: ArrayBackend = NUMPY) -> Any:
+        """The centred intensity this result models: ``|F|^2``, blurred by its kernel."""
+        coherent = intensity(self.object, backend=backend)
+        return coherent if self.kernel is None else self.kernel.blur(coherent)
 
     @property
     def cut_short(self) -> bool:
@@ -62,17 +149,17 @@ def default_recipe(iterations: int, hio_fraction: float) -> list[str]:
     return ["ER"] * er1 + ["HIO"] * hio + ["ER"] * er2
 
 
-def shrink_wrap(obj: np.ndarray, sigma: float, threshold: float) -> np.ndarray:
+def shrink_wrap(obj: Any, sigma: float, threshold: float, backend: ArrayBackend = NUMPY) -> Any:
     """New support: the Gaussian-blurred amplitude above ``threshold`` of its maximum."""
-    blurred = scipy.ndimage.gaussian_filter(np.abs(obj), sigma)
-    return blurred > threshold * blurred.max()
+    blurred = backend.gaussian_blur(backend.xp.abs(obj), sigma)
+    return blurred > threshold * backend.xp.max(blurred)
 
 
 def polish(
-    measured: np.ndarray,
-    seed_object: np.ndarray,
-    seed_support: np.ndarray,
-    mask: np.ndarray | None = None,
+    measured: Any,
+    seed_object: Any,
+    seed_support: Any,
+    mask: Any | None = None,
     *,
     iterations: int,
     hio_fraction: float,
@@ -85,6 +172,9 @@ def polish(
     tolerance: float = 0.0,
     window: int = 20,
     hook: Callable[[int, float], bool | None] | None = None,
+    backend: ArrayBackend = NUMPY,
+    partial_coherence: bool = False,
+    kernel: CoherenceKernel | None = None,
 ) -> PolishResult:
     """Refine ``seed_object`` against ``measured`` by ER/HIO with shrink-wrap.
 
@@ -116,54 +206,86 @@ def polish(
         stop depends on the data only, so the same input gives the same result anywhere.
     hook : callable, optional
         ``hook(iteration, error)``; False stops.
+    backend : ArrayBackend
+        Where the iterations run; inputs may be host numpy or arrays of the backend, the
+        result's arrays are the backend's.
+    partial_coherence : bool
+        Model the data as the coherent intensity blurred by a :class:`CoherenceKernel`: the
+        modulus constraint uses the blurred model, and the kernel is refined every
+        ``shrink_every`` steps from the first third of the run on (from the start when
+        ``kernel`` is given).
+    kernel : CoherenceKernel, optional
+        A kernel to start from (a previous run's); it is refined in place.
     """
     started = time.perf_counter()
+    xp = backend.xp
     # Work in unshifted q: shift the data once instead of the field at every step.
-    amp = scipy.fft.ifftshift(np.sqrt(np.asarray(measured, dtype=np.float32)))
-    valid = None if mask is None else scipy.fft.ifftshift(mask)
+    amp = backend.ifftshift(xp.sqrt(backend.asarray(measured, dtype=xp.float32)))
+    valid = None if mask is None else backend.ifftshift(backend.asarray(mask, dtype=xp.bool))
     invalid = None if valid is None else ~valid
-    support = np.asarray(seed_support, dtype=bool).copy()
+    support = xp.asarray(backend.asarray(seed_support, dtype=xp.bool), copy=True)
     limit = (
-        np.ones_like(support)
+        None
         if max_growth is None
-        else scipy.ndimage.binary_dilation(support, iterations=max_growth)
+        else backend.asarray(
+            scipy.ndimage.binary_dilation(backend.to_numpy(support), iterations=max_growth)
+        )
     )
-    obj = np.asarray(seed_object, dtype=np.complex64) * support
-    f = scipy.fft.fftn(obj, workers=FFT_WORKERS)
-    a = np.abs(f) if valid is None else np.abs(f)[valid]
+    obj = backend.asarray(seed_object, dtype=xp.complex64) * support
+    f = backend.fftn(obj)
+    a = xp.abs(f) if valid is None else xp.abs(f)[valid]
     b = amp if valid is None else amp[valid]
-    scale = float(np.dot(a.ravel(), b.ravel()) / max(np.dot(a.ravel(), a.ravel()), 1e-30))
-    obj *= np.float32(scale if scale > 0 else 1.0)
-    amp_norm = float(np.linalg.norm(b))
+    a, b = xp.reshape(a, (-1,)), xp.reshape(b, (-1,))
+    scale = backend.dot(a, b) / max(backend.dot(a, a), 1e-30)
+    obj *= scale if scale > 0 else 1.0
+    amp_norm = backend.dot(b, b) ** 0.5
     errors: list[float] = []
     recipe = default_recipe(iterations, hio_fraction)
     last_hio = max((i for i, k in enumerate(recipe) if k == "HIO"), default=-1)
+    # A given kernel is refined from the first step; a fresh one once the first third of the
+    # run has brought the coherent model close (Richardson-Lucy needs a fair model).
+    kernel_from = 0 if kernel is not None else len(recipe) // 3
+    if not partial_coherence:
+        kernel = None
+    elif kernel is None:
+        kernel = CoherenceKernel(tuple(amp.shape), backend)
+    measured_q = amp * amp
     done = 0
     stopped_by = "iterations"
     for i, kind in enumerate(recipe):
         out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
         if out_of_time and kind == "HIO":
             kind = "ER"
-        f = scipy.fft.fftn(obj, workers=FFT_WORKERS)
-        mod = np.abs(f)
+        f = backend.fftn(obj)
+        if kernel is not None and i >= kernel_from:
+            power = backend.power(f)
+            if shrink_every and (i - kernel_from) % shrink_every == 0:
+                kernel.update(power, measured_q, valid)
+            mod = xp.sqrt(kernel.blur(power))
+        else:
+            mod = xp.abs(f)
         diff = mod - amp
-        errors.append(float(np.linalg.norm(diff if valid is None else diff[valid]) / amp_norm))
+        if valid is not None:
+            diff = diff[valid]
+        diff = xp.reshape(diff, (-1,))
+        errors.append(backend.dot(diff, diff) ** 0.5 / amp_norm)
         # Modulus projection as one real factor per voxel (f * amp / |f|): cheaper than
         # forming the unit phase; where masked the factor is 1 (the estimate keeps its own).
-        np.maximum(mod, np.float32(1e-12), out=mod)
-        factor = np.divide(amp, mod, out=mod)
+        factor = amp / xp.clip(mod, min=1e-12)
         if invalid is not None:
             factor[invalid] = 1.0
         f *= factor
-        new = scipy.fft.ifftn(f, workers=FFT_WORKERS, overwrite_x=True)
+        new = backend.ifftn(f, overwrite=True)
         if kind == "ER":
             new *= support
             obj = new
         else:
-            obj = np.where(support, new, obj - np.float32(beta) * new)
+            obj = xp.where(support, new, obj - beta * new)
         done += 1
         if shrink_every and (i + 1) % shrink_every == 0 and i + 1 < len(recipe):
-            support = shrink_wrap(obj, shrink_sigma, shrink_threshold) & limit
+            support = shrink_wrap(obj, shrink_sigma, shrink_threshold, backend)
+            if limit is not None:
+                support &= limit
         if hook is not None and hook(done, errors[-1]) is False:
             stopped_by = "hook"
             break
@@ -180,12 +302,13 @@ def polish(
             break
     obj = obj * support
     return PolishResult(
-        obj.astype(np.complex64, copy=False),
+        obj,
         support,
         errors,
         done,
         time.perf_counter() - started,
         stopped_by=stopped_by,
+        kernel=kernel,
     )
 
 
@@ -201,6 +324,7 @@ def seeded_polish(
     discrepancy: float = 1.5,
     time_budget_s: float | None = None,
     hook: Callable[[int, float], bool | None] | None = None,
+    backend: ArrayBackend = NUMPY,
     **options,
 ) -> PolishResult:
     """A polish that keeps a good seed and falls back to ER/HIO for a poor one.
@@ -229,13 +353,17 @@ def seeded_polish(
         For both runs together.
     hook : callable, optional
         ``hook(step, error)``, steps counted across both runs; False stops.
+    backend : ArrayBackend
+        Where both runs iterate (:func:`polish`).
     **options
-        Passed on to :func:`polish` (``beta``, shrink-wrap settings, ``max_growth``).
+        Passed on to :func:`polish` (``beta``, shrink-wrap settings, ``max_growth``,
+        ``partial_coherence``).
     """
     started = time.perf_counter()
+    chi_cost = ChiCost(measured, mask, backend)
 
     def chi_of(result: PolishResult) -> float:
-        return chi(intensity(result.object), measured, mask)
+        return chi_cost(result.model_intensity(backend))
 
     first = polish(
         measured,
@@ -246,10 +374,13 @@ def seeded_polish(
         hio_fraction=0.0,
         time_budget_s=time_budget_s,
         hook=hook,
+        backend=backend,
         **options,
     )
     first.recipe, first.chi = "ER", chi_of(first)
-    floor = poisson_chi_floor(measured, mask)
+    floor = poisson_chi_floor(
+        backend.to_numpy(measured), None if mask is None else backend.to_numpy(mask)
+    )
     stopped = first.stopped_by in ("hook", "time")
     if (floor is not None and first.chi <= discrepancy * floor) or stopped or iterations <= 0:
         first.seconds = time.perf_counter() - started
@@ -265,6 +396,7 @@ def seeded_polish(
         hio_fraction=hio_fraction,
         time_budget_s=left,
         hook=None if hook is None else lambda i, e: hook(offset + i, e),
+        backend=backend,
         **options,
     )
     second.recipe, second.chi = "ER/HIO", chi_of(second)

@@ -16,35 +16,53 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.optimize
 
-from ..physics import CrystalModel, fitted_scale
+from ..backend import NUMPY, ArrayBackend
+from ..physics import CrystalModel
 from .extremum_seeking import ExtremumSeeker
 
 
 class ChiCost:
-    """``chi`` of a model object against fixed data, with the data-side work done once."""
+    """``chi`` of a model object against fixed data, with the data-side work done once.
 
-    def __init__(self, measured: np.ndarray, mask: np.ndarray | None = None):
-        amp = np.sqrt(np.asarray(measured, dtype=np.float64))
-        self.mask = mask
-        self.b = amp[mask] if mask is not None else amp.ravel()
-        self.b_norm = float(np.linalg.norm(self.b))
+    Parameters
+    ----------
+    measured : ndarray
+        Intensity (host numpy or an array of ``backend``).
+    mask : ndarray of bool, optional
+        True for valid voxels.
+    backend : ArrayBackend
+        Where the model intensities live: the data move there once.
+    """
+
+    def __init__(
+        self, measured: Any, mask: Any | None = None, backend: ArrayBackend = NUMPY
+    ) -> None:
+        xp = backend.xp
+        self.backend = backend
+        amp = xp.sqrt(backend.asarray(measured, dtype=xp.float64))
+        self.mask = None if mask is None else backend.asarray(mask, dtype=xp.bool)
+        self.b = amp[self.mask] if self.mask is not None else xp.reshape(amp, (-1,))
+        self.b_norm = backend.dot(self.b, self.b) ** 0.5
         if self.b_norm == 0:
             raise ValueError("measured intensity has no signal in the valid voxels")
 
-    def __call__(self, model_intensity: np.ndarray) -> float:
-        """chi of a model intensity on the data's grid."""
-        a = np.sqrt(model_intensity, dtype=np.float64)
-        a = a[self.mask] if self.mask is not None else a.ravel()
-        if not a.any():
-            return 1.0
+    def __call__(self, model_intensity: Any) -> float:
+        """chi of a model intensity (an array of the backend) on the data's grid."""
+        xp, vdot = self.backend.xp, self.backend.vdot
+        a = xp.sqrt(xp.astype(model_intensity, xp.float64))
+        a = a[self.mask] if self.mask is not None else xp.reshape(a, (-1,))
+        aa = vdot(a, a)
+        # The scale stays on the device (one host sync per call, at the end); no signal:
+        # scale 0, residual -b, chi 1.
+        scale = xp.where(aa > 0, vdot(a, self.b) / xp.where(aa > 0, aa, 1.0), 0.0)
         # float64 and the explicit residual: ||b||^2 - s <a, b> cancels badly at small chi.
-        residual = fitted_scale(a, self.b) * a - self.b
-        # einsum rather than np.linalg.norm (a BLAS call): see physics.fitted_scale.
-        return float(np.sqrt(np.einsum("i,i->", residual, residual)) / self.b_norm)
+        residual = scale * a - self.b
+        return float(vdot(residual, residual)) ** 0.5 / self.b_norm
 
 
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
@@ -54,13 +72,18 @@ def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
 
 
 def coarse_chi(
-    model: CrystalModel, measured: np.ndarray, mask: np.ndarray | None = None
+    model: CrystalModel,
+    measured: np.ndarray,
+    mask: np.ndarray | None = None,
+    backend: ArrayBackend = NUMPY,
 ) -> Callable[[np.ndarray], float]:
     """``chi(normalised parameters)`` on the central half-size cube of q (8x cheaper)."""
     half = model.n // 2
     coarse = model.with_grid(half)
-    cost = ChiCost(central_cube(measured, half), None if mask is None else central_cube(mask, half))
-    return lambda p: cost(coarse.intensity(coarse.denormalise(p)))
+    cost = ChiCost(
+        central_cube(measured, half), None if mask is None else central_cube(mask, half), backend
+    )
+    return lambda p: cost(coarse.intensity(coarse.denormalise(p), backend))
 
 
 def best_start(
@@ -84,21 +107,29 @@ def best_start(
     """
     if not len(starts):
         raise ValueError("best_start needs at least one candidate")
-    chis = [cost(model.intensity(p)) for p in starts]
+    chis = [cost(model.intensity(p, cost.backend)) for p in starts]
     best = int(np.argmin(chis))
     return best, chis[best]
 
 
 def best_twin_variant(
-    model: CrystalModel, variants: Sequence[np.ndarray], cost: ChiCost
+    model: CrystalModel,
+    variants: Sequence[np.ndarray],
+    cost: ChiCost,
+    coarse_cost: Callable[[np.ndarray], float] | None = None,
 ) -> tuple[np.ndarray, float]:
     """The normalised candidate (``encoding.twin_variants``) whose crystal fits best, and its chi.
 
     The CNN gives each family of twin-odd parameters up to its own sign; the data choose
-    their relative signs (one forward model per candidate, :func:`best_start`).
+    their relative signs: one forward model per candidate (:func:`best_start`), or with
+    ``coarse_cost`` (:func:`coarse_chi`) one on the central half-size cube of q, 8x cheaper,
+    and the full grid's chi for the chosen one only.
     """
-    best, chi = best_start(model, [model.denormalise(v) for v in variants], cost)
-    return variants[best], chi
+    if coarse_cost is None or len(variants) == 1:
+        best, chi = best_start(model, [model.denormalise(v) for v in variants], cost)
+        return variants[best], chi
+    best = int(np.argmin([coarse_cost(v) for v in variants]))
+    return variants[best], cost(model.intensity(model.denormalise(variants[best]), cost.backend))
 
 
 class _Stop(Exception):
@@ -137,6 +168,7 @@ def refine_crystal(
     dither: float = 0.04,
     seed: int = 0,
     hook: Callable[[int, float], bool | None] | None = None,
+    backend: ArrayBackend = NUMPY,
 ) -> RefineResult:
     """Tune crystal parameters by bounded ES to minimise ``chi`` against ``measured``.
 
@@ -164,6 +196,8 @@ def refine_crystal(
         Seed of the ES frequency assignment.
     hook : callable, optional
         ``hook(iteration, cost)`` after each step (live publishing); False stops.
+    backend : ArrayBackend
+        Where the forward models and ``chi`` run.
 
     Returns
     -------
@@ -176,10 +210,10 @@ def refine_crystal(
         raise ValueError(
             f"measured intensity has shape {measured.shape}, the model grid is {(model.n,) * 3}"
         )
-    full_cost = ChiCost(measured, mask)
+    full_cost = ChiCost(measured, mask, backend)
 
     def chi_full(p: np.ndarray) -> float:
-        return full_cost(model.intensity(model.denormalise(p)))
+        return full_cost(model.intensity(model.denormalise(p), backend))
 
     p0 = model.normalise(model.clip(params))
     chi_start = chi_full(p0)
@@ -211,7 +245,7 @@ def refine_crystal(
     starts = [p0, *(model.normalise(model.clip(a)) for a in alternatives)]
     p, stop = p0, False
     if coarse_iterations > 0 and model.n // 2 >= 16:
-        coarse = coarse_chi(model, measured, mask)
+        coarse = coarse_chi(model, measured, mask, backend)
         ends = []
         for start in starts:
             end, cost, stop = seek(coarse, start, coarse_iterations)
@@ -246,6 +280,7 @@ def fit_odd_shape(
     max_evaluations: int = 150,
     time_budget_s: float | None = None,
     hook: Callable[[int, float], bool | None] | None = None,
+    backend: ArrayBackend = NUMPY,
 ) -> RefineResult:
     """Fit the odd-``l`` surface terms (the crystal's asymmetry) to ``measured``.
 
@@ -274,6 +309,8 @@ def fit_odd_shape(
         Wall-time budget.
     hook : callable, optional
         ``hook(evaluation, best cost so far)`` after each forward model; False stops.
+    backend : ArrayBackend
+        Where the forward models and ``chi`` run.
 
     Returns
     -------
@@ -286,15 +323,15 @@ def fit_odd_shape(
         raise ValueError(
             f"measured intensity has shape {measured.shape}, the model grid is {(model.n,) * 3}"
         )
-    full_cost = ChiCost(measured, mask)
+    full_cost = ChiCost(measured, mask, backend)
     p0 = model.normalise(model.clip(params))
-    chi_start = full_cost(model.intensity(model.denormalise(p0)))
+    chi_start = full_cost(model.intensity(model.denormalise(p0), backend))
     odd = np.flatnonzero(model.sh_degrees % 2 == 1) + model.slices["sh"].start
     if max_evaluations <= 0 or odd.size == 0 or model.n // 2 < 16:
         return RefineResult(
             model.denormalise(p0), chi_start, chi_start, [], 0, time.perf_counter() - started
         )
-    cost_fn = coarse_chi(model, measured, mask)
+    cost_fn = coarse_chi(model, measured, mask, backend)
     costs: list[float] = []
     best = [np.inf, p0[odd].copy()]
 
@@ -324,7 +361,7 @@ def fit_odd_shape(
         cut_short = stop.by == "time"
     p = p0.copy()
     p[odd] = best[1]
-    chi = full_cost(model.intensity(model.denormalise(p)))
+    chi = full_cost(model.intensity(model.denormalise(p), backend))
     if chi >= chi_start:
         p, chi = p0, chi_start
     return RefineResult(

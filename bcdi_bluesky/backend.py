@@ -1,0 +1,310 @@
+"""Array backends for the numeric stages: numpy on the CPU, CuPy or torch on CUDA.
+
+The forward model, ``chi``, the shape search and extremum seeking's cost evaluations and the
+ER/HIO polish are written once against :class:`ArrayBackend`: the array-API namespace of
+``array-api-compat`` for element-wise work and reductions, plus the few operations the standard
+leaves to each library (FFTs with their thread count, scattering into a flat buffer, host
+copies). The same code then runs on numpy, on CuPy, or on torch tensors on either device, and
+torch CPU tensors are how the test suite exercises the GPU code path on a machine without one.
+
+No GPU package is imported unless a GPU backend is asked for (:func:`select_backend`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import scipy.fft
+
+logger = logging.getLogger(__name__)
+
+#: FFT worker threads of the numpy backend (scipy.fft); all cores by default.
+FFT_WORKERS = int(os.environ.get("BCDI_FFT_WORKERS", os.cpu_count() or 1))
+
+#: What ``device=`` accepts (besides ``"cuda:N"``).
+DEVICES = ("auto", "cpu", "cuda")
+#: Array libraries, in the order ``"cuda"`` tries them.
+GPU_LIBRARIES = ("cupy", "torch")
+LIBRARIES = ("numpy", *GPU_LIBRARIES)
+
+_fallback_logged = False
+
+
+@dataclass(frozen=True)
+class ArrayBackend:
+    """One array library on one device.
+
+    Parameters
+    ----------
+    library : {"numpy", "cupy", "torch"}
+        The array library.
+    device : str
+        ``"cpu"`` or ``"cuda:N"`` (numpy: ``"cpu"`` only; CuPy: CUDA only).
+    """
+
+    library: str = "numpy"
+    device: str = "cpu"
+    _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.library not in LIBRARIES:
+            raise ValueError(f"array library must be one of {LIBRARIES}, got {self.library!r}")
+        if not (self.device == "cpu" or _cuda_index(self.device) is not None):
+            raise ValueError(f"device must be 'cpu' or 'cuda:N', got {self.device!r}")
+        if (self.library, self.device == "cpu") in (("numpy", False), ("cupy", True)):
+            raise ValueError(f"{self.library} does not run on {self.device}")
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def name(self) -> str:
+        """``"<library> on <device>"`` (logs and reports)."""
+        return f"{self.library} on {self.device}"
+
+    @property
+    def is_numpy(self) -> bool:
+        """The plain CPU path (arrays are numpy arrays)."""
+        return self.library == "numpy"
+
+    @cached_property
+    def xp(self) -> Any:
+        """The array-API namespace of the library: numpy itself (numpy >= 2 implements the
+        standard, and its wrapper in ``array_api_compat`` costs time on small arrays), else
+        ``array_api_compat``'s."""
+        if self.is_numpy:
+            return np
+        return importlib.import_module(f"array_api_compat.{self.library}")
+
+    @cached_property
+    def _native(self) -> Any:
+        return importlib.import_module(self.library)
+
+    @cached_property
+    def _device(self) -> Any:
+        """The library's own device object (for ``device=`` arguments)."""
+        if self.library == "torch":
+            return self._native.device(self.device)
+        if self.library == "cupy":
+            return self._native.cuda.Device(_cuda_index(self.device))
+        return "cpu"
+
+    # ------------------------------------------------------------------ transfers
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        """``x`` (numpy or this backend's array) on this backend, as ``dtype`` (an ``xp``
+        dtype; None keeps it)."""
+        if self.is_numpy:
+            return np.asarray(x, dtype=dtype)
+        if isinstance(x, np.ndarray) and not (x.dtype.isnative and x.flags.writeable):
+            # torch refuses read-only memory (the cached tables) and foreign byte order.
+            x = x.astype(x.dtype.newbyteorder("="))
+        if self.library == "cupy":
+            with self._device:
+                out = self._native.asarray(x)
+        else:
+            out = self._native.as_tensor(x, device=self._device)
+        return out if dtype is None else self.xp.astype(out, dtype, copy=False)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A host numpy copy (or ``x`` itself when it is one)."""
+        if isinstance(x, np.ndarray):
+            return x
+        if self.library == "torch":
+            return x.detach().cpu().numpy()
+        if self.library == "cupy":
+            return x.get()
+        return np.asarray(x)
+
+    def zeros(self, shape: tuple[int, ...] | int, dtype: Any) -> Any:
+        """A zero array on this backend."""
+        return self.xp.zeros(shape, dtype=dtype, device=self._device)
+
+    def cached(self, key: Any, make: Any) -> Any:
+        """``make()`` moved to this backend once per ``key`` (constant tables, masks)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ operations
+    def fftn(self, x: Any, overwrite: bool = False) -> Any:
+        """Unnormalised forward FFT over every axis (complex64 in, complex64 out)."""
+        if self.is_numpy:
+            return scipy.fft.fftn(x, workers=FFT_WORKERS, overwrite_x=overwrite)
+        return self._native.fft.fftn(x)
+
+    def ifftn(self, x: Any, overwrite: bool = False) -> Any:
+        """Inverse FFT over every axis (``1/N`` normalised, as numpy's)."""
+        if self.is_numpy:
+            return scipy.fft.ifftn(x, workers=FFT_WORKERS, overwrite_x=overwrite)
+        return self._native.fft.ifftn(x)
+
+    def fftshift(self, x: Any) -> Any:
+        """Move q = 0 to index ``N // 2`` along every axis."""
+        return self.xp.roll(x, tuple(s // 2 for s in x.shape), axis=tuple(range(x.ndim)))
+
+    def ifftshift(self, x: Any) -> Any:
+        """Inverse of :meth:`fftshift` (q = 0 back to index 0)."""
+        return self.xp.roll(x, tuple(-(s // 2) for s in x.shape), axis=tuple(range(x.ndim)))
+
+    def flatnonzero(self, x: Any) -> Any:
+        """Indices of the non-zero entries of a 1D array."""
+        return self.xp.nonzero(x)[0]
+
+    def power(self, field_: Any) -> Any:
+        """``|field|^2`` as float32, without forming ``|field|``."""
+        out = field_.real * field_.real
+        out += field_.imag * field_.imag
+        return out
+
+    def vdot(self, a: Any, b: Any) -> Any:
+        """``sum(a * b)`` accumulated in float64, left on the device (1D real arrays): a GPU
+        computes on with it without waiting; :meth:`dot` brings it to the host."""
+        xp = self.xp
+        if self.is_numpy:
+            # einsum, not BLAS: a threaded BLAS call this small stalls on a busy host.
+            return np.einsum("i,i->", a, b, dtype=np.float64)
+        return xp.sum(xp.astype(a, xp.float64) * xp.astype(b, xp.float64))
+
+    def dot(self, a: Any, b: Any) -> float:
+        """``sum(a * b)`` accumulated in float64, as a Python float (1D real arrays)."""
+        return float(self.vdot(a, b))
+
+    def matvec(self, vector: np.ndarray, table: Any) -> Any:
+        """``vector @ table`` for a short host vector and a (M, K) table on this backend."""
+        if self.is_numpy:
+            return np.einsum("i,ij->j", vector.astype(table.dtype), table)
+        return self.xp.matmul(self.asarray(vector, dtype=table.dtype), table)
+
+    def gaussian_blur(self, x: Any, sigma: float) -> Any:
+        """Periodic Gaussian blur of a real volume (standard deviation ``sigma`` voxels).
+
+        A product in Fourier space: the same result on every backend, and for an object that
+        sits inside its box (as a crystal does) the wrap-around never matters.
+        """
+        xp = self.xp
+        key = ("gaussian", tuple(x.shape), float(sigma))
+
+        def transfer() -> Any:
+            grids = np.meshgrid(*(np.fft.fftfreq(n) for n in x.shape), indexing="ij", sparse=True)
+            q2 = sum(g * g for g in grids)
+            return self.asarray(np.exp(-2.0 * (np.pi * sigma) ** 2 * q2).astype(np.float32))
+
+        kernel = self.cached(key, transfer)
+        blurred = self.ifftn(self.fftn(xp.astype(x, xp.complex64)) * kernel, overwrite=True)
+        return blurred.real
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (timings); nothing on the CPU."""
+        if self.device == "cpu":
+            return
+        if self.library == "torch":
+            self._native.cuda.synchronize(self._device)
+        else:
+            self._device.synchronize()
+
+    def reset_memory_peak(self) -> None:
+        """Start a new :meth:`memory_peak_bytes` measurement (frees CuPy's cached blocks)."""
+        if self.library == "torch" and self.device != "cpu":
+            self._native.cuda.reset_peak_memory_stats(self._device)
+        elif self.library == "cupy":
+            self._native.get_default_memory_pool().free_all_blocks()
+
+    def memory_peak_bytes(self) -> int | None:
+        """Peak GPU memory the library allocated (None on the CPU; CuPy: its memory pool's
+        size, which keeps the peak until :meth:`reset_memory_peak`)."""
+        if self.device == "cpu":
+            return None
+        if self.library == "torch":
+            return int(self._native.cuda.max_memory_allocated(self._device))
+        return int(self._native.get_default_memory_pool().total_bytes())
+
+
+#: The plain CPU backend.
+NUMPY = ArrayBackend()
+
+
+def _cuda_index(device: str) -> int | None:
+    """N of ``"cuda:N"`` (``"cuda"``: 0), else None."""
+    if device == "cuda":
+        return 0
+    head, _, index = device.partition(":")
+    return int(index) if head == "cuda" and index.isdigit() else None
+
+
+def _gpu_visible() -> bool:
+    """An NVIDIA device node exists (Linux; WSL's ``/dev/dxg``): ``"auto"`` imports no GPU
+    library on a machine without one."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
+
+
+def _gpu_count(library: str) -> int:
+    """CUDA devices that ``library`` sees (0 when it is not installed or finds none)."""
+    if importlib.util.find_spec(library) is None:
+        return 0
+    try:
+        module = importlib.import_module(library)
+        if library == "torch":
+            return int(module.cuda.device_count()) if module.cuda.is_available() else 0
+        return int(module.cuda.runtime.getDeviceCount())
+    except Exception:  # a GPU library without a driver raises its own errors
+        return 0
+
+
+def select_backend(device: str = "auto", library: str | None = None) -> ArrayBackend:
+    """The backend for ``device``: numpy on the CPU, CuPy (else torch) on CUDA.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"} or "cuda:N"
+        ``"auto"``: CUDA when a GPU library sees a device, else the CPU.
+    library : {"numpy", "cupy", "torch"}, optional
+        Force an array library (``device="cpu", library="torch"`` runs the GPU code path on
+        the CPU).
+
+    Returns
+    -------
+    ArrayBackend
+        The backend that will run. Asking for CUDA where none is usable falls back to the CPU,
+        logged once per process.
+
+    Raises
+    ------
+    ValueError
+        An unknown device or library.
+    """
+    global _fallback_logged
+    if device not in DEVICES and _cuda_index(device) is None:
+        raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {device!r}")
+    if library is not None and library not in LIBRARIES:
+        raise ValueError(f"array library must be one of {LIBRARIES}, got {library!r}")
+    if device == "cpu":
+        return NUMPY if library in (None, "numpy") else ArrayBackend(library, "cpu")
+    if library == "numpy":
+        if device != "auto":
+            raise ValueError(f"numpy runs on the CPU only, not on {device!r}")
+        return NUMPY
+    if device == "auto" and not _gpu_visible():
+        return NUMPY
+    index = _cuda_index(device) or 0
+    candidates = [library] if library in GPU_LIBRARIES else list(GPU_LIBRARIES)
+    for name in candidates:
+        if _gpu_count(name) > index:
+            return ArrayBackend(name, f"cuda:{index}")
+    if device != "auto" and not _fallback_logged:
+        _fallback_logged = True
+        logger.warning(
+            "no CUDA device usable through %s: the numeric stages run on the CPU (numpy)",
+            " or ".join(candidates),
+        )
+    return NUMPY
+
+
+def namespace_of(x: Any) -> Any:
+    """The array-API namespace of an array (numpy, CuPy or torch)."""
+    return array_api_compat.array_namespace(x)

@@ -1,0 +1,252 @@
+"""The whole pipeline on a device against the CPU path and cohere-core, in one prepared run.
+
+    python benchmarks/gpu_check.py [--device cuda] [--output gpu_check.json]
+    python benchmarks/gpu_check.py --device cpu --quick          # CI and machines without a GPU
+
+One JSON object, printed and written to ``--output``:
+
+* ``sizes[N]`` for ``N`` = 64, 128, 256 (``--quick``: 64): per-stage timings of the full
+  pipeline on the device (medians over ``--repeats`` scans; the first, which compiles kernels and
+  fills caches, is left out), scan stop to result (``total_s``), chi, peak GPU memory, and the
+  agreement with the CPU path (numpy): chi of every stage on both, their largest difference, the
+  complex overlap and support IoU of the two objects. The CPU reference runs the same settings;
+  at 256^3 it is left out (minutes on a CPU), and says so.
+* ``sizes[N]["cohere"]``: cohere-core's default recipe (620 ER/HIO steps from a random start)
+  on the same device and data (its ``cp`` or ``torch`` backend on a GPU), seconds and chi, and
+  our speed-up.
+* ``cnn``: the network's median time through ONNX Runtime's provider, and through torch on
+  CUDA as a stand-in where ``onnxruntime-gpu`` is not installed (it then says so).
+* ``max_chi_difference``: the largest chi difference between the device and the CPU path.
+
+``--device cpu`` runs the GPU code path (torch tensors) on the CPU against numpy: the same code,
+the same keys. ``--quick``: 64^3 only, shorter step counts, no cohere, under 2 minutes on two
+cores. The test crystals are the out-of-family benchmark set's (``BENCHMARK_SEED``), faceted,
+strained and noisy, rendered at every size with the same oversampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bcdi_bluesky.backend import NUMPY, select_backend
+from bcdi_bluesky.io import atomic_write_bytes
+from bcdi_bluesky.physics import (
+    BENCHMARK_SEED,
+    complex_overlap,
+    out_of_family_crystal,
+    support_iou,
+)
+from bcdi_bluesky.pipeline import Reconstructor
+from bcdi_bluesky.preprocess import network_input
+from bcdi_bluesky.settings import ReconstructionSettings
+
+SIZES = (64, 128, 256)
+#: Crystal of the out-of-family set used at every size (a faceted, strained, noisy one).
+CRYSTAL_INDEX = 9
+#: Step counts of ``--quick`` (the default settings' take minutes on the torch CPU path).
+QUICK_SETTINGS = {
+    "shape_search_evaluations": 40,
+    "es_coarse_iterations": 100,
+    "es_fine_iterations": 30,
+    "polish_er_iterations": 50,
+    "polish_iterations": 100,
+    "adaptive_iterations": 0,
+    "converge_iterations": 0,
+}
+#: Targets of scan stop -> result on a GPU, seconds.
+TARGETS_S = {64: 0.1, 128: 0.3, 256: 3.0}
+
+
+def machine() -> dict[str, Any]:
+    """What ran the check."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    for name in ("onnxruntime", "torch", "cupy", "cohere_core"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def crystal(n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Counts and mask of the check's crystal on an ``n^3`` grid."""
+    c = out_of_family_crystal(BENCHMARK_SEED, CRYSTAL_INDEX, n=n)
+    return c.measured, c.mask
+
+
+def timed_runs(rec: Reconstructor, counts: np.ndarray, mask, repeats: int) -> tuple[Any, dict]:
+    """``repeats + 1`` reconstructions; the medians of the last ``repeats`` timings."""
+    runs = []
+    for _ in range(repeats + 1):
+        runs.append(rec.reconstruct(counts, mask))
+    kept = runs[1:] if repeats > 0 else runs
+    timings = {
+        stage: statistics.median(r.timings[stage] for r in kept) for stage in kept[0].timings
+    }
+    return runs[-1], timings
+
+
+def agreement(device_result, reference) -> dict[str, Any]:
+    """Chi of every stage on the device and on the CPU path, and how close the objects are."""
+    stages = sorted(set(device_result.stage_chi) & set(reference.stage_chi))
+    diffs = {s: abs(device_result.stage_chi[s] - reference.stage_chi[s]) for s in stages}
+    diffs["final"] = abs(device_result.chi - reference.chi)
+    return {
+        "reference_chi": reference.chi,
+        "reference_stage_chi": reference.stage_chi,
+        "chi_difference": diffs,
+        "max_chi_difference": max(diffs.values()),
+        "object_overlap": complex_overlap(reference.object, device_result.object),
+        "support_iou_vs_reference": support_iou(reference.object, device_result.object),
+    }
+
+
+def cnn_timings(rec: Reconstructor, counts: np.ndarray, runs: int) -> dict[str, Any]:
+    """The network alone through ONNX Runtime, and through torch on CUDA as a stand-in when
+    ONNX Runtime runs it on the CPU while a GPU is there."""
+    from bcdi_bluesky.preprocess import fit_to_grid
+
+    prepared = fit_to_grid(counts, rec.model.n, None)
+    x = network_input(prepared.intensity, prepared.mask)[None, None]
+    times = []
+    for _ in range(runs + 3):
+        t = time.perf_counter()
+        rec.runtime.predict(x)
+        times.append(time.perf_counter() - t)
+    out: dict[str, Any] = {
+        "provider": rec.provider,
+        "onnxruntime_ms": statistics.median(times[3:]) * 1e3,
+        "torch_cuda_ms": None,
+        "note": "",
+    }
+    if rec.provider == "CPUExecutionProvider" and rec.backend.device != "cpu":
+        out.update(torch_stand_in(rec, x, runs))
+    return out
+
+
+def torch_stand_in(rec: Reconstructor, x: np.ndarray, runs: int) -> dict[str, Any]:
+    """The exported network rebuilt in torch and timed on CUDA (float32, no autocast)."""
+    try:
+        import torch
+        from bcdi_bluesky.model.distil import network_from_onnx
+    except ImportError as exc:
+        return {"note": f"no torch stand-in: {exc}"}
+    net = network_from_onnx(rec.runtime.path)[0].to("cuda").eval()
+    inputs = torch.from_numpy(x).to("cuda")
+    times = []
+    with torch.no_grad():
+        for _ in range(runs + 3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            net(inputs)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return {
+        "torch_cuda_ms": statistics.median(times[3:]) * 1e3,
+        "note": "onnxruntime-gpu is not installed here: the same network (weights read from "
+        "the ONNX file) timed through torch on CUDA as a stand-in",
+    }
+
+
+def run_cohere_on(device: str, counts: np.ndarray) -> dict[str, Any]:
+    """cohere-core's default recipe on the check's device, or why it did not run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from bench_pipeline import centre_on_max, run_cohere
+    except ImportError as exc:
+        return {"skipped": f"cohere-core is not installed ({exc})"}
+    package, index = ("np", -1) if device == "cpu" else ("cp", int(device.partition(":")[2] or 0))
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        package = "torch" if package == "cp" else package
+    centred, _ = centre_on_max(counts)
+    run = run_cohere(centred, package=package, device=index)
+    return {"package": package, "seconds": run.seconds, "chi": run.chi}
+
+
+def main() -> None:
+    """Run the check and write its JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument("--quick", action="store_true", help="64^3, short runs, no cohere")
+    parser.add_argument("--repeats", type=int, default=None, help="timed scans per size")
+    parser.add_argument("--output", default="gpu_check.json")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    library = "torch" if args.device == "cpu" else None
+    backend = select_backend(args.device, library)
+    sizes = (64,) if args.quick else SIZES
+    repeats = args.repeats if args.repeats is not None else (0 if args.quick else 3)
+    settings = ReconstructionSettings().replace(**(QUICK_SETTINGS if args.quick else {}))
+    device_rec = Reconstructor(
+        settings=settings, device=backend.device, array_library=backend.library
+    )
+    reference_rec = Reconstructor(settings=settings, device="cpu")
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "device": backend.device,
+        "array_library": backend.library,
+        "reference": f"{NUMPY.library} on {NUMPY.device}",
+        "quick": args.quick,
+        "settings": settings.as_dict(),
+        "crystal": f"out_of_family_crystal(BENCHMARK_SEED, {CRYSTAL_INDEX}, n)",
+        "sizes": {},
+    }
+    differences = []
+    for n in sizes:
+        backend.reset_memory_peak()
+        counts, mask = crystal(n)
+        result, timings = timed_runs(device_rec, counts, mask, repeats)
+        entry: dict[str, Any] = {
+            "timings_s": timings,
+            "total_s": timings["total"],
+            "target_s": TARGETS_S[n] if backend.device != "cpu" else None,
+            "chi": result.chi,
+            "stage_chi": result.stage_chi,
+            "quality": result.quality,
+            "memory_peak_bytes": backend.memory_peak_bytes(),
+        }
+        if args.quick:
+            entry["cohere"] = {"skipped": "--quick"}
+        else:
+            entry["cohere"] = run_cohere_on(backend.device, counts)
+            if "seconds" in entry["cohere"]:
+                entry["cohere"]["speedup"] = entry["cohere"]["seconds"] / timings["total"]
+        if n <= 128:
+            reference = reference_rec.reconstruct(counts, mask)
+            entry.update(agreement(result, reference))
+            entry["reference_total_s"] = reference.timings["total"]
+            differences.append(entry["max_chi_difference"])
+        else:
+            entry["reference_chi"] = None
+            entry["note"] = "no CPU reference at this size (minutes on a CPU)"
+        report["sizes"][str(n)] = entry
+        print(f"{n}^3: total {timings['total']:.3f} s, chi {result.chi:.4f}", file=sys.stderr)
+    report["cnn"] = cnn_timings(device_rec, crystal(64)[0], 5 if args.quick else 20)
+    report["max_chi_difference"] = max(differences)
+    report["seconds"] = time.perf_counter() - started
+    text = json.dumps(report, indent=1, default=float)
+    atomic_write_bytes(Path(args.output), text.encode())
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The array backend: the GPU code path (torch tensors, here on the CPU) against numpy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+import bcdi_bluesky.backend as backend_module
+from bcdi_bluesky import Reconstructor
+from bcdi_bluesky.backend import NUMPY, ArrayBackend, select_backend
+from bcdi_bluesky.errors import SettingsError
+from bcdi_bluesky.physics import CrystalModel, beamstop_mask, intensity, simulate_counts
+from bcdi_bluesky.tuning import ChiCost, fit_odd_shape, polish, refine_crystal
+
+pytest.importorskip("torch")
+
+TORCH = select_backend("cpu", "torch")
+
+
+@pytest.fixture(scope="module")
+def measured(prior64) -> tuple[CrystalModel, np.ndarray, np.ndarray, np.ndarray]:
+    """A prior crystal's noisy counts with a beamstop, and its true parameters."""
+    model = prior64.model
+    params = prior64.sample(np.random.default_rng(5))
+    mask = beamstop_mask((64,) * 3, 2.0)
+    counts = simulate_counts(model.voxelise(params), 1e8, np.random.default_rng(6), mask)
+    return model, params, counts, mask
+
+
+@pytest.mark.parametrize("n", [64, 33])
+def test_forward_model_is_the_same_on_torch(prior64, n):
+    model = prior64.model.with_grid(n)
+    params = prior64.sample(np.random.default_rng(n))
+    on_numpy, on_torch = model.intensity(params), model.intensity(params, TORCH)
+    assert type(on_torch).__module__.startswith("torch")
+    np.testing.assert_allclose(
+        TORCH.to_numpy(on_torch), on_numpy, rtol=0, atol=2e-6 * on_numpy.max()
+    )
+    obj = model.voxelise(params, TORCH)
+    np.testing.assert_allclose(TORCH.to_numpy(obj), model.voxelise(params), atol=1e-6)
+    far = intensity(obj, backend=TORCH)
+    np.testing.assert_allclose(
+        TORCH.to_numpy(far),
+        intensity(model.voxelise(params)),
+        rtol=1e-4,
+        atol=2e-6 * on_numpy.max(),
+    )
+
+
+def test_chi_is_the_same_on_torch(measured):
+    model, params, counts, mask = measured
+    guess = params * 0.97
+    numpy_chi = ChiCost(counts, mask)(model.intensity(guess))
+    torch_chi = ChiCost(counts, mask, TORCH)(model.intensity(guess, TORCH))
+    assert 0.01 < numpy_chi < 1
+    assert abs(torch_chi - numpy_chi) < 1e-6
+
+
+def test_refinement_is_the_same_on_torch(measured):
+    model, params, counts, mask = measured
+    start = model.clip(params + np.random.default_rng(1).normal(0, 0.02, params.size))
+    runs = {}
+    for backend in (NUMPY, TORCH):
+        searched = fit_odd_shape(model, start, counts, mask, max_evaluations=20, backend=backend)
+        refined = refine_crystal(
+            model,
+            searched.params,
+            counts,
+            mask,
+            coarse_iterations=30,
+            fine_iterations=10,
+            backend=backend,
+        )
+        runs[backend.library] = (searched.chi, refined.chi)
+    assert runs["numpy"][1] < runs["numpy"][0]  # the runs did something
+    np.testing.assert_allclose(runs["torch"], runs["numpy"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("partial_coherence", [False, True])
+def test_phase_retrieval_is_the_same_on_torch(measured, partial_coherence):
+    model, params, counts, mask = measured
+    seed = model.voxelise(model.clip(params * 0.95))
+    support = np.abs(seed) > 0.1 * np.abs(seed).max()
+    chis = {}
+    for backend in (NUMPY, TORCH):
+        run = polish(
+            counts,
+            seed,
+            support,
+            mask,
+            iterations=60,
+            hio_fraction=0.5,
+            backend=backend,
+            partial_coherence=partial_coherence,
+        )
+        assert run.iterations == 60
+        assert (run.kernel is not None) == partial_coherence
+        chis[backend.library] = ChiCost(counts, mask, backend)(run.model_intensity(backend))
+        assert isinstance(run.object, np.ndarray) == backend.is_numpy
+    assert chis["numpy"] < 0.2
+    assert abs(chis["torch"] - chis["numpy"]) <= 1e-3
+
+
+def test_gaussian_blur_is_scipy_s_for_an_object_inside_its_box():
+    rng = np.random.default_rng(2)
+    volume = np.zeros((32, 32, 40), dtype=np.float32)
+    volume[8:24, 6:26, 10:30] = rng.uniform(size=(16, 20, 20))
+    reference = scipy.ndimage.gaussian_filter(volume, 1.0, mode="wrap")
+    for backend in (NUMPY, TORCH):
+        blurred = backend.to_numpy(backend.gaussian_blur(backend.asarray(volume), 1.0))
+        assert np.abs(blurred - reference).max() < 2e-3 * reference.max()
+
+
+@pytest.mark.timeout(600)
+def test_reconstructor_runs_the_gpu_code_path_on_torch(measured):
+    _, _, counts, mask = measured
+    small = {
+        "shape_search_evaluations": 20,
+        "es_coarse_iterations": 40,
+        "es_fine_iterations": 10,
+        "polish_er_iterations": 30,
+        "polish_iterations": 40,
+        "adaptive_iterations": 0,
+        "converge_iterations": 0,
+    }
+    results = {
+        library: Reconstructor(device="cpu", array_library=library, **small).reconstruct(
+            counts, mask
+        )
+        for library in ("numpy", "torch")
+    }
+    on_numpy, on_torch = results["numpy"], results["torch"]
+    summary = on_torch.summary()
+    assert (summary["device"], summary["array_library"]) == ("cpu", "torch")
+    assert on_numpy.summary()["array_library"] == "numpy"
+    assert isinstance(on_torch.object, np.ndarray) and on_torch.object.dtype == np.complex64
+    for stage in ("cnn", "shape", "es"):
+        assert abs(on_torch.stage_chi[stage] - on_numpy.stage_chi[stage]) < 1e-4, stage
+    assert abs(on_torch.chi - on_numpy.chi) <= 1e-3
+    assert on_torch.timings["network"] > 0 and on_torch.timings["twin_choice"] > 0
+
+
+def test_asking_for_a_missing_gpu_falls_back_once_with_a_log_line(caplog, monkeypatch):
+    monkeypatch.setattr(backend_module, "_gpu_count", lambda library: 0)
+    monkeypatch.setattr(backend_module, "_fallback_logged", False)
+    with caplog.at_level(logging.WARNING, logger="bcdi_bluesky.backend"):
+        assert select_backend("cuda") is NUMPY
+        assert select_backend("cuda:1") is NUMPY
+    assert len([r for r in caplog.records if "run on the CPU" in r.getMessage()]) == 1
+    assert select_backend("cpu") is NUMPY
+
+
+@pytest.mark.parametrize(
+    ("device", "library"), [("gpu", None), ("cuda:x", None), ("cpu", "jax"), ("cuda", "numpy")]
+)
+def test_an_unknown_device_is_a_settings_error(device, library):
+    with pytest.raises(ValueError, match=r"device|library|numpy runs"):
+        select_backend(device, library)
+    with pytest.raises(SettingsError):
+        Reconstructor(device=device, array_library=library)
+
+
+def test_a_backend_refuses_a_device_its_library_cannot_use():
+    with pytest.raises(ValueError, match="does not run"):
+        ArrayBackend("numpy", "cuda:0")
+    with pytest.raises(ValueError, match="does not run"):
+        ArrayBackend("cupy", "cpu")
+
+
+def test_the_cnn_runs_through_an_io_binding_with_the_same_output():
+    from bcdi_bluesky.model.runtime import OnnxCrystalModel
+
+    runtime = OnnxCrystalModel()
+    x = np.random.default_rng(0).uniform(size=(2, 64, 64, 64)).astype(np.float32)
+    plain = runtime.session.run(None, {runtime.input_name: x[:, None]})[0]
+    np.testing.assert_allclose(runtime.predict(x), runtime.encoding.decode(plain), atol=1e-6)
+    assert runtime.device == ("cpu", 0)
+
+
+@pytest.mark.timeout(400)
+def test_the_prepared_gpu_check_runs_on_the_cpu(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    output = tmp_path / "check.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--quick", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=380,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report == json.loads(done.stdout)
+    assert (report["device"], report["array_library"]) == ("cpu", "torch")
+    entry = report["sizes"]["64"]
+    assert set(entry["timings_s"]) >= {"network", "twin_choice", "refine", "polish", "total"}
+    assert entry["stage_chi"]["polish"] < entry["stage_chi"]["cnn"]
+    assert report["max_chi_difference"] <= 1e-3
+    assert entry["object_overlap"] > 0.99 and entry["support_iou_vs_reference"] > 0.95
+    assert report["cnn"]["onnxruntime_ms"] > 0
