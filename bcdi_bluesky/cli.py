@@ -73,6 +73,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distil(args: argparse.Namespace) -> int:
+    try:
+        from .model.distil import distil
+    except ImportError as exc:
+        raise UserError(
+            f"distillation needs torch: pip install 'bcdi-bluesky[train]' ({exc})"
+        ) from None
+    if not Path(args.teacher).is_file():
+        raise UserError(f"no teacher model at {args.teacher}")
+    state = distil(
+        Path(args.teacher),
+        Path(args.checkpoints),
+        steps=args.steps,
+        name=args.name,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        truth_share=args.truth_share,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        validate_every=args.validate_every,
+        checkpoint_every=args.checkpoint_every,
+        validation_size=args.validation_size,
+        resume=args.resume,
+        workers=args.workers,
+        threads=args.threads,
+        time_limit_s=args.time_limit,
+        progress=not args.quiet,
+    )
+    last = state["history"][-1] if state["history"] else {}
+    print(
+        json.dumps(
+            {
+                "name": state["config"]["name"],
+                "step": state["step"],
+                "elapsed_s": round(state["elapsed_s"], 1),
+                "last_validation": last,
+            }
+        )
+    )
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
         from .model.export import export
@@ -759,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Training defaults come from TrainConfig (torch-free), so the CLI and Python train the
     # same network.
-    from .model.config import TrainConfig
+    from .model.config import DISTIL_DEFAULTS, TrainConfig
 
     t = TrainConfig()
     p = sub.add_parser("train", help="train the CNN on simulated crystals (needs torch)")
@@ -815,6 +857,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
+    d = DISTIL_DEFAULTS
+    p = sub.add_parser(
+        "distil",
+        help="fine-tune an exported model's network to predict its symmetry average in one "
+        "pass (needs torch)",
+    )
+    p.add_argument("--teacher", required=True, help="exported model (.onnx with its card)")
+    p.add_argument("--name", default=None, help="run name (default: <teacher>_distilled)")
+    p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder")
+    p.add_argument("--steps", type=int, required=True, help="total optimiser steps")
+    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    p.add_argument(
+        "--truth-share",
+        type=float,
+        default=d["truth_share"],
+        help="weight in [0, 1] of the loss against the true parameters (the rest: the teacher)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="default: the teacher's")
+    p.add_argument("--seed", type=int, default=None, help="default: the teacher's")
+    p.add_argument("--workers", type=int, default=1, help="data-generation processes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="stop cleanly with a checkpoint after this many seconds",
+    )
+    p.add_argument("--validate-every", type=int, default=d["validate_every"])
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
+    p.add_argument(
+        "--validation-size", type=int, default=d["validation_size"], help="crystals per check"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_distil)
+
     p = sub.add_parser("export", help="export a checkpoint to models/<name>.onnx + card")
     p.add_argument("--name", default="bcdi_cnn64")
     p.add_argument("--checkpoints", default="checkpoints")
@@ -824,8 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--symmetry-average",
         default="half_turns",
-        choices=("half_turns", "mirrors", "none"),
-        help="average the exported network over these grid symmetries (cost: 4x, "
+        choices=("half_turn_y", "half_turns", "mirrors", "none"),
+        help="average the exported network over these grid symmetries (cost: 2x, 4x, "
         "8x, 1x the bare network)",
     )
     p.add_argument(

@@ -146,6 +146,7 @@ def torch_stand_in(rec: Reconstructor, x: np.ndarray, runs: int) -> dict[str, An
     """The exported network rebuilt in torch and timed on CUDA (float32, no autocast)."""
     try:
         import torch
+
         from bcdi_bluesky.model.distil import network_from_onnx
     except ImportError as exc:
         return {"note": f"no torch stand-in: {exc}"}

@@ -170,7 +170,7 @@ def test_zoom_encoder_warm_start_keeps_the_dense_layer(tmp_path):
 def test_mirror_average_is_equivariant(model64):
     # The averaged network's prediction for a mirrored (or transposed) measurement is the
     # mirrored prediction: exactly, whatever the weights.
-    from bcdi_bluesky.model.network import HALF_TURNS, MIRRORS, SymmetryAverage
+    from bcdi_bluesky.model.network import HALF_TURN_Y, HALF_TURNS, MIRRORS, SymmetryAverage
     from bcdi_bluesky.physics import cube_symmetry
 
     config = TrainConfig(**{**SMALL, "friedel": True})
@@ -178,7 +178,8 @@ def test_mirror_average_is_equivariant(model64):
     net = build_network(config).eval()
     enc = config.output_encoding()
     assert len(HALF_TURNS) == 4 and set(HALF_TURNS) < set(MIRRORS)
-    for group in (MIRRORS, HALF_TURNS, [((0, 1, 2), ()), ((1, 0, 2), ())]):
+    assert set(HALF_TURN_Y) < set(HALF_TURNS)
+    for group in (MIRRORS, HALF_TURNS, HALF_TURN_Y, [((0, 1, 2), ()), ((1, 0, 2), ())]):
         avg = SymmetryAverage(net, enc, group).eval()
         x = torch.rand(2, 1, 32, 32, 32)
         for g in group:
@@ -308,6 +309,136 @@ def test_cli_trains_what_python_trains():
     assert len(shared) >= 12
     for name in shared:
         assert args[name] == getattr(defaults, name), name
+    # `bcdi-bluesky distil` has the defaults of distil() (torch-free: DISTIL_DEFAULTS).
+    import inspect
+
+    from bcdi_bluesky.model.distil import distil
+
+    args = vars(build_parser().parse_args(["distil", "--teacher", "t.onnx", "--steps", "1"]))
+    checked = 0
+    for name, parameter in inspect.signature(distil).parameters.items():
+        if parameter.default is not inspect.Parameter.empty and name in args:
+            assert args[name] == parameter.default, name
+            checked += 1
+    assert checked >= 8
     # A checkpoint that predates a feature loads with the feature off, not today's default.
     old = TrainConfig.from_checkpoint({"name": "old", "grid": 32})
     assert (old.friedel, old.zoom, old.mirror_copies) == (False, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A small network with non-trivial BatchNorm statistics, exported averaged over the half
+    turns with its card (as ``export`` writes it): a teacher to distil."""
+    from bcdi_bluesky.model.export import export
+
+    folder = tmp_path_factory.mktemp("teacher")
+    config = TrainConfig(**{**SMALL, "friedel": True, "zoom": 16, "batch_size": 4})
+    torch.manual_seed(3)
+    net = build_network(config)
+    with torch.no_grad():  # BatchNorm that is not the identity: folding must carry it
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    from dataclasses import asdict
+
+    checkpoint = folder / "last.pt"
+    torch.save(
+        {"config": asdict(config), "model": net.state_dict(), "step": 0, "elapsed_s": 0.0},
+        checkpoint,
+    )
+    export(checkpoint, folder, "teacher", validation_count=2, latent_count=0)
+    return net.eval(), config, folder / "teacher.onnx"
+
+
+def test_network_from_onnx_rebuilds_the_bare_network(tiny_teacher, tmp_path):
+    import onnxruntime as ort
+
+    from bcdi_bluesky.model.distil import GroupAverageTeacher, network_from_onnx
+    from bcdi_bluesky.model.network import HALF_TURNS, SymmetryAverage
+    from bcdi_bluesky.physics import mirror
+
+    original, _, path = tiny_teacher
+    net, rebuilt, symmetries = network_from_onnx(path)
+    assert symmetries == HALF_TURNS
+    assert (rebuilt.grid, rebuilt.width, rebuilt.zoom, rebuilt.friedel) == (32, 4, 16, True)
+    x = np.random.default_rng(5).uniform(size=(2, 1, 32, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            net(torch.from_numpy(x)).numpy(), original(torch.from_numpy(x)).numpy(), atol=1e-5
+        )
+    # The teacher's average for every half-turn view of a crystal, from one pass per view,
+    # is what the exported model computes for that view.
+    views = np.concatenate([[mirror(v, flips) for _, flips in HALF_TURNS] for v in x])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"intensity": views.astype(np.float32)})[0]
+    teacher = GroupAverageTeacher(net, rebuilt.output_encoding(), symmetries)
+    assert np.abs(teacher(torch.from_numpy(views)).numpy() - expected).max() < 1e-5
+    with torch.no_grad():
+        average = SymmetryAverage(net, rebuilt.output_encoding(), symmetries).eval()
+        assert np.abs(average(torch.from_numpy(views)).numpy() - expected).max() < 1e-5
+    # A card that does not describe the weights is refused.
+    card = json.loads(path.with_suffix(".json").read_text())
+    card["network"]["hidden"] = 8
+    wrong = tmp_path / "wrong.onnx"
+    wrong.write_bytes(path.read_bytes())
+    wrong.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="shape"):
+        network_from_onnx(wrong)
+
+
+@pytest.mark.timeout(120)
+def test_distillation_learns_the_average_and_resumes_exactly(tiny_teacher, tmp_path):
+    from bcdi_bluesky.model.distil import GroupAverageTeacher, distil, network_from_onnx
+    from bcdi_bluesky.model.network import WeightedMSE, parameter_weights
+    from bcdi_bluesky.model.train import _BatchStream
+
+    _, _, path = tiny_teacher
+    recipe = dict(lr=3e-3, warmup_steps=1, truth_share=0.25, validate_every=3)
+    recipe.update(checkpoint_every=2, validation_size=2, workers=0, progress=False)
+    straight = distil(path, tmp_path / "a", steps=6, **recipe)
+    # Interrupted after its first step (the time limit), then resumed.
+    assert distil(path, tmp_path / "b", steps=6, time_limit_s=0.0, **recipe)["step"] == 1
+    resumed = distil(path, tmp_path / "b", steps=6, resume=True, **recipe)
+    assert resumed["step"] == straight["step"] == 6
+    for key, value in straight["model"].items():
+        np.testing.assert_allclose(
+            resumed["model"][key].numpy(), value.numpy(), atol=1e-6, err_msg=key
+        )
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in straight["history"]]
+    assert [h["step"] for h in resumed["history"]] == [3, 6]
+    # The distillation loss on the batches it saw fell: one pass now predicts more of what
+    # the teacher's average predicts.
+    net, config, symmetries = network_from_onnx(path)
+    teacher = GroupAverageTeacher(net, config.output_encoding(), symmetries)
+    stored = TrainConfig.from_checkpoint(straight["config"])
+    encoding = stored.output_encoding()
+    loss_fn = WeightedMSE(encoding.weights(parameter_weights(encoding.model)))
+    student = build_network(stored)
+    student.load_state_dict(straight["model"])
+    student.eval()
+    batches = _BatchStream(stored, 0)
+    assert stored.mirror_copies == 4 and batches.stream == 5
+    x = torch.cat([batches[i][0] for i in range(6)])
+    with torch.no_grad():
+        target = teacher(x)
+        before, after = float(loss_fn(net(x), target)), float(loss_fn(student(x), target))
+    assert after < 0.8 * before
+    # The student's checkpoint exports as a one-pass model whose card names its teacher.
+    from bcdi_bluesky.model.export import export
+
+    card = export(
+        tmp_path / "a" / f"{config.name}_distilled" / "last.pt",
+        tmp_path / "models",
+        validation_count=2,
+        latent_count=0,
+        symmetry_average="none",
+    )
+    assert "symmetry_average" not in card["network"]
+    assert card["training"]["distillation"]["teacher"] == "teacher.onnx"
+    assert card["training"]["distillation"]["truth_share"] == 0.25
+    _, _, none = network_from_onnx(tmp_path / "models" / f"{config.name}_distilled.onnx")
+    assert none == ()

@@ -8,6 +8,19 @@ from dataclasses import dataclass, field
 from ..physics import CrystalModel
 from .encoding import TWIN_BLOCKS, make_encoding
 
+#: Recipe of :func:`bcdi_bluesky.model.distil.distil` that its arguments and the CLI share:
+#: a fine-tuning learning rate (the teacher ends its cosine schedule near 2e-5) and the
+#: teacher's outputs alone as targets (the loss against the true parameters is about 18 times
+#: the distillation loss at the start, so even a 10% share of it drowns the teacher's signal).
+DISTIL_DEFAULTS = {
+    "lr": 5e-5,
+    "warmup_steps": 20,
+    "truth_share": 0.0,
+    "validate_every": 100,
+    "checkpoint_every": 100,
+    "validation_size": 128,
+}
+
 #: Values of features that a checkpoint written before they existed does not name.
 ABSENT_MEANS_OFF = {"friedel": False, "zoom": 0, "mirror_copies": 1}
 

@@ -13,6 +13,9 @@ from ..preprocess import fit_to_grid, network_input
 TRAIN_STREAM, VALIDATION_STREAM, TEST_STREAM = 0, 1, 2
 #: Seed offset of the choice of mirror images in the training stream.
 MIRROR_STREAM = 4
+#: Seed offset of the crystals that distil a symmetry-averaged model into one network pass
+#: (:mod:`bcdi_bluesky.model.distil`); 3 is the latent map's calibration stream.
+DISTIL_STREAM = 5
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,29 @@ def make_batch(
     return np.stack(xs)[:, None], np.stack(ys).astype(np.float32)
 
 
+def mirror_views(
+    model: CrystalModel,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    flips: list[tuple[int, ...]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample seen through the mirrors ``flips[k]`` (axes, 0 = z), sample by sample.
+
+    ``inputs`` ``(B, 1, N, N, N)`` and normalised ``targets`` ``(B, P)`` become
+    ``(B * len(flips), ...)``, sample-major: the measurement mirrored and its parameters
+    mapped to the mirrored crystal (:meth:`~bcdi_bluesky.physics.CrystalModel.reflection_signs`).
+    """
+    xs, ys = [], []
+    for x, y in zip(inputs, targets, strict=True):
+        for axes in flips:
+            signs = np.prod(
+                [model.reflection_signs(a) for a in axes] or [np.ones(model.size)], axis=0
+            )
+            xs.append(np.ascontiguousarray(mirror(x, axes)))
+            ys.append((y * signs).astype(targets.dtype))
+    return np.stack(xs), np.stack(ys)
+
+
 def mirrored_copies(
     model: CrystalModel,
     inputs: np.ndarray,
@@ -77,11 +103,8 @@ def mirrored_copies(
         raise ValueError(f"copies must be in [1, 8], got {copies}")
     xs, ys = [], []
     for x, y in zip(inputs, targets, strict=True):
-        for code in rng.permutation(8)[:copies]:
-            axes = tuple(a for a in range(3) if code >> a & 1)
-            signs = np.prod(
-                [model.reflection_signs(a) for a in axes] or [np.ones(model.size)], axis=0
-            )
-            xs.append(np.ascontiguousarray(mirror(x, axes)))
-            ys.append((y * signs).astype(targets.dtype))
-    return np.stack(xs), np.stack(ys)
+        flips = [tuple(a for a in range(3) if code >> a & 1) for code in rng.permutation(8)]
+        views = mirror_views(model, x[None], y[None], flips[:copies])
+        xs.append(views[0])
+        ys.append(views[1])
+    return np.concatenate(xs), np.concatenate(ys)

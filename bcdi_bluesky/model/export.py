@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import DISTIL_STREAM
 from .evaluate import training_mean, validate
 from .latent import CALIBRATION_STREAM, calibrate
 from .network import SYMMETRY_GROUPS, SymmetryAverage
@@ -42,6 +43,15 @@ def export_onnx(net: torch.nn.Module, grid: int, path: Path) -> None:
             external_data=False,
         )
         program.save(str(path))
+
+
+def _distillation_record(distillation: dict) -> dict:
+    """What the card says of a distilled network's teacher (its file name, not a local path)."""
+    return {
+        **distillation,
+        "teacher": Path(distillation["teacher"]).name,
+        "stream": f"distillation ({DISTIL_STREAM})",
+    }
 
 
 def export(
@@ -81,6 +91,17 @@ def export(
     onnx_path = Path(models_dir) / f"{name}.onnx"
     export_onnx(net, config.grid, onnx_path)
     model = config.crystal_model()
+    distillation = config.extra.get("distillation")
+    if config.output_encoding().needs_twin_min:
+        loss = "weighted MSE, minimum over the target and its twin"
+    else:
+        loss = "weighted MSE on the twin-invariant encoding"
+    if distillation:
+        loss = (
+            f"{loss}: {1 - distillation['truth_share']:g} x against the teacher's "
+            f"{distillation['symmetry_average']} symmetry average, "
+            f"{distillation['truth_share']:g} x against the true parameters"
+        )
     card = {
         "name": name,
         "format": "onnx",
@@ -122,13 +143,10 @@ def export(
             "device": state.get("device", ""),
             "optimiser": f"AdamW lr {config.lr} (warm-up {config.warmup_steps} steps, cosine), "
             f"weight decay {config.weight_decay}",
-            "loss": (
-                "weighted MSE, minimum over the target and its twin"
-                if config.output_encoding().needs_twin_min
-                else "weighted MSE on the twin-invariant encoding"
-            ),
+            "loss": loss,
             "warm_start": config.extra.get("warm_start", ""),
             "history": state.get("history", [])[-10:],
+            **({"distillation": _distillation_record(distillation)} if distillation else {}),
         },
         "training_mean": training_mean(model, config.seed).round(6).tolist(),
         "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

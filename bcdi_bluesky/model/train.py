@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,14 +21,28 @@ from tqdm import tqdm
 
 from ..physics import CrystalPrior
 from .config import TrainConfig
-from .data import MIRROR_STREAM, TRAIN_STREAM, VALIDATION_STREAM, make_batch, mirrored_copies
+from .data import (
+    DISTIL_STREAM,
+    MIRROR_STREAM,
+    TRAIN_STREAM,
+    VALIDATION_STREAM,
+    make_batch,
+    mirror_views,
+    mirrored_copies,
+)
 from .encoding import TwinInvariantEncoding
 from .evaluate import validate
-from .network import CrystalCNN, WeightedMSE, parameter_weights
+from .network import SYMMETRY_GROUPS, CrystalCNN, WeightedMSE, parameter_weights
 
 
 class _BatchStream(Dataset):
-    """Batch ``i`` of the training stream, generated on demand (workers run this)."""
+    """Batch ``i`` of the training stream, generated on demand (workers run this).
+
+    A distillation run (``config.extra["distillation"]``) reads its own stream
+    (:data:`~bcdi_bluesky.model.data.DISTIL_STREAM`) and shows each crystal through every
+    mirror of the teacher's symmetry group, in the group's order (``mirror_copies`` is the
+    group's size): the teacher's average for all of them then costs one pass per view.
+    """
 
     def __init__(self, config: TrainConfig, first_step: int):
         self.config = config
@@ -35,6 +50,13 @@ class _BatchStream(Dataset):
         self.prior = CrystalPrior(self.model)
         self.encoding = config.output_encoding()
         self.first_step = first_step
+        distillation = config.extra.get("distillation")
+        self.stream = DISTIL_STREAM if distillation else TRAIN_STREAM
+        self.views = (
+            [flips for _, flips in SYMMETRY_GROUPS[distillation["symmetry_average"]]]
+            if distillation
+            else None
+        )
 
     def __len__(self) -> int:
         return max(self.config.steps - self.first_step, 0)
@@ -43,8 +65,10 @@ class _BatchStream(Dataset):
         step = self.first_step + i
         c = self.config
         crystals = c.batch_size // c.mirror_copies
-        x, y = make_batch(self.model, self.prior, c.seed, TRAIN_STREAM, step * crystals, crystals)
-        if c.mirror_copies > 1:
+        x, y = make_batch(self.model, self.prior, c.seed, self.stream, step * crystals, crystals)
+        if self.views:
+            x, y = mirror_views(self.model, x, y, self.views)
+        elif c.mirror_copies > 1:
             rng = np.random.default_rng([c.seed, MIRROR_STREAM, step])
             x, y = mirrored_copies(self.model, x, y, c.mirror_copies, rng)
         y = self.encoding.encode(y).astype(np.float32)
@@ -158,6 +182,7 @@ def train(
     threads: int | None = None,
     progress: bool = True,
     init_from: Path | None = None,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train (or continue training) and checkpoint; returns the final checkpoint state.
 
@@ -182,6 +207,11 @@ def train(
         Show a progress bar (loss, validation IoU, ETA).
     init_from : Path, optional
         Warm-start a new run from another checkpoint (see :func:`warm_start`).
+    teacher : callable, optional
+        Encoded targets for a batch of inputs; required by a distillation run, a config with
+        ``extra["distillation"]`` (:func:`bcdi_bluesky.model.distil.distil` sets both). Its
+        loss is ``(1 - s) L(net, teacher) + s L(net, truth)`` with
+        ``s = extra["distillation"]["truth_share"]``; the network stays in eval mode.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -192,6 +222,9 @@ def train(
         stored = TrainConfig.from_checkpoint(state["config"])
         stored.steps = max(stored.steps, config.steps)
         config = stored
+    distillation = config.extra.get("distillation")
+    if distillation and teacher is None:
+        raise ValueError(f"run {config.name!r} distils a teacher model: pass teacher")
     torch.manual_seed(config.seed)
     net = build_network(config)
     if init_from is not None and state is None:
@@ -216,11 +249,17 @@ def train(
 
     model = config.crystal_model()
 
+    def training_mode() -> None:
+        # A distilled network learns a deterministic target in eval mode: the teacher's
+        # BatchNorm is folded into its convolutions (its statistics stay fixed), and dropout
+        # would only add noise to the small differences it learns.
+        net.train(not distillation)
+
     def predict(x: np.ndarray) -> np.ndarray:
         net.eval()
         with torch.no_grad():
             out = net(torch.from_numpy(x[:, None]).to(device)).cpu().numpy()
-        net.train()
+        training_mode()
         return encoding.decode(out)
 
     def snapshot(elapsed_s: float) -> dict:
@@ -258,14 +297,18 @@ def train(
         dynamic_ncols=True,
         desc=config.name,
     )
-    net.train()
+    training_mode()
     running = None
+    truth_share = distillation["truth_share"] if distillation else 1.0
     for x, y in loader:
         lr = _learning_rate(config, step)
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = loss_fn(net(x), y)
+        out = net(x)
+        loss = loss_fn(out, y) if truth_share else 0.0
+        if distillation:
+            loss = truth_share * loss + (1.0 - truth_share) * loss_fn(out, teacher(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
