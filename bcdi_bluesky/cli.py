@@ -59,6 +59,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         init_from=Path(args.init_from) if args.init_from else None,
     )
+    _print_run_state(state)
+    return 0
+
+
+def _print_run_state(state: dict) -> None:
+    """One JSON line: the training run's name, step, seconds and last validation."""
     last = state["history"][-1] if state["history"] else {}
     print(
         json.dumps(
@@ -70,7 +76,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             }
         )
     )
-    return 0
 
 
 def _cmd_distil(args: argparse.Namespace) -> int:
@@ -101,17 +106,7 @@ def _cmd_distil(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit,
         progress=not args.quiet,
     )
-    last = state["history"][-1] if state["history"] else {}
-    print(
-        json.dumps(
-            {
-                "name": state["config"]["name"],
-                "step": state["step"],
-                "elapsed_s": round(state["elapsed_s"], 1),
-                "last_validation": last,
-            }
-        )
-    )
+    _print_run_state(state)
     return 0
 
 
