@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,13 +26,18 @@ class UserError(BCDIError):
     line, without a traceback, like every :class:`~bcdi_bluesky.errors.BCDIError`."""
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _needs_torch(task: str) -> Iterator[None]:
+    """Around the import of training code: without torch, one line saying what to install."""
     try:
-        from .model.train import TrainConfig, train
+        yield
     except ImportError as exc:
-        raise UserError(
-            f"training needs torch: pip install 'bcdi-bluesky[train]' ({exc})"
-        ) from None
+        raise UserError(f"{task} needs torch: pip install 'bcdi-bluesky[train]' ({exc})") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    with _needs_torch("training"):
+        from .model.train import TrainConfig, train
     config = TrainConfig(
         name=args.name,
         steps=args.steps,
@@ -79,12 +85,8 @@ def _print_run_state(state: dict) -> None:
 
 
 def _cmd_distil(args: argparse.Namespace) -> int:
-    try:
+    with _needs_torch("distillation"):
         from .model.distil import distil
-    except ImportError as exc:
-        raise UserError(
-            f"distillation needs torch: pip install 'bcdi-bluesky[train]' ({exc})"
-        ) from None
     if not Path(args.teacher).is_file():
         raise UserError(f"no teacher model at {args.teacher}")
     state = distil(

@@ -506,6 +506,8 @@ def polish_stage(
         time_budget_s=left(),
         hook=counted,
         backend=backend,
+        chi_cost=chi_cost,
+        noise_floor=measurement.noise_floor,
         partial_coherence=settings.partial_coherence,
     )
     steps[0] += first.iterations

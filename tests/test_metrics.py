@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from bcdi_bluesky.physics import (
     align,
@@ -7,6 +8,7 @@ from bcdi_bluesky.physics import (
     chi,
     compare_objects,
     complex_overlap,
+    fourier_shift,
     intensity,
     phase_rms,
     poisson_chi_floor,
@@ -42,6 +44,27 @@ def test_perfect_against_itself_its_twin_and_a_shifted_copy(crystal):
     assert chi(i, i) == pytest.approx(0.0, abs=1e-6)
     assert chi(intensity(twin_object(crystal)), i) == pytest.approx(0.0, abs=1e-5)
     assert r_factor(3.0 * i, i) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_subvoxel_alignment_of_a_strongly_strained_crystal(crystal):
+    # A phase that changes by up to 1.6 rad per voxel (no ramp can absorb a shift of it): a
+    # third of a voxel of translation alone puts it off by ~0.4 rad, which whole voxels keep.
+    n = np.indices(crystal.shape) * (2 * np.pi / 12)
+    # Band-limited, as a reconstruction from data is (a sharp edge rings when shifted).
+    amplitude = scipy.ndimage.gaussian_filter(np.abs(crystal), 0.7)
+    strained = amplitude * np.exp(3j * (np.sin(n[0]) + np.cos(n[1])))
+    strained = strained.astype(np.complex64)
+    shift = (2.3, -1.35, 0.4)
+    moved = fourier_shift(twin_object(strained), shift)
+    # The Fourier shift is the circular shift for whole voxels.
+    np.testing.assert_allclose(
+        fourier_shift(strained, (2, -1, 0)), np.roll(strained, (2, -1, 0), (0, 1, 2)), atol=1e-5
+    )
+    whole = phase_rms(strained, align(strained, moved), aligned=True)
+    exact = phase_rms(strained, align(strained, moved, subvoxel=True), aligned=True)
+    assert whole > 0.3
+    assert exact < 0.1 * whole
+    assert complex_overlap(strained, align(strained, moved, subvoxel=True)) > 0.995
 
 
 def test_sphere_of_the_same_volume_scores_clearly_worse(model64, crystal):

@@ -17,17 +17,12 @@ def far_field(obj: np.ndarray, workers: int | None = None) -> np.ndarray:
     return scipy.fft.fftshift(scipy.fft.fftn(obj, workers=workers or fft_workers(obj.size)))
 
 
-def intensity(obj: Any, workers: int | None = None, *, backend: ArrayBackend = NUMPY) -> Any:
+def intensity(obj: Any, *, backend: ArrayBackend = NUMPY) -> Any:
     """Centred diffraction intensity ``|fftshift(fftn(obj))|^2`` as float32.
 
-    ``obj`` may be an array of ``backend`` (then so is the result); ``workers`` sets the FFT
-    threads of the numpy backend.
+    ``obj`` may be an array of ``backend`` (then so is the result).
     """
-    if backend.is_numpy:
-        obj = np.asarray(obj, dtype=np.complex64)
-        f = scipy.fft.fftn(obj, workers=workers or fft_workers(obj.size))
-    else:
-        f = backend.fftn(backend.asarray(obj, dtype=backend.xp.complex64))
+    f = backend.fftn(backend.asarray(obj, dtype=backend.xp.complex64))
     # Shifting the real power moves half the bytes of shifting the complex field.
     return backend.fftshift(backend.power(f))
 

@@ -8,6 +8,7 @@ and exclude masked voxels. Real-space metrics first resolve what no measurement 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,13 +199,66 @@ def twin_object(obj: np.ndarray) -> np.ndarray:
     return np.conj(mirror(obj))
 
 
-def _best_shift(ref_amp: np.ndarray, amp: np.ndarray) -> tuple[tuple[int, ...], float]:
-    """Integer circular shift of ``amp`` that maximises its correlation with ``ref_amp``."""
-    xc = scipy.fft.ifftn(
-        scipy.fft.fftn(ref_amp) * np.conj(scipy.fft.fftn(amp)), workers=FFT_WORKERS
-    ).real
+def _best_shift(
+    ref_amp: np.ndarray, amp: np.ndarray, subvoxel: bool = False
+) -> tuple[tuple[float, ...], float]:
+    """Circular shift of ``amp`` that maximises its correlation with ``ref_amp``.
+
+    Integer, or with ``subvoxel`` the maximum of the band-limited correlation
+    ``c(s) = sum_k X(k) exp(2 pi i k.s)`` (``X`` the cross-spectrum), found by Newton steps from
+    the integer peak: exact for sharp-edged crystals too, whose correlation peak is a cone that
+    a parabola through three samples would place short of its top.
+    """
+    spectrum = scipy.fft.fftn(ref_amp) * np.conj(scipy.fft.fftn(amp))
+    xc = scipy.fft.ifftn(spectrum, workers=FFT_WORKERS).real
     peak = np.unravel_index(int(np.argmax(xc)), xc.shape)
-    return tuple(int(i) for i in peak), float(xc[peak])
+    score = float(xc[peak])
+    if not subvoxel:
+        return tuple(float(i) for i in peak), score
+    shape = xc.shape
+    shift = np.array([p if p <= n // 2 else p - n for p, n in zip(peak, shape, strict=True)], float)
+    freqs = [
+        np.reshape(scipy.fft.fftfreq(n), [n if k == axis else 1 for k in range(len(shape))])
+        for axis, n in enumerate(shape)
+    ]
+    for _ in range(8):
+        z = spectrum * np.exp(2j * np.pi * sum(f * s for f, s in zip(freqs, shift, strict=True)))
+        gradient = np.array([-2 * np.pi * np.sum(f * z.imag) for f in freqs])
+        hessian = np.array([[-4 * np.pi**2 * np.sum(f * g * z.real) for g in freqs] for f in freqs])
+        try:
+            step = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            break
+        step = np.clip(step, -0.5, 0.5)
+        shift -= step
+        if np.abs(step).max() < 1e-3:
+            break
+    return tuple(float(s) % n for s, n in zip(shift, shape, strict=True)), score
+
+
+def fourier_shift(obj: np.ndarray, shift: Sequence[float]) -> np.ndarray:
+    """``obj`` moved circularly by ``shift`` voxels (any fraction) through the Fourier shift
+    theorem: ``fourier_shift(o, s)[i] == o[i - s]`` for whole shifts.
+
+    Parameters
+    ----------
+    obj : ndarray
+        Complex or real volume.
+    shift : sequence of float
+        Shift along every axis, in voxels.
+
+    Returns
+    -------
+    ndarray
+        complex64.
+    """
+    o = np.asarray(obj)
+    phase = sum(
+        np.reshape(scipy.fft.fftfreq(n) * s, [n if k == axis else 1 for k in range(o.ndim)])
+        for axis, (n, s) in enumerate(zip(o.shape, shift, strict=True))
+    )
+    spectrum = scipy.fft.fftn(o, workers=FFT_WORKERS) * np.exp(-2j * np.pi * phase)
+    return scipy.fft.ifftn(spectrum, workers=FFT_WORKERS).astype(np.complex64)
 
 
 def _remove_ramp(ref: np.ndarray, obj: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -230,32 +284,56 @@ def _remove_ramp(ref: np.ndarray, obj: np.ndarray, weight: np.ndarray) -> np.nda
 
 
 def align(
-    reference: np.ndarray, obj: np.ndarray, threshold: float = 0.2, phase: bool = True
+    reference: np.ndarray,
+    obj: np.ndarray,
+    threshold: float = 0.2,
+    phase: bool = True,
+    subvoxel: bool = False,
 ) -> np.ndarray:
     """Return ``obj`` or its twin, translated, with phase ramp and offset matched to ``reference``.
 
-    The twin and translation are chosen by the amplitude cross-correlation; the ramp and the
-    global phase (unless ``phase`` is False) by a weighted fit over the voxels where both
-    amplitudes exceed ``threshold`` of their maxima.
+    The translation is chosen by the amplitude cross-correlation; the ramp and the global
+    phase (unless ``phase`` is False) by a weighted fit over the voxels where both amplitudes
+    exceed ``threshold`` of their maxima; the twin by the complex overlap after both (by the
+    amplitude cross-correlation when ``phase`` is False).
+
+    Parameters
+    ----------
+    reference, obj : ndarray
+        Objects on the same grid.
+    threshold : float
+        Fraction of each maximum amplitude that selects the voxels of the phase fit.
+    phase : bool
+        Match the phase ramp and offset too.
+    subvoxel : bool
+        Translate by fractions of a voxel as well (:func:`fourier_shift`). A translation is not
+        measured in BCDI, sub-voxel ones included; where the phase changes by a radian or more
+        per voxel (a strained crystal) a half-voxel offset alone makes a phase error of that
+        size, so compare such objects with ``subvoxel=True``.
     """
     ref = check_volume(reference, "reference object", allow_complex=True, allow_negative=True)
     o = check_volume(obj, "object", allow_complex=True, allow_negative=True)
     if ref.shape != o.shape:
         raise ValueError(f"objects differ in shape: {ref.shape} vs {o.shape}")
     ref_amp = np.abs(ref)
-    best = None
+    best: tuple[float, np.ndarray] | None = None
     for cand in (o, twin_object(o)):
-        shift, score = _best_shift(ref_amp, np.abs(cand))
-        if best is None or score > best[1]:
-            best = (np.roll(cand, shift, axis=(0, 1, 2)), score)
-    moved = best[0]
-    if not phase:
-        return moved
-    a, b = ref_amp, np.abs(moved)
-    weight = a * b * ((a > threshold * a.max()) & (b > threshold * b.max()))
-    if not weight.any():
-        return moved
-    return _remove_ramp(ref, moved, weight)
+        shift, score = _best_shift(ref_amp, np.abs(cand), subvoxel)
+        whole = tuple(round(s) for s in shift)
+        moved = np.roll(cand, whole, axis=(0, 1, 2))
+        if subvoxel:
+            moved = fourier_shift(moved, [s - w for s, w in zip(shift, whole, strict=True)])
+        if phase:
+            a, b = ref_amp, np.abs(moved)
+            weight = a * b * ((a > threshold * a.max()) & (b > threshold * b.max()))
+            if weight.any():
+                moved = _remove_ramp(ref, moved, weight)
+                # A centrosymmetric crystal's amplitude cannot tell an object from its twin;
+                # the phase can.
+                score = complex_overlap(ref, moved)
+        if best is None or score > best[0]:
+            best = (score, moved)
+    return best[1]
 
 
 def support(obj: np.ndarray, threshold: float = 0.2) -> np.ndarray:

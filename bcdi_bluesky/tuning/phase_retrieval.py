@@ -26,6 +26,10 @@ from .refine import ChiCost
 #: (:func:`autocorrelation_seed`).
 AUTOCORRELATION_THRESHOLD = 0.1
 
+#: Shrink-wrap's blur (voxels) and threshold (fraction of the blurred maximum): cohere's defaults.
+SHRINK_SIGMA = 1.0
+SHRINK_THRESHOLD = 0.1
+
 #: The pipeline's defaults (one source: :class:`~bcdi_bluesky.ReconstructionSettings`).
 _DEFAULTS = ReconstructionSettings()
 
@@ -149,7 +153,12 @@ def default_recipe(iterations: int, hio_fraction: float) -> list[str]:
     return ["ER"] * er1 + ["HIO"] * hio + ["ER"] * er2
 
 
-def shrink_wrap(obj: Any, sigma: float, threshold: float, backend: ArrayBackend = NUMPY) -> Any:
+def shrink_wrap(
+    obj: Any,
+    sigma: float = SHRINK_SIGMA,
+    threshold: float = SHRINK_THRESHOLD,
+    backend: ArrayBackend = NUMPY,
+) -> Any:
     """New support: the Gaussian-blurred amplitude above ``threshold`` of its maximum."""
     blurred = backend.gaussian_blur(backend.xp.abs(obj), sigma)
     return blurred > threshold * backend.xp.max(blurred)
@@ -165,8 +174,8 @@ def polish(
     hio_fraction: float,
     beta: float = 0.9,
     shrink_every: int = 10,
-    shrink_sigma: float = 1.0,
-    shrink_threshold: float = 0.1,
+    shrink_sigma: float = SHRINK_SIGMA,
+    shrink_threshold: float = SHRINK_THRESHOLD,
     max_growth: int | None = None,
     time_budget_s: float | None = None,
     tolerance: float = 0.0,
@@ -193,7 +202,8 @@ def polish(
     hio_fraction : float
         Share of the steps that are HIO (:func:`default_recipe`).
     shrink_every, shrink_sigma, shrink_threshold : float
-        Shrink-wrap period (steps), blur and threshold (cohere's defaults: 1 and 0.1).
+        Shrink-wrap period (steps), blur and threshold (:data:`SHRINK_SIGMA`,
+        :data:`SHRINK_THRESHOLD`).
     max_growth : int or None
         The support never grows beyond the seed support dilated by this many voxels (None:
         no limit, the default: measured on 6 prior crystals and both measured sets, a limit of
@@ -325,6 +335,8 @@ def seeded_polish(
     time_budget_s: float | None = None,
     hook: Callable[[int, float], bool | None] | None = None,
     backend: ArrayBackend = NUMPY,
+    chi_cost: ChiCost | None = None,
+    noise_floor: float | None = None,
     **options,
 ) -> PolishResult:
     """A polish that keeps a good seed and falls back to ER/HIO for a poor one.
@@ -355,12 +367,20 @@ def seeded_polish(
         ``hook(step, error)``, steps counted across both runs; False stops.
     backend : ArrayBackend
         Where both runs iterate (:func:`polish`).
+    chi_cost, noise_floor : ChiCost, float, optional
+        A caller that already has the chi of these data and their
+        :func:`~bcdi_bluesky.physics.poisson_chi_floor` passes both (``noise_floor`` None then
+        means the data are not counts); without ``chi_cost`` both are made from ``measured``.
     **options
         Passed on to :func:`polish` (``beta``, shrink-wrap settings, ``max_growth``,
         ``partial_coherence``).
     """
     started = time.perf_counter()
-    chi_cost = ChiCost(measured, mask, backend)
+    if chi_cost is None:
+        chi_cost = ChiCost(measured, mask, backend)
+        noise_floor = poisson_chi_floor(
+            backend.to_numpy(measured), None if mask is None else backend.to_numpy(mask)
+        )
 
     def chi_of(result: PolishResult) -> float:
         return chi_cost(result.model_intensity(backend))
@@ -378,11 +398,9 @@ def seeded_polish(
         **options,
     )
     first.recipe, first.chi = "ER", chi_of(first)
-    floor = poisson_chi_floor(
-        backend.to_numpy(measured), None if mask is None else backend.to_numpy(mask)
-    )
     stopped = first.stopped_by in ("hook", "time")
-    if (floor is not None and first.chi <= discrepancy * floor) or stopped or iterations <= 0:
+    at_noise = noise_floor is not None and first.chi <= discrepancy * noise_floor
+    if at_noise or stopped or iterations <= 0:
         first.seconds = time.perf_counter() - started
         return first
     left = None if time_budget_s is None else max(time_budget_s - first.seconds, 0.0)
