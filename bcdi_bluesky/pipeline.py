@@ -178,7 +178,7 @@ class ReconstructionResult:
     #: are not counts); the fit is at the noise when ``chi`` is near it.
     expected_chi: float | None = None
     #: Polish runs tried, with their chi against the data ("ER", "ER/HIO", "model ER/HIO",
-    #: "autocorrelation ER/HIO", "+ER to convergence"); the lowest gave the object.
+    #: "random start 1 ER/HIO", "... +ER/HIO to convergence"); the lowest gave the object.
     polish_attempts: dict[str, float] = field(default_factory=dict)
     #: Stages that a safety wall-time cap cut short ("refine", "polish"): the result then
     #: depends on the machine's load.
@@ -459,14 +459,19 @@ def polish_stage(
 
     1. :func:`~bcdi_bluesky.tuning.seeded_polish` from the model object (ER; ER/HIO unless ER
        fits to the noise).
-    2. If the fit is not at the noise (:func:`fit_at_noise`), two more starts of
+    2. If the fit is not at the noise (:func:`fit_at_noise`), more starts of
        ``adaptive_iterations`` ER/HIO steps (``adaptive_hio_fraction`` HIO): the model seed
-       again, and a sphere sized from the autocorrelation (model-free, so a wrong model
-       cannot trap it). The lowest chi wins, as PyNX and cohere's GA rank their runs.
+       again, and model-free ones (a wrong model cannot trap them) in a sphere sized from the
+       autocorrelation: flat and uniform (a strain-free crystal's start; it wins on most
+       noise-free data), and ``random_starts`` of random amplitudes and phases drawn from
+       ``seed`` (they reach the strained and dislocated crystals that the flat start misses).
+       The lowest chi wins, as PyNX and cohere's GA rank their runs.
     3. For data that are not counts (noise-free or corrected: no noise to stop at), if still
-       above :data:`~bcdi_bluesky.quality.CHI_GOOD`, ER from the winner until its error stops
-       falling (``converge_tolerance`` over 20 steps, at most ``converge_iterations`` steps).
-       On counts this only fits the noise (measured: chi 0.1% lower, IoU unchanged).
+       above :data:`~bcdi_bluesky.quality.CHI_GOOD`, an ER/HIO run from the winner
+       (``converge_iterations`` steps, ``adaptive_hio_fraction`` HIO) whose final ER block
+       stops once the error stops falling (``converge_tolerance`` over 20 steps); kept if its
+       chi is lower. On counts this only fits the noise (measured: chi 0.1% lower, IoU
+       unchanged).
 
     Every run stops by step counts or convergence; ``polish_time_budget_s`` caps them
     together as a safety net (``cut_short``). The runs iterate on ``backend``, where the data
@@ -522,6 +527,9 @@ def polish_stage(
             "model ER/HIO": (model_object, seed_support),
             "autocorrelation ER/HIO": autocorrelation_seed(measurement.data),
         }
+        for k in range(settings.random_starts):
+            rng = np.random.default_rng((settings.seed, k))
+            starts[f"random start {k + 1} ER/HIO"] = autocorrelation_seed(measurement.data, rng=rng)
         for label, (obj, support) in starts.items():
             run = polish(
                 data,
@@ -559,7 +567,7 @@ def polish_stage(
             best.support,
             valid,
             iterations=settings.converge_iterations,
-            hio_fraction=0.0,
+            hio_fraction=settings.adaptive_hio_fraction,
             time_budget_s=left(),
             tolerance=settings.converge_tolerance,
             hook=counted,
@@ -572,7 +580,7 @@ def polish_stage(
         run.chi = chi_of(run)
         cut = cut or run.cut_short
         converged = run.stopped_by == "converged"
-        label = f"{best_label} +ER to convergence"
+        label = f"{best_label} +ER/HIO to convergence"
         attempts[label] = run.chi
         if run.chi < best.chi:
             best, best_label = run, label

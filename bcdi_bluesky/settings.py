@@ -98,25 +98,32 @@ class ReconstructionSettings:
     )
     adaptive_iterations: int = _setting(
         600,
-        "steps of each further ER/HIO start (the model seed and the autocorrelation "
-        "seed) when the polished fit stays above the noise (0: never spend more)",
+        "steps of each further ER/HIO start (the model seed and the model-free starts) "
+        "when the polished fit stays above the noise (0: never spend more)",
         low=0,
         high=5000,
+    )
+    random_starts: int = _setting(
+        2,
+        "further starts from random amplitudes and phases in the sphere sized from the "
+        "autocorrelation, drawn from the seed (beside the flat, uniform sphere)",
+        low=0,
+        high=20,
     )
     adaptive_hio_fraction: float = _setting(
         0.65, "share of HIO steps in those further starts", low=0.0, high=1.0
     )
     converge_iterations: int = _setting(
         400,
-        "most ER steps of the final run to convergence when the data are not counts "
+        "most steps of the final ER/HIO run to convergence when the data are not counts "
         "(noise-free or corrected) and the fit is not yet at chi 0.0025 (0: none)",
         low=0,
         high=5000,
     )
     converge_tolerance: float = _setting(
         0.002,
-        "convergence: the final ER run stops once its error fell by less than this "
-        "(relative) over 20 steps",
+        "convergence: the final run's last ER block stops once its error fell by less "
+        "than this (relative) over 20 steps",
         low=0.0,
         high=0.5,
     )
@@ -137,7 +144,10 @@ class ReconstructionSettings:
         "reconstruction, to follow an evolving sample across a series of scans",
     )
     seed: int = _setting(
-        0, "seed of the ES dither assignment (runs are deterministic)", low=0, high=2**31 - 1
+        0,
+        "seed of the ES dither assignment and the random starts (runs are deterministic)",
+        low=0,
+        high=2**31 - 1,
     )
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from bcdi_bluesky.physics import (
     out_of_family_crystal,
     poisson_chi_expected,
     poisson_chi_floor,
+    support_iou,
 )
 from bcdi_bluesky.pipeline import (
     es_budget_scale,
@@ -29,7 +30,7 @@ from bcdi_bluesky.quality import (
     quality_verdict,
 )
 from bcdi_bluesky.settings import ReconstructionSettings
-from bcdi_bluesky.tuning import autocorrelation_seed
+from bcdi_bluesky.tuning import autocorrelation_seed, polish
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +149,38 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     # Seeded by the truth the fit reaches the noise at once: nothing more is spent.
     easy = polish_stage(measurement, counted.object, settings)
     assert list(easy.attempts) == ["ER"] and fit_at_noise(easy.chi, easy.expected_chi)
-    # A strained cube seeded by a sphere: the short polish stays above the noise, and two
-    # more starts run; the lowest chi wins.
+    # A strained cube seeded by a sphere: the short polish stays above the noise, and more
+    # starts run (the model seed, the flat sphere, random ones); the lowest chi wins.
     strained = out_of_family_crystal(DEV_SEED, 9)
     assert strained.displacement_kind == "polynomial" and not strained.noise_free
     sphere, _ = autocorrelation_seed(strained.measured)
     hard = polish_stage(prepare_measurement(strained.measured, strained.mask, 64), sphere, settings)
-    assert {"model ER/HIO", "autocorrelation ER/HIO"} <= set(hard.attempts)
+    assert {"model ER/HIO", "autocorrelation ER/HIO", "random start 1 ER/HIO"} <= set(hard.attempts)
     assert hard.chi == min(hard.attempts.values())
     assert hard.chi <= next(iter(hard.attempts.values()))  # never worse than the first run
     assert not hard.cut_short
+
+
+@pytest.mark.timeout(300)
+def test_a_random_start_finds_what_the_flat_sphere_misses():
+    # A screw-dislocated cube (development seed): ER/HIO from the flat, uniform sphere keeps to
+    # a strain-free-like solution; from random amplitudes and phases in the same sphere it
+    # reaches a lower chi and the better crystal, so ranking the runs by chi picks it.
+    crystal = out_of_family_crystal(DEV_SEED, 25)
+    assert crystal.displacement_kind == "screw dislocation" and not crystal.noise_free
+    flat, support = autocorrelation_seed(crystal.measured)
+    drawn, same_support = autocorrelation_seed(crystal.measured, rng=np.random.default_rng((0, 0)))
+    again, _ = autocorrelation_seed(crystal.measured, rng=np.random.default_rng((0, 0)))
+    np.testing.assert_array_equal(drawn, again)  # drawn from the seed: deterministic
+    np.testing.assert_array_equal(support, same_support)
+    assert np.ptp(np.angle(drawn[support])) > 6.0 and np.ptp(np.angle(flat[support])) == 0
+    runs = {
+        name: polish(
+            crystal.measured, seed, support, crystal.mask, iterations=600, hio_fraction=0.65
+        )
+        for name, seed in (("flat", flat), ("random", drawn))
+    }
+    chis = {k: chi(intensity(r.object), crystal.measured, crystal.mask) for k, r in runs.items()}
+    ious = {k: support_iou(crystal.object, r.object) for k, r in runs.items()}
+    assert chis["random"] < chis["flat"]
+    assert ious["random"] > ious["flat"] + 0.05

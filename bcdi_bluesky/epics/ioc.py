@@ -292,6 +292,7 @@ SETTING_PVS = {
     "polish_time_budget_s": "Polish:TimeBudget",
     "adaptive_iterations": "Polish:AdaptiveIterations",
     "adaptive_hio_fraction": "Polish:AdaptiveHIOFraction",
+    "random_starts": "Polish:RandomStarts",
     "converge_iterations": "Polish:ConvergeIterations",
     "converge_tolerance": "Polish:ConvergeTolerance",
     "partial_coherence": "Polish:PartialCoherence",
