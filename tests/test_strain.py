@@ -168,7 +168,8 @@ def dislocation_case(g: Geometry, retrieve=None) -> dict:
         "strain_rms": float(np.sqrt(np.mean(truth**2))),
         "our_strain_rms": float(np.sqrt(np.nanmean(phys.strain[away] ** 2))),
         "vortices": len(found),
-        "line_distance_max_voxels": float(distance.max()),
+        # No winding found (a reconstruction that lost the line): no distance to give.
+        "line_distance_max_voxels": float(distance.max()) if len(found) else float("nan"),
     }
 
 
