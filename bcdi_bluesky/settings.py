@@ -89,11 +89,11 @@ class ReconstructionSettings:
         0.3, "share of HIO steps in the ER/HIO run", low=0.0, high=1.0
     )
     polish_time_budget_s: float = _setting(
-        30.0,
+        60.0,
         "safety wall-time cap of the polish (every run of it together); named in the "
         "result's quality when it cuts the polish",
         low=0.0,
-        high=30.0,
+        high=120.0,
         units="s",
     )
     adaptive_iterations: int = _setting(

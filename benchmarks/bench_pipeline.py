@@ -1075,7 +1075,7 @@ def main() -> None:
         report(args, json.loads(args.report.read_text()))
         return
 
-    # Default settings: the iteration counts and convergence end every run; the 30 s caps
+    # Default settings: the iteration counts and convergence end every run; the wall-time caps
     # are a safety net, and a result they cut says so (``cut_short``, in the JSON).
     rec = Reconstructor()
     plain = Reconstructor(settings=rec.settings, shape_search_evaluations=0)
