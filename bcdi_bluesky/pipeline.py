@@ -49,6 +49,7 @@ from .tuning.phase_retrieval import (
     PolishResult,
     autocorrelation_seed,
     polish,
+    random_start,
     seeded_polish,
 )
 from .tuning.refine import (
@@ -523,13 +524,14 @@ def polish_stage(
     expected = expected_of(best)
     spend = settings.adaptive_iterations > 0 and not cut and not fit_at_noise(best.chi, expected)
     if spend:
+        sphere, inside = autocorrelation_seed(measurement.data)
         starts = {
             "model ER/HIO": (model_object, seed_support),
-            "autocorrelation ER/HIO": autocorrelation_seed(measurement.data),
+            "autocorrelation ER/HIO": (sphere, inside),
         }
         for k in range(settings.random_starts):
             rng = np.random.default_rng((settings.seed, k))
-            starts[f"random start {k + 1} ER/HIO"] = autocorrelation_seed(measurement.data, rng=rng)
+            starts[f"random start {k + 1} ER/HIO"] = (random_start(inside, rng), inside)
         for label, (obj, support) in starts.items():
             run = polish(
                 data,

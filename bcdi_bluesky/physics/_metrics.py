@@ -199,6 +199,14 @@ def twin_object(obj: np.ndarray) -> np.ndarray:
     return np.conj(mirror(obj))
 
 
+def _axis_frequencies(shape: tuple[int, ...]) -> list[np.ndarray]:
+    """``fftfreq`` of every axis, shaped to broadcast along that axis (cycles per voxel)."""
+    return [
+        np.reshape(scipy.fft.fftfreq(n), [n if k == axis else 1 for k in range(len(shape))])
+        for axis, n in enumerate(shape)
+    ]
+
+
 def _best_shift(
     ref_amp: np.ndarray, amp: np.ndarray, subvoxel: bool = False
 ) -> tuple[tuple[float, ...], float]:
@@ -217,10 +225,7 @@ def _best_shift(
         return tuple(float(i) for i in peak), score
     shape = xc.shape
     shift = np.array([p if p <= n // 2 else p - n for p, n in zip(peak, shape, strict=True)], float)
-    freqs = [
-        np.reshape(scipy.fft.fftfreq(n), [n if k == axis else 1 for k in range(len(shape))])
-        for axis, n in enumerate(shape)
-    ]
+    freqs = _axis_frequencies(shape)
     for _ in range(8):
         z = spectrum * np.exp(2j * np.pi * sum(f * s for f, s in zip(freqs, shift, strict=True)))
         gradient = np.array([-2 * np.pi * np.sum(f * z.imag) for f in freqs])
@@ -253,10 +258,7 @@ def fourier_shift(obj: np.ndarray, shift: Sequence[float]) -> np.ndarray:
         complex64.
     """
     o = np.asarray(obj)
-    phase = sum(
-        np.reshape(scipy.fft.fftfreq(n) * s, [n if k == axis else 1 for k in range(o.ndim)])
-        for axis, (n, s) in enumerate(zip(o.shape, shift, strict=True))
-    )
+    phase = sum(f * s for f, s in zip(_axis_frequencies(o.shape), shift, strict=True))
     spectrum = scipy.fft.fftn(o, workers=FFT_WORKERS) * np.exp(-2j * np.pi * phase)
     return scipy.fft.ifftn(spectrum, workers=FFT_WORKERS).astype(np.complex64)
 
@@ -319,10 +321,10 @@ def align(
     best: tuple[float, np.ndarray] | None = None
     for cand in (o, twin_object(o)):
         shift, score = _best_shift(ref_amp, np.abs(cand), subvoxel)
-        whole = tuple(round(s) for s in shift)
-        moved = np.roll(cand, whole, axis=(0, 1, 2))
         if subvoxel:
-            moved = fourier_shift(moved, [s - w for s, w in zip(shift, whole, strict=True)])
+            moved = fourier_shift(cand, shift)
+        else:
+            moved = np.roll(cand, tuple(round(s) for s in shift), axis=(0, 1, 2))
         if phase:
             a, b = ref_amp, np.abs(moved)
             weight = a * b * ((a > threshold * a.max()) & (b > threshold * b.max()))

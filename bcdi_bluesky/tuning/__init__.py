@@ -7,6 +7,7 @@ from .phase_retrieval import (
     PolishResult,
     autocorrelation_seed,
     polish,
+    random_start,
     seeded_polish,
 )
 from .refine import (
@@ -33,6 +34,7 @@ __all__ = [
     "coarse_chi",
     "fit_odd_shape",
     "polish",
+    "random_start",
     "refine_crystal",
     "seeded_polish",
 ]

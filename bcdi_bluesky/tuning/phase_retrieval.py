@@ -447,12 +447,9 @@ def ball_overlap_distance(threshold: float) -> float:
 
 
 def autocorrelation_seed(
-    measured: np.ndarray,
-    threshold: float = AUTOCORRELATION_THRESHOLD,
-    rng: np.random.Generator | None = None,
+    measured: np.ndarray, threshold: float = AUTOCORRELATION_THRESHOLD
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A model-free seed: a centred sphere sized from the autocorrelation, uniform and flat or,
-    with ``rng``, of random amplitudes and phases (cohere's and PyNX's random start).
+    """A model-free seed: a uniform, zero-phase sphere, centred, sized from the autocorrelation.
 
     ``|ifftn(I)|`` is the object's autocorrelation, whose support is the object's doubled in
     every direction. Thresholded at a fraction of its maximum it is smaller than that (it tapers
@@ -460,22 +457,17 @@ def autocorrelation_seed(
     :func:`ball_overlap_distance`, which is exact for a ball, not by 8 (which gave spheres of
     a fifth to a third of the crystal's volume).
 
-    A flat phase is a strain-free crystal's; started from it, ER/HIO keeps to such solutions on
-    strained ones. Random starts reach other minima, and their chi tells which is right.
-
     Parameters
     ----------
     measured : ndarray
         Centred intensity.
     threshold : float
         Fraction of the autocorrelation's maximum that defines its support.
-    rng : numpy.random.Generator, optional
-        Draws amplitudes in [0, 1) and phases in [0, 2 pi) inside the sphere.
 
     Returns
     -------
     object, support : ndarray
-        complex64 object and its boolean support.
+        complex64 sphere and its boolean support.
     """
     autocorrelation = np.abs(scipy.fft.ifftn(np.asarray(measured, dtype=np.float32)))
     volume = np.count_nonzero(autocorrelation > threshold * autocorrelation.max())
@@ -484,8 +476,22 @@ def autocorrelation_seed(
     grids = np.ogrid[tuple(slice(0, s) for s in measured.shape)]
     r2 = sum((g - s // 2) ** 2 for g, s in zip(grids, measured.shape, strict=True))
     inside = np.asarray(r2 <= radius * radius)
-    if rng is None:
-        return inside.astype(np.complex64), inside
-    shape = measured.shape
+    return inside.astype(np.complex64), inside
+
+
+def random_start(support: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random amplitudes in [0, 1) and phases in [0, 2 pi) inside ``support`` (cohere's and
+    PyNX's random start; zero outside).
+
+    From the flat sphere of :func:`autocorrelation_seed` (a strain-free crystal's phase), ER/HIO
+    keeps to such solutions on strained crystals; random starts reach other minima, and their
+    chi tells which is right.
+
+    Returns
+    -------
+    ndarray
+        complex64 object.
+    """
+    shape = support.shape
     fill = rng.random(shape) * np.exp(2j * np.pi * rng.random(shape))
-    return (fill * inside).astype(np.complex64), inside
+    return (fill * support).astype(np.complex64)
