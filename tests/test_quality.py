@@ -1,5 +1,7 @@
 """The trust policies: Bragg peak, CNN distribution, fit against the noise, the verdict."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from bcdi_bluesky.physics import (
     support_iou,
 )
 from bcdi_bluesky.pipeline import (
+    FINALISTS,
     es_budget_scale,
     fit_at_noise,
     polish_stage,
@@ -30,7 +33,15 @@ from bcdi_bluesky.quality import (
     quality_verdict,
 )
 from bcdi_bluesky.settings import ReconstructionSettings
-from bcdi_bluesky.tuning import autocorrelation_seed, polish, random_start
+from bcdi_bluesky.tuning import (
+    autocorrelation_seed,
+    central_slices,
+    coarse_shape,
+    crop_frequencies,
+    pad_frequencies,
+    polish,
+    random_start,
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +165,38 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     strained = out_of_family_crystal(DEV_SEED, 9)
     assert strained.displacement_kind == "polynomial" and not strained.noise_free
     sphere, _ = autocorrelation_seed(strained.measured)
-    hard = polish_stage(prepare_measurement(strained.measured, strained.mask, 64), sphere, settings)
-    assert {"model ER/HIO", "autocorrelation ER/HIO", "random start 1 ER/HIO"} <= set(hard.attempts)
-    assert hard.chi == min(hard.attempts.values())
-    assert hard.chi <= next(iter(hard.attempts.values()))  # never worse than the first run
-    assert not hard.cut_short
+    measurement = prepare_measurement(strained.measured, strained.mask, 64)
+    full_grid = polish_stage(measurement, sphere, replace(settings, starts_downsampling=1))
+    starts = {"model ER/HIO", "autocorrelation ER/HIO", "random start 1 ER/HIO"}
+    assert starts <= set(full_grid.attempts)
+    # On the coarse grid the same starts run; the two best come back refined on the full one.
+    hard = polish_stage(measurement, sphere, settings)
+    refined = [k for k in hard.attempts if k.endswith("at 1/2 resolution, refined")]
+    assert len(refined) == FINALISTS and not starts & set(hard.attempts)
+    for outcome in (full_grid, hard):
+        assert outcome.chi == min(outcome.attempts.values())
+        assert outcome.chi <= next(iter(outcome.attempts.values()))  # never worse than the first
+        assert not outcome.cut_short
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 64), (33, 30, 27)])
+def test_the_coarse_grid_sees_the_central_q_region(shape):
+    # The coarse starts fit the central 1/2 of q: the coarse object's intensity must be that
+    # region of the object's, and the object interpolated back must keep it, with nothing
+    # outside (odd and even edges: q = 0 stays at index n // 2 on both grids).
+    rng = np.random.default_rng(3)
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    r2 = sum(((g - s // 2) / (s / 5)) ** 2 for g, s in zip(grids, shape, strict=True))
+    obj = ((r2 < 1) * np.exp(1j * rng.uniform(0, 0.5, shape))).astype(np.complex64)
+    full = intensity(obj)
+    window = central_slices(shape, coarse_shape(shape, 2))
+    coarse = crop_frequencies(obj, 2)
+    assert coarse.shape == coarse_shape(shape, 2)
+    np.testing.assert_allclose(intensity(coarse), full[window], atol=1e-5 * full.max())
+    back = intensity(pad_frequencies(coarse, shape))
+    np.testing.assert_allclose(back[window], full[window], atol=1e-5 * full.max())
+    back[window] = 0
+    assert back.max() < 1e-5 * full.max()
 
 
 @pytest.mark.timeout(300)

@@ -293,6 +293,7 @@ SETTING_PVS = {
     "adaptive_iterations": "Polish:AdaptiveIterations",
     "adaptive_hio_fraction": "Polish:AdaptiveHIOFraction",
     "random_starts": "Polish:RandomStarts",
+    "starts_downsampling": "Polish:StartsDownsampling",
     "converge_iterations": "Polish:ConvergeIterations",
     "converge_tolerance": "Polish:ConvergeTolerance",
     "partial_coherence": "Polish:PartialCoherence",

@@ -20,7 +20,7 @@ import scipy.optimize
 from ..backend import NUMPY, ArrayBackend
 from ..physics import intensity, poisson_chi_floor
 from ..settings import ReconstructionSettings
-from .refine import ChiCost
+from .refine import ChiCost, central_slices
 
 #: Fraction of the autocorrelation's maximum that defines its support
 #: (:func:`autocorrelation_seed`).
@@ -425,6 +425,31 @@ def seeded_polish(
     best.iterations = first.iterations + second.iterations
     best.seconds = time.perf_counter() - started
     return best
+
+
+def coarse_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    """The grid of the central ``1 / factor`` of q in each direction."""
+    return tuple(s // factor for s in shape)
+
+
+def crop_frequencies(obj: Any, factor: int, backend: ArrayBackend = NUMPY) -> Any:
+    """The object seen through the central ``1 / factor`` of q in each direction: the same
+    field of view in ``factor`` times coarser voxels (its intensity is the central region of
+    the object's, :func:`~bcdi_bluesky.tuning.central_slices`)."""
+    f = backend.fftshift(backend.fftn(backend.asarray(obj, dtype=backend.xp.complex64)))
+    window = central_slices(f.shape, coarse_shape(f.shape, factor))
+    return backend.ifftn(backend.ifftshift(f[window]))
+
+
+def pad_frequencies(obj: Any, shape: tuple[int, ...], backend: ArrayBackend = NUMPY) -> Any:
+    """A coarse object on the finer grid ``shape``: its q values put in the centre of that
+    grid's, zero elsewhere (band-limited interpolation; the inverse of
+    :func:`crop_frequencies`)."""
+    xp = backend.xp
+    f = backend.fftshift(backend.fftn(backend.asarray(obj, dtype=xp.complex64)))
+    full = xp.zeros(tuple(shape), dtype=xp.complex64)
+    full[central_slices(tuple(shape), tuple(f.shape))] = f
+    return backend.ifftn(backend.ifftshift(full))
 
 
 def ball_overlap_distance(threshold: float) -> float:

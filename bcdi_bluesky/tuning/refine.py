@@ -65,10 +65,17 @@ class ChiCost:
         return float(vdot(residual, residual)) ** 0.5 / self.b_norm
 
 
+def central_slices(shape: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[slice, ...]:
+    """Slices of the central ``sizes`` region of a centred volume of ``shape`` (q = 0 at index
+    ``s // 2`` stays at index ``n // 2``)."""
+    return tuple(
+        slice(s // 2 - n // 2, s // 2 - n // 2 + n) for s, n in zip(shape, sizes, strict=True)
+    )
+
+
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
     """The central ``n^3`` cube of a centred volume (q = 0 stays at index ``n // 2``)."""
-    starts = [s // 2 - n // 2 for s in volume.shape]
-    return volume[tuple(slice(a, a + n) for a in starts)]
+    return volume[central_slices(volume.shape, (n,) * volume.ndim)]
 
 
 def coarse_chi(
