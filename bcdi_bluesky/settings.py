@@ -104,17 +104,18 @@ class ReconstructionSettings:
         high=5000,
     )
     random_starts: int = _setting(
-        4,
+        2,
         "further starts from random amplitudes and phases in the sphere sized from the "
         "autocorrelation, drawn from the seed (beside the flat, uniform sphere)",
         low=0,
         high=20,
     )
     starts_downsampling: int = _setting(
-        2,
-        "the further starts run on the central 1/k of q in each direction (the crystal in k "
-        "times coarser voxels, k^3 fewer), and the two with the lowest chi are refined on the "
-        "full grid (1: every start on the full grid)",
+        1,
+        "k above 1: the further starts run on the central 1/k of q in each direction (the "
+        "crystal in k times coarser voxels, k^3 fewer) and the two with the lowest chi are "
+        "refined on the full grid: faster, but thin crystals lose detail (1: every start on "
+        "the full grid)",
         low=1,
         high=4,
     )

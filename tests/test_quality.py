@@ -166,11 +166,11 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     assert strained.displacement_kind == "polynomial" and not strained.noise_free
     sphere, _ = autocorrelation_seed(strained.measured)
     measurement = prepare_measurement(strained.measured, strained.mask, 64)
-    full_grid = polish_stage(measurement, sphere, replace(settings, starts_downsampling=1))
+    full_grid = polish_stage(measurement, sphere, settings)
     starts = {"model ER/HIO", "autocorrelation ER/HIO", "random start 1 ER/HIO"}
     assert starts <= set(full_grid.attempts)
     # On the coarse grid the same starts run; the two best come back refined on the full one.
-    hard = polish_stage(measurement, sphere, settings)
+    hard = polish_stage(measurement, sphere, replace(settings, starts_downsampling=2))
     refined = [k for k in hard.attempts if k.endswith("at 1/2 resolution, refined")]
     assert len(refined) == FINALISTS and not starts & set(hard.attempts)
     for outcome in (full_grid, hard):
