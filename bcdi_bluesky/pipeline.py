@@ -509,8 +509,29 @@ def polish_stage(
     def counted(i: int, e: float) -> bool | None:
         return None if hook is None else hook(steps[0] + i, e)
 
-    def chi_of(run: PolishResult) -> float:
-        return chi_cost(run.model_intensity(backend))
+    def further(
+        data_: Any, obj: Any, support: Any, valid_: Any, iterations: int, cost: ChiCost, **options
+    ) -> PolishResult:
+        """One more ER/HIO run (``adaptive_hio_fraction`` HIO), counted, chi against ``cost``."""
+        nonlocal cut
+        run = polish(
+            data_,
+            obj,
+            support,
+            valid_,
+            iterations=iterations,
+            hio_fraction=settings.adaptive_hio_fraction,
+            time_budget_s=left(),
+            hook=counted,
+            backend=backend,
+            partial_coherence=settings.partial_coherence,
+            **options,
+        )
+        steps[0] += run.iterations
+        errors.extend(run.errors)
+        run.chi = cost(run.model_intensity(backend))
+        cut = cut or run.cut_short
+        return run
 
     def expected_of(run: PolishResult) -> float | None:
         model_intensity = backend.to_numpy(run.model_intensity(backend))
@@ -566,25 +587,12 @@ def polish_stage(
         suffix = "" if factor == 1 else f" at 1/{factor} resolution"
         runs = []
         for label, (obj, support) in starts.items():
-            run = polish(
-                coarse_data,
-                obj,
-                support,
-                coarse_valid,
-                iterations=settings.adaptive_iterations,
-                hio_fraction=settings.adaptive_hio_fraction,
-                time_budget_s=left(),
-                hook=counted,
-                backend=backend,
-                partial_coherence=settings.partial_coherence,
+            run = further(
+                coarse_data, obj, support, coarse_valid, settings.adaptive_iterations, coarse_cost
             )
-            steps[0] += run.iterations
-            errors += run.errors
-            run.chi = coarse_cost(run.model_intensity(backend))
             if factor == 1:  # a coarse chi does not compare with the full grid's
                 attempts[label] = run.chi
             runs.append((run.chi, label + suffix, run))
-            cut = cut or run.cut_short
             if cut:
                 break
         runs.sort(key=lambda entry: entry[0])
@@ -594,24 +602,12 @@ def polish_stage(
             finalists, runs = runs[:FINALISTS], []
             for _, label, coarse in finalists if not cut else ():
                 obj = pad_frequencies(coarse.object, data.shape, backend)
-                run = polish(
-                    data,
-                    obj,
-                    shrink_wrap(obj, backend=backend),
-                    valid,
-                    iterations=settings.adaptive_iterations // 2,
-                    hio_fraction=settings.adaptive_hio_fraction,
-                    time_budget_s=left(),
-                    hook=counted,
-                    backend=backend,
-                    partial_coherence=settings.partial_coherence,
+                support = shrink_wrap(obj, backend=backend)
+                run = further(
+                    data, obj, support, valid, settings.adaptive_iterations // 2, chi_cost
                 )
-                steps[0] += run.iterations
-                errors += run.errors
-                run.chi = chi_of(run)
                 attempts[f"{label}, refined"] = run.chi
                 runs.append((run.chi, f"{label}, refined", run))
-                cut = cut or run.cut_short
                 if cut:
                     break
         for chi, label, run in runs:
@@ -626,24 +622,16 @@ def polish_stage(
         and not cut
         and not fit_at_noise(best.chi, expected)
     ):
-        run = polish(
+        run = further(
             data,
             best.object,
             best.support,
             valid,
-            iterations=settings.converge_iterations,
-            hio_fraction=settings.adaptive_hio_fraction,
-            time_budget_s=left(),
+            settings.converge_iterations,
+            chi_cost,
             tolerance=settings.converge_tolerance,
-            hook=counted,
-            backend=backend,
-            partial_coherence=settings.partial_coherence,
             kernel=best.kernel,
         )
-        steps[0] += run.iterations
-        errors += run.errors
-        run.chi = chi_of(run)
-        cut = cut or run.cut_short
         converged = run.stopped_by == "converged"
         label = f"{best_label} +ER/HIO to convergence"
         attempts[label] = run.chi
