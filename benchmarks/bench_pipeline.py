@@ -59,6 +59,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,51 @@ def run_cohere(
     )
 
 
+@dataclass
+class CohereStart:
+    """One cohere start, carried back to the data's grid (:func:`run_cohere_starts`)."""
+
+    score: float
+    run: CohereRun
+    object: np.ndarray
+    cpu_seconds: float
+
+
+def run_cohere_starts(
+    data: np.ndarray,
+    count: int,
+    score: Callable[[np.ndarray], float],
+    threshold: float = 0.0,
+    seeds: Callable[[int], int] | None = None,
+) -> tuple[CohereStart, list[CohereStart]]:
+    """``count`` cohere runs from random starts on ``data`` (centred on its maximum for
+    cohere, the objects carried back by :func:`undo_centring`), ordered by ``score(object)``.
+
+    cohere starts from a random object, so one run is a draw: the median by ``score`` stands
+    for it, and the others are returned too. ``seeds(k)`` seeds numpy's global state (which
+    cohere draws from) before start ``k``; None leaves it as it is.
+
+    Returns
+    -------
+    median, starts : CohereStart, list of CohereStart
+        The median start by score and every start, lowest score first.
+    """
+    centred, shift = centre_on_max(data)
+    starts = []
+    for k in range(count):
+        if seeds is not None:
+            np.random.seed(seeds(k))  # noqa: NPY002
+        cpu = time.process_time()
+        run = run_cohere(centred, threshold)
+        cpu = time.process_time() - cpu
+        obj = undo_centring(run.object, shift)
+        value = score(obj)
+        starts.append((value, k, CohereStart(value, run, obj, cpu)))
+    starts.sort(key=lambda entry: entry[:2])
+    ordered = [entry[2] for entry in starts]
+    return ordered[len(ordered) // 2], ordered
+
+
 def figures(
     obj: np.ndarray,
     measured: np.ndarray,
@@ -517,24 +563,21 @@ def measured_cases(
         stage_chi = dict(results["es"].stage_chi)
         cohere_obj = None
         if not skip_cohere:
-            # cohere starts from a random object, so its result varies from run to run: the
-            # run with the median R-factor of COHERE_MEASURED_REPEATS stands for it.
-            centred, shift = centre_on_max(data)
-            runs = []
-            for _ in range(COHERE_MEASURED_REPEATS):
-                run = run_cohere(centred, COHERE_MEASURED_THRESHOLD)
-                obj = undo_centring(run.object, shift)
-                runs.append((figures(obj, data)["r_factor"], len(runs), run, obj))
-            runs.sort(key=lambda r: r[:2])
-            _, _, run, cohere_obj = runs[len(runs) // 2]
+            median_start, starts = run_cohere_starts(
+                data,
+                COHERE_MEASURED_REPEATS,
+                lambda obj, data=data: figures(obj, data)["r_factor"],
+                COHERE_MEASURED_THRESHOLD,
+            )
+            cohere_obj, run = median_start.object, median_start.run
             methods["cohere"] = {
                 **figures(cohere_obj, data),
                 "seconds": run.seconds,
                 "cohere_error": run.error,
                 "chi_fit": run.chi,
                 "chi_fit_unconverted": run.chi_unconverted,
-                "shift": list(shift),
-                "r_factor_of_each_run": [r[0] for r in runs],
+                "shift": list(centre_on_max(data)[1]),
+                "r_factor_of_each_run": [start.score for start in starts],
             }
         for method, result in results.items():
             methods[method].update(figures(result.object, data, reference=cohere_obj))
@@ -588,29 +631,32 @@ def out_of_family_cases(
                 **verdict(result),
             }
         if not skip_cohere:
-            centred, shift = centre_on_max(data)
-            starts = []
-            for k in range(cohere_starts):
-                if cohere_starts > 1:
-                    # cohere draws its start from numpy's global state: one seed per start.
-                    np.random.seed(1000 * i + k)  # noqa: NPY002
-                cpu = time.process_time()
-                run = run_cohere(centred)
-                cpu = time.process_time() - cpu
-                obj = undo_centring(run.object, shift)
-                starts.append(
-                    {
-                        **figures(obj, data, truth, mask=mask),
-                        "seconds": run.seconds,
-                        "cpu_seconds": cpu,
-                        "cohere_error": run.error,
-                    }
-                )
+
+            def figures_of(obj, data=data, truth=truth, mask=mask) -> dict[str, Any]:
+                return figures(obj, data, truth, mask=mask)
+
+            _, starts = run_cohere_starts(
+                data,
+                cohere_starts,
+                lambda obj: figures_of(obj)["chi"],
+                # One seed per start where there are several (cohere draws from numpy's
+                # global state); a single start is the draw a user gets.
+                seeds=None if cohere_starts == 1 else lambda k, i=i: 1000 * i + k,
+            )
+            each = [
+                {
+                    **figures_of(start.object),
+                    "seconds": start.run.seconds,
+                    "cpu_seconds": start.cpu_seconds,
+                    "cohere_error": start.run.error,
+                }
+                for start in starts
+            ]
             # The typical start: the median by chi (its lowest and highest are in the lists).
             methods["cohere"] = {
-                **sorted(starts, key=lambda f: f["chi"])[len(starts) // 2],
-                "iou_of_each_start": [f["iou"] for f in starts],
-                "chi_of_each_start": [f["chi"] for f in starts],
+                **each[len(each) // 2],
+                "iou_of_each_start": [f["iou"] for f in each],
+                "chi_of_each_start": [f["chi"] for f in each],
             }
         cases.append(
             {

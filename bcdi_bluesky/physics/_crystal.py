@@ -389,9 +389,19 @@ class CrystalModel:
         k = table.prefix(self._max_extent(p) * 1.03 + 1.5)
         sh_sum = backend.matvec(p[s["sh"]], harmonics[:, :k])
         shape = xp.clip(self._surface(p, sh_sum, xp) - radius[:k] + 0.5, min=0.0, max=1.0)
-        inside = backend.flatnonzero(shape > 0)
-        shape = shape[inside]
-        u = coords[:, inside] / r0
+        flat_index, coords, parity = flat_index[:k], coords[:, :k], parity[:k]
+        if backend.is_numpy:
+            # On the host, leaving out the empty voxels saves the work below; on a device,
+            # finding them would wait for it (a sync per forward model), so there the empty
+            # voxels of the prefix stay, with shape 0.
+            inside = backend.flatnonzero(shape > 0)
+            shape, flat_index, coords, parity = (
+                shape[inside],
+                flat_index[inside],
+                coords[:, inside],
+                parity[inside],
+            )
+        u = coords / r0
 
         density = xp.ones_like(shape)
         centres = p[s["rbf_centre"]].reshape(self.n_rbf, 3)
@@ -410,7 +420,7 @@ class CrystalModel:
         for coeff, (ez, ey, ex) in zip(p[s["phase"]], self.phase_exponents, strict=True):
             if coeff != 0.0:
                 phase += float(coeff) * (powers[0][ez] * powers[1][ey] * powers[2][ex])
-        return Rendered(self.n, flat_index[inside], shape, density, phase, parity[inside], backend)
+        return Rendered(self.n, flat_index, shape, density, phase, parity, backend)
 
     def voxelise(self, params: np.ndarray, backend: ArrayBackend = NUMPY) -> Any:
         """Render the complex64 ``N^3`` object of a parameter vector (an array of ``backend``)."""
