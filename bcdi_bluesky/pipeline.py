@@ -510,15 +510,22 @@ def polish_stage(
         return None if hook is None else hook(steps[0] + i, e)
 
     def further(
-        data_: Any, obj: Any, support: Any, valid_: Any, iterations: int, cost: ChiCost, **options
+        grid_data: Any,
+        obj: Any,
+        support: Any,
+        grid_valid: Any,
+        iterations: int,
+        cost: ChiCost,
+        **options,
     ) -> PolishResult:
-        """One more ER/HIO run (``adaptive_hio_fraction`` HIO), counted, chi against ``cost``."""
+        """One more ER/HIO run (``adaptive_hio_fraction`` HIO) on ``grid_data`` (the full or
+        the coarse grid), counted, its chi against ``cost``."""
         nonlocal cut
         run = polish(
-            data_,
+            grid_data,
             obj,
             support,
-            valid_,
+            grid_valid,
             iterations=iterations,
             hio_fraction=settings.adaptive_hio_fraction,
             time_budget_s=left(),
