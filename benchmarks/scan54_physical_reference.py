@@ -35,6 +35,7 @@ import numpy as np
 
 from bcdi_bluesky.physics import Geometry, intensity, physical_result, principal_extents, r_factor
 from bcdi_bluesky.pipeline import Reconstructor
+from bcdi_bluesky.settings import ReconstructionSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"
@@ -137,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # The largest budgets let every iteration run: the result does not depend on the load.
-    rec = Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0)
+    rec = Reconstructor(
+        **{
+            info.name: info.high
+            for info in ReconstructionSettings.fields_info()
+            if info.name.endswith("_time_budget_s")
+        }
+    )
     t = time.perf_counter()
     result = rec.reconstruct(data, geometry=g)
     seconds = time.perf_counter() - t

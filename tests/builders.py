@@ -9,6 +9,16 @@ import socket
 
 from event_model import compose_run
 
+from bcdi_bluesky import ReconstructionSettings
+
+#: Every safety cap of the pipeline at its upper limit: the iteration counts, not the load of
+#: the test machine, decide the result.
+GENEROUS_BUDGETS = {
+    info.name: info.high
+    for info in ReconstructionSettings.fields_info()
+    if info.name.endswith("_time_budget_s")
+}
+
 
 def free_port() -> int:
     """A port free for both TCP and UDP on loopback."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import documents
+from builders import GENEROUS_BUDGETS, documents
 from event_model import compose_run
 
 from bcdi_bluesky import BCDIReconstructionCallback, ReconstructionSettings, Reconstructor
@@ -24,7 +24,7 @@ from bcdi_bluesky.pipeline import to_model_grid
 
 @pytest.fixture(scope="module")
 def reconstructor():
-    return Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0)
+    return Reconstructor(**GENEROUS_BUDGETS)
 
 
 @pytest.fixture

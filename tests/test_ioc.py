@@ -6,7 +6,7 @@ import uuid
 
 import numpy as np
 import pytest
-from builders import documents, free_port
+from builders import GENEROUS_BUDGETS, documents, free_port
 
 from bcdi_bluesky.physics import CrystalPrior
 
@@ -35,7 +35,7 @@ def published(ioc):
     from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
     from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 
-    rec = Reconstructor(es_time_budget_s=30, polish_time_budget_s=30)
+    rec = Reconstructor(**GENEROUS_BUDGETS)
     geometry = {
         "bcdi": {
             "geometry": {

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from builders import GENEROUS_BUDGETS
 
 from bcdi_bluesky import DataError, Reconstructor, write_result
 from bcdi_bluesky.io import read_geometry
@@ -43,7 +44,7 @@ def full(scan54_64, geometry):
     """Scan 54 reconstructed with every stage (the result compared with cohere's); the largest
     budgets, which let every iteration run even on a loaded 2-core machine, so the result does
     not depend on the load."""
-    rec = Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0)
+    rec = Reconstructor(**GENEROUS_BUDGETS)
     return rec.reconstruct(scan54_64, refine="full", geometry=geometry)
 
 

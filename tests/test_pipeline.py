@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.ndimage
+from builders import GENEROUS_BUDGETS
 
 from bcdi_bluesky import ReconstructionSettings, Reconstructor
 from bcdi_bluesky.model.data import TEST_STREAM, make_sample
@@ -26,7 +27,7 @@ from bcdi_bluesky.pipeline import TIMING_KEYS
 @pytest.fixture(scope="module")
 def rec():
     # Generous time budgets: the iteration counts, not the load of the test machine, decide.
-    return Reconstructor(es_time_budget_s=30.0, polish_time_budget_s=30.0)
+    return Reconstructor(**GENEROUS_BUDGETS)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_same_input_same_result_under_cpu_load():
         load.kill()
         load.wait(timeout=10)
     if any(r.cut_short for r in runs):
-        # Only a safety cap (30 s a stage) makes a result depend on the load; it reports it.
+        # Only a safety cap makes a result depend on the load, and a cut result says so.
         pytest.skip(f"the machine is so loaded that a safety cap cut {runs[0].cut_short}")
     first = runs[0]
     assert len(first.polish_attempts) > 1
