@@ -545,8 +545,12 @@ def polish_stage(
         return poisson_chi_expected(model_intensity, measurement.data, measurement.valid)
 
     errors: list[float] = []
+
+    def support_of(obj: Any) -> Any:
+        return xp.abs(obj) > 0.1 * xp.max(xp.abs(obj))
+
     model_object = backend.asarray(model_object, dtype=xp.complex64)
-    seed_support = xp.abs(model_object) > 0.1 * xp.max(xp.abs(model_object))
+    seed_support = support_of(model_object)
     first = seeded_polish(
         data,
         model_object,
@@ -576,18 +580,15 @@ def polish_stage(
         window = central_slices(data.shape, coarse_shape(data.shape, factor))
         coarse_data = data[window]
         coarse_valid = None if valid is None else valid[window]
-        coarse_cost = chi_cost if factor == 1 else ChiCost(coarse_data, coarse_valid, backend)
-        coarse_model = (
-            model_object if factor == 1 else crop_frequencies(model_object, factor, backend)
-        )
-        sphere, inside = autocorrelation_seed(backend.to_numpy(coarse_data))
-        starts = {
-            "model ER/HIO": (
-                coarse_model,
-                xp.abs(coarse_model) > 0.1 * xp.max(xp.abs(coarse_model)),
-            ),
-            "autocorrelation ER/HIO": (sphere, inside),
-        }
+        if factor == 1:
+            coarse_cost, model_start = chi_cost, (model_object, seed_support)
+        else:
+            coarse_cost = ChiCost(coarse_data, coarse_valid, backend)
+            coarse_model = crop_frequencies(model_object, factor, backend)
+            model_start = (coarse_model, support_of(coarse_model))
+        # From the host copy of the data: no device -> host transfer.
+        sphere, inside = autocorrelation_seed(measurement.data[window])
+        starts = {"model ER/HIO": model_start, "autocorrelation ER/HIO": (sphere, inside)}
         for k in range(settings.random_starts):
             rng = np.random.default_rng((settings.seed, k))
             starts[f"random start {k + 1} ER/HIO"] = (random_start(inside, rng), inside)

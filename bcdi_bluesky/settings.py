@@ -181,6 +181,16 @@ class ReconstructionSettings:
             for f in dataclasses.fields(cls)
         ]
 
+    @classmethod
+    def largest_time_budgets(cls) -> dict[str, float]:
+        """Every wall-time safety cap (``*_time_budget_s``) at its upper limit: for runs that
+        the iteration counts, not the machine's load, must decide."""
+        return {
+            info.name: info.high
+            for info in cls.fields_info()
+            if info.name.endswith("_time_budget_s")
+        }
+
     def replace(self, **changes: Any) -> ReconstructionSettings:
         """A validated copy with ``changes`` (field names) applied."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

@@ -307,30 +307,33 @@ def run_cohere(
 class CohereStart:
     """One cohere start, carried back to the data's grid (:func:`run_cohere_starts`)."""
 
-    score: float
     run: CohereRun
     object: np.ndarray
+    figures: dict[str, Any]
     cpu_seconds: float
+    shift: tuple[int, ...]  # the centring undone (:func:`centre_on_max`)
 
 
 def run_cohere_starts(
     data: np.ndarray,
     count: int,
-    score: Callable[[np.ndarray], float],
+    measure: Callable[[np.ndarray], dict[str, Any]],
+    key: str,
     threshold: float = 0.0,
     seeds: Callable[[int], int] | None = None,
 ) -> tuple[CohereStart, list[CohereStart]]:
     """``count`` cohere runs from random starts on ``data`` (centred on its maximum for
-    cohere, the objects carried back by :func:`undo_centring`), ordered by ``score(object)``.
+    cohere, the objects carried back by :func:`undo_centring`), each object's figures
+    ``measure(object)``, ordered by ``figures[key]``.
 
-    cohere starts from a random object, so one run is a draw: the median by ``score`` stands
+    cohere starts from a random object, so one run is a draw: the median by ``key`` stands
     for it, and the others are returned too. ``seeds(k)`` seeds numpy's global state (which
     cohere draws from) before start ``k``; None leaves it as it is.
 
     Returns
     -------
     median, starts : CohereStart, list of CohereStart
-        The median start by score and every start, lowest score first.
+        The median start by ``key`` and every start, lowest first.
     """
     centred, shift = centre_on_max(data)
     starts = []
@@ -341,8 +344,8 @@ def run_cohere_starts(
         run = run_cohere(centred, threshold)
         cpu = time.process_time() - cpu
         obj = undo_centring(run.object, shift)
-        value = score(obj)
-        starts.append((value, k, CohereStart(value, run, obj, cpu)))
+        start = CohereStart(run, obj, measure(obj), cpu, tuple(shift))
+        starts.append((start.figures[key], k, start))
     starts.sort(key=lambda entry: entry[:2])
     ordered = [entry[2] for entry in starts]
     return ordered[len(ordered) // 2], ordered
@@ -566,18 +569,19 @@ def measured_cases(
             median_start, starts = run_cohere_starts(
                 data,
                 COHERE_MEASURED_REPEATS,
-                lambda obj, data=data: figures(obj, data)["r_factor"],
+                lambda obj, data=data: figures(obj, data),
+                "r_factor",
                 COHERE_MEASURED_THRESHOLD,
             )
             cohere_obj, run = median_start.object, median_start.run
             methods["cohere"] = {
-                **figures(cohere_obj, data),
+                **median_start.figures,
                 "seconds": run.seconds,
                 "cohere_error": run.error,
                 "chi_fit": run.chi,
                 "chi_fit_unconverted": run.chi_unconverted,
-                "shift": list(centre_on_max(data)[1]),
-                "r_factor_of_each_run": [start.score for start in starts],
+                "shift": list(median_start.shift),
+                "r_factor_of_each_run": [start.figures["r_factor"] for start in starts],
             }
         for method, result in results.items():
             methods[method].update(figures(result.object, data, reference=cohere_obj))
@@ -631,21 +635,18 @@ def out_of_family_cases(
                 **verdict(result),
             }
         if not skip_cohere:
-
-            def figures_of(obj, data=data, truth=truth, mask=mask) -> dict[str, Any]:
-                return figures(obj, data, truth, mask=mask)
-
             _, starts = run_cohere_starts(
                 data,
                 cohere_starts,
-                lambda obj: figures_of(obj)["chi"],
+                lambda obj, data=data, truth=truth, mask=mask: figures(obj, data, truth, mask=mask),
+                "chi",
                 # One seed per start where there are several (cohere draws from numpy's
                 # global state); a single start is the draw a user gets.
                 seeds=None if cohere_starts == 1 else lambda k, i=i: 1000 * i + k,
             )
             each = [
                 {
-                    **figures_of(start.object),
+                    **start.figures,
                     "seconds": start.run.seconds,
                     "cpu_seconds": start.cpu_seconds,
                     "cohere_error": start.run.error,

@@ -138,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # The largest budgets let every iteration run: the result does not depend on the load.
-    rec = Reconstructor(
-        **{
-            info.name: info.high
-            for info in ReconstructionSettings.fields_info()
-            if info.name.endswith("_time_budget_s")
-        }
-    )
+    rec = Reconstructor(**ReconstructionSettings.largest_time_budgets())
     t = time.perf_counter()
     result = rec.reconstruct(data, geometry=g)
     seconds = time.perf_counter() - t

@@ -13,11 +13,7 @@ from bcdi_bluesky import ReconstructionSettings
 
 #: Every safety cap of the pipeline at its upper limit: the iteration counts, not the load of
 #: the test machine, decide the result.
-GENEROUS_BUDGETS = {
-    info.name: info.high
-    for info in ReconstructionSettings.fields_info()
-    if info.name.endswith("_time_budget_s")
-}
+GENEROUS_BUDGETS = ReconstructionSettings.largest_time_budgets()
 
 
 def free_port() -> int:
