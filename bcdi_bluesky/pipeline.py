@@ -463,6 +463,141 @@ class PolishOutcome:
     kernel: CoherenceKernel | None = None
 
 
+class _PolishRuns:
+    """The runs of one polish on one backend: their shared step count (for ``hook``), error
+    trace and wall-time safety cap (``polish_time_budget_s``, all runs together)."""
+
+    def __init__(
+        self,
+        settings: ReconstructionSettings,
+        backend: ArrayBackend,
+        hook: Callable[[int, float], bool | None] | None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.hook = hook
+        self.started = time.perf_counter()
+        self.steps = 0
+        self.errors: list[float] = []
+        self.cut = False
+
+    def left(self) -> float:
+        """Seconds left under the safety cap."""
+        elapsed = time.perf_counter() - self.started
+        return max(self.settings.polish_time_budget_s - elapsed, 0.0)
+
+    def counted(self, i: int, e: float) -> bool | None:
+        """The hook with the step counted over every run so far."""
+        return None if self.hook is None else self.hook(self.steps + i, e)
+
+    def record(self, run: PolishResult) -> PolishResult:
+        """Count ``run``'s steps and errors, and whether the cap cut it."""
+        self.steps += run.iterations
+        self.errors.extend(run.errors)
+        self.cut = self.cut or run.cut_short
+        return run
+
+    def further(
+        self,
+        grid_data: Any,
+        obj: Any,
+        support: Any,
+        grid_valid: Any,
+        iterations: int,
+        cost: ChiCost,
+        **options,
+    ) -> PolishResult:
+        """One more ER/HIO run (``adaptive_hio_fraction`` HIO) on ``grid_data`` (the full or
+        the coarse grid), counted, its chi against ``cost``."""
+        run = polish(
+            grid_data,
+            obj,
+            support,
+            grid_valid,
+            iterations=iterations,
+            hio_fraction=self.settings.adaptive_hio_fraction,
+            time_budget_s=self.left(),
+            hook=self.counted,
+            backend=self.backend,
+            partial_coherence=self.settings.partial_coherence,
+            **options,
+        )
+        run.chi = cost(run.model_intensity(self.backend))
+        return self.record(run)
+
+
+def _support_of(obj: Any, xp: Any) -> Any:
+    """The voxels above a tenth of the largest amplitude (a seed's support)."""
+    return xp.abs(obj) > 0.1 * xp.max(xp.abs(obj))
+
+
+def _further_starts(
+    runs: _PolishRuns,
+    measurement: Measurement,
+    data: Any,
+    valid: Any,
+    chi_cost: ChiCost,
+    model_object: Any,
+    seed_support: Any,
+) -> tuple[list[tuple[float, str, PolishResult]], dict[str, float]]:
+    """Step 2 of :func:`polish_stage`: the model seed again and the model-free starts, on the
+    full grid or (``starts_downsampling`` above 1) on the coarse one with the
+    :data:`FINALISTS` refined on the full grid.
+
+    Returns
+    -------
+    runs, attempts : list of (chi, label, PolishResult), dict
+        The full-grid runs, lowest chi first, and each one's chi by label.
+    """
+    settings, backend = runs.settings, runs.backend
+    factor = settings.starts_downsampling
+    if min(coarse_shape(data.shape, factor)) < MIN_COARSE_EDGE:
+        factor = 1
+    window = central_slices(data.shape, coarse_shape(data.shape, factor))
+    coarse_data = data[window]
+    coarse_valid = None if valid is None else valid[window]
+    if factor == 1:
+        coarse_cost, model_start = chi_cost, (model_object, seed_support)
+    else:
+        coarse_cost = ChiCost(coarse_data, coarse_valid, backend)
+        coarse_model = crop_frequencies(model_object, factor, backend)
+        model_start = (coarse_model, _support_of(coarse_model, backend.xp))
+    # From the host copy of the data: no device -> host transfer.
+    sphere, inside = autocorrelation_seed(measurement.data[window])
+    starts = {"model ER/HIO": model_start, "autocorrelation ER/HIO": (sphere, inside)}
+    for k in range(settings.random_starts):
+        rng = np.random.default_rng((settings.seed, k))
+        starts[f"random start {k + 1} ER/HIO"] = (random_start(inside, rng), inside)
+    suffix = "" if factor == 1 else f" at 1/{factor} resolution"
+    attempts: dict[str, float] = {}
+    ranked = []
+    for label, (obj, support) in starts.items():
+        run = runs.further(
+            coarse_data, obj, support, coarse_valid, settings.adaptive_iterations, coarse_cost
+        )
+        if factor == 1:  # a coarse chi does not compare with the full grid's
+            attempts[label] = run.chi
+        ranked.append((run.chi, label + suffix, run))
+        if runs.cut:
+            break
+    ranked.sort(key=lambda entry: entry[0])
+    if factor == 1:
+        return ranked, attempts
+    # The coarse chi ranks the starts; the finalists are refined on the full grid, where a
+    # start that looked second may fit better.
+    refined = []
+    for _, label, coarse in ranked[:FINALISTS] if not runs.cut else ():
+        obj = pad_frequencies(coarse.object, data.shape, backend)
+        support = shrink_wrap(obj, backend=backend)
+        run = runs.further(data, obj, support, valid, settings.adaptive_iterations // 2, chi_cost)
+        attempts[f"{label}, refined"] = run.chi
+        refined.append((run.chi, f"{label}, refined", run))
+        if runs.cut:
+            break
+    refined.sort(key=lambda entry: entry[0])
+    return refined, attempts
+
+
 def polish_stage(
     measurement: Measurement,
     model_object: np.ndarray,
@@ -500,57 +635,14 @@ def polish_stage(
     data = backend.asarray(measurement.data)
     valid = None if measurement.valid is None else backend.asarray(measurement.valid)
     chi_cost = ChiCost(data, valid, backend)
-    started = time.perf_counter()
-    steps = [0]
-
-    def left() -> float:
-        return max(settings.polish_time_budget_s - (time.perf_counter() - started), 0.0)
-
-    def counted(i: int, e: float) -> bool | None:
-        return None if hook is None else hook(steps[0] + i, e)
-
-    def further(
-        grid_data: Any,
-        obj: Any,
-        support: Any,
-        grid_valid: Any,
-        iterations: int,
-        cost: ChiCost,
-        **options,
-    ) -> PolishResult:
-        """One more ER/HIO run (``adaptive_hio_fraction`` HIO) on ``grid_data`` (the full or
-        the coarse grid), counted, its chi against ``cost``."""
-        nonlocal cut
-        run = polish(
-            grid_data,
-            obj,
-            support,
-            grid_valid,
-            iterations=iterations,
-            hio_fraction=settings.adaptive_hio_fraction,
-            time_budget_s=left(),
-            hook=counted,
-            backend=backend,
-            partial_coherence=settings.partial_coherence,
-            **options,
-        )
-        steps[0] += run.iterations
-        errors.extend(run.errors)
-        run.chi = cost(run.model_intensity(backend))
-        cut = cut or run.cut_short
-        return run
+    runs = _PolishRuns(settings, backend, hook)
 
     def expected_of(run: PolishResult) -> float | None:
         model_intensity = backend.to_numpy(run.model_intensity(backend))
         return poisson_chi_expected(model_intensity, measurement.data, measurement.valid)
 
-    errors: list[float] = []
-
-    def support_of(obj: Any) -> Any:
-        return xp.abs(obj) > 0.1 * xp.max(xp.abs(obj))
-
     model_object = backend.asarray(model_object, dtype=xp.complex64)
-    seed_support = support_of(model_object)
+    seed_support = _support_of(model_object, xp)
     first = seeded_polish(
         data,
         model_object,
@@ -559,66 +651,23 @@ def polish_stage(
         er_iterations=settings.polish_er_iterations,
         iterations=settings.polish_iterations,
         hio_fraction=settings.polish_hio_fraction,
-        time_budget_s=left(),
-        hook=counted,
+        time_budget_s=runs.left(),
+        hook=runs.counted,
         backend=backend,
         chi_cost=chi_cost,
         noise_floor=measurement.noise_floor,
         partial_coherence=settings.partial_coherence,
     )
-    steps[0] += first.iterations
-    errors += first.errors
+    runs.record(first)
     best, best_label = first, first.recipe
     attempts = {first.recipe: first.chi}
-    cut = first.cut_short
     expected = expected_of(best)
-    spend = settings.adaptive_iterations > 0 and not cut and not fit_at_noise(best.chi, expected)
-    if spend:
-        factor = settings.starts_downsampling
-        if min(coarse_shape(data.shape, factor)) < MIN_COARSE_EDGE:
-            factor = 1
-        window = central_slices(data.shape, coarse_shape(data.shape, factor))
-        coarse_data = data[window]
-        coarse_valid = None if valid is None else valid[window]
-        if factor == 1:
-            coarse_cost, model_start = chi_cost, (model_object, seed_support)
-        else:
-            coarse_cost = ChiCost(coarse_data, coarse_valid, backend)
-            coarse_model = crop_frequencies(model_object, factor, backend)
-            model_start = (coarse_model, support_of(coarse_model))
-        # From the host copy of the data: no device -> host transfer.
-        sphere, inside = autocorrelation_seed(measurement.data[window])
-        starts = {"model ER/HIO": model_start, "autocorrelation ER/HIO": (sphere, inside)}
-        for k in range(settings.random_starts):
-            rng = np.random.default_rng((settings.seed, k))
-            starts[f"random start {k + 1} ER/HIO"] = (random_start(inside, rng), inside)
-        suffix = "" if factor == 1 else f" at 1/{factor} resolution"
-        runs = []
-        for label, (obj, support) in starts.items():
-            run = further(
-                coarse_data, obj, support, coarse_valid, settings.adaptive_iterations, coarse_cost
-            )
-            if factor == 1:  # a coarse chi does not compare with the full grid's
-                attempts[label] = run.chi
-            runs.append((run.chi, label + suffix, run))
-            if cut:
-                break
-        runs.sort(key=lambda entry: entry[0])
-        if factor > 1:
-            # The coarse chi ranks the starts; the finalists are refined on the full grid,
-            # where a start that looked second may fit better.
-            finalists, runs = runs[:FINALISTS], []
-            for _, label, coarse in finalists if not cut else ():
-                obj = pad_frequencies(coarse.object, data.shape, backend)
-                support = shrink_wrap(obj, backend=backend)
-                run = further(
-                    data, obj, support, valid, settings.adaptive_iterations // 2, chi_cost
-                )
-                attempts[f"{label}, refined"] = run.chi
-                runs.append((run.chi, f"{label}, refined", run))
-                if cut:
-                    break
-        for chi, label, run in runs:
+    if settings.adaptive_iterations > 0 and not runs.cut and not fit_at_noise(best.chi, expected):
+        ranked, more = _further_starts(
+            runs, measurement, data, valid, chi_cost, model_object, seed_support
+        )
+        attempts.update(more)
+        for chi, label, run in ranked:
             if chi < best.chi:
                 best, best_label = run, label
         expected = expected_of(best)
@@ -627,10 +676,10 @@ def polish_stage(
     if (
         settings.converge_iterations > 0
         and not counts
-        and not cut
+        and not runs.cut
         and not fit_at_noise(best.chi, expected)
     ):
-        run = further(
+        run = runs.further(
             data,
             best.object,
             best.support,
@@ -649,7 +698,15 @@ def polish_stage(
     if fit_at_noise(best.chi, expected):
         converged = True
     return PolishOutcome(
-        best.object, best.chi, expected, errors, best_label, attempts, converged, cut, best.kernel
+        best.object,
+        best.chi,
+        expected,
+        runs.errors,
+        best_label,
+        attempts,
+        converged,
+        runs.cut,
+        best.kernel,
     )
 
 
