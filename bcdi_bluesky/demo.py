@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from .beamline.publishers import Publisher
+from .files import save_figure
 from .physics import align, compare_objects
 from .pipeline import to_model_grid
 
@@ -113,7 +114,7 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
         iou = compare_objects(truth, recon).iou
         fig.suptitle(f"scan {last.scan_id}: truth vs reconstruction (support IoU {iou:.2f})")
         paths.append(out / "truth_vs_reconstruction.png")
-        fig.savefig(paths[-1], dpi=80)
+        save_figure(fig, paths[-1], dpi=80)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     for record in records:
@@ -125,7 +126,7 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     ax.set_title("extremum seeking: chi per step")
     ax.legend()
     paths.append(out / "es_cost.png")
-    fig.savefig(paths[-1], dpi=90)
+    save_figure(fig, paths[-1], dpi=90)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     scans = [h["iteration"] + 1 for h in history]
@@ -138,7 +139,7 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     ax.set_title("closed loop: rocking centre per scan")
     ax.legend()
     paths.append(out / "closed_loop.png")
-    fig.savefig(paths[-1], dpi=90)
+    save_figure(fig, paths[-1], dpi=90)
     plt.close(fig)
     return paths
 

@@ -3,9 +3,10 @@
 Readers return ``(intensity, mask)``: a float32 3D array and a boolean mask (True = valid) or
 None. Every problem is a :class:`DataError` naming the file and what is wrong with it.
 
-Files are written atomically (:func:`atomic_write_bytes`): built in memory, written to a
-temporary file in the target folder and renamed into place, so a full disk or a permission
-problem leaves no partial file and raises one :class:`DataError`. HDF5 files are built with
+Files are written atomically (:func:`~bcdi_bluesky.files.atomic_write_bytes`, re-exported
+here): built in memory, written to a temporary file in the target folder and renamed into place,
+so a full disk or a permission problem leaves no partial file and raises one
+:class:`DataError`. HDF5 files are built with
 h5py's in-memory ``core`` driver: h5py closing a file on a full disk can crash the process, and
 in memory it never meets the disk.
 """
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DataError
+from .files import atomic_write_bytes
 from .physics import Geometry, check_mask, check_volume
 
 if TYPE_CHECKING:
@@ -139,40 +139,6 @@ def read_intensity(
     except ValueError as exc:
         raise DataError(f"{p}: {exc}") from None
     return data, mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: all of it or, on any failure, nothing.
-
-    The bytes go to a temporary file in the target folder (same file system), are flushed to
-    disk, and the file is renamed over ``path``. An existing file at ``path`` is replaced only
-    once the new one is complete.
-
-    Raises
-    ------
-    DataError
-        The folder cannot be made or written, or the disk is full; no partial file is left.
-    """
-    p = Path(path)
-    tmp: str | None = None
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=p.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as exc:
-        raise DataError(f"{p}: cannot write ({exc.strerror or exc}); nothing was written") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    return p
 
 
 def _physical_arrays(result: ReconstructionResult) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .files import save_figure
 from .physics import central_slices
 
 if TYPE_CHECKING:
@@ -164,11 +165,10 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path, title: s
     )
     if title:
         fig.suptitle(title)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
+    try:
+        return save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def plot_latent_map(
@@ -208,8 +208,7 @@ def plot_latent_map(
     ax.set_ylabel("latent PC 2")
     ax.set_title(title + "\nstars: scans (red: out of distribution)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
+    try:
+        return save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)

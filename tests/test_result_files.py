@@ -1,6 +1,8 @@
 """Result files are written atomically: complete, or not at all, and never a crash."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -80,3 +82,45 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, suffix):
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "cannot write" in proc.stdout and "nothing was written" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # no partial file, no temporary
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then restore it."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_files_get_the_permissions_of_a_new_file(tmp_path, result, umask, mask, mode):
+    """As open() would make them (0o666 less the umask): a beamline group can read the results
+    where the umask lets it, a replaced file included."""
+    umask(mask)
+    written = [
+        atomic_write_bytes(tmp_path / "a.json", b"{}"),
+        write_result(result, tmp_path / "r.cxi"),
+        write_result(result, tmp_path / "r.cxi"),  # replacing an existing file
+    ]
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_figures_are_written_atomically(tmp_path, result):
+    from bcdi_bluesky.plotting import plot_reconstruction
+
+    path = plot_reconstruction(result, tmp_path / "figs" / "r.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["r.png"]  # no temporary left
+    svg = plot_reconstruction(result, tmp_path / "figs" / "r.svg")
+    assert b"<svg" in svg.read_bytes()[:1000]
+    # A folder that cannot be made: one clear error, nothing written, the figure closed.
+    (tmp_path / "plain").write_text("not a folder")
+    import matplotlib.pyplot as plt
+
+    open_before = len(plt.get_fignums())
+    with pytest.raises(DataError, match="cannot write"):
+        plot_reconstruction(result, tmp_path / "plain" / "r.png")
+    assert len(plt.get_fignums()) == open_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figs", "plain"]
