@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,35 @@ from .errors import DataError
 NEW_FILE_MODE = 0o666
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that takes a path (torch, ONNX): renamed
+    over ``path`` when the block ends without error, removed otherwise.
+
+    Raises
+    ------
+    DataError
+        The folder cannot be made or the rename fails; nothing is left at the temporary path.
+    """
+    p = Path(path)
+    tmp = p.parent / f".{p.name}.{uuid.uuid4().hex}.part"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, p)
+    except OSError as exc:
+        raise DataError(f"{p}: cannot write ({exc.strerror or exc}); nothing was written") from None
+    finally:
+        if tmp.exists():
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: all of it or, on any failure, nothing.
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`), flushed to disk: all of it
+    or, on any failure, nothing.
 
     Returns
     -------
@@ -35,28 +64,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     DataError
         The folder cannot be made or written, or the disk is full; no partial file is left.
     """
-    p = Path(path)
-    tmp: Path | None = None
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.parent / f".{p.name}.{uuid.uuid4().hex}.part"
+    with atomic_path(path) as tmp:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(tmp, flags, NEW_FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(os.open(tmp, flags, NEW_FILE_MODE), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as exc:
-        raise DataError(f"{p}: cannot write ({exc.strerror or exc}); nothing was written") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    return p
+    return Path(path)
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:

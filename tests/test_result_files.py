@@ -124,3 +124,19 @@ def test_figures_are_written_atomically(tmp_path, result):
         plot_reconstruction(result, tmp_path / "plain" / "r.png")
     assert len(plt.get_fignums()) == open_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figs", "plain"]
+
+
+def test_a_writer_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from bcdi_bluesky.files import atomic_path
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old checkpoint")
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half a checkpo")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new checkpoint")
+    assert target.read_bytes() == b"new checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

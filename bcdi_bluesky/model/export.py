@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_path, atomic_write_bytes
 from .data import DISTIL_STREAM
 from .evaluate import training_mean, validate
 from .latent import CALIBRATION_STREAM, calibrate
@@ -42,7 +43,8 @@ def export_onnx(net: torch.nn.Module, grid: int, path: Path) -> None:
             verbose=False,
             external_data=False,
         )
-        program.save(str(path))
+        with atomic_path(path) as tmp:
+            program.save(str(tmp))
 
 
 def _distillation_record(distillation: dict) -> dict:
@@ -153,7 +155,7 @@ def export(
         "export_machine": platform.platform(),
     }
     card_path = onnx_path.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=1))
+    atomic_write_bytes(card_path, json.dumps(card, indent=1).encode())
     runtime = OnnxCrystalModel(onnx_path, providers=["CPUExecutionProvider"])
     started = time.perf_counter()
     result = validate(runtime.predict, model, validation_count, validation_seed).summary()
@@ -193,5 +195,5 @@ def export(
                 "shrinkage": 0.05,
             },
         }
-    card_path.write_text(json.dumps(card, indent=1))
+    atomic_write_bytes(card_path, json.dumps(card, indent=1).encode())
     return card

@@ -7,7 +7,6 @@ exactly the data it would have seen without the interruption, and no data set is
 from __future__ import annotations
 
 import math
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..files import atomic_path
 from ..physics import CrystalPrior
 from .config import TrainConfig
 from .data import (
@@ -89,10 +89,9 @@ def checkpoint_path(directory: Path, name: str) -> Path:
 
 
 def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted save never corrupts the last checkpoint
+    # Atomic: an interrupted save never corrupts the last checkpoint.
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
