@@ -635,6 +635,24 @@ def _root_pair(text: str) -> tuple[str, str]:
     return old, new
 
 
+def _add_training_run_options(
+    p: argparse.ArgumentParser, validate_every: int, checkpoint_every: int
+) -> None:
+    """The options every resumable training run takes (``train``, ``distil``)."""
+    p.add_argument("--workers", type=int, default=1, help="data-generation processes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="stop cleanly with a checkpoint after this many seconds",
+    )
+    p.add_argument("--validate-every", type=int, default=validate_every)
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
@@ -837,21 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--workers", type=int, default=1, help="data-generation processes")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=None,
-        help="stop cleanly with a checkpoint after this many seconds",
-    )
-    p.add_argument("--validate-every", type=int, default=t.validate_every)
-    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_training_run_options(p, t.validate_every, t.checkpoint_every)
     p.add_argument(
         "--init-from", default=None, help="warm-start a new run from another checkpoint's weights"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
     d = DISTIL_DEFAULTS
@@ -874,21 +881,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=None, help="default: the teacher's")
     p.add_argument("--seed", type=int, default=None, help="default: the teacher's")
-    p.add_argument("--workers", type=int, default=1, help="data-generation processes")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=None,
-        help="stop cleanly with a checkpoint after this many seconds",
-    )
-    p.add_argument("--validate-every", type=int, default=d["validate_every"])
-    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
+    _add_training_run_options(p, d["validate_every"], d["checkpoint_every"])
     p.add_argument(
         "--validation-size", type=int, default=d["validation_size"], help="crystals per check"
     )
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_distil)
 
     p = sub.add_parser("export", help="export a checkpoint to models/<name>.onnx + card")

@@ -366,6 +366,47 @@ def test_file_backed_detector_gives_the_same_volume(RE, make_callback, tmp_path)
     np.testing.assert_array_equal(volumes[True], volumes[False])
 
 
+def _stream_resource_run(uri: str, dataset: str, frame_shape: list[int], thetas) -> list:
+    """The documents of a rocking scan whose frames sit in an HDF5 dataset (``uri``), declared
+    by one stream resource and one stream datum: event k (seq_num k + 1) holds row k."""
+    bundle = compose_run()
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={
+            "theta": {"source": "sim", "dtype": "number", "shape": []},
+            "det_image": {
+                "source": "sim",
+                "dtype": "array",
+                "shape": frame_shape,
+                "external": "STREAM:",
+            },
+        },
+    )
+    sres = bundle.compose_stream_resource(
+        mimetype="application/x-hdf5",
+        uri=uri,
+        data_key="det_image",
+        parameters={"dataset": dataset},
+    )
+    datum = sres.compose_stream_datum(
+        indices={"start": 0, "stop": len(thetas)},
+        seq_nums={"start": 1, "stop": len(thetas) + 1},
+        descriptor=desc.descriptor_doc,
+    )
+    events = [
+        ("event", desc.compose_event(data={"theta": theta}, timestamps={"theta": 0.0}))
+        for theta in thetas
+    ]
+    return [
+        ("start", bundle.start_doc),
+        ("descriptor", desc.descriptor_doc),
+        ("stream_resource", sres.stream_resource_doc),
+        ("stream_datum", datum),
+        *events,
+        ("stop", bundle.compose_stop()),
+    ]
+
+
 def test_stream_resource_frames_are_read_from_hdf5(make_callback, tmp_path):
     import h5py
 
@@ -375,41 +416,12 @@ def test_stream_resource_frames_are_read_from_hdf5(make_callback, tmp_path):
     path = tmp_path / "frames.h5"
     with h5py.File(path, "w") as f:
         f["entry/data/data"] = stack
-    bundle = compose_run()
-    desc = bundle.compose_descriptor(
-        name="primary",
-        data_keys={
-            "theta": {"source": "sim", "dtype": "number", "shape": []},
-            "det_image": {
-                "source": "sim",
-                "dtype": "array",
-                "shape": [4, 5],
-                "external": "STREAM:",
-            },
-        },
-    )
-    sres = bundle.compose_stream_resource(
-        mimetype="application/x-hdf5",
-        uri=f"file://localhost{path}",
-        data_key="det_image",
-        parameters={"dataset": "/entry/data/data"},
-    )
     capture = _Capture()
     cb = make_callback(reconstructor=capture)
-    cb("start", bundle.start_doc)
-    cb("descriptor", desc.descriptor_doc)
-    cb("stream_resource", sres.stream_resource_doc)
-    cb(
-        "stream_datum",
-        sres.compose_stream_datum(
-            indices={"start": 0, "stop": 3},
-            seq_nums={"start": 1, "stop": 4},
-            descriptor=desc.descriptor_doc,
-        ),
-    )
-    for theta in thetas:
-        cb("event", desc.compose_event(data={"theta": theta}, timestamps={"theta": 0.0}))
-    cb("stop", bundle.compose_stop())
+    for name, doc in _stream_resource_run(
+        f"file://localhost{path}", "/entry/data/data", [4, 5], thetas
+    ):
+        cb(name, doc)
     assert cb.wait(timeout=10)
     order = np.argsort(thetas)  # event k (seq_num k+1) holds row k
     np.testing.assert_array_equal(capture.volumes[0], stack[order])
@@ -907,41 +919,12 @@ def test_root_map_applies_to_stream_resources(make_callback, tmp_path):
     stack = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     with h5py.File(tmp_path / "frames.h5", "w") as f:
         f["data"] = stack
-    bundle = compose_run()
-    desc = bundle.compose_descriptor(
-        name="primary",
-        data_keys={
-            "theta": {"source": "sim", "dtype": "number", "shape": []},
-            "det_image": {
-                "source": "sim",
-                "dtype": "array",
-                "shape": [3, 4],
-                "external": "STREAM:",
-            },
-        },
-    )
-    sres = bundle.compose_stream_resource(
-        mimetype="application/x-hdf5",
-        uri="file://localhost/beamline/data/frames.h5",
-        data_key="det_image",
-        parameters={"dataset": "/data"},
-    )
     capture = _Capture()
     cb = make_callback(reconstructor=capture, root_map={"/beamline/data": str(tmp_path)})
-    cb("start", bundle.start_doc)
-    cb("descriptor", desc.descriptor_doc)
-    cb("stream_resource", sres.stream_resource_doc)
-    cb(
-        "stream_datum",
-        sres.compose_stream_datum(
-            indices={"start": 0, "stop": 2},
-            seq_nums={"start": 1, "stop": 3},
-            descriptor=desc.descriptor_doc,
-        ),
-    )
-    for theta in (0.0, 0.1):
-        cb("event", desc.compose_event(data={"theta": theta}, timestamps={"theta": 0.0}))
-    cb("stop", bundle.compose_stop())
+    for name, doc in _stream_resource_run(
+        "file://localhost/beamline/data/frames.h5", "/data", [3, 4], (0.0, 0.1)
+    ):
+        cb(name, doc)
     assert cb.wait(timeout=10)
     np.testing.assert_array_equal(capture.volumes[0], stack)
 

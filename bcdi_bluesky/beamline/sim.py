@@ -16,6 +16,7 @@ import tempfile
 import threading
 import uuid
 from collections import deque
+from typing import Any
 
 import numpy as np
 from ophyd import Component as Cpt
@@ -163,7 +164,29 @@ class BCDIDetector(Device):
         return status
 
 
-class FileBackedBCDIDetector(BCDIDetector):
+class _FrameWritingDetector(BCDIDetector):
+    """The detector writing its frames to ``save_path`` (a fresh temporary folder by default)
+    and queuing the asset documents that say where they are, for the RunEngine to collect."""
+
+    def __init__(self, *args, save_path: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_path = save_path or tempfile.mkdtemp(prefix="bcdi_frames_")
+        self._asset_docs: deque = deque()
+        self._resource_uid: str | None = None
+
+    def collect_asset_docs(self):
+        while self._asset_docs:
+            yield self._asset_docs.popleft()
+
+    def _describe_image(self, **fields: Any) -> dict:
+        """The reading's description with the image's data key marked external."""
+        out = super().describe()
+        key = f"{self.name}_image"
+        out[key] = {**out[key], "dtype": "array", "shape": list(self.frame_shape), **fields}
+        return out
+
+
+class FileBackedBCDIDetector(_FrameWritingDetector):
     """The same detector, delivering frames the way area detectors do: written to files, with
     Resource/Datum documents, and only a datum id in the events.
 
@@ -172,10 +195,7 @@ class FileBackedBCDIDetector(BCDIDetector):
     """
 
     def __init__(self, *args, save_path: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.save_path = save_path or tempfile.mkdtemp(prefix="bcdi_frames_")
-        self._asset_docs: deque = deque()
-        self._resource_uid: str | None = None
+        super().__init__(*args, save_path=save_path, **kwargs)
         self._stem: str | None = None
         self._counter = itertools.count()
         self._datum_id: str | None = None
@@ -222,10 +242,6 @@ class FileBackedBCDIDetector(BCDIDetector):
         )
         return status
 
-    def collect_asset_docs(self):
-        while self._asset_docs:
-            yield self._asset_docs.popleft()
-
     def read(self):
         out = super().read()
         key = f"{self.name}_image"
@@ -233,18 +249,10 @@ class FileBackedBCDIDetector(BCDIDetector):
         return out
 
     def describe(self):
-        out = super().describe()
-        key = f"{self.name}_image"
-        out[key] = {
-            **out[key],
-            "external": "FILESTORE:",
-            "dtype": "array",
-            "shape": list(self.frame_shape),
-        }
-        return out
+        return self._describe_image(external="FILESTORE:")
 
 
-class HDF5StreamBCDIDetector(BCDIDetector):
+class HDF5StreamBCDIDetector(_FrameWritingDetector):
     """The same detector, writing its frames the way modern area detectors (ophyd-async) do:
     appended to one HDF5 dataset per run, announced by one StreamResource and a StreamDatum
     per frame; the events carry no frame.
@@ -257,11 +265,8 @@ class HDF5StreamBCDIDetector(BCDIDetector):
     dataset = "/entry/data/data"
 
     def __init__(self, *args, save_path: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.save_path = save_path or tempfile.mkdtemp(prefix="bcdi_frames_")
-        self._asset_docs: deque = deque()
+        super().__init__(*args, save_path=save_path, **kwargs)
         self._file = None
-        self._resource_uid: str | None = None
         self._path: str | None = None
         self._announced = False
 
@@ -328,26 +333,13 @@ class HDF5StreamBCDIDetector(BCDIDetector):
         )
         return status
 
-    def collect_asset_docs(self):
-        while self._asset_docs:
-            yield self._asset_docs.popleft()
-
     def read(self):
         out = super().read()
         out.pop(f"{self.name}_image")  # the frame travels by StreamDatum
         return out
 
     def describe(self):
-        out = super().describe()
-        key = f"{self.name}_image"
-        out[key] = {
-            **out[key],
-            "external": "STREAM:",
-            "dtype": "array",
-            "dtype_numpy": np.dtype("float32").str,
-            "shape": list(self.frame_shape),
-        }
-        return out
+        return self._describe_image(external="STREAM:", dtype_numpy=np.dtype("float32").str)
 
 
 class SimulatedBeamline:
