@@ -10,6 +10,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from bcdi_bluesky.epics.ioc import IMAGE_SIZE
+from bcdi_bluesky.files import atomic_write_bytes
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,8 +27,10 @@ def _label(text: str, x: int, y: int, w: int = 140) -> str:
     return _widget("label", f"label {text}", x, y, w, 20, text=escape(text))
 
 
-def _value(pv: str, x: int, y: int, w: int = 120) -> str:
-    return _widget("textupdate", pv, x, y, w, 20, pv_name=f"$(P){pv}")
+def _value(pv: str, x: int, y: int, w: int = 120, long_string: bool = False) -> str:
+    # Format 6 (string) shows a long string's CHAR waveform as text, not as numbers.
+    props = {"format": "6"} if long_string else {}
+    return _widget("textupdate", pv, x, y, w, 20, pv_name=f"$(P){pv}", **props)
 
 
 def screen() -> str:
@@ -48,7 +51,7 @@ def screen() -> str:
         "Model:Provider",
     ):
         wide = pv in ("StatusMsg", "Quality:Reasons")
-        parts += [_label(pv, 10, y), _value(pv, 150, y, 360 if wide else 160)]
+        parts += [_label(pv, 10, y), _value(pv, 150, y, 360 if wide else 160, wide)]
         y += 24
     y += 8
     for pv in (
@@ -113,5 +116,5 @@ def screen() -> str:
 
 
 if __name__ == "__main__":
-    (HERE / "bcdi.bob").write_text(screen())
+    atomic_write_bytes(HERE / "bcdi.bob", screen().encode())
     print(HERE / "bcdi.bob")

@@ -377,6 +377,29 @@ def test_error_state_raises_a_major_alarm(ioc, caproto_ctx):
     assert status.read(data_type="time", timeout=5).metadata.severity == AlarmSeverity.NO_ALARM
 
 
+def test_a_message_longer_than_the_pv_is_cut_not_lost(ioc, caproto_ctx):
+    """A traceback-sized failure reason reaches both clients whole up to the long string's
+    1023 characters (not a DBR_STRING's 40), and the IOC goes on serving."""
+    import epics
+    from caproto import AlarmSeverity
+
+    from bcdi_bluesky.epics.ioc import LONG_STRING_LENGTH
+
+    p = ioc.group.prefix
+    reason = "worker failed: " + "x" * 5000
+    ioc.failure(reason, {"scan_id": 10})
+    status, message = caproto_ctx.get_pvs(p + "Status", p + "StatusMsg", timeout=5)
+
+    def text() -> str:  # the CHAR waveform, as caproto's client reads it
+        return bytes(message.read(timeout=5).data).split(b"\0")[0].decode()
+
+    assert "worker failed" in text() and len(text()) == LONG_STRING_LENGTH - 1
+    assert epics.caget(p + "StatusMsg", as_string=True, use_monitor=False, timeout=5) == text()
+    assert status.read(data_type="time", timeout=5).metadata.severity == AlarmSeverity.MAJOR_ALARM
+    ioc.server.set_status("Idle", "ready")
+    assert text() == "ready"
+
+
 def test_screen_and_pv_table_name_only_real_pvs():
     import xml.etree.ElementTree as ET
     from pathlib import Path

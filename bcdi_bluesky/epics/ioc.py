@@ -252,6 +252,33 @@ def _reading(name: str, value: Any = 0.0, **kwargs: Any) -> pvproperty:
     return pvproperty(name=name, value=value, read_only=True, **kwargs)
 
 
+#: Characters a long-string PV holds (a CHAR waveform, with its terminating NUL).
+LONG_STRING_LENGTH = 1024
+
+
+def _long_string(name: str, doc: str) -> pvproperty:
+    """A read-only long string: a CHAR waveform, as EPICS records hold text longer than a
+    DBR_STRING's 40 characters (``caget -S``, pyepics ``as_string=True``, a Phoebus text
+    update with the string format read all of it; :func:`_long_text` fits a message to it).
+    Reported as a CHAR array, not as a string: caproto would then hand DBR_STRING clients
+    the first 40 characters and fail DBR_CHAR reads."""
+    return _reading(
+        name,
+        _long_text(""),
+        dtype=ChannelType.CHAR,
+        max_length=LONG_STRING_LENGTH,
+        report_as_string=False,
+        doc=doc,
+    )
+
+
+def _long_text(message: Any) -> str:
+    """``message`` cut to what a long-string PV holds and padded with NULs to its full length,
+    as an EPICS waveform keeps its element count: a client that connected while the text was
+    short then still reads all of a longer one (text readers stop at the first NUL)."""
+    return str(message)[: LONG_STRING_LENGTH - 1].ljust(LONG_STRING_LENGTH, "\0")
+
+
 def _image(plane: str, what: str, doc: str) -> pvproperty:
     return _reading(
         f"{what}:{plane}",
@@ -385,14 +412,7 @@ class ReconstructionIOC(PVGroup):
         alarm_group="Status",
         doc="Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm)",
     )
-    StatusMsg = pvproperty(
-        value="",
-        dtype=ChannelType.CHAR,
-        max_length=1024,
-        report_as_string=True,
-        read_only=True,
-        doc="what is happening, or why it failed (long string)",
-    )
+    StatusMsg = _long_string("StatusMsg", "what is happening, or why it failed")
     ScanUID = _reading(
         "ScanUID", "", dtype=ChannelType.STRING, doc="uid of the scan shown (first 39 characters)"
     )
@@ -486,15 +506,7 @@ class ReconstructionIOC(PVGroup):
         doc="good, fair (MINOR alarm), poor (MAJOR alarm); unknown before a "
         "result that grades itself",
     )
-    Quality_Reasons = pvproperty(
-        name="Quality:Reasons",
-        value="",
-        dtype=ChannelType.CHAR,
-        max_length=1024,
-        report_as_string=True,
-        read_only=True,
-        doc="why the quality is not good (long string)",
-    )
+    Quality_Reasons = _long_string("Quality:Reasons", "why the quality is not good")
 
     Image_Width = _reading("Image:Width", IMAGE_SIZE, doc="width of the slice images")
     Image_Height = _reading("Image:Height", IMAGE_SIZE, doc="their height")
@@ -635,7 +647,9 @@ def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if summary.get("quality") in QUALITY:
         values["Quality"] = summary["quality"]
-        values["Quality:Reasons"] = "; ".join(map(str, summary.get("quality_reasons") or ()))
+        values["Quality:Reasons"] = _long_text(
+            "; ".join(map(str, summary.get("quality_reasons") or ()))
+        )
     for key, name in (
         ("strain_rms", "Strain:RMS"),
         ("displacement_rms_nm", "Displacement:RMS"),
@@ -784,7 +798,7 @@ class IOCServer:
 
     def set_status(self, state: str, message: str = "") -> None:
         """Set ``Status`` (one of :data:`STATUS`) and ``StatusMsg``."""
-        self.write({"Status": state, "StatusMsg": message[:1023]})
+        self.write({"Status": state, "StatusMsg": _long_text(message)})
 
 
 class IOCPublisher:
@@ -836,7 +850,7 @@ class IOCPublisher:
                 "Status": "Collecting",
                 "ScanUID": start_doc["uid"][:39],
                 "ScanID": int(start_doc.get("scan_id") or 0),
-                "StatusMsg": f"collecting scan {start_doc.get('scan_id')}",
+                "StatusMsg": _long_text(f"collecting scan {start_doc.get('scan_id')}"),
             },
             wait=False,
         )
@@ -876,7 +890,7 @@ class IOCPublisher:
         elif stage == "inference":
             self.server.write({"ChiCNN": float(info["chi"])})
             if info.get("message"):  # e.g. out of distribution: say how the pipeline reacts
-                self.server.write({"StatusMsg": str(info["message"])[:1023]})
+                self.server.write({"StatusMsg": _long_text(info["message"])})
 
     def failure(self, message: str, start_doc: dict) -> None:
         """The reconstruction failed: Error state (MAJOR alarm) with the reason."""
@@ -904,8 +918,8 @@ def pv_table(prefix: str = "BCDI:") -> str:
         length = getattr(channel, "max_length", 1)
         if length and length > 1 and dtype not in ("char", "string"):
             dtype += f"[{length}]"
-        if dtype == "char":  # a long string (CHAR waveform reported as a string)
-            dtype = "string"
+        if dtype == "char":  # a long string: a CHAR waveform read as text (caget -S)
+            dtype = f"long string (char[{length}])"
         units = getattr(channel, "units", "") or ""
         writable = "no" if channel.pvspec.read_only else "yes"
         meaning = channel.pvspec.doc or ""
