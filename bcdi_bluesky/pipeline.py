@@ -81,7 +81,9 @@ TIMING_KEYS = (
 )
 
 #: ``progress(stage, info)``: called after each stage ("preprocess", "inference", "refine",
-#: "polish", "done") and during ES ("es_step") and polish ("polish_step").
+#: "polish", "done") and during ES ("es_step") and polish ("polish_step"). Before a polish,
+#: "preview" hands over the model fit's object on the input grid (``object``, ``support``,
+#: ``chi``): a first picture for the control room while the polish runs.
 ProgressHook = Callable[[str, dict[str, Any]], None]
 
 
@@ -272,6 +274,13 @@ def to_input_grid(
     field_input[put] = field_model[take]
     out = backend.ifftn(backend.ifftshift(field_input), overwrite=True)
     return out * float(np.prod(shape) / n**3)
+
+
+def support_of(obj: np.ndarray, threshold: float) -> np.ndarray:
+    """The result's support: the voxels whose amplitude exceeds ``threshold`` of the largest
+    (``support_threshold``)."""
+    amp = np.abs(obj)
+    return amp > threshold * amp.max()
 
 
 def to_model_grid(obj: np.ndarray, n: int) -> np.ndarray:
@@ -898,6 +907,15 @@ class Reconstructor:
         coherence_kernel = None
         polishes = settings.polish_er_iterations > 0 or settings.polish_iterations > 0
         if refine == "full" and polishes:
+            preview = backend.to_numpy(obj)
+            notify(
+                "preview",
+                {
+                    "object": preview,
+                    "support": support_of(preview, settings.support_threshold),
+                    "chi": stage_chi.get("es", cnn.chi),
+                },
+            )
             t = time.perf_counter()
             polished = polish_stage(
                 measurement,
@@ -923,8 +941,7 @@ class Reconstructor:
             notify("polish", {"seconds": timings["polish"], "recipe": polished.recipe})
 
         obj = backend.to_numpy(obj)
-        amp = np.abs(obj)
-        support = amp > settings.support_threshold * amp.max()
+        support = support_of(obj, settings.support_threshold)
         if final_chi is None:
             model_intensity = far_field_intensity(obj)
             final_chi = ChiCost(measurement.data, measurement.valid)(model_intensity)

@@ -530,3 +530,25 @@ def test_result_schema_pvs_and_the_quality_alarm(ioc, published, caproto_ctx):
         }
     )
     ioc(result, start)  # back to the plain result for the tests after this one
+
+
+def test_the_model_fit_is_shown_while_the_polish_runs(ioc, caproto_ctx):
+    """The pipeline's "preview" puts the model fit's slices on the screen PVs at once, with a
+    message, before the result replaces them."""
+    from types import SimpleNamespace
+
+    from bcdi_bluesky.epics import screen_images
+
+    p = ioc.group.prefix
+    grid = np.indices((40, 48, 44)) - np.array([20, 24, 22])[:, None, None, None]
+    inside = ((grid / np.array([9, 12, 7])[:, None, None, None]) ** 2).sum(axis=0) <= 1
+    obj = (inside * np.exp(0.1j * grid[0])).astype(np.complex64)
+    ioc.progress("preview", {"object": obj, "support": inside, "chi": 0.2468}, {"scan_id": 11})
+    expected = screen_images(SimpleNamespace(object=obj, support=inside))
+    amp, phase = caproto_ctx.get_pvs(p + "Amp:XY", p + "Phase:YZ", timeout=5)
+    np.testing.assert_allclose(amp.read(timeout=5).data, expected["Amp:XY"], atol=1e-6)
+    np.testing.assert_allclose(phase.read(timeout=5).data, expected["Phase:YZ"], atol=1e-6)
+    assert np.abs(expected["Amp:XY"]).max() == pytest.approx(1.0)  # the crystal is on screen
+    (message,) = caproto_ctx.get_pvs(p + "StatusMsg", timeout=5)
+    text = bytes(message.read(timeout=5).data).split(b"\0")[0].decode()
+    assert text.startswith("scan 11: model fit shown (chi 0.2468)")

@@ -39,17 +39,26 @@ def samples(rec):
 def test_full_pipeline_recovers_simulated_crystals(rec, samples):
     for s in samples:
         truth = rec.model.voxelise(s.params)
-        stages: list[str] = []
+        stages: list[tuple[str, dict]] = []
         result = rec.reconstruct(
-            s.counts, refine="full", progress=lambda stage, info, seen=stages: seen.append(stage)
+            s.counts,
+            refine="full",
+            progress=lambda stage, info, seen=stages: seen.append((stage, info)),
         )
-        assert [st for st in stages if not st.endswith("_step")] == [
+        assert [st for st, _ in stages if not st.endswith("_step")] == [
             "preprocess",
             "inference",
             "refine",
+            "preview",
             "polish",
             "done",
         ]
+        # The preview is the model fit on the input grid, with the result's support rule.
+        preview = next(info for st, info in stages if st == "preview")
+        assert preview["object"].shape == s.counts.shape
+        assert preview["support"].shape == s.counts.shape and preview["support"].any()
+        assert preview["chi"] == pytest.approx(result.stage_chi["es"])
+        assert compare_objects(truth, preview["object"]).iou >= 0.6
         assert result.object.shape == s.counts.shape and result.object.dtype == np.complex64
         assert result.support.shape == s.counts.shape and result.support.dtype == bool
         assert result.stage_chi["es"] < result.stage_chi["cnn"]
@@ -70,7 +79,9 @@ def test_full_pipeline_recovers_simulated_crystals(rec, samples):
 def test_cnn_only_and_es_modes(rec, samples):
     s = samples[0]
     none = rec.reconstruct(s.counts, refine="none")
-    es = rec.reconstruct(s.counts, refine="es")
+    stages: list[str] = []
+    es = rec.reconstruct(s.counts, refine="es", progress=lambda st, info: stages.append(st))
+    assert "preview" not in stages  # nothing to preview without a polish
     assert none.es_costs == [] and none.timings["refine"] == 0.0
     assert es.chi < none.chi and len(es.es_costs) > 0
     assert es.polish_errors == [] and es.timings["polish"] == 0.0

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -891,6 +892,14 @@ class IOCPublisher:
             self.server.write({"ChiCNN": float(info["chi"])})
             if info.get("message"):  # e.g. out of distribution: say how the pipeline reacts
                 self.server.write({"StatusMsg": _long_text(info["message"])})
+        elif stage == "preview":
+            # The model fit's picture while the polish runs; the result replaces it.
+            shown = SimpleNamespace(object=info["object"], support=info["support"])
+            message = (
+                f"scan {start_doc.get('scan_id')}: model fit shown (chi {float(info['chi']):.4f}); "
+                "phase retrieval running"
+            )
+            self.server.write({**screen_images(shown), "StatusMsg": _long_text(message)})
 
     def failure(self, message: str, start_doc: dict) -> None:
         """The reconstruction failed: Error state (MAJOR alarm) with the reason."""
