@@ -33,6 +33,7 @@ from .physics import (
     poisson_chi_floor,
 )
 from .physics import intensity as far_field_intensity
+from .physics import support as amplitude_support
 from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
 from .quality import (
     CHI_GOOD,
@@ -274,13 +275,6 @@ def to_input_grid(
     field_input[put] = field_model[take]
     out = backend.ifftn(backend.ifftshift(field_input), overwrite=True)
     return out * float(np.prod(shape) / n**3)
-
-
-def support_of(obj: np.ndarray, threshold: float) -> np.ndarray:
-    """The result's support: the voxels whose amplitude exceeds ``threshold`` of the largest
-    (``support_threshold``)."""
-    amp = np.abs(obj)
-    return amp > threshold * amp.max()
 
 
 def to_model_grid(obj: np.ndarray, n: int) -> np.ndarray:
@@ -535,9 +529,8 @@ class _PolishRuns:
         return self.record(run)
 
 
-def _support_of(obj: Any, xp: Any) -> Any:
-    """The voxels above a tenth of the largest amplitude (a seed's support)."""
-    return xp.abs(obj) > 0.1 * xp.max(xp.abs(obj))
+#: A seed's support: its voxels above this fraction of its largest amplitude.
+SEED_SUPPORT_THRESHOLD = 0.1
 
 
 def _further_starts(
@@ -570,7 +563,7 @@ def _further_starts(
     else:
         coarse_cost = ChiCost(coarse_data, coarse_valid, backend)
         coarse_model = crop_frequencies(model_object, factor, backend)
-        model_start = (coarse_model, _support_of(coarse_model, backend.xp))
+        model_start = (coarse_model, amplitude_support(coarse_model, SEED_SUPPORT_THRESHOLD))
     # From the host copy of the data: no device -> host transfer.
     sphere, inside = autocorrelation_seed(measurement.data[window])
     starts = {"model ER/HIO": model_start, "autocorrelation ER/HIO": (sphere, inside)}
@@ -651,7 +644,7 @@ def polish_stage(
         return poisson_chi_expected(model_intensity, measurement.data, measurement.valid)
 
     model_object = backend.asarray(model_object, dtype=xp.complex64)
-    seed_support = _support_of(model_object, xp)
+    seed_support = amplitude_support(model_object, SEED_SUPPORT_THRESHOLD)
     first = seeded_polish(
         data,
         model_object,
@@ -907,15 +900,16 @@ class Reconstructor:
         coherence_kernel = None
         polishes = settings.polish_er_iterations > 0 or settings.polish_iterations > 0
         if refine == "full" and polishes:
-            preview = backend.to_numpy(obj)
-            notify(
-                "preview",
-                {
-                    "object": preview,
-                    "support": support_of(preview, settings.support_threshold),
-                    "chi": stage_chi.get("es", cnn.chi),
-                },
-            )
+            if progress is not None:  # a host copy only for someone to show it
+                preview = backend.to_numpy(obj)
+                notify(
+                    "preview",
+                    {
+                        "object": preview,
+                        "support": amplitude_support(preview, settings.support_threshold),
+                        "chi": stage_chi.get("es", cnn.chi),
+                    },
+                )
             t = time.perf_counter()
             polished = polish_stage(
                 measurement,
@@ -941,7 +935,7 @@ class Reconstructor:
             notify("polish", {"seconds": timings["polish"], "recipe": polished.recipe})
 
         obj = backend.to_numpy(obj)
-        support = support_of(obj, settings.support_threshold)
+        support = amplitude_support(obj, settings.support_threshold)
         if final_chi is None:
             model_intensity = far_field_intensity(obj)
             final_chi = ChiCost(measurement.data, measurement.valid)(model_intensity)

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -260,7 +259,8 @@ LONG_STRING_LENGTH = 1024
 def _long_string(name: str, doc: str) -> pvproperty:
     """A read-only long string: a CHAR waveform, as EPICS records hold text longer than a
     DBR_STRING's 40 characters (``caget -S``, pyepics ``as_string=True``, a Phoebus text
-    update with the string format read all of it; :func:`_long_text` fits a message to it).
+    update with the string format read all of it; :meth:`IOCServer.write` fits any text to
+    it with :func:`_long_text`).
     Reported as a CHAR array, not as a string: caproto would then hand DBR_STRING clients
     the first 40 characters and fail DBR_CHAR reads."""
     return _reading(
@@ -648,9 +648,7 @@ def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if summary.get("quality") in QUALITY:
         values["Quality"] = summary["quality"]
-        values["Quality:Reasons"] = _long_text(
-            "; ".join(map(str, summary.get("quality_reasons") or ()))
-        )
+        values["Quality:Reasons"] = "; ".join(map(str, summary.get("quality_reasons") or ()))
     for key, name in (
         ("strain_rms", "Strain:RMS"),
         ("displacement_rms_nm", "Displacement:RMS"),
@@ -666,15 +664,21 @@ def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def screen_images(result: Any, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
-    """The six ``size x size`` float32 slice images (amplitude, phase), centred on the crystal,
-    flattened row-major and keyed by PV name (``Amp:XY`` ...)."""
-    obj = result.object
-    idx = np.argwhere(result.support)
+    """The six ``size x size`` float32 slice images (amplitude, phase) of a result, centred on
+    the crystal, flattened row-major and keyed by PV name (``Amp:XY`` ...)."""
+    return slice_images(result.object, result.support, size)
+
+
+def slice_images(
+    obj: np.ndarray, support: np.ndarray, size: int = IMAGE_SIZE
+) -> dict[str, np.ndarray]:
+    """:func:`screen_images` of an object and its support (the model fit's preview)."""
+    idx = np.argwhere(support)
     centre = idx.mean(axis=0).round().astype(int) if idx.size else np.array(obj.shape) // 2
     padded = np.pad(obj, size // 2)
     window = tuple(slice(c, c + size) for c in centre)  # centre + size//2 - size//2 in padded
     crop = padded[window]
-    sup = np.pad(result.support, size // 2)[window]
+    sup = np.pad(support, size // 2)[window]
     amp = central_slices(np.abs(crop))
     phase = central_slices(np.where(sup, np.angle(crop), 0.0))
     return {
@@ -787,7 +791,11 @@ class IOCServer:
     def write(self, values: dict[str, Any], timeout: float = 10.0, wait: bool = True) -> None:
         """Write PV values (names without the prefix) from any thread; with ``wait``, until
         they are served (without, the caller never blocks: for the RunEngine's thread)."""
-        pvs = [(self.group.pvdb[self.group.prefix + name], value) for name, value in values.items()]
+        pvs = []
+        for name, value in values.items():
+            pv = self.group.pvdb[self.group.prefix + name]
+            # The long strings (the CHAR waveforms) take any text, fitted to them here.
+            pvs.append((pv, _long_text(value) if pv.data_type == ChannelType.CHAR else value))
 
         async def apply() -> None:
             for pv, value in pvs:
@@ -799,7 +807,7 @@ class IOCServer:
 
     def set_status(self, state: str, message: str = "") -> None:
         """Set ``Status`` (one of :data:`STATUS`) and ``StatusMsg``."""
-        self.write({"Status": state, "StatusMsg": _long_text(message)})
+        self.write({"Status": state, "StatusMsg": message})
 
 
 class IOCPublisher:
@@ -851,7 +859,7 @@ class IOCPublisher:
                 "Status": "Collecting",
                 "ScanUID": start_doc["uid"][:39],
                 "ScanID": int(start_doc.get("scan_id") or 0),
-                "StatusMsg": _long_text(f"collecting scan {start_doc.get('scan_id')}"),
+                "StatusMsg": f"collecting scan {start_doc.get('scan_id')}",
             },
             wait=False,
         )
@@ -891,15 +899,16 @@ class IOCPublisher:
         elif stage == "inference":
             self.server.write({"ChiCNN": float(info["chi"])})
             if info.get("message"):  # e.g. out of distribution: say how the pipeline reacts
-                self.server.write({"StatusMsg": _long_text(info["message"])})
+                self.server.write({"StatusMsg": info["message"]})
         elif stage == "preview":
             # The model fit's picture while the polish runs; the result replaces it.
-            shown = SimpleNamespace(object=info["object"], support=info["support"])
             message = (
                 f"scan {start_doc.get('scan_id')}: model fit shown (chi {float(info['chi']):.4f}); "
                 "phase retrieval running"
             )
-            self.server.write({**screen_images(shown), "StatusMsg": _long_text(message)})
+            self.server.write(
+                {**slice_images(info["object"], info["support"]), "StatusMsg": message}
+            )
 
     def failure(self, message: str, start_doc: dict) -> None:
         """The reconstruction failed: Error state (MAJOR alarm) with the reason."""

@@ -339,8 +339,9 @@ def align(
 
 
 def support(obj: np.ndarray, threshold: float = 0.2) -> np.ndarray:
-    """Voxels whose amplitude exceeds ``threshold`` times the maximum amplitude."""
-    amp = np.abs(obj)
+    """Voxels whose amplitude exceeds ``threshold`` times the maximum amplitude (an array of
+    any library, numpy, CuPy or torch: the mask is of the same library and device)."""
+    amp = abs(obj)
     return amp > threshold * amp.max()
 
 
