@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from bcdi_bluesky.epics.ioc import IMAGE_SIZE
+from caproto import ChannelType
+
+from bcdi_bluesky.epics.ioc import IMAGE_SIZE, ReconstructionIOC
 from bcdi_bluesky.files import atomic_write_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -33,8 +35,15 @@ def _value(pv: str, x: int, y: int, w: int = 120, long_string: bool = False) -> 
     return _widget("textupdate", pv, x, y, w, 20, pv_name=f"$(P){pv}", **props)
 
 
+def _long_strings() -> set[str]:
+    """The IOC's long-string PVs (its CHAR waveforms), shown wide and as text."""
+    group = ReconstructionIOC(prefix="")
+    return {name for name, pv in group.pvdb.items() if pv.data_type == ChannelType.CHAR}
+
+
 def screen() -> str:
     """The .bob XML."""
+    long_strings = _long_strings()
     parts = [_label("BCDI reconstruction", 10, 10, 300)]
     y = 40
     for pv in (
@@ -50,7 +59,7 @@ def screen() -> str:
         "Model:Name",
         "Model:Provider",
     ):
-        wide = pv in ("StatusMsg", "Quality:Reasons")
+        wide = pv in long_strings
         parts += [_label(pv, 10, y), _value(pv, 150, y, 360 if wide else 160, wide)]
         y += 24
     y += 8
