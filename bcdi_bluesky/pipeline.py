@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.fft
+import scipy.ndimage
 
 from .backend import NUMPY, ArrayBackend, select_backend
 from .errors import DataError, SettingsError
@@ -510,15 +511,16 @@ class _PolishRuns:
         cost: ChiCost,
         **options,
     ) -> PolishResult:
-        """One more ER/HIO run (``adaptive_hio_fraction`` HIO) on ``grid_data`` (the full or
-        the coarse grid), counted, its chi against ``cost``."""
+        """One more ER/HIO run (``adaptive_hio_fraction`` HIO unless ``options`` say
+        otherwise) on ``grid_data`` (the full or the coarse grid), counted, its chi against
+        ``cost``."""
+        options.setdefault("hio_fraction", self.settings.adaptive_hio_fraction)
         run = polish(
             grid_data,
             obj,
             support,
             grid_valid,
             iterations=iterations,
-            hio_fraction=self.settings.adaptive_hio_fraction,
             time_budget_s=self.left(),
             hook=self.counted,
             backend=self.backend,
@@ -531,6 +533,12 @@ class _PolishRuns:
 
 #: A seed's support: its voxels above this fraction of its largest amplitude.
 SEED_SUPPORT_THRESHOLD = 0.1
+#: Voxels by which the last ER steps on data that are not counts grow the polish's support
+#: (``loose_support_iterations``). The shrink-wrap support (blurred amplitude above 0.1 of its
+#: largest) cuts a crystal's soft edge, which noise-free data still see: on a 128^3
+#: noise-free cube 50 such ER steps brought the R-factor from 0.020 to 0.011 (1 voxel) and
+#: 0.008 (2 voxels).
+LOOSE_SUPPORT_DILATION = 2
 
 
 def _further_starts(
@@ -628,6 +636,11 @@ def polish_stage(
        stops once the error stops falling (``converge_tolerance`` over 20 steps); kept if its
        chi is lower. On counts this only fits the noise (measured: chi 0.1% lower, IoU
        unchanged).
+    4. For data that are not counts, ``loose_support_iterations`` ER steps from the winner on
+       its support grown by :data:`LOOSE_SUPPORT_DILATION` voxels, fixed: the soft edge the
+       shrink-wrap cut is fitted (ER on a support that holds the object's only lowers the
+       error). Not on counts: there the halo fits the noise, and the fit against the Poisson
+       floor, which the quality verdict reads, would flatter the object.
 
     Every run stops by step counts or convergence; ``polish_time_budget_s`` caps them
     together as a safety net (``cut_short``). The runs iterate on ``backend``, where the data
@@ -697,6 +710,25 @@ def polish_stage(
         if run.chi < best.chi:
             best, best_label = run, label
             expected = expected_of(best)
+    if settings.loose_support_iterations > 0 and not counts and not runs.cut:
+        grown = scipy.ndimage.binary_dilation(
+            backend.to_numpy(best.support), iterations=LOOSE_SUPPORT_DILATION
+        )
+        run = runs.further(
+            data,
+            best.object,
+            backend.asarray(grown),
+            valid,
+            settings.loose_support_iterations,
+            chi_cost,
+            hio_fraction=0.0,
+            shrink_every=0,
+            kernel=best.kernel,
+        )
+        label = f"{best_label} +ER on the loosened support"
+        attempts[label] = run.chi
+        if run.chi < best.chi:
+            best, best_label = run, label
     if fit_at_noise(best.chi, expected):
         converged = True
     return PolishOutcome(

@@ -136,6 +136,14 @@ class ReconstructionSettings:
         low=0.0,
         high=0.5,
     )
+    loose_support_iterations: int = _setting(
+        50,
+        "ER steps that end the polish on its support grown by 2 voxels, when the data are "
+        "not counts (noise-free or corrected): the crystal's soft edge, which the "
+        "shrink-wrap cuts, is fitted (0: none)",
+        low=0,
+        high=1000,
+    )
     partial_coherence: bool = _setting(
         False,
         "model partial coherence in the polish: the data as the coherent intensity blurred "

@@ -190,12 +190,32 @@ def test_same_input_same_result_under_cpu_load():
         pytest.skip(f"the machine is so loaded that a safety cap cut {runs[0].cut_short}")
     first = runs[0]
     assert len(first.polish_attempts) > 1
+    # Counts: no ER on a loosened support (its halo would fit the noise).
+    assert not any(LOOSENED in label for label in first.polish_attempts)
     for other in runs[1:]:
         np.testing.assert_array_equal(other.object, first.object)
         np.testing.assert_array_equal(other.params, first.params)
         assert other.chi == first.chi and other.stage_chi == first.stage_chi
         assert other.polish_attempts == first.polish_attempts
         assert (other.quality, other.quality_reasons) == (first.quality, first.quality_reasons)
+
+
+LOOSENED = " +ER on the loosened support"
+
+
+@pytest.mark.timeout(300)
+def test_noise_free_data_fit_the_soft_edge():
+    """Noise-free data: the polish ends with ER steps on its support grown by two voxels, which
+    fit the crystal's soft edge that the shrink-wrap cuts: R-factor <= 0.01."""
+    crystal = out_of_family_crystal(DEV_SEED, 2, n=64)
+    exact = intensity(crystal.object).astype(np.float64)
+    data = exact * (1e8 / exact.sum())
+    result = Reconstructor().reconstruct(data)
+    assert result.polish_recipe.endswith(LOOSENED)
+    before = result.polish_attempts[result.polish_recipe.removesuffix(LOOSENED)]
+    assert result.chi < 0.5 * before
+    assert r_factor(intensity(result.object), data) <= 0.01
+    assert compare_objects(crystal.object, result.object).iou >= 0.9
 
 
 def test_summary_carries_the_verdict(rec, samples):

@@ -324,6 +324,7 @@ SETTING_PVS = {
     "starts_downsampling": "Polish:StartsDownsampling",
     "converge_iterations": "Polish:ConvergeIterations",
     "converge_tolerance": "Polish:ConvergeTolerance",
+    "loose_support_iterations": "Polish:LooseSupportIterations",
     "partial_coherence": "Polish:PartialCoherence",
     "support_threshold": "Support:Threshold",
     "track": "Track",
