@@ -156,6 +156,40 @@ def test_json_round_trip_and_errors(tmp_path, scan54):
         Geometry.from_json(bad)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("energy_kev", True, "energy_kev must be a number, got True"),
+        ("detector_distance_m", "0.5", "detector_distance_m must be a number"),
+        ("pixel_size_m", "55e-6", "pixel_size_m must be a number"),
+        ("pixel_size_m", [55e-6, 55e-6, 1.0], "pixel_size_m must be one or two numbers"),
+        ("rocking_step_deg", "0.005", "rocking_step_deg must be a number"),
+        ("sample_angles_deg", [1, 2], "sample_angles_deg must map circle names"),
+        ("detector_angles_deg", {"delta": "x"}, r"detector_angles_deg\['delta'\] must be a"),
+        ("beamline", [], "beamline must be a string"),
+        ("axes", "rocking", "axes must be a list"),
+        ("hkl", [1.7, 1, 1], "hkl must be three whole numbers"),
+        ("hkl", [1, 1], "hkl must be three whole numbers"),
+        ("hkl", "111", "hkl must be three whole numbers"),
+        ("lattice_constant_nm", "0.4", "lattice_constant_nm must be a number"),
+    ],
+)
+def test_a_loosely_typed_value_is_refused_by_its_key(scan54, key, value, match):
+    """JSON and run metadata: a bool, a string or a fraction never passes as a number."""
+    with pytest.raises(ValueError, match=match):
+        Geometry.from_dict({**scan54.to_dict(), key: value})
+
+
+def test_hkl_and_lattice_constant_are_compared_with_q(scan54, caplog):
+    """Scan 54 (Au 111, 0.408 nm) agrees within 1%; a lattice constant that does not fit |Q|
+    is logged, and the geometry, whose Q comes from the angles, is kept."""
+    assert Geometry.from_dict({**scan54.to_dict(), "hkl": [1.0, 1.0, 1.0]}).hkl == (1, 1, 1)
+    assert "lattice" not in caplog.text
+    wrong = Geometry.from_dict({**scan54.to_dict(), "lattice_constant_nm": 0.9})
+    assert "lattice_constant_nm is wrong" in caplog.text
+    np.testing.assert_array_equal(wrong.q_bragg_inv_nm, scan54.q_bragg_inv_nm)
+
+
 def test_geometry_from_the_start_document(scan54):
     assert geometry_from_start({"uid": "x"}) is None
     start = {"bcdi": {"geometry": scan54.to_dict()}}

@@ -18,8 +18,9 @@ detector pixel by ``k p / D`` across the outgoing beam. Its real-space dual, the
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,12 @@ import numpy as np
 HC_KEV_NM = 1.239841984
 #: Names of the three axes of a stored volume, in any order.
 AXIS_NAMES = ("rocking", "detector_row", "detector_column")
+log = logging.getLogger(__name__)
+
+#: Relative difference between |Q| from the energy and angles and |Q| of ``hkl`` on the cubic
+#: ``lattice_constant_nm`` above which a geometry is logged as inconsistent (a warning, not
+#: an error: the two are metadata, Q comes from the angles).
+LATTICE_TOLERANCE = 0.05
 _UNIT = {"x": (1.0, 0.0, 0.0), "y": (0.0, 1.0, 0.0), "z": (0.0, 0.0, 1.0)}
 
 
@@ -146,7 +153,8 @@ class Geometry:
     hkl : tuple of int, optional
         The reflection (metadata; Q comes from the detector angles).
     lattice_constant_nm : float, optional
-        Cubic lattice constant (metadata; compared with ``|Q|`` in :meth:`check`).
+        Cubic lattice constant (metadata; with ``hkl``, compared with ``|Q|`` in :meth:`check`,
+        which logs a warning beyond :data:`LATTICE_TOLERANCE`).
     """
 
     beamline: str
@@ -162,20 +170,28 @@ class Geometry:
     lattice_constant_nm: float | None = None
 
     def __post_init__(self) -> None:
+        # JSON and run metadata are typed loosely: every key is converted here, with the key
+        # named in the error, so true, "55e-6" or [1.7, 1, 1] never pass as numbers.
+        for key in ("beamline", "rocking_axis"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
+        for key in ("energy_kev", "detector_distance_m", "rocking_step_deg"):
+            object.__setattr__(self, key, _number(getattr(self, key), key))
         object.__setattr__(self, "pixel_size_m", _pair(self.pixel_size_m, "pixel_size_m"))
+        if isinstance(self.axes, (str, bytes)) or not isinstance(self.axes, Sequence):
+            raise ValueError(f"axes must be a list of three axis names, got {self.axes!r}")
         object.__setattr__(self, "axes", tuple(self.axes))
-        object.__setattr__(
-            self,
-            "sample_angles_deg",
-            {str(k): float(v) for k, v in dict(self.sample_angles_deg).items()},
-        )
-        object.__setattr__(
-            self,
-            "detector_angles_deg",
-            {str(k): float(v) for k, v in dict(self.detector_angles_deg).items()},
-        )
+        for key in ("sample_angles_deg", "detector_angles_deg"):
+            angles = getattr(self, key)
+            if not isinstance(angles, Mapping):
+                raise ValueError(f"{key} must map circle names to degrees, got {angles!r}")
+            converted = {str(k): _number(v, f"{key}[{k!r}]") for k, v in angles.items()}
+            object.__setattr__(self, key, converted)
         if self.hkl is not None:
-            object.__setattr__(self, "hkl", tuple(int(v) for v in self.hkl))
+            object.__setattr__(self, "hkl", _miller_indices(self.hkl))
+        if self.lattice_constant_nm is not None:
+            a = _number(self.lattice_constant_nm, "lattice_constant_nm")
+            object.__setattr__(self, "lattice_constant_nm", a)
         self.check()
 
     # ------------------------------------------------------------------ construction
@@ -263,8 +279,21 @@ class Geometry:
             raise ValueError(
                 f"lattice_constant_nm must be positive, got {self.lattice_constant_nm}"
             )
-        if np.linalg.norm(self.q_bragg_inv_nm) < 1e-9:
+        q = float(np.linalg.norm(self.q_bragg_inv_nm))
+        if q < 1e-9:
             raise ValueError("the detector angles put the detector in the direct beam (Q = 0)")
+        if self.hkl is not None and self.lattice_constant_nm is not None and any(self.hkl):
+            cubic = 2 * math.pi * math.sqrt(sum(h * h for h in self.hkl)) / self.lattice_constant_nm
+            if abs(q / cubic - 1.0) > LATTICE_TOLERANCE:
+                log.warning(
+                    "geometry: |Q| from the energy and detector angles is %.4g/nm, but hkl %s "
+                    "of a cubic lattice of %g nm gives %.4g/nm: the energy, an angle, hkl or "
+                    "lattice_constant_nm is wrong (the results use the angles)",
+                    q,
+                    list(self.hkl),
+                    self.lattice_constant_nm,
+                    cubic,
+                )
 
     # ------------------------------------------------------------------ physics
     @property
@@ -350,13 +379,36 @@ class Geometry:
         return Geometry.from_dict(data)
 
 
+def _number(value: Any, name: str) -> float:
+    """``value`` as a finite float; a bool or a string is not a number here."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def _pair(value: Any, name: str) -> tuple[float, float]:
-    v = np.atleast_1d(np.asarray(value, dtype=np.float64))
-    if v.size == 1:
-        v = np.repeat(v, 2)
-    if v.size != 2 or not np.all(np.isfinite(v)):
-        raise ValueError(f"{name} must be one or two finite numbers, got {value!r}")
-    return float(v[0]), float(v[1])
+    """One number (both) or two numbers."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be one or two numbers, got {value!r}")
+        return _number(value[0], name), _number(value[1], name)
+    v = _number(value, name)
+    return v, v
+
+
+def _miller_indices(value: Any) -> tuple[int, int, int]:
+    """Three whole numbers (1.0 is 1; 1.7 and true are refused)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise ValueError(f"hkl must be three whole numbers, got {value!r}")
+    out = []
+    for v in value:
+        number = _number(v, "hkl")
+        if number != int(number):
+            raise ValueError(f"hkl must be three whole numbers, got {value!r}")
+        out.append(int(number))
+    return out[0], out[1], out[2]
 
 
 def geometry_from_start(start: Mapping[str, Any]) -> Geometry | None:
