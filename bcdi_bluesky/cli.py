@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import BCDIError
+from .errors import BCDIError, DataError
+from .files import check_destination
 
 if TYPE_CHECKING:
     from .settings import ReconstructionSettings
@@ -232,6 +233,12 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         raise UserError(f"{args.output}: a .vti file is on the lab grid: give --geometry")
     if args.plot:
         _check_plot_path(Path(args.plot))
+    for option, target in targets.items():
+        if target:
+            try:
+                check_destination(target)
+            except DataError as exc:
+                raise UserError(f"{option} {exc}") from None
     data, mask = read_intensity(args.input, args.dataset)
     geometry = read_geometry(args.geometry) if args.geometry else None
     if not args.no_memory_check:
@@ -251,7 +258,16 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.output:
         outputs["output"] = str(write_result(result, args.output, {"input": str(args.input)}))
     if args.plot:
-        outputs.update(_plots(args, rec, result))
+        try:
+            outputs.update(_plots(args, rec, result))
+        except UserError as exc:
+            # All or nothing: the result file written a moment ago goes too.
+            for written in outputs.values():
+                Path(written).unlink(missing_ok=True)
+            text = str(exc)
+            if not text.endswith("nothing was written"):
+                text += "; nothing was written"
+            raise UserError(text) from None
     summary = {**result.summary(), **outputs, "input": str(args.input)}
     if args.json:
         print(json.dumps(summary))
@@ -267,8 +283,9 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _latent_plot_path(plot: str) -> Path:
-    """Where ``--plot`` puts the latent map beside the figure."""
-    return Path(plot).with_name(Path(plot).stem + "_latent.png")
+    """Where ``--plot`` puts the latent map beside the figure: ``NAME_latent`` with the
+    figure's type."""
+    return Path(plot).with_name(Path(plot).stem + "_latent" + Path(plot).suffix)
 
 
 def _check_plot_path(path: Path) -> None:
@@ -283,8 +300,6 @@ def _check_plot_path(path: Path) -> None:
             f"--plot {path}: unsupported figure type (use one of "
             f"{', '.join('.' + k for k in sorted(formats))})"
         )
-    if path.is_dir():
-        raise UserError(f"--plot {path} is a folder")
 
 
 def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
@@ -303,6 +318,8 @@ def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
             )
     except OSError as exc:  # the folder cannot be made or written, the disk is full
         raise UserError(f"--plot {args.plot}: cannot write ({exc.strerror or exc})") from None
+    except DataError as exc:  # the atomic write's own one line, which names the file
+        raise UserError(f"--plot: {exc}") from None
     return outputs
 
 
@@ -344,6 +361,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+    if args.output:
+        check_destination(args.output, folder=True)
     if args.tiled:  # the runs completed on a Tiled server, frames read through it
         from .beamline.tiled import TiledRunSource, connect
 
@@ -609,8 +628,11 @@ def settings_table() -> str:
 
 def _add_access_options(p: argparse.ArgumentParser) -> None:
     """Who may put the IOC's settings (docs/reliability.md: who may write which PV)."""
-    p.add_argument("--read-only", action="store_true", help="refuse every put to the settings PVs")
-    p.add_argument(
+    access = p.add_mutually_exclusive_group()
+    access.add_argument(
+        "--read-only", action="store_true", help="refuse every put to the settings PVs"
+    )
+    access.add_argument(
         "--write-hosts",
         default=None,
         metavar="HOST[,HOST...]",

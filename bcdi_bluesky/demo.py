@@ -144,6 +144,11 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     return paths
 
 
+def _or_nan(value: float | None) -> float:
+    """A table cell: NaN for a figure a skipped scan does not have."""
+    return float("nan") if value is None else value
+
+
 def run_demo(
     scans: int = 3,
     output: str | None = None,
@@ -216,10 +221,11 @@ def run_demo(
     rows = []
     for h, record in zip(history, records, strict=False):
         result = record.result
+        # None (JSON null) where the scan was not reconstructed, like its chi.
         iou = (
             compare_objects(truth, to_model_grid(result.object, truth.shape[0])).iou
             if result is not None
-            else float("nan")
+            else None
         )
         rec = record.recommendation
         rows.append(
@@ -272,7 +278,7 @@ def run_demo(
         t = r["timings_s"]
         lines.append(
             f"{r['scan_id']:>4} {r['theta_center']:>12.4f} {r['exposure'] or 0:>9.3g} "
-            f"{r['max_count'] or 0:>9.0f} {r['chi'] or float('nan'):>7.4f} {r['iou']:>5.2f} "
+            f"{r['max_count'] or 0:>9.0f} {_or_nan(r['chi']):>7.4f} {_or_nan(r['iou']):>5.2f} "
             f"{r['quality'] or r['status']:>8} "
             f"{t.get('preprocess', 0):>5.2f} {t.get('inference', 0):>5.2f} "
             f"{t.get('refine', 0):>5.2f} {t.get('polish', 0):>6.2f} {t.get('total', 0):>6.2f}"

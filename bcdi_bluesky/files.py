@@ -24,6 +24,47 @@ from .errors import DataError
 NEW_FILE_MODE = 0o666
 
 
+def existing_file(path: str | Path) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it names a file.
+
+    Raises
+    ------
+    DataError
+        Nothing there, or a folder.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not a file")
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    return p
+
+
+def check_destination(path: str | Path, *, folder: bool = False) -> Path:
+    """Refuse, before any work, a path that cannot be written: for a file, a folder there; for
+    a ``folder``, a file there; then a nearest existing parent that is a file or a folder this
+    process may not write in (missing folders are made at writing time).
+
+    Raises
+    ------
+    DataError
+        One line naming what is in the way.
+    """
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise DataError(f"{p}: is a file, not a folder")
+    if not folder and p.is_dir():
+        raise DataError(f"{p}: is a folder")
+    parent = p if folder else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(f"{p}: cannot write ({parent} is a file, not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"{p}: cannot write (no permission to write in {parent})")
+    return p
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that takes a path (torch, ONNX): renamed
@@ -32,9 +73,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Raises
     ------
     DataError
-        The folder cannot be made or the rename fails; nothing is left at the temporary path.
+        The path cannot be written (:func:`check_destination`), the folder cannot be made or
+        the rename fails; nothing is left at the temporary path.
     """
-    p = Path(path)
+    p = check_destination(path)
     tmp = p.parent / f".{p.name}.{uuid.uuid4().hex}.part"
     try:
         p.parent.mkdir(parents=True, exist_ok=True)

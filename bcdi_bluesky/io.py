@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DataError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, existing_file
 from .physics import Geometry, check_mask, check_volume
 
 if TYPE_CHECKING:
     from .pipeline import ReconstructionResult
 
-INTENSITY_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".cxi", ".nxs", ".tif", ".tiff")
+#: Input files read as HDF5 (NeXus and CXI are HDF5).
+HDF5_SUFFIXES = (".h5", ".hdf5", ".cxi", ".nxs")
+INTENSITY_SUFFIXES = (".npy", ".npz", *HDF5_SUFFIXES, ".tif", ".tiff")
 RESULT_SUFFIXES = (".npz", ".h5", ".hdf5", ".cxi", ".vti")
 #: Datasets tried, in order, in HDF5/NeXus/CXI files.
 _H5_INTENSITY = (
@@ -54,9 +56,7 @@ def read_geometry(path: str | Path) -> Geometry:
     DataError
         Missing or unreadable file, not JSON, an unknown or missing key, a value out of range.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
+    p = existing_file(path)
     try:
         return Geometry.from_json(p)
     except ValueError as exc:
@@ -102,17 +102,18 @@ def read_intensity(
     Raises
     ------
     DataError
-        Missing or unreadable file, no intensity in it, or an intensity or mask that fails
-        the checks of :func:`bcdi_bluesky.physics.check_volume` (rank, NaN, negative, empty).
+        Missing or unreadable file, a ``dataset`` for a file that is not HDF5, no intensity
+        in it, or an intensity or mask that fails the checks of
+        :func:`bcdi_bluesky.physics.check_volume` (rank, NaN, negative, empty).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
+    p = existing_file(path)
     suffix = p.suffix.lower()
     if suffix not in INTENSITY_SUFFIXES:
         raise DataError(
             f"{p}: unsupported file type {suffix!r} (use one of {', '.join(INTENSITY_SUFFIXES)})"
         )
+    if dataset and suffix not in HDF5_SUFFIXES:
+        raise DataError(f"{p}: a dataset name ({dataset!r}) applies to HDF5 files only")
     try:
         mask = None
         if suffix == ".npy":

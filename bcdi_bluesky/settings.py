@@ -232,9 +232,15 @@ def _coerce(info: SettingInfo, value: Any) -> Any:
     ):
         units = f" {info.units}" if info.units else ""
         raise SettingsError(
-            f"{name} = {value!r} is outside its limits {info.low:g} .. {info.high:g}{units}"
+            f"{name} = {value!r} is outside its limits "
+            f"{_limit_text(info.low)} .. {_limit_text(info.high)}{units}"
         )
     return number
+
+
+def _limit_text(limit: float) -> str:
+    """A limit as people write it: 30, not 30.0; 2147483647, not 2.14748e+09."""
+    return str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
 
 
 def _is_number(value: Any) -> bool:

@@ -198,6 +198,40 @@ def test_plot_and_output_errors_are_one_line_and_leave_no_partial_file(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "taken"]
 
 
+def test_destinations_are_checked_before_any_work(tmp_path, peaked):
+    np.save(tmp_path / "in.npy", peaked)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "figure.png").mkdir()
+    for args, words in (
+        (("-o", "taken/sub/r.npz"), ("--output taken/sub/r.npz: cannot write", "taken is a file")),
+        (("--plot", "figure.png"), ("--plot figure.png: is a folder",)),
+        (("--dataset", "entry_1/data"), ("in.npy", "applies to HDF5 files only")),
+    ):
+        run = _cli("reconstruct", "in.npy", "--refine", "none", *args, cwd=tmp_path)
+        _one_line_error(run, *words)
+    _one_line_error(_cli("reconstruct", "folder", cwd=tmp_path), "folder: is a folder, not a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "folder", "in.npy", "taken"]
+
+
+def test_a_figure_that_fails_takes_the_result_file_with_it(tmp_path, peaked, monkeypatch, capsys):
+    """The checks pass, then the disk fills while the figure is written: nothing is kept."""
+    import bcdi_bluesky.plotting
+    from bcdi_bluesky.cli import main
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bcdi_bluesky.plotting, "plot_reconstruction", full_disk)
+    np.save(tmp_path / "in.npy", peaked)
+    out, fig = tmp_path / "r.npz", tmp_path / "r.png"
+    args = ["reconstruct", str(tmp_path / "in.npy"), "--refine", "none", "--json", "-o", str(out)]
+    assert main([*args, "--plot", str(fig)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "No space left on device" in line and line.endswith("nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy"]
+
+
 @pytest.mark.parametrize(
     "option, value, words",
     [

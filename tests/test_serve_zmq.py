@@ -165,3 +165,21 @@ def test_serve_loads_the_model_at_start(capsys, tmp_path):
     assert captured.out == ""
     (line,) = captured.err.splitlines()
     assert line.startswith("bcdi-bluesky serve: error:") and "broken" in line
+
+
+def test_serve_checks_its_output_folder_at_start(capsys, tmp_path):
+    """A result folder that cannot be one is refused before listening, not at every scan."""
+    taken = tmp_path / "results"
+    taken.write_text("a file, not a folder")
+    assert main(["serve", "--zmq", "127.0.0.1:5578", "--output", str(taken)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("bcdi-bluesky serve: error:") and "is a file, not a folder" in line
+
+
+def test_read_only_and_write_hosts_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--zmq", "127.0.0.1:5578", "--read-only", "--write-hosts", "opi1"])
+    assert exit_.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
