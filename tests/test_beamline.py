@@ -1,5 +1,6 @@
 """The Bluesky face: a real RunEngine with the simulated ophyd beamline, and document streams."""
 
+import dataclasses
 import gc
 import json
 import os
@@ -342,6 +343,18 @@ def test_derived_run_and_result_files(RE, reconstructor, make_callback, tmp_path
     with h5py.File(path, "r") as f:  # the file names the raw run and holds the lab frame
         assert f["entry_1/experiment_identifier"][()].decode() == uid
         assert f["strain"].shape == result.physical.strain.shape
+    # The full pipeline names its polish runs in words ("model ER/HIO", "random start 1
+    # ER/HIO +ER on the loosened support"): each becomes a valid data key, and the run is
+    # complete.
+    labels = {"model ER/HIO": 0.1, "random start 1 ER/HIO +ER on the loosened support": 0.05}
+    again = []
+    DerivedRunPublisher(lambda n, d: again.append((n, d)))(
+        dataclasses.replace(result, polish_attempts=labels), {"uid": uid, "scan_id": 1}
+    )
+    assert [n for n, _ in again] == ["start", "descriptor", "event", "stop"]
+    data = again[2][1]["data"]
+    assert data["polish_attempts_model_ER_HIO"] == 0.1
+    assert data["polish_attempts_random_start_1_ER_HIO_ER_on_the_loosened_support"] == 0.05
 
 
 def test_file_backed_detector_gives_the_same_volume(RE, make_callback, tmp_path):

@@ -25,6 +25,7 @@ record and the next scan proceeds.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,13 +139,20 @@ Emit = Callable[[str, dict], None]
 DERIVED_PLAN_NAME = "bcdi_reconstruction"
 
 
+#: What may not be in an event-model data key (its schema: ``^([^./]+)$``), and what makes
+#: a key awkward to type in a catalog query.
+_DATA_KEY_UNSAFE = re.compile(r"[^0-9A-Za-z_]+")
+
+
 def schema_figures(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """The figures of a result's summary as event data, named by the result schema
     (:data:`~bcdi_bluesky.pipeline.RESULT_SCHEMA`), and their units.
 
-    Nested figures become ``key_sub`` (``timings_s_total``, ``stage_chi_cnn``); lists of text
-    are joined by "; "; flags become 0 or 1; missing figures (None) are left out; the settings
-    go to the start document instead.
+    Nested figures become ``key_sub`` (``timings_s_total``, ``stage_chi_cnn``), with every run
+    of characters other than letters, digits and ``_`` in ``sub`` made one ``_`` (a data key
+    may hold no ``.`` or ``/``: the polish run "model ER/HIO" gives
+    ``polish_attempts_model_ER_HIO``); lists of text are joined by "; "; flags become 0 or 1;
+    missing figures (None) are left out; the settings go to the start document instead.
     """
     from ..pipeline import RESULT_SCHEMA
 
@@ -170,7 +178,7 @@ def schema_figures(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, s
         unit = RESULT_SCHEMA[key].units
         if isinstance(value, dict):
             for sub, item in value.items():
-                add(f"{key}_{sub}", item, unit)
+                add(f"{key}_{_DATA_KEY_UNSAFE.sub('_', str(sub)).strip('_')}", item, unit)
         else:
             add(key, value, unit)
     return data, units
@@ -212,7 +220,6 @@ class DerivedRunPublisher(Publisher):
                 "settings": result.settings.as_dict(),
             }
         )
-        self.emit("start", bundle.start_doc)
         amp = central_slices(np.abs(result.object))
         phase = central_slices(np.where(result.support, np.angle(result.object), 0.0))
         data, units = schema_figures(result.summary())
@@ -230,11 +237,19 @@ class DerivedRunPublisher(Publisher):
             keys[key] = {"source": "bcdi-bluesky", "dtype": dtype, "shape": shape}
             if units.get(key):
                 keys[key]["units"] = units[key]
+        # Every document is composed (and validated) before the first is emitted: a run that
+        # cannot be made reaches no consumer as an orphan start.
         desc = bundle.compose_descriptor(name="primary", data_keys=keys)
-        self.emit("descriptor", desc.descriptor_doc)
         now = time.time()
-        self.emit("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, now)))
-        self.emit("stop", bundle.compose_stop())
+        event = desc.compose_event(data=data, timestamps=dict.fromkeys(data, now))
+        stop = bundle.compose_stop()
+        for name, doc in (
+            ("start", bundle.start_doc),
+            ("descriptor", desc.descriptor_doc),
+            ("event", event),
+            ("stop", stop),
+        ):
+            self.emit(name, doc)
         return bundle.start_doc["uid"]
 
 
