@@ -240,9 +240,23 @@ def test_bad_puts_are_refused_with_an_alarm_and_one_log_line(ioc, caproto_ctx, c
     assert hihi.write([float("nan")], wait=True, timeout=5).status == CAStatus.ECA_PUTFAIL.value
     epics.caput(p + "Chi.HIHI", float("nan"), wait=True, timeout=5)
     assert hihi.read(timeout=5).data[0] == limit
-    # Its operating range is caproto's control range, which every write of chi must pass.
-    (hopr,) = caproto_ctx.get_pvs(p + "Chi.HOPR", timeout=5)
-    assert hopr.write([0.01], wait=True, timeout=5).status == CAStatus.ECA_PUTFAIL.value
+    # Every other field is read-only: the operating range (caproto's control range, which
+    # every write of chi must pass), the severities (HHSV NO_ALARM would switch the alarm
+    # off), deadbands, the description and the precision.
+    for field_, value in (
+        ("HOPR", [0.01]),
+        ("HHSV", [0]),
+        ("HYST", [1.0]),
+        ("PREC", [0]),
+        ("DESC", [b"hacked"]),
+    ):
+        (pv,) = caproto_ctx.get_pvs(f"{p}Chi.{field_}", timeout=5)
+        before = pv.read(timeout=5).data
+        reply = pv.write(value, wait=True, timeout=5)
+        assert reply.status == CAStatus.ECA_NOWTACCESS.value, field_
+        np.testing.assert_array_equal(pv.read(timeout=5).data, before)
+        assert _one_line_records(caplog, f"{p}Chi.{field_}: put of"), field_
+    assert "read-only field" in caplog.text
     # A read-only PV refuses too, in one line and without touching its alarm.
     (status,) = caproto_ctx.get_pvs(p + "Status", timeout=5)
     severity = status.read(data_type="time", timeout=5).metadata.severity

@@ -116,6 +116,8 @@ class _Audited(PvpropertyData):
     #: A setting: a refused put raises a MAJOR alarm on it, an accepted one goes to the next
     #: scan. Other PVs keep their own alarms.
     setting = False
+    #: A record field no client may change (:data:`WRITABLE_FIELDS` are the exceptions).
+    locked = False
 
     @property
     def ioc(self) -> ReconstructionIOC:
@@ -136,7 +138,7 @@ class _Audited(PvpropertyData):
         # Announced to the client when it connects: libca (pyepics) then refuses the put
         # locally; a client that sends it anyway meets the same check in auth_write.
         rights = super().check_access(hostname, username)
-        if not self.ioc.access.allows(hostname):
+        if self.locked or not self.ioc.access.allows(hostname):
             rights &= ~AccessRights.WRITE
         return rights
 
@@ -145,7 +147,13 @@ class _Audited(PvpropertyData):
     ):
         who = f"{username}@{hostname}"
         if AccessRights.WRITE not in self.check_access(hostname, username):
-            reason = "read-only PV" if self.pvspec.read_only else self.ioc.access.describe()
+            reason = (
+                "read-only field"
+                if self.locked
+                else "read-only PV"
+                if self.pvspec.read_only
+                else self.ioc.access.describe()
+            )
             return await self._refuse(
                 data, who, reason, AlarmStatus.WRITE_ACCESS, CAStatus.ECA_NOWTACCESS
             )
@@ -200,11 +208,30 @@ def _audited(classes: dict) -> dict:
     return {dtype: type(cls.__name__, (_Audited, cls), {}) for dtype, cls in classes.items()}
 
 
-class _AuditedAiFields(AiFields):
-    """The fields of an ai record (``Chi.HIHI`` ...), every put audited like the PVs'."""
+#: The record fields a client may put (to those the IOC's write access allows): the alarm
+#: limits of ``Chi``. Every other field (severities, deadbands, DESC, EGU, PREC, links...)
+#: is read-only, so no client can switch an alarm off or relabel a PV.
+WRITABLE_FIELDS = ("HIGH", "HIHI", "LOW", "LOLO")
 
-    type_map = _audited(AiFields.type_map)
-    type_map_read_only = _audited(AiFields.type_map_read_only)
+
+class _AuditedAiFields(AiFields):
+    """The fields of an ai record (``Chi.HIHI`` ...): every put audited like the PVs', and
+    only :data:`WRITABLE_FIELDS` writable."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The fields come from several caproto classes (the ai record's and the base
+        # record's), each with its own data classes: each instance gets an audited class.
+        for field_ in self.attr_pvdb.values():
+            if not isinstance(field_, _Audited) or field_.pvname not in WRITABLE_FIELDS:
+                field_.__class__ = _locked(type(field_), field_.pvname not in WRITABLE_FIELDS)
+
+
+def _locked(cls: type, locked: bool) -> type:
+    """``cls`` audited, and read-only to every client when ``locked``."""
+    name = ("Locked" if locked else "Audited") + cls.__name__
+    bases = (cls,) if issubclass(cls, _Audited) else (_Audited, cls)
+    return type(name, bases, {"locked": locked})
 
 
 class _SettingInteger(_Audited, PvpropertyInteger):
@@ -301,12 +328,6 @@ def _finite_limit(field: str, linked: str):
 
     putter.__name__ = f"_{field}"
     return putter
-
-
-async def _fixed_range(fields, instance, value):
-    """A putter that refuses: a record's operating range (.HOPR/.LOPR) is caproto's control
-    range, which every internal write of the value is checked against."""
-    raise ValueError("the operating range is fixed")
 
 
 #: The setting PVs that are one field of :class:`~bcdi_bluesky.ReconstructionSettings` each
@@ -438,8 +459,6 @@ class ReconstructionIOC(PVGroup):
     Chi = Chi.fields.high_alarm_limit.putter(_finite_limit("high", "upper_warning_limit"))
     Chi = Chi.fields.low_alarm_limit.putter(_finite_limit("low", "lower_warning_limit"))
     Chi = Chi.fields.lolo_alarm_limit.putter(_finite_limit("lolo", "lower_alarm_limit"))
-    Chi = Chi.fields.high_operating_range.putter(_fixed_range)
-    Chi = Chi.fields.low_operating_range.putter(_fixed_range)
     ChiCNN = _reading("ChiCNN", precision=4, doc="chi of the CNN's estimate")
     ES_Iteration = _reading("ES:Iteration", 0, doc="ES step (live)")
     ES_Cost = _reading("ES:Cost", precision=4, doc="ES cost chi (live)")
