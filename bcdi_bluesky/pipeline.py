@@ -11,7 +11,7 @@ on any machine; wall-time caps are a safety net, reported when they cut a run sh
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -744,6 +744,36 @@ def polish_stage(
     )
 
 
+def _checked_settings(
+    settings: ReconstructionSettings | None, default: ReconstructionSettings
+) -> ReconstructionSettings:
+    """``settings``, or ``default`` for None; anything else is refused before any work."""
+    if settings is None:
+        return default
+    if not isinstance(settings, ReconstructionSettings):
+        raise SettingsError(
+            "settings must be ReconstructionSettings (ReconstructionSettings(**values), or "
+            f"the values as keyword arguments of Reconstructor), got {type(settings).__name__}"
+        )
+    return settings
+
+
+def _checked_geometry(geometry: Geometry | Mapping[str, Any] | None) -> Geometry | None:
+    """A :class:`Geometry` from itself or its JSON keys; anything else is refused before any
+    work (not after the whole reconstruction, where the lab frame is made)."""
+    if geometry is None or isinstance(geometry, Geometry):
+        return geometry
+    if isinstance(geometry, Mapping):
+        try:
+            return Geometry.from_dict(geometry)
+        except ValueError as exc:
+            raise DataError(f"geometry: {exc}") from None
+    raise DataError(
+        "geometry must be a Geometry or a mapping of its keys (a JSON file: "
+        f"Geometry.from_json(path)), got {type(geometry).__name__}"
+    )
+
+
 class Reconstructor:
     """Turns a measured diffraction volume into a 3D crystal, in seconds.
 
@@ -787,7 +817,7 @@ class Reconstructor:
         array_library: str | None = None,
         **overrides: Any,
     ) -> None:
-        self.settings = (settings or ReconstructionSettings()).replace(**overrides)
+        self.settings = _checked_settings(settings, ReconstructionSettings()).replace(**overrides)
         try:
             self.backend = select_backend(device, array_library)
         except ValueError as exc:
@@ -819,7 +849,7 @@ class Reconstructor:
         progress: ProgressHook | None = None,
         initial_params: np.ndarray | None = None,
         settings: ReconstructionSettings | None = None,
-        geometry: Geometry | None = None,
+        geometry: Geometry | Mapping[str, Any] | None = None,
     ) -> ReconstructionResult:
         """Reconstruct a crystal from a diffraction volume.
 
@@ -838,22 +868,26 @@ class Reconstructor:
             the CNN's estimate.
         settings : ReconstructionSettings, optional
             Settings for this call only (default: :attr:`settings`); the result carries them.
-        geometry : Geometry, optional
-            The scan's geometry: the result then carries the crystal in the lab frame with
-            its displacement and strain (:attr:`ReconstructionResult.physical`).
+        geometry : Geometry or mapping, optional
+            The scan's geometry (a :class:`~bcdi_bluesky.physics.Geometry` or its JSON keys):
+            the result then carries the crystal in the lab frame with its displacement and
+            strain (:attr:`ReconstructionResult.physical`).
 
         Raises
         ------
         DataError
             Wrong rank, NaN/inf, negative values, an empty volume, a mask of the wrong shape,
-            or an unknown ``refine``.
+            an unknown ``refine``, or a geometry that cannot describe a scan (all before any
+            work).
+        SettingsError
+            ``settings`` that are not :class:`~bcdi_bluesky.ReconstructionSettings`.
         NoBraggPeakError
             Photon counts without a detectable Bragg peak (raised before any work).
         """
         if refine not in REFINE_MODES:
             raise DataError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
-        if settings is None:
-            settings = self.settings
+        settings = _checked_settings(settings, self.settings)
+        geometry = _checked_geometry(geometry)
         backend = self.backend
         notify = progress or (lambda stage, info: None)
         t0 = time.perf_counter()

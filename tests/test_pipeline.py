@@ -10,6 +10,7 @@ import scipy.ndimage
 from builders import GENEROUS_BUDGETS
 
 from bcdi_bluesky import ReconstructionSettings, Reconstructor
+from bcdi_bluesky.errors import DataError, SettingsError
 from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 from bcdi_bluesky.physics import (
     DEV_SEED,
@@ -151,6 +152,24 @@ def test_measured_data_sets(rec, name, bound, scan54_64, cdinn_64):
 def test_bad_input_is_a_clear_error(rec, volume, match):
     with pytest.raises(ValueError, match=match):
         rec.reconstruct(volume)
+
+
+def test_bad_geometry_or_settings_are_refused_before_any_work(rec, samples, monkeypatch):
+    import bcdi_bluesky.pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the reconstruction started")
+
+    monkeypatch.setattr(bcdi_bluesky.pipeline, "prepare_measurement", no_work)
+    counts = samples[0].counts
+    with pytest.raises(DataError, match="geometry must be a Geometry or a mapping"):
+        rec.reconstruct(counts, geometry="geometry.json")
+    with pytest.raises(DataError, match="geometry: geometry lacks"):
+        rec.reconstruct(counts, geometry={"beamline": "aps_34idc"})
+    with pytest.raises(SettingsError, match="settings must be ReconstructionSettings"):
+        rec.reconstruct(counts, settings={"track": True})
+    with pytest.raises(SettingsError, match="settings must be ReconstructionSettings"):
+        Reconstructor(settings={"track": True})
 
 
 def test_bad_mask_or_mode_is_a_clear_error(rec, samples):
