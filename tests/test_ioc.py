@@ -231,6 +231,11 @@ def test_bad_puts_are_refused_with_an_alarm_and_one_log_line(ioc, caproto_ctx, c
     )
     assert iters.read(data_type="time", timeout=5).metadata.severity == AlarmSeverity.NO_ALARM
     assert epics.caput(p + "Polish:Iterations", 150, wait=True, timeout=5) == 1
+    # A whole number beyond 32 bits is refused as such (caproto would wrap it first).
+    (seed,) = caproto_ctx.get_pvs(p + "ES:Seed", timeout=5)
+    reply = seed.write([2.0**31], data_type=ChannelType.DOUBLE, wait=True, timeout=5)
+    assert reply.status == CAStatus.ECA_PUTFAIL.value
+    assert "outside the range of a 32-bit integer" in caplog.text
     # pyepics (libca) meets the same refusals.
     epics.caput(p + "ES:TimeBudget", float("nan"), wait=True, timeout=5)
     assert epics.caget(p + "ES:TimeBudget", use_monitor=False) == before

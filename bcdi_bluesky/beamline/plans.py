@@ -30,8 +30,10 @@ def rocking_scan(
     geometry: Geometry | dict | None = None,
     **bcdi_metadata: Any,
 ):
-    """A rocking curve: ``num`` frames with ``motor`` from ``centre - width/2`` to
-    ``centre + width/2``, with the metadata the reconstruction callback records.
+    """A rocking curve: ``num`` frames with ``motor`` ``width / (num - 1)`` apart, frame
+    ``num // 2`` (the stored volume's central frame) at ``centre``, with the metadata the
+    reconstruction callback records. The range is ``centre - width/2`` to ``centre + width/2``
+    for an odd ``num``, one step lower at both ends for an even one.
 
     Parameters
     ----------

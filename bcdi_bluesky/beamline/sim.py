@@ -170,6 +170,8 @@ class _FrameWritingDetector(BCDIDetector):
 
     def __init__(self, *args, save_path: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if save_path:
+            os.makedirs(save_path, exist_ok=True)  # a folder to come, as area detectors make
         self.save_path = save_path or tempfile.mkdtemp(prefix="bcdi_frames_")
         self._asset_docs: deque = deque()
         self._resource_uid: str | None = None

@@ -194,6 +194,9 @@ def _check_whole_numbers(data: Any, data_type: ChannelType) -> None:
         return
     if not (np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers))):
         raise ValueError("a whole number is needed")
+    # A LONG holds 32 bits: caproto would wrap 2147483648 to -2147483648 before the limits.
+    if np.any(np.abs(numbers) > np.iinfo(np.int32).max):
+        raise ValueError("outside the range of a 32-bit integer")
 
 
 def _shown(data: Any) -> str:
