@@ -163,7 +163,10 @@ class _Audited(PvpropertyData):
                 _check_whole_numbers(data, data_type)
             await self.write_from_dbr(data, data_type, metadata, flags=flags)
         except Exception as exc:  # a bad value of any kind: the client gets ECA_PUTFAIL
-            reason = str(exc) or type(exc).__name__
+            # caproto's conversion errors carry no text: say what could not be read as what.
+            reason = str(exc) or (
+                f"{type(exc).__name__}: {_shown(data)!r} is not a {self.data_type.name.lower()}"
+            )
             return await self._refuse(data, who, reason, AlarmStatus.WRITE, CAStatus.ECA_PUTFAIL)
         if self.setting:
             await self.alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
