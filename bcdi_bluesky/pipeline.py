@@ -35,7 +35,13 @@ from .physics import (
 )
 from .physics import intensity as far_field_intensity
 from .physics import support as amplitude_support
-from .preprocess import Prepared, fit_to_grid, network_input, remove_hot_pixels
+from .preprocess import (
+    Prepared,
+    at_photon_level,
+    fit_to_grid,
+    network_input,
+    remove_hot_pixels,
+)
 from .quality import (
     CHI_GOOD,
     FIT_GOOD,
@@ -336,11 +342,15 @@ def cnn_stage(
     prepared: Prepared,
     chi_of: ChiCost,
     coarse_chi_of: Callable[[np.ndarray], float] | None = None,
+    counts: bool = True,
 ) -> CNNEstimate:
     """Predict the crystal; the data choose the twin-odd signs (ranked by ``coarse_chi_of``
-    when given, :func:`~bcdi_bluesky.tuning.coarse_chi`); place it on the latent map."""
+    when given, :func:`~bcdi_bluesky.tuning.coarse_chi`); place it on the latent map. Data
+    that are not ``counts`` reach the network at a trained photon level
+    (:func:`~bcdi_bluesky.preprocess.at_photon_level`)."""
     t = time.perf_counter()
-    predicted = runtime.predict(network_input(prepared.intensity, prepared.mask))
+    shown = at_photon_level(prepared.intensity, prepared.mask, counts)
+    predicted = runtime.predict(network_input(shown, prepared.mask))
     network_s = time.perf_counter() - t
     latent, cnn_chi = best_twin_variant(
         model, runtime.encoding.twin_variants(predicted.astype(np.float64)), chi_of, coarse_chi_of
@@ -901,7 +911,8 @@ class Reconstructor:
         t = time.perf_counter()
         chi_of = ChiCost(prepared.intensity, prepared.mask, backend)
         coarse_chi_of = coarse_chi(self.model, prepared.intensity, prepared.mask, backend)
-        cnn = cnn_stage(self.runtime, self.model, prepared, chi_of, coarse_chi_of)
+        counts = measurement.noise_floor is not None
+        cnn = cnn_stage(self.runtime, self.model, prepared, chi_of, coarse_chi_of, counts)
         params = cnn.params
         timings["inference"] = time.perf_counter() - t
         timings["network"], timings["twin_choice"] = cnn.network_s, cnn.twin_choice_s

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage
 
-from .physics import check_mask, check_volume
+from .physics import PRIOR_PHOTONS, check_mask, check_volume
 
 
 def peak_position(
@@ -89,6 +89,30 @@ def fit_to_grid(intensity: np.ndarray, n: int, mask: np.ndarray | None = None) -
     padded = any(s < n for s in data.shape)
     final_mask = out_mask if (m is not None or padded) else None
     return Prepared(out, final_mask, shift, tuple(crop))
+
+
+def at_photon_level(
+    intensity: np.ndarray, mask: np.ndarray | None = None, counts: bool = True
+) -> np.ndarray:
+    """The intensity as the network should see it.
+
+    ``log(1 + I)`` depends on the intensity's scale: photon counts are shown as they are, but
+    data that are not counts (noise-free simulations, corrected or normalised intensities,
+    whose scale is arbitrary) are scaled so that their total over the valid voxels lies in
+    the photon range the network was trained on (:data:`~bcdi_bluesky.physics.PRIOR_PHOTONS`):
+    data normalised to a maximum of 1 would otherwise reach the network as a nearly linear
+    map (measured on 16 development crystals, noise-free: CNN-only median IoU 0.56 at
+    maximum 1 against 0.75 at 1e8 photons). Data already in that range are returned as they
+    are.
+    """
+    if counts:
+        return intensity
+    total = float(np.sum(intensity if mask is None else np.where(mask, intensity, 0.0)))
+    low, high = PRIOR_PHOTONS
+    # Within the range to a part per million: a total of 1e9 summed in another order stays.
+    if total <= 0 or low * (1 - 1e-6) <= total <= high * (1 + 1e-6):
+        return intensity
+    return intensity * np.float32(min(max(total, low), high) / total)
 
 
 def network_input(intensity: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

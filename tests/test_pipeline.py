@@ -237,6 +237,22 @@ def test_noise_free_data_fit_the_soft_edge():
     assert compare_objects(crystal.object, result.object).iou >= 0.9
 
 
+def test_the_cnn_estimate_does_not_depend_on_the_units_of_noise_free_data(rec):
+    """Noise-free data in arbitrary units (normalised to 1, or 1e13 in total) give the CNN the
+    estimate it makes at the nearest trained photon level."""
+    crystal = out_of_family_crystal(DEV_SEED, 4, n=64)
+    exact = intensity(crystal.object).astype(np.float64)
+
+    def iou(data):
+        return compare_objects(crystal.object, rec.reconstruct(data, refine="none").object).iou
+
+    assert iou(exact / exact.max()) == pytest.approx(iou(exact * (1e6 / exact.sum())), abs=0.01)
+    assert iou(exact * (1e13 / exact.sum())) == pytest.approx(
+        iou(exact * (1e9 / exact.sum())), abs=0.01
+    )
+    assert iou(exact / exact.max()) >= 0.75
+
+
 def test_summary_carries_the_verdict(rec, samples):
     result = rec.reconstruct(samples[0].counts, refine="none")
     summary = result.summary()

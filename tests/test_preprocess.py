@@ -67,3 +67,25 @@ def test_bad_input_is_a_clear_error():
         fit_to_grid(-np.ones((8, 8, 8)), 64)
     with pytest.raises(ValueError, match="mask"):
         fit_to_grid(np.ones((8, 8, 8)), 64, mask=np.ones((4, 4, 4), dtype=bool))
+
+
+def test_data_that_are_not_counts_reach_the_network_at_a_trained_photon_level():
+    """log(1 + I) depends on the scale: counts keep theirs, other data are brought into the
+    prior's photon range (a volume normalised to 1 is not shown as a linear map)."""
+    from bcdi_bluesky.physics import PRIOR_PHOTONS
+    from bcdi_bluesky.preprocess import at_photon_level
+
+    rng = np.random.default_rng(0)
+    pattern = rng.random((8, 8, 8)).astype(np.float32)
+    low, high = PRIOR_PHOTONS
+    normalised = pattern / pattern.max()
+    assert at_photon_level(normalised, counts=True) is normalised
+    assert at_photon_level(normalised, counts=False).sum() == pytest.approx(low, rel=1e-5)
+    huge = pattern * np.float32(1e13 / pattern.sum())
+    assert at_photon_level(huge, counts=False).sum() == pytest.approx(high, rel=1e-5)
+    inside = pattern * np.float32(1e8 / pattern.sum())
+    assert at_photon_level(inside, counts=False) is inside
+    mask = np.ones(pattern.shape, dtype=bool)
+    mask[:, :, :4] = False  # the total counts the valid voxels only
+    scaled = at_photon_level(normalised, mask, counts=False)
+    assert scaled[mask].sum() == pytest.approx(low, rel=1e-5)

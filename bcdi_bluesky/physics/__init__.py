@@ -47,7 +47,7 @@ from ._metrics import (
     support_iou,
     twin_object,
 )
-from ._priors import CrystalPrior
+from ._priors import PRIOR_PHOTONS, CrystalPrior
 from ._strain import (
     PhysicalResult,
     displacement_and_strain,
@@ -71,6 +71,7 @@ __all__ = [
     "FFT_WORKERS",
     "LMAX_LIMIT",
     "PRESETS",
+    "PRIOR_PHOTONS",
     "SHAPE_KINDS",
     "CrystalModel",
     "CrystalPrior",

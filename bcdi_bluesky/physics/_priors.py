@@ -9,6 +9,10 @@ import numpy as np
 from ._crystal import CrystalModel
 from ._harmonics import sh_index
 
+#: Range of total photon counts the prior draws from (log-uniform), and so the photon levels
+#: the packaged network was trained on.
+PRIOR_PHOTONS = (1e6, 1e9)
+
 
 @dataclass(frozen=True)
 class CrystalPrior:
@@ -38,7 +42,7 @@ class CrystalPrior:
     """
 
     model: CrystalModel
-    photons: tuple[float, float] = (1e6, 1e9)
+    photons: tuple[float, float] = PRIOR_PHOTONS
     rbf_probability: float = 0.35
     faceted_probability: float = 0.3
     max_phase_ptp: float = 2.0 * np.pi
