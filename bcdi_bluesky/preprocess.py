@@ -101,7 +101,7 @@ def at_photon_level(
     whose scale is arbitrary) are scaled so that their total over the valid voxels lies in
     the photon range the network was trained on (:data:`~bcdi_bluesky.physics.PRIOR_PHOTONS`):
     data normalised to a maximum of 1 would otherwise reach the network as a nearly linear
-    map (measured on 16 development crystals, noise-free: CNN-only median IoU 0.56 at
+    map (measured on 16 development crystals, noise-free: CNN-only median IoU 0.53 at
     maximum 1 against 0.75 at 1e8 photons). Data already in that range are returned as they
     are.
     """
