@@ -434,10 +434,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         finished = callback.close(timeout=args.stop_timeout)
         if dask_client is not None:
             dask_client.close()
-        if getattr(dispatcher, "dropped", 0):
+        if getattr(dispatcher, "dropped", 0) or getattr(dispatcher, "reconnects", 0):
             print(
                 f"bcdi-bluesky serve: {dispatcher.dropped} of {dispatcher.received} "
-                "messages dropped",
+                f"messages dropped, connection to the proxy made again "
+                f"{dispatcher.reconnects} times",
                 file=sys.stderr,
                 flush=True,
             )

@@ -168,6 +168,9 @@ class RemoteDispatcher:
         self.poll_interval = float(poll_interval)
         self.received = 0
         self.dropped = 0
+        #: Times the connection to the proxy was lost and made again (a message longer than
+        #: ``max_message_bytes`` makes 0MQ drop the connection for good, not the message).
+        self.reconnects = 0
         self._subscribers: list[Callable[[str, dict], Any]] = []
         self._stop = threading.Event()
 
@@ -212,23 +215,58 @@ class RemoteDispatcher:
                 log.exception("subscriber %r failed on a %s document", callback, name)
 
     def start(self) -> None:
-        """Connect and dispatch until :meth:`stop` is called."""
+        """Connect and dispatch until :meth:`stop` is called.
+
+        A message longer than ``max_message_bytes`` is never read: 0MQ closes the connection
+        on it and, for that protocol error, does not make it again. The connection's
+        monitor sees it go; the receiver then connects anew (one warning, counted in
+        :attr:`reconnects`), so the next runs still arrive. Documents sent while it was
+        down are lost, like any sent before a subscriber connects.
+        """
         import zmq
+        from zmq.utils.monitor import recv_monitor_message
 
         context = zmq.Context()
-        sock = context.socket(zmq.SUB)
+        timeout_ms = max(1, int(self.poll_interval * 1000))
+        sock, monitor = self._connect(context)
         try:
-            sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://{self.host}:{self.port}")
-            sock.setsockopt(zmq.SUBSCRIBE, self.prefix)
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            timeout_ms = max(1, int(self.poll_interval * 1000))
             while not self._stop.is_set():
-                if not poller.poll(timeout_ms):
-                    continue
-                self.handle(sock.recv())
+                poller = zmq.Poller()
+                poller.register(sock, zmq.POLLIN)
+                poller.register(monitor, zmq.POLLIN)
+                ready = dict(poller.poll(timeout_ms))
+                if sock in ready:
+                    self.handle(sock.recv())
+                elif monitor in ready:
+                    recv_monitor_message(monitor)
+                    self.reconnects += 1
+                    log.warning(
+                        "connection to the 0MQ proxy at %s:%d lost (a message longer than "
+                        "%d bytes, or the proxy went away): connecting again",
+                        self.host,
+                        self.port,
+                        self.max_message_bytes,
+                    )
+                    self._close(sock, monitor)
+                    sock, monitor = self._connect(context)
         finally:
-            sock.close(linger=0)
+            self._close(sock, monitor)
             context.term()
+
+    def _connect(self, context: Any) -> tuple[Any, Any]:
+        """A SUB socket connected to the proxy, and a monitor that reports its disconnects."""
+        import zmq
+
+        sock = context.socket(zmq.SUB)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.LINGER, 0)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(f"tcp://{self.host}:{self.port}")
+        sock.setsockopt(zmq.SUBSCRIBE, self.prefix)
+        return sock, monitor
+
+    @staticmethod
+    def _close(sock: Any, monitor: Any) -> None:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)

@@ -2,6 +2,8 @@
 
 import logging
 import pickle
+import threading
+import time
 
 import msgpack
 import numpy as np
@@ -117,3 +119,43 @@ def test_allow_pickle_reads_bluesky_default_messages():
     start = compose_run(metadata={"scan_id": 5}).start_doc
     dispatcher.handle(b" ".join([b"", b"start", pickle.dumps(start)]))
     assert received == [("start", start)] and dispatcher.dropped == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_message_over_the_limit_costs_the_connection_not_the_service(caplog):
+    """0MQ closes the connection on a message over ``max_message_bytes`` and, for that
+    protocol error, never makes it again: the receiver connects anew and the next documents
+    arrive. A publisher on loopback stands for the proxy."""
+    import zmq
+
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    dispatcher = RemoteDispatcher(f"127.0.0.1:{port}", max_message_bytes=4096, poll_interval=0.05)
+    received = []
+    dispatcher.subscribe(lambda name, doc: received.append(doc["sample"]))
+    worker = threading.Thread(target=dispatcher.start, daemon=True)
+
+    def send_until_received(uid: str) -> None:
+        message = b" start " + serializer(compose_run(metadata={"sample": uid}).start_doc)
+        end = time.monotonic() + 20
+        while uid not in received:  # the subscription takes a moment to reach the publisher
+            assert time.monotonic() < end, f"{uid} never arrived"
+            pub.send(message)
+            time.sleep(0.05)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="bcdi_bluesky.remote"):
+            worker.start()
+            send_until_received("before")
+            pub.send(b" start " + b"x" * 100_000)  # over the limit
+            send_until_received("after")
+    finally:
+        dispatcher.stop()
+        worker.join(timeout=10)
+        pub.close(linger=0)
+        context.term()
+    assert not worker.is_alive()
+    assert dispatcher.reconnects == 1
+    assert "connection to the 0MQ proxy" in caplog.text
