@@ -94,9 +94,9 @@ def engine():
     loop.close()
 
 
-def _write_runs(engine, client, frames, seeds, points=16):
-    """Scan one simulated crystal per seed; TiledWriter stores each run. Returns the uids and
-    the beamlines."""
+def _write_runs(engine, client, frames, seeds, points=16, md=None):
+    """Scan one simulated crystal per seed (``md``: more start metadata); TiledWriter stores
+    each run. Returns the uids and the beamlines."""
     writer = tiled_runs.tiled_writer(client)
     token = engine.subscribe(writer)
     uids, beamlines = [], []
@@ -114,6 +114,7 @@ def _write_runs(engine, client, frames, seeds, points=16):
                     points,
                     energy_kev=9.0,
                     geometry=beamline.geometry,
+                    md=md,
                 )
             )
             uids.append(uid)
@@ -294,6 +295,36 @@ def test_follower_sees_each_completed_run_live(client, engine, tiled_server):
         (uid,), _ = _write_runs(engine, client, frames, seeds=(21,))
         assert arrived.wait(30), "no stop arrived through the subscription"
     assert seen == [uid]
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
+@pytest.mark.timeout(120)
+def test_run_source_subscribes_again_after_an_update_too_long(client, engine, tiled_server):
+    """tiled ends a subscription for good on a message over its size limit: the source
+    subscribes again, and the next run still arrives."""
+    _, frames = tiled_server
+    source = tiled_runs.TiledRunSource(client, max_update_bytes=50_000)
+    started = []
+    source.subscribe(lambda name, doc: started.append(doc["uid"]) if name == "start" else None)
+    follower = threading.Thread(target=source.start, daemon=True)
+    follower.start()
+    try:
+        deadline = time.monotonic() + 30
+        while source.follower is None:
+            assert time.monotonic() < deadline, "the source never subscribed"
+            time.sleep(0.1)
+        _write_runs(engine, client, frames, seeds=(22,), md={"notes": "x" * 100_000})
+        while source.resubscriptions == 0:
+            assert time.monotonic() < deadline, "the ended subscription was not made again"
+            time.sleep(0.1)
+        (uid,), _ = _write_runs(engine, client, frames, seeds=(23,))
+        while uid not in started:
+            assert time.monotonic() < deadline + 30, "the next run never arrived"
+            time.sleep(0.1)
+    finally:
+        source.stop()
+        follower.join(timeout=10)
+    assert not follower.is_alive()
 
 
 @pytest.mark.timeout(180)

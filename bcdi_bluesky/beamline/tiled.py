@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Largest WebSocket message the live subscription accepts (a run's metadata update holds its
+#: start and stop documents; tiled's own default, 1 MB, is near what a start with a
+#: diffractometer record and sample notes can reach). A longer one ends tiled's
+#: subscription for good; :class:`TiledRunSource` then subscribes again.
+MAX_UPDATE_BYTES = 16 * 2**20
+
 
 def connect(url: str, api_key: str | None = None) -> Any:
     """A Tiled client for ``url`` (numpy arrays, no dask).
@@ -223,13 +229,27 @@ class RunFollower:
     Derived runs are passed over. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, client: Any, on_run: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        on_run: Callable[[str], None],
+        max_update_bytes: int = MAX_UPDATE_BYTES,
+        seen: set[str] | None = None,
+    ) -> None:
         self.on_run = on_run
-        self._seen: set[str] = set()
+        self._seen: set[str] = set() if seen is None else seen
         self._lock = threading.Lock()
         self.subscription = client.subscribe()
         self.subscription.child_metadata_updated.add_callback(self._updated)
-        self.subscription.start_in_thread()
+        self.subscription.start_in_thread(max_size=int(max_update_bytes))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the subscription still listens. tiled ends it for good, with one log
+        line, on a message longer than ``max_update_bytes``; it has no public way to ask, so
+        its thread is looked at (a tiled without one counts as alive)."""
+        thread = getattr(self.subscription, "_thread", None)
+        return thread is None or thread.is_alive()
 
     def _updated(self, update: Any) -> None:
         metadata = update.metadata or {}
@@ -315,7 +335,9 @@ class TiledRunSource:
 
     Each run is sent once its stop document reaches the server (:class:`RunFollower`), with
     its frames read through Tiled (:func:`run_documents`). A run that cannot be read is
-    logged and passed over.
+    logged and passed over. A subscription that tiled ends (an update longer than
+    ``max_update_bytes``) is made again with one warning, counted in :attr:`resubscriptions`:
+    the runs completed meanwhile are not sent (``bcdi-bluesky reprocess`` reads them).
     """
 
     def __init__(
@@ -324,9 +346,14 @@ class TiledRunSource:
         image_key: str = "det_image",
         motor_key: str = "theta",
         stream_name: str = "primary",
+        max_update_bytes: int = MAX_UPDATE_BYTES,
     ) -> None:
         self.client = client
         self.keys = (image_key, motor_key, stream_name)
+        self.max_update_bytes = int(max_update_bytes)
+        self.resubscriptions = 0
+        #: The live follower (None before :meth:`start`).
+        self.follower: RunFollower | None = None
         self._consumers: list[Callable[[str, dict], Any]] = []
         self._stop = threading.Event()
 
@@ -346,9 +373,23 @@ class TiledRunSource:
 
     def start(self) -> None:
         """Follow the server until :meth:`stop` (safe to call from a signal handler)."""
-        with RunFollower(self.client, self._send):
+        seen: set[str] = set()
+        self.follower = RunFollower(self.client, self._send, self.max_update_bytes, seen)
+        try:
             while not self._stop.wait(0.5):
-                pass
+                if self.follower.alive:
+                    continue
+                self.resubscriptions += 1
+                log.warning(
+                    "the Tiled subscription ended (an update longer than %d bytes?): "
+                    "subscribing again; runs that completed meanwhile are not reconstructed "
+                    "(bcdi-bluesky reprocess reads them)",
+                    self.max_update_bytes,
+                )
+                self.follower.close()
+                self.follower = RunFollower(self.client, self._send, self.max_update_bytes, seen)
+        finally:
+            self.follower.close()
 
     def stop(self) -> None:
         """Make :meth:`start` return."""
