@@ -124,7 +124,8 @@ def test_aborted_scan_is_not_reconstructed(RE, make_callback):
         def reconstruct(self, volume, **kwargs):
             Calls.n += 1
 
-    cb = make_callback(reconstructor=Calls())
+    hooks = _Hooks()
+    cb = make_callback(reconstructor=Calls(), publishers=[hooks])
     RE.subscribe(cb)
 
     def plan():
@@ -139,6 +140,7 @@ def test_aborted_scan_is_not_reconstructed(RE, make_callback):
     (record,) = cb.records.values()
     assert record.status == "skipped" and "fail" in record.message
     assert record.frames >= 1 and Calls.n == 0
+    assert ("failure", record.message) in hooks.calls  # the IOC does not stay "Collecting"
 
 
 def _interrupted(beamline):
@@ -178,15 +180,19 @@ def test_frames_are_stacked_in_motor_order(make_callback, page):
     np.testing.assert_array_equal(capture.volumes[0], expected)
 
 
-def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback):
-    capture = _Capture()
-    cb = make_callback(reconstructor=capture, image_key="eiger_image")
+def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback, caplog):
+    capture, hooks = _Capture(), _Hooks()
+    cb = make_callback(reconstructor=capture, image_key="eiger_image", publishers=[hooks])
     for name, doc in documents({0.0: np.ones((2, 2))}):
         cb(name, doc)
     assert cb.wait(timeout=10)
     (record,) = cb.records.values()
     assert record.status == "skipped" and "eiger_image" in record.message
     assert capture.volumes == []
+    # Often a wrong key: a warning, and the publishers told "collecting" hear why.
+    assert "not reconstructed" in caplog.text and "eiger_image" in caplog.text
+    assert [c[0] for c in hooks.calls] == ["collecting", "failure"]
+    assert ("failure", record.message) in hooks.calls
 
 
 def test_start_metadata_can_opt_out(make_callback):
@@ -204,8 +210,8 @@ def test_start_metadata_can_opt_out(make_callback):
 
 def test_full_queue_drops_the_oldest_and_records_it(make_callback):
     gate = threading.Event()
-    capture = _Capture(gate)
-    cb = make_callback(reconstructor=capture, queue_size=1)
+    capture, hooks = _Capture(gate), _Hooks()
+    cb = make_callback(reconstructor=capture, queue_size=1, publishers=[hooks])
     for i in range(4):
         for name, doc in documents({0.0: np.ones((2, 2)), 0.1: np.ones((2, 2))}):
             cb(name, doc)
@@ -222,6 +228,10 @@ def test_full_queue_drops_the_oldest_and_records_it(make_callback):
     assert all(s in ("done", "dropped") for s in statuses)
     assert len(cb.dropped) == statuses.count("dropped") >= 1
     assert all("queue was full" in r.message for r in cb.dropped)
+    # Each dropped scan reaches the publishers (the IOC, the service's line) with why.
+    failures = [c for c in hooks.calls if c[0] == "failure"]
+    assert len(failures) == len(cb.dropped)
+    assert all("queue was full" in message for _, message in failures)
 
 
 def test_a_malformed_document_is_logged_not_raised(make_callback, caplog):
@@ -830,6 +840,7 @@ def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
     assert record.status == "incomplete", record
     assert "no stop document within 0.3 s" in record.message and "2 frames freed" in record.message
     assert ("failure", record.message) in hooks.calls
+    assert [c[0] for c in hooks.calls].count("failure") == 1
     gc.collect()
     assert alive() is None  # nothing holds the frames any more
     cb(*stop)  # the stop arriving late changes nothing

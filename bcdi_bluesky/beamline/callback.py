@@ -417,6 +417,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             )
             run.free()
             log.warning("scan %s incomplete: %s", record.scan_id, record.message)
+            return  # the sweeper tells the publishers, outside its lock
         elif exit_status != "success" and not self.reconstruct_failed:
             record.status = "skipped"
             record.message = f"run ended with exit_status {exit_status!r}" + notes
@@ -428,9 +429,15 @@ class BCDIReconstructionCallback(DocumentRouter):
                 f"no frames with keys {self.image_key!r} and {self.motor_key!r} "
                 f"in stream {self.stream_name!r}" + notes
             )
+            # Often a wrong image or motor key: say so where the operator looks.
+            log.warning("scan %s not reconstructed: %s", record.scan_id, record.message)
         else:
             record.message = notes.removeprefix("; ")
             self._enqueue(run)
+            return
+        # Not reconstructed: the publishers told "collecting" hear why (the IOC leaves its
+        # Collecting state, the service prints its line).
+        self._hooks("failure", record.message, run.start_doc)
 
     def _frame_notes(self, record: ScanRecord) -> str:
         if not record.events_without_motor:
@@ -461,6 +468,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                     old.record.scan_id,
                     run.record.scan_id,
                 )
+                self._hooks("failure", old.record.message, old.start_doc)
                 self._done()
         run.record.status = "queued"
         run.record.queued_at = time.time()
