@@ -817,6 +817,7 @@ def test_close_cancels_at_the_next_pipeline_step(make_callback):
     assert time.monotonic() - started < 2.5
     assert cb.records[first].status == "failed"
     assert "closed before the reconstruction finished" in cb.records[first].message
+    assert "_Cancelled" not in cb.records[first].message  # no private name in the line
     assert cb.records[queued].status == "dropped"
     assert [c[0] for c in hooks.calls].count("failure") == 2
 

@@ -775,7 +775,13 @@ class BCDIReconstructionCallback(DocumentRouter):
             log.warning("scan %s skipped: %s", record.scan_id, exc)
         else:
             record.status = "failed"
-            record.message = "; ".join([f"{step} failed: {type(exc).__name__}: {exc}", *notes])
+            # A cancellation is ours, not an error of the step: no exception name in the line.
+            why = (
+                f"{step} cancelled: {exc}"
+                if isinstance(exc, _Cancelled)
+                else f"{step} failed: {type(exc).__name__}: {exc}"
+            )
+            record.message = "; ".join([why, *notes])
             log.error(
                 "scan %s failed: %s", record.scan_id, record.message, exc_info=_debug_callbacks()
             )
