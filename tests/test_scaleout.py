@@ -249,6 +249,18 @@ def test_reprocess_on_dask_writes_back_and_survives_a_lost_worker(
 
 
 @pytest.mark.timeout(300)
+def test_reprocess_names_the_scan_of_a_run_it_cannot_read(client, raw_runs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    uids, _ = raw_runs
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        (outcome,) = tiled_runs.reprocess(
+            client, uids[:1], pool, ReconstructorSpec(), refine="none", image_key="eiger_image"
+        )
+    assert outcome.result is None and "eiger_image" in outcome.error
+    assert outcome.start["scan_id"] == client[uids[0]].metadata["start"]["scan_id"]
+
+
 def test_reprocess_full_pipeline_against_the_truth(client, raw_runs, engine, tiled_server):
     """The real full pipeline, here on a thread pool: reading through Tiled keeps the scan
     good enough to recover the hidden crystal."""

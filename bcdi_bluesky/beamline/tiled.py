@@ -207,7 +207,7 @@ def reprocess(
         try:
             run = read_run(client, uid, image_key, motor_key, stream_name)
         except DataError as exc:
-            pending.append((uid, {"uid": uid}, None, str(exc)))
+            pending.append((uid, _stored_start(client, uid), None, str(exc)))
         else:
             geometry = scan_geometry(run.start, run.thetas, run.start.get("scan_id", uid))
             options = {} if geometry is None else {"geometry": geometry}
@@ -219,6 +219,16 @@ def reprocess(
             yield settle(*pending.pop(0))
     while pending:
         yield settle(*pending.pop(0))
+
+
+def _stored_start(client: Any, uid: str) -> dict:
+    """The run's start document where the server has it (its scan id names the failure),
+    else just the uid."""
+    try:
+        start = dict(client[uid].metadata["start"])
+    except Exception:  # a missing run, no start in its metadata, the server gone
+        return {"uid": uid}
+    return {**start, "uid": uid}
 
 
 class RunFollower:
