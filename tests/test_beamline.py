@@ -235,10 +235,18 @@ def test_full_queue_drops_the_oldest_and_records_it(make_callback):
 
 
 def test_a_malformed_document_is_logged_not_raised(make_callback, caplog):
-    cb = make_callback(reconstructor=_Capture())
+    hooks = _Hooks()
+    cb = make_callback(reconstructor=_Capture(), publishers=[hooks])
     cb("event", {"descriptor": "unknown", "data": {}})  # no start: ignored
     cb("stop", {"no": "uid"})  # broken: logged
     assert "could not handle" in caplog.text
+    # A start without a uid string is passed over in one line, before any publisher.
+    caplog.clear()
+    cb("start", {"time": 1.0})
+    cb("start", {"uid": 5, "time": 1.0})
+    lines = [r for r in caplog.records if "ignoring a start document" in r.getMessage()]
+    assert len(lines) == 2 and not any(r.exc_info for r in caplog.records)
+    assert hooks.calls == [] and cb.records == {}
 
 
 def test_a_run_joined_mid_way_is_ignored_with_one_line(make_callback, caplog):

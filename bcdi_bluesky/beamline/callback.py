@@ -357,6 +357,11 @@ class BCDIReconstructionCallback(DocumentRouter):
         ``BLUESKY_DEBUG_CALLBACKS`` is set)."""
         if self._closing.is_set():
             return name, doc
+        if name == "start" and not (isinstance(doc, dict) and isinstance(doc.get("uid"), str)):
+            # A run is known by its uid: without one nothing of it can be routed or reported.
+            uid = doc.get("uid") if isinstance(doc, dict) else None
+            log.warning("ignoring a start document whose uid is %r, not a string", uid)
+            return name, doc
         try:
             with self._lock:
                 self._router(name, doc)
