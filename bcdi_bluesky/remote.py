@@ -228,12 +228,9 @@ class RemoteDispatcher:
 
         context = zmq.Context()
         timeout_ms = max(1, int(self.poll_interval * 1000))
-        sock, monitor = self._connect(context)
+        sock, monitor, poller = self._connect(context)
         try:
             while not self._stop.is_set():
-                poller = zmq.Poller()
-                poller.register(sock, zmq.POLLIN)
-                poller.register(monitor, zmq.POLLIN)
                 ready = dict(poller.poll(timeout_ms))
                 if sock in ready:
                     self.handle(sock.recv())
@@ -248,13 +245,14 @@ class RemoteDispatcher:
                         self.max_message_bytes,
                     )
                     self._close(sock, monitor)
-                    sock, monitor = self._connect(context)
+                    sock, monitor, poller = self._connect(context)
         finally:
             self._close(sock, monitor)
             context.term()
 
-    def _connect(self, context: Any) -> tuple[Any, Any]:
-        """A SUB socket connected to the proxy, and a monitor that reports its disconnects."""
+    def _connect(self, context: Any) -> tuple[Any, Any, Any]:
+        """A SUB socket connected to the proxy, a monitor that reports its disconnects, and a
+        poller of both."""
         import zmq
 
         sock = context.socket(zmq.SUB)
@@ -263,7 +261,10 @@ class RemoteDispatcher:
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(f"tcp://{self.host}:{self.port}")
         sock.setsockopt(zmq.SUBSCRIBE, self.prefix)
-        return sock, monitor
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        return sock, monitor, poller
 
     @staticmethod
     def _close(sock: Any, monitor: Any) -> None:
