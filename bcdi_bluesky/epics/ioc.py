@@ -8,6 +8,7 @@ reconstruction worker).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -229,15 +230,15 @@ class _AuditedAiFields(AiFields):
         # The fields come from several caproto classes (the ai record's and the base
         # record's), each with its own data classes: each instance gets an audited class.
         for field_ in self.attr_pvdb.values():
-            if not isinstance(field_, _Audited) or field_.pvname not in WRITABLE_FIELDS:
-                field_.__class__ = _locked(type(field_), field_.pvname not in WRITABLE_FIELDS)
+            field_.__class__ = _locked(type(field_), field_.pvname not in WRITABLE_FIELDS)
 
 
+@functools.cache
 def _locked(cls: type, locked: bool) -> type:
-    """``cls`` audited, and read-only to every client when ``locked``."""
+    """``cls`` audited, and read-only to every client when ``locked`` (one class per pair,
+    shared by every IOC)."""
     name = ("Locked" if locked else "Audited") + cls.__name__
-    bases = (cls,) if issubclass(cls, _Audited) else (_Audited, cls)
-    return type(name, bases, {"locked": locked})
+    return type(name, (_Audited, cls), {"locked": locked})
 
 
 class _SettingInteger(_Audited, PvpropertyInteger):
