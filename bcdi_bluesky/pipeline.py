@@ -51,7 +51,7 @@ from .quality import (
     out_of_distribution,
     quality_verdict,
 )
-from .settings import ReconstructionSettings
+from .settings import LOOSE_SUPPORT_DILATION, ReconstructionSettings
 from .tuning.phase_retrieval import (
     CoherenceKernel,
     PolishResult,
@@ -303,6 +303,11 @@ class Measurement:
     prepared: Prepared  # the data centred on the model grid
     noise_floor: float | None  # physics.poisson_chi_floor (None: not counts)
 
+    @property
+    def counts(self) -> bool:
+        """Photon counts (whole numbers): their Poisson noise is known."""
+        return self.noise_floor is not None
+
 
 def prepare_measurement(intensity: np.ndarray, mask: np.ndarray | None, n: int) -> Measurement:
     """Check the volume and mask, mask hot pixels, check the Bragg peak, fit to the ``n^3`` grid.
@@ -543,12 +548,6 @@ class _PolishRuns:
 
 #: A seed's support: its voxels above this fraction of its largest amplitude.
 SEED_SUPPORT_THRESHOLD = 0.1
-#: Voxels by which the last ER steps on data that are not counts grow the polish's support
-#: (``loose_support_iterations``). The shrink-wrap support (blurred amplitude above 0.1 of its
-#: largest) cuts a crystal's soft edge, which noise-free data still see: on a 128^3
-#: noise-free cube 50 such ER steps brought the R-factor from 0.020 to 0.011 (1 voxel) and
-#: 0.008 (2 voxels).
-LOOSE_SUPPORT_DILATION = 2
 
 
 def _further_starts(
@@ -646,10 +645,10 @@ def polish_stage(
        stops once the error stops falling (``converge_tolerance`` over 20 steps); kept if its
        chi is lower. On counts this only fits the noise (measured: chi 0.1% lower, IoU
        unchanged).
-    4. For data that are not counts, ``loose_support_iterations`` ER steps from the winner on
-       its support grown by :data:`LOOSE_SUPPORT_DILATION` voxels, fixed: the soft edge the
-       shrink-wrap cut is fitted (ER on a support that holds the object's only lowers the
-       error). Not on counts: there the halo fits the noise, and the fit against the Poisson
+    4. For data that are not counts, ``loose_support_iterations`` ER steps from the winner on its
+       support grown by :data:`~bcdi_bluesky.settings.LOOSE_SUPPORT_DILATION` voxels, fixed: the
+       soft edge the shrink-wrap cut is fitted (ER on a support that holds the object's only lowers
+       the error). Not on counts: there the halo fits the noise, and the fit against the Poisson
        floor, which the quality verdict reads, would flatter the object.
 
     Every run stops by step counts or convergence; ``polish_time_budget_s`` caps them
@@ -697,10 +696,9 @@ def polish_stage(
                 best, best_label = run, label
         expected = expected_of(best)
     converged = best.stopped_by == "converged"
-    counts = measurement.noise_floor is not None
     if (
         settings.converge_iterations > 0
-        and not counts
+        and not measurement.counts
         and not runs.cut
         and not fit_at_noise(best.chi, expected)
     ):
@@ -720,7 +718,7 @@ def polish_stage(
         if run.chi < best.chi:
             best, best_label = run, label
             expected = expected_of(best)
-    if settings.loose_support_iterations > 0 and not counts and not runs.cut:
+    if settings.loose_support_iterations > 0 and not measurement.counts and not runs.cut:
         grown = scipy.ndimage.binary_dilation(
             backend.to_numpy(best.support), iterations=LOOSE_SUPPORT_DILATION
         )
@@ -911,8 +909,9 @@ class Reconstructor:
         t = time.perf_counter()
         chi_of = ChiCost(prepared.intensity, prepared.mask, backend)
         coarse_chi_of = coarse_chi(self.model, prepared.intensity, prepared.mask, backend)
-        counts = measurement.noise_floor is not None
-        cnn = cnn_stage(self.runtime, self.model, prepared, chi_of, coarse_chi_of, counts)
+        cnn = cnn_stage(
+            self.runtime, self.model, prepared, chi_of, coarse_chi_of, measurement.counts
+        )
         params = cnn.params
         timings["inference"] = time.perf_counter() - t
         timings["network"], timings["twin_choice"] = cnn.network_s, cnn.twin_choice_s

@@ -19,6 +19,13 @@ import numpy as np
 
 from .errors import SettingsError
 
+#: Voxels by which the last ER steps on data that are not counts grow the polish's support
+#: (``loose_support_iterations``). The shrink-wrap support (blurred amplitude above 0.1 of its
+#: largest) cuts a crystal's soft edge, which noise-free data still see: on a 128^3
+#: noise-free cube 50 such ER steps brought the R-factor from 0.020 to 0.011 (1 voxel) and
+#: 0.008 (2 voxels).
+LOOSE_SUPPORT_DILATION = 2
+
 
 class SettingInfo(NamedTuple):
     """What a front end needs to offer one setting (a CLI option, a PV, a docs row)."""
@@ -138,7 +145,8 @@ class ReconstructionSettings:
     )
     loose_support_iterations: int = _setting(
         50,
-        "ER steps that end the polish on its support grown by 2 voxels, when the data are "
+        f"ER steps that end the polish on its support grown by {LOOSE_SUPPORT_DILATION} "
+        "voxels, when the data are "
         "not counts (noise-free or corrected): the crystal's soft edge, which the "
         "shrink-wrap cuts, is fitted (0: none)",
         low=0,

@@ -245,7 +245,7 @@ class Geometry:
             raise ValueError(f"beamline {self.beamline!r} is not one of {sorted(PRESETS)}")
         for key in ("energy_kev", "detector_distance_m"):
             value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not value > 0:  # a finite float: __post_init__ converted it
                 raise ValueError(f"{key} must be a positive number, got {value!r}")
         if min(self.pixel_size_m) <= 0:
             raise ValueError(f"pixel_size_m must be positive, got {self.pixel_size_m}")
