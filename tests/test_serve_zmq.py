@@ -145,37 +145,39 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
     assert any("messages dropped" in line for line in err.lines)
 
 
+def _refused_at_start(capsys, args: list[str]) -> str:
+    """``serve ARGS`` exits 2 before listening, with nothing on stdout and one stderr line,
+    which it returns."""
+    assert main(["serve", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("bcdi-bluesky serve: error:")
+    return line
+
+
 @pytest.mark.parametrize(
     "address, words",
     [("127.0.0.1:99999", "out of range"), ("no-such-host.invalid:5578", "cannot resolve")],
 )
 def test_serve_bad_address_is_one_line(capsys, address, words):
-    assert main(["serve", "--zmq", address]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    (line,) = captured.err.splitlines()
+    line = _refused_at_start(capsys, ["--zmq", address])
     assert words in line and line.startswith("bcdi-bluesky serve: error: --zmq")
 
 
 def test_serve_loads_the_model_at_start(capsys, tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_text("not a model")
-    assert main(["serve", "--zmq", "127.0.0.1:5578", "--model", str(broken)]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    (line,) = captured.err.splitlines()
-    assert line.startswith("bcdi-bluesky serve: error:") and "broken" in line
+    line = _refused_at_start(capsys, ["--zmq", "127.0.0.1:5578", "--model", str(broken)])
+    assert "broken" in line
 
 
 def test_serve_checks_its_output_folder_at_start(capsys, tmp_path):
     """A result folder that cannot be one is refused before listening, not at every scan."""
     taken = tmp_path / "results"
     taken.write_text("a file, not a folder")
-    assert main(["serve", "--zmq", "127.0.0.1:5578", "--output", str(taken)]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    (line,) = captured.err.splitlines()
-    assert line.startswith("bcdi-bluesky serve: error:") and "is a file, not a folder" in line
+    line = _refused_at_start(capsys, ["--zmq", "127.0.0.1:5578", "--output", str(taken)])
+    assert "is a file, not a folder" in line
 
 
 def test_read_only_and_write_hosts_exclude_each_other(capsys):
