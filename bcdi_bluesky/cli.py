@@ -65,6 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.quiet,
         init_from=Path(args.init_from) if args.init_from else None,
+        overwrite=args.overwrite,
     )
     _print_run_state(state)
     return 0
@@ -108,6 +109,7 @@ def _cmd_distil(args: argparse.Namespace) -> int:
         threads=args.threads,
         time_limit_s=args.time_limit,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     _print_run_state(state)
     return 0
@@ -124,8 +126,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.checkpoint
         else checkpoint_path(Path(args.checkpoints), args.name)
     )
-    if not ckpt.is_file():
-        raise UserError(f"no checkpoint at {ckpt}")
     card = export(
         ckpt,
         Path(args.models_dir),
@@ -133,6 +133,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         validation_count=args.validation_count,
         latent_count=args.latent_count,
         symmetry_average=args.symmetry_average,
+        overwrite=args.overwrite,
     )
     print(
         json.dumps(
@@ -641,6 +642,28 @@ def _add_access_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be finite and at least 0, got {text}")
+    return value
+
+
 def _positive_number(text: str) -> float:
     try:
         value = float(text)
@@ -662,17 +685,24 @@ def _add_training_run_options(
     p: argparse.ArgumentParser, validate_every: int, checkpoint_every: int
 ) -> None:
     """The options every resumable training run takes (``train``, ``distil``)."""
-    p.add_argument("--workers", type=int, default=1, help="data-generation processes")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=_non_negative_int, default=1, help="data-generation processes")
+    p.add_argument("--threads", type=_at_least_one, default=None, help="torch CPU threads")
     p.add_argument(
         "--time-limit",
-        type=float,
+        type=_non_negative_number,
         default=None,
         help="stop cleanly with a checkpoint after this many seconds",
     )
     p.add_argument("--validate-every", type=int, default=validate_every)
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    runs.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the run again over an existing one of the same name (without --resume or "
+        "this, an existing run is refused)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -915,7 +945,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", default="checkpoints")
     p.add_argument("--checkpoint", default=None, help="explicit checkpoint file")
     p.add_argument("--models-dir", default="models")
-    p.add_argument("--validation-count", type=int, default=500)
+    p.add_argument("--validation-count", type=_at_least_one, default=500)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing model of this name"
+    )
     p.add_argument(
         "--symmetry-average",
         default="half_turns",

@@ -733,6 +733,7 @@ def test_hooks_are_called_in_order_and_settings_chain(make_callback):
         "result",
         "collecting",
         "configure",
+        "failure",  # a skipped scan ends, as every scan told "collecting" does
     ]
     assert [s.es_time_budget_s for s in skip_dark.seen] == [1.0, 1.0]
     assert fake.settings_seen == [ReconstructionSettings(es_time_budget_s=1.0)]
@@ -1004,9 +1005,10 @@ def test_the_user_guide_publisher_example(make_callback, reconstructor, tmp_path
         _feed(cb, documents(run, metadata={**metadata, "scan_id": i + 1}))
         assert cb.wait(timeout=60)
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-    assert [line["scan_id"] for line in lines] == [1, 3]
+    assert [line["scan_id"] for line in lines] == [1, 2, 3]
     assert 0 < lines[0]["chi"] < 1 and lines[0]["es_budget_s"] == 2.0
-    assert "reconstruction failed" in lines[1]["error"] and "NaN" in lines[1]["error"]
+    assert lines[1]["error"] == "a publisher disabled reconstruction"
+    assert "reconstruction failed" in lines[2]["error"] and "NaN" in lines[2]["error"]
 
 
 @pytest.mark.timeout(120)
@@ -1059,3 +1061,226 @@ def test_a_full_disk_fails_the_scans_not_the_service(tmp_path):
         status, message = line.split(" | ")
         assert status == "failed" and "cannot write" in message, line
     assert not out.exists() or list(out.iterdir()) == []  # no partial file, no temporary
+
+
+# ----------------------------------------------------------------- the closed loop under faults
+class _StuckMotor:
+    """Makes ``motor`` accept every move and never leave where it is (an amplifier off)."""
+
+    def __init__(self, motor):
+        from ophyd.status import Status
+
+        def stay(value, **kwargs):
+            status = Status()
+            status.set_finished()
+            return status
+
+        motor.set = stay
+
+
+def test_a_motor_that_does_not_rock_stops_the_loop_without_a_move(RE, make_callback):
+    from bcdi_bluesky.beamline import ReconstructionAnalysis, closed_loop_scan
+
+    beamline = SimulatedBeamline(seed=6)
+    hooks, fake = _Hooks(), _Fake()
+    cb = make_callback(reconstructor=fake, publishers=[hooks])
+    RE.subscribe(cb)
+    analysis = ReconstructionAnalysis(name="analysis", callback=cb, timeout=30)
+    _StuckMotor(beamline.theta)
+    exposure = beamline.det.exposure.get()
+    step = beamline.crystal.step
+    centre = beamline.crystal.bragg_theta
+    history = []
+
+    def plan():
+        history.extend(
+            (
+                yield from closed_loop_scan(
+                    beamline.det,
+                    beamline.theta,
+                    analysis,
+                    centre + 10 * step,
+                    15 * step,
+                    16,
+                    adjust_range=True,
+                )
+            )
+        )
+
+    RE(plan())
+    (record,) = cb.records.values()
+    assert record.status == "skipped" and fake.calls == 0
+    assert "rocking motor did not follow the plan" in record.message
+    assert ("failure", record.message) in hooks.calls
+    (entry,) = history  # one scan, then the loop stopped: nothing to steer by
+    assert not entry["usable"] and not entry["converged"]
+    assert entry["scan_status"] == "skipped" and "did not follow" in entry["message"]
+    assert entry["scan_uid"] == record.uid
+    assert beamline.det.exposure.get() == exposure
+
+
+def test_the_loop_never_steers_by_an_older_scan(RE, make_callback):
+    """Scan 2's readbacks are all NaN (an encoder lost): the analysis reports on scan 2,
+    not on scan 1, and the loop stops after it."""
+    from bcdi_bluesky.beamline import ReconstructionAnalysis, closed_loop_scan
+
+    beamline = SimulatedBeamline(seed=6)
+    cb = make_callback(reconstructor=_Fake())
+    RE.subscribe(cb)
+    analysis = ReconstructionAnalysis(name="analysis", callback=cb, timeout=30)
+    scans = []
+    RE.subscribe(lambda name, doc: scans.append(doc["uid"]) if name == "start" else None)
+    read = beamline.theta.read
+
+    def lost_in_scan_2():
+        out = read()
+        if len(scans) == 2:
+            out["theta"] = {**out["theta"], "value": float("nan")}
+        return out
+
+    beamline.theta.read = lost_in_scan_2
+    step = beamline.crystal.step
+    history = []
+
+    def plan():
+        history.extend(
+            (
+                yield from closed_loop_scan(
+                    beamline.det,
+                    beamline.theta,
+                    analysis,
+                    beamline.crystal.bragg_theta,
+                    15 * step,
+                    16,
+                    until_converged=False,
+                )
+            )
+        )
+
+    RE(plan())
+    assert len(scans) == 2 and [h["scan_uid"] for h in history] == scans
+    assert history[0]["usable"] and history[0]["scan_status"] == "done"
+    assert not history[1]["usable"] and not history[1]["converged"]
+    assert "no frames" in history[1]["message"] and np.isnan(history[1]["theta_center"])
+
+
+def test_a_slow_publisher_does_not_abort_the_loop(RE, make_callback):
+    """The analysis waits ``timeout`` s, then steers from the frames' recommendation."""
+    from bcdi_bluesky.beamline import ReconstructionAnalysis, closed_loop_scan
+
+    release = threading.Event()
+
+    class Stalled(Publisher):
+        def __call__(self, result, start_doc):
+            release.wait(30)
+
+    beamline = SimulatedBeamline(seed=6)
+    cb = make_callback(reconstructor=_Fake(), publishers=[Stalled()])
+    RE.subscribe(cb)
+    analysis = ReconstructionAnalysis(name="analysis", callback=cb, timeout=1.0)
+    step = beamline.crystal.step
+    history = []
+
+    def plan():
+        history.extend(
+            (
+                yield from closed_loop_scan(
+                    beamline.det,
+                    beamline.theta,
+                    analysis,
+                    beamline.crystal.bragg_theta,
+                    15 * step,
+                    16,
+                    max_iterations=1,
+                    until_converged=False,
+                )
+            )
+        )
+
+    try:
+        RE(plan())
+    finally:
+        release.set()
+    (entry,) = history
+    # The reconstruction is done (its chi is known), the publishers are not: it steers.
+    assert entry["usable"] and np.isfinite(entry["theta_center"])
+    assert "analysis not finished within 1 s" in entry["message"]
+    assert entry["scan_status"] == "reconstructing"
+
+
+def test_rocking_problem_needs_the_motor_to_rock():
+    from bcdi_bluesky.beamline.callback import rocking_problem
+
+    planned = {"bcdi": {"rocking_step": 0.01}}
+    assert rocking_problem(np.linspace(0, 0.63, 64), planned) is None
+    assert "did not follow" in rocking_problem(np.full(64, 20.0), planned)
+    assert "did not follow" in rocking_problem(np.linspace(0, 0.2, 64), planned)  # 3x short
+    assert rocking_problem(np.linspace(0, 0.2, 64), {}) is None  # no plan: it moved
+    assert "did not move" in rocking_problem(np.full(8, 1.5), {})
+    assert "at least 2" in rocking_problem(np.array([1.0]), {})
+
+
+def test_a_run_stopped_early_says_how_many_frames_it_holds(make_callback):
+    cb = make_callback(reconstructor=_Fake())
+    uid = _feed(cb, _small_run(metadata={"num_points": 10}))
+    assert cb.wait(timeout=10)
+    record = cb.records[uid]
+    assert record.status == "done" and "3 of the 10 planned frames" in record.message
+
+
+def test_failing_collecting_and_failure_hooks_are_in_the_message(make_callback):
+    collecting = _Hooks(fail="collecting")
+    cb = make_callback(reconstructor=_Fake(), publishers=[collecting])
+    uid = _feed(cb, _small_run())
+    assert cb.wait(timeout=10)
+    assert cb.records[uid].status == "done"
+    assert "collecting of" in cb.records[uid].message
+    failing = _Hooks(fail="failure")
+    cb = make_callback(reconstructor=_Fake(fail=RuntimeError("no")), publishers=[failing])
+    uid = _feed(cb, _small_run())
+    assert cb.wait(timeout=10)
+    message = cb.records[uid].message
+    assert message.startswith("reconstruction failed") and "failure of" in message
+
+
+def test_rocking_scan_merges_md_bcdi(RE):
+    beamline = SimulatedBeamline(seed=6)
+    starts = []
+    RE.subscribe(lambda name, doc: starts.append(doc) if name == "start" else None)
+    step = beamline.crystal.step
+    scan = rocking_scan(
+        beamline.det,
+        beamline.theta,
+        beamline.crystal.bragg_theta,
+        3 * step,
+        4,
+        geometry=beamline.geometry,
+        md={"bcdi": {"sample": "A"}, "user": "x"},
+    )
+    RE(scan)
+    bcdi = starts[0]["bcdi"]
+    assert bcdi["sample"] == "A" and "geometry" in bcdi and starts[0]["user"] == "x"
+    with pytest.raises(ValueError, match="rocking_step given both"):
+        list(
+            rocking_scan(
+                beamline.det, beamline.theta, 0.0, 1.0, 4, md={"bcdi": {"rocking_step": 1}}
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        {"bcdi": "geometry"},
+        {"bcdi": {"geometry": 5}},
+        {"bcdi": {"geometry": {"beamline": "aps_34idc"}}, "diffractometers": {"e4cv": [1]}},
+        {"bcdi": {"geometry": {}}, "diffractometers": {"e4cv": {"samples": [1]}}},
+    ],
+)
+def test_malformed_geometry_metadata_is_a_value_error(start):
+    from bcdi_bluesky.physics import geometry_from_start
+
+    if start["bcdi"] == {"geometry": {}}:
+        start["bcdi"]["geometry"] = {"beamline": "aps_34idc", "energy_kev": 9.0}
+    with pytest.raises(ValueError, match="must be a mapping"):
+        geometry_from_start(start)

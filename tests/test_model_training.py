@@ -386,7 +386,7 @@ def test_network_from_onnx_rebuilds_the_bare_network(tiny_teacher, tmp_path):
     wrong = tmp_path / "wrong.onnx"
     wrong.write_bytes(path.read_bytes())
     wrong.with_suffix(".json").write_text(json.dumps(card))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ModelError, match="shape"):
         network_from_onnx(wrong)
 
 
@@ -442,3 +442,122 @@ def test_distillation_learns_the_average_and_resumes_exactly(tiny_teacher, tmp_p
     assert card["training"]["distillation"]["truth_share"] == 0.25
     _, _, none = network_from_onnx(tmp_path / "models" / f"{config.name}_distilled.onnx")
     assert none == ()
+
+
+def test_training_never_loses_a_run_silently(tmp_path, caplog):
+    from bcdi_bluesky.errors import SettingsError
+
+    train(TrainConfig(**SMALL), tmp_path, workers=0, progress=False)
+    last = tmp_path / "tiny" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(SettingsError, match=r"exists: resume .* overwrite"):
+        train(TrainConfig(**{**SMALL, "steps": 2}), tmp_path, workers=0, progress=False)
+    assert last.read_bytes() == before
+    again = train(
+        TrainConfig(**{**SMALL, "steps": 2}), tmp_path, workers=0, progress=False, overwrite=True
+    )
+    assert again["step"] == 2
+    # Resumed with other options: the stored ones are kept, and one warning names them.
+    with caplog.at_level("WARNING", logger="bcdi_bluesky.model.train"):
+        resumed = train(
+            TrainConfig(**{**SMALL, "steps": 3, "batch_size": 8, "lr": 0.01}),
+            tmp_path,
+            resume=True,
+            workers=0,
+            progress=False,
+        )
+    assert resumed["step"] == 3 and resumed["config"]["batch_size"] == SMALL["batch_size"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "batch_size" in line and "lr" in line and "steps" not in line
+    # The loss's moving average is checkpointed: the resumed run logs what a straight one does.
+    assert resumed["running_loss"] is not None
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a checkpoint at all", None], ids=["empty", "bytes", "no-step"]
+)
+def test_a_bad_checkpoint_is_a_model_error(tmp_path, content):
+    import torch
+
+    path = tmp_path / "tiny" / "last.pt"
+    path.parent.mkdir()
+    if content is None:
+        torch.save({"config": {}, "model": {}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ModelError, match="not a checkpoint written by train"):
+        train(TrainConfig(**SMALL), tmp_path, resume=True, workers=0, progress=False)
+    with pytest.raises(ModelError, match=r"no checkpoint at .* \(a folder\)"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"batch_size": 0}, {"steps": -5}, {"lr": float("nan")}, {"zoom": 7}, {"width": 0}],
+)
+def test_a_run_that_cannot_train_is_refused_before_any_work(change):
+    from bcdi_bluesky.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=next(iter(change))):
+        TrainConfig(**{**SMALL, **change})
+
+
+@pytest.mark.timeout(300)
+def test_export_replaces_a_model_only_when_complete(tmp_path, monkeypatch):
+    import torch
+
+    from bcdi_bluesky.errors import SettingsError
+    from bcdi_bluesky.model import export as export_module
+
+    train(TrainConfig(**SMALL), tmp_path, workers=0, progress=False)
+    checkpoint, models = tmp_path / "tiny" / "last.pt", tmp_path / "models"
+    small = dict(validation_count=2, latent_count=0)
+    export_module.export(checkpoint, models, **small)
+    pair = {p.name: p.read_bytes() for p in models.iterdir()}
+    assert sorted(pair) == ["tiny.json", "tiny.onnx"]
+    with pytest.raises(SettingsError, match="exists: overwrite"):
+        export_module.export(checkpoint, models, **small)
+    with pytest.raises(SettingsError, match="latent_count"):
+        export_module.export(checkpoint, models, validation_count=2, latent_count=3)
+    broken = tmp_path / "broken.pt"
+    torch.save({"config": {}, "model": {}}, broken)
+    with pytest.raises(ModelError, match="no step"):
+        export_module.export(broken, models, "tiny", overwrite=True, **small)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_module.export(checkpoint, models, overwrite=True, **small)
+    # Nothing of the failed exports is left, and the model in place still loads.
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == pair
+    OnnxCrystalModel(models / "tiny.onnx", providers=["CPUExecutionProvider"])
+    monkeypatch.undo()
+    card = export_module.export(checkpoint, models, overwrite=True, **small)
+    assert card == load_card(models / "tiny.onnx") and sorted(p.name for p in models.iterdir()) == [
+        "tiny.json",
+        "tiny.onnx",
+    ]
+
+
+def test_training_cli_errors_are_one_line(tmp_path, capsys):
+    from bcdi_bluesky.cli import main
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 10)
+    cases = [
+        (["train", "--batch-size", "0", "--checkpoints", str(tmp_path)], "batch_size"),
+        (["train", "--workers", "-1"], "--workers"),
+        (["export", "--checkpoint", str(bad), "--models-dir", str(tmp_path)], "not a checkpoint"),
+        (["export", "--checkpoint", str(tmp_path), "--models-dir", str(tmp_path)], "a folder"),
+    ]
+    for argv, expected in cases:
+        try:
+            status = main(argv)
+        except SystemExit as exc:  # argparse refuses an option value
+            status = exc.code
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and expected in err and "Traceback" not in err, err
+        # One line (argparse puts its usage before it).
+        assert err.splitlines()[-1].startswith("bcdi-bluesky "), err

@@ -103,6 +103,49 @@ class _Cancelled(Exception):
     """Raised through the pipeline's progress hook when :meth:`close` runs out of time."""
 
 
+class _NotReconstructable(Exception):
+    """The scan's frames are not a rocking scan that can be reconstructed (recorded
+    ``skipped`` with the reason, like a volume without a Bragg peak)."""
+
+
+#: A rocking scan whose readbacks' median step is below this fraction of the planned step did
+#: not rock: its frames are not a 3D diffraction volume.
+MIN_STEP_FRACTION = 0.5
+
+
+def rocking_problem(thetas: np.ndarray, start: dict) -> str | None:
+    """Why the readbacks ``thetas`` are not a usable rocking scan, or None.
+
+    The motor must have moved: the median step between sorted readbacks is at least
+    :data:`MIN_STEP_FRACTION` of the planned ``start["bcdi"]["rocking_step"]`` when the plan
+    recorded one, and above zero otherwise (a stuck or disconnected motor reports one angle
+    for every frame).
+    """
+    if thetas.size < 2:
+        return f"{thetas.size} frame: a rocking scan needs at least 2"
+    step = float(np.median(np.diff(np.sort(thetas))))
+    bcdi = start.get("bcdi")
+    planned = bcdi.get("rocking_step") if isinstance(bcdi, dict) else None
+    if isinstance(planned, (int, float)) and not isinstance(planned, bool) and planned != 0:
+        if step < MIN_STEP_FRACTION * abs(planned):
+            return (
+                f"the rocking motor did not follow the plan: readbacks {thetas.min():g} .. "
+                f"{thetas.max():g}, median step {step:g} against the planned {abs(planned):g}"
+            )
+    elif step <= 0:
+        return f"the rocking motor did not move: every frame at {thetas[0]:g}"
+    return None
+
+
+def planned_frames_note(frames: int, start: dict) -> str:
+    """A note when the run holds fewer frames than its plan's ``num_points`` (a scan stopped
+    early with ``RE.stop()`` ends with exit status success): "" otherwise."""
+    planned = start.get("num_points")
+    if isinstance(planned, int) and not isinstance(planned, bool) and 0 < frames < planned:
+        return f"; {frames} of the {planned} planned frames (the scan stopped early)"
+    return ""
+
+
 class _FillOnStop(DocumentRouter):
     """The RunRouter's filler: it passes documents through unfilled. Frames written to files
     are read by an event-model ``Filler`` in the worker after the run stops (area detectors
@@ -137,6 +180,8 @@ class _RunCollector(DocumentRouter):
         self.max_count: float | None = None
         self.last_seen = time.monotonic()
         self.expired = False
+        #: Errors of the publishers' ``collecting`` hooks, for the scan's message.
+        self.hook_errors: list[str] = []
 
     def __call__(self, name: str, doc: dict, validate: bool = False):
         started = time.perf_counter()
@@ -218,7 +263,7 @@ def scan_geometry(start: dict, thetas: np.ndarray, scan_id: Any) -> Geometry | N
             if step > 0:
                 data["rocking_step_deg"] = step
             geometry = Geometry.from_dict(data)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # metadata never fails a scan
         log.warning("scan %s: geometry ignored (%s); results in voxels", scan_id, exc)
         return None
     return geometry
@@ -403,7 +448,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             return [], []
         collector = _RunCollector(self, start, record)
         self._open[start["uid"]] = collector
-        self._hooks("collecting", start)
+        collector.hook_errors = self._hooks("collecting", start)
         return [collector], []
 
     def _finish(self, run: _RunCollector, doc: dict) -> None:
@@ -413,7 +458,8 @@ class BCDIReconstructionCallback(DocumentRouter):
         record.frames = len(run.frames)
         record.exposure = run.exposure
         exit_status = doc.get("exit_status", "success")
-        notes = self._frame_notes(record)
+        notes = self._frame_notes(record) + planned_frames_note(record.frames, run.start_doc)
+        notes += "".join(f"; {error}" for error in run.hook_errors)
         if run.expired:
             record.status = "incomplete"
             record.message = (
@@ -442,7 +488,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             return
         # Not reconstructed: the publishers told "collecting" hear why (the IOC leaves its
         # Collecting state, the service prints its line).
-        self._hooks("failure", record.message, run.start_doc)
+        self._tell_failure(record, run.start_doc)
 
     def _frame_notes(self, record: ScanRecord) -> str:
         if not record.events_without_motor:
@@ -473,7 +519,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                     old.record.scan_id,
                     run.record.scan_id,
                 )
-                self._hooks("failure", old.record.message, old.start_doc)
+                self._tell_failure(old.record, old.start_doc)
                 self._done()
         run.record.status = "queued"
         run.record.queued_at = time.time()
@@ -503,7 +549,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                 run.record.status = "dropped"
                 run.record.message = "the callback was closed before this scan's turn"
                 log.warning("scan %s not reconstructed: %s", run.record.scan_id, run.record.message)
-                self._hooks("failure", run.record.message, run.start_doc)
+                self._tell_failure(run.record, run.start_doc)
                 run.free()
                 self._done()
                 continue
@@ -578,7 +624,16 @@ class BCDIReconstructionCallback(DocumentRouter):
                     },
                 )
         for run in stale:
-            self._hooks("failure", run.record.message, run.start_doc)
+            self._tell_failure(run.record, run.start_doc)
+
+    def _tell_failure(self, record: ScanRecord, start: dict) -> None:
+        """The publishers' ``failure`` hooks, told ``record.message``; a hook that raises is
+        added to the record's message."""
+        errors = self._hooks("failure", record.message, start)
+        if errors:
+            record.message = (
+                "; ".join([record.message, *errors]) if record.message else "; ".join(errors)
+            )
 
     def _caught(self, exc: BaseException) -> None:
         if _debug_callbacks():
@@ -711,6 +766,9 @@ class BCDIReconstructionCallback(DocumentRouter):
         try:
             volume, thetas = self._volume(run)
             run.free()
+            problem = rocking_problem(thetas, start)
+            if problem is not None:
+                raise _NotReconstructable(problem)
             step = "recommendation"
             try:
                 record.recommendation = recommend(volume, thetas, run.exposure, run.max_count)
@@ -728,6 +786,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                 record.status = "skipped"
                 record.message = "; ".join(["a publisher disabled reconstruction", *notes])
                 record.finished_at = time.time()
+                self._tell_failure(record, start)
                 return False
             step = "reconstruction"
             geometry = scan_geometry(start, thetas, record.scan_id)
@@ -775,7 +834,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         self, record: ScanRecord, start: dict, exc: Exception, step: str, notes: list[str]
     ) -> None:
         """Record why a scan has no reconstruction and tell the publishers."""
-        if isinstance(exc, NoBraggPeakError):
+        if isinstance(exc, (NoBraggPeakError, _NotReconstructable)):
             record.status, record.message = "skipped", "; ".join([str(exc), *notes])
             log.warning("scan %s skipped: %s", record.scan_id, exc)
         else:
@@ -792,7 +851,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             )
             self._caught(exc)
         record.finished_at = time.time()
-        self._hooks("failure", record.message, start)
+        self._tell_failure(record, start)
 
     def _publish(self, record: ScanRecord, start: dict, result: Any, notes: list[str]) -> None:
         """Keep the result and hand it to every publisher."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from ..physics import Geometry
 from ..tuning import ExtremumSeeker
 from .callback import BCDIReconstructionCallback
 
+log = logging.getLogger(__name__)
+
 
 def rocking_scan(
     detector: Any,
@@ -33,7 +36,7 @@ def rocking_scan(
     """A rocking curve: ``num`` frames with ``motor`` ``width / (num - 1)`` apart, frame
     ``num // 2`` (the stored volume's central frame) at ``centre``, with the metadata the
     reconstruction callback records. The range is ``centre - width/2`` to ``centre + width/2``
-    for an odd ``num``, one step lower at both ends for an even one.
+    for an odd ``num``, half a step lower at both ends for an even one.
 
     Parameters
     ----------
@@ -46,7 +49,8 @@ def rocking_scan(
     num : int
         Number of frames.
     md : dict, optional
-        Extra start-document metadata.
+        Extra start-document metadata; its ``"bcdi"`` mapping, if any, is merged into the one
+        this plan writes (a key given both ways is refused).
     geometry : Geometry or dict, optional
         The diffraction geometry (keys of :class:`~bcdi_bluesky.physics.Geometry`), stored as
         ``md["bcdi"]["geometry"]`` with this scan's centre as the rocking circle's angle and
@@ -77,7 +81,13 @@ def rocking_scan(
         }
         g["rocking_step_deg"] = step
         bcdi["geometry"] = Geometry.from_dict(g).to_dict()  # a bad geometry fails here, early
-    meta = {"plan_name": "rocking_scan", "bcdi": bcdi, **(md or {})}
+    extra = dict(md or {})
+    more = extra.pop("bcdi", None) or {}
+    if not isinstance(more, dict):
+        raise ValueError(f'md["bcdi"] must be a dict, got {type(more).__name__}')
+    if twice := sorted(set(more) & set(bcdi)):
+        raise ValueError(f'{", ".join(twice)} given both in md["bcdi"] and by rocking_scan')
+    meta = {"plan_name": "rocking_scan", **extra, "bcdi": {**bcdi, **more}}
     return (yield from bp.scan([detector], motor, start, stop, num, md=meta))
 
 
@@ -85,11 +95,24 @@ class ReconstructionAnalysis(Device):
     """An ophyd face of the reconstruction callback, for plans.
 
     ``trigger()`` returns a Status that finishes when the callback has processed every scan
-    so far; the signals then hold the latest scan's recommendation and chi. A plan waits on it
-    with ``bps.trigger(analysis, wait=True)`` and reads it with ``bps.rd``: only the plan moves
-    devices.
+    so far, or after ``timeout`` seconds; the signals then hold the figures of the scan named
+    by ``awaited_uid`` (empty: the latest scan that reached the callback's worker). A plan
+    sets ``awaited_uid`` to its scan's uid, waits with ``bps.trigger(analysis, wait=True)``
+    and reads with ``bps.rd``: only the plan moves devices.
+
+    The Status never fails because of the analysis (an exception there would abort the
+    experiment): when the scan has no recommendation (its frames could not be read, it did
+    not rock, it was aborted or dropped...) ``usable`` is False, the figures are NaN and
+    ``message`` says why; when its analysis (the reconstruction, or a slow publisher) is still
+    running at ``timeout`` the recommendation (computed from the frames first) is usable,
+    ``chi`` is NaN until the reconstruction has finished, and ``message`` says so.
     """
 
+    awaited_uid = Cpt(Signal, value="", kind="config", doc="uid of the scan to report on")
+    usable = Cpt(Signal, value=False, doc="the scan has a recommendation to steer by")
+    message = Cpt(Signal, value="", doc="why not usable, or what is missing")
+    scan_status = Cpt(Signal, value="", doc="the scan's ScanRecord.status")
+    quality = Cpt(Signal, value="", doc="the reconstruction's verdict (good, fair, poor)")
     theta_center = Cpt(Signal, value=float("nan"))
     theta_range = Cpt(Signal, value=float("nan"))
     exposure = Cpt(Signal, value=float("nan"))
@@ -109,37 +132,64 @@ class ReconstructionAnalysis(Device):
         self.callback = callback
         self.timeout = timeout
 
+    def _report(self) -> None:
+        """Put the awaited (or latest) scan's figures into the signals."""
+        finished = self.callback.wait(self.timeout)
+        uid = self.awaited_uid.get()
+        record = self.callback.records.get(uid) if uid else self.callback.latest()
+        rec = None if record is None else record.recommendation
+        figures = (record.figures if record is not None else None) or {}
+        notes = []
+        if record is None:
+            notes.append(f"no record of scan {uid}" if uid else "no scan yet")
+        elif rec is None:
+            notes.append(f"scan {record.scan_id} {record.status}: {record.message}".rstrip(": "))
+        if not finished:
+            notes.append(f"analysis not finished within {self.timeout:g} s")
+        nan = float("nan")
+        self.usable.put(rec is not None)
+        self.message.put("; ".join(notes))
+        self.scan_status.put("" if record is None else record.status)
+        self.quality.put(str(figures.get("quality", "")))
+        self.theta_center.put(nan if rec is None else rec.theta_center)
+        self.theta_range.put(nan if rec is None else rec.theta_range)
+        self.exposure.put(nan if rec is None else rec.exposure)
+        self.peak_inside.put(False if rec is None else rec.peak_inside)
+        self.saturated.put(False if rec is None else rec.saturated)
+        self.chi.put(float(figures.get("chi", nan)))
+        self.scan_uid.put("" if record is None else record.uid)
+
     def trigger(self) -> DeviceStatus:
-        """Finish when the callback is idle, with the latest scan's figures in the signals."""
-        status = DeviceStatus(self, timeout=self.timeout + 5)
+        """Finish when the callback is idle (or after ``timeout``), with the scan's figures in
+        the signals."""
+        status = DeviceStatus(self, timeout=self.timeout + 30)
 
-        def wait() -> None:
-            if not self.callback.wait(self.timeout):
-                status.set_exception(
-                    TimeoutError(f"reconstruction not finished within {self.timeout} s")
-                )
-                return
-            record = self.callback.latest()
-            rec = record.recommendation if record is not None else None
-            if rec is None:
-                status.set_exception(
-                    RuntimeError(
-                        "no recommendation: " + (record.message if record else "no scan yet")
-                    )
-                )
-                return
-            self.theta_center.put(rec.theta_center)
-            self.theta_range.put(rec.theta_range)
-            self.exposure.put(rec.exposure)
-            self.peak_inside.put(rec.peak_inside)
-            self.saturated.put(rec.saturated)
-            figures = record.figures or {}
-            self.chi.put(float(figures.get("chi", float("nan"))))
-            self.scan_uid.put(record.uid)
-            status.set_finished()
+        def report() -> None:
+            try:
+                self._report()
+            except Exception as exc:  # only with BLUESKY_DEBUG_CALLBACKS (wait re-raises)
+                status.set_exception(exc)
+            else:
+                status.set_finished()
 
-        threading.Thread(target=wait, name="bcdi-analysis-trigger", daemon=True).start()
+        threading.Thread(target=report, name="bcdi-analysis-trigger", daemon=True).start()
         return status
+
+
+#: What :func:`closed_loop_scan` reads from the analysis after each scan.
+_ANALYSIS_FIGURES = (
+    "usable",
+    "message",
+    "scan_status",
+    "quality",
+    "theta_center",
+    "theta_range",
+    "exposure",
+    "peak_inside",
+    "saturated",
+    "chi",
+    "scan_uid",
+)
 
 
 def closed_loop_scan(
@@ -164,7 +214,9 @@ def closed_loop_scan(
     detector's exposure to the recommended one (``detector.exposure``). It stops when the
     Bragg peak is inside the range, nothing saturated, and the centre moved by at most
     ``tolerance_steps`` rocking steps (or, with ``until_converged=False``, goes on for
-    ``max_iterations`` scans, following the sample).
+    ``max_iterations`` scans, following the sample). It also stops, with a logged warning,
+    after a scan the analysis has no recommendation for (``usable`` False: the frames could
+    not be read, the motor did not rock...): it never steers by another scan's figures.
 
     The range stays ``width`` unless ``adjust_range``: the rocking step sets the q sampling
     along the rocking axis, which the reconstruction expects unchanged.
@@ -175,14 +227,15 @@ def closed_loop_scan(
     Returns
     -------
     list of dict
-        Per iteration: the scan's centre, then the analysis' figures (recommended
-        ``theta_center``, ``theta_range`` and ``exposure``, ``peak_inside``, ``saturated``,
-        ``chi``, ``scan_uid``) and whether it ``converged``.
+        Per iteration: the scan's centre, then the analysis' figures (``usable``,
+        ``message``, ``scan_status``, ``quality``, recommended ``theta_center``,
+        ``theta_range`` and ``exposure``, ``peak_inside``, ``saturated``, ``chi``,
+        ``scan_uid``) and whether it ``converged``.
     """
     history = []
     step = width / (num - 1)
     for i in range(max_iterations):
-        yield from rocking_scan(
+        uid = yield from rocking_scan(
             detector,
             motor,
             centre,
@@ -191,19 +244,17 @@ def closed_loop_scan(
             md={"closed_loop_iteration": i, **(md or {})},
             geometry=geometry,
         )
+        yield from bps.abs_set(analysis.awaited_uid, uid or "", wait=True)
         yield from bps.trigger(analysis, wait=True)
         rec = {}
-        for name in (
-            "theta_center",
-            "theta_range",
-            "exposure",
-            "peak_inside",
-            "saturated",
-            "chi",
-            "scan_uid",
-        ):
+        for name in _ANALYSIS_FIGURES:
             rec[name] = yield from bps.rd(getattr(analysis, name))
         history.append({"iteration": i, "centre": centre, **rec})
+        if not rec["usable"]:
+            # Nothing to steer by: stop rather than move devices on another scan's figures.
+            history[-1]["converged"] = False
+            log.warning("closed loop stopped after scan %d: %s", i + 1, rec["message"])
+            break
         converged = (
             rec["peak_inside"]
             and not rec["saturated"]

@@ -67,7 +67,11 @@ def recommend(
     if volume.shape[0] != thetas.size or thetas.size < 2:
         raise ValueError(f"{volume.shape[0]} frames but {thetas.size} angles (need >= 2)")
     curve = volume.reshape(volume.shape[0], -1).sum(axis=1).astype(np.float64)
-    step = float(np.median(np.abs(np.diff(thetas)))) or 1.0
+    if not np.all(np.isfinite(thetas)):
+        raise ValueError("rocking angles must be finite")
+    step = float(np.median(np.abs(np.diff(thetas))))
+    if step <= 0:
+        raise ValueError(f"the rocking angles do not change (every frame at {thetas[0]:g})")
     width = float(thetas.max() - thetas.min())
     baseline = float(np.percentile(curve, 10))
     signal = np.maximum(curve - baseline, 0.0)

@@ -3,8 +3,10 @@ defaults without importing torch)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from ..errors import SettingsError
 from ..physics import CrystalModel
 from .encoding import TWIN_BLOCKS, make_encoding
 
@@ -55,8 +57,34 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Refuse a run that cannot train, before any work (a SettingsError, one line)."""
+        at_least = {
+            "grid": 8,
+            "width": 1,
+            "hidden": 1,
+            "batch_size": 1,
+            "steps": 1,
+            "warmup_steps": 0,
+            "validate_every": 1,
+            "checkpoint_every": 1,
+            "validation_size": 1,
+        }
+        for key, least in at_least.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SettingsError(f"{key} must be a whole number >= {least}, got {value!r}")
+        for key in ("lr", "weight_decay"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise SettingsError(f"{key} must be a finite number >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise SettingsError(f"lr must be positive, got {self.lr!r}")
+        if self.zoom % 8 or not 0 <= self.zoom <= self.grid:
+            raise SettingsError(
+                f"zoom must be 0 or a multiple of 8 up to {self.grid}, got {self.zoom}"
+            )
         if not 1 <= self.mirror_copies <= 8 or self.batch_size % self.mirror_copies:
-            raise ValueError(
+            raise SettingsError(
                 f"mirror_copies must be in [1, 8] and divide the batch size "
                 f"{self.batch_size}, got {self.mirror_copies}"
             )

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ModelError, SettingsError
 from .config import DISTIL_DEFAULTS, TrainConfig
 from .export import INPUT_NAME
 from .network import SYMMETRY_GROUPS, CrystalCNN, SymmetryAverage
 from .runtime import load_card, sha256_of
-from .train import _save, build_network, checkpoint_path, load_checkpoint, train
+from .train import _save, build_network, load_checkpoint, run_checkpoint, train
 
 #: Largest difference between the rebuilt network (averaged as exported) and the ONNX model.
 MAX_REBUILD_DIFFERENCE = 1e-4
@@ -57,7 +58,7 @@ def network_from_onnx(path: Path) -> tuple[CrystalCNN, TrainConfig, tuple]:
 
     Raises
     ------
-    ValueError
+    ModelError
         When the model's weights do not fit the network its card describes, or the rebuilt
         network (averaged over the group) differs from the ONNX output by more than
         :data:`MAX_REBUILD_DIFFERENCE`.
@@ -68,7 +69,7 @@ def network_from_onnx(path: Path) -> tuple[CrystalCNN, TrainConfig, tuple]:
     count = int(network.pop("symmetry_average", 1))
     groups = {len(g) or 1: g for g in SYMMETRY_GROUPS.values()}
     if count not in groups:
-        raise ValueError(f"{path}: no symmetry group of {count} elements")
+        raise ModelError(f"{path}: no symmetry group of {count} elements")
     symmetries = groups[count]
     parameters = card["parameters"]
     training = card.get("training", {})
@@ -89,7 +90,7 @@ def network_from_onnx(path: Path) -> tuple[CrystalCNN, TrainConfig, tuple]:
     )
     net = build_network(config).eval()
     if net.config != network:
-        raise ValueError(f"{path}: the card's network {network} is not {net.config}")
+        raise ModelError(f"{path}: the card's network {network} is not {net.config}")
     weights = _onnx_weights(path)
     prefix = "net." if symmetries else ""
     previous_conv = None
@@ -97,10 +98,10 @@ def network_from_onnx(path: Path) -> tuple[CrystalCNN, TrainConfig, tuple]:
     def weight(name: str, like: torch.Tensor) -> torch.Tensor:
         key = prefix + name
         if key not in weights:
-            raise ValueError(f"{path}: no initializer {key!r} (not a CrystalCNN export)")
+            raise ModelError(f"{path}: no initializer {key!r} (not a CrystalCNN export)")
         value = torch.from_numpy(np.array(weights[key], dtype=np.float32))
         if value.shape != like.shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, not {like.shape}")
+            raise ModelError(f"{path}: {key} has shape {tuple(value.shape)}, not {like.shape}")
         return value
 
     with torch.no_grad():
@@ -127,7 +128,7 @@ def network_from_onnx(path: Path) -> tuple[CrystalCNN, TrainConfig, tuple]:
         got = reference.eval()(torch.from_numpy(x)).numpy()
     difference = float(np.abs(got - expected).max())
     if difference > MAX_REBUILD_DIFFERENCE:
-        raise ValueError(
+        raise ModelError(
             f"{path}: the rebuilt network differs from the ONNX model by {difference:.2e} "
             f"(more than {MAX_REBUILD_DIFFERENCE:.0e})"
         )
@@ -194,6 +195,7 @@ def distil(
     threads: int | None = None,
     time_limit_s: float | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune the teacher's bare network to predict, in one pass, what the teacher predicts.
 
@@ -225,7 +227,7 @@ def distil(
         As :class:`~bcdi_bluesky.model.config.TrainConfig`.
     resume : bool
         Continue from the run's last checkpoint (its stored recipe; ``steps`` may be raised).
-    workers, threads, time_limit_s, progress
+    workers, threads, time_limit_s, progress, overwrite
         As :func:`~bcdi_bluesky.model.train.train`.
 
     Returns
@@ -234,11 +236,11 @@ def distil(
         The final checkpoint state.
     """
     if not 0.0 <= truth_share <= 1.0:
-        raise ValueError(f"truth_share must be in [0, 1], got {truth_share}")
+        raise SettingsError(f"truth_share must be in [0, 1], got {truth_share}")
     teacher = Path(teacher).resolve()
     net, config, symmetries = network_from_onnx(teacher)
     if not symmetries:
-        raise ValueError(f"{teacher} averages no symmetries: nothing to distil")
+        raise ModelError(f"{teacher} averages no symmetries: nothing to distil")
     sha256 = sha256_of(teacher)
     config.name = name or f"{config.name}_distilled"
     config.steps = steps
@@ -261,12 +263,14 @@ def distil(
             k: v for k, v in load_card(teacher).get("training", {}).items() if k != "history"
         },
     }
-    last = checkpoint_path(directory, config.name)
+    last = run_checkpoint(directory, config.name, resume, overwrite)
     start = last.with_name("teacher.pt")
-    if resume and last.is_file():
-        stored = load_checkpoint(last)["config"]["extra"]["distillation"]["teacher_sha256"]
+    resuming = resume and last.is_file()
+    if resuming:
+        extra = load_checkpoint(last)["config"].get("extra", {})
+        stored = extra.get("distillation", {}).get("teacher_sha256")
         if stored != sha256:
-            raise ValueError(f"{teacher} is not the teacher run {config.name!r} started from")
+            raise SettingsError(f"{teacher} is not the teacher run {config.name!r} started from")
     else:
         _save(start, {"model": net.state_dict(), "config": asdict(config)})
     return train(
@@ -277,6 +281,7 @@ def distil(
         time_limit_s=time_limit_s,
         threads=threads,
         progress=progress,
-        init_from=start,
+        init_from=None if resuming else start,
+        overwrite=overwrite,
         teacher=GroupAverageTeacher(net, config.output_encoding(), symmetries),
     )

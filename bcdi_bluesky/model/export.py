@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -11,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_path, atomic_write_bytes
+from ..errors import SettingsError
+from ..files import atomic_path, atomic_write_bytes, check_destination
 from .data import DISTIL_STREAM
 from .evaluate import training_mean, validate
 from .latent import CALIBRATION_STREAM, calibrate
@@ -19,7 +23,11 @@ from .network import SYMMETRY_GROUPS, SymmetryAverage
 from .runtime import OnnxCrystalModel, sha256_of
 from .train import TrainConfig, build_network, load_checkpoint
 
+log = logging.getLogger(__name__)
+
 OPSET = 18
+#: Fewest prior crystals that calibrate a latent map (its 2D embedding and distance scale).
+MIN_LATENT_COUNT = 10
 INPUT_NAME, OUTPUT_NAME = "intensity", "params"
 
 
@@ -64,6 +72,7 @@ def export(
     validation_seed: int = 12345,
     latent_count: int = 2000,
     symmetry_average: str = "half_turns",
+    overwrite: bool = False,
 ) -> dict:
     """Export ``checkpoint`` to ``models_dir/<name>.onnx`` and write ``<name>.json``.
 
@@ -75,22 +84,86 @@ def export(
     averages the network over that group of grid symmetries
     (:data:`~bcdi_bluesky.model.network.SYMMETRY_GROUPS`,
     :class:`~bcdi_bluesky.model.network.SymmetryAverage`).
+
+    The model and its card are made and validated in a staging folder inside ``models_dir``
+    and moved into place together at the end: an export that fails or is interrupted leaves
+    ``models_dir`` as it was. An existing model of that name is replaced only with
+    ``overwrite``.
+
+    Raises
+    ------
+    SettingsError
+        A bad count or symmetry group, or a model of that name exists without ``overwrite``
+        (all checked before any work).
+    ModelError
+        ``checkpoint`` is not a checkpoint of :func:`~bcdi_bluesky.model.train.train`.
+    DataError
+        ``models_dir`` cannot be written.
     """
     if symmetry_average not in SYMMETRY_GROUPS:
-        raise ValueError(
+        raise SettingsError(
             f"symmetry_average must be one of {', '.join(SYMMETRY_GROUPS)}, got "
             f"{symmetry_average!r}"
         )
+    if isinstance(validation_count, bool) or not isinstance(validation_count, int):
+        raise SettingsError(f"validation_count must be a whole number, got {validation_count!r}")
+    if validation_count < 1:
+        raise SettingsError(f"validation_count must be at least 1, got {validation_count}")
+    if isinstance(latent_count, bool) or not isinstance(latent_count, int):
+        raise SettingsError(f"latent_count must be a whole number, got {latent_count!r}")
+    if latent_count != 0 and latent_count < MIN_LATENT_COUNT:
+        raise SettingsError(
+            f"latent_count must be 0 (no latent map) or at least {MIN_LATENT_COUNT}, "
+            f"got {latent_count}"
+        )
+    models_dir = check_destination(models_dir, folder=True)
     state = load_checkpoint(checkpoint)
     config = TrainConfig.from_checkpoint(state["config"])
     name = name or config.name
+    final = models_dir / f"{name}.onnx"
+    if not overwrite and (final.exists() or final.with_suffix(".json").exists()):
+        raise SettingsError(f"{final} exists: overwrite to replace that model")
     net = build_network(config)
     net.load_state_dict(state["model"])
     encoding = config.output_encoding()
     group = SYMMETRY_GROUPS[symmetry_average]
     if group and hasattr(encoding, "symmetry_map"):
         net = SymmetryAverage(net, encoding, group)
-    onnx_path = Path(models_dir) / f"{name}.onnx"
+    elif group:
+        log.warning(
+            "symmetry_average %s not applied: the %s encoding has no symmetry map; "
+            "the model is the bare network",
+            symmetry_average,
+            config.encoding,
+        )
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.export-", dir=models_dir) as staging:
+        card = _export_staged(
+            state,
+            config,
+            net,
+            Path(staging) / final.name,
+            validation_count,
+            validation_seed,
+            latent_count,
+        )
+        # The card last: a reader that finds the new card finds the new model with it.
+        os.replace(Path(staging) / final.name, final)
+        os.replace((Path(staging) / final.name).with_suffix(".json"), final.with_suffix(".json"))
+    return card
+
+
+def _export_staged(
+    state: dict,
+    config: TrainConfig,
+    net: torch.nn.Module,
+    onnx_path: Path,
+    validation_count: int,
+    validation_seed: int,
+    latent_count: int,
+) -> dict:
+    """:func:`export`'s work, in its staging folder: the ONNX file and its complete card."""
+    name = onnx_path.stem
     export_onnx(net, config.grid, onnx_path)
     model = config.crystal_model()
     distillation = config.extra.get("distillation")

@@ -6,6 +6,7 @@ exactly the data it would have seen without the interruption, and no data set is
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 import time
@@ -18,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..files import atomic_path
+from ..errors import ModelError, SettingsError
+from ..files import atomic_path, check_destination
 from ..physics import CrystalPrior
 from .config import TrainConfig
 from .data import (
@@ -33,6 +35,8 @@ from .data import (
 from .encoding import TwinInvariantEncoding
 from .evaluate import validate
 from .network import SYMMETRY_GROUPS, CrystalCNN, WeightedMSE, parameter_weights
+
+log = logging.getLogger(__name__)
 
 
 class _BatchStream(Dataset):
@@ -94,11 +98,65 @@ def _save(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint written by :func:`train` (CPU tensors)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+#: What every checkpoint of :func:`train` holds.
+CHECKPOINT_KEYS = ("config", "model", "step")
+
+
+def load_checkpoint(path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """Load a checkpoint written by :func:`train` (CPU tensors) that holds ``keys``.
+
+    Raises
+    ------
+    ModelError
+        No file there, or one that is not such a checkpoint (truncated, another format...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"no checkpoint at {path}" + (" (a folder)" if path.is_dir() else ""))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch reports a bad file with many exception types
+        raise ModelError(
+            f"{path}: not a checkpoint written by train ({type(exc).__name__}: {exc})"
+        ) from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ModelError(f"{path}: not a checkpoint written by train (no {', '.join(missing)})")
+    return state
+
+
+def run_checkpoint(directory: Path, name: str, resume: bool, overwrite: bool) -> Path:
+    """The last checkpoint of run ``name``, checked before any work: writable there, and not
+    an existing run unless ``resume`` or ``overwrite`` says what to do with it.
+
+    Raises
+    ------
+    SettingsError, DataError
+        See :func:`train`.
+    """
+    path = check_destination(checkpoint_path(directory, name))
+    if path.exists() and not (resume or overwrite):
+        raise SettingsError(
+            f"{path} exists: resume to continue that run, overwrite to start it again"
+        )
+    return path
+
+
+def _warn_ignored_on_resume(
+    stored: TrainConfig, given: TrainConfig, init_from: Path | None
+) -> None:
+    """One warning naming what a resumed run does not take from ``given``."""
+    ignored = [
+        f"{key} {getattr(stored, key)!r} (given {getattr(given, key)!r})"
+        for key in asdict(stored)
+        if key not in ("name", "extra")
+        and getattr(stored, key) != getattr(given, key)
+        and not (key == "steps" and given.steps > stored.steps)
+    ]
+    if init_from is not None:
+        ignored.append(f"the run's own weights (init_from {init_from} not used)")
+    if ignored:
+        log.warning("resuming %s with its stored %s", stored.name, "; ".join(ignored))
 
 
 def build_network(config: TrainConfig) -> CrystalCNN:
@@ -125,7 +183,7 @@ def warm_start(net: CrystalCNN, checkpoint: Path, config: TrainConfig) -> int:
     one did). A network without the zoom encoder gives the dense layer's columns for the main
     encoder's features; the zoom features' columns start small.
     """
-    old = load_checkpoint(checkpoint)["model"]
+    old = load_checkpoint(checkpoint, keys=("model",))["model"]
     own = net.state_dict()
     copied = 0
     for key, value in old.items():
@@ -182,6 +240,7 @@ def train(
     progress: bool = True,
     init_from: Path | None = None,
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train (or continue training) and checkpoint; returns the final checkpoint state.
 
@@ -193,7 +252,9 @@ def train(
     directory : Path
         Checkpoint folder (``<directory>/<name>/last.pt``).
     resume : bool
-        Continue from the last checkpoint when there is one.
+        Continue from the last checkpoint when there is one. Options of ``config`` that
+        differ from the stored ones are named in one logged warning (the stored ones are
+        kept, except a larger ``steps``).
     device : str
         ``"cpu"`` or ``"cuda"``.
     workers : int
@@ -211,14 +272,27 @@ def train(
         ``extra["distillation"]`` (:func:`bcdi_bluesky.model.distil.distil` sets both). Its
         loss is ``(1 - s) L(net, teacher) + s L(net, truth)`` with
         ``s = extra["distillation"]["truth_share"]``; the network stays in eval mode.
+    overwrite : bool
+        Start again over an existing run of the same name (without it, or ``resume``, an
+        existing checkpoint is refused: hours of training are not lost to a missed flag).
+
+    Raises
+    ------
+    SettingsError
+        A checkpoint of this name exists and neither ``resume`` nor ``overwrite`` is given.
+    DataError
+        The checkpoint cannot be written there (checked before any work).
+    ModelError
+        The checkpoint to resume or ``init_from`` is not a checkpoint.
     """
     if threads:
         torch.set_num_threads(threads)
-    path = checkpoint_path(directory, config.name)
+    path = run_checkpoint(directory, config.name, resume, overwrite)
     state = None
     if resume and path.is_file():
         state = load_checkpoint(path)
         stored = TrainConfig.from_checkpoint(state["config"])
+        _warn_ignored_on_resume(stored, config, init_from)
         stored.steps = max(stored.steps, config.steps)
         config = stored
     distillation = config.extra.get("distillation")
@@ -237,12 +311,13 @@ def train(
     )
     loss_fn = loss_fn.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, history, running = 0, 0.0, [], None
     if state is not None:
         net.load_state_dict(state["model"])
         if "optimizer" in state:  # absent in checkpoints trimmed for transfer
             opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed_s"], state["history"]
+        running = state.get("running_loss")
         if "torch_rng" in state:  # dropout masks continue as if never interrupted
             torch.set_rng_state(state["torch_rng"])
 
@@ -270,6 +345,8 @@ def train(
             "elapsed_s": elapsed_s,
             "torch_rng": torch.get_rng_state(),
             "history": history,
+            # The loss's moving average: a resumed run logs what an uninterrupted one would.
+            "running_loss": running,
             "machine": platform.platform(),
             "device": torch.cuda.get_device_name()
             if device.startswith("cuda")
@@ -297,7 +374,6 @@ def train(
         desc=config.name,
     )
     training_mode()
-    running = None
     truth_share = distillation["truth_share"] if distillation else 1.0
     for x, y in loader:
         lr = _learning_rate(config, step)

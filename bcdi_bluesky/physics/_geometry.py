@@ -411,6 +411,16 @@ def _miller_indices(value: Any) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    """``value`` when it is a mapping, ``{}`` when it is None or empty; else a ValueError
+    naming ``where`` (metadata written by hand or by another tool)."""
+    if not value:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
 def geometry_from_start(start: Mapping[str, Any]) -> Geometry | None:
     """The geometry of a Bluesky run from its start document, or None when it has none.
 
@@ -426,18 +436,26 @@ def geometry_from_start(start: Mapping[str, Any]) -> Geometry | None:
     ValueError
         A geometry block that is present but wrong (an unknown beamline, a missing key...).
     """
-    block = (start.get("bcdi") or {}).get("geometry")
+    bcdi = _mapping(start.get("bcdi"), 'start["bcdi"]')
+    block = bcdi.get("geometry")
     if not block:
         return None
-    data = dict(block)
-    diffractometers = start.get("diffractometers") or {}
-    if isinstance(diffractometers, Mapping) and diffractometers:
-        info = next(iter(diffractometers.values()))
-        header = info.get("_header", {}) if isinstance(info, Mapping) else {}
+    data = dict(_mapping(block, 'start["bcdi"]["geometry"]'))
+    diffractometers = _mapping(start.get("diffractometers"), 'start["diffractometers"]')
+    if diffractometers:
+        name, info = next(iter(diffractometers.items()))
+        where = f'start["diffractometers"][{name!r}]'
+        info = _mapping(info, where)
+        header = _mapping(info.get("_header"), f'{where}["_header"]')
         if header.get("energy") is not None and header.get("energy_units", "keV") == "keV":
-            data["energy_kev"] = float(header["energy"])
-        sample = (info.get("samples") or {}).get(info.get("sample_name", ""), {})
-        a = (sample.get("lattice") or {}).get("a")
-        if a is not None and float(a) > 0:
-            data["lattice_constant_nm"] = float(a) / 10.0  # hklpy2 works in angstrom
+            data["energy_kev"] = _number(header["energy"], f'{where}["_header"]["energy"]')
+        samples = _mapping(info.get("samples"), f'{where}["samples"]')
+        sample_name = info.get("sample_name", "")
+        sample = samples.get(sample_name) if isinstance(sample_name, str) else None
+        lattice = _mapping(_mapping(sample, f"{where} sample").get("lattice"), f"{where} lattice")
+        a = lattice.get("a")
+        if a is not None:
+            a = _number(a, f"{where} lattice a")
+            if a > 0:
+                data["lattice_constant_nm"] = a / 10.0  # hklpy2 works in angstrom
     return Geometry.from_dict(data)
