@@ -124,7 +124,10 @@ def _figures(out: Path, beamline, records: list, history: list) -> list[Path]:
     ax.set_ylabel("chi")
     ax.set_yscale("log")
     ax.set_title("extremum seeking: chi per step")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:  # every scan skipped (the first misses the peak): say so rather than draw nothing
+        ax.text(0.5, 0.5, "no scan was refined", ha="center", va="center", transform=ax.transAxes)
     paths.append(out / "es_cost.png")
     save_figure(fig, paths[-1], dpi=90)
     plt.close(fig)

@@ -175,16 +175,17 @@ def _result_cxi(result: ReconstructionResult, meta: dict[str, Any]) -> bytes:
         entry = f.create_group("entry_1")
         entry.attrs["NX_class"] = "NXentry"
         image = entry.create_group("image_1")
-        image.attrs["NX_class"] = "NXdata"
+        image.attrs.update(NX_class="NXdata", signal="data")
         image.create_dataset("data", data=result.object, compression="gzip")
         image.create_dataset("mask", data=result.support, compression="gzip")
         image.create_dataset("data_type", data="electron density")
         image.create_dataset("data_space", data="real")
         process = image.create_group("process_1")
+        process.attrs["NX_class"] = "NXprocess"
         process.create_dataset("program", data="bcdi-bluesky")
         process.create_dataset("summary", data=json.dumps(meta))
-        f.create_dataset("object", data=result.object, compression="gzip")
-        f.create_dataset("support", data=result.support, compression="gzip")
+        # The file keys at the root are hard links to the CXI places: one copy of each array.
+        f["object"], f["support"] = image["data"], image["mask"]
         f.create_dataset("params", data=result.params)
         f.create_dataset("param_names", data=names.astype("S"))
         uid = (getattr(result, "metadata", None) or {}).get("uid")
@@ -199,21 +200,26 @@ def _result_cxi(result: ReconstructionResult, meta: dict[str, Any]) -> bytes:
 
 def _cxi_physical(f, entry, image, physical) -> None:
     """The geometry and the lab-frame results in CXI/NeXus places, and under the file keys at
-    the root (as ``object`` and ``support``)."""
+    the root (hard links to those places, as ``object`` and ``support``)."""
     g = physical.geometry
-    for key, value in physical.arrays().items():
-        f.create_dataset(key, data=value, compression="gzip" if value.ndim == 3 else None)
+    arrays = physical.arrays()
     # The input-grid image: its voxel basis (CXI's image basis vectors are in metres).
-    image.create_dataset("voxel_basis_nm", data=physical.voxel_basis_nm)
+    image.create_dataset("voxel_basis_nm", data=arrays["voxel_basis_nm"]).attrs["units"] = "nm"
     basis = image.create_dataset("basis_vectors", data=physical.voxel_basis_nm.T * 1e-9)
     basis.attrs["units"] = "m"
     # The lab-frame image: NXdata with its axes in nm.
     lab = entry.create_group("image_2")
     lab.attrs.update(NX_class="NXdata", signal="data", axes=["x_nm", "y_nm", "z_nm"])
-    lab.create_dataset("data", data=physical.object_lab, compression="gzip")
-    lab.create_dataset("mask", data=physical.support_lab, compression="gzip")
-    lab.create_dataset("displacement_nm", data=physical.displacement_nm, compression="gzip")
-    lab.create_dataset("strain", data=physical.strain, compression="gzip")
+    lab.create_dataset("data", data=arrays["object_lab"], compression="gzip")
+    lab.create_dataset("mask", data=arrays["support_lab"], compression="gzip")
+    displacement = lab.create_dataset(
+        "displacement_nm", data=arrays["displacement_nm"], compression="gzip"
+    )
+    displacement.attrs["units"] = "nm"
+    strain = lab.create_dataset("strain", data=arrays["strain"], compression="gzip")
+    strain.attrs["units"] = "1"  # dimensionless (UDUNITS)
+    lab.create_dataset("voxel_size_nm", data=arrays["voxel_size_nm"]).attrs["units"] = "nm"
+    lab.create_dataset("lab_origin_nm", data=arrays["lab_origin_nm"]).attrs["units"] = "nm"
     lab.create_dataset("data_type", data="electron density, lab frame (x, y up, z along beam)")
     lab.create_dataset("data_space", data="real")
     for k, axis in enumerate(("x_nm", "y_nm", "z_nm")):
@@ -223,8 +229,20 @@ def _cxi_physical(f, entry, image, physical) -> None:
         lab.create_dataset(axis, data=coords).attrs["units"] = "nm"
     sample = entry.create_group("sample_1")
     sample.attrs["NX_class"] = "NXsample"
-    q = sample.create_dataset("q_bragg", data=physical.q_bragg_inv_nm)
+    q = sample.create_dataset("q_bragg", data=arrays["q_bragg_inv_nm"])
     q.attrs["units"] = "1/nm"
+    places = {
+        "voxel_basis_nm": image["voxel_basis_nm"],
+        "object_lab": lab["data"],
+        "support_lab": lab["mask"],
+        "voxel_size_nm": lab["voxel_size_nm"],
+        "lab_origin_nm": lab["lab_origin_nm"],
+        "displacement_nm": lab["displacement_nm"],
+        "strain": lab["strain"],
+        "q_bragg_inv_nm": q,
+    }
+    for key in arrays:  # every file key, linked to its place
+        f[key] = places[key]
     if g.hkl is not None:
         sample.create_dataset("hkl", data=np.array(g.hkl))
     if g.lattice_constant_nm is not None:

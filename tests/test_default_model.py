@@ -90,6 +90,7 @@ def _card_cases():
         ),
         ("latent-ragged", set_in("latent.points", [[0.0, 1.0], [2.0]]), "model card"),
         ("graph-input", set_in("input.shape", ["batch", 1, 32, 32, 32]), "takes input shape"),
+        ("output-shape", set_in("output.shape", ["batch", 100]), "'output.shape'"),
         (
             "layout-vs-output",
             lambda card: {**card, "parameters": smaller.to_dict()},

@@ -110,8 +110,18 @@ def test_files_hold_the_physical_results(tmp_path, full, geometry):
             entry["image_1/basis_vectors"][()] * 1e9, full.physical.voxel_basis_nm.T
         )
         lab = entry["image_2"]
-        assert lab.attrs["signal"] == "data"
+        assert lab.attrs["signal"] == "data" and entry["image_1"].attrs["signal"] == "data"
+        assert entry["image_1/process_1"].attrs["NX_class"] == "NXprocess"
+        assert lab["displacement_nm"].attrs["units"] == "nm" and lab["strain"].attrs["units"] == "1"
         np.testing.assert_array_equal(lab["strain"][()], arrays["strain"])
+        # The root names are the CXI places themselves (hard links): each array stored once.
+        for key, place in [
+            ("object", "image_1/data"),
+            ("object_lab", "image_2/data"),
+            ("strain", "image_2/strain"),
+            ("q_bragg_inv_nm", "sample_1/q_bragg"),
+        ]:
+            assert f[key].id == entry[place].id, key
         x = lab["x_nm"][()]
         assert x.size == arrays["object_lab"].shape[0]
         assert np.diff(x) == pytest.approx(full.physical.voxel_size_nm[0])

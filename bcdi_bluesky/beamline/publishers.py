@@ -204,6 +204,9 @@ class DerivedRunPublisher(Publisher):
     def __init__(self, emit: Emit) -> None:
         self.emit = emit
 
+    def __repr__(self) -> str:
+        return f"DerivedRunPublisher({self.emit!r})"
+
     def __call__(self, result, start_doc: dict) -> str:
         """Emit the derived run; returns its uid."""
         bundle = compose_run(
@@ -260,6 +263,9 @@ class ResultFileWriter(Publisher):
         self.folder = Path(folder)
         self.suffix = suffix
         self.written: list[Path] = []
+
+    def __repr__(self) -> str:
+        return f"ResultFileWriter({str(self.folder)!r}, suffix={self.suffix!r})"
 
     def __call__(self, result, start_doc: dict) -> Path:
         """Write the file; returns its path."""

@@ -878,6 +878,9 @@ class IOCPublisher:
         """The PVGroup."""
         return self.server.group
 
+    def __repr__(self) -> str:
+        return f"IOCPublisher(prefix={self.group.prefix!r})"
+
     # Hooks the callback calls (duck-typed: plain callables work as publishers too).
     def collecting(self, start_doc: dict) -> None:
         """A run started: show it (called in the RunEngine's thread, so it does not wait)."""

@@ -229,6 +229,11 @@ class OnnxCrystalModel:
                 f"parameter layout ({crystal_model.size} parameters, encoding "
                 f"{encoding.name}) needs {encoding.size} outputs"
             )
+        if list(card["output"].get("shape", [None])[1:]) != [encoding.size]:
+            raise ModelError(
+                f"model card {card_path}: 'output.shape' {card['output'].get('shape')} is not "
+                f"[batch, {encoding.size}] ({encoding.name} of {crystal_model.size} parameters)"
+            )
         if latent_map is not None:
             size = crystal_model.size + 1  # the parameters and the prediction's chi
             shapes = {
