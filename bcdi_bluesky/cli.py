@@ -213,7 +213,7 @@ def settings_from_args(args: argparse.Namespace) -> ReconstructionSettings:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .io import RESULT_SUFFIXES, read_geometry, read_intensity, write_result
+    from .io import RESULT_SUFFIXES, check_vtk, read_geometry, read_intensity, write_result
 
     settings = settings_from_args(args)
     source = Path(args.input)
@@ -230,8 +230,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         raise UserError(
             f"{args.output}: unsupported output type (use one of {', '.join(RESULT_SUFFIXES)})"
         )
-    if args.output and Path(args.output).suffix.lower() == ".vti" and not args.geometry:
-        raise UserError(f"{args.output}: a .vti file is on the lab grid: give --geometry")
+    if args.output and Path(args.output).suffix.lower() == ".vti":
+        if not args.geometry:
+            raise UserError(f"{args.output}: a .vti file is on the lab grid: give --geometry")
+        check_vtk()
     if args.plot:
         _check_plot_path(Path(args.plot))
     for option, target in targets.items():

@@ -13,6 +13,7 @@ in memory it never meets the disk.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import uuid
@@ -80,8 +81,6 @@ def _read_h5(path: Path, dataset: str | None) -> tuple[np.ndarray, np.ndarray | 
                 raw = f[name][()]
                 # CXI masks flag bad pixels with non-zero bits; a boolean mask marks valid ones.
                 mask = raw if raw.dtype == bool else raw == 0
-                if mask.ndim == 2 and np.ndim(data) == 3:
-                    mask = np.broadcast_to(mask, np.shape(data))
                 break
     return np.asarray(data), mask
 
@@ -140,6 +139,15 @@ def read_intensity(
     except ValueError as exc:
         raise DataError(f"{p}: {exc}") from None
     return data, mask
+
+
+VTK_NEEDED = "writing .vti needs vtk: pip install 'bcdi-bluesky[vtk]'"
+
+
+def check_vtk() -> None:
+    """Refuse, before any work, a ``.vti`` output where vtk is not installed (an extra)."""
+    if importlib.util.find_spec("vtkmodules") is None:
+        raise DataError(VTK_NEEDED)
 
 
 def _physical_arrays(result: ReconstructionResult) -> dict[str, np.ndarray]:
@@ -285,7 +293,7 @@ def vti_bytes(physical) -> bytes:
         from vtkmodules.vtkCommonDataModel import vtkImageData
         from vtkmodules.vtkIOXML import vtkXMLImageDataWriter
     except ImportError:
-        raise DataError("writing .vti needs vtk: pip install 'bcdi-bluesky[vtk]'") from None
+        raise DataError(VTK_NEEDED) from None
     image = vtkImageData()
     image.SetDimensions(*physical.object_lab.shape)
     image.SetSpacing(*(float(v) for v in physical.voxel_size_nm))

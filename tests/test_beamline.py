@@ -486,50 +486,25 @@ def test_es_align_finds_the_beam(RE):
 
 
 def test_es_under_bluesky_adaptive_optimize(RE):
+    """The user guide's bluesky-adaptive example, run as written on the simulated beamline."""
     pytest.importorskip("bluesky_adaptive")
-    from bluesky_adaptive.plans import optimize
-    from bluesky_adaptive.protocols import OptimizationProblem, Optimizer
-
-    from bcdi_bluesky.beamline.adaptive import ExtremumSeekingOptimizer
+    from bluesky_adaptive.protocols import Optimizer
 
     beamline = SimulatedBeamline(seed=1, beam_centre=(-1.5, 1.0))
     beamline.det.max_count.put(1e12)
     beamline.det.exposure.put(0.01)
-    runs: dict[str, list] = {}  # run uid -> its events, for the evaluation function
-    run_of_descriptor: dict[str, str] = {}
-
-    def collect(name, doc):
-        if name == "descriptor":
-            run_of_descriptor[doc["uid"]] = doc["run_start"]
-        elif name == "event":
-            runs.setdefault(run_of_descriptor[doc["descriptor"]], []).append(doc)
-
-    RE.subscribe(collect)
-
-    def evaluate(uid, suggestions):
-        events = runs[uid]
-        return [
-            {"det_total": events[i]["data"]["det_total"], "_id": s["_id"]}
-            for i, s in enumerate(suggestions)
-        ]
-
-    optimizer = ExtremumSeekingOptimizer(
-        {"sample_x": (-3, 3), "sample_y": (-3, 3)},
-        "det_total",
-        initial={"sample_x": 0.0, "sample_y": 0.0},
-    )
-    assert isinstance(optimizer, Optimizer)
-    problem = OptimizationProblem(
-        optimizer=optimizer,
-        actuators=[beamline.sample_x, beamline.sample_y],
-        sensors=[beamline.det],
-        evaluation_function=evaluate,
-    )
     start = beamline.illumination()
-    RE(optimize(problem, iterations=250))
-    ((_, params, _outcome),) = optimizer.get_best_points()
-    beamline.sample_x.set(params["sample_x"]).wait()
-    beamline.sample_y.set(params["sample_y"]).wait()
+    namespace = {
+        "RE": RE,
+        "det": beamline.det,
+        "sample_x": beamline.sample_x,
+        "sample_y": beamline.sample_y,
+    }
+    exec(compile(_user_guide_example("bluesky-adaptive"), "user_guide.md", "exec"), namespace)
+    optimizer, best = namespace["optimizer"], namespace["best"]
+    assert isinstance(optimizer, Optimizer)
+    beamline.sample_x.set(best["sample_x"]).wait()
+    beamline.sample_y.set(best["sample_y"]).wait()
     assert start < 0.25 and beamline.illumination() > 0.9
     with pytest.raises(ValueError, match="one point"):
         optimizer.suggest(2)

@@ -33,13 +33,15 @@ def test_every_input_format_reads_the_same_volume(tmp_path, volume):
     mask[:, :, 3] = False
     np.save(tmp_path / "a.npy", volume)
     np.savez(tmp_path / "b.npz", intensity=volume, mask=mask)
+    np.savez(tmp_path / "b2.npz", intensity=volume, mask=mask[0])  # one frame's mask
     tifffile.imwrite(tmp_path / "c.tif", volume)
     with h5py.File(tmp_path / "d.cxi", "w") as f:
         f["entry_1/data_1/data"] = volume
         f["entry_1/instrument_1/detector_1/mask"] = (~mask[0]).astype(np.uint32)  # CXI: 0 = good
     with h5py.File(tmp_path / "e.h5", "w") as f:
         f["scan/frames"] = volume.astype(">f4")  # big-endian, as some writers store it
-    for name, expect_mask in (("a.npy", None), ("b.npz", mask), ("c.tif", None), ("d.cxi", mask)):
+    cases = [("a.npy", None), ("b.npz", mask), ("b2.npz", mask), ("c.tif", None), ("d.cxi", mask)]
+    for name, expect_mask in cases:
         data, m = read_intensity(tmp_path / name)
         np.testing.assert_array_equal(data, volume)
         if expect_mask is None:
@@ -63,9 +65,10 @@ def test_bad_files_are_clear_errors(tmp_path, volume):
     np.savez(tmp_path / "nokey.npz", frames=volume)
     with pytest.raises(DataError, match="no 'intensity'"):
         read_intensity(tmp_path / "nokey.npz")
-    np.savez(tmp_path / "badmask.npz", intensity=volume, mask=np.ones((2, 2, 2), dtype=bool))
-    with pytest.raises(DataError, match="mask"):
-        read_intensity(tmp_path / "badmask.npz")
+    for shape in ((2, 2, 2), volume.shape[:2]):  # not the volume's, nor a frame's
+        np.savez(tmp_path / "badmask.npz", intensity=volume, mask=np.ones(shape, dtype=bool))
+        with pytest.raises(DataError, match="mask has shape"):
+            read_intensity(tmp_path / "badmask.npz")
     with h5py.File(tmp_path / "empty.h5", "w") as f:
         f["other"] = np.zeros(3)
     with pytest.raises(DataError, match="no intensity dataset"):

@@ -219,3 +219,21 @@ def test_cli_geometry_json_and_errors(tmp_path):
         assert match in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / output).exists()
+
+
+def test_vti_without_vtk_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from bcdi_bluesky.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "vtkmodules" else real(name, *a),
+    )
+    out = tmp_path / "x.vti"
+    argv = ["reconstruct", str(EXAMPLE_DATA / "S0054_intensity_64.npy"), "--output", str(out)]
+    assert main([*argv, "--geometry", str(GEOMETRY_JSON)]) == 2
+    err = capsys.readouterr().err
+    assert "needs vtk" in err and len(err.strip().splitlines()) == 1 and not out.exists()

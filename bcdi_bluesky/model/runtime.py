@@ -229,9 +229,10 @@ class OnnxCrystalModel:
                 f"parameter layout ({crystal_model.size} parameters, encoding "
                 f"{encoding.name}) needs {encoding.size} outputs"
             )
-        if list(card["output"].get("shape", [None])[1:]) != [encoding.size]:
+        shape = card["output"].get("shape")  # optional; when given, it must be right
+        if shape is not None and (not isinstance(shape, list) or shape[1:] != [encoding.size]):
             raise ModelError(
-                f"model card {card_path}: 'output.shape' {card['output'].get('shape')} is not "
+                f"model card {card_path}: 'output.shape' {shape} is not "
                 f"[batch, {encoding.size}] ({encoding.name} of {crystal_model.size} parameters)"
             )
         if latent_map is not None:

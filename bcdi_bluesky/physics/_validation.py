@@ -79,10 +79,13 @@ def check_volume(
 
 
 def check_mask(mask: object, shape: tuple[int, ...], name: str = "mask") -> np.ndarray | None:
-    """Validate a boolean mask (True = valid voxel) against a volume's shape."""
+    """Validate a boolean mask (True = valid voxel) against a volume's shape; a 2D mask of
+    a detector frame (the volume's last two axes) applies to every frame."""
     if mask is None:
         return None
     m = np.asarray(mask)
+    if m.ndim == 2 and len(shape) == 3 and m.shape == tuple(shape[1:]):
+        m = np.array(np.broadcast_to(m, tuple(shape)))  # a copy: callers may edit it
     if m.shape != tuple(shape):
         raise DataError(f"{name} has shape {m.shape} but the volume has shape {tuple(shape)}")
     if m.dtype != bool:
