@@ -450,7 +450,7 @@ def test_training_never_loses_a_run_silently(tmp_path, caplog):
     train(TrainConfig(**SMALL), tmp_path, workers=0, progress=False)
     last = tmp_path / "tiny" / "last.pt"
     before = last.read_bytes()
-    with pytest.raises(SettingsError, match=r"exists: resume .* overwrite"):
+    with pytest.raises(SettingsError, match=r"exists: resume \(--resume\) .* overwrite"):
         train(TrainConfig(**{**SMALL, "steps": 2}), tmp_path, workers=0, progress=False)
     assert last.read_bytes() == before
     again = train(
@@ -515,7 +515,7 @@ def test_export_replaces_a_model_only_when_complete(tmp_path, monkeypatch):
     export_module.export(checkpoint, models, **small)
     pair = {p.name: p.read_bytes() for p in models.iterdir()}
     assert sorted(pair) == ["tiny.json", "tiny.onnx"]
-    with pytest.raises(SettingsError, match="exists: overwrite"):
+    with pytest.raises(SettingsError, match=r"exists: overwrite \(--overwrite\)"):
         export_module.export(checkpoint, models, **small)
     with pytest.raises(SettingsError, match="latent_count"):
         export_module.export(checkpoint, models, validation_count=2, latent_count=3)

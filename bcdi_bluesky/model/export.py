@@ -37,22 +37,31 @@ def export_onnx(net: torch.nn.Module, grid: int, path: Path) -> None:
     example = torch.zeros(2, 1, grid, grid, grid)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    with warnings.catch_warnings():
-        # The exporter narrates its progress through warnings and prints; neither is a problem.
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            net,
-            (example,),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},),
-            verbose=False,
-            external_data=False,
-        )
-        with atomic_path(path) as tmp:
-            program.save(str(tmp))
+    # The exporter's registry logs one warning per torchvision operator it cannot find: this
+    # network uses none of them.
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # The exporter narrates its progress through warnings and prints; neither is a
+            # problem.
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                net,
+                (example,),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+                external_data=False,
+            )
+    finally:
+        registry.setLevel(level)
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
 
 
 def _distillation_record(distillation: dict) -> dict:
@@ -122,7 +131,7 @@ def export(
     name = name or config.name
     final = models_dir / f"{name}.onnx"
     if not overwrite and (final.exists() or final.with_suffix(".json").exists()):
-        raise SettingsError(f"{final} exists: overwrite to replace that model")
+        raise SettingsError(f"{final} exists: overwrite (--overwrite) to replace that model")
     net = build_network(config)
     net.load_state_dict(state["model"])
     encoding = config.output_encoding()

@@ -137,7 +137,8 @@ def run_checkpoint(directory: Path, name: str, resume: bool, overwrite: bool) ->
     path = check_destination(checkpoint_path(directory, name))
     if path.exists() and not (resume or overwrite):
         raise SettingsError(
-            f"{path} exists: resume to continue that run, overwrite to start it again"
+            f"{path} exists: resume (--resume) to continue that run, or overwrite "
+            "(--overwrite) to start it again"
         )
     return path
 
