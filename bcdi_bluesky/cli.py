@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -573,12 +573,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_number(*, zero_allowed: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number above zero (or from zero, with ``zero_allowed``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
+            least = "at least 0" if zero_allowed else "positive"
+            raise argparse.ArgumentTypeError(f"must be finite and {least}, got {text}")
+        return value
+
+    return parse
+
+
+_at_least_one = _whole_number(1)
+_non_negative_int = _whole_number(0)
+_positive_number = _finite_number(zero_allowed=False)
+_non_negative_number = _finite_number(zero_allowed=True)
 
 
 def _add_settings_options(p: argparse.ArgumentParser) -> None:
@@ -642,38 +671,6 @@ def _add_access_options(p: argparse.ArgumentParser) -> None:
         metavar="HOST[,HOST...]",
         help="accept puts only from Channel Access clients announcing one of these host names",
     )
-
-
-def _non_negative_int(text: str) -> int:
-    """An argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _non_negative_number(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be finite and at least 0, got {text}")
-    return value
-
-
-def _positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
-    return value
 
 
 def _root_pair(text: str) -> tuple[str, str]:

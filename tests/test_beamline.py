@@ -1053,8 +1053,26 @@ class _StuckMotor:
         motor.set = stay
 
 
+def _closed_loop(RE, beamline, analysis, centre_steps=0, **options):
+    """Run ``closed_loop_scan`` (16 frames, 15 steps wide) and return its history."""
+    from bcdi_bluesky.beamline import closed_loop_scan
+
+    step = beamline.crystal.step
+    centre = beamline.crystal.bragg_theta + centre_steps * step
+    history = []
+
+    def plan():
+        loop = closed_loop_scan(
+            beamline.det, beamline.theta, analysis, centre, 15 * step, 16, **options
+        )
+        history.extend((yield from loop))
+
+    RE(plan())
+    return history
+
+
 def test_a_motor_that_does_not_rock_stops_the_loop_without_a_move(RE, make_callback):
-    from bcdi_bluesky.beamline import ReconstructionAnalysis, closed_loop_scan
+    from bcdi_bluesky.beamline import ReconstructionAnalysis
 
     beamline = SimulatedBeamline(seed=6)
     hooks, fake = _Hooks(), _Fake()
@@ -1063,26 +1081,7 @@ def test_a_motor_that_does_not_rock_stops_the_loop_without_a_move(RE, make_callb
     analysis = ReconstructionAnalysis(name="analysis", callback=cb, timeout=30)
     _StuckMotor(beamline.theta)
     exposure = beamline.det.exposure.get()
-    step = beamline.crystal.step
-    centre = beamline.crystal.bragg_theta
-    history = []
-
-    def plan():
-        history.extend(
-            (
-                yield from closed_loop_scan(
-                    beamline.det,
-                    beamline.theta,
-                    analysis,
-                    centre + 10 * step,
-                    15 * step,
-                    16,
-                    adjust_range=True,
-                )
-            )
-        )
-
-    RE(plan())
+    history = _closed_loop(RE, beamline, analysis, centre_steps=10, adjust_range=True)
     (record,) = cb.records.values()
     assert record.status == "skipped" and fake.calls == 0
     assert "rocking motor did not follow the plan" in record.message
@@ -1097,7 +1096,7 @@ def test_a_motor_that_does_not_rock_stops_the_loop_without_a_move(RE, make_callb
 def test_the_loop_never_steers_by_an_older_scan(RE, make_callback):
     """Scan 2's readbacks are all NaN (an encoder lost): the analysis reports on scan 2,
     not on scan 1, and the loop stops after it."""
-    from bcdi_bluesky.beamline import ReconstructionAnalysis, closed_loop_scan
+    from bcdi_bluesky.beamline import ReconstructionAnalysis
 
     beamline = SimulatedBeamline(seed=6)
     cb = make_callback(reconstructor=_Fake())
@@ -1114,25 +1113,7 @@ def test_the_loop_never_steers_by_an_older_scan(RE, make_callback):
         return out
 
     beamline.theta.read = lost_in_scan_2
-    step = beamline.crystal.step
-    history = []
-
-    def plan():
-        history.extend(
-            (
-                yield from closed_loop_scan(
-                    beamline.det,
-                    beamline.theta,
-                    analysis,
-                    beamline.crystal.bragg_theta,
-                    15 * step,
-                    16,
-                    until_converged=False,
-                )
-            )
-        )
-
-    RE(plan())
+    history = _closed_loop(RE, beamline, analysis, until_converged=False)
     assert len(scans) == 2 and [h["scan_uid"] for h in history] == scans
     assert history[0]["usable"] and history[0]["scan_status"] == "done"
     assert not history[1]["usable"] and not history[1]["converged"]
@@ -1141,7 +1122,7 @@ def test_the_loop_never_steers_by_an_older_scan(RE, make_callback):
 
 def test_a_slow_publisher_does_not_abort_the_loop(RE, make_callback):
     """The analysis waits ``timeout`` s, then steers from the frames' recommendation."""
-    from bcdi_bluesky.beamline import ReconstructionAnalysis, closed_loop_scan
+    from bcdi_bluesky.beamline import ReconstructionAnalysis
 
     release = threading.Event()
 
@@ -1153,27 +1134,8 @@ def test_a_slow_publisher_does_not_abort_the_loop(RE, make_callback):
     cb = make_callback(reconstructor=_Fake(), publishers=[Stalled()])
     RE.subscribe(cb)
     analysis = ReconstructionAnalysis(name="analysis", callback=cb, timeout=1.0)
-    step = beamline.crystal.step
-    history = []
-
-    def plan():
-        history.extend(
-            (
-                yield from closed_loop_scan(
-                    beamline.det,
-                    beamline.theta,
-                    analysis,
-                    beamline.crystal.bragg_theta,
-                    15 * step,
-                    16,
-                    max_iterations=1,
-                    until_converged=False,
-                )
-            )
-        )
-
     try:
-        RE(plan())
+        history = _closed_loop(RE, beamline, analysis, max_iterations=1, until_converged=False)
     finally:
         release.set()
     (entry,) = history
