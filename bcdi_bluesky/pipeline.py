@@ -309,6 +309,12 @@ class Measurement:
         return self.noise_floor is not None
 
 
+def oversampling(valid: np.ndarray | None, voxels: int, support: np.ndarray) -> float:
+    """Valid measured voxels per voxel of ``support`` (``voxels`` when nothing is masked)."""
+    measured = voxels if valid is None else int(np.count_nonzero(valid))
+    return measured / max(int(np.count_nonzero(support)), 1)
+
+
 def prepare_measurement(intensity: np.ndarray, mask: np.ndarray | None, n: int) -> Measurement:
     """Check the volume and mask, mask hot pixels, check the Bragg peak, fit to the ``n^3`` grid.
 
@@ -1026,6 +1032,7 @@ class Reconstructor:
                 signal_floor=measurement.noise_floor,
                 distribution=distribution,
                 cut_short=tuple(cut_short),
+                oversampling=oversampling(measurement.valid, measurement.data.size, support),
             )
         )
         physical = (

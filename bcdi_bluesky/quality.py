@@ -44,6 +44,10 @@ CHI_GOOD, CHI_FAIR = 0.0025, 0.1
 #: Data whose Poisson floor (physics.poisson_chi_floor) exceeds this hold too few photons per
 #: voxel for fine detail: at best fair.
 LOW_SIGNAL_FLOOR = 0.2
+#: Oversampling below which the data cannot fix the object: a complex object has two unknowns
+#: per support voxel and each measured voxel gives one intensity, so the valid voxels must
+#: number at least twice the support's (Miao et al.'s criterion, sigma > 2).
+MIN_OVERSAMPLING = 2.0
 #: The CNN's chi is unusual when it lies this many standard deviations above its mean on the
 #: prior (the model card's latent calibration): 2.33 is the one-sided 99% point of a Gaussian,
 #: as the latent distance's 1 is the prior's 99th percentile.
@@ -129,6 +133,8 @@ class QualityEvidence:
     distribution: Distribution = field(default_factory=lambda: Distribution(None, None, False))
     #: stages that a safety wall-time cap cut short
     cut_short: tuple[str, ...] = ()
+    #: valid measured voxels per voxel of the result's support (None: not known)
+    oversampling: float | None = None
 
 
 def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
@@ -138,7 +144,9 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
     chi Poisson noise alone would leave (poor also needs chi above :data:`CHI_FAIR`); other
     data against :data:`CHI_GOOD` / :data:`CHI_FAIR` and convergence. A low signal, an
     out-of-distribution CNN or a run cut short by a wall-time cap each lower ``good`` to
-    ``fair`` and add their reason.
+    ``fair`` and add their reason. Fewer valid voxels than :data:`MIN_OVERSAMPLING` times the
+    support's (a mask that leaves too little, or a support that fills the grid) is ``poor``
+    whatever the fit: the data do not determine the object.
     """
     e = evidence
     reasons: list[str] = []
@@ -178,6 +186,12 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
     for stage in e.cut_short:
         level = max(level, 1)
         reasons.append(f"{stage} cut short by its wall-time cap")
+    if e.oversampling is not None and e.oversampling < MIN_OVERSAMPLING:
+        level = 2
+        reasons.append(
+            f"underdetermined: {e.oversampling:.2f} valid voxels per support voxel, below "
+            f"{MIN_OVERSAMPLING:g} (too much masked, or a support that fills the grid)"
+        )
     return QUALITY_LEVELS[level], reasons
 
 
@@ -188,6 +202,7 @@ __all__ = [
     "FIT_FAIR",
     "FIT_GOOD",
     "LOW_SIGNAL_FLOOR",
+    "MIN_OVERSAMPLING",
     "QUALITY_LEVELS",
     "ROSE_SNR",
     "Distribution",

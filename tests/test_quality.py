@@ -151,6 +151,29 @@ def test_anything_doubtful_keeps_a_good_fit_from_good():
     )
 
 
+def test_an_underdetermined_result_is_poor_whatever_its_fit():
+    from bcdi_bluesky.quality import MIN_OVERSAMPLING
+
+    good = {"chi": 0.1, "expected_chi": 0.1, "converged": True, "signal_floor": 0.05}
+    assert quality_verdict(QualityEvidence(**good, oversampling=12.0))[0] == "good"
+    quality, reasons = quality_verdict(QualityEvidence(**good, oversampling=1.5))
+    assert quality == "poor" and "underdetermined: 1.50 valid voxels" in reasons[-1]
+    assert MIN_OVERSAMPLING == 2.0
+
+
+@pytest.mark.timeout(300)
+def test_a_mask_that_leaves_too_little_makes_the_result_poor(counted):
+    """Every detector frame masked but a small window: fewer measured voxels than unknowns."""
+    mask = np.zeros(counted.measured.shape, dtype=bool)
+    n = mask.shape[0]
+    mask[:, n // 2 - 4 : n // 2 + 4, n // 2 - 4 : n // 2 + 4] = True  # 1.6% of the voxels
+    result = Reconstructor().reconstruct(counted.measured, mask=mask, refine="none")
+    assert result.quality == "poor", result.quality_reasons
+    assert any("underdetermined" in r for r in result.quality_reasons)
+    unmasked = Reconstructor().reconstruct(counted.measured, refine="none")
+    assert not any("underdetermined" in r for r in unmasked.quality_reasons)
+
+
 @pytest.mark.timeout(300)
 def test_polish_spends_more_only_where_the_fit_asks(counted):
     settings = ReconstructionSettings(
