@@ -485,6 +485,47 @@ def test_es_align_finds_the_beam(RE):
     assert np.all(np.abs(np.diff(xs)) < 0.1)  # bounded steps: no jump of the stage
 
 
+def test_es_align_ends_on_the_beam_despite_a_zinger_and_dropped_frames(RE):
+    from bcdi_bluesky.beamline import es_align
+    from bcdi_bluesky.beamline.plans import _robust_best
+
+    beamline = SimulatedBeamline(seed=1, beam_centre=(-1.5, 1.0))
+    beamline.det.max_count.put(1e12)
+    beamline.det.exposure.put(0.01)
+    make_frame, frames = beamline.det.make_frame, []
+
+    def faulty():
+        frame = make_frame()
+        frames.append(1)
+        if len(frames) % 17 == 0:
+            frame[:] = np.nan  # a dropped frame
+        if len(frames) == 40:
+            frame[0, 0] = 1e9  # a cosmic ray, far from the beam
+        return frame
+
+    beamline.det.make_frame = faulty
+    RE(
+        es_align(
+            [beamline.sample_x, beamline.sample_y],
+            [(-3, 3), (-3, 3)],
+            "det_total",
+            [beamline.det],
+            iterations=200,
+        )
+    )
+    assert beamline.illumination() > 0.95
+    # One spike, even at an end of the run, never picks the end point.
+    for spike in (0, 2, 9):
+        values = [1.0] * 10
+        values[spike] = 1e9
+        values[6:9] = [2.0, 2.0, 2.0]  # the real maximum: several measurements near it
+        assert _robust_best(values, [[k] for k in range(10)], [0])["positions"] in ([6], [7], [8])
+    assert _robust_best([np.nan] * 3, [[1], [2], [3]], [0]) == {
+        "objective": -np.inf,
+        "positions": [0],
+    }
+
+
 def test_es_under_bluesky_adaptive_optimize(RE):
     """The user guide's bluesky-adaptive example, run as written on the simulated beamline."""
     pytest.importorskip("bluesky_adaptive")

@@ -291,7 +291,10 @@ def es_align(
     One ES step is one measurement: the plan moves the motors to the optimiser's next point,
     triggers and reads ``detectors`` (one event each), and tells the optimiser the objective.
     Whatever the measurement does (noise, a spike, a NaN), a step never moves a motor by more
-    than the ES step bound. At the end the motors go to the best point measured.
+    than the ES step bound. At the end the motors go to the best point measured, judged by
+    the median of each measurement and its two neighbours in time (ES moves in small steps,
+    so they are neighbours in position too): one spike (a cosmic ray, a zinger) cannot pick
+    the end point.
 
     Parameters
     ----------
@@ -316,7 +319,8 @@ def es_align(
     Returns
     -------
     dict
-        ``best_positions``, ``best_objective``, ``objectives`` (per step).
+        ``best_positions``, ``best_objective`` (the three-point median there),
+        ``objectives`` (per step, as measured).
     """
     lo = np.array([b[0] for b in bounds], dtype=float)
     hi = np.array([b[1] for b in bounds], dtype=float)
@@ -328,8 +332,9 @@ def es_align(
     p0 = 2 * (np.clip(start, lo, hi) - lo) / (hi - lo) - 1
     # Maximising: the ES minimises the cost, so the cost is minus the (log) objective.
     es = ExtremumSeeker(p0, gain=gain, dither=dither, decay=decay, normalise_cost=False, seed=seed)
-    best = {"objective": -np.inf, "positions": list(start)}
     values: list[float] = []
+    visited: list[list[float]] = []
+    best: dict[str, Any] = {}
     meta = {
         "plan_name": "es_align",
         "motors": [m.name for m in motors],
@@ -350,10 +355,10 @@ def es_align(
             reading = yield from bps.trigger_and_read([*detectors, *motors])
             value = float(reading[objective]["value"]) if objective in reading else np.nan
             values.append(value)
-            if np.isfinite(value) and value > best["objective"]:
-                best.update(objective=value, positions=[float(x) for x in positions])
+            visited.append([float(x) for x in positions])
             cost = -np.log1p(max(value, 0.0)) if log_objective else -value
             es.tell(cost)
+        best.update(_robust_best(values, visited, list(start)))
         args = [a for m, x in zip(motors, best["positions"], strict=True) for a in (m, x)]
         yield from bps.mv(*args)
 
@@ -363,3 +368,23 @@ def es_align(
         "best_objective": best["objective"],
         "objectives": values,
     }
+
+
+def _robust_best(
+    values: list[float], positions: list[list[float]], start: list[float]
+) -> dict[str, Any]:
+    """The measurement whose median with its two neighbours in time (the two after the
+    first, before the last) is highest, NaNs left out of each median; ``start`` with objective
+    -inf when nothing finite was measured."""
+    v = np.asarray(values, dtype=float)
+    smoothed = np.full(v.size, -np.inf)
+    for k in range(v.size):
+        first = min(max(k - 1, 0), max(v.size - 3, 0))  # three long at the ends too
+        window = v[first : first + 3]
+        window = window[np.isfinite(window)]
+        if np.isfinite(v[k]) and window.size:
+            smoothed[k] = float(np.median(window))
+    if not np.isfinite(smoothed).any():
+        return {"objective": -np.inf, "positions": start}
+    k = int(np.argmax(smoothed))
+    return {"objective": float(smoothed[k]), "positions": positions[k]}
