@@ -458,25 +458,29 @@ def test_stream_resource_frames_are_read_from_hdf5(make_callback, tmp_path):
     np.testing.assert_array_equal(capture.volumes[0], stack[order])
 
 
-def test_es_align_finds_the_beam(RE):
-    """The sample starts 2.5 beam sigmas off centre (4% of the flux on the crystal)."""
-    from bcdi_bluesky.beamline import es_align
-
-    beamline = SimulatedBeamline(seed=1, beam_centre=(-2.0, 1.5))
+def _off_beam(beam_centre):
+    """The simulated beamline, its sample off the beam, unsaturated short exposures."""
+    beamline = SimulatedBeamline(seed=1, beam_centre=beam_centre)
     beamline.det.max_count.put(1e12)
     beamline.det.exposure.put(0.01)
+    return beamline
+
+
+def _align(RE, beamline, iterations):
+    """es_align of the sample stage on the detector's total."""
+    from bcdi_bluesky.beamline import es_align
+
+    stage = [beamline.sample_x, beamline.sample_y]
+    RE(es_align(stage, [(-3, 3), (-3, 3)], "det_total", [beamline.det], iterations=iterations))
+
+
+def test_es_align_finds_the_beam(RE):
+    """The sample starts 2.5 beam sigmas off centre (4% of the flux on the crystal)."""
+    beamline = _off_beam((-2.0, 1.5))
     peak_total = beamline.crystal.pattern[32].sum() * 0.01  # perfectly aligned, no background
     events = []
     RE.subscribe(lambda name, doc: events.append(doc) if name == "event" else None)
-    RE(
-        es_align(
-            [beamline.sample_x, beamline.sample_y],
-            [(-3, 3), (-3, 3)],
-            "det_total",
-            [beamline.det],
-            iterations=300,
-        )
-    )
+    _align(RE, beamline, 300)
     assert beamline.illumination() > 0.95
     final = [e["data"]["det_total"] for e in events[-20:]]
     assert np.median(final) > 0.95 * peak_total
@@ -486,12 +490,9 @@ def test_es_align_finds_the_beam(RE):
 
 
 def test_es_align_ends_on_the_beam_despite_a_zinger_and_dropped_frames(RE):
-    from bcdi_bluesky.beamline import es_align
     from bcdi_bluesky.beamline.plans import _robust_best
 
-    beamline = SimulatedBeamline(seed=1, beam_centre=(-1.5, 1.0))
-    beamline.det.max_count.put(1e12)
-    beamline.det.exposure.put(0.01)
+    beamline = _off_beam((-1.5, 1.0))
     make_frame, frames = beamline.det.make_frame, []
 
     def faulty():
@@ -504,15 +505,7 @@ def test_es_align_ends_on_the_beam_despite_a_zinger_and_dropped_frames(RE):
         return frame
 
     beamline.det.make_frame = faulty
-    RE(
-        es_align(
-            [beamline.sample_x, beamline.sample_y],
-            [(-3, 3), (-3, 3)],
-            "det_total",
-            [beamline.det],
-            iterations=200,
-        )
-    )
+    _align(RE, beamline, 200)
     assert beamline.illumination() > 0.95
     # One spike, even at an end of the run, never picks the end point.
     for spike in (0, 2, 9):
@@ -531,9 +524,7 @@ def test_es_under_bluesky_adaptive_optimize(RE):
     pytest.importorskip("bluesky_adaptive")
     from bluesky_adaptive.protocols import Optimizer
 
-    beamline = SimulatedBeamline(seed=1, beam_centre=(-1.5, 1.0))
-    beamline.det.max_count.put(1e12)
-    beamline.det.exposure.put(0.01)
+    beamline = _off_beam((-1.5, 1.0))
     start = beamline.illumination()
     namespace = {
         "RE": RE,
