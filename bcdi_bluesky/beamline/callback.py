@@ -113,6 +113,12 @@ class _NotReconstructable(Exception):
 MIN_STEP_FRACTION = 0.5
 
 
+def readback_step(thetas: np.ndarray) -> float:
+    """The rocking step the readbacks show: the median step between them in increasing order
+    (0 for fewer than two)."""
+    return float(np.median(np.diff(np.sort(thetas)))) if thetas.size > 1 else 0.0
+
+
 def rocking_problem(thetas: np.ndarray, start: dict) -> str | None:
     """Why the readbacks ``thetas`` are not a usable rocking scan, or None.
 
@@ -123,7 +129,7 @@ def rocking_problem(thetas: np.ndarray, start: dict) -> str | None:
     """
     if thetas.size < 2:
         return f"{thetas.size} frame: a rocking scan needs at least 2"
-    step = float(np.median(np.diff(np.sort(thetas))))
+    step = readback_step(thetas)
     bcdi = start.get("bcdi")
     planned = bcdi.get("rocking_step") if isinstance(bcdi, dict) else None
     if isinstance(planned, (int, float)) and not isinstance(planned, bool) and planned != 0:
@@ -259,7 +265,7 @@ def scan_geometry(start: dict, thetas: np.ndarray, scan_id: Any) -> Geometry | N
         geometry = geometry_from_start(start)
         if geometry is not None:
             data = {**geometry.to_dict(), "axes": list(AXIS_NAMES)}
-            step = float(np.median(np.diff(np.sort(thetas)))) if thetas.size > 1 else 0.0
+            step = readback_step(thetas)
             if step > 0:
                 data["rocking_step_deg"] = step
             geometry = Geometry.from_dict(data)
@@ -631,9 +637,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         added to the record's message."""
         errors = self._hooks("failure", record.message, start)
         if errors:
-            record.message = (
-                "; ".join([record.message, *errors]) if record.message else "; ".join(errors)
-            )
+            record.message = "; ".join(filter(None, [record.message, *errors]))
 
     def _caught(self, exc: BaseException) -> None:
         if _debug_callbacks():

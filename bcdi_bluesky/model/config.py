@@ -27,6 +27,18 @@ DISTIL_DEFAULTS = {
 ABSENT_MEANS_OFF = {"friedel": False, "zoom": 0, "mirror_copies": 1}
 
 
+def check_zoom(zoom: int, grid: int) -> None:
+    """The zoom encoder's centred crop: 0 (none) or a multiple of 8 up to ``grid``.
+
+    Raises
+    ------
+    SettingsError
+        Any other edge.
+    """
+    if zoom % 8 or not 0 <= zoom <= grid:
+        raise SettingsError(f"zoom must be 0 or a multiple of 8 up to {grid}, got {zoom}")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (stored in every checkpoint)."""
@@ -79,10 +91,7 @@ class TrainConfig:
                 raise SettingsError(f"{key} must be a finite number >= 0, got {value!r}")
         if not self.lr > 0:
             raise SettingsError(f"lr must be positive, got {self.lr!r}")
-        if self.zoom % 8 or not 0 <= self.zoom <= self.grid:
-            raise SettingsError(
-                f"zoom must be 0 or a multiple of 8 up to {self.grid}, got {self.zoom}"
-            )
+        check_zoom(self.zoom, self.grid)
         if not 1 <= self.mirror_copies <= 8 or self.batch_size % self.mirror_copies:
             raise SettingsError(
                 f"mirror_copies must be in [1, 8] and divide the batch size "

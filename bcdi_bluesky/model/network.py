@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..physics import CrystalModel
+from .config import check_zoom
 
 
 def _mirror(x: torch.Tensor, axes) -> torch.Tensor:
@@ -75,8 +76,7 @@ class CrystalCNN(nn.Module):
         super().__init__()
         if grid % 16:
             raise ValueError(f"grid must be a multiple of 16, got {grid}")
-        if zoom % 8 or not 0 <= zoom <= grid:
-            raise ValueError(f"zoom must be 0 or a multiple of 8 up to {grid}, got {zoom}")
+        check_zoom(zoom, grid)
         self.n_bounded = n_params if n_bounded is None else int(n_bounded)
         self.friedel = bool(friedel)
         self.zoom = int(zoom)
