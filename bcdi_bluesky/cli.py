@@ -351,13 +351,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+        def skipped(self, message: str, start_doc: dict) -> None:
+            self._not_reconstructed("skipped", message, start_doc)
+
         def failure(self, message: str, start_doc: dict) -> None:
+            self._not_reconstructed("not reconstructed", message, start_doc)
+
+        @staticmethod
+        def _not_reconstructed(status: str, message: str, start_doc: dict) -> None:
             print(
                 json.dumps(
                     {
                         "uid": start_doc["uid"],
                         "scan_id": start_doc.get("scan_id"),
-                        "status": "not reconstructed",
+                        "status": status,
                         "message": message,
                     }
                 ),

@@ -784,6 +784,28 @@ def test_no_bragg_peak_skips_the_scan(make_callback):
     assert cb.records[second].status == "done"
 
 
+def test_a_skipped_scan_and_a_failed_one_reach_their_own_hooks(make_callback):
+    from bcdi_bluesky.errors import NoBraggPeakError
+
+    class Both(_Hooks):
+        def skipped(self, message, start_doc):
+            self._record("skipped", message)
+
+    for error, hook, status in (
+        (NoBraggPeakError("no Bragg peak: flat"), "skipped", "skipped"),
+        (ZeroDivisionError("broke"), "failure", "failed"),
+    ):
+        hooks = Both()
+        cb = make_callback(reconstructor=_Fake(fail=error), publishers=[hooks])
+        uid = _feed(cb, _small_run())
+        assert cb.wait(timeout=10)
+        record = cb.records[uid]
+        assert record.status == status
+        assert [c for c in hooks.calls if c[0] in ("skipped", "failure")] == [
+            (hook, record.message)
+        ]
+
+
 def test_bad_geometry_metadata_gives_no_voxel_size(make_callback):
     geometry = {
         "beamline": "generic",

@@ -384,14 +384,21 @@ def test_out_of_distribution_flag_raises_a_minor_alarm(ioc, published):
     assert pv.get(timeout=5, use_monitor=False) == int(result.out_of_distribution)
 
 
-def test_error_state_raises_a_major_alarm(ioc, caproto_ctx):
+def test_error_raises_a_major_alarm_and_a_skipped_scan_a_minor_one(ioc, caproto_ctx):
     from caproto import AlarmSeverity
 
     p = ioc.group.prefix
-    ioc.failure("simulated failure", {"scan_id": 9})
     (status,) = caproto_ctx.get_pvs(p + "Status", timeout=5)
-    reading = status.read(data_type="time", timeout=5)
-    assert reading.metadata.severity == AlarmSeverity.MAJOR_ALARM
+    for hook, state, severity in (
+        (ioc.failure, "Error", AlarmSeverity.MAJOR_ALARM),
+        (ioc.skipped, "Skipped", AlarmSeverity.MINOR_ALARM),
+    ):
+        hook("no Bragg peak: at most 3 counts", {"scan_id": 9})
+        reading = status.read(data_type="time", timeout=5)
+        assert reading.metadata.severity == severity
+        assert status.read(data_type="control", timeout=5).metadata.enum_strings[
+            reading.data[0]
+        ] == state.encode()
     ioc.server.set_status("Idle")
     assert status.read(data_type="time", timeout=5).metadata.severity == AlarmSeverity.NO_ALARM
 

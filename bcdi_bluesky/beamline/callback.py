@@ -494,7 +494,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             return
         # Not reconstructed: the publishers told "collecting" hear why (the IOC leaves its
         # Collecting state, the service prints its line).
-        self._tell_failure(record, run.start_doc)
+        self._tell_not_reconstructed(record, run.start_doc)
 
     def _frame_notes(self, record: ScanRecord) -> str:
         if not record.events_without_motor:
@@ -525,7 +525,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                     old.record.scan_id,
                     run.record.scan_id,
                 )
-                self._tell_failure(old.record, old.start_doc)
+                self._tell_not_reconstructed(old.record, old.start_doc)
                 self._done()
         run.record.status = "queued"
         run.record.queued_at = time.time()
@@ -555,7 +555,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                 run.record.status = "dropped"
                 run.record.message = "the callback was closed before this scan's turn"
                 log.warning("scan %s not reconstructed: %s", run.record.scan_id, run.record.message)
-                self._tell_failure(run.record, run.start_doc)
+                self._tell_not_reconstructed(run.record, run.start_doc)
                 run.free()
                 self._done()
                 continue
@@ -630,12 +630,13 @@ class BCDIReconstructionCallback(DocumentRouter):
                     },
                 )
         for run in stale:
-            self._tell_failure(run.record, run.start_doc)
+            self._tell_not_reconstructed(run.record, run.start_doc)
 
-    def _tell_failure(self, record: ScanRecord, start: dict) -> None:
-        """The publishers' ``failure`` hooks, told ``record.message``; a hook that raises is
-        added to the record's message."""
-        errors = self._hooks("failure", record.message, start)
+    def _tell_not_reconstructed(self, record: ScanRecord, start: dict) -> None:
+        """The publishers' ``skipped`` (a ``skipped`` record) or ``failure`` hooks, told
+        ``record.message``; a hook that raises is added to the record's message."""
+        hook = "skipped" if record.status == "skipped" else "failure"
+        errors = self._hooks(hook, record.message, start)
         if errors:
             record.message = "; ".join(filter(None, [record.message, *errors]))
 
@@ -790,7 +791,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                 record.status = "skipped"
                 record.message = "; ".join(["a publisher disabled reconstruction", *notes])
                 record.finished_at = time.time()
-                self._tell_failure(record, start)
+                self._tell_not_reconstructed(record, start)
                 return False
             step = "reconstruction"
             geometry = scan_geometry(start, thetas, record.scan_id)
@@ -855,7 +856,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             )
             self._caught(exc)
         record.finished_at = time.time()
-        self._tell_failure(record, start)
+        self._tell_not_reconstructed(record, start)
 
     def _publish(self, record: ScanRecord, start: dict, result: Any, notes: list[str]) -> None:
         """Keep the result and hand it to every publisher."""

@@ -12,8 +12,13 @@ in this order for each run:
     order, each given what the previous one returned.
 ``progress(stage, info, start_doc)``
     Live stages of the pipeline (many calls during refinement: keep it cheap).
+``skipped(message, start_doc)``
+    The scan was not reconstructed by design: no usable Bragg peak, a motor that did not
+    rock, no frames, an aborted run, or reconstruction disabled (by default the same as
+    ``failure``).
 ``failure(message, start_doc)``
-    The scan was not reconstructed: failed, skipped without a Bragg peak, or cut off.
+    The scan was not reconstructed because something went wrong: a step failed, the run
+    never ended, or the queue was full.
 ``__call__(result, start_doc)``
     The reconstruction.
 
@@ -41,7 +46,7 @@ if TYPE_CHECKING:
     from ..settings import ReconstructionSettings
 
 #: The hooks of a publisher, in the order the callback calls them.
-HOOKS = ("collecting", "configure", "progress", "failure", "__call__")
+HOOKS = ("collecting", "configure", "progress", "skipped", "failure", "__call__")
 
 
 @runtime_checkable
@@ -79,8 +84,13 @@ class Publisher:
         """A stage of the pipeline finished (``stage`` and ``info`` as the pipeline's
         progress hook gives them)."""
 
+    def skipped(self, message: str, start_doc: dict) -> None:
+        """The scan was not reconstructed by design (``message`` says why); by default
+        handled as a :meth:`failure`."""
+        self.failure(message, start_doc)
+
     def failure(self, message: str, start_doc: dict) -> None:
-        """The scan was not reconstructed; ``message`` says why."""
+        """The scan was not reconstructed because something went wrong; ``message`` says why."""
 
     def __call__(self, result: ReconstructionResult, start_doc: dict) -> Any:
         """Take the reconstruction."""

@@ -43,7 +43,11 @@ from ..settings import ReconstructionSettings
 
 log = logging.getLogger(__name__)
 
-STATUS = ("Idle", "Collecting", "Reconstructing", "Refining", "Done", "Error")
+#: Appended states keep the earlier ones' enum indices (screens and archivers store them).
+STATUS = ("Idle", "Collecting", "Reconstructing", "Refining", "Done", "Error", "Skipped")
+#: The alarm of each state that raises one: a failure MAJOR, a scan not reconstructed by
+#: design (no Bragg peak, a motor that did not rock) MINOR.
+STATUS_SEVERITY = {"Error": AlarmSeverity.MAJOR_ALARM, "Skipped": AlarmSeverity.MINOR_ALARM}
 #: States of the ``Quality`` PV: a result's own grade, or unknown.
 QUALITY = ("good", "fair", "poor", "unknown")
 QUALITY_SEVERITY = {
@@ -440,7 +444,7 @@ class ReconstructionIOC(PVGroup):
         dtype=ChannelType.ENUM,
         read_only=True,
         alarm_group="Status",
-        doc="Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm)",
+        doc="Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm), Skipped (MINOR)",
     )
     StatusMsg = _long_string("StatusMsg", "what is happening, or why it failed")
     ScanUID = _reading(
@@ -600,10 +604,9 @@ class ReconstructionIOC(PVGroup):
 
     @Status.putter
     async def Status(self, instance, value):
-        # Error raises a MAJOR alarm; any other state clears it.
-        index = value if isinstance(value, int) else STATUS.index(value)
-        severity = AlarmSeverity.MAJOR_ALARM if STATUS[index] == "Error" else AlarmSeverity.NO_ALARM
-        await _state_alarm(instance, severity)
+        # Error and Skipped raise their alarm; any other state clears it.
+        name = STATUS[value] if isinstance(value, int) else value
+        await _state_alarm(instance, STATUS_SEVERITY.get(name, AlarmSeverity.NO_ALARM))
         return value
 
     @Quality.putter
@@ -939,6 +942,11 @@ class IOCPublisher:
             self.server.write(
                 {**slice_images(info["object"], info["support"]), "StatusMsg": message}
             )
+
+    def skipped(self, message: str, start_doc: dict) -> None:
+        """The scan was not reconstructed by design: Skipped state (MINOR alarm) with the
+        reason."""
+        self.server.set_status("Skipped", f"scan {start_doc.get('scan_id')}: {message}")
 
     def failure(self, message: str, start_doc: dict) -> None:
         """The reconstruction failed: Error state (MAJOR alarm) with the reason."""
