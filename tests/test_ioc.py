@@ -396,9 +396,10 @@ def test_error_raises_a_major_alarm_and_a_skipped_scan_a_minor_one(ioc, caproto_
         hook("no Bragg peak: at most 3 counts", {"scan_id": 9})
         reading = status.read(data_type="time", timeout=5)
         assert reading.metadata.severity == severity
-        assert status.read(data_type="control", timeout=5).metadata.enum_strings[
-            reading.data[0]
-        ] == state.encode()
+        assert (
+            status.read(data_type="control", timeout=5).metadata.enum_strings[reading.data[0]]
+            == state.encode()
+        )
     ioc.server.set_status("Idle")
     assert status.read(data_type="time", timeout=5).metadata.severity == AlarmSeverity.NO_ALARM
 

@@ -444,7 +444,7 @@ class ReconstructionIOC(PVGroup):
         dtype=ChannelType.ENUM,
         read_only=True,
         alarm_group="Status",
-        doc="Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR alarm), Skipped (MINOR)",
+        doc="Idle, Collecting, Reconstructing, Refining, Done, Error (MAJOR), Skipped (MINOR)",
     )
     StatusMsg = _long_string("StatusMsg", "what is happening, or why it failed")
     ScanUID = _reading(
