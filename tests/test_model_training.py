@@ -502,6 +502,18 @@ def test_a_run_that_cannot_train_is_refused_before_any_work(change):
         TrainConfig(**{**SMALL, **change})
 
 
+@pytest.mark.parametrize(
+    "option",
+    [{"workers": -1}, {"workers": 1.5}, {"threads": 0}, {"time_limit_s": float("nan")}],
+)
+def test_train_options_out_of_range_are_refused_before_any_work(tmp_path, option):
+    from bcdi_bluesky.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=next(iter(option))):
+        train(TrainConfig(**SMALL), tmp_path, progress=False, **option)
+    assert not any(tmp_path.iterdir())  # no run folder, no checkpoint
+
+
 @pytest.mark.timeout(300)
 def test_export_replaces_a_model_only_when_complete(tmp_path, monkeypatch):
     import torch

@@ -27,6 +27,18 @@ DISTIL_DEFAULTS = {
 ABSENT_MEANS_OFF = {"friedel": False, "zoom": 0, "mirror_copies": 1}
 
 
+def check_whole_number(name: str, value: object, least: int) -> None:
+    """Refuse ``value`` unless it is an int (not a bool) of at least ``least``.
+
+    Raises
+    ------
+    SettingsError
+        One line naming ``name`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SettingsError(f"{name} must be a whole number >= {least}, got {value!r}")
+
+
 def check_zoom(zoom: int, grid: int) -> None:
     """The zoom encoder's centred crop: 0 (none) or a multiple of 8 up to ``grid``.
 
@@ -82,9 +94,7 @@ class TrainConfig:
             "validation_size": 1,
         }
         for key, least in at_least.items():
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise SettingsError(f"{key} must be a whole number >= {least}, got {value!r}")
+            check_whole_number(key, getattr(self, key), least)
         for key in ("lr", "weight_decay"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

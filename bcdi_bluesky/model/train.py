@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..errors import ModelError, SettingsError
 from ..files import atomic_path, check_destination
 from ..physics import CrystalPrior
-from .config import TrainConfig
+from .config import TrainConfig, check_whole_number
 from .data import (
     DISTIL_STREAM,
     MIRROR_STREAM,
@@ -280,12 +280,22 @@ def train(
     Raises
     ------
     SettingsError
-        A checkpoint of this name exists and neither ``resume`` nor ``overwrite`` is given.
+        A checkpoint of this name exists and neither ``resume`` nor ``overwrite`` is given;
+        ``workers``, ``threads`` or ``time_limit_s`` is out of range.
     DataError
         The checkpoint cannot be written there (checked before any work).
     ModelError
         The checkpoint to resume or ``init_from`` is not a checkpoint.
     """
+    check_whole_number("workers", workers, 0)
+    if threads is not None:
+        check_whole_number("threads", threads, 1)
+    if time_limit_s is not None and not (
+        isinstance(time_limit_s, (int, float)) and time_limit_s > 0 and math.isfinite(time_limit_s)
+    ):
+        raise SettingsError(
+            f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}"
+        )
     if threads:
         torch.set_num_threads(threads)
     path = run_checkpoint(directory, config.name, resume, overwrite)
