@@ -573,3 +573,57 @@ def test_training_cli_errors_are_one_line(tmp_path, capsys):
         assert status == 2 and expected in err and "Traceback" not in err, err
         # One line (argparse puts its usage before it).
         assert err.splitlines()[-1].startswith("bcdi-bluesky "), err
+
+
+_INTERRUPTED_RUN = """
+import logging, sys
+from pathlib import Path
+from bcdi_bluesky.model.train import TrainConfig, train
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+config = TrainConfig(**{config})
+train(config, Path(sys.argv[1]), workers=1, progress=False)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_stops_training_with_a_checkpoint_it_resumes_from(tmp_path):
+    """Ctrl-C from a terminal (SIGINT to the process group, data worker included) saves the
+    step reached, not only the last periodic checkpoint, and the run resumes from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    endless = {**SMALL, "steps": 10**6, "checkpoint_every": 10**6, "validate_every": 10**6}
+    script = _INTERRUPTED_RUN.format(config=endless)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        for line in proc.stderr:  # the handler is in place once the loop says it started
+            lines.append(line)
+            if "training tiny from step 0" in line:
+                break
+        else:
+            pytest.fail("".join(lines))
+        time.sleep(2.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = "".join(lines) + rest
+    assert proc.returncode != 0, log  # KeyboardInterrupt goes on to the caller
+    assert "interrupted at step" in log and "continue with --resume" in log, log
+    assert "exited unexpectedly" not in log, log  # the data worker left Ctrl-C alone
+    reached = load_checkpoint(tmp_path / "tiny" / "last.pt")["step"]
+    assert reached >= 1  # no periodic checkpoint would exist before step 10**6
+    # The stored run goes on (its 10**6 steps): one step, cut by the time limit.
+    again = train(TrainConfig(**endless), tmp_path, resume=True, progress=False, time_limit_s=1e-9)
+    assert again["step"] == reached + 1

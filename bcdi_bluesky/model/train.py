@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -90,6 +92,33 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
 def checkpoint_path(directory: Path, name: str) -> Path:
     """Where the latest checkpoint of run ``name`` lives."""
     return Path(directory) / name / "last.pt"
+
+
+class _StopOnInterrupt:
+    """Ctrl-C (SIGINT) asks the training loop to stop after its step with a checkpoint; a
+    second Ctrl-C acts as before (stops at once). Handlers can be set only from the main
+    thread: elsewhere this does nothing."""
+
+    def __enter__(self) -> _StopOnInterrupt:
+        self.requested = False
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        log.warning("Ctrl-C: stopping after this step with a checkpoint (again: stop at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Data workers leave Ctrl-C to the training process, which stops with a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _save(path: Path, state: dict) -> None:
@@ -371,6 +400,7 @@ def train(
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=_ignore_interrupts if workers else None,
         # Its own generator: a loader seeding itself from the global RNG
         # would shift the dropout masks of a resumed run.
         generator=torch.Generator().manual_seed(config.seed),
@@ -386,39 +416,56 @@ def train(
     )
     training_mode()
     truth_share = distillation["truth_share"] if distillation else 1.0
-    for x, y in loader:
-        lr = _learning_rate(config, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = net(x)
-        loss = loss_fn(out, y) if truth_share else 0.0
-        if distillation:
-            loss = truth_share * loss + (1.0 - truth_share) * loss_fn(out, teacher(x))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        opt.step()
-        step += 1
-        value = float(loss.detach())
-        running = value if running is None else 0.98 * running + 0.02 * value
-        now = time.perf_counter()
-        total_elapsed = elapsed + (now - started)
-        if step % config.validate_every == 0 or step == config.steps:
-            v = validate(
-                predict, model, config.validation_size, config.seed, stream=VALIDATION_STREAM
-            ).summary()
-            history.append({"step": step, "loss": running, "elapsed_s": total_elapsed, **v})
-            bar.set_postfix(loss=f"{running:.4f}", val_iou=f"{v['iou_median']:.3f}", lr=f"{lr:.1e}")
-        elif step % 10 == 0:
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
-        bar.update(1)
-        out_of_time = time_limit_s is not None and now - started > time_limit_s
-        if step % config.checkpoint_every == 0 or out_of_time:
-            _save(path, snapshot(total_elapsed))
-        if out_of_time:
-            break
+    log.info(
+        "training %s from step %d to %d (Ctrl-C stops with a checkpoint)",
+        config.name,
+        step,
+        config.steps,
+    )
+    with _StopOnInterrupt() as interrupt:
+        for x, y in loader:
+            lr = _learning_rate(config, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = net(x)
+            loss = loss_fn(out, y) if truth_share else 0.0
+            if distillation:
+                loss = truth_share * loss + (1.0 - truth_share) * loss_fn(out, teacher(x))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            step += 1
+            value = float(loss.detach())
+            running = value if running is None else 0.98 * running + 0.02 * value
+            now = time.perf_counter()
+            total_elapsed = elapsed + (now - started)
+            if step % config.validate_every == 0 or step == config.steps:
+                v = validate(
+                    predict, model, config.validation_size, config.seed, stream=VALIDATION_STREAM
+                ).summary()
+                history.append({"step": step, "loss": running, "elapsed_s": total_elapsed, **v})
+                bar.set_postfix(
+                    loss=f"{running:.4f}", val_iou=f"{v['iou_median']:.3f}", lr=f"{lr:.1e}"
+                )
+            elif step % 10 == 0:
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+            bar.update(1)
+            out_of_time = time_limit_s is not None and now - started > time_limit_s
+            if step % config.checkpoint_every == 0 or out_of_time:
+                _save(path, snapshot(total_elapsed))
+            if out_of_time or interrupt.requested:
+                break
     bar.close()
     final = snapshot(elapsed + time.perf_counter() - started)
     _save(path, final)
+    if interrupt.requested:
+        log.warning(
+            "%s interrupted at step %d: checkpoint %s; continue with --resume",
+            config.name,
+            step,
+            path,
+        )
+        raise KeyboardInterrupt
     return final
