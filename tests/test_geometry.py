@@ -154,6 +154,36 @@ def test_json_round_trip_and_errors(tmp_path, scan54):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not JSON"):
         Geometry.from_json(bad)
+    # A file gives what sets the voxel sizes, each key once.
+    for key in ("rocking_step_deg", "rocking_axis", "detector_angles_deg"):
+        bad.write_text(json.dumps({k: v for k, v in scan54.to_dict().items() if k != key}))
+        with pytest.raises(ValueError, match=rf"geometry file lacks \['{key}'\]"):
+            Geometry.from_json(bad)
+    bad.write_text('{"energy_kev": 9.0, "energy_kev": 90.0}')
+    with pytest.raises(ValueError, match="'energy_kev' given twice"):
+        Geometry.from_json(bad)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"detector_angles_deg": {"delta": 180.0, "gamma": 0.0}},  # back-reflection
+        {"detector_angles_deg": {"delta": 179.5, "gamma": 0.0}},
+    ],
+)
+def test_a_geometry_without_a_3d_voxel_basis_is_refused(scan54, change):
+    """Q steps nearly in one plane: refused when the geometry is built, not as a singular
+    matrix after the reconstruction (or a basis of kilometre voxels)."""
+    with pytest.raises(ValueError, match="nearly in one plane"):
+        Geometry.from_dict({**scan54.to_dict(), **change})
+
+
+def test_numbers_read_as_arrays_are_numbers(scan54):
+    """h5py reads a pair or hkl as an array."""
+    g = Geometry.from_dict(
+        {**scan54.to_dict(), "pixel_size_m": np.array([55e-6, 55e-6]), "hkl": np.array([1, 1, 1])}
+    )
+    assert g.pixel_size_m == (55e-6, 55e-6) and g.hkl == (1, 1, 1)
 
 
 @pytest.mark.parametrize(

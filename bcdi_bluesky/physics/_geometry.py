@@ -37,6 +37,16 @@ log = logging.getLogger(__name__)
 #: ``lattice_constant_nm`` above which a geometry is logged as inconsistent (a warning, not
 #: an error: the two are metadata, Q comes from the angles).
 LATTICE_TOLERANCE = 0.05
+#: Keys every geometry gives (in run metadata the rocking step comes from the readbacks and
+#: ``rocking_axis`` defaults to ``theta``).
+REQUIRED_KEYS = ("beamline", "energy_kev", "detector_distance_m", "pixel_size_m")
+#: Keys a geometry file gives: with them, the voxel basis of the stored volume.
+FILE_KEYS = (*REQUIRED_KEYS, "detector_angles_deg", "rocking_axis", "rocking_step_deg")
+#: Smallest volume of the parallelepiped of the three unit q steps (1: orthogonal): below it
+#: the rocking step and the pixel steps lie nearly in one plane (the rocking axis along Q,
+#: the detector arm near the direct beam or its back-reflection) and the voxel basis, their
+#: inverse, diverges.
+MIN_Q_STEP_VOLUME = 0.05
 _UNIT = {"x": (1.0, 0.0, 0.0), "y": (0.0, 1.0, 0.0), "z": (0.0, 0.0, 1.0)}
 
 
@@ -204,11 +214,7 @@ class Geometry:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown geometry keys {unknown} (known: {sorted(known)})")
-        missing = [
-            k
-            for k in ("beamline", "energy_kev", "detector_distance_m", "pixel_size_m")
-            if k not in data
-        ]
+        missing = [k for k in REQUIRED_KEYS if k not in data]
         if missing:
             raise ValueError(f"geometry lacks {missing}")
         try:
@@ -221,12 +227,17 @@ class Geometry:
         """Read a geometry JSON file (keys: see the class parameters)."""
         p = Path(path)
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(p.read_text(), object_pairs_hook=_unique_keys)
         except OSError as exc:
             raise ValueError(f"{p}: cannot read ({exc.strerror or exc})") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{p}: not JSON ({exc.msg} at line {exc.lineno})") from None
         try:
+            if isinstance(data, Mapping):
+                missing = [k for k in FILE_KEYS if k not in data]
+                if missing:
+                    # A file describes a stored volume: nothing else gives its rocking step.
+                    raise ValueError(f"geometry file lacks {missing}")
             return cls.from_dict(data)
         except ValueError as exc:
             raise ValueError(f"{p}: {exc}") from None
@@ -282,6 +293,16 @@ class Geometry:
         q = float(np.linalg.norm(self.q_bragg_inv_nm))
         if q < 1e-9:
             raise ValueError("the detector angles put the detector in the direct beam (Q = 0)")
+        steps = self.q_steps_inv_nm()
+        lengths = np.linalg.norm(steps, axis=0)
+        volume = abs(float(np.linalg.det(steps))) / float(np.prod(lengths)) if lengths.all() else 0
+        if not volume >= MIN_Q_STEP_VOLUME:
+            raise ValueError(
+                f"the rocking step and the detector's pixel steps lie nearly in one plane of "
+                f"reciprocal space (volume {volume:.2g} of the unit steps' box, at least "
+                f"{MIN_Q_STEP_VOLUME} needed): no 3D voxel basis; check detector_angles_deg "
+                f"and rocking_axis"
+            )
         if self.hkl is not None and self.lattice_constant_nm is not None and any(self.hkl):
             cubic = 2 * math.pi * math.sqrt(sum(h * h for h in self.hkl)) / self.lattice_constant_nm
             if abs(q / cubic - 1.0) > LATTICE_TOLERANCE:
@@ -379,6 +400,16 @@ class Geometry:
         return Geometry.from_dict(data)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json keeps the last of a repeated key)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} given twice")
+        seen[key] = value
+    return seen
+
+
 def _number(value: Any, name: str) -> float:
     """``value`` as a finite float; a bool or a string is not a number here."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
@@ -389,8 +420,10 @@ def _number(value: Any, name: str) -> float:
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
-    """One number (both) or two numbers."""
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+    """One number (both) or two numbers (a list, a tuple or an array, as h5py reads one)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
         if len(value) != 2:
             raise ValueError(f"{name} must be one or two numbers, got {value!r}")
         return _number(value[0], name), _number(value[1], name)
@@ -400,7 +433,12 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
 
 def _miller_indices(value: Any) -> tuple[int, int, int]:
     """Three whole numbers (1.0 is 1; 1.7 and true are refused)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, (Sequence, np.ndarray))
+        or np.ndim(value) != 1
+        or len(value) != 3
+    ):
         raise ValueError(f"hkl must be three whole numbers, got {value!r}")
     out = []
     for v in value:

@@ -229,7 +229,10 @@ def phase_gradient(obj: np.ndarray, support: np.ndarray, spacing: float) -> np.n
 
     From wrapped neighbour differences (insensitive to 2 pi jumps and to where an unwrapping
     put its cut): central where both neighbours are in the support, one-sided where only one
-    is, NaN where none is or off the support.
+    is. Where neither is (a part of the support one voxel thin along that axis), the mean of
+    the component over the voxel's 26 neighbours that have it, spread on through the support
+    from the nearest voxels that do; NaN off the support and on a part of it where no voxel
+    has the component.
     """
     grad = np.full((3, *obj.shape), np.nan)
     for axis in range(3):
@@ -248,7 +251,25 @@ def phase_gradient(obj: np.ndarray, support: np.ndarray, spacing: float) -> np.n
             np.where(np.isfinite(fwd), fwd, bwd),
         )
         grad[axis] = np.where(support, g / spacing, np.nan)
+        _fill_from_neighbours(grad[axis], support)
     return grad
+
+
+def _fill_from_neighbours(values: np.ndarray, support: np.ndarray) -> None:
+    """In place: each support voxel where ``values`` is NaN takes the mean of the finite
+    values among its 26 neighbours, repeated until the filled voxels reach every one they
+    can through the support (left NaN where no finite value is connected)."""
+    missing = support & ~np.isfinite(values)
+    while missing.any():
+        known = np.isfinite(values)
+        total = scipy.ndimage.uniform_filter(np.where(known, values, 0.0), 3, mode="constant")
+        count = scipy.ndimage.uniform_filter(known.astype(np.float64), 3, mode="constant")
+        # uniform_filter's means share the factor 1/27: their ratio is the neighbours' mean.
+        reached = missing & (count > 1e-9)
+        if not reached.any():
+            return
+        values[reached] = total[reached] / count[reached]
+        missing &= ~reached
 
 
 def principal_extents(positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -307,6 +328,9 @@ class PhysicalResult:
     displacement_nm: np.ndarray
     #: Strain along Q (dimensionless), NaN off the support.
     strain: np.ndarray
+    #: The support's voxels on the input grid times the voxel's volume (nm^3): counted where
+    #: the support was decided, before any interpolation.
+    crystal_volume_nm3: float
 
     @property
     def q_unit(self) -> np.ndarray:
@@ -327,7 +351,7 @@ class PhysicalResult:
         strain = self.strain[s & np.isfinite(self.strain)]
         disp = self.displacement_nm[s & np.isfinite(self.displacement_nm)]
         return {
-            "crystal_volume_nm3": float(s.sum() * np.prod(self.voxel_size_nm)),
+            "crystal_volume_nm3": self.crystal_volume_nm3,
             "crystal_extents_nm": [float(v) for v in self.crystal_extents_nm()],
             "strain_rms": float(np.sqrt(np.mean(strain**2))) if strain.size else float("nan"),
             "displacement_rms_nm": (
@@ -393,6 +417,9 @@ def physical_result(
     if not amp.max() > 0:
         raise ValueError("the object is empty: no crystal to place in the lab frame")
     region = amp >= support_threshold * amp.max()
+    # The ramp of a Bragg peak off the grid's centre (up to pi per voxel) goes first: linear
+    # interpolation of a phase that turns fast between voxels would add a false strain.
+    obj, _, _ = remove_ramp(obj, region)
     object_lab, origin, h = to_lab_grid(obj, basis, region, spacing_nm)
     amp_lab = np.abs(object_lab)
     support_lab = amp_lab >= support_threshold * amp_lab.max()
@@ -408,6 +435,7 @@ def physical_result(
         support_lab=support_lab,
         displacement_nm=displacement,
         strain=strain,
+        crystal_volume_nm3=float(region.sum() * abs(np.linalg.det(basis))),
     )
 
 
