@@ -216,16 +216,22 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .io import RESULT_SUFFIXES, check_vtk, read_geometry, read_intensity, write_result
 
     settings = settings_from_args(args)
-    source = Path(args.input)
+    sources = {"input": args.input, "geometry": args.geometry}
     targets = {"--output": args.output, "--plot": args.plot}
     if args.plot:
         targets["--plot (its latent map)"] = _latent_plot_path(args.plot)
     for option, target in targets.items():
-        if target and _same_file(Path(target), source):
-            raise UserError(
-                f"{option} {target} is the input file: the measured data would be "
-                f"overwritten (choose another name)"
-            )
+        for what, source in sources.items():
+            if target and source and _same_file(Path(target), Path(source)):
+                raise UserError(
+                    f"{option} {target} is the {what} file: it would be overwritten "
+                    f"(choose another name)"
+                )
+        if target:
+            try:
+                check_destination(target)
+            except DataError as exc:
+                raise UserError(f"{option} {exc}") from None
     if args.output and Path(args.output).suffix.lower() not in RESULT_SUFFIXES:
         raise UserError(
             f"{args.output}: unsupported output type (use one of {', '.join(RESULT_SUFFIXES)})"
@@ -236,12 +242,6 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         check_vtk()
     if args.plot:
         _check_plot_path(Path(args.plot))
-    for option, target in targets.items():
-        if target:
-            try:
-                check_destination(target)
-            except DataError as exc:
-                raise UserError(f"{option} {exc}") from None
     data, mask = read_intensity(args.input, args.dataset)
     geometry = read_geometry(args.geometry) if args.geometry else None
     if not args.no_memory_check:
@@ -736,7 +736,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="reconstruct a crystal from a diffraction volume")
     p.add_argument("input", help=".npy, .npz (intensity, mask), .h5/.cxi/.nxs or TIFF stack")
     p.add_argument(
-        "--output", "-o", default=None, help="result file (.npz, .cxi or .h5; .vti with --geometry)"
+        "--output",
+        "-o",
+        default=None,
+        help="result file (.npz, .cxi, .h5 or .hdf5; .vti with --geometry); an existing one is "
+        "replaced once the new result is complete",
     )
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument(

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,6 +13,8 @@ import tifffile
 from bcdi_bluesky import read_intensity
 from bcdi_bluesky.io import DataError
 from bcdi_bluesky.pipeline import TIMING_KEYS
+
+EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +176,18 @@ def test_output_or_plot_onto_the_input_is_refused_and_the_data_survive(tmp_path,
     with h5py.File(tmp_path / "scan.cxi", "w") as f:
         f["entry_1/data_1/data"] = volume
     tifffile.imwrite(tmp_path / "stack.tif", volume)
-    measured = {name: (tmp_path / name).read_bytes() for name in ("scan.cxi", "stack.tif")}
+    (tmp_path / "geometry.h5").write_bytes((EXAMPLE_DATA / "S0054_geometry.json").read_bytes())
+    measured = {
+        name: (tmp_path / name).read_bytes() for name in ("scan.cxi", "stack.tif", "geometry.h5")
+    }
     for args, words in (
         (("scan.cxi", "-o", "scan.cxi"), ("--output scan.cxi is the input file",)),
         (("scan.cxi", "-o", "./sub/../scan.cxi"), ("is the input file",)),
         (("stack.tif", "--plot", "stack.tif"), ("--plot stack.tif is the input file",)),
+        (
+            ("scan.cxi", "--geometry", "geometry.h5", "-o", "geometry.h5"),
+            ("--output geometry.h5 is the geometry file",),
+        ),
     ):
         (tmp_path / "sub").mkdir(exist_ok=True)
         _one_line_error(_cli("reconstruct", *args, "--refine", "none", cwd=tmp_path), *words)
@@ -209,6 +219,7 @@ def test_destinations_are_checked_before_any_work(tmp_path, peaked):
     for args, words in (
         (("-o", "taken/sub/r.npz"), ("--output taken/sub/r.npz: cannot write", "taken is a file")),
         (("--plot", "figure.png"), ("--plot figure.png: is a folder",)),
+        (("-o", "folder"), ("--output folder: is a folder",)),
         (("--dataset", "entry_1/data"), ("in.npy", "applies to HDF5 files only")),
     ):
         run = _cli("reconstruct", "in.npy", "--refine", "none", *args, cwd=tmp_path)
