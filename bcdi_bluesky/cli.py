@@ -280,6 +280,9 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             f"{args.input}: chi {result.chi:.4f} (CNN {result.chi_cnn:.4f}), support "
             f"{int(result.support.sum())} voxels, {t['total']:.2f} s on {result.provider}"
         )
+        print(f"  quality: {result.quality}")
+        for reason in result.quality_reasons:
+            print(f"    - {reason}")
         for key, value in outputs.items():
             print(f"  {key}: {value}")
     return 0

@@ -57,9 +57,10 @@ CNN_CHI_Z_LIMIT = 2.33
 def check_bragg_peak(data: np.ndarray, mask: np.ndarray | None = None) -> None:
     """Raise :class:`NoBraggPeakError` unless photon counts hold a detectable Bragg peak.
 
-    The brightest valid voxel (hot pixels already masked) must stand :data:`ROSE_SNR` Poisson
-    standard deviations above the background (the median of the valid voxels). Data that are
-    not counts (corrected intensities) have no known noise and are not judged here.
+    The valid voxels (hot pixels already masked) must hold some signal, and with photon counts
+    the brightest must stand :data:`ROSE_SNR` Poisson standard deviations above the background
+    (the median of the valid voxels). Data that are not counts (corrected intensities) have
+    no known noise and are not judged further.
 
     Parameters
     ----------
@@ -69,6 +70,13 @@ def check_bragg_peak(data: np.ndarray, mask: np.ndarray | None = None) -> None:
         True for valid voxels.
     """
     values = data if mask is None else data[mask]
+    if values.size == 0 or not float(values.max()) > 0:
+        # A dark scan whose one bright voxel (a zinger) was masked as hot, or a mask over all
+        # of the signal: whatever the data's kind, nothing to reconstruct.
+        raise NoBraggPeakError(
+            "no usable Bragg peak: no signal in the valid voxels (hot voxels and the mask "
+            "removed all of it)"
+        )
     if poisson_chi_floor(values) is None:
         return
     peak = float(values.max())

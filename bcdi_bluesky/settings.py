@@ -96,11 +96,12 @@ class ReconstructionSettings:
         0.3, "share of HIO steps in the ER/HIO run", low=0.0, high=1.0
     )
     polish_time_budget_s: float = _setting(
-        60.0,
-        "safety wall-time cap of the polish (every run of it together); named in the "
-        "result's quality when it cuts the polish",
+        300.0,
+        "safety wall-time cap of the polish (every run of it together; its longest runs take "
+        "about 25 s at 64^3 on an idle 2-core CPU, so a machine 10 times slower still ends by "
+        "the counts); named in the result's quality when it cuts the polish",
         low=0.0,
-        high=120.0,
+        high=1800.0,
         units="s",
     )
     adaptive_iterations: int = _setting(

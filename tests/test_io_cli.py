@@ -128,6 +128,12 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     assert (tmp_path / "r_latent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = _cli("reconstruct", "scan.npy", "--refine", "none", "--output", "r.npz", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
+    # The plain report carries the verdict and its reasons too, not only --json.
+    with np.load(tmp_path / "r.npz") as z:
+        verdict = json.loads(str(z["summary"]))
+    assert f"  quality: {verdict['quality']}" in run.stdout.splitlines()
+    for reason in verdict["quality_reasons"]:
+        assert f"    - {reason}" in run.stdout.splitlines()
     with np.load(tmp_path / "r.npz") as z:
         assert z["object"].dtype == np.complex64 and z["support"].shape == scan54_64.shape
         assert json.loads(str(z["summary"]))["refine"] == "none"
@@ -251,7 +257,7 @@ def test_a_figure_that_fails_takes_the_result_file_with_it(tmp_path, peaked, mon
     [
         ("--es-time-budget-s", "-1", "es_time_budget_s = -1.0 is outside its limits 0 .. 30 s"),
         ("--es-time-budget-s", "nan", "es_time_budget_s must be finite"),
-        ("--polish-time-budget-s", "600", "outside its limits"),
+        ("--polish-time-budget-s", "5000", "outside its limits"),
         ("--es-coarse-iterations", "100000", "es_coarse_iterations = 100000 is outside"),
     ],
 )

@@ -144,3 +144,6 @@ def test_poisson_chi_floor_is_the_chi_of_the_truth_against_its_counts(crystal):
     # Not counts (corrected, rescaled, empty): the noise is unknown.
     assert poisson_chi_floor(counts * 1.37) is None
     assert poisson_chi_floor(np.zeros((4, 4, 4))) is None
+    # Normalised data round to zero, float32 beyond 2^24 rounds to whole numbers: not counts.
+    assert poisson_chi_floor((counts / 1e13).astype(np.float32)) is None
+    assert poisson_chi_floor((counts * 1e30).astype(np.float32)) is None

@@ -77,6 +77,22 @@ def test_peak_less_volume_is_refused():
         rec.reconstruct(tail)
 
 
+@pytest.mark.parametrize("where", ["hot voxel", "under the mask"])
+def test_a_volume_whose_signal_is_all_removed_is_refused(where):
+    """A dark scan with one zinger (masked as a hot pixel), or signal only under the mask:
+    refused as without a Bragg peak, not a traceback from the fit."""
+    dark = np.zeros((64, 64, 64), dtype=np.float32)
+    mask = None
+    if where == "hot voxel":
+        dark[10, 20, 30] = 5000
+    else:
+        dark[28:36, 28:36, 28:36] = 100
+        mask = np.ones(dark.shape, dtype=bool)
+        mask[24:40, 24:40, 24:40] = False
+    with pytest.raises(NoBraggPeakError, match="no signal in the valid voxels"):
+        Reconstructor().reconstruct(dark, mask, refine="none")
+
+
 def test_weak_but_real_peak_passes(counted):
     weak = (
         np.random.default_rng(2)

@@ -77,6 +77,10 @@ def r_factor(
     return float(np.abs(b - fitted_scale(a, b) * a).sum() / total)
 
 
+#: Photon counts above this are not counts (a 32-bit counter's range).
+MAX_COUNT = 2.0**32
+
+
 def poisson_chi_floor(counts: np.ndarray, mask: np.ndarray | None = None) -> float | None:
     """The chi that Poisson noise alone leaves for a perfect model of photon ``counts``.
 
@@ -90,12 +94,15 @@ def poisson_chi_floor(counts: np.ndarray, mask: np.ndarray | None = None) -> flo
     n = np.asarray(counts, dtype=np.float64)
     if mask is not None:
         n = n[np.asarray(mask, dtype=bool)]
-    if n.size == 0 or np.any(np.abs(n - np.round(n)) > 1e-6):
+    if n.size == 0:
         return None
-    total = float(n.sum())
-    if total <= 0:
+    top = float(n.max())
+    # Whole numbers from one photon up to a 32-bit counter's range: values all below one
+    # (normalised data round to zero) or beyond it (a float's spacing exceeds one) are not
+    # counts, whatever their rounding.
+    if not 1.0 <= top < MAX_COUNT or np.any(np.abs(n - np.round(n)) > 1e-6):
         return None
-    return float(np.sqrt(0.25 * np.count_nonzero(n)) / np.sqrt(total))
+    return float(np.sqrt(0.25 * np.count_nonzero(n)) / np.sqrt(float(n.sum())))
 
 
 @functools.cache
