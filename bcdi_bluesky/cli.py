@@ -8,10 +8,11 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -332,7 +333,6 @@ def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import pickle
-    import signal
 
     from .beamline import BCDIReconstructionCallback, Publisher, ResultFileWriter
     from .errors import ModelError
@@ -546,7 +546,6 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_ioc(args: argparse.Namespace) -> int:
-    import signal
     import threading
 
     from .epics import IOCServer
@@ -1001,14 +1000,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("bcdi_bluesky").setLevel(logging.INFO)
+    previous = _terminate_as_exception()
     try:
         return int(args.func(args))
     except BCDIError as exc:  # what was given is wrong; anything else is a bug: traceback
         print(f"bcdi-bluesky {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print(f"bcdi-bluesky {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"bcdi-bluesky {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is so that its cleanup runs (a half-written file's
+    temporary is removed); ``serve`` and ``ioc`` set their own handler."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _terminate_as_exception() -> Any:
+    """Make SIGTERM raise :class:`_Terminated` (main thread only); the previous handler, or
+    None where none could be set."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: the caller's handlers stay
+        return None
 
 
 if __name__ == "__main__":

@@ -340,3 +340,34 @@ def test_the_user_guide_settings_table_is_the_generated_one():
 
     guide = Path(__file__).resolve().parent.parent / "docs" / "user_guide.md"
     assert settings_table() in guide.read_text(), "regenerate with bcdi_bluesky.cli.settings_table"
+
+
+def test_sigterm_ends_reconstruct_in_one_line_and_leaves_no_file(tmp_path, scan54_64):
+    """A batch system's SIGTERM: the command's cleanup runs (no temporary file beside the
+    output), one line says so, exit status 128 + 15."""
+    import os
+    import signal
+    import time
+
+    np.save(tmp_path / "scan.npy", scan54_64)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bcdi_bluesky.cli", "reconstruct", "scan.npy", "-o", "r.cxi"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = proc.stderr.readline()  # a stage's progress line: the work has begun
+        assert first, proc.communicate(timeout=60)
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "bcdi-bluesky reconstruct: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.npy"]
