@@ -41,6 +41,9 @@ _H5_INTENSITY = (
     "intensity",
     "data",
 )
+#: The first bytes of numpy's files (a zip archive for .npz): anything else is refused before
+#: numpy tries it as a pickle.
+_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
 _H5_MASK = (
     "entry_1/instrument_1/detector_1/mask",
     "entry_1/data_1/mask",
@@ -64,7 +67,25 @@ def read_geometry(path: str | Path) -> Geometry:
         raise DataError(str(exc)) from None
 
 
+def _volumes(f: Any) -> list[str]:
+    """Names of the 3D datasets of an open HDF5 file but masks (what ``--dataset`` may
+    name)."""
+    import h5py
+
+    names: list[str] = []
+
+    def visit(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset) and item.ndim == 3 and not name.endswith("mask"):
+            names.append(name)
+
+    f.visititems(visit)
+    return names
+
+
 def _read_h5(path: Path, dataset: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The intensity (``dataset``, else the first of :data:`_H5_INTENSITY` present) and the
+    mask: with ``dataset``, only a ``mask`` beside it (a mask of another dataset must not
+    apply); else the first of :data:`_H5_MASK`."""
     import h5py
 
     with h5py.File(path, "r") as f:
@@ -74,9 +95,15 @@ def _read_h5(path: Path, dataset: str | None) -> tuple[np.ndarray, np.ndarray | 
                 data = f[name][()]
                 break
         else:
-            raise DataError(f"{path}: no intensity dataset (looked for {', '.join(names)})")
+            volumes = _volumes(f)
+            found = f"; 3D datasets in it: {', '.join(volumes[:10])}" if volumes else ""
+            raise DataError(
+                f"{path}: no intensity dataset (looked for {', '.join(names)}; name one with "
+                f"--dataset){found}"
+            )
         mask = None
-        for name in _H5_MASK:
+        beside = (f"{name.strip('/').rpartition('/')[0]}/mask".lstrip("/"),) if dataset else None
+        for name in beside or _H5_MASK:
             if name in f and isinstance(f[name], h5py.Dataset):
                 raw = f[name][()]
                 # CXI masks flag bad pixels with non-zero bits; a boolean mask marks valid ones.
@@ -115,6 +142,10 @@ def read_intensity(
         raise DataError(f"{p}: a dataset name ({dataset!r}) applies to HDF5 files only")
     try:
         mask = None
+        if suffix in _MAGIC:
+            with open(p, "rb") as f:
+                if f.read(len(_MAGIC[suffix])) != _MAGIC[suffix]:
+                    raise DataError(f"{p}: not a {suffix} file (it lacks numpy's header)")
         if suffix == ".npy":
             data = np.load(p, allow_pickle=False)
         elif suffix == ".npz":
@@ -126,7 +157,9 @@ def read_intensity(
         elif suffix in (".tif", ".tiff"):
             import tifffile
 
-            data = tifffile.imread(p)
+            with tifffile.TiffFile(p) as tif:
+                # Frames appended one by one are one series each: every page is a frame.
+                data = tif.asarray() if len(tif.series) == 1 else tif.asarray(key=slice(None))
         else:
             data, mask = _read_h5(p, dataset)
     except DataError:

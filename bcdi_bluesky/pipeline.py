@@ -326,6 +326,13 @@ def prepare_measurement(intensity: np.ndarray, mask: np.ndarray | None, n: int) 
         Photon counts without a detectable Bragg peak (:func:`~bcdi_bluesky.quality.
         check_bragg_peak`): nothing is reconstructed.
     """
+    if isinstance(intensity, np.ma.MaskedArray):
+        # numpy's own mask (True = invalid) joins the given one: np.asarray would drop it.
+        own = ~np.ma.getmaskarray(intensity)
+        intensity = intensity.filled(0)
+        if mask is not None:
+            own = own & check_mask(mask, intensity.shape)
+        mask = own
     data = check_volume(intensity)
     valid = check_mask(mask, data.shape)
     valid = remove_hot_pixels(data, valid)
@@ -870,7 +877,8 @@ class Reconstructor:
         Parameters
         ----------
         intensity : array_like
-            3D intensity (photon counts or corrected intensities), any shape, centred or not.
+            3D intensity (photon counts or corrected intensities), any shape, centred or not;
+            a numpy masked array's masked voxels are invalid (with ``mask``, both count).
         mask : array_like of bool, optional
             True for valid voxels (detector gaps, beamstop and hot pixels False).
         refine : {"none", "es", "full"}

@@ -63,7 +63,7 @@ def test_bad_files_are_clear_errors(tmp_path, volume):
     with pytest.raises(DataError, match="unsupported"):
         read_intensity(tmp_path / "x.txt")
     (tmp_path / "broken.npy").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match=r"not a \.npy file"):
         read_intensity(tmp_path / "broken.npy")
     np.savez(tmp_path / "nokey.npz", frames=volume)
     with pytest.raises(DataError, match="no 'intensity'"):
@@ -371,3 +371,45 @@ def test_sigterm_ends_reconstruct_in_one_line_and_leaves_no_file(tmp_path, scan5
     assert out == "" and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "bcdi-bluesky reconstruct: terminated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.npy"]
+
+
+def test_tiff_frames_appended_one_by_one_are_one_volume(tmp_path, volume):
+    """tifffile writes each appended frame as its own series; imread would give frame 0."""
+    for frame in volume:
+        tifffile.imwrite(tmp_path / "frames.tif", frame, append=True)
+    data, _ = read_intensity(tmp_path / "frames.tif")
+    np.testing.assert_array_equal(data, volume.astype(np.float32))
+
+
+def test_hdf5_dataset_takes_only_its_own_mask_and_a_miss_names_the_volumes(tmp_path, volume):
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as f:
+        f["scan/frames"] = volume
+        f["mask"] = np.zeros((2, 2, 2), dtype=bool)  # another dataset's mask, at a usual place
+    data, mask = read_intensity(path, "/scan/frames")
+    assert data.shape == volume.shape and mask is None
+    with h5py.File(path, "a") as f:
+        f["scan/mask"] = np.zeros(volume.shape, dtype=np.uint8)  # CXI: 0 = valid
+    assert read_intensity(path, "scan/frames")[1].all()
+    with pytest.raises(DataError, match=r"--dataset\); 3D datasets in it: scan/frames"):
+        read_intensity(path)
+
+
+def test_a_file_that_is_not_what_its_name_says_is_refused_without_unpickling(tmp_path, volume):
+    with h5py.File(tmp_path / "scan.npy", "w") as f:  # an HDF5 file named .npy
+        f["data"] = volume
+    with pytest.raises(DataError, match=r"not a \.npy file"):
+        read_intensity(tmp_path / "scan.npy")
+
+
+def test_a_numpy_masked_array_keeps_its_mask(scan54_64):
+    from bcdi_bluesky.pipeline import prepare_measurement
+
+    hidden = np.zeros(scan54_64.shape, dtype=bool)
+    hidden[:, :, :4] = True
+    masked = prepare_measurement(np.ma.masked_array(scan54_64, mask=hidden), None, 64)
+    assert not masked.valid[:, :, :4].any() and masked.valid[:, :, 4:].any()
+    extra = np.ones(scan54_64.shape, dtype=bool)
+    extra[:4] = False
+    both = prepare_measurement(np.ma.masked_array(scan54_64, mask=hidden), extra, 64)
+    assert not both.valid[:4].any() and not both.valid[:, :, :4].any()
