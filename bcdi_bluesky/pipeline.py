@@ -1041,6 +1041,8 @@ class Reconstructor:
                 distribution=distribution,
                 cut_short=tuple(cut_short),
                 oversampling=oversampling(measurement.valid, measurement.data.size, support),
+                shape=measurement.data.shape,
+                support_voxels=int(np.count_nonzero(support)),
             )
         )
         physical = (

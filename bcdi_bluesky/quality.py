@@ -48,6 +48,10 @@ LOW_SIGNAL_FLOOR = 0.2
 #: per support voxel and each measured voxel gives one intensity, so the valid voxels must
 #: number at least twice the support's (Miao et al.'s criterion, sigma > 2).
 MIN_OVERSAMPLING = 2.0
+#: Fewest samples along each axis of a volume, and fewest support voxels, of a crystal
+#: resolved in 3D: below, a fit can be perfect and say nothing (a 2^3 volume fits to 1e-7).
+MIN_EDGE = 8
+MIN_SUPPORT_VOXELS = 27
 #: The CNN's chi is unusual when it lies this many standard deviations above its mean on the
 #: prior (the model card's latent calibration): 2.33 is the one-sided 99% point of a Gaussian,
 #: as the latent distance's 1 is the prior's 99th percentile.
@@ -143,6 +147,10 @@ class QualityEvidence:
     cut_short: tuple[str, ...] = ()
     #: valid measured voxels per voxel of the result's support (None: not known)
     oversampling: float | None = None
+    #: shape of the measured volume (None: not known)
+    shape: tuple[int, ...] | None = None
+    #: voxels of the result's support (None: not known)
+    support_voxels: int | None = None
 
 
 def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
@@ -154,7 +162,9 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
     out-of-distribution CNN or a run cut short by a wall-time cap each lower ``good`` to
     ``fair`` and add their reason. Fewer valid voxels than :data:`MIN_OVERSAMPLING` times the
     support's (a mask that leaves too little, or a support that fills the grid) is ``poor``
-    whatever the fit: the data do not determine the object.
+    whatever the fit: the data do not determine the object. So is a volume with fewer than
+    :data:`MIN_EDGE` samples along an axis or a support of fewer than
+    :data:`MIN_SUPPORT_VOXELS`: no crystal is resolved in 3D there.
     """
     e = evidence
     reasons: list[str] = []
@@ -200,6 +210,18 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
             f"underdetermined: {e.oversampling:.2f} valid voxels per support voxel, below "
             f"{MIN_OVERSAMPLING:g} (too much masked, or a support that fills the grid)"
         )
+    if e.shape is not None and min(e.shape) < MIN_EDGE:
+        level = 2
+        reasons.append(
+            f"a volume of {' x '.join(map(str, e.shape))} samples: fewer than {MIN_EDGE} along "
+            f"an axis resolve no crystal in 3D"
+        )
+    if e.support_voxels is not None and e.support_voxels < MIN_SUPPORT_VOXELS:
+        level = 2
+        reasons.append(
+            f"a support of {e.support_voxels} voxels (fewer than {MIN_SUPPORT_VOXELS}): no "
+            f"crystal resolved"
+        )
     return QUALITY_LEVELS[level], reasons
 
 
@@ -210,7 +232,9 @@ __all__ = [
     "FIT_FAIR",
     "FIT_GOOD",
     "LOW_SIGNAL_FLOOR",
+    "MIN_EDGE",
     "MIN_OVERSAMPLING",
+    "MIN_SUPPORT_VOXELS",
     "QUALITY_LEVELS",
     "ROSE_SNR",
     "Distribution",

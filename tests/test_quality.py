@@ -177,6 +177,21 @@ def test_an_underdetermined_result_is_poor_whatever_its_fit():
     assert MIN_OVERSAMPLING == 2.0
 
 
+def test_a_volume_or_support_too_small_for_a_3d_crystal_is_poor(scan54_64):
+    """A 4^3 crop fits its data to the noise with a one-voxel support: nothing is resolved."""
+    good = {"chi": 0.1, "expected_chi": 0.1, "converged": True, "signal_floor": 0.05}
+    assert quality_verdict(QualityEvidence(**good, shape=(8, 64, 64), support_voxels=27))[0] == (
+        "good"
+    )
+    quality, reasons = quality_verdict(QualityEvidence(**good, shape=(2, 64, 64)))
+    assert quality == "poor" and reasons == [
+        "a volume of 2 x 64 x 64 samples: fewer than 8 along an axis resolve no crystal in 3D"
+    ]
+    tiny = Reconstructor().reconstruct(scan54_64[30:34, 30:34, 30:34], refine="none")
+    assert tiny.quality == "poor"
+    assert any("fewer than 8 along an axis" in r for r in tiny.quality_reasons)
+
+
 @pytest.mark.timeout(300)
 def test_a_mask_that_leaves_too_little_makes_the_result_poor(counted):
     """Every detector frame masked but a small window: fewer measured voxels than unknowns."""
