@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import BCDIError, DataError
+from .errors import BCDIError, DataError, one_line
 from .files import check_destination
 
 if TYPE_CHECKING:
@@ -994,11 +994,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The project's log lines (puts to the IOC, dropped scans) on stderr, one per event;
     # stdout stays for the commands' results.
-    logging.basicConfig(
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        level=logging.WARNING,
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("bcdi_bluesky").setLevel(logging.INFO)
     previous = _terminate_as_exception()
     try:
@@ -1015,6 +1013,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Each log record's message on one line (control characters escaped): text a client or
+    a run's metadata put in a message cannot forge a line of the audit log. A traceback
+    keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
 
 
 class _Terminated(KeyboardInterrupt):

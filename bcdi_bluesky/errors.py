@@ -28,4 +28,16 @@ class SettingsError(BCDIError, ValueError):
     """A reconstruction setting is outside its limits or of the wrong type."""
 
 
-__all__ = ["BCDIError", "DataError", "ModelError", "NoBraggPeakError", "SettingsError"]
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` safe for one log line: control characters (a newline that would start a
+    forged line, an escape sequence) shown escaped, at most ``limit`` characters. Text from
+    the network (a client's host name, a run's metadata) goes through this before a log."""
+    shown = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text)
+    )
+    if limit is not None and len(shown) > limit:
+        shown = shown[: max(limit - 3, 0)] + "..."
+    return shown
+
+
+__all__ = ["BCDIError", "DataError", "ModelError", "NoBraggPeakError", "SettingsError", "one_line"]

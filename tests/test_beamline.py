@@ -1275,3 +1275,26 @@ def test_malformed_geometry_metadata_is_a_value_error(start):
         start["bcdi"]["geometry"] = {"beamline": "aps_34idc", "energy_kev": 9.0}
     with pytest.raises(ValueError, match="must be a mapping"):
         geometry_from_start(start)
+
+
+def test_network_metadata_cannot_flood_the_records_or_forge_log_lines(make_callback, monkeypatch):
+    """Malformed events are counted in one note, a text scan_id is kept as one short line,
+    and the records stop at MAX_RECORDS (the oldest finished ones go)."""
+    from bcdi_bluesky.beamline import callback as callback_module
+
+    monkeypatch.setattr(callback_module, "MAX_RECORDS", 5)
+    cb = make_callback(reconstructor=_Fake())
+    docs = _small_run()
+    docs[0][1]["scan_id"] = "7\n2026-12-02 bcdi INFO: forged"  # not event-model's schema
+    for name, doc in docs:
+        if name == "event_page":
+            doc = {**doc, "seq_num": ["abc", 2, 3]}
+        cb(name, doc)
+    assert cb.wait(timeout=10)
+    record = cb.records[docs[0][1]["uid"]]
+    assert record.scan_id == "7\\n2026-12-02 bcdi INFO: forged"
+    assert record.status == "done" and record.frames == 2
+    assert "1 events with a malformed seq_num left out" in record.message
+    uids = [_feed(cb, _small_run()) for _ in range(8)]
+    assert cb.wait(timeout=10)
+    assert len(cb.records) == 5 and list(cb.records) == uids[-5:]

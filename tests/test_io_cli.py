@@ -413,3 +413,17 @@ def test_a_numpy_masked_array_keeps_its_mask(scan54_64):
     extra[:4] = False
     both = prepare_measurement(np.ma.masked_array(scan54_64, mask=hidden), extra, 64)
     assert not both.valid[:4].any() and not both.valid[:, :, :4].any()
+
+
+def test_the_commands_log_lines_cannot_be_forged():
+    """Text from a run or a client with a newline stays on its line of the log."""
+    import logging
+
+    from bcdi_bluesky.cli import _OneLineFormatter
+
+    record = logging.LogRecord(
+        "bcdi_bluesky", logging.INFO, __file__, 1, "scan %s done", ("7\nERROR: forged",), None
+    )
+    assert _OneLineFormatter("%(levelname)s: %(message)s").format(record) == (
+        "INFO: scan 7\\nERROR: forged done"
+    )

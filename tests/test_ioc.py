@@ -579,3 +579,45 @@ def test_the_model_fit_is_shown_while_the_polish_runs(ioc, caproto_ctx):
     (message,) = caproto_ctx.get_pvs(p + "StatusMsg", timeout=5)
     text = bytes(message.read(timeout=5).data).split(b"\0")[0].decode()
     assert text.startswith("scan 11: model fit shown (chi 0.2468)")
+
+
+def test_client_text_cannot_forge_an_audit_line_and_empty_text_is_no_number(ioc, caplog):
+    """A host name with a newline and a fake log line in it is logged escaped, on one line;
+    an empty string put to a floating-point setting is refused (caproto would read 0)."""
+    import logging
+
+    from caproto import CAStatus
+    from caproto.threading.client import Context
+
+    caplog.set_level(logging.INFO, logger="bcdi_bluesky.epics.ioc")
+    p = ioc.group.prefix
+    forger = Context(host_name="vm\n2026-12-02 bcdi_bluesky.epics.ioc INFO: Enable = 1, put by me")
+    try:
+        (budget,) = forger.get_pvs(p + "ES:TimeBudget", timeout=5)
+        assert budget.write([3.0], wait=True, timeout=5).status == CAStatus.ECA_NORMAL.value
+        (line,) = _one_line_records(caplog, f"{p}ES:TimeBudget = 3.0")
+        assert "@vm\\n2026-12-02 bcdi_bluesky" in line.getMessage()  # escaped, and cut short
+        assert line.getMessage().endswith("...")
+        for name in ("ES:TimeBudget", "Polish:HIOFraction"):
+            (pv,) = forger.get_pvs(p + name, timeout=5)
+            before = pv.read(timeout=5).data
+            reply = pv.write([b""], data_type=0, wait=True, timeout=5)  # DBR_STRING
+            assert reply.status == CAStatus.ECA_PUTFAIL.value, name
+            np.testing.assert_array_equal(pv.read(timeout=5).data, before)
+            assert _one_line_records(caplog, "empty text is not a number")
+    finally:
+        forger.disconnect()
+
+
+def test_result_pvs_name_the_scan_they_belong_to(ioc, published):
+    """Scan 2 starts collecting while scan 1's result is published: ScanID and ScanUID go
+    back to scan 1 with its result; a scan id no 32-bit PV holds reads 0."""
+    from bcdi_bluesky.epics.ioc import scan_identity
+
+    result, start, _, _ = published
+    ioc.collecting({"uid": "second-scan", "scan_id": 2})
+    ioc(result, {**start, "scan_id": 1})
+    assert ioc.group.ScanID.value == 1
+    assert ioc.group.ScanUID.value == start["uid"][:39]
+    for scan_id, shown in ((2**31 + 5, 0), (3.7, 0), ("abc", 0), (True, 0), (-7, -7)):
+        assert scan_identity({"uid": "u", "scan_id": scan_id})["ScanID"] == shown

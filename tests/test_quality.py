@@ -77,6 +77,21 @@ def test_peak_less_volume_is_refused():
         rec.reconstruct(tail)
 
 
+@pytest.mark.parametrize("kind", ["flat-field corrected noise", "constant", "uniform noise"])
+def test_data_that_are_not_counts_without_a_peak_are_refused(kind, scan54_64, cdinn_64):
+    rng = np.random.default_rng(3)
+    shape = (64, 64, 64)
+    volume = {
+        "flat-field corrected noise": rng.poisson(1.0, shape) / rng.uniform(0.8, 1.2, shape),
+        "constant": np.full(shape, 0.5),
+        "uniform noise": rng.uniform(0.0, 1.0, shape),
+    }[kind].astype(np.float32)
+    with pytest.raises(NoBraggPeakError, match="robust standard deviations"):
+        check_bragg_peak(volume)
+    for measured in (scan54_64, cdinn_64):  # corrected measured data: peaks far above
+        check_bragg_peak(measured.astype(np.float32))
+
+
 @pytest.mark.parametrize("where", ["hot voxel", "under the mask"])
 def test_a_volume_whose_signal_is_all_removed_is_refused(where):
     """A dark scan with one zinger (masked as a hot pixel), or signal only under the mask:
@@ -178,7 +193,8 @@ def test_an_underdetermined_result_is_poor_whatever_its_fit():
 
 
 def test_a_volume_or_support_too_small_for_a_3d_crystal_is_poor(scan54_64):
-    """A 4^3 crop fits its data to the noise with a one-voxel support: nothing is resolved."""
+    """A 4^3 crop fits its data to the noise with a one-voxel support, a 6-frame scan is no
+    3D measurement: nothing is resolved."""
     good = {"chi": 0.1, "expected_chi": 0.1, "converged": True, "signal_floor": 0.05}
     assert quality_verdict(QualityEvidence(**good, shape=(8, 64, 64), support_voxels=27))[0] == (
         "good"
@@ -187,7 +203,7 @@ def test_a_volume_or_support_too_small_for_a_3d_crystal_is_poor(scan54_64):
     assert quality == "poor" and reasons == [
         "a volume of 2 x 64 x 64 samples: fewer than 8 along an axis resolve no crystal in 3D"
     ]
-    tiny = Reconstructor().reconstruct(scan54_64[30:34, 30:34, 30:34], refine="none")
+    tiny = Reconstructor().reconstruct(scan54_64[29:35], refine="none")  # 6 frames
     assert tiny.quality == "poor"
     assert any("fewer than 8 along an axis" in r for r in tiny.quality_reasons)
 

@@ -57,7 +57,7 @@ from event_model import (
     unpack_event_page,
 )
 
-from ..errors import NoBraggPeakError
+from ..errors import NoBraggPeakError, one_line
 from ..physics import AXIS_NAMES, Geometry, geometry_from_start
 from ..settings import ReconstructionSettings
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
@@ -73,12 +73,28 @@ ScanStatus = Literal[
 ]
 
 
+#: Records kept by a callback (the oldest finished ones are forgotten beyond).
+MAX_RECORDS = 10_000
+#: Statuses a record no longer leaves.
+FINAL_STATUSES = ("skipped", "dropped", "done", "failed", "incomplete")
+
+
+def _scan_id(value: Any) -> int | str | None:
+    """A run's ``scan_id`` for the record: a whole number or None as given, else one short
+    line of text."""
+    if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)):
+        return value
+    return one_line(value, 40)
+
+
 @dataclass
 class ScanRecord:
     """What happened to one run (kept in :attr:`BCDIReconstructionCallback.records`)."""
 
     uid: str
-    scan_id: int | None
+    #: The run's ``scan_id``: a whole number as given, anything else as one short line of
+    #: text (metadata from the network goes into log lines).
+    scan_id: int | str | None
     status: ScanStatus
     message: str = ""
     frames: int = 0
@@ -89,6 +105,7 @@ class ScanRecord:
     recommendation: Recommendation | None = None
     exposure: float | None = None  # from the detector's configuration in the descriptor
     events_without_motor: int = 0
+    malformed_events: int = 0
     seconds_in_callback: float = 0.0
     queued_at: float | None = None
     finished_at: float | None = None
@@ -245,12 +262,17 @@ class _RunCollector(DocumentRouter):
             if not np.isfinite(theta):
                 self.record.events_without_motor += 1
                 continue
+            try:
+                seq_num = int(seq_num)
+            except (TypeError, ValueError):  # a malformed event: counted, said once per run
+                self.record.malformed_events += 1
+                continue
             # Keep a reference only (an array, a datum id, or None when a StreamDatum carries
             # the frame): the worker reads and stacks. Copying frames here would put the
             # analysis' cost into the scan.
             value = None if images is None else images[k]
             self.frames.append(
-                (theta, int(seq_num), value, (doc, k) if isinstance(value, str) else None)
+                (theta, seq_num, value, (doc, k) if isinstance(value, str) else None)
             )
 
     def stop(self, doc: dict) -> None:
@@ -446,8 +468,9 @@ class BCDIReconstructionCallback(DocumentRouter):
 
     def _factory(self, name: str, start: dict):
         """RunRouter factory: one collector per run that may be reconstructed."""
-        record = ScanRecord(start["uid"], start.get("scan_id"), "collecting")
+        record = ScanRecord(start["uid"], _scan_id(start.get("scan_id")), "collecting")
         self.records[start["uid"]] = record
+        self._forget_old_records()
         if start.get("bcdi_reconstruct", True) is False:
             # The plan opted out in its metadata (an alignment scan, a dark series...).
             record.status, record.message = "skipped", "start metadata bcdi_reconstruct=False"
@@ -496,13 +519,26 @@ class BCDIReconstructionCallback(DocumentRouter):
         # Collecting state, the service prints its line).
         self._tell_not_reconstructed(record, run.start_doc)
 
+    def _forget_old_records(self) -> None:
+        """Keep at most :data:`MAX_RECORDS` records: the oldest finished ones go first (a
+        service runs for weeks; a flood of start documents must not grow it without end)."""
+        excess = len(self.records) - MAX_RECORDS
+        if excess <= 0:
+            return
+        old = [uid for uid, r in self.records.items() if r.status in FINAL_STATUSES][:excess]
+        for uid in old:
+            del self.records[uid]
+
     def _frame_notes(self, record: ScanRecord) -> str:
-        if not record.events_without_motor:
-            return ""
-        return (
-            f"; {record.events_without_motor} events without a finite "
-            f"{self.motor_key!r} readback left out"
-        )
+        notes = ""
+        if record.events_without_motor:
+            notes += (
+                f"; {record.events_without_motor} events without a finite "
+                f"{self.motor_key!r} readback left out"
+            )
+        if record.malformed_events:
+            notes += f"; {record.malformed_events} events with a malformed seq_num left out"
+        return notes
 
     def _enqueue(self, run: _RunCollector) -> None:
         with self._idle:

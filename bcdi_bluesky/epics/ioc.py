@@ -37,7 +37,7 @@ from caproto.server import (
 )
 from caproto.server.records import AiFields
 
-from ..errors import SettingsError
+from ..errors import SettingsError, one_line
 from ..physics import central_slices
 from ..settings import ReconstructionSettings
 
@@ -150,7 +150,8 @@ class _Audited(PvpropertyData):
     async def auth_write(
         self, hostname, username, data, data_type, metadata, *, flags=0, user_address=None
     ):
-        who = f"{username}@{hostname}"
+        # Both are the client's own words: escaped, so no line of the audit log is forged.
+        who = f"{one_line(username, 64)}@{one_line(hostname, 64)}"
         if AccessRights.WRITE not in self.check_access(hostname, username):
             reason = (
                 "read-only field"
@@ -164,6 +165,8 @@ class _Audited(PvpropertyData):
             )
         before = self.value
         try:
+            if self.data_type in (ChannelType.LONG, ChannelType.DOUBLE):
+                _check_number_text(data, data_type)
             if self.data_type == ChannelType.LONG:
                 _check_whole_numbers(data, data_type)
             await self.write_from_dbr(data, data_type, metadata, flags=flags)
@@ -186,6 +189,17 @@ class _Audited(PvpropertyData):
         if self.setting:
             await self.alarm.write(status=status, severity=AlarmSeverity.MAJOR_ALARM)
         return ca_status
+
+
+def _check_number_text(data: Any, data_type: ChannelType) -> None:
+    """Refuse empty text sent to a number PV: caproto (as EPICS base) reads it as 0, so a
+    cleared field on a screen would set a time cap or a fraction to 0."""
+    if native_type(data_type) != ChannelType.STRING:
+        return
+    for value in np.ravel(data):
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        if not text.strip("\0 \t"):
+            raise ValueError("empty text is not a number")
 
 
 def _check_whole_numbers(data: Any, data_type: ChannelType) -> None:
@@ -211,7 +225,7 @@ def _shown(data: Any) -> str:
     """A short text of a put's payload for the log."""
     values = list(np.ravel(np.asarray(data, dtype=object)))[:4]
     text = ", ".join(v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values)
-    return text[:80]
+    return one_line(text, 80)
 
 
 def _audited(classes: dict) -> dict:
@@ -450,7 +464,7 @@ class ReconstructionIOC(PVGroup):
     ScanUID = _reading(
         "ScanUID", "", dtype=ChannelType.STRING, doc="uid of the scan shown (first 39 characters)"
     )
-    ScanID = _reading("ScanID", 0, doc="its scan id")
+    ScanID = _reading("ScanID", 0, doc="its scan id (0 if not a 32-bit whole number)")
     Count = _reading("Count", 0, doc="reconstructions done")
     Heartbeat = _reading("Heartbeat", 0, doc="+1 every second while the IOC runs")
 
@@ -620,6 +634,20 @@ async def _state_alarm(instance: PvpropertyData, severity: AlarmSeverity) -> Non
     """A STATE alarm of ``severity`` on a PV (NO_ALARM clears it)."""
     status = AlarmStatus.STATE if severity else AlarmStatus.NO_ALARM
     await instance.alarm.write(status=status, severity=severity)
+
+
+def scan_identity(start_doc: dict) -> dict[str, Any]:
+    """``ScanUID`` (the uid's first 39 characters) and ``ScanID`` (the run's ``scan_id`` when
+    it is a whole number a 32-bit PV holds, else 0) of a run."""
+    scan_id = start_doc.get("scan_id")
+    whole = isinstance(scan_id, (int, np.integer)) and not isinstance(scan_id, bool)
+    fits = whole and abs(int(scan_id)) <= np.iinfo(np.int32).max
+    return {"ScanUID": str(start_doc["uid"])[:39], "ScanID": int(scan_id) if fits else 0}
+
+
+def _scan_name(start_doc: dict) -> str:
+    """The run's ``scan_id`` for a status message (text from the network: one short line)."""
+    return one_line(start_doc.get("scan_id"), 40)
 
 
 def result_values(result: Any) -> dict[str, Any]:
@@ -890,9 +918,8 @@ class IOCPublisher:
         self.server.write(
             {
                 "Status": "Collecting",
-                "ScanUID": start_doc["uid"][:39],
-                "ScanID": int(start_doc.get("scan_id") or 0),
-                "StatusMsg": f"collecting scan {start_doc.get('scan_id')}",
+                **scan_identity(start_doc),
+                "StatusMsg": f"collecting scan {_scan_name(start_doc)}",
             },
             wait=False,
         )
@@ -945,20 +972,28 @@ class IOCPublisher:
 
     def skipped(self, message: str, start_doc: dict) -> None:
         """The scan was not reconstructed by design: Skipped state (MINOR alarm) with the
-        reason."""
-        self.server.set_status("Skipped", f"scan {start_doc.get('scan_id')}: {message}")
+        reason; Idle when the operator disabled reconstruction (``Enable`` 0)."""
+        self.server.write(scan_identity(start_doc))
+        if not self.group.puts.get("Enable", 1):
+            self.server.set_status(
+                "Idle", f"scan {_scan_name(start_doc)} not reconstructed: Enable = 0"
+            )
+            return
+        self.server.set_status("Skipped", f"scan {_scan_name(start_doc)}: {message}")
 
     def failure(self, message: str, start_doc: dict) -> None:
         """The reconstruction failed: Error state (MAJOR alarm) with the reason."""
-        self.server.set_status("Error", f"scan {start_doc.get('scan_id')}: {message}")
+        self.server.write(scan_identity(start_doc))
+        self.server.set_status("Error", f"scan {_scan_name(start_doc)}: {message}")
 
     def __call__(self, result: Any, start_doc: dict) -> None:
-        """Write every result PV, then Done."""
-        values = result_values(result)
+        """Write every result PV with the scan it belongs to (another may be collecting by
+        now), then Done."""
+        values = {**result_values(result), **scan_identity(start_doc)}
         values["Count"] = int(self.group.Count.value) + 1
         values["ES:Iteration"] = len(result.es_costs)
         self.server.write(values)
-        self.server.set_status("Done", f"scan {start_doc.get('scan_id')}: chi {result.chi:.4f}")
+        self.server.set_status("Done", f"scan {_scan_name(start_doc)}: chi {result.chi:.4f}")
 
     def close(self) -> None:
         """Stop the IOC."""
