@@ -621,3 +621,41 @@ def test_result_pvs_name_the_scan_they_belong_to(ioc, published):
     assert ioc.group.ScanUID.value == start["uid"][:39]
     for scan_id, shown in ((2**31 + 5, 0), (3.7, 0), ("abc", 0), (True, 0), (-7, -7)):
         assert scan_identity({"uid": "u", "scan_id": scan_id})["ScanID"] == shown
+
+
+def test_refining_is_posted_once_per_scan_not_at_every_es_step(ioc, caproto_ctx):
+    """Monitors and archivers see one Refining update while ES runs, and every ES cost."""
+    import threading
+
+    p = ioc.group.prefix
+    ioc.server.set_status("Reconstructing")
+    status, cost = caproto_ctx.get_pvs(p + "Status", p + "ES:Cost", timeout=5)
+    updates = {"status": [], "cost": []}
+    seen = threading.Event()
+
+    def on_status(sub, response):
+        updates["status"].append(response.data[0])
+
+    def on_cost(sub, response):
+        updates["cost"].append(float(response.data[0]))
+        if float(response.data[0]) == 4.0:
+            seen.set()
+
+    subs = [status.subscribe(), cost.subscribe()]
+    subs[0].add_callback(on_status)
+    subs[1].add_callback(on_cost)
+    try:
+        time.sleep(0.5)  # the first (current) value of each
+        for i in range(5):
+            ioc._last_progress = 0.0  # as if 0.1 s had passed
+            ioc.progress("es_step", {"iteration": i, "cost": float(i)}, {"scan_id": 1})
+        assert seen.wait(5)
+        time.sleep(0.3)
+    finally:
+        for sub in subs:
+            sub.clear()
+    from bcdi_bluesky.epics.ioc import STATUS
+
+    refining = STATUS.index("Refining")
+    assert updates["status"].count(refining) == 1, updates["status"]
+    assert updates["cost"][-5:] == [0.0, 1.0, 2.0, 3.0, 4.0]

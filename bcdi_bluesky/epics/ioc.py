@@ -949,13 +949,10 @@ class IOCPublisher:
             if now - self._last_progress < 0.1:
                 return
             self._last_progress = now
-            self.server.write(
-                {
-                    "Status": "Refining",
-                    "ES:Iteration": int(info["iteration"]),
-                    "ES:Cost": float(info["cost"]),
-                }
-            )
+            values = {"ES:Iteration": int(info["iteration"]), "ES:Cost": float(info["cost"])}
+            if self.group.Status.value != "Refining":  # one Status update, not ten a second
+                values["Status"] = "Refining"
+            self.server.write(values)
         elif stage == "inference":
             self.server.write({"ChiCNN": float(info["chi"])})
             if info.get("message"):  # e.g. out of distribution: say how the pipeline reacts
