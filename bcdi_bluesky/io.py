@@ -211,10 +211,13 @@ def _result_cxi(result: ReconstructionResult, meta: dict[str, Any]) -> bytes:
     names = np.array(result.crystal_model.names)
     # In memory, never backed by a file: the image is written out by atomic_write_bytes.
     with h5py.File(f"bcdi-{uuid.uuid4().hex}.cxi", "w", driver="core", backing_store=False) as f:
-        f.attrs["creator"] = "bcdi-bluesky"
+        # NeXus's root and its "default" chain: a reader (silx, h5web, nexpy) opens the
+        # result's image without knowing the layout.
+        f.attrs.update(creator="bcdi-bluesky", NX_class="NXroot", default="entry_1")
         f.create_dataset("cxi_version", data=150)
         entry = f.create_group("entry_1")
         entry.attrs["NX_class"] = "NXentry"
+        entry.attrs["default"] = "image_1"
         image = entry.create_group("image_1")
         image.attrs.update(NX_class="NXdata", signal="data")
         image.create_dataset("data", data=result.object, compression="gzip")
@@ -250,6 +253,7 @@ def _cxi_physical(f, entry, image, physical) -> None:
     basis.attrs["units"] = "m"
     # The lab-frame image: NXdata with its axes in nm.
     lab = entry.create_group("image_2")
+    entry.attrs["default"] = "image_2"  # the crystal in the lab frame, in nm
     lab.attrs.update(NX_class="NXdata", signal="data", axes=["x_nm", "y_nm", "z_nm"])
     lab.create_dataset("data", data=arrays["object_lab"], compression="gzip")
     lab.create_dataset("mask", data=arrays["support_lab"], compression="gzip")

@@ -101,6 +101,10 @@ def test_files_hold_the_physical_results(tmp_path, full, geometry):
         for key in PHYSICAL_KEYS:
             np.testing.assert_array_equal(f[key][()], arrays[key])
         entry = f["entry_1"]
+        # NeXus's default chain leads a generic reader to the lab-frame image.
+        assert f.attrs["NX_class"] == "NXroot" and f.attrs["default"] == "entry_1"
+        shown = entry[entry.attrs["default"]]
+        assert shown.attrs["NX_class"] == "NXdata" and shown.name == "/entry_1/image_2"
         assert entry["experiment_identifier"][()].decode() == "0f1e2d3c-raw-run"
         np.testing.assert_allclose(entry["sample_1/q_bragg"][()], geometry.q_bragg_inv_nm)
         assert entry["sample_1/q_bragg"].attrs["units"] == "1/nm"
