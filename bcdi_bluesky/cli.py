@@ -427,7 +427,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     dispatcher.subscribe(callback)
     # A service manager stops us with SIGTERM: stop listening, give the scan in hand the rest
     # of the stop budget, exit.
-    signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
+    terminated = []
+
+    def on_sigterm(*_: object) -> None:
+        terminated.append(True)
+        dispatcher.stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     if args.allow_pickle:
         print(
             "bcdi-bluesky serve: --allow-pickle: every sender to the proxy can run code here",
@@ -455,6 +461,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+    if terminated:
+        print("bcdi-bluesky serve: stopped by SIGTERM", file=sys.stderr, flush=True)
     if not finished:
         # A reconstruction is still running in the worker thread (its abandonment is logged):
         # the interpreter's teardown under it would abort the process ("terminate called
@@ -565,6 +573,7 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
             pass
     finally:
         server.stop()
+    print("bcdi-bluesky ioc: stopped by SIGTERM", file=sys.stderr, flush=True)
     return 0
 
 

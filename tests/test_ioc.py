@@ -489,6 +489,7 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
             log = proc.stderr.read()
             proc.wait(timeout=20)
     assert proc.returncode == 0
+    assert log.rstrip().endswith("bcdi-bluesky ioc: stopped by SIGTERM")
     assert f"{prefix}ES:MaxIter = 50 (was 400), put by" in log
     # The refusal is one line, not caproto's "Invalid write request" and its traceback.
     assert f"{prefix}ES:MaxIter: put of 60 by" in log and "Invalid write request" not in log

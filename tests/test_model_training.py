@@ -531,6 +531,8 @@ def test_export_replaces_a_model_only_when_complete(tmp_path, monkeypatch):
         export_module.export(checkpoint, models, **small)
     with pytest.raises(SettingsError, match="latent_count"):
         export_module.export(checkpoint, models, validation_count=2, latent_count=3)
+    with pytest.raises(SettingsError, match="validation_count must be a whole number >= 1"):
+        export_module.export(checkpoint, models, validation_count=True, latent_count=0)
     broken = tmp_path / "broken.pt"
     torch.save({"config": {}, "model": {}}, broken)
     with pytest.raises(ModelError, match="no step"):

@@ -143,6 +143,7 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
     for line in out.lines:  # stdout carries JSON lines only
         json.loads(line)
     assert any("messages dropped" in line for line in err.lines)
+    assert "bcdi-bluesky serve: stopped by SIGTERM\n" in err.lines
 
 
 def _refused_at_start(capsys, args: list[str]) -> str:

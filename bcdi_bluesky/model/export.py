@@ -16,6 +16,7 @@ import torch
 
 from ..errors import SettingsError
 from ..files import atomic_path, atomic_write_bytes, check_destination
+from .config import check_whole_number
 from .data import DISTIL_STREAM
 from .evaluate import training_mean, validate
 from .latent import CALIBRATION_STREAM, calibrate
@@ -114,12 +115,8 @@ def export(
             f"symmetry_average must be one of {', '.join(SYMMETRY_GROUPS)}, got "
             f"{symmetry_average!r}"
         )
-    if isinstance(validation_count, bool) or not isinstance(validation_count, int):
-        raise SettingsError(f"validation_count must be a whole number, got {validation_count!r}")
-    if validation_count < 1:
-        raise SettingsError(f"validation_count must be at least 1, got {validation_count}")
-    if isinstance(latent_count, bool) or not isinstance(latent_count, int):
-        raise SettingsError(f"latent_count must be a whole number, got {latent_count!r}")
+    check_whole_number("validation_count", validation_count, 1)
+    check_whole_number("latent_count", latent_count, 0)
     if latent_count != 0 and latent_count < MIN_LATENT_COUNT:
         raise SettingsError(
             f"latent_count must be 0 (no latent map) or at least {MIN_LATENT_COUNT}, "
