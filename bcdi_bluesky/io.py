@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import logging
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +26,12 @@ import numpy as np
 from .errors import DataError
 from .files import atomic_write_bytes, existing_file
 from .physics import Geometry, check_mask, check_volume
+from .preprocess import saturation_mask
 
 if TYPE_CHECKING:
     from .pipeline import ReconstructionResult
+
+log = logging.getLogger(__name__)
 
 #: Input files read as HDF5 (NeXus and CXI are HDF5).
 HDF5_SUFFIXES = (".h5", ".hdf5", ".cxi", ".nxs")
@@ -166,11 +170,19 @@ def read_intensity(
         raise
     except Exception as exc:  # numpy, h5py and tifffile raise many kinds
         raise DataError(f"{p}: cannot read ({type(exc).__name__}: {exc})") from None
+    unsaturated = saturation_mask(data) if isinstance(data, np.ndarray) else None
     try:
         data = check_volume(data)
         mask = check_mask(mask, data.shape)
     except ValueError as exc:
         raise DataError(f"{p}: {exc}") from None
+    if unsaturated is not None:
+        log.warning(
+            "%s: %d voxels at the integer type's maximum (saturated) masked",
+            p,
+            int(np.count_nonzero(~unsaturated)),
+        )
+        mask = unsaturated if mask is None else mask & unsaturated
     return data, mask
 
 

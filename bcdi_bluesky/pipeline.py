@@ -41,6 +41,7 @@ from .preprocess import (
     fit_to_grid,
     network_input,
     remove_hot_pixels,
+    saturation_mask,
 )
 from .quality import (
     CHI_GOOD,
@@ -333,8 +334,11 @@ def prepare_measurement(intensity: np.ndarray, mask: np.ndarray | None, n: int) 
         if mask is not None:
             own = own & check_mask(mask, intensity.shape)
         mask = own
+    unsaturated = saturation_mask(intensity) if isinstance(intensity, np.ndarray) else None
     data = check_volume(intensity)
     valid = check_mask(mask, data.shape)
+    if unsaturated is not None:  # 16-bit counts at 65535...: the detector saturated there
+        valid = unsaturated if valid is None else valid & unsaturated
     valid = remove_hot_pixels(data, valid)
     if valid.all():
         valid = None

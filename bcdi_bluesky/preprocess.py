@@ -34,6 +34,20 @@ def centre_shift(intensity: np.ndarray, mask: np.ndarray | None = None) -> tuple
     return tuple(s // 2 - p for s, p in zip(intensity.shape, peak, strict=True))
 
 
+def saturation_mask(volume: np.ndarray, max_count: float | None = None) -> np.ndarray | None:
+    """Mask (True = valid) without the voxels at the detector's saturation count, or None
+    when none is saturated: a saturated count is a lower bound, not a measurement, and a fit
+    to it flattens the Bragg peak. ``max_count`` defaults, for unsigned integer data, to the
+    type's largest value (a 16-bit frame's 65535); other data without it are never judged.
+    """
+    if max_count is None:
+        if not np.issubdtype(np.asarray(volume).dtype, np.unsignedinteger):
+            return None
+        max_count = np.iinfo(np.asarray(volume).dtype).max
+    saturated = np.asarray(volume) >= max_count
+    return ~saturated if saturated.any() else None
+
+
 def remove_hot_pixels(
     intensity: np.ndarray, mask: np.ndarray | None = None, factor: float = 20.0
 ) -> np.ndarray:

@@ -283,6 +283,9 @@ def test_closed_loop_finds_a_misaligned_saturated_peak(RE, reconstructor, make_c
     assert not first.peak_inside
     assert last.peak_inside and not last.saturated
     assert any(r.recommendation.saturated for r in records)
+    # The saturated voxels are masked (a lower bound, not a count), and the scan says so.
+    for record in records:
+        assert ("(saturated) masked" in record.message) is record.recommendation.saturated
     assert abs(last.theta_center - beamline.crystal.peak_theta) < 2 * step
     result = records[-1].result
     assert result.metadata["uid"] == records[-1].uid

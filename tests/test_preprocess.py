@@ -89,3 +89,27 @@ def test_data_that_are_not_counts_reach_the_network_at_a_trained_photon_level():
     mask[:, :, :4] = False  # the total counts the valid voxels only
     scaled = at_photon_level(normalised, mask, counts=False)
     assert scaled[mask].sum() == pytest.approx(low, rel=1e-5)
+
+
+def test_saturated_counts_are_masked_in_files_and_arrays(tmp_path, caplog):
+    """Voxels at an unsigned type's largest value (the detector saturated) are invalid, from a
+    file and from an array; float data are never judged without a max_count."""
+    from bcdi_bluesky.io import read_intensity
+    from bcdi_bluesky.pipeline import prepare_measurement
+    from bcdi_bluesky.preprocess import saturation_mask
+
+    grids = np.indices((32, 32, 32)) - 16
+    peak = 200000.0 * np.exp(-(grids**2).sum(axis=0) / 8.0) + 2
+    counts = np.minimum(peak, 65535).astype(np.uint16)
+    hit = counts == 65535
+    assert 0 < hit.sum() < 100
+    np.testing.assert_array_equal(saturation_mask(counts), ~hit)
+    assert saturation_mask(counts.astype(np.float32)) is None
+    np.testing.assert_array_equal(saturation_mask(counts.astype(np.float32), 65535), ~hit)
+    assert saturation_mask(np.ones((4, 4, 4), dtype=np.uint16)) is None
+    np.save(tmp_path / "scan.npy", counts)
+    _, mask = read_intensity(tmp_path / "scan.npy")
+    np.testing.assert_array_equal(mask, ~hit)
+    assert f"{hit.sum()} voxels at the integer type's maximum (saturated) masked" in caplog.text
+    valid = prepare_measurement(counts, None, 32).valid
+    assert not valid[hit].any()

@@ -59,6 +59,7 @@ from event_model import (
 
 from ..errors import NoBraggPeakError, one_line
 from ..physics import AXIS_NAMES, Geometry, geometry_from_start
+from ..preprocess import saturation_mask
 from ..settings import ReconstructionSettings
 from .handlers import DEFAULT_HANDLERS, read_stream_rows
 from .publishers import Publisher, ResultConsumer, as_publisher
@@ -832,7 +833,14 @@ class BCDIReconstructionCallback(DocumentRouter):
             step = "reconstruction"
             geometry = scan_geometry(start, thetas, record.scan_id)
             # Only when known: a reconstructor of the user's may not take the keyword.
-            extra = {"geometry": geometry} if geometry is not None else {}
+            extra: dict[str, Any] = {"geometry": geometry} if geometry is not None else {}
+            unsaturated = saturation_mask(volume, run.max_count) if run.max_count else None
+            if unsaturated is not None:
+                extra["mask"] = unsaturated
+                notes.append(
+                    f"{int(np.count_nonzero(~unsaturated))} voxels at the detector's "
+                    f"max_count {run.max_count:g} (saturated) masked"
+                )
             if self.executor is not None:
                 self._slots.acquire()
                 try:
