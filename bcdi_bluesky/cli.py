@@ -723,15 +723,26 @@ def _add_training_run_options(
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _version() -> str:
+    """The installed distribution's version ("unknown" from a source tree never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bcdi-bluesky")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
         prog="bcdi-bluesky", description="Real-time BCDI reconstruction for Bluesky beamlines."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="closed-loop scans on the simulated beamline, with the IOC")
-    p.add_argument("--scans", type=_at_least_one, default=3)
+    p.add_argument("--scans", type=_at_least_one, default=3, help="rocking scans (default: 3)")
     p.add_argument("--output", default=None, help="output folder (default: a new temp folder)")
     p.add_argument("--prefix", default=None, help="IOC prefix (default: a random DEMOxxxx:)")
     p.add_argument(
@@ -740,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="keep the IOC serving this many seconds after the last scan",
     )
-    p.add_argument("--seed", type=int, default=0, help="the hidden crystal")
+    p.add_argument("--seed", type=int, default=0, help="the hidden crystal (default: 0)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout at the end")
     p.set_defaults(func=_cmd_demo)
 
@@ -884,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reprocess)
 
     p = sub.add_parser("ioc", help="run the reconstruction IOC alone (its settings PVs)")
-    p.add_argument("--prefix", default="BCDI:")
+    p.add_argument("--prefix", default="BCDI:", help="PV prefix (default: BCDI:)")
     _add_access_options(p)
     p.set_defaults(func=_cmd_ioc)
 

@@ -157,8 +157,16 @@ def test_json_round_trip_and_errors(tmp_path, scan54):
     # A file gives what sets the voxel sizes, each key once.
     for key in ("rocking_step_deg", "rocking_axis", "detector_angles_deg"):
         bad.write_text(json.dumps({k: v for k, v in scan54.to_dict().items() if k != key}))
-        with pytest.raises(ValueError, match=rf"geometry file lacks \['{key}'\]"):
+        with pytest.raises(ValueError, match=rf"geometry lacks \['{key}'\]"):
             Geometry.from_json(bad)
+    renamed = {**scan54.to_dict(), "energy_ev": 9000.0}
+    del renamed["energy_kev"]
+    bad.write_text(json.dumps(renamed))
+    with pytest.raises(ValueError, match=r"unknown geometry keys \['energy_ev'\]"):
+        Geometry.from_json(bad)  # the unknown name is said first: it is the likely slip
+    bad.write_bytes(np.arange(4, dtype=np.float32).tobytes() + b"\x93\xff")
+    with pytest.raises(ValueError, match="not a JSON text file"):
+        Geometry.from_json(bad)
     bad.write_text('{"energy_kev": 9.0, "energy_kev": 90.0}')
     with pytest.raises(ValueError, match="'energy_kev' given twice"):
         Geometry.from_json(bad)

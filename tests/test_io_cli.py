@@ -427,3 +427,14 @@ def test_the_commands_log_lines_cannot_be_forged():
     assert _OneLineFormatter("%(levelname)s: %(message)s").format(record) == (
         "INFO: scan 7\\nERROR: forged done"
     )
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    from bcdi_bluesky.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bcdi-bluesky {version('bcdi-bluesky')}"

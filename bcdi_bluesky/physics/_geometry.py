@@ -206,15 +206,18 @@ class Geometry:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Geometry:
-        """Build from the JSON keys (unknown keys are an error: a typo must not pass)."""
+    def from_dict(
+        cls, data: Mapping[str, Any], required: tuple[str, ...] = REQUIRED_KEYS
+    ) -> Geometry:
+        """Build from the JSON keys (unknown keys are an error: a typo must not pass), of
+        which ``required`` must be there."""
         if not isinstance(data, Mapping):
             raise ValueError(f"geometry must be a mapping of keys, got {type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown geometry keys {unknown} (known: {sorted(known)})")
-        missing = [k for k in REQUIRED_KEYS if k not in data]
+        missing = [k for k in required if k not in data]
         if missing:
             raise ValueError(f"geometry lacks {missing}")
         try:
@@ -227,18 +230,16 @@ class Geometry:
         """Read a geometry JSON file (keys: see the class parameters)."""
         p = Path(path)
         try:
-            data = json.loads(p.read_text(), object_pairs_hook=_unique_keys)
+            data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
         except OSError as exc:
             raise ValueError(f"{p}: cannot read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{p}: not a JSON text file (binary data)") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{p}: not JSON ({exc.msg} at line {exc.lineno})") from None
         try:
-            if isinstance(data, Mapping):
-                missing = [k for k in FILE_KEYS if k not in data]
-                if missing:
-                    # A file describes a stored volume: nothing else gives its rocking step.
-                    raise ValueError(f"geometry file lacks {missing}")
-            return cls.from_dict(data)
+            # A file describes a stored volume: nothing else gives its rocking step.
+            return cls.from_dict(data, required=FILE_KEYS)
         except ValueError as exc:
             raise ValueError(f"{p}: {exc}") from None
 
