@@ -44,7 +44,9 @@ def test_forward_model_is_the_same_on_torch(prior64, n):
         TORCH.to_numpy(on_torch), on_numpy, rtol=0, atol=2e-6 * on_numpy.max()
     )
     obj = model.voxelise(params, TORCH)
-    np.testing.assert_allclose(TORCH.to_numpy(obj), model.voxelise(params), atol=1e-6)
+    # float32 sums of the shape terms in another order: about 10 units in the last place of
+    # values near 1 (1.2e-6 seen on 5 of 262144 voxels).
+    np.testing.assert_allclose(TORCH.to_numpy(obj), model.voxelise(params), atol=1e-5)
     far = intensity(obj, backend=TORCH)
     np.testing.assert_allclose(
         TORCH.to_numpy(far),
