@@ -487,7 +487,7 @@ def _dask(address: str, reconstructor=None, spec=None):
 
     try:
         client = connect_dask(address)
-    except (ImportError, OSError) as exc:
+    except (ImportError, OSError, ValueError) as exc:
         raise UserError(f"--dask {address}: {type(exc).__name__}: {exc}") from None
     return client, dask_executor(client, spec or ReconstructorSpec.of(reconstructor))
 
@@ -501,6 +501,13 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
 
     client = tiled_runs.connect(args.tiled, args.api_key)
     uids = args.uids or tiled_runs.recent_runs(client, args.last, args.stream, args.image_key)
+    if not uids:
+        print(
+            f"bcdi-bluesky reprocess: no completed runs with {args.image_key!r} in "
+            f"{args.stream!r} among the last ones: nothing to do",
+            file=sys.stderr,
+        )
+        return 0
     spec = ReconstructorSpec(model_path=args.model)
     dask_client = None
     if args.dask:
@@ -528,7 +535,9 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
             timeout=args.timeout,
         ):
             line = {"uid": outcome.uid, "scan_id": outcome.start.get("scan_id")}
-            if outcome.error:
+            if outcome.skipped:  # not reconstructed by design: not a failure
+                line.update(status="skipped", message=outcome.error)
+            elif outcome.error:
                 failed += 1
                 line.update(status="failed", message=outcome.error)
             else:
@@ -863,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--last",
-        type=int,
+        type=_at_least_one,
         default=10,
         help="without UIDs: this many of the most recent completed runs that have "
         "frames and are not themselves reconstructions",
@@ -887,10 +896,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_number,
         default=3600.0,
         metavar="S",
-        help="a run with no result after S seconds is reported failed",
+        help="a run with no result S seconds after its submission is reported failed",
     )
     p.set_defaults(func=_cmd_reprocess)
 

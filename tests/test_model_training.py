@@ -467,7 +467,7 @@ def test_training_never_loses_a_run_silently(tmp_path, caplog):
             progress=False,
         )
     assert resumed["step"] == 3 and resumed["config"]["batch_size"] == SMALL["batch_size"]
-    (line,) = [r.getMessage() for r in caplog.records]
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "batch_size" in line and "lr" in line and "steps" not in line
     # The loss's moving average is checkpointed: the resumed run logs what a straight one does.
     assert resumed["running_loss"] is not None
@@ -504,7 +504,13 @@ def test_a_run_that_cannot_train_is_refused_before_any_work(change):
 
 @pytest.mark.parametrize(
     "option",
-    [{"workers": -1}, {"workers": 1.5}, {"threads": 0}, {"time_limit_s": float("nan")}],
+    [
+        {"workers": -1},
+        {"workers": 1.5},
+        {"threads": 0},
+        {"time_limit_s": float("nan")},
+        {"time_limit_s": -1.0},
+    ],
 )
 def test_train_options_out_of_range_are_refused_before_any_work(tmp_path, option):
     from bcdi_bluesky.errors import SettingsError

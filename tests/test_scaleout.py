@@ -261,6 +261,60 @@ def test_reprocess_names_the_scan_of_a_run_it_cannot_read(client, raw_runs):
     assert outcome.start["scan_id"] == client[uids[0]].metadata["start"]["scan_id"]
 
 
+@pytest.mark.timeout(120)
+def test_a_failed_run_is_skipped_and_a_lost_server_fails_only_its_runs(client, raw_runs, engine):
+    """A scan that ended in an exception is skipped with its exit status (as the live callback
+    does) and left out of the default selection; a run the server cannot give (the
+    connection broken) is one failed outcome and the batch goes on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bluesky import plan_stubs as bps
+    from bluesky import preprocessors as bpp
+
+    beamline = SimulatedBeamline(seed=15)
+    writer = tiled_runs.tiled_writer(client)
+    token = engine.subscribe(writer)
+
+    @bpp.run_decorator(md={"scan_id": 99})
+    def beam_lost():
+        yield from bps.trigger_and_read([beamline.det, beamline.theta])
+        raise RuntimeError("beam lost")
+
+    try:
+        with pytest.raises(RuntimeError, match="beam lost"):
+            engine(beam_lost())
+    finally:
+        engine.unsubscribe(token)
+    (failed_uid,) = [uid for uid in client if client[uid].metadata["start"].get("scan_id") == 99]
+    assert failed_uid not in tiled_runs.recent_runs(client, 50)
+
+    class Unreachable:
+        def __getitem__(self, uid):
+            if uid == "gone":
+                raise ConnectionError("[Errno 111] Connection refused")
+            return client[uid]
+
+    uids, _ = raw_runs
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        skipped, gone, done = tiled_runs.reprocess(
+            Unreachable(), [failed_uid, "gone", uids[0]], pool, refine="none"
+        )
+    assert skipped.skipped and "exit_status 'fail'" in skipped.error
+    assert skipped.start["scan_id"] == 99
+    assert not gone.skipped and "cannot reach it (ConnectionError" in gone.error
+    assert done.result is not None and not done.error
+
+
+def test_a_malformed_scheduler_address_is_refused_at_once():
+    from bcdi_bluesky.beamline.scaleout import connect_dask
+
+    for address in ("not a scheduler", "http://127.0.0.1:8786", "foo:bar"):
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="not a scheduler address"):
+            connect_dask(address)
+        assert time.monotonic() - started < 5
+
+
 def test_reprocess_full_pipeline_against_the_truth(client, raw_runs, engine, tiled_server):
     """The real full pipeline, here on a thread pool: reading through Tiled keeps the scan
     good enough to recover the hidden crystal."""

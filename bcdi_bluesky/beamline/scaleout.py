@@ -150,7 +150,19 @@ def connect_dask(address: str, timeout: float = 30.0) -> Any:
         ``distributed`` is not installed (extra ``distributed``).
     OSError
         No scheduler answered within ``timeout`` seconds.
+    ValueError
+        ``address`` is not a scheduler address (``[tcp://]HOST:PORT`` or another scheme Dask
+        knows), checked before a client is made: a half-made one hangs a minute at exit.
     """
     from distributed import Client
+    from distributed.comm import parse_address, parse_host_port
+    from distributed.comm.registry import backends
 
+    try:
+        scheme, location = parse_address(address)
+        parse_host_port(location)
+    except ValueError as exc:
+        raise ValueError(f"not a scheduler address ([tcp://]HOST:PORT): {exc}") from None
+    if scheme not in backends:
+        raise ValueError(f"not a scheduler address: unknown scheme {scheme!r}")
     return Client(address, set_as_default=False, timeout=timeout)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, NoBraggPeakError
 from .callback import scan_geometry
 from .recommend import annotate_result
 from .scaleout import ReconstructorSpec, reconstruct_volume
@@ -80,8 +80,8 @@ def recent_runs(
 ) -> list[str]:
     """The uids of the ``last`` most recent completed raw runs with frames, oldest first.
 
-    Derived runs (a ``parent_uid`` in their start) and runs without a stop document or
-    without ``image_key`` in ``stream_name`` are passed over.
+    Derived runs (a ``parent_uid`` in their start), runs without a stop document or that did
+    not end in success, and runs without ``image_key`` in ``stream_name`` are passed over.
     """
     uids: list[str] = []
     keys = client.keys()
@@ -93,7 +93,10 @@ def recent_runs(
         for uid in reversed(list(keys[start:end])):
             run = client[uid]
             metadata = run.metadata
-            if is_derived(metadata.get("start", {})) or not metadata.get("stop"):
+            stop = metadata.get("stop")
+            if is_derived(metadata.get("start", {})) or not stop:
+                continue
+            if stop.get("exit_status", "success") != "success":  # failed or aborted
                 continue
             if stream_name in run and image_key in run[stream_name]:
                 uids.append(uid)
@@ -121,12 +124,23 @@ def read_run(
         run = client[uid]
     except KeyError:
         raise DataError(f"no run {uid!r} in the Tiled catalog") from None
-    start = dict(run.metadata.get("start", {}))
+    except Exception as exc:  # the server gone, the connection broken: this run fails
+        raise DataError(f"run {uid}: cannot reach it ({type(exc).__name__}: {exc})") from None
     try:
+        metadata = run.metadata
+        start = dict(metadata.get("start", {}))
+        exit_status = (metadata.get("stop") or {}).get("exit_status", "success")
+        if exit_status != "success":
+            # As the live callback: a failed or aborted scan is not a rocking curve.
+            raise NotReconstructed(f"run ended with exit_status {exit_status!r}")
         stream = run[stream_name]
+        missing = [key for key in (image_key, motor_key) if key not in stream]
+    except DataError:
+        raise
     except KeyError:
         raise DataError(f"run {uid}: no stream {stream_name!r}") from None
-    missing = [key for key in (image_key, motor_key) if key not in stream]
+    except Exception as exc:
+        raise DataError(f"run {uid}: cannot read it ({type(exc).__name__}: {exc})") from None
     if missing:
         raise DataError(f"run {uid}: stream {stream_name!r} has no {', '.join(missing)}")
     # The array nodes, not stream.read(): that goes through xarray, which trips on the
@@ -155,12 +169,14 @@ def tiled_writer(client: Any) -> Callable[[str, dict], None]:
 
 @dataclass
 class Outcome:
-    """What became of one run in :func:`reprocess`: a result, or the reason there is none."""
+    """What became of one run in :func:`reprocess`: a result, or the reason there is none
+    (``skipped``: not reconstructed by design, as the live callback skips such a scan)."""
 
     uid: str
     start: dict
     result: Any = None
     error: str = ""
+    skipped: bool = False
 
 
 def reprocess(
@@ -188,37 +204,54 @@ def reprocess(
     seconds gives an outcome with ``error`` set; the others go on.
     """
     spec = spec or ReconstructorSpec()
-    pending: list[tuple[str, dict, Future | None, str]] = []
+    # (uid, start, future or None, the error that stopped it before, its deadline)
+    pending: list[tuple[str, dict, Future | None, DataError | None, float]] = []
 
-    def settle(uid: str, start: dict, future: Future | None, error: str) -> Outcome:
+    def settle(
+        uid: str, start: dict, future: Future | None, error: DataError | None, deadline: float
+    ) -> Outcome:
         if future is None:
-            return Outcome(uid, start, error=error)
+            return Outcome(uid, start, error=str(error), skipped=_skipped(error))
         try:
-            result = future.result(timeout=timeout)
+            left = None if timeout is None else max(deadline - time.monotonic(), 0.0)
+            result = future.result(timeout=left)
         except FutureTimeout:
             future.cancel()
-            return Outcome(uid, start, error=f"no result within {timeout:g} s")
+            return Outcome(uid, start, error=f"no result within {timeout:g} s of its submission")
         except Exception as exc:
-            return Outcome(uid, start, error=f"{type(exc).__name__}: {exc}")
+            # A cancelled task carries no text: say where such a cancellation comes from.
+            why = str(exc) or "no reason given (a lost worker or scheduler?)"
+            return Outcome(uid, start, error=f"{type(exc).__name__}: {why}", skipped=_skipped(exc))
         annotate_result(result, start)
         return Outcome(uid, start, result)
 
     for uid in uids:
+        deadline = time.monotonic() + (timeout or 0.0)
         try:
             run = read_run(client, uid, image_key, motor_key, stream_name)
         except DataError as exc:
-            pending.append((uid, _stored_start(client, uid), None, str(exc)))
+            pending.append((uid, _stored_start(client, uid), None, exc, deadline))
         else:
             geometry = scan_geometry(run.start, run.thetas, run.start.get("scan_id", uid))
             options = {} if geometry is None else {"geometry": geometry}
             future = executor.submit(
                 reconstruct_volume, spec, run.volume, refine, settings, **options
             )
-            pending.append((uid, run.start, future, ""))
+            pending.append((uid, run.start, future, None, deadline))
         while len(pending) >= max(window, 1):
             yield settle(*pending.pop(0))
     while pending:
         yield settle(*pending.pop(0))
+
+
+class NotReconstructed(DataError):
+    """A run that is not reconstructed by design (it failed or was aborted)."""
+
+
+def _skipped(error: BaseException | None) -> bool:
+    """Not reconstructed by design, as the live callback skips: no Bragg peak, a run that
+    ended badly."""
+    return isinstance(error, (NoBraggPeakError, NotReconstructed))
 
 
 def _stored_start(client: Any, uid: str) -> dict:

@@ -642,7 +642,7 @@ def scan_identity(start_doc: dict) -> dict[str, Any]:
     scan_id = start_doc.get("scan_id")
     whole = isinstance(scan_id, (int, np.integer)) and not isinstance(scan_id, bool)
     fits = whole and abs(int(scan_id)) <= np.iinfo(np.int32).max
-    return {"ScanUID": str(start_doc["uid"])[:39], "ScanID": int(scan_id) if fits else 0}
+    return {"ScanUID": str(start_doc.get("uid", ""))[:39], "ScanID": int(scan_id) if fits else 0}
 
 
 def _scan_name(start_doc: dict) -> str:

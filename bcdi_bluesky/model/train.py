@@ -320,11 +320,9 @@ def train(
     if threads is not None:
         check_whole_number("threads", threads, 1)
     if time_limit_s is not None and not (
-        isinstance(time_limit_s, (int, float)) and time_limit_s > 0 and math.isfinite(time_limit_s)
+        isinstance(time_limit_s, (int, float)) and math.isfinite(time_limit_s) and time_limit_s >= 0
     ):
-        raise SettingsError(
-            f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}"
-        )
+        raise SettingsError(f"time_limit_s must be a number of seconds >= 0, got {time_limit_s!r}")
     if threads:
         torch.set_num_threads(threads)
     path = run_checkpoint(directory, config.name, resume, overwrite)
