@@ -124,6 +124,29 @@ def _write_runs(engine, client, frames, seeds, points=16, md=None):
     return uids, beamlines
 
 
+def _write_failed_run(engine, client, scan_id: int) -> str:
+    """A scan that raised after its first frame (stop document with exit_status 'fail'),
+    stored by TiledWriter; its uid."""
+    from bluesky import plan_stubs as bps
+    from bluesky import preprocessors as bpp
+
+    beamline = SimulatedBeamline(seed=15)
+    token = engine.subscribe(tiled_runs.tiled_writer(client))
+
+    @bpp.run_decorator(md={"scan_id": scan_id})
+    def beam_lost():
+        yield from bps.trigger_and_read([beamline.det, beamline.theta])
+        raise RuntimeError("beam lost")
+
+    try:
+        with pytest.raises(RuntimeError, match="beam lost"):
+            engine(beam_lost())
+    finally:
+        engine.unsubscribe(token)
+    (uid,) = [u for u in client if client[u].metadata["start"].get("scan_id") == scan_id]
+    return uid
+
+
 @pytest.fixture(scope="module")
 def raw_runs(engine, client, tiled_server):
     _, frames = tiled_server
@@ -268,24 +291,7 @@ def test_a_failed_run_is_skipped_and_a_lost_server_fails_only_its_runs(client, r
     connection broken) is one failed outcome and the batch goes on."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bluesky import plan_stubs as bps
-    from bluesky import preprocessors as bpp
-
-    beamline = SimulatedBeamline(seed=15)
-    writer = tiled_runs.tiled_writer(client)
-    token = engine.subscribe(writer)
-
-    @bpp.run_decorator(md={"scan_id": 99})
-    def beam_lost():
-        yield from bps.trigger_and_read([beamline.det, beamline.theta])
-        raise RuntimeError("beam lost")
-
-    try:
-        with pytest.raises(RuntimeError, match="beam lost"):
-            engine(beam_lost())
-    finally:
-        engine.unsubscribe(token)
-    (failed_uid,) = [uid for uid in client if client[uid].metadata["start"].get("scan_id") == 99]
+    failed_uid = _write_failed_run(engine, client, scan_id=99)
     assert failed_uid not in tiled_runs.recent_runs(client, 50)
 
     class Unreachable:
@@ -487,6 +493,11 @@ def test_serve_follows_tiled_and_reconstructs_on_dask(client, engine, tiled_serv
         report = json.loads(serve.stdout.readline())
         assert report["uid"] == uid and report["status"] == "done", report
         assert 0 < report["chi"] < 1 and report["refine"] == "none"
+        # A scan that ended in an exception: its line says skipped, and why.
+        failed = _write_failed_run(engine, client, scan_id=98)
+        report = json.loads(serve.stdout.readline())
+        assert (report["uid"], report["status"]) == (failed, "skipped"), report
+        assert "exit_status 'fail'" in report["message"]
     finally:
         serve.send_signal(signal.SIGTERM)
         try:

@@ -371,16 +371,27 @@ def run_documents(
     yield "stop", dict(run.metadata["stop"])
 
 
+def _start_and_stop(client: Any, uid: str) -> list[tuple[str, dict]]:
+    """A stored run's start and stop documents (none when the server cannot give them)."""
+    try:
+        metadata = client[uid].metadata
+        return [("start", dict(metadata["start"])), ("stop", dict(metadata["stop"]))]
+    except Exception:  # the server gone, a run without a stop: nothing to tell
+        return []
+
+
 class TiledRunSource:
     """Runs completed on a Tiled server as documents, live: a document source for
     :class:`~bcdi_bluesky.beamline.BCDIReconstructionCallback` with the interface of
     bluesky's ``RemoteDispatcher`` (``subscribe``, a blocking ``start``, ``stop``).
 
     Each run is sent once its stop document reaches the server (:class:`RunFollower`), with
-    its frames read through Tiled (:func:`run_documents`). A run that cannot be read is
-    logged and passed over. A subscription that tiled ends (an update longer than
-    ``max_update_bytes``) is made again with one warning, counted in :attr:`resubscriptions`:
-    the runs completed meanwhile are not sent (``bcdi-bluesky reprocess`` reads them).
+    its frames read through Tiled (:func:`run_documents`). A run whose frames cannot be read
+    (it failed or was aborted, has no frames, a file is missing) is logged and sent as its
+    start and stop only, so the callback records it and tells its publishers. A
+    subscription that tiled ends (an update longer than ``max_update_bytes``) is made again
+    with one warning, counted in :attr:`resubscriptions`: the runs completed meanwhile are
+    not sent (``bcdi-bluesky reprocess`` reads them).
     """
 
     def __init__(
@@ -408,8 +419,10 @@ class TiledRunSource:
         try:
             documents = list(run_documents(self.client, uid, *self.keys))
         except DataError as exc:
-            log.warning("run %s not sent: %s", uid, exc)
-            return
+            log.warning("run %s: frames not sent: %s", uid, exc)
+            # Its start and stop alone: the callback records the scan (skipped: it ended
+            # badly, or has no frames) and tells the publishers, as for a live run.
+            documents = _start_and_stop(self.client, uid)
         for name, doc in documents:
             for consumer in self._consumers:
                 consumer(name, doc)
