@@ -4,6 +4,17 @@ The public API lives here::
 
     from bcdi_bluesky import Reconstructor
     result = Reconstructor().reconstruct(intensity, mask=None, refine="full")
+    result.object, result.support, result.quality, result.quality_reasons, result.summary()
+
+- :class:`Reconstructor` and its :class:`ReconstructionResult`; :class:`ReconstructionSettings`
+  (every default and limit); :func:`read_intensity` and :func:`write_result` (files).
+- :class:`BCDIReconstructionCallback`: reconstruct every rocking scan of a RunEngine
+  (publishers, plans and the simulated beamline in :mod:`bcdi_bluesky.beamline`; the IOC in
+  :mod:`bcdi_bluesky.epics`).
+- :class:`BCDIError` and its subclasses: what a user, a file or a setting can get wrong.
+- Geometry, lab frame, displacement and strain: :mod:`bcdi_bluesky.physics`.
+- The command line: ``bcdi-bluesky --help``; the documentation: the ``docs/`` folder of the
+  source (user guide, method, benchmarks).
 """
 
 from importlib import import_module
@@ -51,3 +62,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'bcdi_bluesky' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # help() and dir() list the public names before their first use imports them.
+    return sorted(set(globals()) | set(__all__))

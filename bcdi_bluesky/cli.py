@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import __version__
 from .errors import BCDIError, DataError, one_line
 from .files import check_destination
 
@@ -732,22 +733,12 @@ def _add_training_run_options(
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _version() -> str:
-    """The installed distribution's version ("unknown" from a source tree never installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("bcdi-bluesky")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
         prog="bcdi-bluesky", description="Real-time BCDI reconstruction for Bluesky beamlines."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="closed-loop scans on the simulated beamline, with the IOC")
