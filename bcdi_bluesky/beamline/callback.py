@@ -57,7 +57,7 @@ from event_model import (
     unpack_event_page,
 )
 
-from ..errors import NoBraggPeakError, one_line
+from ..errors import DataError, NoBraggPeakError, one_line
 from ..physics import AXIS_NAMES, Geometry, geometry_from_start
 from ..preprocess import saturation_mask
 from ..settings import ReconstructionSettings
@@ -121,9 +121,16 @@ class _Cancelled(Exception):
     """Raised through the pipeline's progress hook when :meth:`close` runs out of time."""
 
 
-class _NotReconstructable(Exception):
-    """The scan's frames are not a rocking scan that can be reconstructed (recorded
-    ``skipped`` with the reason, like a volume without a Bragg peak)."""
+class NotReconstructable(DataError):
+    """The scan is not a rocking scan that can be reconstructed (frames at one angle, a run
+    that failed or was aborted): recorded ``skipped`` with the reason, like a volume without
+    a Bragg peak."""
+
+
+def skipped_by_design(exc: BaseException | None) -> bool:
+    """Whether ``exc`` means the scan is not reconstructed by design (``skipped``), not that
+    something went wrong (``failed``)."""
+    return isinstance(exc, (NoBraggPeakError, NotReconstructable))
 
 
 #: A rocking scan whose readbacks' median step is below this fraction of the planned step did
@@ -810,7 +817,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             run.free()
             problem = rocking_problem(thetas, start)
             if problem is not None:
-                raise _NotReconstructable(problem)
+                raise NotReconstructable(problem)
             step = "recommendation"
             try:
                 record.recommendation = recommend(volume, thetas, run.exposure, run.max_count)
@@ -883,7 +890,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         self, record: ScanRecord, start: dict, exc: Exception, step: str, notes: list[str]
     ) -> None:
         """Record why a scan has no reconstruction and tell the publishers."""
-        if isinstance(exc, (NoBraggPeakError, _NotReconstructable)):
+        if skipped_by_design(exc):
             record.status, record.message = "skipped", "; ".join([str(exc), *notes])
             log.warning("scan %s skipped: %s", record.scan_id, exc)
         else:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError, NoBraggPeakError
-from .callback import scan_geometry
+from ..errors import DataError
+from .callback import NotReconstructable, scan_geometry, skipped_by_design
 from .recommend import annotate_result
 from .scaleout import ReconstructorSpec, reconstruct_volume
 
@@ -96,7 +96,7 @@ def recent_runs(
             stop = metadata.get("stop")
             if is_derived(metadata.get("start", {})) or not stop:
                 continue
-            if stop.get("exit_status", "success") != "success":  # failed or aborted
+            if not _ended_in_success(stop):  # failed or aborted
                 continue
             if stream_name in run and image_key in run[stream_name]:
                 uids.append(uid)
@@ -129,10 +129,10 @@ def read_run(
     try:
         metadata = run.metadata
         start = dict(metadata.get("start", {}))
-        exit_status = (metadata.get("stop") or {}).get("exit_status", "success")
-        if exit_status != "success":
+        stop = metadata.get("stop")
+        if not _ended_in_success(stop):
             # As the live callback: a failed or aborted scan is not a rocking curve.
-            raise NotReconstructed(f"run ended with exit_status {exit_status!r}")
+            raise NotReconstructable(f"run ended with exit_status {stop['exit_status']!r}")
         stream = run[stream_name]
         missing = [key for key in (image_key, motor_key) if key not in stream]
     except DataError:
@@ -211,7 +211,7 @@ def reprocess(
         uid: str, start: dict, future: Future | None, error: DataError | None, deadline: float
     ) -> Outcome:
         if future is None:
-            return Outcome(uid, start, error=str(error), skipped=_skipped(error))
+            return Outcome(uid, start, error=str(error), skipped=skipped_by_design(error))
         try:
             left = None if timeout is None else max(deadline - time.monotonic(), 0.0)
             result = future.result(timeout=left)
@@ -221,7 +221,9 @@ def reprocess(
         except Exception as exc:
             # A cancelled task carries no text: say where such a cancellation comes from.
             why = str(exc) or "no reason given (a lost worker or scheduler?)"
-            return Outcome(uid, start, error=f"{type(exc).__name__}: {why}", skipped=_skipped(exc))
+            return Outcome(
+                uid, start, error=f"{type(exc).__name__}: {why}", skipped=skipped_by_design(exc)
+            )
         annotate_result(result, start)
         return Outcome(uid, start, result)
 
@@ -244,14 +246,9 @@ def reprocess(
         yield settle(*pending.pop(0))
 
 
-class NotReconstructed(DataError):
-    """A run that is not reconstructed by design (it failed or was aborted)."""
-
-
-def _skipped(error: BaseException | None) -> bool:
-    """Not reconstructed by design, as the live callback skips: no Bragg peak, a run that
-    ended badly."""
-    return isinstance(error, (NoBraggPeakError, NotReconstructed))
+def _ended_in_success(stop: dict | None) -> bool:
+    """A stop document's exit status is success (a run without one says nothing else)."""
+    return (stop or {}).get("exit_status", "success") == "success"
 
 
 def _stored_start(client: Any, uid: str) -> dict:
