@@ -175,6 +175,11 @@ class ArrayBackend:
             return np.einsum("i,i->", a, b, dtype=np.float64)
         return xp.sum(xp.astype(a, xp.float64) * xp.astype(b, xp.float64))
 
+    def median(self, x: Any) -> float:
+        """The median of the values of the 1D array ``x`` (the lower of the two middle ones
+        for an even count, as torch's: one definition on every library)."""
+        return float(self.xp.sort(x)[(x.shape[0] - 1) // 2])
+
     def dot(self, a: Any, b: Any) -> float:
         """``sum(a * b)`` accumulated in float64, as a Python float (1D real arrays)."""
         return float(self.vdot(a, b))

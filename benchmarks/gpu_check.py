@@ -74,6 +74,7 @@ QUICK_SETTINGS = {
     "polish_iterations": 100,
     "adaptive_iterations": 0,
     "converge_iterations": 0,
+    "uniform_amplitude_iterations": 0,
 }
 #: Targets of scan stop -> result on a GPU, seconds.
 TARGETS_S = {64: 0.1, 128: 0.3, 256: 3.0}

@@ -85,6 +85,36 @@ def test_refinement_is_the_same_on_torch(measured):
     np.testing.assert_allclose(runs["torch"], runs["numpy"], rtol=0, atol=1e-4)
 
 
+def test_uniform_amplitude_hold_is_the_same_on_torch(measured):
+    """The held interior ends at one amplitude (its median's), on either library."""
+    model, params, counts, mask = measured
+    seed = model.voxelise(model.clip(params * 0.95))
+    support = np.abs(seed) > 0.1 * np.abs(seed).max()
+    interior = scipy.ndimage.binary_erosion(support, iterations=3)
+    assert 0 < interior.sum() < support.sum()
+    chis = {}
+    for backend in (NUMPY, TORCH):
+        run = polish(
+            counts,
+            seed,
+            support,
+            mask,
+            iterations=30,
+            hio_fraction=0.5,
+            shrink_every=0,
+            backend=backend,
+            uniform_interior=interior,
+        )
+        amplitude = np.abs(backend.to_numpy(run.object))
+        held = amplitude[interior]
+        assert held.std() <= 1e-5 * held.mean()
+        # Only the interior is held: the edge keeps its own falling amplitude.
+        assert amplitude[support & ~interior].std() > 0.1 * held.mean()
+        chis[backend.library] = ChiCost(counts, mask, backend)(run.model_intensity(backend))
+    assert chis["numpy"] < 0.3
+    assert abs(chis["torch"] - chis["numpy"]) <= 1e-3
+
+
 @pytest.mark.parametrize("partial_coherence", [False, True])
 def test_phase_retrieval_is_the_same_on_torch(measured, partial_coherence):
     model, params, counts, mask = measured

@@ -270,9 +270,9 @@ def through_phase_retrieval(reconstruct, photons: float = 1e9, seed: int = 0):
 @pytest.mark.timeout(250)
 def test_inclusion_through_phase_retrieval():
     """The inclusion's diffraction (1e9 photons, Poisson) through the whole pipeline, on scan
-    54's sheared grid. Phase retrieval, not the geometry, limits the displacement of this
-    strongly strained crystal (up to 2 rad of phase per voxel): measured error 19% of the true
-    RMS (docs/benchmarks.md); the strain RMS and the crystal's extents come out close."""
+    54's sheared grid, a strongly strained crystal (up to 2 rad of phase per voxel): the
+    displacement within 10% of its RMS (measured 5%, docs/benchmarks.md; the free runs alone
+    end at 19%), the strain RMS within 20%, the crystal's extents within 10%."""
     from bcdi_bluesky import Reconstructor
 
     g = GEOMETRIES["aps_34idc scan 54"]
@@ -280,7 +280,7 @@ def test_inclusion_through_phase_retrieval():
     figures = inclusion_case(
         g, retrieve=through_phase_retrieval(lambda c: rec.reconstruct(c, refine="full").object)
     )
-    assert figures["displacement_error_rms_nm"] < 0.25 * figures["displacement_rms_nm"]
+    assert figures["displacement_error_rms_nm"] <= 0.10 * figures["displacement_rms_nm"]
     ours = figures["phys"].summary()
     reference = inclusion_case(g)["phys"].summary()
     assert ours["strain_rms"] == pytest.approx(reference["strain_rms"], rel=0.20)

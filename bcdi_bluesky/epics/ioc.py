@@ -371,6 +371,7 @@ SETTING_PVS = {
     "converge_iterations": "Polish:ConvergeIterations",
     "converge_tolerance": "Polish:ConvergeTolerance",
     "loose_support_iterations": "Polish:LooseSupportIterations",
+    "uniform_amplitude_iterations": "Polish:UniformAmplitudeIterations",
     "partial_coherence": "Polish:PartialCoherence",
     "support_threshold": "Support:Threshold",
     "track": "Track",

@@ -184,6 +184,7 @@ def polish(
     backend: ArrayBackend = NUMPY,
     partial_coherence: bool = False,
     kernel: CoherenceKernel | None = None,
+    uniform_interior: Any | None = None,
 ) -> PolishResult:
     """Refine ``seed_object`` against ``measured`` by ER/HIO with shrink-wrap.
 
@@ -226,6 +227,10 @@ def polish(
         ``kernel`` is given).
     kernel : CoherenceKernel, optional
         A kernel to start from (a previous run's); it is refined in place.
+    uniform_interior : ndarray of bool, optional
+        Voxels inside the support whose amplitude every step sets to its median over them,
+        keeping their phase: a homogeneous crystal, whose density the data alone do not fix
+        where an even phase and an odd amplitude change fit them alike.
     """
     started = time.perf_counter()
     xp = backend.xp
@@ -234,6 +239,9 @@ def polish(
     valid = None if mask is None else backend.ifftshift(backend.asarray(mask, dtype=xp.bool))
     invalid = None if valid is None else ~valid
     support = xp.asarray(backend.asarray(seed_support, dtype=xp.bool), copy=True)
+    interior = (
+        None if uniform_interior is None else backend.asarray(uniform_interior, dtype=xp.bool)
+    )
     limit = (
         None
         if max_growth is None
@@ -291,6 +299,10 @@ def polish(
             obj = new
         else:
             obj = xp.where(support, new, obj - beta * new)
+        if interior is not None:
+            modulus = xp.abs(obj)
+            level = backend.median(modulus[interior])
+            obj = xp.where(interior, obj * (level / xp.clip(modulus, min=1e-12)), obj)
         done += 1
         if shrink_every and (i + 1) % shrink_every == 0 and i + 1 < len(recipe):
             support = shrink_wrap(obj, shrink_sigma, shrink_threshold, backend)
