@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DataError
-from .callback import NotReconstructable, scan_geometry, skipped_by_design
+from .callback import NotReconstructable, exception_text, scan_geometry, skipped_by_design
 from .recommend import annotate_result
 from .scaleout import ReconstructorSpec, reconstruct_volume
 
@@ -219,11 +219,7 @@ def reprocess(
             future.cancel()
             return Outcome(uid, start, error=f"no result within {timeout:g} s of its submission")
         except Exception as exc:
-            # A cancelled task carries no text: say where such a cancellation comes from.
-            why = str(exc) or "no reason given (a lost worker or scheduler?)"
-            return Outcome(
-                uid, start, error=f"{type(exc).__name__}: {why}", skipped=skipped_by_design(exc)
-            )
+            return Outcome(uid, start, error=exception_text(exc), skipped=skipped_by_design(exc))
         annotate_result(result, start)
         return Outcome(uid, start, result)
 
