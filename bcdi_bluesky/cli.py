@@ -331,6 +331,12 @@ def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
     return outputs
 
 
+#: Exit status of ``serve`` when its Dask client is closed for good: a failure at run time
+#: (as ``reprocess`` with a failed run), not a bad command line (2), so that a service
+#: manager's restart-on-failure starts it again.
+SCHEDULER_LOST = 1
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import pickle
@@ -435,6 +441,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dispatcher.stop()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    watch = None
+    if dask_client is not None:
+        from .beamline.scaleout import ClientWatch
+
+        # A client that lost its scheduler for good fails every later scan: stop listening
+        # and exit non-zero, so that the service manager starts serve again.
+        watch = ClientWatch(dask_client, dispatcher.stop)
     if args.allow_pickle:
         print(
             "bcdi-bluesky serve: --allow-pickle: every sender to the proxy can run code here",
@@ -451,6 +464,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         dispatcher.start()
     finally:
+        if watch is not None:
+            watch.stop()
+        # The scans in hand are reported as not reconstructed here, also when the scheduler
+        # is gone (Dask cancelled their tasks, or left those it never sent waiting).
         finished = callback.close(timeout=args.stop_timeout)
         if dask_client is not None:
             dask_client.close()
@@ -462,16 +479,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+    status = 0
     if terminated:
         print("bcdi-bluesky serve: stopped by SIGTERM", file=sys.stderr, flush=True)
+    elif watch is not None and watch.closed:
+        print(
+            f"bcdi-bluesky serve: lost the Dask scheduler at {args.dask} (no answer within "
+            f"the client's reconnect window); exiting so the service manager can restart serve",
+            file=sys.stderr,
+            flush=True,
+        )
+        status = SCHEDULER_LOST
     if not finished:
         # A reconstruction is still running in the worker thread (its abandonment is logged):
         # the interpreter's teardown under it would abort the process ("terminate called
         # without an active exception" from ONNX Runtime's threads), so leave at once.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(status)
+    return status
 
 
 def _write_access(args: argparse.Namespace):

@@ -613,3 +613,97 @@ def test_close_cancels_a_result_the_executor_never_gives(RE):
     record = cb.records[uid]
     assert record.status == "failed" and "closed before" in record.message
     assert failures == [(uid, record.message)]
+
+
+@pytest.mark.timeout(90)
+def test_serve_exits_when_the_dask_scheduler_is_gone_for_good(tmp_path):
+    """``serve --dask``: the scheduler killed with a scan in hand. The scan is reported not
+    reconstructed, and once the client's reconnect window (3 s here) has passed, serve
+    exits non-zero with one line saying why, for its service manager to start it again."""
+    import zmq
+    from builders import Lines, documents
+    from distributed import Client
+
+    from bcdi_bluesky.cli import SCHEDULER_LOST
+    from bcdi_bluesky.remote import serializer
+
+    scheduler_port, zmq_port = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{scheduler_port}"
+    # A scheduler without workers: a submitted task stays in hand until the scheduler goes.
+    scheduler = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(scheduler_port),
+            "--dashboard-address",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    context = zmq.Context()
+    sender = context.socket(zmq.PUB)
+    sender.bind(f"tcp://127.0.0.1:{zmq_port}")
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "serve",
+            "--zmq",
+            f"127.0.0.1:{zmq_port}",
+            "--dask",
+            address,
+            "--refine",
+            "none",
+            "--stop-timeout",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )
+    out, err = Lines(serve.stdout), Lines(serve.stderr)
+    try:
+        assert err.wait_for(lambda line: "listening" in line, 40), err.lines
+        time.sleep(1.0)  # PUB/SUB drops what is sent before the subscription is made
+        rng = np.random.default_rng(0)
+        frames = {0.01 * k: rng.poisson(5.0, (32, 32)).astype(np.float32) for k in range(8)}
+        docs = documents(frames)
+        for name, doc in docs:
+            sender.send(b" " + name.encode() + b" " + serializer(doc))
+        with Client(address, set_as_default=False, timeout=10) as observer:
+            deadline = time.monotonic() + 20
+            while not observer.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+                assert time.monotonic() < deadline, "the scan never reached the scheduler"
+                time.sleep(0.2)
+        scheduler.kill()
+        scheduler.wait(timeout=10)
+        killed = time.monotonic()
+        serve.wait(timeout=30)
+        assert time.monotonic() - killed < 20
+    finally:
+        sender.close(linger=0)
+        context.term()
+        for proc in (serve, scheduler):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        serve.stdout.close()
+        serve.stderr.close()
+    time.sleep(0.2)  # the reader threads see the pipes' ends
+    assert serve.returncode == SCHEDULER_LOST != 0, err.lines
+    (line,) = out.lines  # the scan in hand, reported through the publishers' failure hook
+    report = json.loads(line)
+    assert report["uid"] == docs[0][1]["uid"] and report["status"] == "not reconstructed"
+    assert "CancelledError" in report["message"] and "scheduler" in report["message"]
+    lost = [line for line in err.lines if "lost the Dask scheduler" in line]
+    assert lost == [
+        f"bcdi-bluesky serve: lost the Dask scheduler at {address} (no answer within the "
+        "client's reconnect window); exiting so the service manager can restart serve\n"
+    ], err.lines
