@@ -520,13 +520,25 @@ def _dask(address: str, reconstructor=None, spec=None):
 
 
 def _cmd_reprocess(args: argparse.Namespace) -> int:
+    from .beamline import tiled as tiled_runs
+
+    if args.overwrite and not args.write_back:
+        raise UserError("--overwrite goes with --write-back (it writes derived runs again)")
+    client = tiled_runs.connect(args.tiled, args.api_key)
+    try:
+        return _reprocess_from(client, args)
+    finally:
+        client.context.close()
+
+
+def _reprocess_from(client: Any, args: argparse.Namespace) -> int:
+    """``reprocess`` on a connected Tiled client: one JSON line per run; 1 when any failed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .beamline import DerivedRunPublisher, ResultFileWriter
+    from .beamline import ResultFileWriter
     from .beamline import tiled as tiled_runs
     from .beamline.scaleout import ReconstructorSpec
 
-    client = tiled_runs.connect(args.tiled, args.api_key)
     uids = args.uids or tiled_runs.recent_runs(client, args.last, args.stream, args.image_key)
     if not uids:
         print(
@@ -543,10 +555,15 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
         window = 2 * max(len(dask_client.scheduler_info()["workers"]), 1)
     else:
         executor, window = ThreadPoolExecutor(max_workers=1), 2
-    # (JSON key of what a publisher returns, publisher)
-    publishers: list = [("output", ResultFileWriter(args.output))] if args.output else []
+    # (JSON key of what a publisher writes, publisher: result, start -> fields of the line)
+    publishers: list[tuple[str, Callable[[Any, dict], dict]]] = []
+    if args.output:
+        to_file = ResultFileWriter(args.output)
+        publishers.append(("output", lambda result, start: {"output": str(to_file(result, start))}))
     if args.write_back:
-        publishers.append(("derived_uid", DerivedRunPublisher(tiled_runs.tiled_writer(client))))
+        publishers.append(
+            ("derived_uid", _write_back(tiled_runs.WriteBack(client, args.overwrite)))
+        )
     failed = 0
     try:
         for outcome in tiled_runs.reprocess(
@@ -575,7 +592,7 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
                 )
                 for key, publish in publishers:
                     try:
-                        line[key] = str(publish(outcome.result, outcome.start))
+                        line.update(publish(outcome.result, outcome.start))
                     except Exception as exc:  # a full disk, a refused write: the next run
                         if line["status"] == "done":  # count each run once
                             failed += 1
@@ -587,6 +604,23 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
         else:
             dask_client.close()
     return 1 if failed else 0
+
+
+def _write_back(write: Any) -> Callable[[Any, dict], dict]:
+    """``reprocess --write-back``'s fields of a run's line: the derived run's uid, and a
+    message when the catalog had it already (nothing written)."""
+
+    def publish(result: Any, start: dict) -> dict:
+        uid, written = write(result, start)
+        fields = {"derived_uid": uid}
+        if not written:
+            fields["message"] = (
+                f"derived run {uid} of this run is already in the catalog: not written again "
+                "(--overwrite writes another)"
+            )
+        return fields
+
+    return publish
 
 
 def _cmd_ioc(args: argparse.Namespace) -> int:
@@ -904,7 +938,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--write-back",
         action="store_true",
-        help="write each result into the same server as a run with parent_uid",
+        help="write each result into the same server as a run with parent_uid, unless the "
+        "server has one of that run already",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --write-back: write a derived run also for a run that has one already "
+        "(the earlier ones stay)",
     )
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument("--image-key", default="det_image")

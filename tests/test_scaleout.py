@@ -271,6 +271,47 @@ def test_reprocess_on_dask_writes_back_and_survives_a_lost_worker(
     assert set(tiled_runs.recent_runs(client, 100)) == set(uids)
 
 
+@pytest.mark.timeout(180)
+def test_write_back_writes_one_derived_run_per_run_unless_told_to_overwrite(
+    client, engine, tiled_server, capsys
+):
+    """``reprocess --write-back`` run again on a run that has its reconstruction in the
+    catalog prints the result and the derived run already there, and writes nothing;
+    ``--overwrite`` writes another, and the first stays."""
+    from bcdi_bluesky.cli import main
+
+    url, frames = tiled_server
+    (uid,), _ = _write_runs(engine, client, frames, seeds=(71,))
+    command = ["reprocess", "--tiled", url, "--api-key", API_KEY, uid, "--refine", "none"]
+
+    def reprocess(*options):
+        assert main([*command, "--write-back", *options]) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        line = json.loads(line)
+        assert line["uid"] == uid and line["status"] == "done" and 0 < line["chi"] < 1
+        return line
+
+    def derived():
+        return list(client.search(Key("start.parent_uid") == uid).keys())
+
+    first = reprocess()
+    assert "message" not in first and derived() == [first["derived_uid"]]
+    again = reprocess()
+    assert again["derived_uid"] == first["derived_uid"]
+    assert again["message"] == (
+        f"derived run {first['derived_uid']} of this run is already in the catalog: "
+        "not written again (--overwrite writes another)"
+    )
+    assert derived() == [first["derived_uid"]]
+    overwritten = reprocess("--overwrite")
+    assert "message" not in overwritten
+    assert derived() == [first["derived_uid"], overwritten["derived_uid"]]
+    # The latest reconstruction is the one a later run finds.
+    assert tiled_runs.derived_run(client, uid) == overwritten["derived_uid"]
+    assert main([*command, "--overwrite"]) == 2
+    assert "--overwrite goes with --write-back" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(300)
 def test_reprocess_names_the_scan_of_a_run_it_cannot_read(client, raw_runs):
     from concurrent.futures import ThreadPoolExecutor

@@ -6,7 +6,7 @@ container per event stream. The frames are read from the stream's array node
 (``run[stream][image_key]``): the server serves them, whether the events carried them or an
 HDF5 file announced by a StreamResource holds them, so this host needs no access to the
 detector's files. Reconstructions go back as derived runs (start metadata ``parent_uid``)
-through the same ``TiledWriter``.
+through the same ``TiledWriter``, one per source run (:class:`WriteBack`).
 
 Live follow (:class:`RunFollower`, :class:`TiledRunSource`) listens to the server's WebSocket
 stream of the root container: when ``TiledWriter`` adds the stop document to a run's
@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import DataError
 from .callback import NotReconstructable, exception_text, scan_geometry, skipped_by_design
+from .publishers import DERIVED_PLAN_NAME, DerivedRunPublisher
 from .recommend import annotate_result
 from .scaleout import ReconstructorSpec, reconstruct_volume
 
@@ -157,6 +158,54 @@ def read_run(
         )
     order = np.argsort(thetas, kind="stable")
     return TiledRun(uid, start, frames[order], thetas[order])
+
+
+def derived_run(client: Any, uid: str) -> str | None:
+    """The uid of the latest reconstruction of run ``uid`` stored in the catalog, or None.
+
+    A reconstruction is a derived run written by
+    :class:`~bcdi_bluesky.beamline.DerivedRunPublisher` (start ``plan_name``
+    :data:`~bcdi_bluesky.beamline.publishers.DERIVED_PLAN_NAME`, ``parent_uid`` ``uid``)
+    that is complete (its stop document says success); runs derived by other tools, and a
+    write-back cut off before its stop, do not count.
+    """
+    from tiled.queries import Key
+
+    found = (
+        client.search(Key("start.parent_uid") == uid)
+        .search(Key("start.plan_name") == DERIVED_PLAN_NAME)
+        .search(Key("stop.exit_status") == "success")
+    )
+    # A container lists its children in the order they were written: the last is the latest.
+    keys = list(found.keys())
+    return keys[-1] if keys else None
+
+
+class WriteBack:
+    """Write each reconstruction into the Tiled server as a derived run, once per source run.
+
+    Parameters
+    ----------
+    client : tiled client
+        The catalog holding the source runs (the derived runs go into it too).
+    overwrite : bool
+        Write a derived run also for a source run that has one already (:func:`derived_run`);
+        the earlier ones stay in the catalog.
+    """
+
+    def __init__(self, client: Any, overwrite: bool = False) -> None:
+        self.client = client
+        self.overwrite = overwrite
+        self._publish = DerivedRunPublisher(tiled_writer(client))
+
+    def __call__(self, result: Any, start_doc: dict) -> tuple[str, bool]:
+        """The uid of the derived run of ``start_doc``'s run, and whether it was written now
+        (False: it was in the catalog already, and nothing was written)."""
+        if not self.overwrite:
+            existing = derived_run(self.client, start_doc["uid"])
+            if existing is not None:
+                return existing, False
+        return self._publish(result, start_doc), True
 
 
 def tiled_writer(client: Any) -> Callable[[str, dict], None]:
