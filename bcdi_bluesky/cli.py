@@ -484,8 +484,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("bcdi-bluesky serve: stopped by SIGTERM", file=sys.stderr, flush=True)
     elif watch is not None and watch.closed:
         print(
-            f"bcdi-bluesky serve: lost the Dask scheduler at {args.dask} (no answer within "
-            f"the client's reconnect window); exiting so the service manager can restart serve",
+            f"bcdi-bluesky serve: {_lost_scheduler(dask_client, args.dask)}; exiting so the "
+            "service manager can restart serve",
             file=sys.stderr,
             flush=True,
         )
@@ -577,6 +577,7 @@ def _reprocess_from(client: Any, args: argparse.Namespace) -> int:
             stream_name=args.stream,
             window=window,
             timeout=args.timeout,
+            lost=None if dask_client is None else lambda: _lost_scheduler(dask_client, args.dask),
         ):
             line = {"uid": outcome.uid, "scan_id": outcome.start.get("scan_id")}
             if outcome.skipped:  # not reconstructed by design: not a failure
@@ -602,8 +603,20 @@ def _reprocess_from(client: Any, args: argparse.Namespace) -> int:
         if dask_client is None:
             executor.shutdown(wait=False, cancel_futures=True)
         else:
+            lost = _lost_scheduler(dask_client, args.dask)
             dask_client.close()
+            if lost is not None:
+                print(f"bcdi-bluesky reprocess: {lost}", file=sys.stderr, flush=True)
     return 1 if failed else 0
+
+
+def _lost_scheduler(client: Any, address: str) -> str | None:
+    """Why no task can run on the Dask client any more (it is closed for good), or None."""
+    from .beamline.scaleout import client_closed
+
+    if not client_closed(client):
+        return None
+    return f"lost the Dask scheduler at {address} (no answer within the client's reconnect window)"
 
 
 def _write_back(write: Any) -> Callable[[Any, dict], dict]:

@@ -352,6 +352,129 @@ def test_a_failed_run_is_skipped_and_a_lost_server_fails_only_its_runs(client, r
     assert done.result is not None and not done.error
 
 
+@pytest.mark.timeout(120)
+def test_a_refused_submission_fails_its_run_and_a_lost_executor_reads_no_more(client, raw_runs):
+    """A submission that raises (here a shut-down pool; a closed Dask client raises
+    ClosedClientError) is that run's failed outcome; once ``lost`` says why, the runs left
+    fail with that reason, unread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uids, _ = raw_runs
+    pool = ThreadPoolExecutor(max_workers=1)
+    pool.shutdown()
+    outcomes = list(tiled_runs.reprocess(client, uids[:2], pool, refine="none"))
+    assert [o.uid for o in outcomes] == uids[:2]
+    for outcome in outcomes:
+        assert outcome.result is None and not outcome.skipped
+        assert outcome.error == (
+            "not submitted: RuntimeError: cannot schedule new futures after shutdown"
+        )
+    asked = []
+
+    def lost():
+        asked.append(True)
+        return "lost the executor" if len(asked) > 1 else None
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        done, *left = tiled_runs.reprocess(client, uids, pool, refine="none", lost=lost)
+    assert done.result is not None and not done.error
+    assert [(o.uid, o.error) for o in left] == [(uid, "lost the executor") for uid in uids[1:]]
+    assert [o.start["scan_id"] for o in left] == [
+        client[uid].metadata["start"]["scan_id"] for uid in uids[1:]
+    ]
+    assert len(asked) == 2  # asked until it said so, then never again
+
+
+@pytest.mark.timeout(90)
+def test_reprocess_reports_every_run_when_the_dask_scheduler_is_gone(
+    client, raw_runs, tiled_server
+):
+    """``reprocess --dask`` whose scheduler is killed mid-batch: one failed line per run
+    asked (the runs in hand cancelled, those left not read), one line on stderr saying the
+    scheduler was lost, exit status 1, and no traceback."""
+    from builders import Lines
+    from distributed import Client
+
+    url, _ = tiled_server
+    uids = raw_runs[0] * 3  # more runs than the window and the reconnect window take
+    scheduler, address = _scheduler_without_workers()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "reprocess",
+            "--tiled",
+            url,
+            "--api-key",
+            API_KEY,
+            *uids,
+            "--dask",
+            address,
+            "--refine",
+            "none",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    try:
+        _wait_for_a_task(Client, address)
+        scheduler.kill()
+        scheduler.wait(timeout=10)
+        proc.wait(timeout=40)
+    finally:
+        for each in (proc, scheduler):
+            if each.poll() is None:
+                each.kill()
+                each.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+    time.sleep(0.2)  # the reader threads see the pipes' ends
+    assert proc.returncode == 1, err.lines
+    lines = [json.loads(line) for line in out.lines]
+    assert [line["uid"] for line in lines] == uids
+    assert all(line["status"] == "failed" for line in lines), lines
+    assert lines[-1]["message"] == (
+        f"lost the Dask scheduler at {address} (no answer within the client's reconnect window)"
+    )
+    assert not any("Traceback" in line for line in err.lines), "".join(err.lines)
+    assert err.lines[-1] == f"bcdi-bluesky reprocess: {lines[-1]['message']}\n"
+
+
+def _scheduler_without_workers():
+    """A Dask scheduler in a subprocess on loopback, without workers (a task submitted to it
+    stays in hand until it goes); returns the process and its address."""
+    port = free_port()
+    scheduler = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return scheduler, f"tcp://127.0.0.1:{port}"
+
+
+def _wait_for_a_task(client_class, address, timeout=30.0):
+    """Block until the scheduler at ``address`` holds a task."""
+    with client_class(address, set_as_default=False, timeout=timeout) as observer:
+        deadline = time.monotonic() + timeout
+        while not observer.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+            assert time.monotonic() < deadline, "no task reached the scheduler"
+            time.sleep(0.2)
+
+
 def test_a_malformed_scheduler_address_is_refused_at_once():
     from bcdi_bluesky.beamline.scaleout import connect_dask
 
@@ -668,24 +791,8 @@ def test_serve_exits_when_the_dask_scheduler_is_gone_for_good(tmp_path):
     from bcdi_bluesky.cli import SCHEDULER_LOST
     from bcdi_bluesky.remote import serializer
 
-    scheduler_port, zmq_port = free_port(), free_port()
-    address = f"tcp://127.0.0.1:{scheduler_port}"
-    # A scheduler without workers: a submitted task stays in hand until the scheduler goes.
-    scheduler = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(scheduler_port),
-            "--dashboard-address",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    zmq_port = free_port()
+    scheduler, address = _scheduler_without_workers()
     context = zmq.Context()
     sender = context.socket(zmq.PUB)
     sender.bind(f"tcp://127.0.0.1:{zmq_port}")
@@ -718,11 +825,7 @@ def test_serve_exits_when_the_dask_scheduler_is_gone_for_good(tmp_path):
         docs = documents(frames)
         for name, doc in docs:
             sender.send(b" " + name.encode() + b" " + serializer(doc))
-        with Client(address, set_as_default=False, timeout=10) as observer:
-            deadline = time.monotonic() + 20
-            while not observer.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
-                assert time.monotonic() < deadline, "the scan never reached the scheduler"
-                time.sleep(0.2)
+        _wait_for_a_task(Client, address)
         scheduler.kill()
         scheduler.wait(timeout=10)
         killed = time.monotonic()

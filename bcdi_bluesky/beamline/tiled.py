@@ -241,6 +241,7 @@ def reprocess(
     stream_name: str = "primary",
     window: int = 4,
     timeout: float | None = 3600.0,
+    lost: Callable[[], str | None] | None = None,
 ) -> Iterator[Outcome]:
     """Reconstruct Tiled runs on ``executor``; yield one :class:`Outcome` per uid, in order.
 
@@ -248,13 +249,18 @@ def reprocess(
     gets its results in the lab frame, as the live callback gives them.
 
     Up to ``window`` runs are read and in the executor's hands at once (memory stays bounded
-    on a long list; the executor decides where they run). A run that cannot be read, a task
-    that raised (after the executor's retries) or that gave no answer within ``timeout``
-    seconds gives an outcome with ``error`` set; the others go on.
+    on a long list; the executor decides where they run). A run that cannot be read or
+    submitted, a task that raised (after the executor's retries) or that gave no answer
+    within ``timeout`` seconds gives an outcome with ``error`` set; the others go on.
+
+    ``lost``, asked before each run is read, returns why the executor can take no more runs
+    (a Dask client closed for good: :func:`~bcdi_bluesky.beamline.scaleout.client_closed`),
+    or None; from then on each run left gets an outcome with that error, unread.
     """
     spec = spec or ReconstructorSpec()
     # (uid, start, future or None, the error that stopped it before, its deadline)
     pending: list[tuple[str, dict, Future | None, DataError | None, float]] = []
+    why_lost: str | None = None
 
     def settle(
         uid: str, start: dict, future: Future | None, error: DataError | None, deadline: float
@@ -274,17 +280,26 @@ def reprocess(
 
     for uid in uids:
         deadline = time.monotonic() + (timeout or 0.0)
+        if why_lost is None and lost is not None:
+            why_lost = lost()
         try:
+            if why_lost is not None:  # no run left would be reconstructed: none is read
+                raise DataError(why_lost)
             run = read_run(client, uid, image_key, motor_key, stream_name)
         except DataError as exc:
             pending.append((uid, _stored_start(client, uid), None, exc, deadline))
         else:
             geometry = scan_geometry(run.start, run.thetas, run.start.get("scan_id", uid))
             options = {} if geometry is None else {"geometry": geometry}
-            future = executor.submit(
-                reconstruct_volume, spec, run.volume, refine, settings, **options
-            )
-            pending.append((uid, run.start, future, None, deadline))
+            try:
+                future = executor.submit(
+                    reconstruct_volume, spec, run.volume, refine, settings, **options
+                )
+            except Exception as exc:  # a closed client, a shut-down pool: this run fails
+                error = DataError(f"not submitted: {exception_text(exc)}")
+                pending.append((uid, run.start, None, error, deadline))
+            else:
+                pending.append((uid, run.start, future, None, deadline))
         while len(pending) >= max(window, 1):
             yield settle(*pending.pop(0))
     while pending:
