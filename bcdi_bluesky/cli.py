@@ -619,7 +619,7 @@ def _lost_scheduler(client: Any, address: str) -> str | None:
     return f"lost the Dask scheduler at {address} (no answer within the client's reconnect window)"
 
 
-def _write_back(write: Any) -> Callable[[Any, dict], dict]:
+def _write_back(write: Callable[[Any, dict], tuple[str, bool]]) -> Callable[[Any, dict], dict]:
     """``reprocess --write-back``'s fields of a run's line: the derived run's uid, and a
     message when the catalog had it already (nothing written)."""
 
