@@ -331,6 +331,12 @@ def _plots(args: argparse.Namespace, rec, result) -> dict[str, str]:
     return outputs
 
 
+#: Exit status of ``serve`` when its Dask client is closed for good: a failure at run time
+#: (as ``reprocess`` with a failed run), not a bad command line (2), so that a service
+#: manager's restart-on-failure starts it again.
+SCHEDULER_LOST = 1
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import pickle
@@ -435,6 +441,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dispatcher.stop()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    watch = None
+    if dask_client is not None:
+        from .beamline.scaleout import ClientWatch
+
+        # A client that lost its scheduler for good fails every later scan: stop listening
+        # and exit non-zero, so that the service manager starts serve again.
+        watch = ClientWatch(dask_client, dispatcher.stop)
     if args.allow_pickle:
         print(
             "bcdi-bluesky serve: --allow-pickle: every sender to the proxy can run code here",
@@ -451,6 +464,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         dispatcher.start()
     finally:
+        if watch is not None:
+            watch.stop()
+        # The scans in hand are reported as not reconstructed here, also when the scheduler
+        # is gone (Dask cancelled their tasks, or left those it never sent waiting).
         finished = callback.close(timeout=args.stop_timeout)
         if dask_client is not None:
             dask_client.close()
@@ -462,16 +479,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+    status = 0
     if terminated:
         print("bcdi-bluesky serve: stopped by SIGTERM", file=sys.stderr, flush=True)
+    elif watch is not None and watch.closed:
+        print(
+            f"bcdi-bluesky serve: {_lost_scheduler(dask_client, args.dask)}; exiting so the "
+            "service manager can restart serve",
+            file=sys.stderr,
+            flush=True,
+        )
+        status = SCHEDULER_LOST
     if not finished:
         # A reconstruction is still running in the worker thread (its abandonment is logged):
         # the interpreter's teardown under it would abort the process ("terminate called
         # without an active exception" from ONNX Runtime's threads), so leave at once.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(status)
+    return status
 
 
 def _write_access(args: argparse.Namespace):
@@ -494,13 +520,25 @@ def _dask(address: str, reconstructor=None, spec=None):
 
 
 def _cmd_reprocess(args: argparse.Namespace) -> int:
+    from .beamline import tiled as tiled_runs
+
+    if args.overwrite and not args.write_back:
+        raise UserError("--overwrite goes with --write-back (it writes derived runs again)")
+    client = tiled_runs.connect(args.tiled, args.api_key)
+    try:
+        return _reprocess_from(client, args)
+    finally:
+        client.context.close()
+
+
+def _reprocess_from(client: Any, args: argparse.Namespace) -> int:
+    """``reprocess`` on a connected Tiled client: one JSON line per run; 1 when any failed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .beamline import DerivedRunPublisher, ResultFileWriter
+    from .beamline import ResultFileWriter
     from .beamline import tiled as tiled_runs
     from .beamline.scaleout import ReconstructorSpec
 
-    client = tiled_runs.connect(args.tiled, args.api_key)
     uids = args.uids or tiled_runs.recent_runs(client, args.last, args.stream, args.image_key)
     if not uids:
         print(
@@ -517,10 +555,15 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
         window = 2 * max(len(dask_client.scheduler_info()["workers"]), 1)
     else:
         executor, window = ThreadPoolExecutor(max_workers=1), 2
-    # (JSON key of what a publisher returns, publisher)
-    publishers: list = [("output", ResultFileWriter(args.output))] if args.output else []
+    # (JSON key of what a publisher writes, publisher: result, start -> fields of the line)
+    publishers: list[tuple[str, Callable[[Any, dict], dict]]] = []
+    if args.output:
+        to_file = ResultFileWriter(args.output)
+        publishers.append(("output", lambda result, start: {"output": str(to_file(result, start))}))
     if args.write_back:
-        publishers.append(("derived_uid", DerivedRunPublisher(tiled_runs.tiled_writer(client))))
+        publishers.append(
+            ("derived_uid", _write_back(tiled_runs.WriteBack(client, args.overwrite)))
+        )
     failed = 0
     try:
         for outcome in tiled_runs.reprocess(
@@ -534,6 +577,7 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
             stream_name=args.stream,
             window=window,
             timeout=args.timeout,
+            lost=None if dask_client is None else lambda: _lost_scheduler(dask_client, args.dask),
         ):
             line = {"uid": outcome.uid, "scan_id": outcome.start.get("scan_id")}
             if outcome.skipped:  # not reconstructed by design: not a failure
@@ -549,7 +593,7 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
                 )
                 for key, publish in publishers:
                     try:
-                        line[key] = str(publish(outcome.result, outcome.start))
+                        line.update(publish(outcome.result, outcome.start))
                     except Exception as exc:  # a full disk, a refused write: the next run
                         if line["status"] == "done":  # count each run once
                             failed += 1
@@ -559,8 +603,37 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
         if dask_client is None:
             executor.shutdown(wait=False, cancel_futures=True)
         else:
+            lost = _lost_scheduler(dask_client, args.dask)
             dask_client.close()
+            if lost is not None:
+                print(f"bcdi-bluesky reprocess: {lost}", file=sys.stderr, flush=True)
     return 1 if failed else 0
+
+
+def _lost_scheduler(client: Any, address: str) -> str | None:
+    """Why no task can run on the Dask client any more (it is closed for good), or None."""
+    from .beamline.scaleout import client_closed
+
+    if not client_closed(client):
+        return None
+    return f"lost the Dask scheduler at {address} (no answer within the client's reconnect window)"
+
+
+def _write_back(write: Callable[[Any, dict], tuple[str, bool]]) -> Callable[[Any, dict], dict]:
+    """``reprocess --write-back``'s fields of a run's line: the derived run's uid, and a
+    message when the catalog had it already (nothing written)."""
+
+    def publish(result: Any, start: dict) -> dict:
+        uid, written = write(result, start)
+        fields = {"derived_uid": uid}
+        if not written:
+            fields["message"] = (
+                f"derived run {uid} of this run is already in the catalog: not written again "
+                "(--overwrite writes another)"
+            )
+        return fields
+
+    return publish
 
 
 def _cmd_ioc(args: argparse.Namespace) -> int:
@@ -878,7 +951,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--write-back",
         action="store_true",
-        help="write each result into the same server as a run with parent_uid",
+        help="write each result into the same server as a run with parent_uid, unless the "
+        "server has one of that run already",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --write-back: write a derived run also for a run that has one already "
+        "(the earlier ones stay)",
     )
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument("--image-key", default="det_image")

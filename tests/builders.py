@@ -1,11 +1,15 @@
-"""Builders shared by the tests: document streams made with event-model, free loopback ports.
+"""Builders shared by the tests: document streams made with event-model, free loopback ports,
+the lines of a subprocess's pipe.
 
 A plain module (not a test module), so that tests import it without importing each other.
 """
 
 from __future__ import annotations
 
+import queue
 import socket
+import threading
+import time
 
 from event_model import compose_run
 
@@ -68,3 +72,29 @@ def documents(frames_by_theta, image_key="det_image", motor_key="theta", page=Tr
             )
     docs.append(("stop", bundle.compose_stop()))
     return docs
+
+
+class Lines:
+    """Every line a pipe gives, read in a thread (so that a test never blocks on a pipe)."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        self._new: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe):
+        for line in pipe:
+            self.lines.append(line)
+            self._new.put(line)
+
+    def wait_for(self, predicate, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._new.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if predicate(line):
+                return line
+        return None

@@ -271,6 +271,47 @@ def test_reprocess_on_dask_writes_back_and_survives_a_lost_worker(
     assert set(tiled_runs.recent_runs(client, 100)) == set(uids)
 
 
+@pytest.mark.timeout(180)
+def test_write_back_writes_one_derived_run_per_run_unless_told_to_overwrite(
+    client, engine, tiled_server, capsys
+):
+    """``reprocess --write-back`` run again on a run that has its reconstruction in the
+    catalog prints the result and the derived run already there, and writes nothing;
+    ``--overwrite`` writes another, and the first stays."""
+    from bcdi_bluesky.cli import main
+
+    url, frames = tiled_server
+    (uid,), _ = _write_runs(engine, client, frames, seeds=(71,))
+    command = ["reprocess", "--tiled", url, "--api-key", API_KEY, uid, "--refine", "none"]
+
+    def reprocess(*options):
+        assert main([*command, "--write-back", *options]) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        line = json.loads(line)
+        assert line["uid"] == uid and line["status"] == "done" and 0 < line["chi"] < 1
+        return line
+
+    def derived():
+        return list(client.search(Key("start.parent_uid") == uid).keys())
+
+    first = reprocess()
+    assert "message" not in first and derived() == [first["derived_uid"]]
+    again = reprocess()
+    assert again["derived_uid"] == first["derived_uid"]
+    assert again["message"] == (
+        f"derived run {first['derived_uid']} of this run is already in the catalog: "
+        "not written again (--overwrite writes another)"
+    )
+    assert derived() == [first["derived_uid"]]
+    overwritten = reprocess("--overwrite")
+    assert "message" not in overwritten
+    assert derived() == [first["derived_uid"], overwritten["derived_uid"]]
+    # The latest reconstruction is the one a later run finds.
+    assert tiled_runs.derived_run(client, uid) == overwritten["derived_uid"]
+    assert main([*command, "--overwrite"]) == 2
+    assert "--overwrite goes with --write-back" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(300)
 def test_reprocess_names_the_scan_of_a_run_it_cannot_read(client, raw_runs):
     from concurrent.futures import ThreadPoolExecutor
@@ -309,6 +350,129 @@ def test_a_failed_run_is_skipped_and_a_lost_server_fails_only_its_runs(client, r
     assert skipped.start["scan_id"] == 99
     assert not gone.skipped and "cannot reach it (ConnectionError" in gone.error
     assert done.result is not None and not done.error
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_submission_fails_its_run_and_a_lost_executor_reads_no_more(client, raw_runs):
+    """A submission that raises (here a shut-down pool; a closed Dask client raises
+    ClosedClientError) is that run's failed outcome; once ``lost`` says why, the runs left
+    fail with that reason, unread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uids, _ = raw_runs
+    pool = ThreadPoolExecutor(max_workers=1)
+    pool.shutdown()
+    outcomes = list(tiled_runs.reprocess(client, uids[:2], pool, refine="none"))
+    assert [o.uid for o in outcomes] == uids[:2]
+    for outcome in outcomes:
+        assert outcome.result is None and not outcome.skipped
+        assert outcome.error == (
+            "not submitted: RuntimeError: cannot schedule new futures after shutdown"
+        )
+    asked = []
+
+    def lost():
+        asked.append(True)
+        return "lost the executor" if len(asked) > 1 else None
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        done, *left = tiled_runs.reprocess(client, uids, pool, refine="none", lost=lost)
+    assert done.result is not None and not done.error
+    assert [(o.uid, o.error) for o in left] == [(uid, "lost the executor") for uid in uids[1:]]
+    assert [o.start["scan_id"] for o in left] == [
+        client[uid].metadata["start"]["scan_id"] for uid in uids[1:]
+    ]
+    assert len(asked) == 2  # asked until it said so, then never again
+
+
+@pytest.mark.timeout(90)
+def test_reprocess_reports_every_run_when_the_dask_scheduler_is_gone(
+    client, raw_runs, tiled_server
+):
+    """``reprocess --dask`` whose scheduler is killed mid-batch: one failed line per run
+    asked (the runs in hand cancelled, those left not read), one line on stderr saying the
+    scheduler was lost, exit status 1, and no traceback."""
+    from builders import Lines
+    from distributed import Client
+
+    url, _ = tiled_server
+    uids = raw_runs[0] * 3  # more runs than the window and the reconnect window take
+    scheduler, address = _scheduler_without_workers()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "reprocess",
+            "--tiled",
+            url,
+            "--api-key",
+            API_KEY,
+            *uids,
+            "--dask",
+            address,
+            "--refine",
+            "none",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    try:
+        _wait_for_a_task(Client, address)
+        scheduler.kill()
+        scheduler.wait(timeout=10)
+        proc.wait(timeout=40)
+    finally:
+        for each in (proc, scheduler):
+            if each.poll() is None:
+                each.kill()
+                each.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+    time.sleep(0.2)  # the reader threads see the pipes' ends
+    assert proc.returncode == 1, err.lines
+    lines = [json.loads(line) for line in out.lines]
+    assert [line["uid"] for line in lines] == uids
+    assert all(line["status"] == "failed" for line in lines), lines
+    assert lines[-1]["message"] == (
+        f"lost the Dask scheduler at {address} (no answer within the client's reconnect window)"
+    )
+    assert not any("Traceback" in line for line in err.lines), "".join(err.lines)
+    assert err.lines[-1] == f"bcdi-bluesky reprocess: {lines[-1]['message']}\n"
+
+
+def _scheduler_without_workers():
+    """A Dask scheduler in a subprocess on loopback, without workers (a task submitted to it
+    stays in hand until it goes); returns the process and its address."""
+    port = free_port()
+    scheduler = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return scheduler, f"tcp://127.0.0.1:{port}"
+
+
+def _wait_for_a_task(client_class, address, timeout=30.0):
+    """Block until the scheduler at ``address`` holds a task."""
+    with client_class(address, set_as_default=False, timeout=timeout) as observer:
+        deadline = time.monotonic() + timeout
+        while not observer.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+            assert time.monotonic() < deadline, "no task reached the scheduler"
+            time.sleep(0.2)
 
 
 def test_a_malformed_scheduler_address_is_refused_at_once():
@@ -613,3 +777,77 @@ def test_close_cancels_a_result_the_executor_never_gives(RE):
     record = cb.records[uid]
     assert record.status == "failed" and "closed before" in record.message
     assert failures == [(uid, record.message)]
+
+
+@pytest.mark.timeout(90)
+def test_serve_exits_when_the_dask_scheduler_is_gone_for_good(tmp_path):
+    """``serve --dask``: the scheduler killed with a scan in hand. The scan is reported not
+    reconstructed, and once the client's reconnect window (3 s here) has passed, serve
+    exits non-zero with one line saying why, for its service manager to start it again."""
+    import zmq
+    from builders import Lines, documents
+    from distributed import Client
+
+    from bcdi_bluesky.cli import SCHEDULER_LOST
+    from bcdi_bluesky.remote import serializer
+
+    zmq_port = free_port()
+    scheduler, address = _scheduler_without_workers()
+    context = zmq.Context()
+    sender = context.socket(zmq.PUB)
+    sender.bind(f"tcp://127.0.0.1:{zmq_port}")
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bcdi_bluesky.cli",
+            "serve",
+            "--zmq",
+            f"127.0.0.1:{zmq_port}",
+            "--dask",
+            address,
+            "--refine",
+            "none",
+            "--stop-timeout",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )
+    out, err = Lines(serve.stdout), Lines(serve.stderr)
+    try:
+        assert err.wait_for(lambda line: "listening" in line, 40), err.lines
+        time.sleep(1.0)  # PUB/SUB drops what is sent before the subscription is made
+        rng = np.random.default_rng(0)
+        frames = {0.01 * k: rng.poisson(5.0, (32, 32)).astype(np.float32) for k in range(8)}
+        docs = documents(frames)
+        for name, doc in docs:
+            sender.send(b" " + name.encode() + b" " + serializer(doc))
+        _wait_for_a_task(Client, address)
+        scheduler.kill()
+        scheduler.wait(timeout=10)
+        killed = time.monotonic()
+        serve.wait(timeout=30)
+        assert time.monotonic() - killed < 20
+    finally:
+        sender.close(linger=0)
+        context.term()
+        for proc in (serve, scheduler):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        serve.stdout.close()
+        serve.stderr.close()
+    time.sleep(0.2)  # the reader threads see the pipes' ends
+    assert serve.returncode == SCHEDULER_LOST != 0, err.lines
+    (line,) = out.lines  # the scan in hand, reported through the publishers' failure hook
+    report = json.loads(line)
+    assert report["uid"] == docs[0][1]["uid"] and report["status"] == "not reconstructed"
+    assert "CancelledError" in report["message"] and "scheduler" in report["message"]
+    lost = [line for line in err.lines if "lost the Dask scheduler" in line]
+    assert lost == [
+        f"bcdi-bluesky serve: lost the Dask scheduler at {address} (no answer within the "
+        "client's reconnect window); exiting so the service manager can restart serve\n"
+    ], err.lines

@@ -2,17 +2,15 @@
 
 import json
 import pickle
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import zmq
 from bluesky.callbacks.zmq import Publisher
-from builders import free_port
+from builders import Lines, free_port
 
 from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
 from bcdi_bluesky.cli import main
@@ -33,32 +31,6 @@ def proxy():
     yield ports
     proc.terminate()
     proc.wait(timeout=10)
-
-
-class _Lines:
-    """Every line a pipe gives, read in a thread (so that a test never blocks on a pipe)."""
-
-    def __init__(self, pipe):
-        self.lines: list[str] = []
-        self._new: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
-        self._thread.start()
-
-    def _read(self, pipe):
-        for line in pipe:
-            self.lines.append(line)
-            self._new.put(line)
-
-    def wait_for(self, predicate, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._new.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if predicate(line):
-                return line
-        return None
 
 
 class _Marker:
@@ -90,7 +62,7 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
         stderr=subprocess.PIPE,
         text=True,
     )
-    out, err = _Lines(serve.stdout), _Lines(serve.stderr)
+    out, err = Lines(serve.stdout), Lines(serve.stderr)
     context = zmq.Context()
     raw = context.socket(zmq.PUB)
     publisher = None

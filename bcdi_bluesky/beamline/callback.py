@@ -127,6 +127,13 @@ class NotReconstructable(DataError):
     a Bragg peak."""
 
 
+def exception_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception that stopped a scan's reconstruction."""
+    # A task cancelled by the executor carries no text: say where such a cancellation comes
+    # from (Dask cancels the tasks it holds when the client loses its scheduler).
+    return f"{type(exc).__name__}: {str(exc) or 'no reason given (a lost worker or scheduler?)'}"
+
+
 def skipped_by_design(exc: BaseException | None) -> bool:
     """Whether ``exc`` means the scan is not reconstructed by design (``skipped``), not that
     something went wrong (``failed``)."""
@@ -899,7 +906,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             why = (
                 f"{step} cancelled: {exc}"
                 if isinstance(exc, _Cancelled)
-                else f"{step} failed: {type(exc).__name__}: {exc}"
+                else f"{step} failed: {exception_text(exc)}"
             )
             record.message = "; ".join([why, *notes])
             log.error(

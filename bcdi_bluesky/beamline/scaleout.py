@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -141,8 +142,18 @@ def dask_executor(
     return client.get_executor(retries=DASK_RETRIES, pure=False, **options)
 
 
-def connect_dask(address: str, timeout: float = 30.0) -> Any:
+def connect_dask(address: str, timeout: float | None = None) -> Any:
     """A ``distributed.Client`` for the scheduler at ``address``, not the default scheduler.
+
+    Parameters
+    ----------
+    address : str
+        ``[tcp://]HOST:PORT`` of the scheduler.
+    timeout : float, optional
+        Seconds to find the scheduler, at start and again after losing it (the client's
+        reconnect window, see :func:`client_closed`). Default: Dask's
+        ``distributed.comm.timeouts.connect`` (30 s unless configured, for instance by
+        ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=10s``).
 
     Raises
     ------
@@ -165,4 +176,60 @@ def connect_dask(address: str, timeout: float = 30.0) -> Any:
         raise ValueError(f"not a scheduler address ([tcp://]HOST:PORT): {exc}") from None
     if scheme not in backends:
         raise ValueError(f"not a scheduler address: unknown scheme {scheme!r}")
-    return Client(address, set_as_default=False, timeout=timeout)
+    # Without a timeout, the client takes Dask's configured one (one place to set it).
+    options = {} if timeout is None else {"timeout": timeout}
+    return Client(address, set_as_default=False, **options)
+
+
+#: ``distributed.Client`` statuses in which submitted tasks may still run: connected, or
+#: within the reconnect window after losing the scheduler (``connecting``).
+LIVE_CLIENT_STATUSES = frozenset({"newly-created", "connecting", "running"})
+
+
+def client_closed(client: Any) -> bool:
+    """Whether a ``distributed.Client`` is closed for good.
+
+    A client that loses its scheduler cancels the tasks it has there and tries to connect
+    again for its ``timeout`` (:func:`connect_dask`); when that window passes without a
+    scheduler it closes itself, and every later submission raises ``ClosedClientError``.
+    """
+    return str(client.status) not in LIVE_CLIENT_STATUSES
+
+
+class ClientWatch:
+    """Call ``on_closed()`` once, from a daemon thread, when :func:`client_closed` becomes
+    true for ``client``.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The client to watch.
+    on_closed : callable
+        Called without arguments from the watch's thread; must be quick and thread-safe (a
+        dispatcher's ``stop``).
+    interval : float
+        Seconds between looks at the client's status.
+    """
+
+    def __init__(self, client: Any, on_closed: Callable[[], None], interval: float = 0.5):
+        self.client = client
+        self.on_closed = on_closed
+        self.interval = float(interval)
+        #: Whether ``on_closed`` was called.
+        self.closed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="dask-client-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if client_closed(self.client):
+                self.closed = True
+                self.on_closed()
+                return
+
+    def stop(self) -> None:
+        """Stop watching, and return once the watch's thread has ended (before closing the
+        client on purpose, so that the close is not taken for a lost scheduler)."""
+        self._stop.set()
+        self._thread.join()

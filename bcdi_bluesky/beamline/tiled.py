@@ -6,7 +6,7 @@ container per event stream. The frames are read from the stream's array node
 (``run[stream][image_key]``): the server serves them, whether the events carried them or an
 HDF5 file announced by a StreamResource holds them, so this host needs no access to the
 detector's files. Reconstructions go back as derived runs (start metadata ``parent_uid``)
-through the same ``TiledWriter``.
+through the same ``TiledWriter``, one per source run (:class:`WriteBack`).
 
 Live follow (:class:`RunFollower`, :class:`TiledRunSource`) listens to the server's WebSocket
 stream of the root container: when ``TiledWriter`` adds the stop document to a run's
@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DataError
-from .callback import NotReconstructable, scan_geometry, skipped_by_design
+from .callback import NotReconstructable, exception_text, scan_geometry, skipped_by_design
+from .publishers import DERIVED_PLAN_NAME, DerivedRunPublisher
 from .recommend import annotate_result
 from .scaleout import ReconstructorSpec, reconstruct_volume
 
@@ -159,6 +160,54 @@ def read_run(
     return TiledRun(uid, start, frames[order], thetas[order])
 
 
+def derived_run(client: Any, uid: str) -> str | None:
+    """The uid of the latest reconstruction of run ``uid`` stored in the catalog, or None.
+
+    A reconstruction is a derived run written by
+    :class:`~bcdi_bluesky.beamline.DerivedRunPublisher` (start ``plan_name``
+    :data:`~bcdi_bluesky.beamline.publishers.DERIVED_PLAN_NAME`, ``parent_uid`` ``uid``)
+    that is complete (its stop document says success); runs derived by other tools, and a
+    write-back cut off before its stop, do not count.
+    """
+    from tiled.queries import Key
+
+    found = (
+        client.search(Key("start.parent_uid") == uid)
+        .search(Key("start.plan_name") == DERIVED_PLAN_NAME)
+        .search(Key("stop.exit_status") == "success")
+    )
+    # A container lists its children in the order they were written: the last is the latest.
+    keys = list(found.keys())
+    return keys[-1] if keys else None
+
+
+class WriteBack:
+    """Write each reconstruction into the Tiled server as a derived run, once per source run.
+
+    Parameters
+    ----------
+    client : tiled client
+        The catalog holding the source runs (the derived runs go into it too).
+    overwrite : bool
+        Write a derived run also for a source run that has one already (:func:`derived_run`);
+        the earlier ones stay in the catalog.
+    """
+
+    def __init__(self, client: Any, overwrite: bool = False) -> None:
+        self.client = client
+        self.overwrite = overwrite
+        self._publish = DerivedRunPublisher(tiled_writer(client))
+
+    def __call__(self, result: Any, start_doc: dict) -> tuple[str, bool]:
+        """The uid of the derived run of ``start_doc``'s run, and whether it was written now
+        (False: it was in the catalog already, and nothing was written)."""
+        if not self.overwrite:
+            existing = derived_run(self.client, start_doc["uid"])
+            if existing is not None:
+                return existing, False
+        return self._publish(result, start_doc), True
+
+
 def tiled_writer(client: Any) -> Callable[[str, dict], None]:
     """An ``emit(name, doc)`` that writes runs into ``client`` with ``TiledWriter`` (derived
     runs of :class:`~bcdi_bluesky.beamline.DerivedRunPublisher`, or a RunEngine's runs)."""
@@ -192,6 +241,7 @@ def reprocess(
     stream_name: str = "primary",
     window: int = 4,
     timeout: float | None = 3600.0,
+    lost: Callable[[], str | None] | None = None,
 ) -> Iterator[Outcome]:
     """Reconstruct Tiled runs on ``executor``; yield one :class:`Outcome` per uid, in order.
 
@@ -199,13 +249,18 @@ def reprocess(
     gets its results in the lab frame, as the live callback gives them.
 
     Up to ``window`` runs are read and in the executor's hands at once (memory stays bounded
-    on a long list; the executor decides where they run). A run that cannot be read, a task
-    that raised (after the executor's retries) or that gave no answer within ``timeout``
-    seconds gives an outcome with ``error`` set; the others go on.
+    on a long list; the executor decides where they run). A run that cannot be read or
+    submitted, a task that raised (after the executor's retries) or that gave no answer
+    within ``timeout`` seconds gives an outcome with ``error`` set; the others go on.
+
+    ``lost``, asked before each run is read, returns why the executor can take no more runs
+    (a Dask client closed for good: :func:`~bcdi_bluesky.beamline.scaleout.client_closed`),
+    or None; from then on each run left gets an outcome with that error, unread.
     """
     spec = spec or ReconstructorSpec()
     # (uid, start, future or None, the error that stopped it before, its deadline)
     pending: list[tuple[str, dict, Future | None, DataError | None, float]] = []
+    why_lost: str | None = None
 
     def settle(
         uid: str, start: dict, future: Future | None, error: DataError | None, deadline: float
@@ -219,27 +274,32 @@ def reprocess(
             future.cancel()
             return Outcome(uid, start, error=f"no result within {timeout:g} s of its submission")
         except Exception as exc:
-            # A cancelled task carries no text: say where such a cancellation comes from.
-            why = str(exc) or "no reason given (a lost worker or scheduler?)"
-            return Outcome(
-                uid, start, error=f"{type(exc).__name__}: {why}", skipped=skipped_by_design(exc)
-            )
+            return Outcome(uid, start, error=exception_text(exc), skipped=skipped_by_design(exc))
         annotate_result(result, start)
         return Outcome(uid, start, result)
 
     for uid in uids:
         deadline = time.monotonic() + (timeout or 0.0)
+        if why_lost is None and lost is not None:
+            why_lost = lost()
         try:
+            if why_lost is not None:  # no run left would be reconstructed: none is read
+                raise DataError(why_lost)
             run = read_run(client, uid, image_key, motor_key, stream_name)
         except DataError as exc:
             pending.append((uid, _stored_start(client, uid), None, exc, deadline))
         else:
             geometry = scan_geometry(run.start, run.thetas, run.start.get("scan_id", uid))
             options = {} if geometry is None else {"geometry": geometry}
-            future = executor.submit(
-                reconstruct_volume, spec, run.volume, refine, settings, **options
-            )
-            pending.append((uid, run.start, future, None, deadline))
+            try:
+                future = executor.submit(
+                    reconstruct_volume, spec, run.volume, refine, settings, **options
+                )
+            except Exception as exc:  # a closed client, a shut-down pool: this run fails
+                error = DataError(f"not submitted: {exception_text(exc)}")
+                pending.append((uid, run.start, None, error, deadline))
+            else:
+                pending.append((uid, run.start, future, None, deadline))
         while len(pending) >= max(window, 1):
             yield settle(*pending.pop(0))
     while pending:
