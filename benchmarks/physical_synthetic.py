@@ -12,8 +12,10 @@ By default from the exact objects (the transform, resampling, ramp removal, unwr
 strain). With ``--phase-retrieval``, on scan 54's grid, from their diffraction (1e9 photons,
 Poisson): ours (``Reconstructor()``, ``refine="full"``) and cohere-core's default recipe from
 random starts (each start's figures, and the start of lowest chi), with inclusions of three
-strengths. Reconstructions are aligned on the truth for what the data do not fix (twin,
-translation to a fraction of a voxel, phase ramp and offset).
+strengths, the same ellipsoid cut by a flat substrate face (no longer centrosymmetric) with
+the same inclusions, and one inclusion on the ESRF ID01 grid. Reconstructions are aligned on
+the truth for what the data do not fix (twin, translation to a fraction of a voxel, phase ramp
+and offset).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.test_strain import (  # noqa: E402
     GEOMETRIES,
+    SUBSTRATE_FACET,
     dislocation_case,
     inclusion_case,
     through_phase_retrieval,
@@ -86,6 +89,16 @@ def phase_retrieval(cohere_starts: int) -> int:
         (f"inclusion, strain {e0}", lambda r, e0=e0: inclusion_case(g, e0, r))
         for e0 in INCLUSION_STRAINS
     ]
+    cases += [
+        (
+            f"substrate-cut, inclusion {e0}",
+            lambda r, e0=e0: inclusion_case(g, e0, r, facet=SUBSTRATE_FACET),
+        )
+        for e0 in INCLUSION_STRAINS
+    ]
+    cases.append(
+        ("ID01 grid, inclusion 0.001", lambda r: inclusion_case(GEOMETRIES["esrf_id01"], 0.001, r))
+    )
     cases.append(("dislocation", lambda r: dislocation_case(g, r)))
     print(machine())
     print(
