@@ -200,7 +200,8 @@ class ReconstructionResult:
     #: are not counts); the fit is at the noise when ``chi`` is near it.
     expected_chi: float | None = None
     #: Polish runs tried, with their chi against the data ("ER", "ER/HIO", "model ER/HIO",
-    #: "random start 1 ER/HIO", "... +ER/HIO to convergence"); the lowest gave the object.
+    #: "random start 1 ER/HIO", "... +uniform amplitude", "... +ER/HIO to convergence"); the
+    #: lowest gave the object.
     polish_attempts: dict[str, float] = field(default_factory=dict)
     #: Stages that a safety wall-time cap cut short ("refine", "polish"): the result then
     #: depends on the machine's load.
