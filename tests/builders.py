@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import queue
 import socket
+import sys
 import threading
 import time
 
 from event_model import compose_run
 
 from bcdi_bluesky import ReconstructionSettings
+
+#: The command line of ``bcdi-bluesky`` run by this interpreter (subprocess tests).
+CLI = (sys.executable, "-m", "bcdi_bluesky.cli")
 
 #: Every safety cap of the pipeline at its upper limit: the iteration counts, not the load of
 #: the test machine, decide the result.
@@ -98,3 +102,16 @@ class Lines:
             if predicate(line):
                 return line
         return None
+
+
+def end(*processes) -> None:
+    """Kill those of ``processes`` still running, reap them and close their pipes; then give
+    :class:`Lines` readers a moment to see the pipes' ends."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    time.sleep(0.2)

@@ -2,18 +2,16 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
+from builders import CLI
 
 
 @pytest.mark.timeout(240)
 def test_demo_json_records_and_files(tmp_path, epics_env):
     run = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "bcdi_bluesky.cli",
+            *CLI,
             "demo",
             "--scans",
             "2",

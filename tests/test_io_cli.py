@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
+from builders import CLI
 
 from bcdi_bluesky import read_intensity
 from bcdi_bluesky.io import DataError
@@ -80,7 +81,7 @@ def test_bad_files_are_clear_errors(tmp_path, volume):
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "bcdi_bluesky.cli", *map(str, args)],
+        [*CLI, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -351,7 +352,7 @@ def test_sigterm_ends_reconstruct_in_one_line_and_leaves_no_file(tmp_path, scan5
 
     np.save(tmp_path / "scan.npy", scan54_64)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bcdi_bluesky.cli", "reconstruct", "scan.npy", "-o", "r.cxi"],
+        [*CLI, "reconstruct", "scan.npy", "-o", "r.cxi"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -6,7 +6,7 @@ import uuid
 
 import numpy as np
 import pytest
-from builders import GENEROUS_BUDGETS, documents, free_port
+from builders import CLI, GENEROUS_BUDGETS, documents, free_port
 
 from bcdi_bluesky.physics import CrystalPrior
 
@@ -449,7 +449,6 @@ def test_screen_and_pv_table_name_only_real_pvs():
 
 def test_standalone_ioc_command(epics_env, monkeypatch):
     import subprocess
-    import sys
 
     from caproto import CAStatus, ChannelType
     from caproto.threading.client import Context
@@ -461,9 +460,7 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
     prefix = f"S{uuid.uuid4().hex[:6]}:"
     with subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "bcdi_bluesky.cli",
+            *CLI,
             "ioc",
             "--prefix",
             prefix,

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from builders import GENEROUS_BUDGETS
+from builders import CLI, GENEROUS_BUDGETS
 
 from bcdi_bluesky import DataError, Reconstructor, write_result
 from bcdi_bluesky.io import read_geometry
@@ -170,7 +169,7 @@ def test_without_geometry_no_physical_keys_and_no_vti(tmp_path, scan54_64):
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "bcdi_bluesky.cli", *map(str, args)],
+        [*CLI, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=240,

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 from bluesky import RunEngine
-from builders import free_port
+from builders import CLI, Lines, documents, end, free_port
 from tiled.queries import Key
 
 from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
@@ -196,6 +196,38 @@ def test_frames_come_through_tiled_not_the_file_system(client, raw_runs, monkeyp
         tiled_runs.read_run(client, uids[0], image_key="not_a_key")
 
 
+def _reprocess_on_dask(url, uids, address, *more) -> list[str]:
+    """The command line of ``reprocess`` of ``uids`` from the Tiled server at ``url`` on the
+    Dask scheduler at ``address`` (CNN only), then ``more``."""
+    return [
+        *CLI,
+        "reprocess",
+        "--tiled",
+        url,
+        "--api-key",
+        API_KEY,
+        *uids,
+        "--dask",
+        address,
+        "--refine",
+        "none",
+        *map(str, more),
+    ]
+
+
+def _started_with_a_short_reconnect(command):
+    """``command`` started with Dask's reconnect window at 3 s (30 s by default), and readers
+    of its stdout and stderr."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )
+    return process, Lines(process.stdout), Lines(process.stderr)
+
+
 def _kill_a_busy_worker(dask_client, deadline_s=60.0):
     """SIGKILL the process of a worker that holds a task; returns its pid."""
     pids = dask_client.run(os.getpid)
@@ -217,24 +249,7 @@ def test_reprocess_on_dask_writes_back_and_survives_a_lost_worker(
     uids, _ = raw_runs
     lc, dask_client = cluster
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bcdi_bluesky.cli",
-            "reprocess",
-            "--tiled",
-            url,
-            "--api-key",
-            API_KEY,
-            *uids,
-            "--dask",
-            lc.scheduler_address,
-            "--refine",
-            "none",
-            "--output",
-            str(tmp_path),
-            "--write-back",
-        ],
+        _reprocess_on_dask(url, uids, lc.scheduler_address, "--output", tmp_path, "--write-back"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -392,47 +407,19 @@ def test_reprocess_reports_every_run_when_the_dask_scheduler_is_gone(
     """``reprocess --dask`` whose scheduler is killed mid-batch: one failed line per run
     asked (the runs in hand cancelled, those left not read), one line on stderr saying the
     scheduler was lost, exit status 1, and no traceback."""
-    from builders import Lines
     from distributed import Client
 
     url, _ = tiled_server
     uids = raw_runs[0] * 3  # more runs than the window and the reconnect window take
     scheduler, address = _scheduler_without_workers()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bcdi_bluesky.cli",
-            "reprocess",
-            "--tiled",
-            url,
-            "--api-key",
-            API_KEY,
-            *uids,
-            "--dask",
-            address,
-            "--refine",
-            "none",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
-    )
-    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    proc, out, err = _started_with_a_short_reconnect(_reprocess_on_dask(url, uids, address))
     try:
         _wait_for_a_task(Client, address)
         scheduler.kill()
         scheduler.wait(timeout=10)
         proc.wait(timeout=40)
     finally:
-        for each in (proc, scheduler):
-            if each.poll() is None:
-                each.kill()
-                each.wait(timeout=10)
-        proc.stdout.close()
-        proc.stderr.close()
-    time.sleep(0.2)  # the reader threads see the pipes' ends
+        end(proc, scheduler)
     assert proc.returncode == 1, err.lines
     lines = [json.loads(line) for line in out.lines]
     assert [line["uid"] for line in lines] == uids
@@ -629,9 +616,7 @@ def test_serve_follows_tiled_and_reconstructs_on_dask(client, engine, tiled_serv
     lc, _ = cluster
     serve = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "bcdi_bluesky.cli",
+            *CLI,
             "serve",
             "--tiled",
             url,
@@ -785,7 +770,6 @@ def test_serve_exits_when_the_dask_scheduler_is_gone_for_good(tmp_path):
     reconstructed, and once the client's reconnect window (3 s here) has passed, serve
     exits non-zero with one line saying why, for its service manager to start it again."""
     import zmq
-    from builders import Lines, documents
     from distributed import Client
 
     from bcdi_bluesky.cli import SCHEDULER_LOST
@@ -796,11 +780,9 @@ def test_serve_exits_when_the_dask_scheduler_is_gone_for_good(tmp_path):
     context = zmq.Context()
     sender = context.socket(zmq.PUB)
     sender.bind(f"tcp://127.0.0.1:{zmq_port}")
-    serve = subprocess.Popen(
+    serve, out, err = _started_with_a_short_reconnect(
         [
-            sys.executable,
-            "-m",
-            "bcdi_bluesky.cli",
+            *CLI,
             "serve",
             "--zmq",
             f"127.0.0.1:{zmq_port}",
@@ -810,13 +792,8 @@ def test_serve_exits_when_the_dask_scheduler_is_gone_for_good(tmp_path):
             "none",
             "--stop-timeout",
             "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+        ]
     )
-    out, err = Lines(serve.stdout), Lines(serve.stderr)
     try:
         assert err.wait_for(lambda line: "listening" in line, 40), err.lines
         time.sleep(1.0)  # PUB/SUB drops what is sent before the subscription is made
@@ -834,13 +811,7 @@ def test_serve_exits_when_the_dask_scheduler_is_gone_for_good(tmp_path):
     finally:
         sender.close(linger=0)
         context.term()
-        for proc in (serve, scheduler):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-        serve.stdout.close()
-        serve.stderr.close()
-    time.sleep(0.2)  # the reader threads see the pipes' ends
+        end(serve, scheduler)
     assert serve.returncode == SCHEDULER_LOST != 0, err.lines
     (line,) = out.lines  # the scan in hand, reported through the publishers' failure hook
     report = json.loads(line)

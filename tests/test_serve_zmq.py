@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 from bluesky.callbacks.zmq import Publisher
-from builders import Lines, free_port
+from builders import CLI, Lines, end, free_port
 
 from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
 from bcdi_bluesky.cli import main
@@ -49,9 +49,7 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
     marker = tmp_path / "code_ran_in_serve"
     serve = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "bcdi_bluesky.cli",
+            *CLI,
             "serve",
             "--zmq",
             f"127.0.0.1:{out_port}",
@@ -106,12 +104,7 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
             publisher.close()
         raw.close(linger=0)
         context.term()
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait(timeout=10)
-        serve.stdout.close()
-        serve.stderr.close()
-    time.sleep(0.2)  # the reader threads see the pipes' ends
+        end(serve)
     for line in out.lines:  # stdout carries JSON lines only
         json.loads(line)
     assert any("messages dropped" in line for line in err.lines)
