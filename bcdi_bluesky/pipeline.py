@@ -55,7 +55,6 @@ from .quality import (
 from .settings import (
     LOOSE_SUPPORT_DILATION,
     UNIFORM_AMPLITUDE_DEPTH,
-    UNIFORM_AMPLITUDE_GAIN,
     UNIFORM_AMPLITUDE_GROWTH,
     ReconstructionSettings,
 )
@@ -658,9 +657,7 @@ def _uniform_amplitude_run(
     change alters the intensity only at second order, and the free runs end in such pairs
     (measured on inclusions: 12-19% displacement error at a higher chi than this run's).
     Holding the amplitude leaves the phase alone to fit; the free ER then lets the amplitude
-    follow the data where they ask for it (a void, a ramp), and the chi decides: the run
-    must fit clearly better (:data:`~bcdi_bluesky.settings.UNIFORM_AMPLITUDE_GAIN`) to
-    replace a free one.
+    follow the data where they ask for it (a void, a ramp), and the chi decides.
     """
     settings, backend = runs.settings, runs.backend
     crystal = scipy.ndimage.binary_dilation(
@@ -727,8 +724,7 @@ def polish_stage(
        The lowest chi on the full grid wins, as PyNX and cohere's GA rank their runs.
     3. If the fit is still not at the noise, the uniform-amplitude run from the winner
        (:func:`_uniform_amplitude_run`: a homogeneous crystal's amplitude held inside, then
-       free ER); kept if its chi is lower by
-       :data:`~bcdi_bluesky.settings.UNIFORM_AMPLITUDE_GAIN` (5%) or more.
+       free ER); kept if its chi is lower.
     4. For data that are not counts (noise-free or corrected: no noise to stop at), if still
        above :data:`~bcdi_bluesky.quality.CHI_GOOD`, an ER/HIO run from the winner
        (``converge_iterations`` steps, ``adaptive_hio_fraction`` HIO) whose final ER block
@@ -793,7 +789,7 @@ def polish_stage(
         run = _uniform_amplitude_run(runs, data, valid, chi_cost, best)
         label = f"{best_label} +uniform amplitude"
         attempts[label] = run.chi
-        if run.chi <= (1.0 - UNIFORM_AMPLITUDE_GAIN) * best.chi:
+        if run.chi < best.chi:
             best, best_label = run, label
             expected = expected_of(best)
     converged = best.stopped_by == "converged"

@@ -33,12 +33,6 @@ LOOSE_SUPPORT_DILATION = 2
 #: 2 voxels left 12% displacement error where 3 left 7%.
 UNIFORM_AMPLITUDE_DEPTH = 3
 UNIFORM_AMPLITUDE_GROWTH = 1
-#: The uniform-amplitude run replaces the winner only where its chi is lower by at least this
-#: fraction: a prior should win only where the data side with it. Near the noise, runs whose
-#: chi differ by a few percent differ in support by up to 0.1 IoU without the data deciding
-#: (measured: the demo's prior crystals lost 0.02-0.04 IoU to wins of 0.7-3% in chi, where
-#: the inclusions the run exists for won by 19-53%).
-UNIFORM_AMPLITUDE_GAIN = 0.05
 
 
 class SettingInfo(NamedTuple):
@@ -173,8 +167,7 @@ class ReconstructionSettings:
         f"ER (half each) on the winner's support grown by {UNIFORM_AMPLITUDE_GROWTH} voxel, "
         f"the amplitude deeper than {UNIFORM_AMPLITUDE_DEPTH} voxels inside the crystal "
         "held at its median (a homogeneous crystal), then as many free ER steps on its "
-        f"shrink-wrap support; kept if its chi is {100 * UNIFORM_AMPLITUDE_GAIN:.0f}% lower "
-        "or more (0: none)",
+        "shrink-wrap support; kept if its chi is lower (0: none)",
         low=0,
         high=2000,
     )
