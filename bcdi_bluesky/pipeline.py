@@ -642,7 +642,7 @@ def _further_starts(
 
 def _uniform_amplitude_run(
     runs: _PolishRuns, data: Any, valid: Any, chi_cost: ChiCost, best: PolishResult
-) -> PolishResult:
+) -> PolishResult | None:
     """Step 3 of :func:`polish_stage`: a homogeneous crystal's amplitude held, then freed.
 
     From ``best``: ``uniform_amplitude_iterations / 2`` HIO steps, then as many ER steps, on
@@ -658,6 +658,8 @@ def _uniform_amplitude_run(
     (measured on inclusions: 12-19% displacement error at a higher chi than this run's).
     Holding the amplitude leaves the phase alone to fit; the free ER then lets the amplitude
     follow the data where they ask for it (a void, a ramp), and the chi decides.
+
+    Returns None, running nothing, for a crystal too thin to have an interior.
     """
     settings, backend = runs.settings, runs.backend
     crystal = scipy.ndimage.binary_dilation(
@@ -669,6 +671,8 @@ def _uniform_amplitude_run(
         backend.to_numpy(best.support), iterations=UNIFORM_AMPLITUDE_GROWTH
     )
     interior &= support
+    if not interior.any():
+        return None
     steps = settings.uniform_amplitude_iterations
     held = best
     support, interior = backend.asarray(support), backend.asarray(interior)
@@ -787,11 +791,12 @@ def polish_stage(
         and not fit_at_noise(best.chi, expected)
     ):
         run = _uniform_amplitude_run(runs, data, valid, chi_cost, best)
-        label = f"{best_label} +uniform amplitude"
-        attempts[label] = run.chi
-        if run.chi < best.chi:
-            best, best_label = run, label
-            expected = expected_of(best)
+        if run is not None:
+            label = f"{best_label} +uniform amplitude"
+            attempts[label] = run.chi
+            if run.chi < best.chi:
+                best, best_label = run, label
+                expected = expected_of(best)
     converged = best.stopped_by == "converged"
     if (
         settings.converge_iterations > 0

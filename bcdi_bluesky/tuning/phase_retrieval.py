@@ -242,6 +242,8 @@ def polish(
     interior = (
         None if uniform_interior is None else backend.asarray(uniform_interior, dtype=xp.bool)
     )
+    if interior is not None and not bool(xp.any(interior)):
+        raise ValueError("uniform_interior holds no voxel: nothing to hold uniform")
     limit = (
         None
         if max_growth is None
