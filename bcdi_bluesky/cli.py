@@ -640,8 +640,16 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
     import threading
 
     from .epics import IOCServer
+    from .epics.ioc import serving_address
 
     access = _write_access(args)
+    elsewhere = serving_address(args.prefix)
+    if elsewhere is not None:
+        host, port = elsewhere
+        raise UserError(
+            f"another IOC already serves {args.prefix}Status at {host}:{port}: clients would "
+            "reach either; stop it or choose another --prefix"
+        )
     server = IOCServer(prefix=args.prefix, access=access).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

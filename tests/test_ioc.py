@@ -479,6 +479,13 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
             assert max_iter.write([50], wait=True, timeout=5).status == CAStatus.ECA_NORMAL.value
             assert theirs.write([60], wait=True, timeout=5).status == CAStatus.ECA_NOWTACCESS.value
             assert max_iter.read(timeout=5).data[0] == 50
+            # A second IOC with the same prefix is refused before it serves anything.
+            second = subprocess.run(
+                [*CLI, "ioc", "--prefix", prefix], capture_output=True, text=True, timeout=60
+            )
+            assert second.returncode == 2
+            assert f"another IOC already serves {prefix}Status at 127.0.0.1:" in second.stderr
+            assert "Traceback" not in second.stderr
         finally:
             ctx.disconnect()
             visitor.disconnect()

@@ -1022,6 +1022,25 @@ def pv_table(prefix: str = "BCDI:") -> str:
     return "\n".join(rows) + "\n"
 
 
+def serving_address(prefix: str, timeout: float = 1.0) -> tuple[str, int] | None:
+    """Where a Channel Access server already serves ``{prefix}Status`` (None: nobody answered
+    a search within ``timeout`` seconds, on the addresses the EPICS environment names).
+
+    Two IOCs with one prefix both answer every search for its PVs, and clients connect to
+    whichever answers first: the standalone ``ioc`` command refuses to be the second.
+    """
+    import caproto
+    from caproto.sync.client import search
+
+    sock = caproto.bcast_socket()
+    try:
+        return search(f"{prefix}Status", sock, timeout)
+    except (caproto.CaprotoTimeoutError, caproto.CaprotoNetworkError, OSError):
+        return None  # nobody answered, or no search could be sent: nothing to refuse over
+    finally:
+        sock.close()
+
+
 def loopback_environment(server_port: int, repeater_port: int) -> dict[str, str]:
     """EPICS variables for Channel Access on 127.0.0.1 only, with the given ports (tests,
     benchmarks, a demo on one machine): set them before any client or server starts."""
