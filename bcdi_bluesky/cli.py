@@ -414,6 +414,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.prefix:
         from .epics import IOCPublisher
 
+        _refuse_a_served_prefix(args.prefix)
         publishers.append(
             IOCPublisher(
                 prefix=args.prefix, access=_write_access(args), settings=reconstructor.settings
@@ -636,20 +637,26 @@ def _write_back(write: Callable[[Any, dict], tuple[str, bool]]) -> Callable[[Any
     return publish
 
 
+def _refuse_a_served_prefix(prefix: str) -> None:
+    """UserError where another IOC already serves ``prefix`` (clients would reach either)."""
+    from .epics.ioc import serving_address
+
+    elsewhere = serving_address(prefix)
+    if elsewhere is not None:
+        host, port = elsewhere
+        raise UserError(
+            f"another IOC already serves {prefix}Status at {host}:{port}: clients would "
+            "reach either; stop it or choose another --prefix"
+        )
+
+
 def _cmd_ioc(args: argparse.Namespace) -> int:
     import threading
 
     from .epics import IOCServer
-    from .epics.ioc import serving_address
 
     access = _write_access(args)
-    elsewhere = serving_address(args.prefix)
-    if elsewhere is not None:
-        host, port = elsewhere
-        raise UserError(
-            f"another IOC already serves {args.prefix}Status at {host}:{port}: clients would "
-            "reach either; stop it or choose another --prefix"
-        )
+    _refuse_a_served_prefix(args.prefix)
     server = IOCServer(prefix=args.prefix, access=access).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

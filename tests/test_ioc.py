@@ -486,6 +486,14 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
             assert second.returncode == 2
             assert f"another IOC already serves {prefix}Status at 127.0.0.1:" in second.stderr
             assert "Traceback" not in second.stderr
+            serve = subprocess.run(
+                [*CLI, "serve", "--zmq", f"127.0.0.1:{free_port()}", "--prefix", prefix],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert serve.returncode == 2
+            assert f"another IOC already serves {prefix}Status" in serve.stderr
         finally:
             ctx.disconnect()
             visitor.disconnect()
