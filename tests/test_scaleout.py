@@ -550,6 +550,39 @@ def test_run_source_subscribes_again_after_an_update_too_long(client, engine, ti
     assert not follower.is_alive()
 
 
+@pytest.mark.timeout(60)
+def test_run_source_reads_again_a_run_whose_read_failed_on_the_way(client, raw_runs, monkeypatch):
+    """The server unreachable for a moment (the first request of a run's read fails): the
+    run is read again after a pause and sent whole; a run that is not there is not retried."""
+    import httpx
+
+    uids, _ = raw_runs
+    monkeypatch.setattr(tiled_runs, "READ_RETRY_DELAYS_S", (0.2, 0.2))
+    container = type(client)
+    real_getitem = container.__getitem__
+    requests, failed = [], []
+
+    def restarting(self, key, *args, **kwargs):
+        requests.append(key)
+        if not failed:  # the first request only
+            failed.append(key)
+            raise httpx.ConnectError("the server is restarting")
+        return real_getitem(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(container, "__getitem__", restarting)
+    source = tiled_runs.TiledRunSource(client)
+    names = []
+    source.subscribe(lambda name, doc: names.append(name))
+    source._send(uids[0])
+    assert requests[:2] == [uids[0], uids[0]]
+    assert names[0] == "start" and names[-1] == "stop" and names.count("event") == 16
+    requests.clear()
+    names.clear()
+    source._send("no-such-run")
+    assert requests.count("no-such-run") <= 2  # the read and the start-and-stop lookup
+    assert names == []
+
+
 @pytest.mark.timeout(180)
 def test_callback_on_dask_keeps_scan_order_and_records(RE, cluster):
     """Three scans reconstructed on two Dask workers: results and hooks arrive in the order

@@ -44,6 +44,15 @@ log = logging.getLogger(__name__)
 #: subscription for good; :class:`TiledRunSource` then subscribes again.
 MAX_UPDATE_BYTES = 16 * 2**20
 
+#: Seconds before each new try at a run whose read failed on the way (the server busy or
+#: restarting, the connection broken), in :class:`TiledRunSource`: three tries over 3 s.
+READ_RETRY_DELAYS_S = (1.0, 2.0)
+
+
+class ReadFailure(DataError):
+    """A run that could not be read on the way (the server or the connection): a later try
+    may succeed, unlike a run that is not there or not a rocking curve."""
+
 
 def connect(url: str, api_key: str | None = None) -> Any:
     """A Tiled client for ``url`` (numpy arrays, no dask).
@@ -118,6 +127,8 @@ def read_run(
 
     Raises
     ------
+    ReadFailure
+        The server or the connection failed on the way (a later try may succeed).
     DataError
         No such run, no such stream or key, or frames and angles that do not match.
     """
@@ -126,7 +137,7 @@ def read_run(
     except KeyError:
         raise DataError(f"no run {uid!r} in the Tiled catalog") from None
     except Exception as exc:  # the server gone, the connection broken: this run fails
-        raise DataError(f"run {uid}: cannot reach it ({type(exc).__name__}: {exc})") from None
+        raise ReadFailure(f"run {uid}: cannot reach it ({type(exc).__name__}: {exc})") from None
     try:
         metadata = run.metadata
         start = dict(metadata.get("start", {}))
@@ -141,7 +152,7 @@ def read_run(
     except KeyError:
         raise DataError(f"run {uid}: no stream {stream_name!r}") from None
     except Exception as exc:
-        raise DataError(f"run {uid}: cannot read it ({type(exc).__name__}: {exc})") from None
+        raise ReadFailure(f"run {uid}: cannot read it ({type(exc).__name__}: {exc})") from None
     if missing:
         raise DataError(f"run {uid}: stream {stream_name!r} has no {', '.join(missing)}")
     # The array nodes, not stream.read(): that goes through xarray, which trips on the
@@ -150,7 +161,9 @@ def read_run(
         frames = np.asarray(stream[image_key].read(), dtype=np.float32)
         thetas = np.asarray(stream[motor_key].read(), dtype=np.float64)
     except Exception as exc:  # the server could not read a file, the connection broke...
-        raise DataError(f"run {uid}: cannot read the frames: {type(exc).__name__}: {exc}") from None
+        raise ReadFailure(
+            f"run {uid}: cannot read the frames: {type(exc).__name__}: {exc}"
+        ) from None
     if frames.ndim != 3 or frames.shape[0] != thetas.shape[0] or frames.shape[0] == 0:
         raise DataError(
             f"run {uid}: {frames.shape[0] if frames.ndim else 0} frames of shape "
@@ -389,8 +402,14 @@ def run_documents(
     event per frame, in the stored order. A callback consumes them like a live run.
     """
     data = read_run(client, uid, image_key, motor_key, stream_name)
-    run = client[uid]
-    stored = [dict(d) for d in run.descriptors if d.get("name", "primary") == stream_name]
+    try:
+        run = client[uid]
+        stored = [dict(d) for d in run.descriptors if d.get("name", "primary") == stream_name]
+        stop = dict(run.metadata["stop"])
+    except Exception as exc:  # read a moment ago: the server or the connection failed since
+        raise ReadFailure(
+            f"run {uid}: cannot read its descriptors: {type(exc).__name__}: {exc}"
+        ) from None
     descriptor = (
         dict(stored[0]) if stored else {"configuration": {}, "hints": {}, "object_keys": {}}
     )
@@ -425,7 +444,7 @@ def run_documents(
                 "timestamps": {image_key: now, motor_key: now},
             },
         )
-    yield "stop", dict(run.metadata["stop"])
+    yield "stop", stop
 
 
 def _start_and_stop(client: Any, uid: str) -> list[tuple[str, dict]]:
@@ -443,7 +462,9 @@ class TiledRunSource:
     bluesky's ``RemoteDispatcher`` (``subscribe``, a blocking ``start``, ``stop``).
 
     Each run is sent once its stop document reaches the server (:class:`RunFollower`), with
-    its frames read through Tiled (:func:`run_documents`). A run whose frames cannot be read
+    its frames read through Tiled (:func:`run_documents`); a read that fails on the way (the
+    server or the connection) is tried again after :data:`READ_RETRY_DELAYS_S`. A run whose
+    frames cannot be read
     (it failed or was aborted, has no frames, a file is missing) is logged and sent as its
     start and stop only, so the callback records it and tells its publishers. A
     subscription that tiled ends (an update longer than ``max_update_bytes``) is made again
@@ -472,11 +493,25 @@ class TiledRunSource:
         """Send every document to ``func(name, doc)``."""
         self._consumers.append(func)
 
+    def _documents(self, uid: str) -> list[tuple[str, dict]]:
+        """The run's documents, tried again after :data:`READ_RETRY_DELAYS_S` while its read
+        fails on the way (:class:`ReadFailure`; not after :meth:`stop`)."""
+        delays = list(READ_RETRY_DELAYS_S)
+        while True:
+            try:
+                return list(run_documents(self.client, uid, *self.keys))
+            except ReadFailure as exc:
+                if not delays or self._stop.is_set():
+                    raise
+                delay = delays.pop(0)
+                log.warning("%s; trying again in %.1f s", exc, delay)
+                self._stop.wait(delay)
+
     def _send(self, uid: str) -> None:
         try:
-            documents = list(run_documents(self.client, uid, *self.keys))
+            documents = self._documents(uid)
         except DataError as exc:
-            log.warning("run %s: frames not sent: %s", uid, exc)
+            log.warning("frames not sent: %s", exc)
             # Its start and stop alone: the callback records the scan (skipped: it ended
             # badly, or has no frames) and tells the publishers, as for a live run.
             documents = _start_and_stop(self.client, uid)
