@@ -383,6 +383,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.output:
         check_destination(args.output, folder=True)
+    if args.prefix:  # before the model loads and the sockets open
+        _refuse_a_served_prefix(args.prefix)
     if args.tiled:  # the runs completed on a Tiled server, frames read through it
         from .beamline.tiled import TiledRunSource, connect
 
@@ -414,7 +416,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.prefix:
         from .epics import IOCPublisher
 
-        _refuse_a_served_prefix(args.prefix)
         publishers.append(
             IOCPublisher(
                 prefix=args.prefix, access=_write_access(args), settings=reconstructor.settings
