@@ -12,10 +12,13 @@ No GPU package is imported unless a GPU backend is asked for (:func:`select_back
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -238,10 +241,27 @@ class ArrayBackend:
 NUMPY = ArrayBackend()
 
 
+_thread_limits = threading.local()
+
+
 def fft_workers(voxels: int) -> int:
     """scipy.fft threads for a volume of ``voxels``: one for small ones, else
-    :data:`FFT_WORKERS`."""
-    return 1 if voxels <= SMALL_FFT_VOXELS else FFT_WORKERS
+    :data:`FFT_WORKERS` (or this thread's :func:`fft_workers_limit`)."""
+    if voxels <= SMALL_FFT_VOXELS:
+        return 1
+    return getattr(_thread_limits, "workers", None) or FFT_WORKERS
+
+
+@contextlib.contextmanager
+def fft_workers_limit(workers: int) -> Iterator[None]:
+    """In this thread, FFTs of the numpy backend use at most ``workers`` threads: for runs
+    that go on side by side and share the cores."""
+    previous = getattr(_thread_limits, "workers", None)
+    _thread_limits.workers = max(1, min(workers, FFT_WORKERS))
+    try:
+        yield
+    finally:
+        _thread_limits.workers = previous
 
 
 def _cuda_index(device: str) -> int | None:

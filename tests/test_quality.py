@@ -1,11 +1,20 @@
 """The trust policies: Bragg peak, CNN distribution, fit against the noise, the verdict."""
 
+import threading
+import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from bcdi_bluesky import NoBraggPeakError, Reconstructor
+from bcdi_bluesky import NoBraggPeakError, Reconstructor, pipeline
+from bcdi_bluesky.backend import (
+    FFT_WORKERS,
+    NUMPY,
+    SMALL_FFT_VOXELS,
+    fft_workers,
+    fft_workers_limit,
+)
 from bcdi_bluesky.physics import (
     DEV_SEED,
     chi,
@@ -247,6 +256,56 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
         assert outcome.chi == min(outcome.attempts.values())
         assert outcome.chi <= next(iter(outcome.attempts.values()))  # never worse than the first
         assert not outcome.cut_short
+
+
+@pytest.mark.timeout(300)
+def test_starts_side_by_side_give_the_result_of_one_after_the_other(monkeypatch):
+    # The further starts are independent runs: on a CPU they go on side by side (threads that
+    # share the cores among their FFTs), and the outcome must be that of one after the other
+    # to the bit; the hook sees every step counted once, from one thread at a time.
+    strained = out_of_family_crystal(DEV_SEED, 9)
+    measurement = prepare_measurement(strained.measured, strained.mask, 64)
+    sphere, _ = autocorrelation_seed(strained.measured)
+    settings = ReconstructionSettings(
+        polish_er_iterations=10, polish_iterations=20, adaptive_iterations=60, random_starts=3
+    )
+    calls, inside, overlapped = [], threading.Lock(), []
+
+    def hook(step, error):
+        if not inside.acquire(blocking=False):
+            overlapped.append(step)
+            return None
+        try:
+            calls.append((step, threading.get_ident()))
+            time.sleep(1e-4)  # widen the window in which a second caller would overlap
+        finally:
+            inside.release()
+        return None
+
+    assert pipeline.side_by_side(NUMPY, 5) == min(5, FFT_WORKERS)
+    together = polish_stage(measurement, sphere, settings, hook=hook)
+    monkeypatch.setattr(pipeline, "side_by_side", lambda backend, runs: 1)
+    in_turn = polish_stage(measurement, sphere, settings)
+    assert len(together.attempts) == 7 and together.attempts == in_turn.attempts
+    assert together.recipe == in_turn.recipe and together.errors == in_turn.errors
+    np.testing.assert_array_equal(together.object, in_turn.object)
+    assert [step for step, _ in calls] == list(range(1, len(together.errors) + 1))
+    assert not overlapped
+    if FFT_WORKERS > 1:  # the starts ran on threads of their own
+        assert len({thread for _, thread in calls}) > 1
+
+
+def test_a_thread_s_fft_worker_limit_is_its_own():
+    big = 2 * SMALL_FFT_VOXELS
+    seen = {}
+    with fft_workers_limit(1):
+        seen["limited"] = fft_workers(big)
+        worker = threading.Thread(target=lambda: seen.setdefault("other", fft_workers(big)))
+        worker.start()
+        worker.join()
+    seen["after"] = fft_workers(big)
+    assert seen == {"limited": 1, "other": FFT_WORKERS, "after": FFT_WORKERS}
+    assert fft_workers(SMALL_FFT_VOXELS) == 1
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 64), (33, 30, 27)])
