@@ -583,6 +583,132 @@ def test_run_source_reads_again_a_run_whose_read_failed_on_the_way(client, raw_r
     assert names == []
 
 
+def _start_source(source, timeout=30):
+    """Run ``source.start`` in a thread; return the thread once it follows the server."""
+    thread = threading.Thread(target=source.start, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while source.follower is None:
+        assert time.monotonic() < deadline, "the source never subscribed"
+        assert thread.is_alive(), "start() returned"
+        time.sleep(0.05)
+    return thread
+
+
+def _wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
+@pytest.mark.timeout(120)
+def test_run_source_sends_the_runs_completed_while_the_subscription_was_down(
+    client, engine, tiled_server, monkeypatch
+):
+    """tiled ends the subscription (an update too long) while the server looks away: the
+    run whose update was too long, and one completed before the subscription is made
+    again, are asked from the catalog when it answers, and sent once each, in order."""
+    _, frames = tiled_server
+    monkeypatch.setattr(tiled_runs, "SERVER_CHECK_S", 0.2)
+    monkeypatch.setattr(tiled_runs, "CATCH_UP_EVERY_S", 600.0)  # only after interruptions
+    answers = [True]
+    real_answers = tiled_runs.server_answers
+    monkeypatch.setattr(tiled_runs, "server_answers", lambda url: answers[0] and real_answers(url))
+    source = tiled_runs.TiledRunSource(client, max_update_bytes=50_000)
+    started = []
+    source.subscribe(lambda name, doc: started.append(doc["uid"]) if name == "start" else None)
+    thread = _start_source(source)
+    try:
+        answers[0] = False  # no subscription made again until the runs are written
+        (long,), _ = _write_runs(engine, client, frames, seeds=(24,), md={"notes": "x" * 100_000})
+        _wait_until(lambda: not source.follower.alive, 30, "the subscription did not end")
+        (meanwhile,), _ = _write_runs(engine, client, frames, seeds=(25,))
+        time.sleep(0.5)
+        assert started == [] and source.resubscriptions == 0
+        answers[0] = True
+        _wait_until(lambda: meanwhile in started, 30, "the runs completed meanwhile not sent")
+        (live,), _ = _write_runs(engine, client, frames, seeds=(26,))
+        _wait_until(lambda: live in started, 30, "the next live run never arrived")
+        time.sleep(1.0)  # a second catch-up or live delivery would show now
+    finally:
+        source.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert started == [long, meanwhile, live]
+    assert source.resubscriptions == 1
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
+@pytest.mark.timeout(60)
+def test_run_source_keeps_a_run_whose_read_keeps_failing_and_sends_it_later(
+    client, raw_runs, monkeypatch, caplog
+):
+    """The server unreachable for longer than the retries: the run is kept and tried again
+    on later polls, sent whole, once, when its read works again; a run unread past the bound
+    is sent as its start and stop; on stop() the runs still pending are named."""
+    import httpx
+
+    uids, _ = raw_runs
+    monkeypatch.setattr(tiled_runs, "READ_RETRY_DELAYS_S", (0.1,))
+    monkeypatch.setattr(tiled_runs, "SERVER_CHECK_S", 0.2)
+    monkeypatch.setattr(tiled_runs, "PENDING_RETRY_S", 0.3)
+    monkeypatch.setattr(tiled_runs, "PENDING_GIVE_UP_S", 30.0)
+    container = type(client)
+    real_getitem = container.__getitem__
+    failing = {uids[0]}
+    tries = []
+
+    def unreachable(self, key, *args, **kwargs):
+        if key in failing:
+            tries.append(key)
+            raise httpx.ConnectError("the server is restarting")
+        return real_getitem(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(container, "__getitem__", unreachable)
+    source = tiled_runs.TiledRunSource(client)
+    sent = []
+    source.subscribe(lambda name, doc: sent.append((name, doc.get("run_start", doc.get("uid")))))
+    thread = _start_source(source)
+    try:
+        source._queue.put(uids[0])  # as the follower does when the stop arrives
+        _wait_until(lambda: len(tries) >= 5, 20, "the run was not tried on later polls")
+        assert sent == []
+        failing.clear()
+        _wait_until(lambda: ("stop", uids[0]) in [(n, u) for n, u in sent], 20, "never sent")
+        source._queue.put(uids[0])  # its stop again: not sent twice
+        time.sleep(1.0)
+        assert [n for n, _ in sent] == ["start", "descriptor", *["event"] * 16, "stop"]
+        assert sent[0] == ("start", uids[0])
+        # Past the bound: start and stop only.
+        monkeypatch.setattr(tiled_runs, "PENDING_GIVE_UP_S", 0.5)
+        real_documents = tiled_runs.run_documents
+
+        def frames_unreadable(client, uid, *args):
+            if uid == uids[1]:
+                raise tiled_runs.ReadFailure(f"run {uid}: cannot read the frames: timeout")
+            return real_documents(client, uid, *args)
+
+        monkeypatch.setattr(tiled_runs, "run_documents", frames_unreadable)
+        sent.clear()
+        source._queue.put(uids[1])
+        _wait_until(lambda: len(sent) == 2, 20, "the start and stop were not sent")
+        assert sent == [("start", uids[1]), ("stop", uids[1])]
+        # Pending at stop(): named in one line.
+        monkeypatch.setattr(tiled_runs, "PENDING_GIVE_UP_S", 600.0)
+        failing.add(uids[2])
+        source._queue.put(uids[2])
+        _wait_until(lambda: uids[2] in tries, 20, "the third run was not tried")
+    finally:
+        source.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert len(sent) == 2
+    (line,) = [r.getMessage() for r in caplog.records if "stopped with" in r.getMessage()]
+    assert uids[2] in line
+
+
 @pytest.mark.timeout(180)
 def test_callback_on_dask_keeps_scan_order_and_records(RE, cluster):
     """Three scans reconstructed on two Dask workers: results and hooks arrive in the order

@@ -17,6 +17,7 @@ metadata, the run is complete and is read. This needs a server with a streaming 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +48,30 @@ MAX_UPDATE_BYTES = 16 * 2**20
 #: Seconds before each new try at a run whose read failed on the way (the server busy or
 #: restarting, the connection broken), in :class:`TiledRunSource`: three tries over 3 s.
 READ_RETRY_DELAYS_S = (1.0, 2.0)
+
+#: Seconds :class:`TiledRunSource` waits for a live run before it looks at its subscription
+#: again; :meth:`TiledRunSource.stop` takes effect within about this long.
+POLL_S = 0.5
+
+#: Seconds between two questions of :class:`TiledRunSource` to the server (does it answer?),
+#: while it answers and while it stays away alike.
+SERVER_CHECK_S = 5.0
+
+#: Seconds between two more tries at a run whose read still failed after
+#: :data:`READ_RETRY_DELAYS_S`, and after how many seconds of failures it is given up.
+PENDING_RETRY_S = 30.0
+PENDING_GIVE_UP_S = 600.0
+
+#: The runs that no subscription delivered (tiled ended it, the server went away or
+#: restarted, tiled's own reconnection waited up to 45 s between its tries) are asked from
+#: the catalog by :class:`TiledRunSource`: right after each interruption it sees, and every
+#: ``CATCH_UP_EVERY_S`` (an interruption shorter than :data:`SERVER_CHECK_S` goes unseen).
+#: Asked: the runs whose stop time is at most ``CATCH_UP_MARGIN_S`` before the previous
+#: question (the clocks of the acquisition host and of this one may differ), the last
+#: ``CATCH_UP_MAX_RUNS`` of them.
+CATCH_UP_EVERY_S = 60.0
+CATCH_UP_MARGIN_S = 60.0
+CATCH_UP_MAX_RUNS = 100
 
 
 class ReadFailure(DataError):
@@ -114,6 +139,53 @@ def recent_runs(
                     break
         end = start
     return uids[::-1]
+
+
+def completed_runs(client: Any, since: float, last: int = CATCH_UP_MAX_RUNS) -> list[str]:
+    """The uids of the runs completed at or after ``since`` (their stop document's ``time``,
+    seconds since the epoch), in the order they completed; the ``last`` latest of them.
+
+    Derived runs are passed over; a run that failed or was aborted is listed (the live
+    follow sends it too, and the callback records it skipped).
+    """
+    from tiled.queries import Key
+
+    found: list[tuple[float, str]] = []
+    for uid, run in client.search(Key("stop.time") >= float(since)).items():
+        metadata = run.metadata
+        if is_derived(metadata.get("start", {})):
+            continue
+        found.append((float(metadata["stop"].get("time", since)), uid))
+    found.sort()
+    if len(found) > last:
+        log.warning(
+            "%d runs completed since %s; the %d oldest are left to bcdi-bluesky reprocess: %s",
+            len(found),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)),
+            len(found) - last,
+            " ".join(uid for _, uid in found[: len(found) - last]),
+        )
+    return [uid for _, uid in found[-last:]] if last > 0 else []
+
+
+def server_answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether a Tiled server at ``url`` answers ``GET /api/v1/`` within ``timeout`` seconds.
+
+    Asked without the tiled client, which tries a refused connection again for up to 45 s.
+    """
+    import urllib.error
+    import urllib.request
+
+    base = url.rstrip("/")
+    if not base.endswith("/api/v1"):
+        base += "/api/v1"
+    try:
+        with urllib.request.urlopen(f"{base}/", timeout=timeout):
+            return True
+    except urllib.error.HTTPError as exc:  # it answered: a refusal is still an answer
+        return exc.code < 500
+    except OSError:
+        return False
 
 
 def read_run(
@@ -462,14 +534,32 @@ class TiledRunSource:
     bluesky's ``RemoteDispatcher`` (``subscribe``, a blocking ``start``, ``stop``).
 
     Each run is sent once its stop document reaches the server (:class:`RunFollower`), with
-    its frames read through Tiled (:func:`run_documents`); a read that fails on the way (the
-    server or the connection) is tried again after :data:`READ_RETRY_DELAYS_S`. A run whose
-    frames cannot be read
-    (it failed or was aborted, has no frames, a file is missing) is logged and sent as its
-    start and stop only, so the callback records it and tells its publishers. A
-    subscription that tiled ends (an update longer than ``max_update_bytes``) is made again
-    with one warning, counted in :attr:`resubscriptions`: the runs completed meanwhile are
-    not sent (``bcdi-bluesky reprocess`` reads them).
+    its frames read through Tiled (:func:`run_documents`), each run once, one run at a time,
+    from the thread that called :meth:`start`.
+
+    A read that fails on the way (the server or the connection: :class:`ReadFailure`) is
+    tried again after :data:`READ_RETRY_DELAYS_S`; a run still unread is kept pending and
+    tried every :data:`PENDING_RETRY_S` while the server answers. After
+    :data:`PENDING_GIVE_UP_S` of failures it is sent as its start and stop only, or, when
+    not even those can be read, logged with its uid for ``bcdi-bluesky reprocess``. A run
+    whose frames cannot be read (it failed or was aborted, has no frames, a file is missing)
+    is logged and sent as its start and stop only, so the callback records it and tells its
+    publishers.
+
+    The server is asked every :data:`SERVER_CHECK_S` whether it answers. While it stays
+    away, :meth:`start` goes on asking (one warning per outage) and tiled's subscription
+    tries to reconnect by itself. A subscription that tiled ends (an update longer than
+    ``max_update_bytes``, or the server closing the stream) is made again with one warning,
+    counted in :attr:`resubscriptions`, as soon as the server answers. The runs that no
+    subscription delivered are asked from the catalog (:func:`completed_runs`) right after
+    each such interruption and every :data:`CATCH_UP_EVERY_S`, bounded by
+    :data:`CATCH_UP_MARGIN_S` and :data:`CATCH_UP_MAX_RUNS`, and those not sent yet are
+    sent in the order they completed. Runs that completed before :meth:`start` are not sent
+    (``bcdi-bluesky reprocess`` reads them).
+
+    :meth:`stop` makes :meth:`start` return within about :data:`POLL_S` once the run in
+    hand is sent; the runs still pending or queued are dropped with one warning naming
+    them.
     """
 
     def __init__(
@@ -484,10 +574,17 @@ class TiledRunSource:
         self.keys = (image_key, motor_key, stream_name)
         self.max_update_bytes = int(max_update_bytes)
         self.resubscriptions = 0
-        #: The live follower (None before :meth:`start`).
+        #: The live follower (None before :meth:`start`, and while the server stays away
+        #: after tiled ended the subscription).
         self.follower: RunFollower | None = None
         self._consumers: list[Callable[[str, dict], Any]] = []
         self._stop = threading.Event()
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # Runs sent or in hand: the live follow, the catch-up and the pending retries meet
+        # here, all in the thread of start().
+        self._sent: set[str] = set()
+        # uid -> (monotonic time of the first failure, of the next try)
+        self._pending: dict[str, tuple[float, float]] = {}
 
     def subscribe(self, func: Callable[[str, dict], Any]) -> None:
         """Send every document to ``func(name, doc)``."""
@@ -507,37 +604,157 @@ class TiledRunSource:
                 log.warning("%s; trying again in %.1f s", exc, delay)
                 self._stop.wait(delay)
 
+    def _emit(self, documents: list[tuple[str, dict]]) -> None:
+        for name, doc in documents:
+            for consumer in self._consumers:
+                consumer(name, doc)
+
     def _send(self, uid: str) -> None:
+        self._sent.add(uid)
         try:
             documents = self._documents(uid)
+        except ReadFailure as exc:
+            now = time.monotonic()
+            self._pending[uid] = (now, now + PENDING_RETRY_S)
+            log.warning(
+                "%s; trying again every %g s for %g s", exc, PENDING_RETRY_S, PENDING_GIVE_UP_S
+            )
+            return
         except DataError as exc:
             log.warning("frames not sent: %s", exc)
             # Its start and stop alone: the callback records the scan (skipped: it ended
             # badly, or has no frames) and tells the publishers, as for a live run.
             documents = _start_and_stop(self.client, uid)
-        for name, doc in documents:
-            for consumer in self._consumers:
-                consumer(name, doc)
+        self._emit(documents)
+
+    def _retry_pending(self) -> None:
+        for uid, (first, due) in list(self._pending.items()):
+            now = time.monotonic()
+            if now < due or self._stop.is_set():
+                continue
+            try:
+                documents = list(run_documents(self.client, uid, *self.keys))
+            except ReadFailure as exc:
+                if now - first < PENDING_GIVE_UP_S:
+                    self._pending[uid] = (first, now + PENDING_RETRY_S)
+                    continue
+                del self._pending[uid]
+                documents = _start_and_stop(self.client, uid)
+                if not documents:
+                    log.error(
+                        "run %s not sent: unread for %g s (%s); bcdi-bluesky reprocess reads it",
+                        uid,
+                        PENDING_GIVE_UP_S,
+                        exc,
+                    )
+                    continue
+                log.warning(
+                    "frames not sent, unread for %g s: %s; its start and stop are "
+                    "(bcdi-bluesky reprocess reads the frames)",
+                    PENDING_GIVE_UP_S,
+                    exc,
+                )
+            except DataError as exc:
+                del self._pending[uid]
+                log.warning("frames not sent: %s", exc)
+                documents = _start_and_stop(self.client, uid)
+            else:
+                del self._pending[uid]
+            self._emit(documents)
+
+    def _catch_up(self, since: float) -> bool:
+        """Send the runs completed since ``since`` that are not sent yet; False when the
+        catalog could not be asked."""
+        try:
+            uids = completed_runs(self.client, since, CATCH_UP_MAX_RUNS)
+        except Exception as exc:  # the server gone again: the next check asks again
+            log.warning(
+                "cannot list the runs completed since %s: %s: %s",
+                time.strftime("%H:%M:%S", time.localtime(since)),
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        for uid in uids:
+            if self._stop.is_set():
+                break
+            if uid not in self._sent:
+                log.info("run %s: its stop did not come through the subscription", uid)
+                self._send(uid)
+        return True
+
+    def _follow(self) -> RunFollower:
+        return RunFollower(self.client, self._queue.put, self.max_update_bytes)
 
     def start(self) -> None:
         """Follow the server until :meth:`stop` (safe to call from a signal handler)."""
-        seen: set[str] = set()
-        self.follower = RunFollower(self.client, self._send, self.max_update_bytes, seen)
+        url = str(self.client.context.api_uri)
+        # The catalog is asked for the runs completed since the last time it was asked (less
+        # the margin), never for those completed before the start.
+        started = asked = time.time()
+        away_since: float | None = None  # monotonic; None while the server answers
+        next_check = next_catch_up = 0.0
         try:
-            while not self._stop.wait(0.5):
-                if self.follower.alive:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                ended = self.follower is not None and not self.follower.alive
+                if ended or now >= next_check:
+                    next_check = now + SERVER_CHECK_S
+                    if not server_answers(url):
+                        if away_since is None:
+                            away_since = now
+                            log.warning(
+                                "the Tiled server at %s does not answer: asking again every "
+                                "%g s; the runs completed meanwhile are sent when it answers",
+                                url,
+                                SERVER_CHECK_S,
+                            )
+                    else:
+                        if away_since is not None:
+                            log.warning(
+                                "the Tiled server answers again after %.0f s", now - away_since
+                            )
+                            away_since, next_catch_up = None, now
+                        if ended:
+                            self.resubscriptions += 1
+                            log.warning(
+                                "the Tiled subscription ended (an update longer than %d "
+                                "bytes?): subscribing again",
+                                self.max_update_bytes,
+                            )
+                            self.follower.close()
+                            self.follower, next_catch_up = None, now
+                        if self.follower is None:
+                            self.follower = self._follow()
+                        if now >= next_catch_up:
+                            next_catch_up = now + CATCH_UP_EVERY_S
+                            asking = time.time()
+                            if self._catch_up(max(asked - CATCH_UP_MARGIN_S, started)):
+                                asked = asking
+                        self._retry_pending()
+                try:
+                    uid = self._queue.get(timeout=POLL_S)
+                except queue.Empty:
                     continue
-                self.resubscriptions += 1
-                log.warning(
-                    "the Tiled subscription ended (an update longer than %d bytes?): "
-                    "subscribing again; runs that completed meanwhile are not reconstructed "
-                    "(bcdi-bluesky reprocess reads them)",
-                    self.max_update_bytes,
-                )
-                self.follower.close()
-                self.follower = RunFollower(self.client, self._send, self.max_update_bytes, seen)
+                if uid not in self._sent and not self._stop.is_set():
+                    self._send(uid)
         finally:
-            self.follower.close()
+            if self.follower is not None:
+                self.follower.close()
+            left = list(self._pending)
+            while True:
+                try:
+                    uid = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if uid not in self._sent:
+                    left.append(uid)
+            if left:
+                log.warning(
+                    "stopped with %d runs not sent (bcdi-bluesky reprocess reads them): %s",
+                    len(left),
+                    " ".join(dict.fromkeys(left)),
+                )
 
     def stop(self) -> None:
         """Make :meth:`start` return."""
