@@ -709,6 +709,79 @@ def test_run_source_keeps_a_run_whose_read_keeps_failing_and_sends_it_later(
     assert uids[2] in line
 
 
+# A Tiled server whose catalog outlives it (``--temp`` makes a new one at each start), with
+# the in-memory streaming cache that ``--temp`` sets up (``--cache memory`` fails outside it
+# with tiled 0.2.20).
+_PERSISTENT_SERVER = """
+import sys
+import uvicorn
+from tiled.catalog import from_uri
+from tiled.config import Authentication, StreamingCacheConfig
+from tiled.server.app import build_app
+
+home, frames, key, port = sys.argv[1:]
+tree = from_uri(
+    f"sqlite:///{home}/catalog.db",
+    writable_storage=[f"{home}/data", f"duckdb:///{home}/tables.duckdb"],
+    readable_storage=[frames],
+    init_if_not_exists=True,
+    cache_config=StreamingCacheConfig(uri="memory").model_dump(),
+)
+app = build_app(tree, Authentication(single_user_api_key=key))
+uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
+"""
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
+@pytest.mark.timeout(180)
+def test_run_source_outlives_a_server_restart(engine, tmp_path, monkeypatch, caplog):
+    """The server stopped and started again on its catalog: start() goes on, with one
+    warning for the outage, and the runs completed after it came back are sent once each."""
+    monkeypatch.setattr(tiled_runs, "SERVER_CHECK_S", 0.3)
+    (tmp_path / "data").mkdir()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-c", _PERSISTENT_SERVER, str(tmp_path), str(frames), API_KEY]
+
+    def serve():
+        server = subprocess.Popen(
+            [*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        tiled_runs.wait_for_server(url, timeout=60)
+        return server
+
+    server = serve()
+    client = tiled_runs.connect(url, API_KEY)
+    source = tiled_runs.TiledRunSource(client)
+    started = []
+    source.subscribe(lambda name, doc: started.append(doc["uid"]) if name == "start" else None)
+    thread = _start_source(source)
+    try:
+        (before,), _ = _write_runs(engine, client, frames, seeds=(27,), points=8)
+        _wait_until(lambda: before in started, 30, "the first run never arrived")
+        server.terminate()
+        server.wait(timeout=20)
+        time.sleep(2.0)  # several checks while it is away
+        assert thread.is_alive()
+        server = serve()
+        uids, _ = _write_runs(engine, client, frames, seeds=(28, 29), points=8)
+        _wait_until(lambda: set(uids) <= set(started), 60, "the runs after the restart not sent")
+        time.sleep(1.0)
+    finally:
+        source.stop()
+        thread.join(timeout=10)
+        server.terminate()
+        server.wait(timeout=20)
+        client.context.close()
+    assert not thread.is_alive()
+    # Each once; the order of two runs is kept only when both came the same way.
+    assert started[0] == before and sorted(started[1:]) == sorted(uids)
+    away = [r for r in caplog.records if "does not answer" in r.getMessage()]
+    assert len(away) == 1
+
+
 @pytest.mark.timeout(180)
 def test_callback_on_dask_keeps_scan_order_and_records(RE, cluster):
     """Three scans reconstructed on two Dask workers: results and hooks arrive in the order

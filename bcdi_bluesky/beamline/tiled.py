@@ -63,12 +63,14 @@ PENDING_RETRY_S = 30.0
 PENDING_GIVE_UP_S = 600.0
 
 #: The runs that no subscription delivered (tiled ended it, the server went away or
-#: restarted, tiled's own reconnection waited up to 45 s between its tries) are asked from
-#: the catalog by :class:`TiledRunSource`: right after each interruption it sees, and every
-#: ``CATCH_UP_EVERY_S`` (an interruption shorter than :data:`SERVER_CHECK_S` goes unseen).
-#: Asked: the runs whose stop time is at most ``CATCH_UP_MARGIN_S`` before the previous
-#: question (the clocks of the acquisition host and of this one may differ), the last
-#: ``CATCH_UP_MAX_RUNS`` of them.
+#: restarted) are asked from the catalog by :class:`TiledRunSource`: at each server check
+#: for ``CATCH_UP_WINDOW_S`` after each interruption it sees (tiled's own reconnection of a
+#: subscription waits up to 45 s between its tries, ``TILED_RETRY_TIMEOUT``, and a run that
+#: completes in that gap reaches no subscription), and every ``CATCH_UP_EVERY_S`` (an
+#: interruption shorter than :data:`SERVER_CHECK_S` goes unseen). Asked: the runs whose
+#: stop time is at most ``CATCH_UP_MARGIN_S`` before the previous question (the clocks of
+#: the acquisition host and of this one may differ), the last ``CATCH_UP_MAX_RUNS`` of them.
+CATCH_UP_WINDOW_S = 60.0
 CATCH_UP_EVERY_S = 60.0
 CATCH_UP_MARGIN_S = 60.0
 CATCH_UP_MAX_RUNS = 100
@@ -551,8 +553,9 @@ class TiledRunSource:
     tries to reconnect by itself. A subscription that tiled ends (an update longer than
     ``max_update_bytes``, or the server closing the stream) is made again with one warning,
     counted in :attr:`resubscriptions`, as soon as the server answers. The runs that no
-    subscription delivered are asked from the catalog (:func:`completed_runs`) right after
-    each such interruption and every :data:`CATCH_UP_EVERY_S`, bounded by
+    subscription delivered are asked from the catalog (:func:`completed_runs`) at each
+    check for :data:`CATCH_UP_WINDOW_S` after each such interruption and every
+    :data:`CATCH_UP_EVERY_S`, bounded by
     :data:`CATCH_UP_MARGIN_S` and :data:`CATCH_UP_MAX_RUNS`, and those not sent yet are
     sent in the order they completed. Runs that completed before :meth:`start` are not sent
     (``bcdi-bluesky reprocess`` reads them).
@@ -693,7 +696,7 @@ class TiledRunSource:
         # the margin), never for those completed before the start.
         started = asked = time.time()
         away_since: float | None = None  # monotonic; None while the server answers
-        next_check = next_catch_up = 0.0
+        next_check = next_catch_up = catch_up_until = 0.0
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -714,7 +717,7 @@ class TiledRunSource:
                             log.warning(
                                 "the Tiled server answers again after %.0f s", now - away_since
                             )
-                            away_since, next_catch_up = None, now
+                            away_since, catch_up_until = None, now + CATCH_UP_WINDOW_S
                         if ended:
                             self.resubscriptions += 1
                             log.warning(
@@ -723,10 +726,10 @@ class TiledRunSource:
                                 self.max_update_bytes,
                             )
                             self.follower.close()
-                            self.follower, next_catch_up = None, now
+                            self.follower, catch_up_until = None, now + CATCH_UP_WINDOW_S
                         if self.follower is None:
                             self.follower = self._follow()
-                        if now >= next_catch_up:
+                        if now >= next_catch_up or now < catch_up_until:
                             next_catch_up = now + CATCH_UP_EVERY_S
                             asking = time.time()
                             if self._catch_up(max(asked - CATCH_UP_MARGIN_S, started)):
