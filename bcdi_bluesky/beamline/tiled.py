@@ -451,9 +451,11 @@ class RunFollower:
         except Exception:  # a failing consumer must not end the subscription
             log.exception("handling run %s failed", update.key)
 
-    def close(self) -> None:
-        """Stop listening."""
-        self.subscription.disconnect()
+    def close(self, wait: bool = True) -> None:
+        """Stop listening; ``wait``: until the subscription's thread has ended (while the
+        server is away, that thread may be in tiled's pause between two reconnection tries,
+        up to 45 s)."""
+        self.subscription.disconnect(wait=wait)
 
     def __enter__(self) -> RunFollower:
         return self
@@ -697,6 +699,7 @@ class TiledRunSource:
         started = asked = time.time()
         away_since: float | None = None  # monotonic; None while the server answers
         next_check = next_catch_up = catch_up_until = 0.0
+        refused = False  # the last try to subscribe failed
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -728,7 +731,18 @@ class TiledRunSource:
                             self.follower.close()
                             self.follower, catch_up_until = None, now + CATCH_UP_WINDOW_S
                         if self.follower is None:
-                            self.follower = self._follow()
+                            try:
+                                self.follower = self._follow()
+                            except Exception as exc:  # the next check tries again
+                                if not refused:
+                                    log.warning(
+                                        "cannot subscribe to the Tiled server: %s: %s",
+                                        type(exc).__name__,
+                                        exc,
+                                    )
+                                refused = True
+                                continue
+                            refused = False
                         if now >= next_catch_up or now < catch_up_until:
                             next_catch_up = now + CATCH_UP_EVERY_S
                             asking = time.time()
@@ -743,7 +757,7 @@ class TiledRunSource:
                     self._send(uid)
         finally:
             if self.follower is not None:
-                self.follower.close()
+                self.follower.close(wait=away_since is None)
             left = list(self._pending)
             while True:
                 try:
