@@ -695,6 +695,19 @@ def test_run_source_keeps_a_run_whose_read_keeps_failing_and_sends_it_later(
         source._queue.put(uids[1])
         _wait_until(lambda: len(sent) == 2, 20, "the start and stop were not sent")
         assert sent == [("start", uids[1]), ("stop", uids[1])]
+        # Not even its start and stop readable past the bound: logged once, with its uid.
+        failing.add(uids[3])
+        source._queue.put(uids[3])
+
+        def given_up():
+            return [
+                r for r in caplog.records if r.levelname == "ERROR" and uids[3] in r.getMessage()
+            ]
+
+        _wait_until(given_up, 20, "the unreadable run was not given up")
+        time.sleep(1.0)
+        assert len(given_up()) == 1 and "reprocess" in given_up()[0].getMessage()
+        assert len(sent) == 2
         # Pending at stop(): named in one line.
         monkeypatch.setattr(tiled_runs, "PENDING_GIVE_UP_S", 600.0)
         failing.add(uids[2])
