@@ -532,6 +532,26 @@ def _start_and_stop(client: Any, uid: str) -> list[tuple[str, dict]]:
         return []
 
 
+@dataclass
+class _Watch:
+    """What :meth:`TiledRunSource.start` knows of its server between two checks (times from
+    ``time.monotonic`` unless said otherwise)."""
+
+    url: str
+    #: Wall clock of the start: the catalog is never asked for runs completed before it.
+    started: float
+    #: Wall clock of the last question the catalog answered.
+    asked: float
+    #: Since when the server does not answer (None while it answers).
+    away_since: float | None = None
+    next_check: float = 0.0
+    next_catch_up: float = 0.0
+    #: The catalog is asked at every check until then (after an interruption).
+    catch_up_until: float = 0.0
+    #: The last try to subscribe failed (its line is written once).
+    refused: bool = False
+
+
 class TiledRunSource:
     """Runs completed on a Tiled server as documents, live: a document source for
     :class:`~bcdi_bluesky.beamline.BCDIReconstructionCallback` with the interface of
@@ -626,11 +646,20 @@ class TiledRunSource:
             )
             return
         except DataError as exc:
-            log.warning("frames not sent: %s", exc)
-            # Its start and stop alone: the callback records the scan (skipped: it ended
-            # badly, or has no frames) and tells the publishers, as for a live run.
-            documents = _start_and_stop(self.client, uid)
+            self._send_ends(uid, str(exc))
+            return
         self._emit(documents)
+
+    def _send_ends(self, uid: str, why: str) -> None:
+        """The run's start and stop alone: the callback records the scan (skipped: it ended
+        badly, has no frames, or could not be read) and tells the publishers, as for a live
+        run; when not even those can be read, one line names the run for ``reprocess``."""
+        documents = _start_and_stop(self.client, uid)
+        if documents:
+            log.warning("frames not sent: %s", why)
+            self._emit(documents)
+        else:
+            log.error("run %s not sent: %s; bcdi-bluesky reprocess reads it", uid, why)
 
     def _retry_pending(self) -> None:
         for uid, (first, due) in list(self._pending.items()):
@@ -644,27 +673,13 @@ class TiledRunSource:
                     self._pending[uid] = (first, now + PENDING_RETRY_S)
                     continue
                 del self._pending[uid]
-                documents = _start_and_stop(self.client, uid)
-                if not documents:
-                    log.error(
-                        "run %s not sent: unread for %g s (%s); bcdi-bluesky reprocess reads it",
-                        uid,
-                        PENDING_GIVE_UP_S,
-                        exc,
-                    )
-                    continue
-                log.warning(
-                    "frames not sent, unread for %g s: %s; its start and stop are "
-                    "(bcdi-bluesky reprocess reads the frames)",
-                    PENDING_GIVE_UP_S,
-                    exc,
-                )
+                self._send_ends(uid, f"unread for {PENDING_GIVE_UP_S:g} s ({exc})")
+                continue
             except DataError as exc:
                 del self._pending[uid]
-                log.warning("frames not sent: %s", exc)
-                documents = _start_and_stop(self.client, uid)
-            else:
-                del self._pending[uid]
+                self._send_ends(uid, str(exc))
+                continue
+            del self._pending[uid]
             self._emit(documents)
 
     def _catch_up(self, since: float) -> bool:
@@ -688,90 +703,100 @@ class TiledRunSource:
                 self._send(uid)
         return True
 
-    def _follow(self) -> RunFollower:
-        return RunFollower(self.client, self._queue.put, self.max_update_bytes)
+    def _server_answers(self, watch: _Watch, now: float) -> bool:
+        """Ask the server; one line when it stops answering and one when it answers again,
+        which opens a catch-up window."""
+        if not server_answers(watch.url):
+            if watch.away_since is None:
+                watch.away_since = now
+                log.warning(
+                    "the Tiled server at %s does not answer: asking again every %g s; the "
+                    "runs completed meanwhile are sent when it answers",
+                    watch.url,
+                    SERVER_CHECK_S,
+                )
+            return False
+        if watch.away_since is not None:
+            log.warning("the Tiled server answers again after %.0f s", now - watch.away_since)
+            watch.away_since, watch.catch_up_until = None, now + CATCH_UP_WINDOW_S
+        return True
+
+    def _subscribed(self, watch: _Watch, now: float, ended: bool) -> bool:
+        """A live follower, made again when tiled ended the last one (which opens a catch-up
+        window); False when subscribing fails (the next check tries again)."""
+        if ended:
+            self.resubscriptions += 1
+            log.warning(
+                "the Tiled subscription ended (an update longer than %d bytes?): subscribing again",
+                self.max_update_bytes,
+            )
+            self.follower.close()
+            self.follower, watch.catch_up_until = None, now + CATCH_UP_WINDOW_S
+        if self.follower is None:
+            try:
+                self.follower = RunFollower(self.client, self._queue.put, self.max_update_bytes)
+            except Exception as exc:  # the next check tries again
+                if not watch.refused:
+                    log.warning(
+                        "cannot subscribe to the Tiled server: %s: %s", type(exc).__name__, exc
+                    )
+                watch.refused = True
+                return False
+            watch.refused = False
+        return True
+
+    def _catch_up_if_due(self, watch: _Watch, now: float) -> None:
+        if now >= watch.next_catch_up or now < watch.catch_up_until:
+            watch.next_catch_up = now + CATCH_UP_EVERY_S
+            asking = time.time()
+            if self._catch_up(max(watch.asked - CATCH_UP_MARGIN_S, watch.started)):
+                watch.asked = asking
+
+    def _send_next_live(self) -> None:
+        """The next run the subscription delivered, waiting at most :data:`POLL_S`."""
+        try:
+            uid = self._queue.get(timeout=POLL_S)
+        except queue.Empty:
+            return
+        if uid not in self._sent and not self._stop.is_set():
+            self._send(uid)
+
+    def _close(self, watch: _Watch) -> None:
+        """End the follower (without waiting out tiled's reconnection pause while the server
+        is away) and name the runs left unsent."""
+        if self.follower is not None:
+            self.follower.close(wait=watch.away_since is None)
+        left = list(self._pending)
+        while True:
+            try:
+                uid = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if uid not in self._sent:
+                left.append(uid)
+        if left:
+            log.warning(
+                "stopped with %d runs not sent (bcdi-bluesky reprocess reads them): %s",
+                len(left),
+                " ".join(dict.fromkeys(left)),
+            )
 
     def start(self) -> None:
         """Follow the server until :meth:`stop` (safe to call from a signal handler)."""
-        url = str(self.client.context.api_uri)
-        # The catalog is asked for the runs completed since the last time it was asked (less
-        # the margin), never for those completed before the start.
-        started = asked = time.time()
-        away_since: float | None = None  # monotonic; None while the server answers
-        next_check = next_catch_up = catch_up_until = 0.0
-        refused = False  # the last try to subscribe failed
+        now = time.time()
+        watch = _Watch(str(self.client.context.api_uri), started=now, asked=now)
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 ended = self.follower is not None and not self.follower.alive
-                if ended or now >= next_check:
-                    next_check = now + SERVER_CHECK_S
-                    if not server_answers(url):
-                        if away_since is None:
-                            away_since = now
-                            log.warning(
-                                "the Tiled server at %s does not answer: asking again every "
-                                "%g s; the runs completed meanwhile are sent when it answers",
-                                url,
-                                SERVER_CHECK_S,
-                            )
-                    else:
-                        if away_since is not None:
-                            log.warning(
-                                "the Tiled server answers again after %.0f s", now - away_since
-                            )
-                            away_since, catch_up_until = None, now + CATCH_UP_WINDOW_S
-                        if ended:
-                            self.resubscriptions += 1
-                            log.warning(
-                                "the Tiled subscription ended (an update longer than %d "
-                                "bytes?): subscribing again",
-                                self.max_update_bytes,
-                            )
-                            self.follower.close()
-                            self.follower, catch_up_until = None, now + CATCH_UP_WINDOW_S
-                        if self.follower is None:
-                            try:
-                                self.follower = self._follow()
-                            except Exception as exc:  # the next check tries again
-                                if not refused:
-                                    log.warning(
-                                        "cannot subscribe to the Tiled server: %s: %s",
-                                        type(exc).__name__,
-                                        exc,
-                                    )
-                                refused = True
-                                continue
-                            refused = False
-                        if now >= next_catch_up or now < catch_up_until:
-                            next_catch_up = now + CATCH_UP_EVERY_S
-                            asking = time.time()
-                            if self._catch_up(max(asked - CATCH_UP_MARGIN_S, started)):
-                                asked = asking
+                if ended or now >= watch.next_check:
+                    watch.next_check = now + SERVER_CHECK_S
+                    if self._server_answers(watch, now) and self._subscribed(watch, now, ended):
+                        self._catch_up_if_due(watch, now)
                         self._retry_pending()
-                try:
-                    uid = self._queue.get(timeout=POLL_S)
-                except queue.Empty:
-                    continue
-                if uid not in self._sent and not self._stop.is_set():
-                    self._send(uid)
+                self._send_next_live()
         finally:
-            if self.follower is not None:
-                self.follower.close(wait=away_since is None)
-            left = list(self._pending)
-            while True:
-                try:
-                    uid = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if uid not in self._sent:
-                    left.append(uid)
-            if left:
-                log.warning(
-                    "stopped with %d runs not sent (bcdi-bluesky reprocess reads them): %s",
-                    len(left),
-                    " ".join(dict.fromkeys(left)),
-                )
+            self._close(watch)
 
     def stop(self) -> None:
         """Make :meth:`start` return."""
