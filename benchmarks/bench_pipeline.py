@@ -997,7 +997,8 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     print(
         f"machine: {m['processor']}, {m['cpus']} CPUs, load average "
         f"{m['load_average'][0]:.1f} at the end; our FFT workers {m['fft_workers']} "
-        f"(cohere's 1); ONNX Runtime provider {results['provider']}; model "
+        f"(cohere's 1), as many further starts side by side at most; ONNX Runtime provider "
+        f"{results['provider']}; model "
         f"{results['model']}"
     )
     for key in ("out_of_family_64", "out_of_family_128"):

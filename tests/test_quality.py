@@ -295,6 +295,33 @@ def test_starts_side_by_side_give_the_result_of_one_after_the_other(monkeypatch)
         assert len({thread for _, thread in calls}) > 1
 
 
+@pytest.mark.timeout(120)
+def test_a_hook_that_raises_stops_the_starts_side_by_side():
+    # The callback cancels a reconstruction by raising from the progress hook: raised in one
+    # of the threads of the further starts, it must reach the caller at once, the other runs
+    # stopped by it too, no thread left behind.
+    strained = out_of_family_crystal(DEV_SEED, 9)
+    measurement = prepare_measurement(strained.measured, strained.mask, 64)
+    sphere, _ = autocorrelation_seed(strained.measured)
+    settings = ReconstructionSettings(
+        polish_er_iterations=10, polish_iterations=20, adaptive_iterations=2000
+    )
+
+    class Cancelled(Exception):
+        pass
+
+    def hook(step, error):
+        if step > 40:  # inside the further starts (the first polish takes 30 steps)
+            raise Cancelled
+
+    before = threading.active_count()
+    started = time.perf_counter()
+    with pytest.raises(Cancelled):
+        polish_stage(measurement, sphere, settings, hook=hook)
+    assert time.perf_counter() - started < 30  # 4 x 2000 steps would take minutes
+    assert threading.active_count() == before
+
+
 def test_a_thread_s_fft_worker_limit_is_its_own():
     big = 2 * SMALL_FFT_VOXELS
     seen = {}
