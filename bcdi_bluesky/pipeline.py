@@ -565,6 +565,9 @@ class _PolishRuns:
         cost: ChiCost,
         **options,
     ) -> PolishResult:
+        """One ER/HIO run (``adaptive_hio_fraction`` HIO unless ``options`` say otherwise)
+        on ``grid_data`` (the full or the coarse grid), its chi against ``cost``; not
+        recorded."""
         options.setdefault("hio_fraction", self.settings.adaptive_hio_fraction)
         run = polish(
             grid_data,
@@ -581,22 +584,9 @@ class _PolishRuns:
         run.chi = cost(run.model_intensity(self.backend))
         return run
 
-    def further(
-        self,
-        grid_data: Any,
-        obj: Any,
-        support: Any,
-        grid_valid: Any,
-        iterations: int,
-        cost: ChiCost,
-        **options,
-    ) -> PolishResult:
-        """One more ER/HIO run (``adaptive_hio_fraction`` HIO unless ``options`` say
-        otherwise) on ``grid_data`` (the full or the coarse grid), counted, its chi against
-        ``cost``."""
-        return self.record(
-            self._run(grid_data, obj, support, grid_valid, iterations, cost, **options)
-        )
+    def further(self, *args: Any, **options: Any) -> PolishResult:
+        """One more run (the arguments of :meth:`_run`), recorded."""
+        return self.record(self._run(*args, **options))
 
     def further_each(
         self,
