@@ -389,7 +389,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .beamline.tiled import TiledRunSource, connect
 
         dispatcher = TiledRunSource(
-            connect(args.tiled, args.api_key), args.image_key, args.motor_key
+            connect(args.tiled, args.api_key), args.image_key, args.motor_key, args.stream
         )
     else:
         try:
@@ -426,6 +426,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     callback = BCDIReconstructionCallback(
         image_key=args.image_key,
         motor_key=args.motor_key,
+        stream_name=args.stream,
         publishers=publishers,
         reconstructor=reconstructor,
         refine=args.refine,
@@ -895,8 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCHEDULER",
         help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)",
     )
-    p.add_argument("--image-key", default="det_image")
-    p.add_argument("--motor-key", default="theta")
+    _add_run_keys(p)
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     _add_device_argument(p)
@@ -977,9 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(the earlier ones stay)",
     )
     p.add_argument("--refine", choices=("none", "es", "full"), default="full")
-    p.add_argument("--image-key", default="det_image")
-    p.add_argument("--motor-key", default="theta")
-    p.add_argument("--stream", default="primary", help="event stream holding the frames")
+    _add_run_keys(p)
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     p.add_argument(
         "--timeout",
@@ -1092,6 +1090,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_export)
     return parser
+
+
+def _add_run_keys(p: argparse.ArgumentParser) -> None:
+    """Where a run keeps its frames: the options of every command that reads runs."""
+    p.add_argument("--image-key", default="det_image", help="data key of the detector frames")
+    p.add_argument("--motor-key", default="theta", help="data key of the rocking angle")
+    p.add_argument("--stream", default="primary", help="event stream holding the frames")
 
 
 def _add_device_argument(p: argparse.ArgumentParser) -> None:

@@ -147,6 +147,57 @@ def _write_failed_run(engine, client, scan_id: int) -> str:
     return uid
 
 
+def _write_run_in_stream(engine, client, frames, stream: str, seed: int = 17, points=16) -> str:
+    """A rocking scan whose frames go to event stream ``stream``, stored by TiledWriter."""
+    from bluesky import plan_stubs as bps
+    from bluesky import preprocessors as bpp
+
+    beamline = SimulatedBeamline(seed=seed, file_backed="hdf5", save_path=str(frames))
+    beamline.det.max_count.put(1e12)
+    step, centre = beamline.crystal.step, beamline.crystal.bragg_theta
+    angles = centre + step * (np.arange(points) - (points - 1) / 2)
+
+    @bpp.stage_decorator([beamline.det])
+    @bpp.run_decorator(md={"scan_id": 700 + seed})
+    def rocking():
+        for angle in angles:
+            yield from bps.mv(beamline.theta, angle)
+            yield from bps.trigger_and_read([beamline.det, beamline.theta], name=stream)
+
+    token = engine.subscribe(tiled_runs.tiled_writer(client))
+    try:
+        (uid,) = engine(rocking())
+    finally:
+        engine.unsubscribe(token)
+    return uid
+
+
+@pytest.mark.timeout(120)
+def test_run_source_reads_the_frames_of_the_stream_it_is_given(client, engine, tiled_server):
+    """Frames in another stream than ``primary`` (``serve --stream``): the source reads that
+    stream and a callback of the same stream reconstructs the scan; a source left on
+    ``primary`` sends its start and stop only, so the scan is recorded skipped, with why."""
+    from bcdi_bluesky import BCDIReconstructionCallback
+
+    _, frames = tiled_server
+    uid = _write_run_in_stream(engine, client, frames, "fast")
+    for stream, status in (("fast", "done"), ("primary", "skipped")):
+        cb = BCDIReconstructionCallback(refine="none", stream_name="fast")
+        source = tiled_runs.TiledRunSource(client, stream_name=stream)
+        source.subscribe(cb)
+        try:
+            source._send(uid)
+            assert cb.wait(timeout=60)
+        finally:
+            assert cb.close(timeout=30)
+        record = cb.records[uid]
+        assert record.status == status, (stream, record.status, record.message)
+        if status == "done":
+            assert record.frames == 16 and 0 < record.figures["chi"] < 1
+        else:
+            assert record.frames == 0
+
+
 @pytest.fixture(scope="module")
 def raw_runs(engine, client, tiled_server):
     _, frames = tiled_server
