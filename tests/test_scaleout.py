@@ -625,7 +625,8 @@ def test_run_source_reads_again_a_run_whose_read_failed_on_the_way(client, raw_r
     names = []
     source.subscribe(lambda name, doc: names.append(name))
     source._send(uids[0])
-    assert requests[:2] == [uids[0], uids[0]]
+    # The failed lookup, then one that serves the frames, the descriptors and the stop.
+    assert requests.count(uids[0]) == 2
     assert names[0] == "start" and names[-1] == "stop" and names.count("event") == 16
     requests.clear()
     names.clear()

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,6 +105,9 @@ class TiledRun:
     start: dict
     volume: np.ndarray  # float32, (frames, rows, columns)
     thetas: np.ndarray
+    stop: dict = field(default_factory=dict)
+    #: The run's node in the client (its descriptors are read from it when wanted).
+    node: Any = field(default=None, repr=False, compare=False)
 
 
 def is_derived(start: dict) -> bool:
@@ -244,7 +247,7 @@ def read_run(
             f"{frames.shape[1:]} for {thetas.shape[0]} rocking angles"
         )
     order = np.argsort(thetas, kind="stable")
-    return TiledRun(uid, start, frames[order], thetas[order])
+    return TiledRun(uid, start, frames[order], thetas[order], dict(stop), run)
 
 
 def derived_run(client: Any, uid: str) -> str | None:
@@ -478,10 +481,10 @@ def run_documents(
     event per frame, in the stored order. A callback consumes them like a live run.
     """
     data = read_run(client, uid, image_key, motor_key, stream_name)
+    stop = data.stop
     try:
-        run = client[uid]
-        stored = [dict(d) for d in run.descriptors if d.get("name", "primary") == stream_name]
-        stop = dict(run.metadata["stop"])
+        descriptors = data.node.descriptors
+        stored = [dict(d) for d in descriptors if d.get("name", "primary") == stream_name]
     except Exception as exc:  # read a moment ago: the server or the connection failed since
         raise ReadFailure(
             f"run {uid}: cannot read its descriptors: {type(exc).__name__}: {exc}"
