@@ -424,10 +424,9 @@ class RunFollower:
         client: Any,
         on_run: Callable[[str], None],
         max_update_bytes: int = MAX_UPDATE_BYTES,
-        seen: set[str] | None = None,
     ) -> None:
         self.on_run = on_run
-        self._seen: set[str] = set() if seen is None else seen
+        self._seen: set[str] = set()  # a run's metadata may be updated after its stop
         self._lock = threading.Lock()
         self.subscription = client.subscribe()
         self.subscription.child_metadata_updated.add_callback(self._updated)
