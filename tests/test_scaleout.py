@@ -601,26 +601,35 @@ def test_run_source_subscribes_again_after_an_update_too_long(client, engine, ti
     assert not follower.is_alive()
 
 
-@pytest.mark.timeout(60)
-def test_run_source_reads_again_a_run_whose_read_failed_on_the_way(client, raw_runs, monkeypatch):
-    """The server unreachable for a moment (the first request of a run's read fails): the
-    run is read again after a pause and sent whole; a run that is not there is not retried."""
+def _refuse_lookups(monkeypatch, client, refuse):
+    """Runs looked up in ``client`` fail with a connection error (the server restarting)
+    where ``refuse(key, refused)`` says so (``refused``: the keys refused so far). Returns
+    the lists of the keys requested and of those refused, filled as the lookups come."""
     import httpx
 
-    uids, _ = raw_runs
-    monkeypatch.setattr(tiled_runs, "READ_RETRY_DELAYS_S", (0.2, 0.2))
     container = type(client)
     real_getitem = container.__getitem__
-    requests, failed = [], []
+    requested, refused = [], []
 
     def restarting(self, key, *args, **kwargs):
-        requests.append(key)
-        if not failed:  # the first request only
-            failed.append(key)
+        requested.append(key)
+        if refuse(key, refused):
+            refused.append(key)
             raise httpx.ConnectError("the server is restarting")
         return real_getitem(self, key, *args, **kwargs)
 
     monkeypatch.setattr(container, "__getitem__", restarting)
+    return requested, refused
+
+
+@pytest.mark.timeout(60)
+def test_run_source_reads_again_a_run_whose_read_failed_on_the_way(client, raw_runs, monkeypatch):
+    """The server unreachable for a moment (the first request of a run's read fails): the
+    run is read again after a pause and sent whole; a run that is not there is not retried."""
+    uids, _ = raw_runs
+    monkeypatch.setattr(tiled_runs, "READ_RETRY_DELAYS_S", (0.2, 0.2))
+    # The first request only.
+    requests, _ = _refuse_lookups(monkeypatch, client, lambda key, refused: not refused)
     source = tiled_runs.TiledRunSource(client)
     names = []
     source.subscribe(lambda name, doc: names.append(name))
@@ -700,25 +709,13 @@ def test_run_source_keeps_a_run_whose_read_keeps_failing_and_sends_it_later(
     """The server unreachable for longer than the retries: the run is kept and tried again
     on later polls, sent whole, once, when its read works again; a run unread past the bound
     is sent as its start and stop; on stop() the runs still pending are named."""
-    import httpx
-
     uids, _ = raw_runs
     monkeypatch.setattr(tiled_runs, "READ_RETRY_DELAYS_S", (0.1,))
     monkeypatch.setattr(tiled_runs, "SERVER_CHECK_S", 0.2)
     monkeypatch.setattr(tiled_runs, "PENDING_RETRY_S", 0.3)
     monkeypatch.setattr(tiled_runs, "PENDING_GIVE_UP_S", 30.0)
-    container = type(client)
-    real_getitem = container.__getitem__
     failing = {uids[0]}
-    tries = []
-
-    def unreachable(self, key, *args, **kwargs):
-        if key in failing:
-            tries.append(key)
-            raise httpx.ConnectError("the server is restarting")
-        return real_getitem(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(container, "__getitem__", unreachable)
+    _, tries = _refuse_lookups(monkeypatch, client, lambda key, refused: key in failing)
     source = tiled_runs.TiledRunSource(client)
     sent = []
     source.subscribe(lambda name, doc: sent.append((name, doc.get("run_start", doc.get("uid")))))
