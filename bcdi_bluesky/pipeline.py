@@ -10,6 +10,7 @@ on any machine; wall-time caps are a safety net, reported when they cut a run sh
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,7 @@ from .quality import (
 )
 from .settings import (
     LOOSE_SUPPORT_DILATION,
+    STARTS_GRID_EDGE,
     UNIFORM_AMPLITUDE_DEPTH,
     UNIFORM_AMPLITUDE_GROWTH,
     ReconstructionSettings,
@@ -483,13 +485,24 @@ def fit_at_noise(chi: float, expected_chi: float | None) -> bool:
     return chi <= CHI_GOOD
 
 
-#: Coarse starts refined on the full grid (``starts_downsampling`` above 1). The coarse chi
+#: Coarse starts refined on the full grid (:func:`starts_factor` above 1). The coarse chi
 #: ranks the starts poorly: on the development crystals the one it put second won on the full
 #: grid on 7 of 13.
 FINALISTS = 2
 #: Coarse grids keep at least this many voxels along every axis (else the starts run on the
 #: full grid).
 MIN_COARSE_EDGE = 16
+
+
+def starts_factor(downsampling: int, shape: tuple[int, ...]) -> int:
+    """The factor k of the further starts' grid (the central 1/k of q) for data of ``shape``.
+
+    ``downsampling`` is the setting: k itself, or 0 for the smallest k that brings every axis
+    to at most :data:`~bcdi_bluesky.settings.STARTS_GRID_EDGE` voxels. 1 (the full grid)
+    where the coarse grid would have fewer than :data:`MIN_COARSE_EDGE` voxels along an axis.
+    """
+    factor = downsampling or max(1, math.ceil(max(shape) / STARTS_GRID_EDGE))
+    return factor if min(coarse_shape(shape, factor)) >= MIN_COARSE_EDGE else 1
 
 
 @dataclass
@@ -633,7 +646,7 @@ def _further_starts(
     seed_support: Any,
 ) -> tuple[list[tuple[float, str, PolishResult]], dict[str, float]]:
     """Step 2 of :func:`polish_stage`: the model seed again and the model-free starts, on the
-    full grid or (``starts_downsampling`` above 1) on the coarse one with the
+    full grid or (:func:`starts_factor` above 1) on the coarse one with the
     :data:`FINALISTS` refined on the full grid.
 
     Returns
@@ -642,9 +655,7 @@ def _further_starts(
         The full-grid runs, lowest chi first, and each one's chi by label.
     """
     settings, backend = runs.settings, runs.backend
-    factor = settings.starts_downsampling
-    if min(coarse_shape(data.shape, factor)) < MIN_COARSE_EDGE:
-        factor = 1
+    factor = starts_factor(settings.starts_downsampling, data.shape)
     window = central_slices(data.shape, coarse_shape(data.shape, factor))
     coarse_data = data[window]
     coarse_valid = None if valid is None else valid[window]
@@ -770,8 +781,9 @@ def polish_stage(
        autocorrelation: flat and uniform (a strain-free crystal's start; it wins on most
        noise-free data), and ``random_starts`` of random amplitudes and phases drawn from
        ``seed`` (they reach the strained and dislocated crystals that the flat start misses).
-       With ``starts_downsampling`` k above 1 they run on the central 1/k of q in each
-       direction (the crystal in k times coarser voxels, k^3 fewer, each step about k^3
+       With k = :func:`starts_factor` above 1 (by default on grids above
+       :data:`~bcdi_bluesky.settings.STARTS_GRID_EDGE` voxels) they run on the central 1/k of
+       q in each direction (the crystal in k times coarser voxels, k^3 fewer, each step about k^3
        times cheaper), ranked by chi there, and the :data:`FINALISTS` best are refined on the
        full grid (``adaptive_iterations // 2`` steps from their band-limited interpolation).
        The lowest chi on the full grid wins, as PyNX and cohere's GA rank their runs.

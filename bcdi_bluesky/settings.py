@@ -34,6 +34,12 @@ LOOSE_SUPPORT_DILATION = 2
 UNIFORM_AMPLITUDE_DEPTH = 3
 UNIFORM_AMPLITUDE_GROWTH = 1
 
+#: With ``starts_downsampling`` 0 (automatic) the further polish starts run on a grid of at most
+#: this many voxels along every axis: every start on the full grid at 64^3, on the central half
+#: of q at 128^3. On a 64-voxel grid the crystal (at most half the field of view) keeps the
+#: voxels that platelets and rods need; a step at 128^3 costs about 10 times one at 64^3.
+STARTS_GRID_EDGE = 64
+
 
 class SettingInfo(NamedTuple):
     """What a front end needs to offer one setting (a CLI option, a PV, a docs row)."""
@@ -127,12 +133,13 @@ class ReconstructionSettings:
         high=20,
     )
     starts_downsampling: int = _setting(
-        1,
+        0,
         "k above 1: the further starts run on the central 1/k of q in each direction (the "
         "crystal in k times coarser voxels, k^3 fewer) and the two with the lowest chi are "
-        "refined on the full grid: faster, but thin crystals lose detail (1: every start on "
-        "the full grid)",
-        low=1,
+        "refined on the full grid: faster, but thin crystals lose detail; 1: every start on "
+        f"the full grid; 0: k the smallest that brings every axis to at most {STARTS_GRID_EDGE} "
+        "voxels (1 at 64^3, 2 at 128^3)",
+        low=0,
         high=4,
     )
     adaptive_hio_fraction: float = _setting(

@@ -1,6 +1,6 @@
 """Our reconstruction pipeline against cohere-core's iterative phase retrieval, in one run.
 
-    python benchmarks/bench_pipeline.py [--ood-count 40] [--ood128-count 2] [--count 20]
+    python benchmarks/bench_pipeline.py [--ood-count 40] [--ood128-count 4] [--count 20]
         [--seed 2026] [--ablation] [--skip-cohere] [--data-dir ../shared/data]
         [--json results.json] [--report results.json]
 
@@ -1087,7 +1087,7 @@ def main() -> None:
         help="these out-of-family crystals (64^3) instead of a range",
     )
     parser.add_argument(
-        "--ood128-count", type=int, default=2, help="out-of-family crystals at 128^3"
+        "--ood128-count", type=int, default=4, help="out-of-family crystals at 128^3"
     )
     parser.add_argument(
         "--cohere-starts",

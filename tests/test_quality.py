@@ -26,10 +26,12 @@ from bcdi_bluesky.physics import (
 )
 from bcdi_bluesky.pipeline import (
     FINALISTS,
+    MIN_COARSE_EDGE,
     es_budget_scale,
     fit_at_noise,
     polish_stage,
     prepare_measurement,
+    starts_factor,
 )
 from bcdi_bluesky.quality import (
     CHI_FAIR,
@@ -41,7 +43,7 @@ from bcdi_bluesky.quality import (
     out_of_distribution,
     quality_verdict,
 )
-from bcdi_bluesky.settings import ReconstructionSettings
+from bcdi_bluesky.settings import STARTS_GRID_EDGE, ReconstructionSettings
 from bcdi_bluesky.tuning import (
     autocorrelation_seed,
     central_slices,
@@ -256,6 +258,23 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
         assert outcome.chi == min(outcome.attempts.values())
         assert outcome.chi <= next(iter(outcome.attempts.values()))  # never worse than the first
         assert not outcome.cut_short
+
+
+@pytest.mark.timeout(10)
+def test_the_starts_grid_is_chosen_from_the_data_shape():
+    # Automatic (0): every start on the full grid up to the starts' grid edge, then the
+    # smallest factor that brings every axis to it; a set factor is kept unless the coarse
+    # grid would be too small to hold a crystal.
+    edge = STARTS_GRID_EDGE
+    assert starts_factor(0, (edge,) * 3) == 1
+    assert starts_factor(0, (2 * edge,) * 3) == 2
+    assert starts_factor(0, (edge, 2 * edge + 1, edge)) == 3
+    assert starts_factor(0, (151, 256, 256)) == 4
+    assert starts_factor(2, (edge,) * 3) == 2
+    assert starts_factor(1, (4 * edge,) * 3) == 1
+    assert starts_factor(4, (4 * MIN_COARSE_EDGE - 1,) * 3) == 1
+    assert starts_factor(0, (edge + 1, 2 * MIN_COARSE_EDGE - 1, edge)) == 1
+    assert ReconstructionSettings().starts_downsampling == 0
 
 
 @pytest.mark.timeout(300)
