@@ -501,7 +501,7 @@ def starts_factor(downsampling: int, shape: tuple[int, ...]) -> int:
     to at most :data:`~bcdi_bluesky.settings.STARTS_GRID_EDGE` voxels. 1 (the full grid)
     where the coarse grid would have fewer than :data:`MIN_COARSE_EDGE` voxels along an axis.
     """
-    factor = downsampling or max(1, math.ceil(max(shape) / STARTS_GRID_EDGE))
+    factor = downsampling or math.ceil(max(shape) / STARTS_GRID_EDGE)
     return factor if min(coarse_shape(shape, factor)) >= MIN_COARSE_EDGE else 1
 
 
