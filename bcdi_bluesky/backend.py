@@ -169,6 +169,17 @@ class ArrayBackend:
         out += field_.imag * field_.imag
         return out
 
+    def hio_update(self, previous: Any, projected: Any, support: Any, beta: float) -> Any:
+        """The HIO iterate: ``projected`` inside ``support``, ``previous - beta * projected``
+        outside (complex64 volumes). The numpy backend writes it into ``previous`` (a 128^3
+        ``numpy.where`` on complex64 costs 12 ms, three in-place passes 3 ms)."""
+        if self.is_numpy:
+            step = np.multiply(projected, np.float32(beta))
+            previous -= step
+            np.copyto(previous, projected, where=support)
+            return previous
+        return self.xp.where(support, projected, previous - beta * projected)
+
     def vdot(self, a: Any, b: Any) -> Any:
         """``sum(a * b)`` accumulated in float64, left on the device (1D real arrays): a GPU
         computes on with it without waiting; :meth:`dot` brings it to the host."""
@@ -197,19 +208,27 @@ class ArrayBackend:
         """Periodic Gaussian blur of a real volume (standard deviation ``sigma`` voxels).
 
         A product in Fourier space: the same result on every backend, and for an object that
-        sits inside its box (as a crystal does) the wrap-around never matters.
+        sits inside its box (as a crystal does) the wrap-around never matters. Real
+        transforms: half the work of complex ones.
         """
         xp = self.xp
-        key = ("gaussian", tuple(x.shape), float(sigma))
+        shape = tuple(x.shape)
+        key = ("gaussian", shape, float(sigma))
 
         def transfer() -> Any:
-            grids = np.meshgrid(*(np.fft.fftfreq(n) for n in x.shape), indexing="ij", sparse=True)
+            frequencies = [np.fft.fftfreq(n) for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1])]
+            grids = np.meshgrid(*frequencies, indexing="ij", sparse=True)
             q2 = sum(g * g for g in grids)
             return self.asarray(np.exp(-2.0 * (np.pi * sigma) ** 2 * q2).astype(np.float32))
 
         kernel = self.cached(key, transfer)
-        blurred = self.ifftn(self.fftn(xp.astype(x, xp.complex64)) * kernel, overwrite=True)
-        return blurred.real
+        x = xp.astype(x, xp.float32)
+        if self.is_numpy:
+            workers = fft_workers(x.size)
+            spectrum = scipy.fft.rfftn(x, workers=workers)
+            spectrum *= kernel
+            return scipy.fft.irfftn(spectrum, shape, workers=workers, overwrite_x=True)
+        return self._native.fft.irfftn(self._native.fft.rfftn(x) * kernel, shape)
 
     def synchronize(self) -> None:
         """Wait for queued GPU work (timings); nothing on the CPU."""

@@ -219,3 +219,20 @@ def test_the_prepared_gpu_check_runs_on_the_cpu(tmp_path):
     assert report["max_chi_difference"] <= 1e-3
     assert entry["object_overlap"] > 0.99 and entry["support_iou_vs_reference"] > 0.95
     assert report["cnn"]["onnxruntime_ms"] > 0
+
+
+def test_hio_update_is_the_hio_formula_on_every_backend():
+    rng = np.random.default_rng(5)
+    shape = (12, 10, 14)
+    previous = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    projected = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    support = rng.uniform(size=shape) < 0.3
+    expected = np.where(support, projected, previous - np.float32(0.9) * projected)
+    for backend in (NUMPY, TORCH):
+        updated = backend.hio_update(
+            backend.asarray(previous.copy()),
+            backend.asarray(projected),
+            backend.asarray(support),
+            0.9,
+        )
+        np.testing.assert_allclose(backend.to_numpy(updated), expected, rtol=1e-6, atol=1e-6)
