@@ -56,7 +56,9 @@ from .quality import (
     quality_verdict,
 )
 from .settings import (
+    FINALISTS,
     LOOSE_SUPPORT_DILATION,
+    SCREEN_SHARE,
     STARTS_GRID_EDGE,
     UNIFORM_AMPLITUDE_DEPTH,
     UNIFORM_AMPLITUDE_GROWTH,
@@ -485,10 +487,6 @@ def fit_at_noise(chi: float, expected_chi: float | None) -> bool:
     return chi <= CHI_GOOD
 
 
-#: Coarse starts refined on the full grid (:func:`starts_factor` above 1). The coarse chi
-#: ranks the starts poorly: on the development crystals the one it put second won on the full
-#: grid on 7 of 13.
-FINALISTS = 2
 #: Coarse grids keep at least this many voxels along every axis (else the starts run on the
 #: full grid).
 MIN_COARSE_EDGE = 16
@@ -646,8 +644,9 @@ def _further_starts(
     seed_support: Any,
 ) -> tuple[list[tuple[float, str, PolishResult]], dict[str, float]]:
     """Step 2 of :func:`polish_stage`: the model seed again and the model-free starts, on the
-    full grid or (:func:`starts_factor` above 1) on the coarse one with the
-    :data:`FINALISTS` refined on the full grid.
+    full grid or (:func:`starts_factor` above 1) on the coarse one; each runs
+    :data:`SCREEN_SHARE` of its steps, the :data:`FINALISTS` of lowest chi the rest, and on a
+    coarse grid they are then refined on the full one.
 
     Returns
     -------
@@ -672,32 +671,43 @@ def _further_starts(
         rng = np.random.default_rng((settings.seed, k))
         starts[f"random start {k + 1} ER/HIO"] = (random_start(inside, rng), inside)
     suffix = "" if factor == 1 else f" at 1/{factor} resolution"
-    attempts: dict[str, float] = {}
-    ranked = []
-    done = runs.further_each(
-        coarse_data, list(starts.values()), coarse_valid, settings.adaptive_iterations, coarse_cost
+    screen = max(round(settings.adaptive_iterations * SCREEN_SHARE), 1)
+    done = runs.further_each(coarse_data, list(starts.values()), coarse_valid, screen, coarse_cost)
+    ranked = sorted(
+        ((run.chi, label + suffix, run) for label, run in zip(starts, done, strict=False)),
+        key=lambda entry: entry[0],
     )
-    for label, run in zip(starts, done, strict=False):
-        if factor == 1:  # a coarse chi does not compare with the full grid's
-            attempts[label] = run.chi
-        ranked.append((run.chi, label + suffix, run))
-    ranked.sort(key=lambda entry: entry[0])
-    if factor == 1:
-        return ranked, attempts
-    # The coarse chi ranks the starts; the finalists are refined on the full grid, where a
-    # start that looked second may fit better.
-    finalists = ranked[:FINALISTS] if not runs.cut else []
+    # The finalists run the rest of their steps: the same recipe again from where they are.
+    rest = settings.adaptive_iterations - screen
+    finalists, dropped = ranked[:FINALISTS], ranked[FINALISTS:]
+    if rest > 0 and not runs.cut:
+        seeds = [(run.object, run.support) for _, _, run in finalists]
+        done = runs.further_each(coarse_data, seeds, coarse_valid, rest, coarse_cost)
+        finalists = sorted(
+            ((run.chi, label, run) for (_, label, _), run in zip(finalists, done, strict=False)),
+            key=lambda entry: entry[0],
+        )
+    if factor == 1:  # a coarse chi does not compare with the full grid's
+        dropped = [(chi, f"{label}, screened out", run) for chi, label, run in dropped]
+        ranked = sorted(finalists + dropped, key=lambda entry: entry[0])
+        return ranked, {label: chi for chi, label, _ in ranked}
+    if runs.cut:
+        return [], {}
+    # The finalists are refined on the full grid, where a start that looked second may fit
+    # better.
     seeds = []
     for _, _, coarse in finalists:
         obj = pad_frequencies(coarse.object, data.shape, backend)
         seeds.append((obj, shrink_wrap(obj, backend=backend)))
     done = runs.further_each(data, seeds, valid, settings.adaptive_iterations // 2, chi_cost)
-    refined = []
-    for (_, label, _), run in zip(finalists, done, strict=False):
-        attempts[f"{label}, refined"] = run.chi
-        refined.append((run.chi, f"{label}, refined", run))
-    refined.sort(key=lambda entry: entry[0])
-    return refined, attempts
+    refined = sorted(
+        (
+            (run.chi, f"{label}, refined", run)
+            for (_, label, _), run in zip(finalists, done, strict=False)
+        ),
+        key=lambda entry: entry[0],
+    )
+    return refined, {label: chi for chi, label, _ in refined}
 
 
 def _uniform_amplitude_run(
@@ -781,6 +791,8 @@ def polish_stage(
        autocorrelation: flat and uniform (a strain-free crystal's start; it wins on most
        noise-free data), and ``random_starts`` of random amplitudes and phases drawn from
        ``seed`` (they reach the strained and dislocated crystals that the flat start misses).
+       Every start runs :data:`SCREEN_SHARE` of its steps; the :data:`FINALISTS` of lowest chi
+       run the rest (a second ER/HIO cycle), the others stop there.
        With k = :func:`starts_factor` above 1 (by default on grids above
        :data:`~bcdi_bluesky.settings.STARTS_GRID_EDGE` voxels) they run on the central 1/k of
        q in each direction (the crystal in k times coarser voxels, k^3 fewer, each step about k^3

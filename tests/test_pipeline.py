@@ -298,6 +298,6 @@ def test_a_crystal_too_small_for_an_interior_skips_the_uniform_amplitude_run():
     radius = np.sqrt(x**2 + y**2 + z**2)
     crystal = ((radius < 1.5) * np.exp(1j * np.arctan2(y, x))).astype(np.complex64)
     result = Reconstructor().reconstruct(intensity(crystal).astype(np.float32) * 1e3)
-    assert "random start 1 ER/HIO" in result.polish_attempts
+    assert any(k.startswith("random start 1 ER/HIO") for k in result.polish_attempts)
     assert not any("uniform amplitude" in label for label in result.polish_attempts)
     assert result.quality == "poor"

@@ -242,14 +242,17 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     easy = polish_stage(measurement, counted.object, settings)
     assert list(easy.attempts) == ["ER"] and fit_at_noise(easy.chi, easy.expected_chi)
     # A strained cube seeded by a sphere: the short polish stays above the noise, and more
-    # starts run (the model seed, the flat sphere, random ones); the lowest chi wins.
+    # starts run (the model seed, the flat sphere, random ones), the finalists to the end, the
+    # others screened out after a share of the steps; the lowest chi wins.
     strained = out_of_family_crystal(DEV_SEED, 9)
     assert strained.displacement_kind == "polynomial" and not strained.noise_free
     sphere, _ = autocorrelation_seed(strained.measured)
     measurement = prepare_measurement(strained.measured, strained.mask, 64)
     full_grid = polish_stage(measurement, sphere, settings)
     starts = {"model ER/HIO", "autocorrelation ER/HIO", "random start 1 ER/HIO"}
-    assert starts <= set(full_grid.attempts)
+    screened = {k for k in full_grid.attempts if k.endswith(", screened out")}
+    assert len(screened) == 2 + settings.random_starts - FINALISTS
+    assert starts <= {k.removesuffix(", screened out") for k in full_grid.attempts}
     # On the coarse grid the same starts run; the two best come back refined on the full one.
     hard = polish_stage(measurement, sphere, replace(settings, starts_downsampling=2))
     refined = [k for k in hard.attempts if k.endswith("at 1/2 resolution, refined")]
