@@ -3,8 +3,7 @@
 It knows nothing of Bluesky or EPICS: arrays in, a :class:`ReconstructionResult` out. Each stage
 is a function with a small record in and out (:func:`prepare_measurement`, :func:`cnn_stage`,
 :func:`refine_stage`, :func:`polish_stage`); the decisions between them are named policies
-(:func:`es_budget_scale`, :func:`fit_at_noise`, :func:`starts_needed`,
-:func:`~bcdi_bluesky.quality.quality_verdict`).
+(:func:`es_budget_scale`, :func:`fit_at_noise`, :func:`~bcdi_bluesky.quality.quality_verdict`).
 Every stage stops by iteration counts and convergence, so the same input gives the same result
 on any machine; wall-time caps are a safety net, reported when they cut a run short.
 """
@@ -58,7 +57,6 @@ from .quality import (
 )
 from .settings import (
     FINALISTS,
-    STARTS_FIT_RATIO,
     LOOSE_SUPPORT_DILATION,
     SCREEN_SHARE,
     STARTS_GRID_EDGE,
@@ -489,16 +487,6 @@ def fit_at_noise(chi: float, expected_chi: float | None) -> bool:
     return chi <= CHI_GOOD
 
 
-def starts_needed(chi: float, expected_chi: float | None) -> bool:
-    """Policy: do the further starts run after the first polish? Counts: where chi is above
-    :data:`~bcdi_bluesky.settings.STARTS_FIT_RATIO` times what Poisson noise alone leaves
-    (below it the first run fits as well as the truth would, and chi no longer ranks other
-    starts); other data: where the fit is not at the noise (:func:`fit_at_noise`)."""
-    if expected_chi is not None:
-        return chi > STARTS_FIT_RATIO * expected_chi
-    return not fit_at_noise(chi, expected_chi)
-
-
 #: Coarse grids keep at least this many voxels along every axis (else the starts run on the
 #: full grid).
 MIN_COARSE_EDGE = 16
@@ -797,8 +785,7 @@ def polish_stage(
 
     1. :func:`~bcdi_bluesky.tuning.seeded_polish` from the model object (ER; ER/HIO unless ER
        fits to the noise).
-    2. If the fit asks for them (:func:`starts_needed`: on counts, chi above
-       :data:`~bcdi_bluesky.settings.STARTS_FIT_RATIO` times the noise's), more starts of
+    2. If the fit is not at the noise (:func:`fit_at_noise`), more starts of
        ``adaptive_iterations`` ER/HIO steps (``adaptive_hio_fraction`` HIO): the model seed
        again, and model-free ones (a wrong model cannot trap them) in a sphere sized from the
        autocorrelation: flat and uniform (a strain-free crystal's start; it wins on most
@@ -862,7 +849,7 @@ def polish_stage(
     best, best_label = first, first.recipe
     attempts = {first.recipe: first.chi}
     expected = expected_of(best)
-    if settings.adaptive_iterations > 0 and not runs.cut and starts_needed(best.chi, expected):
+    if settings.adaptive_iterations > 0 and not runs.cut and not fit_at_noise(best.chi, expected):
         ranked, more = _further_starts(
             runs, measurement, data, valid, chi_cost, model_object, seed_support
         )

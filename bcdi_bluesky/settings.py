@@ -53,20 +53,6 @@ FINALISTS = 2
 #: in); a half saved less (9.5 s, median IoU 0.923 -> 0.911), a quarter little more (7.5 s,
 #: median IoU 0.914).
 SCREEN_SHARE = 1 / 3
-#: On photon counts the further starts run only where the first run's chi is above this many
-#: times the chi a perfect model would leave (``physics.poisson_chi_expected`` of the run's own
-#: intensity); :data:`~bcdi_bluesky.quality.FIT_GOOD` still decides the verdict and the later
-#: runs. Reconstructions at the noise end at 1.11-1.22 of it (they fit some of the noise, and
-#: their own intensity underweights the rare-photon voxels: the truth's chi is 1.1-1.4 times
-#: the expected chi of a reconstruction, the more the fewer the photons). Between
-#: ``FIT_GOOD`` and this the first run already fits as well as the truth does, chi no longer
-#: ranks the starts and they were a draw: measured on the 29 development crystals of counts at
-#: 64^3, 9 of them in that band, the further starts there moved IoU by -0.08 to +0.03 (mean
-#: -0.02) for about 4 s each; skipping them there took the mean IoU of the 29 from 0.899 to
-#: 0.905 (the worst 0.81 -> 0.86) and the median wall time from 7.7 to 4.0 s. Any value from
-#: 1.17 to 1.26 gave a mean IoU of at least 0.902; from 1.27 on the band takes in crystals whose
-#: first run is in a wrong basin (IoU 0.94 -> 0.77 on one).
-STARTS_FIT_RATIO = 1.22
 
 
 class SettingInfo(NamedTuple):

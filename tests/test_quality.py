@@ -18,7 +18,6 @@ from bcdi_bluesky.backend import (
 from bcdi_bluesky.physics import (
     DEV_SEED,
     chi,
-    compare_objects,
     intensity,
     out_of_family_crystal,
     poisson_chi_expected,
@@ -33,11 +32,9 @@ from bcdi_bluesky.pipeline import (
     polish_stage,
     prepare_measurement,
     starts_factor,
-    starts_needed,
 )
 from bcdi_bluesky.quality import (
     CHI_FAIR,
-    CHI_GOOD,
     CNN_CHI_Z_LIMIT,
     FIT_FAIR,
     FIT_GOOD,
@@ -46,7 +43,7 @@ from bcdi_bluesky.quality import (
     out_of_distribution,
     quality_verdict,
 )
-from bcdi_bluesky.settings import STARTS_FIT_RATIO, STARTS_GRID_EDGE, ReconstructionSettings
+from bcdi_bluesky.settings import STARTS_GRID_EDGE, ReconstructionSettings
 from bcdi_bluesky.tuning import (
     autocorrelation_seed,
     central_slices,
@@ -264,36 +261,6 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
         assert outcome.chi == min(outcome.attempts.values())
         assert outcome.chi <= next(iter(outcome.attempts.values()))  # never worse than the first
         assert not outcome.cut_short
-
-
-@pytest.mark.timeout(10)
-def test_the_starts_run_above_the_band_where_chi_no_longer_ranks_them():
-    # Counts: the band between the verdict's "good" and STARTS_FIT_RATIO is where fits at the
-    # noise end; the starts run only above it. Other data: wherever the fit is not at the noise.
-    assert FIT_GOOD < STARTS_FIT_RATIO < FIT_FAIR
-    expected = 0.2
-    assert not starts_needed(FIT_GOOD * expected, expected)
-    assert not starts_needed(0.5 * (FIT_GOOD + STARTS_FIT_RATIO) * expected, expected)
-    assert not fit_at_noise(0.5 * (FIT_GOOD + STARTS_FIT_RATIO) * expected, expected)
-    assert starts_needed(1.01 * STARTS_FIT_RATIO * expected, expected)
-    assert not starts_needed(0.5 * CHI_GOOD, None) and starts_needed(2 * CHI_GOOD, None)
-
-
-@pytest.mark.timeout(120)
-def test_a_fit_in_the_noise_band_keeps_its_start_and_runs_the_uniform_amplitude():
-    # A platelet of 1.3e5 photons: the first polish ends between FIT_GOOD and STARTS_FIT_RATIO
-    # times the noise (as good as the truth's own chi), so no further start runs, the
-    # uniform-amplitude run does, and the support is right.
-    platelet = out_of_family_crystal(DEV_SEED, 5)
-    assert platelet.shape_kind == "platelet" and not platelet.noise_free
-    result = Reconstructor().reconstruct(platelet.measured, platelet.mask, refine="full")
-    (first, first_chi), *later = result.polish_attempts.items()
-    assert [label for label, _ in later] == [f"{first} +uniform amplitude"]
-    truth_chi = chi(intensity(platelet.object), platelet.measured, platelet.mask)
-    assert first_chi < truth_chi
-    assert FIT_GOOD * result.expected_chi < result.chi <= STARTS_FIT_RATIO * result.expected_chi
-    assert result.quality == "fair"
-    assert compare_objects(platelet.object, result.object).iou > 0.88
 
 
 @pytest.mark.timeout(10)
