@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -18,6 +19,15 @@ from bcdi_bluesky import ReconstructionSettings
 
 #: The command line of ``bcdi-bluesky`` run by this interpreter (subprocess tests).
 CLI = (sys.executable, "-m", "bcdi_bluesky.cli")
+
+
+def run_cli(*args: object, cwd: object) -> subprocess.CompletedProcess:
+    """``bcdi-bluesky`` with ``args`` in the folder ``cwd``, its output captured as text
+    (bounded: a hung command fails the test instead of stalling it)."""
+    return subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=240, cwd=cwd
+    )
+
 
 #: Every safety cap of the pipeline at its upper limit: the iteration counts, not the load of
 #: the test machine, decide the result.

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from builders import CLI
+from builders import CLI, run_cli
 
 from bcdi_bluesky import read_intensity
 from bcdi_bluesky.io import DataError
@@ -79,20 +79,10 @@ def test_bad_files_are_clear_errors(tmp_path, volume):
         read_intensity(tmp_path / "empty.h5")
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [*CLI, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=cwd,
-    )
-
-
 def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
     np.save(tmp_path / "scan.npy", scan54_64)
     # The budget is a cap (about 1 s is used on an idle 2-core machine): room for a loaded one.
-    run = _cli(
+    run = run_cli(
         "reconstruct",
         "scan.npy",
         "--refine",
@@ -127,7 +117,7 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
         assert f["support"].dtype == bool and f["params"].shape == f["param_names"].shape
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "r_latent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    run = _cli("reconstruct", "scan.npy", "--refine", "none", "--output", "r.npz", cwd=tmp_path)
+    run = run_cli("reconstruct", "scan.npy", "--refine", "none", "--output", "r.npz", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     # The plain report carries the verdict and its reasons too, not only --json.
     with np.load(tmp_path / "r.npz") as z:
@@ -154,7 +144,7 @@ def test_reconstruct_json_and_outputs(tmp_path, scan54_64):
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, content, match):
     if content is not None:
         np.save(tmp_path / "in.npy", content)
-    run = _cli("reconstruct", "in.npy", "--json", cwd=tmp_path)
+    run = run_cli("reconstruct", "in.npy", "--json", cwd=tmp_path)
     assert run.returncode != 0
     assert run.stdout == ""
     assert "Traceback" not in run.stderr
@@ -163,9 +153,9 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, content, match):
 
 def test_bad_output_suffix_and_missing_model(tmp_path, scan54_64):
     np.save(tmp_path / "scan.npy", scan54_64)
-    run = _cli("reconstruct", "scan.npy", "--refine", "none", "--output", "r.txt", cwd=tmp_path)
+    run = run_cli("reconstruct", "scan.npy", "--refine", "none", "--output", "r.txt", cwd=tmp_path)
     assert run.returncode != 0 and "unsupported output" in run.stderr
-    run = _cli("reconstruct", "scan.npy", "--model", "nothing.onnx", cwd=tmp_path)
+    run = run_cli("reconstruct", "scan.npy", "--model", "nothing.onnx", cwd=tmp_path)
     assert run.returncode != 0 and "nothing.onnx" in run.stderr
     assert "Traceback" not in run.stderr
 
@@ -197,13 +187,13 @@ def test_output_or_plot_onto_the_input_is_refused_and_the_data_survive(tmp_path,
         ),
     ):
         (tmp_path / "sub").mkdir(exist_ok=True)
-        _one_line_error(_cli("reconstruct", *args, "--refine", "none", cwd=tmp_path), *words)
+        _one_line_error(run_cli("reconstruct", *args, "--refine", "none", cwd=tmp_path), *words)
     assert {name: (tmp_path / name).read_bytes() for name in measured} == measured
 
 
 def test_plot_and_output_errors_are_one_line_and_leave_no_partial_file(tmp_path, peaked):
     np.save(tmp_path / "in.npy", peaked)
-    run = _cli(
+    run = run_cli(
         "reconstruct", "in.npy", "--refine", "none", "-o", "r.npz", "--plot", "r.docx", cwd=tmp_path
     )
     _one_line_error(run, "--plot r.docx: unsupported figure type", ".png")
@@ -211,7 +201,7 @@ def test_plot_and_output_errors_are_one_line_and_leave_no_partial_file(tmp_path,
     (tmp_path / "taken").write_text("a file, not a folder")
     for option in ("--plot", "-o"):
         name = "taken/fig.png" if option == "--plot" else "taken/r.npz"
-        run = _cli(
+        run = run_cli(
             "reconstruct", "in.npy", "--refine", "none", "--json", option, name, cwd=tmp_path
         )
         _one_line_error(run, "taken", "cannot write")
@@ -229,9 +219,11 @@ def test_destinations_are_checked_before_any_work(tmp_path, peaked):
         (("-o", "folder"), ("--output folder: is a folder",)),
         (("--dataset", "entry_1/data"), ("in.npy", "applies to HDF5 files only")),
     ):
-        run = _cli("reconstruct", "in.npy", "--refine", "none", *args, cwd=tmp_path)
+        run = run_cli("reconstruct", "in.npy", "--refine", "none", *args, cwd=tmp_path)
         _one_line_error(run, *words)
-    _one_line_error(_cli("reconstruct", "folder", cwd=tmp_path), "folder: is a folder, not a file")
+    _one_line_error(
+        run_cli("reconstruct", "folder", cwd=tmp_path), "folder: is a folder, not a file"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "folder", "in.npy", "taken"]
 
 
@@ -264,14 +256,14 @@ def test_a_figure_that_fails_takes_the_result_file_with_it(tmp_path, peaked, mon
 )
 def test_settings_options_are_validated_by_the_settings(tmp_path, volume, option, value, words):
     np.save(tmp_path / "in.npy", volume)
-    run = _cli("reconstruct", "in.npy", option, value, "-o", "r.npz", cwd=tmp_path)
+    run = run_cli("reconstruct", "in.npy", option, value, "-o", "r.npz", cwd=tmp_path)
     _one_line_error(run, words)
     assert not (tmp_path / "r.npz").exists()
 
 
 def test_an_unknown_device_is_one_line_and_no_output(tmp_path, volume):
     np.save(tmp_path / "in.npy", volume)
-    run = _cli("reconstruct", "in.npy", "--device", "tpu", "-o", "r.npz", cwd=tmp_path)
+    run = run_cli("reconstruct", "in.npy", "--device", "tpu", "-o", "r.npz", cwd=tmp_path)
     _one_line_error(run, "device must be one of ('auto', 'cpu', 'cuda') or 'cuda:N'")
     assert not (tmp_path / "r.npz").exists()
 

@@ -4,13 +4,12 @@ CXI/NeXus with the geometry, VTK read back by vtk's own reader, the CLI's JSON."
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from builders import CLI, GENEROUS_BUDGETS
+from builders import GENEROUS_BUDGETS, run_cli
 
 from bcdi_bluesky import DataError, Reconstructor, write_result
 from bcdi_bluesky.io import read_geometry
@@ -167,20 +166,10 @@ def test_without_geometry_no_physical_keys_and_no_vti(tmp_path, scan54_64):
     assert not list(tmp_path.glob("*.vti*"))
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [*CLI, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=cwd,
-    )
-
-
 @pytest.mark.timeout(250)
 def test_cli_geometry_json_and_errors(tmp_path):
     out = tmp_path / "scan.cxi"
-    proc = _cli(
+    proc = run_cli(
         "reconstruct",
         EXAMPLE_DATA / "S0054_intensity_64.npy",
         "--geometry",
@@ -217,7 +206,7 @@ def test_cli_geometry_json_and_errors(tmp_path):
         ]
         if geometry is not None:
             args += ["--geometry", geometry]
-        proc = _cli(*args, cwd=tmp_path)
+        proc = run_cli(*args, cwd=tmp_path)
         assert proc.returncode != 0
         assert match in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
