@@ -22,7 +22,7 @@ import time
 from bluesky import RunEngine
 
 from bcdi_bluesky import BCDIReconstructionCallback, Reconstructor
-from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
+from bcdi_bluesky.beamline import SimulatedBeamline
 
 
 def main() -> None:
@@ -35,16 +35,9 @@ def main() -> None:
     RE = RunEngine({}, context_managers=[])
     beamline = SimulatedBeamline(seed=4)
     beamline.det.max_count.put(1e12)
-    step = beamline.crystal.step
 
     def plan():
-        return rocking_scan(
-            beamline.det,
-            beamline.theta,
-            beamline.crystal.bragg_theta,
-            (args.points - 1) * step,
-            args.points,
-        )
+        return beamline.rocking_scan(args.points)
 
     arrived = threading.Event()
     stop_time = {}

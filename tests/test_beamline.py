@@ -43,16 +43,7 @@ def make_callback():
 
 
 def _scan(beamline, points=64):
-    c = beamline.crystal.bragg_theta
-    return rocking_scan(
-        beamline.det,
-        beamline.theta,
-        c,
-        (points - 1) * beamline.crystal.step,
-        points,
-        geometry=beamline.geometry,
-        sample="hidden crystal",
-    )
+    return beamline.rocking_scan(points, geometry=beamline.geometry, sample="hidden crystal")
 
 
 def test_rocking_scan_is_reconstructed(RE, reconstructor, make_callback):
@@ -1241,15 +1232,8 @@ def test_rocking_scan_merges_md_bcdi(RE):
     beamline = SimulatedBeamline(seed=6)
     starts = []
     RE.subscribe(lambda name, doc: starts.append(doc) if name == "start" else None)
-    step = beamline.crystal.step
-    scan = rocking_scan(
-        beamline.det,
-        beamline.theta,
-        beamline.crystal.bragg_theta,
-        3 * step,
-        4,
-        geometry=beamline.geometry,
-        md={"bcdi": {"sample": "A"}, "user": "x"},
+    scan = beamline.rocking_scan(
+        4, geometry=beamline.geometry, md={"bcdi": {"sample": "A"}, "user": "x"}
     )
     RE(scan)
     bcdi = starts[0]["bcdi"]

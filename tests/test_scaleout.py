@@ -24,7 +24,7 @@ from bluesky import RunEngine
 from builders import CLI, Lines, documents, end, free_port
 from tiled.queries import Key
 
-from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
+from bcdi_bluesky.beamline import SimulatedBeamline
 from bcdi_bluesky.beamline import tiled as tiled_runs
 from bcdi_bluesky.beamline.publishers import DERIVED_PLAN_NAME
 from bcdi_bluesky.beamline.scaleout import ReconstructorSpec, worker_name
@@ -104,18 +104,8 @@ def _write_runs(engine, client, frames, seeds, points=16, md=None):
         for seed in seeds:
             beamline = SimulatedBeamline(seed=seed, file_backed="hdf5", save_path=str(frames))
             beamline.det.max_count.put(1e12)
-            step = beamline.crystal.step
             (uid,) = engine(
-                rocking_scan(
-                    beamline.det,
-                    beamline.theta,
-                    beamline.crystal.bragg_theta,
-                    (points - 1) * step,
-                    points,
-                    energy_kev=9.0,
-                    geometry=beamline.geometry,
-                    md=md,
-                )
+                beamline.rocking_scan(points, energy_kev=9.0, geometry=beamline.geometry, md=md)
             )
             uids.append(uid)
             beamlines.append(beamline)
@@ -882,16 +872,7 @@ def test_callback_on_dask_keeps_scan_order_and_records(RE, cluster):
             beamline.det.max_count.put(1e12)
             beamline.det.exposure.put(exposure)  # 0 s: nothing but zeros, a task that fails
             beamline.det.background = 0.0
-            step = beamline.crystal.step
-            (uid,) = RE(
-                rocking_scan(
-                    beamline.det,
-                    beamline.theta,
-                    beamline.crystal.bragg_theta,
-                    (points - 1) * step,
-                    points,
-                )
-            )
+            (uid,) = RE(beamline.rocking_scan(points))
             uids.append(uid)
         assert cb.wait(timeout=150)
     finally:
@@ -1002,12 +983,7 @@ def test_callback_publishes_in_scan_order_when_a_later_scan_finishes_first(RE):
             for seed in (51, 52):
                 beamline = SimulatedBeamline(seed=seed)
                 beamline.det.max_count.put(1e12)
-                step = beamline.crystal.step
-                (uid,) = RE(
-                    rocking_scan(
-                        beamline.det, beamline.theta, beamline.crystal.bragg_theta, 15 * step, 16
-                    )
-                )
+                (uid,) = RE(beamline.rocking_scan(16))
                 uids.append(uid)
             assert cb.wait(timeout=90)
         finally:
@@ -1044,15 +1020,7 @@ def test_close_cancels_a_result_the_executor_never_gives(RE):
             cb = BCDIReconstructionCallback(publishers=[Failures()], refine="none", executor=pool)
             RE.subscribe(cb)
             beamline = SimulatedBeamline(seed=61)
-            (uid,) = RE(
-                rocking_scan(
-                    beamline.det,
-                    beamline.theta,
-                    beamline.crystal.bragg_theta,
-                    7 * beamline.crystal.step,
-                    8,
-                )
-            )
+            (uid,) = RE(beamline.rocking_scan(8))
             assert not cb.wait(timeout=1.0)
             started = time.monotonic()
             assert cb.close(timeout=2.0)

@@ -12,7 +12,7 @@ import zmq
 from bluesky.callbacks.zmq import Publisher
 from builders import CLI, Lines, end, free_port
 
-from bcdi_bluesky.beamline import SimulatedBeamline, rocking_scan
+from bcdi_bluesky.beamline import SimulatedBeamline
 from bcdi_bluesky.cli import main
 from bcdi_bluesky.remote import serializer
 
@@ -78,11 +78,7 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
         RE.subscribe(publisher)
         beamline = SimulatedBeamline(seed=4)
         beamline.det.max_count.put(1e12)
-        step = beamline.crystal.step
-        scan = rocking_scan(
-            beamline.det, beamline.theta, beamline.crystal.bragg_theta, 31 * step, 32
-        )
-        (uid,) = RE(scan)
+        (uid,) = RE(beamline.rocking_scan(32))
         line = out.wait_for(lambda line: line.strip(), 120)
         assert line is not None, err.lines
         report = json.loads(line)
@@ -92,7 +88,7 @@ def test_serve_reconstructs_drops_bad_messages_and_stops_on_sigterm(RE, proxy, t
         assert not marker.exists()
         assert sum("dropped 0MQ message" in line for line in err.lines) == 3
         # A second scan, and SIGTERM while it is being reconstructed.
-        RE(rocking_scan(beamline.det, beamline.theta, beamline.crystal.bragg_theta, 31 * step, 32))
+        RE(beamline.rocking_scan(32))
         time.sleep(1.0)
         stopped = time.monotonic()
         serve.send_signal(signal.SIGTERM)

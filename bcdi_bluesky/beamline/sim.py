@@ -25,6 +25,7 @@ from ophyd.sim import SynAxis
 from ophyd.status import DeviceStatus
 
 from ..physics import CrystalModel, CrystalPrior, Geometry, intensity
+from .plans import rocking_scan
 
 
 class HiddenCrystal:
@@ -433,6 +434,13 @@ class SimulatedBeamline:
             rocking_axis="theta",
             rocking_step_deg=self.crystal.step,
         )
+
+    def rocking_scan(self, num: int, **options: Any):
+        """A :func:`~bcdi_bluesky.beamline.rocking_scan` of ``det`` over ``theta``: ``num``
+        frames one crystal step apart, centred on the nominal Bragg angle (``options``: its
+        keywords, such as ``geometry=beamline.geometry`` or ``md``)."""
+        centre, step = self.crystal.bragg_theta, self.crystal.step
+        return rocking_scan(self.det, self.theta, centre, (num - 1) * step, num, **options)
 
     def illumination(self) -> float:
         """Fraction of the beam's peak flux on the crystal at the sample stage's readbacks."""
