@@ -21,11 +21,11 @@ from bcdi_bluesky import ReconstructionSettings
 CLI = (sys.executable, "-m", "bcdi_bluesky.cli")
 
 
-def run_cli(*args: object, cwd: object) -> subprocess.CompletedProcess:
+def run_cli(*args: object, cwd: object = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """``bcdi-bluesky`` with ``args`` in the folder ``cwd``, its output captured as text
-    (bounded: a hung command fails the test instead of stalling it)."""
+    (bounded by ``timeout`` seconds: a hung command fails the test instead of stalling it)."""
     return subprocess.run(
-        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=240, cwd=cwd
+        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
 
 

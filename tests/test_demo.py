@@ -1,28 +1,14 @@
 """`bcdi-bluesky demo --scans 2 --json` as a newcomer runs it."""
 
 import json
-import subprocess
 
 import pytest
-from builders import CLI
+from builders import run_cli
 
 
 @pytest.mark.timeout(240)
 def test_demo_json_records_and_files(tmp_path, epics_env):
-    run = subprocess.run(
-        [
-            *CLI,
-            "demo",
-            "--scans",
-            "2",
-            "--json",
-            "--output",
-            str(tmp_path / "demo"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    run = run_cli("demo", "--scans", 2, "--json", "--output", tmp_path / "demo", timeout=200)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, run.stdout  # nothing but the JSON object on stdout

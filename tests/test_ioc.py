@@ -6,7 +6,7 @@ import uuid
 
 import numpy as np
 import pytest
-from builders import CLI, GENEROUS_BUDGETS, documents, free_port
+from builders import CLI, GENEROUS_BUDGETS, documents, free_port, run_cli
 
 from bcdi_bluesky.physics import CrystalPrior
 
@@ -480,17 +480,12 @@ def test_standalone_ioc_command(epics_env, monkeypatch):
             assert theirs.write([60], wait=True, timeout=5).status == CAStatus.ECA_NOWTACCESS.value
             assert max_iter.read(timeout=5).data[0] == 50
             # A second IOC with the same prefix is refused before it serves anything.
-            second = subprocess.run(
-                [*CLI, "ioc", "--prefix", prefix], capture_output=True, text=True, timeout=60
-            )
+            second = run_cli("ioc", "--prefix", prefix, timeout=60)
             assert second.returncode == 2
             assert f"another IOC already serves {prefix}Status at 127.0.0.1:" in second.stderr
             assert "Traceback" not in second.stderr
-            serve = subprocess.run(
-                [*CLI, "serve", "--zmq", f"127.0.0.1:{free_port()}", "--prefix", prefix],
-                capture_output=True,
-                text=True,
-                timeout=60,
+            serve = run_cli(
+                "serve", "--zmq", f"127.0.0.1:{free_port()}", "--prefix", prefix, timeout=60
             )
             assert serve.returncode == 2
             assert f"another IOC already serves {prefix}Status" in serve.stderr
