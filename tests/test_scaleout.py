@@ -368,6 +368,65 @@ def test_write_back_writes_one_derived_run_per_run_unless_told_to_overwrite(
     assert "--overwrite goes with --write-back" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(180)
+def test_two_write_backs_of_one_run_at_once_leave_one_derived_run(
+    client, engine, tiled_server, monkeypatch
+):
+    """Two processes that each find no reconstruction of a run and write one: the server
+    refuses the second start (the first derived run's uid is the run's own), the second
+    waits for the first's stop and reports it; a cut-off write-back under that uid is an
+    error that names --overwrite, which still writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from event_model import compose_run
+
+    url, frames = tiled_server
+    (uid,), _ = _write_runs(engine, client, frames, seeds=(73,))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        (outcome,) = tiled_runs.reprocess(client, [uid], pool, refine="none")
+    assert outcome.result is not None, outcome.error
+
+    # Both look before either writes: each finds nothing and goes on to write.
+    looked = threading.Barrier(2, timeout=30)
+    found = tiled_runs.derived_run
+
+    def derived_run_then_wait(c, parent):
+        answer = found(c, parent)
+        looked.wait()
+        return answer
+
+    monkeypatch.setattr(tiled_runs, "derived_run", derived_run_then_wait)
+    clients = [tiled_runs.connect(url, API_KEY) for _ in range(2)]  # one per process
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            answers = list(
+                pool.map(lambda c: tiled_runs.WriteBack(c)(outcome.result, outcome.start), clients)
+            )
+    finally:
+        for c in clients:
+            c.context.close()
+    monkeypatch.undo()
+    expected = tiled_runs.derived_uid(uid)
+    assert sorted(answers, key=lambda a: a[1]) == [(expected, False), (expected, True)]
+    assert list(client.search(Key("start.parent_uid") == uid).keys()) == [expected]
+    assert tiled_runs.derived_run(client, uid) == expected
+
+    # A write-back cut off after its start: the next one says so and writes nothing.
+    (cut,), _ = _write_runs(engine, client, frames, seeds=(74,))
+    start = {**outcome.start, "uid": cut}
+    bundle = compose_run(
+        uid=tiled_runs.derived_uid(cut),
+        metadata={"parent_uid": cut, "plan_name": DERIVED_PLAN_NAME},
+    )
+    tiled_runs.tiled_writer(client)("start", bundle.start_doc)
+    with pytest.raises(tiled_runs.WriteConflict, match=r"not complete after 0\.5 s.*--overwrite"):
+        tiled_runs.WriteBack(client, settle_s=0.5)(outcome.result, start)
+    assert list(client.search(Key("start.parent_uid") == cut).keys()) == [bundle.start_doc["uid"]]
+    written, fresh = tiled_runs.WriteBack(client, overwrite=True)(outcome.result, start)
+    assert fresh and written != bundle.start_doc["uid"]
+    assert tiled_runs.derived_run(client, cut) == written
+
+
 @pytest.mark.timeout(300)
 def test_reprocess_names_the_scan_of_a_run_it_cannot_read(client, raw_runs):
     from concurrent.futures import ThreadPoolExecutor

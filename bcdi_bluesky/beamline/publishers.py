@@ -217,9 +217,10 @@ class DerivedRunPublisher(Publisher):
     def __repr__(self) -> str:
         return f"DerivedRunPublisher({self.emit!r})"
 
-    def __call__(self, result, start_doc: dict) -> str:
-        """Emit the derived run; returns its uid."""
+    def __call__(self, result, start_doc: dict, uid: str | None = None) -> str:
+        """Emit the derived run; returns its uid (``uid`` when given, else a new one)."""
         bundle = compose_run(
+            uid=uid,
             metadata={
                 "parent_uid": start_doc["uid"],
                 "parent_scan_id": start_doc.get("scan_id"),
@@ -231,7 +232,7 @@ class DerivedRunPublisher(Publisher):
                 "quality": result.quality,
                 "quality_reasons": list(result.quality_reasons),
                 "settings": result.settings.as_dict(),
-            }
+            },
         )
         amp = central_slices(np.abs(result.object))
         phase = central_slices(np.where(result.support, np.angle(result.object), 0.0))
