@@ -9,6 +9,7 @@ runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -32,33 +33,21 @@ from bcdi_bluesky.beamline.scaleout import ReconstructorSpec, worker_name
 API_KEY = secrets.token_hex(16)  # Tiled accepts alphanumeric keys only
 
 
-@pytest.fixture(scope="module")
-def tiled_server(tmp_path_factory):
-    """``tiled serve catalog --temp`` on loopback with an API key; yields (url, frames dir)."""
+@contextlib.contextmanager
+def _serve_tiled(tmp_path_factory, *catalog):
+    """``tiled serve catalog *catalog`` on loopback with an API key, frames readable from a
+    folder of its own; yields (url, frames dir)."""
     frames = tmp_path_factory.mktemp("frames")
     port = free_port()
     home = tmp_path_factory.mktemp("tiled")
     log = open(home / "server.log", "w")
-    # --temp puts the catalog under $TMPDIR: here, inside the test's folder.
+    command = [sys.executable, "-m", "tiled", "serve", "catalog", *catalog, "--api-key", API_KEY]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tiled",
-            "serve",
-            "catalog",
-            "--temp",
-            "--api-key",
-            API_KEY,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-r",
-            str(frames),
-        ],
+        [*command, "--host", "127.0.0.1", "--port", str(port), "-r", str(frames)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        cwd=home,
+        # --temp puts the catalog under $TMPDIR: here, inside the test's folder.
         env={**os.environ, "TMPDIR": str(home)},
     )
     url = f"http://127.0.0.1:{port}"
@@ -73,6 +62,13 @@ def tiled_server(tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def tiled_server(tmp_path_factory):
+    """A temporary catalog (with tiled's in-memory streaming cache)."""
+    with _serve_tiled(tmp_path_factory, "--temp") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -618,6 +614,54 @@ def test_follower_sees_each_completed_run_live(client, engine, tiled_server):
         (uid,), _ = _write_runs(engine, client, frames, seeds=(21,))
         assert arrived.wait(30), "no stop arrived through the subscription"
     assert seen == [uid]
+
+
+@pytest.mark.timeout(120)
+def test_a_server_without_a_stream_is_followed_through_its_catalog(
+    tmp_path_factory, engine, monkeypatch, caplog
+):
+    """A catalog served without a streaming cache answers HTTP but refuses the WebSocket
+    stream: the follower says so at once instead of waiting for ever, and the live source
+    sends each completed run all the same, found by asking the catalog at each check."""
+    monkeypatch.setattr(tiled_runs, "SERVER_CHECK_S", 0.3)
+    home = tmp_path_factory.mktemp("uncached")
+    tables = f"duckdb:///{home / 'tables.duckdb'}"
+    catalog = (str(home / "catalog.db"), "--init", "-w", str(home / "data"), "-w", tables)
+    with _serve_tiled(tmp_path_factory, *catalog) as (url, frames):
+        client = tiled_runs.connect(url, API_KEY)
+        try:
+            started = time.monotonic()
+            with pytest.raises(tiled_runs.SubscriptionFailed, match="streaming cache"):
+                tiled_runs.RunFollower(client, lambda uid: None)
+            assert time.monotonic() - started < 20
+            source = tiled_runs.TiledRunSource(client)
+            sent = []
+
+            def record(name, doc):
+                if name != "event":
+                    sent.append((name, doc.get("run_start", doc["uid"])))
+
+            source.subscribe(record)
+            thread = threading.Thread(target=source.start, daemon=True)
+            thread.start()
+            try:
+                _wait_until(
+                    lambda: "cannot subscribe to the Tiled server" in caplog.text,
+                    30,
+                    "no line about the refused subscription",
+                )
+                (uid,), _ = _write_runs(engine, client, frames, seeds=(27,))
+                _wait_until(lambda: ("stop", uid) in sent, 30, "the run was not sent")
+                time.sleep(1.0)  # later checks find it again: not sent twice
+            finally:
+                source.stop()
+                thread.join(timeout=10)
+            assert not thread.is_alive()
+            assert sent == [("start", uid), ("descriptor", uid), ("stop", uid)]
+            assert source.follower is None
+            assert caplog.text.count("cannot subscribe to the Tiled server") == 1
+        finally:
+            client.context.close()
 
 
 @pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")

@@ -10,8 +10,10 @@ through the same ``TiledWriter``, one per source run (:class:`WriteBack`).
 
 Live follow (:class:`RunFollower`, :class:`TiledRunSource`) listens to the server's WebSocket
 stream of the root container: when ``TiledWriter`` adds the stop document to a run's
-metadata, the run is complete and is read. This needs a server with a streaming cache
-(``tiled serve ... --temp`` has one in memory; a deployed server is given ``--cache``).
+metadata, the run is complete and is read. The stream needs a server with a streaming cache
+(``tiled serve ... --temp`` has one in memory; a deployed server is given ``--cache``);
+against a server without one, :class:`TiledRunSource` asks the catalog for completed runs at
+every server check instead.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ MAX_UPDATE_BYTES = 16 * 2**20
 
 #: The HTTP status of a write that the server refuses because the key exists.
 HTTP_CONFLICT = 409
+
+#: Seconds :class:`RunFollower` waits for the WebSocket connection to the server.
+SUBSCRIBE_TIMEOUT_S = 30.0
+
+#: Seconds between two tries to subscribe of :class:`TiledRunSource` after one failed (it
+#: asks the catalog at every server check meanwhile).
+SUBSCRIBE_RETRY_S = 60.0
 
 #: Seconds before each new try at a run whose read failed on the way (the server busy or
 #: restarting, the connection broken), in :class:`TiledRunSource`: three tries over 3 s.
@@ -488,12 +497,23 @@ def _stored_start(client: Any, uid: str) -> dict:
     return {**start, "uid": uid}
 
 
+class SubscriptionFailed(DataError):
+    """The Tiled server's WebSocket stream could not be followed (refused, or no connection
+    within :data:`SUBSCRIBE_TIMEOUT_S`)."""
+
+
 class RunFollower:
     """Call ``on_run(uid)`` for every run that completes on a Tiled server, live.
 
     It subscribes to the root container's WebSocket stream; ``TiledWriter`` adds the stop
     document to a run's metadata when the run ends, which arrives here as a metadata update.
     Derived runs are passed over. Use as a context manager, or call :meth:`close`.
+
+    Raises
+    ------
+    SubscriptionFailed
+        The server refused the stream (one without a streaming cache answers HTTP 500), or
+        gave no connection within ``timeout`` seconds.
     """
 
     def __init__(
@@ -501,21 +521,53 @@ class RunFollower:
         client: Any,
         on_run: Callable[[str], None],
         max_update_bytes: int = MAX_UPDATE_BYTES,
+        timeout: float | None = None,
     ) -> None:
         self.on_run = on_run
         self._seen: set[str] = set()  # a run's metadata may be updated after its stop
         self._lock = threading.Lock()
+        self._failure: BaseException | None = None
         self.subscription = client.subscribe()
         self.subscription.child_metadata_updated.add_callback(self._updated)
-        self.subscription.start_in_thread(max_size=int(max_update_bytes))
+        # Not tiled's start_in_thread: it waits without a limit for a connection that its
+        # thread may never make (when the handshake is refused that thread just ends).
+        self._thread = threading.Thread(
+            target=self._listen, args=(int(max_update_bytes),), daemon=True, name="tiled-follow"
+        )
+        self._thread.start()
+        self._wait_connected(SUBSCRIBE_TIMEOUT_S if timeout is None else float(timeout))
+
+    def _listen(self, max_size: int) -> None:
+        try:
+            self.subscription.start(max_size=max_size)
+        except Exception as exc:  # a refused handshake, or retries spent: kept for the error
+            self._failure = exc
+
+    def _wait_connected(self, timeout: float) -> None:
+        # tiled sets this event once the WebSocket handshake succeeds; it has no public one.
+        connected = getattr(self.subscription, "_connected_event", None)
+        if connected is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not connected.wait(0.05):
+            if not self._thread.is_alive():
+                failure = self._failure
+                why = f"{type(failure).__name__}: {failure}" if failure else "the stream ended"
+                raise SubscriptionFailed(
+                    f"the Tiled server refused its WebSocket stream ({why}); a server "
+                    "streams updates only with a streaming cache (tiled serve ... --cache)"
+                )
+            if time.monotonic() >= deadline:
+                self.close(wait=False)
+                raise SubscriptionFailed(
+                    f"no WebSocket connection to the Tiled server within {timeout:g} s"
+                )
 
     @property
     def alive(self) -> bool:
-        """Whether the subscription still listens. tiled ends it for good, with one log
-        line, on a message longer than ``max_update_bytes``; it has no public way to ask, so
-        its thread is looked at (a tiled without one counts as alive)."""
-        thread = getattr(self.subscription, "_thread", None)
-        return thread is None or thread.is_alive()
+        """Whether the subscription still listens (tiled ends it for good, with one log line,
+        on a message longer than ``max_update_bytes``)."""
+        return self._thread.is_alive()
 
     def _updated(self, update: Any) -> None:
         metadata = update.metadata or {}
@@ -534,7 +586,9 @@ class RunFollower:
         """Stop listening; ``wait``: until the subscription's thread has ended (while the
         server is away, that thread may be in tiled's pause between two reconnection tries,
         up to 45 s)."""
-        self.subscription.disconnect(wait=wait)
+        self.subscription.disconnect(wait=False)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def __enter__(self) -> RunFollower:
         return self
@@ -627,8 +681,10 @@ class _Watch:
     next_catch_up: float = 0.0
     #: The catalog is asked at every check until then (after an interruption).
     catch_up_until: float = 0.0
-    #: The last try to subscribe failed (its line is written once).
+    #: The last try to subscribe failed (its line is written once); the catalog is asked at
+    #: every check until a try succeeds.
     refused: bool = False
+    next_subscribe: float = 0.0
 
 
 class TiledRunSource:
@@ -651,7 +707,10 @@ class TiledRunSource:
 
     The server is asked every :data:`SERVER_CHECK_S` whether it answers. While it stays
     away, :meth:`start` goes on asking (one warning per outage) and tiled's subscription
-    tries to reconnect by itself. A subscription that tiled ends (an update longer than
+    tries to reconnect by itself. Where the server refuses the subscription (no streaming
+    cache) or gives no connection within :data:`SUBSCRIBE_TIMEOUT_S`, one warning says so,
+    the catalog is asked for completed runs at every check, and subscribing is tried again
+    every :data:`SUBSCRIBE_RETRY_S`. A subscription that tiled ends (an update longer than
     ``max_update_bytes``, or the server closing the stream) is made again with one warning,
     counted in :attr:`resubscriptions`, as soon as the server answers. The runs that no
     subscription delivered are asked from the catalog (:func:`completed_runs`) at each
@@ -802,7 +861,8 @@ class TiledRunSource:
 
     def _subscribed(self, watch: _Watch, now: float, ended: bool) -> bool:
         """A live follower, made again when tiled ended the last one (which opens a catch-up
-        window); False when subscribing fails (the next check tries again)."""
+        window); False when subscribing fails (tried again after :data:`SUBSCRIBE_RETRY_S`;
+        the catalog is asked at every check meanwhile)."""
         if ended:
             self.resubscriptions += 1
             log.warning(
@@ -812,20 +872,31 @@ class TiledRunSource:
             self.follower.close()
             self.follower, watch.catch_up_until = None, now + CATCH_UP_WINDOW_S
         if self.follower is None:
+            if watch.refused and now < watch.next_subscribe:
+                return False
             try:
                 self.follower = RunFollower(self.client, self._queue.put, self.max_update_bytes)
-            except Exception as exc:  # the next check tries again
+            except Exception as exc:  # tried again after SUBSCRIBE_RETRY_S
+                watch.next_subscribe = now + SUBSCRIBE_RETRY_S
                 if not watch.refused:
                     log.warning(
-                        "cannot subscribe to the Tiled server: %s: %s", type(exc).__name__, exc
+                        "cannot subscribe to the Tiled server (%s: %s): asking its catalog for "
+                        "completed runs every %g s, and subscribing again every %g s",
+                        type(exc).__name__,
+                        exc,
+                        SERVER_CHECK_S,
+                        SUBSCRIBE_RETRY_S,
                     )
                 watch.refused = True
                 return False
+            if watch.refused:  # the runs completed since the last question, once more
+                log.warning("subscribed to the Tiled server")
+                watch.catch_up_until = now + CATCH_UP_WINDOW_S
             watch.refused = False
         return True
 
     def _catch_up_if_due(self, watch: _Watch, now: float) -> None:
-        if now >= watch.next_catch_up or now < watch.catch_up_until:
+        if watch.refused or now >= watch.next_catch_up or now < watch.catch_up_until:
             watch.next_catch_up = now + CATCH_UP_EVERY_S
             asking = time.time()
             if self._catch_up(max(watch.asked - CATCH_UP_MARGIN_S, watch.started)):
@@ -870,7 +941,9 @@ class TiledRunSource:
                 ended = self.follower is not None and not self.follower.alive
                 if ended or now >= watch.next_check:
                     watch.next_check = now + SERVER_CHECK_S
-                    if self._server_answers(watch, now) and self._subscribed(watch, now, ended):
+                    if self._server_answers(watch, now):
+                        # Without a subscription the catalog is asked at every check.
+                        self._subscribed(watch, now, ended)
                         self._catch_up_if_due(watch, now)
                         self._retry_pending()
                 self._send_next_live()
