@@ -487,7 +487,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("bcdi-bluesky serve: stopped by SIGTERM", file=sys.stderr, flush=True)
     elif watch is not None and watch.closed:
         print(
-            f"bcdi-bluesky serve: {_lost_scheduler(dask_client, args.dask)}; exiting so the "
+            f"bcdi-bluesky serve: {_lost_scheduler(watch, args.dask)}; exiting so the "
             "service manager can restart serve",
             file=sys.stderr,
             flush=True,
@@ -551,11 +551,14 @@ def _reprocess_from(client: Any, args: argparse.Namespace) -> int:
         )
         return 0
     spec = ReconstructorSpec(model_path=args.model)
-    dask_client = None
+    dask_client = watch = None
     if args.dask:
+        from .beamline.scaleout import ClientWatch
+
         dask_client, executor = _dask(args.dask, spec=spec)
         # Two runs per worker in hand: the next is queued there while one computes.
         window = 2 * max(len(dask_client.scheduler_info()["workers"]), 1)
+        watch = ClientWatch(dask_client, lambda: None)
     else:
         executor, window = ThreadPoolExecutor(max_workers=1), 2
     # (JSON key of what a publisher writes, publisher: result, start -> fields of the line)
@@ -580,7 +583,7 @@ def _reprocess_from(client: Any, args: argparse.Namespace) -> int:
             stream_name=args.stream,
             window=window,
             timeout=args.timeout,
-            lost=None if dask_client is None else lambda: _lost_scheduler(dask_client, args.dask),
+            lost=None if watch is None else lambda: _lost_scheduler(watch, args.dask),
         ):
             line = {"uid": outcome.uid, "scan_id": outcome.start.get("scan_id")}
             if outcome.skipped:  # not reconstructed by design: not a failure
@@ -606,20 +609,19 @@ def _reprocess_from(client: Any, args: argparse.Namespace) -> int:
         if dask_client is None:
             executor.shutdown(wait=False, cancel_futures=True)
         else:
-            lost = _lost_scheduler(dask_client, args.dask)
+            watch.stop()
+            lost = _lost_scheduler(watch, args.dask)
             dask_client.close()
             if lost is not None:
                 print(f"bcdi-bluesky reprocess: {lost}", file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 
-def _lost_scheduler(client: Any, address: str) -> str | None:
-    """Why no task can run on the Dask client any more (it is closed for good), or None."""
-    from .beamline.scaleout import client_closed
-
-    if not client_closed(client):
-        return None
-    return f"lost the Dask scheduler at {address} (no answer within the client's reconnect window)"
+def _lost_scheduler(watch: Any, address: str) -> str | None:
+    """Why no task can run on the watched Dask client any more (its scheduler is lost: a
+    :class:`~bcdi_bluesky.beamline.scaleout.ClientWatch` says why), or None."""
+    reason = watch.lost_reason()
+    return None if reason is None else f"lost the Dask scheduler at {address} ({reason})"
 
 
 def _write_back(write: Callable[[Any, dict], tuple[str, bool]]) -> Callable[[Any, dict], dict]:

@@ -480,20 +480,56 @@ def test_a_refused_submission_fails_its_run_and_a_lost_executor_reads_no_more(cl
         assert outcome.error == (
             "not submitted: RuntimeError: cannot schedule new futures after shutdown"
         )
-    asked = []
+    gone, answers = [False], []
 
     def lost():
-        asked.append(True)
-        return "lost the executor" if len(asked) > 1 else None
+        answers.append("lost the executor" if gone[0] else None)
+        return answers[-1]
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        done, *left = tiled_runs.reprocess(client, uids, pool, refine="none", lost=lost)
+        outcomes = tiled_runs.reprocess(client, uids, pool, refine="none", lost=lost, window=1)
+        done = next(outcomes)
+        gone[0] = True
+        left = list(outcomes)
     assert done.result is not None and not done.error
     assert [(o.uid, o.error) for o in left] == [(uid, "lost the executor") for uid in uids[1:]]
     assert [o.start["scan_id"] for o in left] == [
         client[uid].metadata["start"]["scan_id"] for uid in uids[1:]
     ]
-    assert len(asked) == 2  # asked until it said so, then never again
+    assert answers.count("lost the executor") == 1  # asked until it said so, then never again
+
+
+@pytest.mark.timeout(60)
+def test_reprocess_gives_up_a_result_that_a_lost_executor_will_never_give(client, raw_runs):
+    """A task in hand when its executor is lost (a frozen scheduler keeps it for ever): the
+    run fails with the reason within about LOST_CHECK_S of it, not after ``timeout``."""
+    from concurrent.futures import Executor, Future
+
+    class Stalled(Executor):
+        """Takes every task and never runs it."""
+
+        def __init__(self):
+            self.futures = []
+
+        def submit(self, fn, /, *args, **kwargs):
+            self.futures.append(Future())
+            return self.futures[-1]
+
+    uids, _ = raw_runs
+    asked = []
+
+    def lost():
+        asked.append(time.monotonic())
+        return "lost the scheduler" if len(asked) > 3 else None
+
+    executor = Stalled()
+    started = time.monotonic()
+    outcomes = list(
+        tiled_runs.reprocess(client, uids[:2], executor, refine="none", timeout=600, lost=lost)
+    )
+    assert [(o.uid, o.error) for o in outcomes] == [(u, "lost the scheduler") for u in uids[:2]]
+    assert time.monotonic() - started < 2 * tiled_runs.LOST_CHECK_S + 10
+    assert all(f.cancelled() for f in executor.futures) and len(executor.futures) == 2
 
 
 @pytest.mark.timeout(90)
@@ -525,6 +561,37 @@ def test_reprocess_reports_every_run_when_the_dask_scheduler_is_gone(
     )
     assert not any("Traceback" in line for line in err.lines), "".join(err.lines)
     assert err.lines[-1] == f"bcdi-bluesky reprocess: {lines[-1]['message']}\n"
+
+
+@pytest.mark.timeout(90)
+def test_a_scheduler_that_answers_nothing_counts_as_lost():
+    """A frozen scheduler process keeps its connection open and the client ``running``:
+    only the watch's questions show it, and after ``silent_s`` without an answer it counts
+    as lost, with the reason."""
+    from distributed import Client
+
+    from bcdi_bluesky.beamline.scaleout import ClientWatch
+
+    scheduler, address = _scheduler_without_workers()
+    try:
+        with Client(address, set_as_default=False, timeout=30) as dask_client:
+            lost = threading.Event()
+            watch = ClientWatch(dask_client, lost.set, interval=0.1, silent_s=2.0, ask_s=0.5)
+            try:
+                time.sleep(3.0)  # it answers: not lost
+                assert not watch.closed and watch.lost_reason() is None
+                os.kill(scheduler.pid, signal.SIGSTOP)
+                frozen = time.monotonic()
+                assert lost.wait(20), "the frozen scheduler was not noticed"
+                # Counted from its last answer, up to one question (0.5 s) before the freeze.
+                assert 1.4 <= time.monotonic() - frozen < 15
+                assert str(dask_client.status) == "running"
+                assert watch.lost_reason() == watch.reason == "no answer to any question for 2 s"
+            finally:
+                watch.stop()
+                os.kill(scheduler.pid, signal.SIGCONT)
+    finally:
+        end(scheduler)
 
 
 def _scheduler_without_workers():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -196,37 +197,98 @@ def client_closed(client: Any) -> bool:
     return str(client.status) not in LIVE_CLIENT_STATUSES
 
 
+#: Why :class:`ClientWatch` counts a scheduler lost when the client closed itself.
+CLOSED_REASON = "no answer within the client's reconnect window"
+
+#: Seconds a scheduler may leave every question unanswered before :class:`ClientWatch`
+#: counts it lost, and seconds between two questions (each waits at most that long). A
+#: frozen scheduler process, or a network partition that keeps the TCP connection open,
+#: leaves the client ``running`` and its tasks waiting for ever: only a question shows it.
+SCHEDULER_SILENT_S = 60.0
+SCHEDULER_ASK_S = 5.0
+
+
+def scheduler_answers(client: Any, timeout: float) -> bool:
+    """Whether the scheduler of a ``distributed.Client`` answers a question (its identity)
+    within ``timeout`` seconds."""
+    try:
+        client.sync(client.scheduler.identity, callback_timeout=timeout)
+    except Exception:  # a timeout, a broken connection, a closed client: no answer
+        return False
+    return True
+
+
 class ClientWatch:
-    """Call ``on_closed()`` once, from a daemon thread, when :func:`client_closed` becomes
-    true for ``client``.
+    """Call ``on_lost()`` once, from a daemon thread, when the scheduler of ``client`` is
+    lost: the client is closed for good (:func:`client_closed`), or the scheduler answered
+    no question for ``silent_s`` seconds (:func:`scheduler_answers`).
 
     Parameters
     ----------
     client : distributed.Client
         The client to watch.
-    on_closed : callable
+    on_lost : callable
         Called without arguments from the watch's thread; must be quick and thread-safe (a
         dispatcher's ``stop``).
     interval : float
         Seconds between looks at the client's status.
+    silent_s : float or None
+        Seconds without an answer from the scheduler after which it counts as lost; None: the
+        scheduler is not asked.
+    ask_s : float
+        Seconds between two questions to the scheduler, and the limit of each.
     """
 
-    def __init__(self, client: Any, on_closed: Callable[[], None], interval: float = 0.5):
+    def __init__(
+        self,
+        client: Any,
+        on_lost: Callable[[], None],
+        interval: float = 0.5,
+        silent_s: float | None = None,
+        ask_s: float | None = None,
+    ):
         self.client = client
-        self.on_closed = on_closed
+        self.on_lost = on_lost
         self.interval = float(interval)
-        #: Whether ``on_closed`` was called.
-        self.closed = False
+        self.silent_s = SCHEDULER_SILENT_S if silent_s is None else float(silent_s)
+        self.ask_s = SCHEDULER_ASK_S if ask_s is None else float(ask_s)
+        #: Why the scheduler counts as lost (None while it does not): set before ``on_lost``.
+        self.reason: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="dask-client-watch", daemon=True)
         self._thread.start()
 
+    @property
+    def closed(self) -> bool:
+        """Whether the scheduler counts as lost (``on_lost`` was called)."""
+        return self.reason is not None
+
+    def lost_reason(self) -> str | None:
+        """Why the scheduler is lost, now: the watch's finding, or the client closed for good
+        since the watch last looked; None while neither."""
+        if self.reason is None and client_closed(self.client):
+            return CLOSED_REASON
+        return self.reason
+
     def _watch(self) -> None:
+        answered = time.monotonic()
+        next_question = answered
         while not self._stop.wait(self.interval):
             if client_closed(self.client):
-                self.closed = True
-                self.on_closed()
-                return
+                self.reason = CLOSED_REASON
+                break
+            now = time.monotonic()
+            if now < next_question:
+                continue
+            next_question = now + self.ask_s
+            if scheduler_answers(self.client, self.ask_s):
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= self.silent_s and not self._stop.is_set():
+                self.reason = f"no answer to any question for {self.silent_s:g} s"
+                break
+        else:
+            return
+        self.on_lost()
 
     def stop(self) -> None:
         """Stop watching, and return once the watch's thread has ended (before closing the

@@ -59,6 +59,10 @@ SUBSCRIBE_TIMEOUT_S = 30.0
 #: asks the catalog at every server check meanwhile).
 SUBSCRIBE_RETRY_S = 60.0
 
+#: Seconds between two questions of :func:`reprocess` to its ``lost`` while it awaits a
+#: result.
+LOST_CHECK_S = 1.0
+
 #: Seconds before each new try at a run whose read failed on the way (the server busy or
 #: restarting, the connection broken), in :class:`TiledRunSource`: three tries over 3 s.
 READ_RETRY_DELAYS_S = (1.0, 2.0)
@@ -429,9 +433,10 @@ def reprocess(
     submitted, a task that raised (after the executor's retries) or that gave no answer
     within ``timeout`` seconds gives an outcome with ``error`` set; the others go on.
 
-    ``lost``, asked before each run is read, returns why the executor can take no more runs
-    (a Dask client closed for good: :func:`~bcdi_bluesky.beamline.scaleout.client_closed`),
-    or None; from then on each run left gets an outcome with that error, unread.
+    ``lost``, asked before each run is read and every :data:`LOST_CHECK_S` while a result is
+    awaited, returns why the executor can take no more runs (a Dask scheduler lost:
+    :meth:`~bcdi_bluesky.beamline.scaleout.ClientWatch.lost_reason`), or None; from then on
+    the run awaited and each run left get an outcome with that error, the latter unread.
     """
     spec = spec or ReconstructorSpec()
     # (uid, start, future or None, the error that stopped it before, its deadline)
@@ -443,16 +448,31 @@ def reprocess(
     ) -> Outcome:
         if future is None:
             return Outcome(uid, start, error=str(error), skipped=skipped_by_design(error))
-        try:
+        nonlocal why_lost
+        while True:
             left = None if timeout is None else max(deadline - time.monotonic(), 0.0)
-            result = future.result(timeout=left)
-        except FutureTimeout:
-            future.cancel()
-            return Outcome(uid, start, error=f"no result within {timeout:g} s of its submission")
-        except Exception as exc:
-            return Outcome(uid, start, error=exception_text(exc), skipped=skipped_by_design(exc))
-        annotate_result(result, start)
-        return Outcome(uid, start, result)
+            try:
+                result = future.result(
+                    timeout=LOST_CHECK_S if left is None else min(left, LOST_CHECK_S)
+                )
+            except FutureTimeout:
+                if left is not None and left <= LOST_CHECK_S:
+                    future.cancel()
+                    return Outcome(
+                        uid, start, error=f"no result within {timeout:g} s of its submission"
+                    )
+                if why_lost is None and lost is not None:
+                    why_lost = lost()
+                if why_lost is not None:  # its result would never come
+                    future.cancel()
+                    return Outcome(uid, start, error=why_lost)
+                continue
+            except Exception as exc:
+                return Outcome(
+                    uid, start, error=exception_text(exc), skipped=skipped_by_design(exc)
+                )
+            annotate_result(result, start)
+            return Outcome(uid, start, result)
 
     for uid in uids:
         deadline = time.monotonic() + (timeout or 0.0)
