@@ -485,7 +485,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     status = 0
     if terminated:
         print("bcdi-bluesky serve: stopped by SIGTERM", file=sys.stderr, flush=True)
-    elif watch is not None and watch.closed:
+    elif watch is not None and watch.lost:
         print(
             f"bcdi-bluesky serve: {_lost_scheduler(watch, args.dask)}; exiting so the "
             "service manager can restart serve",

@@ -579,7 +579,7 @@ def test_a_scheduler_that_answers_nothing_counts_as_lost():
             watch = ClientWatch(dask_client, lost.set, interval=0.1, silent_s=2.0, ask_s=0.5)
             try:
                 time.sleep(3.0)  # it answers: not lost
-                assert not watch.closed and watch.lost_reason() is None
+                assert not watch.lost and watch.lost_reason() is None
                 os.kill(scheduler.pid, signal.SIGSTOP)
                 frozen = time.monotonic()
                 assert lost.wait(20), "the frozen scheduler was not noticed"

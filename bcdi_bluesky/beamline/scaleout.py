@@ -232,11 +232,12 @@ class ClientWatch:
         dispatcher's ``stop``).
     interval : float
         Seconds between looks at the client's status.
-    silent_s : float or None
-        Seconds without an answer from the scheduler after which it counts as lost; None: the
-        scheduler is not asked.
-    ask_s : float
-        Seconds between two questions to the scheduler, and the limit of each.
+    silent_s : float, optional
+        Seconds without an answer from the scheduler after which it counts as lost (default
+        :data:`SCHEDULER_SILENT_S`).
+    ask_s : float, optional
+        Seconds between two questions to the scheduler, and the limit of each (default
+        :data:`SCHEDULER_ASK_S`).
     """
 
     def __init__(
@@ -259,7 +260,7 @@ class ClientWatch:
         self._thread.start()
 
     @property
-    def closed(self) -> bool:
+    def lost(self) -> bool:
         """Whether the scheduler counts as lost (``on_lost`` was called)."""
         return self.reason is not None
 

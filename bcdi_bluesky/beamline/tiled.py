@@ -575,7 +575,7 @@ class RunFollower:
                 why = f"{type(failure).__name__}: {failure}" if failure else "the stream ended"
                 raise SubscriptionFailed(
                     f"the Tiled server refused its WebSocket stream ({why}); a server "
-                    "streams updates only with a streaming cache (tiled serve ... --cache)"
+                    "streams updates only when it has a streaming cache"
                 )
             if time.monotonic() >= deadline:
                 self.close(wait=False)
