@@ -29,8 +29,31 @@ import scipy.fft
 
 logger = logging.getLogger(__name__)
 
+
+def _fft_workers_from_environment() -> int:
+    """``$BCDI_FFT_WORKERS`` (a whole number of at least 1), else every core. A value that is
+    not one is named in one warning and the default used: a typo in the environment must
+    not stop a service at import."""
+    cores = os.cpu_count() or 1
+    text = os.environ.get("BCDI_FFT_WORKERS")
+    if text is None:
+        return cores
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        logger.warning(
+            "BCDI_FFT_WORKERS=%r is not a whole number of at least 1: using %d (every core)",
+            text,
+            cores,
+        )
+        return cores
+    return workers
+
+
 #: FFT worker threads of the numpy backend (scipy.fft); all cores by default.
-FFT_WORKERS = int(os.environ.get("BCDI_FFT_WORKERS", os.cpu_count() or 1))
+FFT_WORKERS = _fft_workers_from_environment()
 
 #: Volumes up to this many voxels are transformed on one thread: for them, handing work to a
 #: second thread costs more than it saves (32^3: 0.39 ms on one thread, 0.52 ms on two).

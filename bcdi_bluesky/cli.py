@@ -738,8 +738,9 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("reconstruction settings (docs/user_guide.md)")
     for info in ReconstructionSettings.fields_info():
         option = "--" + info.name.replace("_", "-")
+        doc = info.doc.replace("%", "%%")  # argparse formats help text with %
         if info.kind is bool:
-            group.add_argument(option, action="store_true", default=None, help=info.doc)
+            group.add_argument(option, action="store_true", default=None, help=doc)
             continue
         units = f" {info.units}" if info.units else ""
         group.add_argument(
@@ -747,7 +748,7 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
             type=info.kind,
             default=None,
             metavar=info.kind.__name__.upper(),
-            help=f"{info.doc} ({info.low} .. {info.high}{units}; default {info.default})",
+            help=f"{doc} ({info.low} .. {info.high}{units}; default {info.default})",
         )
 
 

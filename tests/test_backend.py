@@ -236,3 +236,23 @@ def test_hio_update_is_the_hio_formula_on_every_backend():
             0.9,
         )
         np.testing.assert_allclose(backend.to_numpy(updated), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "2.5"])
+def test_a_bad_fft_worker_count_in_the_environment_is_named_and_every_core_used(value):
+    import os
+
+    probe = "import os, bcdi_bluesky.backend as b; print(b.FFT_WORKERS == (os.cpu_count() or 1))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "BCDI_FFT_WORKERS": value},
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0 and done.stdout == "True\n", done.stderr
+    assert done.stderr == (
+        f"BCDI_FFT_WORKERS={value!r} is not a whole number of at least 1: using "
+        f"{os.cpu_count() or 1} (every core)\n"
+    )

@@ -431,3 +431,22 @@ def test_version_is_the_installed_distributions(capsys):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.strip() == f"bcdi-bluesky {version('bcdi-bluesky')}"
+
+
+def _commands() -> list[str]:
+    from bcdi_bluesky.cli import build_parser
+
+    (subparsers,) = [a for a in build_parser()._actions if a.choices and a.dest == "command"]
+    return sorted(subparsers.choices)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_prints_its_help(command, capsys):
+    """Every option's help text formats (argparse reads ``%`` in it as a format code)."""
+    from bcdi_bluesky.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([command, "--help"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: bcdi-bluesky {command} ")
