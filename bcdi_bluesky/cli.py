@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -730,6 +730,18 @@ _positive_number = _finite_number(zero_allowed=False)
 _non_negative_number = _finite_number(zero_allowed=True)
 
 
+def _scheduler_address(text: str) -> str:
+    """``--dask``: checked when the options are read, before any connection is made."""
+    from .beamline.scaleout import check_scheduler_address
+
+    try:
+        return check_scheduler_address(text)
+    except ImportError as exc:
+        raise argparse.ArgumentTypeError(f"needs the distributed package: {exc}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_settings_options(p: argparse.ArgumentParser) -> None:
     """One option per reconstruction setting, generated from
     :meth:`ReconstructionSettings.fields_info` (unset: the setting's default)."""
@@ -826,9 +838,17 @@ def _add_training_run_options(
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error is one line that points to ``--help`` (the full usage
+    of ``reconstruct`` and ``serve`` is some 30 lines, above the line that matters)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bcdi-bluesky", description="Real-time BCDI reconstruction for Bluesky beamlines."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -896,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dask",
         default=None,
+        type=_scheduler_address,
         metavar="SCHEDULER",
         help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)",
     )
@@ -963,6 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dask",
         default=None,
+        type=_scheduler_address,
         metavar="SCHEDULER",
         help="run the reconstructions on this Dask scheduler (tcp://HOST:PORT)",
     )
@@ -1115,7 +1137,11 @@ def _add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bcdi-bluesky`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's parser: its options are the ones to look up
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # The project's log lines (puts to the IOC, dropped scans) on stderr, one per event;
     # stdout stays for the commands' results.
     handler = logging.StreamHandler(sys.stderr)

@@ -450,3 +450,31 @@ def test_every_command_prints_its_help(command, capsys):
         main([command, "--help"])
     assert stopped.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: bcdi-bluesky {command} ")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["reconstruct", "x.npy", "--outptu", "x.cxi"],
+            "bcdi-bluesky reconstruct: error: unrecognized arguments: --outptu x.cxi",
+        ),
+        (["reconstruct"], "bcdi-bluesky reconstruct: error: the following arguments are required"),
+        (
+            ["reprocess", "--tiled", "http://127.0.0.1:9", "--dask", "foo:bar"],
+            "bcdi-bluesky reprocess: error: argument --dask: not a scheduler address",
+        ),
+        (["serve", "--zmq", "127.0.0.1:5578", "--dask", "http://127.0.0.1:8786"], "--dask"),
+    ],
+)
+def test_a_mistyped_command_line_is_one_line_from_its_command(argv, expected, capsys):
+    """Refused before anything is made (no Tiled or Dask connection): one line, from the
+    command's own parser, that points to its --help; exit status 2."""
+    from bcdi_bluesky.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert expected in line and line.endswith(f"(bcdi-bluesky {argv[0]} --help lists the options)")

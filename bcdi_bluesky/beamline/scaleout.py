@@ -143,6 +143,30 @@ def dask_executor(
     return client.get_executor(retries=DASK_RETRIES, pure=False, **options)
 
 
+def check_scheduler_address(address: str) -> str:
+    """``address`` when it is a Dask scheduler address (``[tcp://]HOST:PORT`` or another scheme
+    Dask knows); checked without a connection.
+
+    Raises
+    ------
+    ImportError
+        ``distributed`` is not installed (extra ``distributed``).
+    ValueError
+        It is not one.
+    """
+    from distributed.comm import parse_address, parse_host_port
+    from distributed.comm.registry import backends
+
+    try:
+        scheme, location = parse_address(address)
+        parse_host_port(location)
+    except ValueError as exc:
+        raise ValueError(f"not a scheduler address ([tcp://]HOST:PORT): {exc}") from None
+    if scheme not in backends:
+        raise ValueError(f"not a scheduler address: unknown scheme {scheme!r}")
+    return address
+
+
 def connect_dask(address: str, timeout: float | None = None) -> Any:
     """A ``distributed.Client`` for the scheduler at ``address``, not the default scheduler.
 
@@ -167,16 +191,8 @@ def connect_dask(address: str, timeout: float | None = None) -> Any:
         knows), checked before a client is made: a half-made one hangs a minute at exit.
     """
     from distributed import Client
-    from distributed.comm import parse_address, parse_host_port
-    from distributed.comm.registry import backends
 
-    try:
-        scheme, location = parse_address(address)
-        parse_host_port(location)
-    except ValueError as exc:
-        raise ValueError(f"not a scheduler address ([tcp://]HOST:PORT): {exc}") from None
-    if scheme not in backends:
-        raise ValueError(f"not a scheduler address: unknown scheme {scheme!r}")
+    check_scheduler_address(address)
     # Without a timeout, the client takes Dask's configured one (one place to set it).
     options = {} if timeout is None else {"timeout": timeout}
     return Client(address, set_as_default=False, **options)
