@@ -682,6 +682,11 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.output is not None:  # made before the first scan, not after it
+        try:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--output {args.output}: cannot make the folder: {exc}") from None
     run_demo(
         scans=args.scans,
         output=args.output,
@@ -728,6 +733,16 @@ _at_least_one = _whole_number(1)
 _non_negative_int = _whole_number(0)
 _positive_number = _finite_number(zero_allowed=False)
 _non_negative_number = _finite_number(zero_allowed=True)
+
+
+def _pv_prefix(text: str) -> str:
+    """``--prefix``: a prefix that makes valid PV names."""
+    from .epics import check_pv_prefix
+
+    try:
+        return check_pv_prefix(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _scheduler_address(text: str) -> str:
@@ -857,10 +872,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="closed-loop scans on the simulated beamline, with the IOC")
     p.add_argument("--scans", type=_at_least_one, default=3, help="rocking scans (default: 3)")
     p.add_argument("--output", default=None, help="output folder (default: a new temp folder)")
-    p.add_argument("--prefix", default=None, help="IOC prefix (default: a random DEMOxxxx:)")
+    p.add_argument(
+        "--prefix", type=_pv_prefix, default=None, help="IOC prefix (default: a random DEMOxxxx:)"
+    )
     p.add_argument(
         "--linger",
-        type=float,
+        type=_non_negative_number,
         default=0.0,
         help="keep the IOC serving this many seconds after the last scan",
     )
@@ -925,7 +942,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
     _add_device_argument(p)
     p.add_argument("--output", default=None, help="folder for one CXI result file per scan")
-    p.add_argument("--prefix", default=None, help="also serve the results as PVs (e.g. BCDI:)")
+    p.add_argument(
+        "--prefix", type=_pv_prefix, default=None, help="also serve the results as PVs (e.g. BCDI:)"
+    )
     p.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -1014,7 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reprocess)
 
     p = sub.add_parser("ioc", help="run the reconstruction IOC alone (its settings PVs)")
-    p.add_argument("--prefix", default="BCDI:", help="PV prefix (default: BCDI:)")
+    p.add_argument("--prefix", type=_pv_prefix, default="BCDI:", help="PV prefix (default: BCDI:)")
     _add_access_options(p)
     p.set_defaults(func=_cmd_ioc)
 

@@ -466,6 +466,12 @@ def test_every_command_prints_its_help(command, capsys):
             "bcdi-bluesky reprocess: error: argument --dask: not a scheduler address",
         ),
         (["serve", "--zmq", "127.0.0.1:5578", "--dask", "http://127.0.0.1:8786"], "--dask"),
+        (
+            ["demo", "--prefix", "bad prefix"],
+            "PV prefix 'bad prefix': a PV name holds printable ASCII",
+        ),
+        (["ioc", "--prefix", "BCDI.X:"], "PV prefix 'BCDI.X:'"),
+        (["demo", "--linger", "-5"], "argument --linger: must be finite and at least 0"),
     ],
 )
 def test_a_mistyped_command_line_is_one_line_from_its_command(argv, expected, capsys):
@@ -478,3 +484,15 @@ def test_a_mistyped_command_line_is_one_line_from_its_command(argv, expected, ca
     assert stopped.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert expected in line and line.endswith(f"(bcdi-bluesky {argv[0]} --help lists the options)")
+
+
+@pytest.mark.timeout(60)
+def test_the_demo_refuses_an_output_folder_it_cannot_make_before_any_scan(tmp_path, capsys):
+    from bcdi_bluesky.cli import main
+
+    taken = tmp_path / "a_file"
+    taken.write_text("kept")
+    assert main(["demo", "--output", str(taken)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"bcdi-bluesky demo: error: --output {taken}: cannot make the folder")
+    assert taken.read_text() == "kept"

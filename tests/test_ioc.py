@@ -667,3 +667,16 @@ def test_refining_is_posted_once_per_scan_not_at_every_es_step(ioc, caproto_ctx)
     refining = STATUS.index("Refining")
     assert updates["status"].count(refining) == 1, updates["status"]
     assert updates["cost"][-5:] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("prefix", ["a b:", "BCDI.X:", "BCDI:'", "B\nC:", "XF:{Det}", "B$:"])
+def test_a_prefix_that_makes_no_valid_pv_name_is_refused(prefix):
+    from bcdi_bluesky.epics import ReconstructionIOC
+    from bcdi_bluesky.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="printable ASCII"):
+        ReconstructionIOC(prefix=prefix)
+    facility = "XF:34IDC-ES<BCDI:1>;[b]+_#%&()*,/=?@^`|~"
+    group = ReconstructionIOC(prefix=facility)
+    assert group.prefix == facility and f"{facility}Status" in group.pvdb

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -439,6 +440,29 @@ def _latency_group() -> type[PVGroup]:
     return type("LatencyPVs", (PVGroup,), attrs)
 
 
+#: The characters of a PV name here: printable ASCII except quotes and ``$`` (EPICS record
+#: names), ``.`` (it separates a record's name from its field's) and braces (caproto reads
+#: ``{name}`` in a prefix as a macro).
+_PV_NAME_CHARACTERS = re.compile(r"[!#%&(-\-/-z|~]*")
+
+
+def check_pv_prefix(prefix: str) -> str:
+    """``prefix`` when every PV name made with it is a valid EPICS record name.
+
+    Raises
+    ------
+    SettingsError
+        It holds another character (a space, a dot, a quote, ``$``, a brace, a control or
+        non-ASCII character).
+    """
+    if not isinstance(prefix, str) or not _PV_NAME_CHARACTERS.fullmatch(prefix):
+        raise SettingsError(
+            f"PV prefix {prefix!r}: a PV name holds printable ASCII characters other than "
+            "space, quotes, braces, . and $"
+        )
+    return prefix
+
+
 class ReconstructionIOC(PVGroup):
     """PVs of the BCDI reconstruction (prefix default ``BCDI:``). ``docs/pvs.md`` lists them.
 
@@ -602,12 +626,15 @@ class ReconstructionIOC(PVGroup):
 
     type_map_read_only = _audited(PVGroup.type_map_read_only)
 
-    def __init__(self, *args: Any, access: WriteAccess | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, prefix: str = "BCDI:", *, access: WriteAccess | None = None, **kwargs: Any
+    ) -> None:
+        check_pv_prefix(prefix)
         self.access = access or WriteAccess()
         #: PV name -> value of every setting a client put (applied on top of the running
         #: settings at the next scan).
         self.puts: dict[str, Any] = {}
-        super().__init__(*args, **kwargs)
+        super().__init__(prefix, **kwargs)
 
     def note_put(self, pv: PvpropertyData) -> None:
         """Remember a client's accepted put of a setting (called in the IOC's loop)."""
