@@ -181,7 +181,7 @@ def test_runs_without_the_keys_are_skipped_with_a_reason(make_callback, caplog):
     assert record.status == "skipped" and "eiger_image" in record.message
     assert capture.volumes == []
     # Often a wrong key: a warning, and the publishers told "collecting" hear why.
-    assert "not reconstructed" in caplog.text and "eiger_image" in caplog.text
+    assert "skipped: no frames" in caplog.text and "eiger_image" in caplog.text
     assert [c[0] for c in hooks.calls] == ["collecting", "failure"]
     assert ("failure", record.message) in hooks.calls
 
@@ -1030,7 +1030,7 @@ def test_the_user_guide_publisher_example(make_callback, reconstructor, tmp_path
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [line["scan_id"] for line in lines] == [1, 2, 3]
     assert 0 < lines[0]["chi"] < 1 and lines[0]["es_budget_s"] == 2.0
-    assert lines[1]["error"] == "a publisher disabled reconstruction"
+    assert lines[1] == {"scan_id": 2, "skipped": "a publisher disabled reconstruction"}
     assert "reconstruction failed" in lines[2]["error"] and "NaN" in lines[2]["error"]
 
 

@@ -517,7 +517,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             record.status = "skipped"
             record.message = f"run ended with exit_status {exit_status!r}" + notes
             run.free()
-            log.info("scan %s not reconstructed: %s", record.scan_id, record.message)
+            log.info("scan %s skipped: %s", record.scan_id, record.message)
         elif not run.frames:
             record.status = "skipped"
             record.message = (
@@ -525,7 +525,7 @@ class BCDIReconstructionCallback(DocumentRouter):
                 f"in stream {self.stream_name!r}" + notes
             )
             # Often a wrong image or motor key: say so where the operator looks.
-            log.warning("scan %s not reconstructed: %s", record.scan_id, record.message)
+            log.warning("scan %s skipped: %s", record.scan_id, record.message)
         else:
             record.message = notes.removeprefix("; ")
             self._enqueue(run)
