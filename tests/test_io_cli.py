@@ -3,13 +3,14 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import tifffile
-from builders import CLI, run_cli
+from builders import CLI, free_port, run_cli
 
 from bcdi_bluesky import read_intensity
 from bcdi_bluesky.io import DataError
@@ -496,3 +497,25 @@ def test_the_demo_refuses_an_output_folder_it_cannot_make_before_any_scan(tmp_pa
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"bcdi-bluesky demo: error: --output {taken}: cannot make the folder")
     assert taken.read_text() == "kept"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:{port}", "Connection refused"),
+        ("127.0.0.1:{port}", "not an http:// or https:// address"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+    ],
+)
+def test_a_tiled_address_nobody_answers_at_is_one_line_at_once(url, why, capsys):
+    """Told before the tiled client's own retries (tens of seconds, and a line of its own)."""
+    from bcdi_bluesky.cli import main
+
+    url = url.format(port=free_port())
+    started = time.monotonic()
+    assert main(["reprocess", "--tiled", url]) == 2
+    assert time.monotonic() - started < 10
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"bcdi-bluesky reprocess: error: cannot connect to Tiled at {url}: ")
+    assert why in line

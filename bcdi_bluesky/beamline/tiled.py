@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 #: subscription for good; :class:`TiledRunSource` then subscribes again.
 MAX_UPDATE_BYTES = 16 * 2**20
 
+#: Seconds :func:`connect` waits for the server's host to accept a connection.
+CONNECT_TIMEOUT_S = 10.0
+
 #: The HTTP status of a write that the server refuses because the key exists.
 HTTP_CONFLICT = 409
 
@@ -107,8 +110,21 @@ def connect(url: str, api_key: str | None = None) -> Any:
     DataError
         No server answered, or it refused the key.
     """
+    import socket
+    import urllib.parse
+
     from tiled.client import from_uri
 
+    # The tiled client tries a refused connection again for tens of seconds: a wrong host or
+    # port is told at once.
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http:// or https:// address")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot connect to Tiled at {url}: {exc}") from None
     try:
         return from_uri(url, api_key=api_key, remember_me=False)
     except Exception as exc:  # httpx and tiled raise several kinds; all mean "cannot use it"
