@@ -32,8 +32,11 @@ def one_line(text: object, limit: int | None = None) -> str:
     """``text`` safe for one log line: control characters (a newline that would start a
     forged line, an escape sequence) shown escaped, at most ``limit`` characters. Text from
     the network (a client's host name, a run's metadata) goes through this before a log."""
+    text = str(text)
+    if limit is not None:  # escapes only lengthen: the rest would be cut anyway
+        text = text[: limit + 1]
     shown = "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text)
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
     )
     if limit is not None and len(shown) > limit:
         shown = shown[: max(limit - 3, 0)] + "..."

@@ -680,3 +680,27 @@ def test_a_prefix_that_makes_no_valid_pv_name_is_refused(prefix):
     facility = "XF:34IDC-ES<BCDI:1>;[b]+_#%&()*,/=?@^`|~"
     group = ReconstructionIOC(prefix=facility)
     assert group.prefix == facility and f"{facility}Status" in group.pvdb
+
+
+@pytest.mark.timeout(60)
+def test_text_that_latin1_cannot_hold_stays_readable(epics_env, caproto_ctx):
+    """caproto encodes a text PV as Latin-1 when a client reads it: a message with '≤' (an
+    exception's text, a path, a scan id from a run's metadata) is served with that character
+    escaped, and read by both clients, instead of failing every read until the next write."""
+    import epics
+
+    from bcdi_bluesky.epics import IOCPublisher
+
+    ioc = IOCPublisher(prefix=f"U{uuid.uuid4().hex[:8]}:", interfaces=["127.0.0.1"])
+    try:
+        ioc.failure("limit 0.3 ≤ chi, björn", {"uid": "€" * 50, "scan_id": "Ω-7"})
+        p = ioc.group.prefix
+        message = epics.caget(p + "StatusMsg", as_string=True, timeout=5, use_monitor=False)
+        assert message is not None and "limit 0.3 \\u2264 chi, björn" in message
+        assert "\\u03a9-7" in message
+        (uid,) = caproto_ctx.get_pvs(p + "ScanUID", timeout=5)
+        text = uid.read(timeout=5).data[0].decode("latin-1")
+        assert text == ("\\u20ac" * 7)[:39]
+        assert epics.caget(p + "Status", as_string=True, timeout=5) == "Error"
+    finally:
+        ioc.close()

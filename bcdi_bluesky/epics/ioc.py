@@ -326,11 +326,23 @@ def _long_string(name: str, doc: str) -> pvproperty:
     )
 
 
+#: Characters a STRING PV holds (EPICS: 40 bytes with the closing NUL).
+STRING_LENGTH = 39
+
+
+def _latin1(text: Any) -> str:
+    """``text`` with what Latin-1 cannot hold written as escapes (``\\u2264``): caproto keeps
+    any text but encodes it as Latin-1 when a client reads, so one such character (in an
+    exception's message, a path, a scan id) would make every read of the PV fail."""
+    return str(text).encode("latin-1", "backslashreplace").decode("latin-1")
+
+
 def _long_text(message: Any) -> str:
-    """``message`` cut to what a long-string PV holds and padded with NULs to its full length,
-    as an EPICS waveform keeps its element count: a client that connected while the text was
-    short then still reads all of a longer one (text readers stop at the first NUL)."""
-    return str(message)[: LONG_STRING_LENGTH - 1].ljust(LONG_STRING_LENGTH, "\0")
+    """``message`` (in Latin-1) cut to what a long-string PV holds and padded with NULs to its
+    full length, as an EPICS waveform keeps its element count: a client that connected while
+    the text was short then still reads all of a longer one (text readers stop at the first
+    NUL)."""
+    return _latin1(message)[: LONG_STRING_LENGTH - 1].ljust(LONG_STRING_LENGTH, "\0")
 
 
 def _image(plane: str, what: str, doc: str) -> pvproperty:
@@ -670,7 +682,8 @@ def scan_identity(start_doc: dict) -> dict[str, Any]:
     scan_id = start_doc.get("scan_id")
     whole = isinstance(scan_id, (int, np.integer)) and not isinstance(scan_id, bool)
     fits = whole and abs(int(scan_id)) <= np.iinfo(np.int32).max
-    return {"ScanUID": str(start_doc.get("uid", ""))[:39], "ScanID": int(scan_id) if fits else 0}
+    uid = str(start_doc.get("uid", ""))[:STRING_LENGTH]
+    return {"ScanUID": uid, "ScanID": int(scan_id) if fits else 0}
 
 
 def _scan_name(start_doc: dict) -> str:
@@ -880,8 +893,13 @@ class IOCServer:
         pvs = []
         for name, value in values.items():
             pv = self.group.pvdb[self.group.prefix + name]
-            # The long strings (the CHAR waveforms) take any text, fitted to them here.
-            pvs.append((pv, _long_text(value) if pv.data_type == ChannelType.CHAR else value))
+            # Text is fitted here to what the PV holds: the long strings (CHAR waveforms) and
+            # the STRING PVs take any text.
+            if pv.data_type == ChannelType.CHAR:
+                value = _long_text(value)
+            elif pv.data_type == ChannelType.STRING:
+                value = _latin1(value)[:STRING_LENGTH]
+            pvs.append((pv, value))
 
         async def apply() -> None:
             for pv, value in pvs:
