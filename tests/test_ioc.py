@@ -683,24 +683,24 @@ def test_a_prefix_that_makes_no_valid_pv_name_is_refused(prefix):
 
 
 @pytest.mark.timeout(60)
-def test_text_that_latin1_cannot_hold_stays_readable(epics_env, caproto_ctx):
+def test_text_that_latin1_cannot_hold_stays_readable(ioc, caproto_ctx):
     """caproto encodes a text PV as Latin-1 when a client reads it: a message with '≤' (an
     exception's text, a path, a scan id from a run's metadata) is served with that character
     escaped, and read by both clients, instead of failing every read until the next write."""
     import epics
 
-    from bcdi_bluesky.epics import IOCPublisher
-
-    ioc = IOCPublisher(prefix=f"U{uuid.uuid4().hex[:8]}:", interfaces=["127.0.0.1"])
+    p = ioc.group.prefix
+    names = ("Status", "StatusMsg", "ScanUID", "ScanID")
+    before = {name: ioc.group.pvdb[p + name].value for name in names}
     try:
         ioc.failure("limit 0.3 ≤ chi, björn", {"uid": "€" * 50, "scan_id": "Ω-7"})
-        p = ioc.group.prefix
         message = epics.caget(p + "StatusMsg", as_string=True, timeout=5, use_monitor=False)
         assert message is not None and "limit 0.3 \\u2264 chi, björn" in message
         assert "\\u03a9-7" in message
         (uid,) = caproto_ctx.get_pvs(p + "ScanUID", timeout=5)
-        text = uid.read(timeout=5).data[0].decode("latin-1")
-        assert text == ("\\u20ac" * 7)[:39]
-        assert epics.caget(p + "Status", as_string=True, timeout=5) == "Error"
-    finally:
-        ioc.close()
+        assert uid.read(timeout=5).data[0].decode("latin-1") == ("\\u20ac" * 7)[:39]
+        status = epics.caget(p + "Status", as_string=True, timeout=5, use_monitor=False)
+        assert status == "Error"
+    finally:  # the module's IOC as the other tests left it
+        ioc.server.write({name: value for name, value in before.items() if name != "StatusMsg"})
+        ioc.server.write({"StatusMsg": before["StatusMsg"].rstrip("\0")})
