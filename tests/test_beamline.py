@@ -157,6 +157,35 @@ class _Capture:
         return volume.sum()
 
 
+@pytest.mark.parametrize(
+    ("exposure", "max_count"), [("0.1", True), ([0.1], -1), (float("nan"), "65535")]
+)
+def test_a_detector_configuration_that_is_not_numbers_is_noted_not_fatal(
+    make_callback, exposure, max_count
+):
+    """Exposure and saturation count of a descriptor's configuration that are not positive
+    numbers are left out with a note: the scan is reconstructed, unmasked (a count of -1 or
+    True would mask every voxel) and without exposure advice."""
+    rng = np.random.default_rng(1)
+    frames = {0.01 * i: rng.poisson(50.0, size=(8, 8)).astype(np.float32) for i in range(6)}
+    docs = documents(frames)
+    ((_, descriptor),) = [(n, d) for n, d in docs if n == "descriptor"]
+    data = {"det_exposure": exposure, "det_max_count": max_count}
+    descriptor["configuration"] = {
+        "det": {"data": data, "timestamps": dict.fromkeys(data, 0.0), "data_keys": {}}
+    }
+    capture = _Capture()
+    cb = make_callback(reconstructor=capture)
+    for name, doc in docs:
+        cb(name, doc)
+    assert cb.wait(timeout=10)
+    (record,) = cb.records.values()
+    assert record.status == "done", record.message
+    assert len(capture.volumes) == 1 and record.exposure is None
+    for key, value in data.items():
+        assert f"detector configuration {key} {value!r} is not a positive number" in record.message
+
+
 @pytest.mark.parametrize("page", [True, False])
 def test_frames_are_stacked_in_motor_order(make_callback, page):
     rng = np.random.default_rng(0)

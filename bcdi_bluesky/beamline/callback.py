@@ -34,6 +34,7 @@ exception the worker caught.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -198,6 +199,16 @@ class _FillOnStop(DocumentRouter):
         return doc
 
 
+def _positive_number(value: Any) -> bool:
+    """A finite real number above zero (not a flag, not text)."""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 class _RunCollector(DocumentRouter):
     """The documents of one run that the reconstruction needs (RunEngine thread)."""
 
@@ -216,6 +227,8 @@ class _RunCollector(DocumentRouter):
         self.stream_datums: list[dict] = []
         self.exposure: float | None = None
         self.max_count: float | None = None
+        #: Why a value of the detector's configuration was not used.
+        self.config_notes: list[str] = []
         self.last_seen = time.monotonic()
         self.expired = False
         #: Errors of the publishers' ``collecting`` hooks, for the scan's message.
@@ -244,8 +257,18 @@ class _RunCollector(DocumentRouter):
             # The detector's configuration (read once per stream) gives exposure and saturation.
             device = owner.image_key.removesuffix("_image")
             config = doc.get("configuration", {}).get(device, {}).get("data", {})
-            self.exposure = config.get(f"{device}_exposure", self.exposure)
-            self.max_count = config.get(f"{device}_max_count", self.max_count)
+            for attribute in ("exposure", "max_count"):
+                key = f"{device}_{attribute}"
+                if key not in config:
+                    continue
+                value = config[key]
+                if _positive_number(value):
+                    setattr(self, attribute, float(value))
+                else:  # the scan goes on without it (no saturation mask, no exposure advice)
+                    self.config_notes.append(
+                        f"detector configuration {key} {one_line(repr(value), 40)} is not a "
+                        "positive number: not used"
+                    )
 
     def resource(self, doc: dict) -> None:
         self.resources.append(doc)
@@ -503,7 +526,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         record.exposure = run.exposure
         exit_status = doc.get("exit_status", "success")
         notes = self._frame_notes(record) + planned_frames_note(record.frames, run.start_doc)
-        notes += "".join(f"; {error}" for error in run.hook_errors)
+        notes += "".join(f"; {note}" for note in [*run.config_notes, *run.hook_errors])
         if run.expired:
             record.status = "incomplete"
             record.message = (
