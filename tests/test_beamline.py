@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,55 @@ class _Capture:
             self.gate.wait(10)
         self.volumes.append(volume)
         return volume.sum()
+
+
+class _ExitsOnce(_Capture):
+    """A reconstructor whose first scan raises SystemExit (a library calling sys.exit)."""
+
+    def reconstruct(self, volume, **kwargs):
+        if not self.volumes:
+            self.volumes.append(None)
+            raise SystemExit(3)
+        return super().reconstruct(volume, **kwargs)
+
+
+class _Interrupting(Executor):
+    """An executor whose first task ends in KeyboardInterrupt, the others in a number."""
+
+    def __init__(self):
+        self.tasks = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.tasks += 1
+        future = Future()
+        if self.tasks == 1:
+            future.set_exception(KeyboardInterrupt())
+        else:
+            future.set_result(1.0)
+        return future
+
+
+@pytest.mark.parametrize("where", ["reconstructor", "executor"])
+def test_a_scan_that_raises_systemexit_or_keyboardinterrupt_fails_alone(make_callback, where):
+    """Raised in the worker's code (not a signal), they fail their scan like any exception:
+    the worker and results threads go on with the next scan."""
+    rng = np.random.default_rng(2)
+    frames = {0.01 * i: rng.poisson(50.0, size=(8, 8)).astype(np.float32) for i in range(6)}
+    options = (
+        {"reconstructor": _ExitsOnce()}
+        if where == "reconstructor"
+        else {"reconstructor": _Capture(), "executor": _Interrupting()}
+    )
+    cb = make_callback(**options)
+    for scan_id in (1, 2):
+        for name, doc in documents(frames, metadata={"scan_id": scan_id}):
+            cb(name, doc)
+    assert cb.wait(timeout=10)
+    first, second = sorted(cb.records.values(), key=lambda r: r.scan_id)
+    assert first.status == "failed" and (
+        "SystemExit" in first.message or "KeyboardInterrupt" in first.message
+    )
+    assert second.status == "done", second.message
 
 
 @pytest.mark.parametrize(

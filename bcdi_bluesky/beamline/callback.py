@@ -636,7 +636,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             handed_off = False
             try:
                 handed_off = self._reconstruct(run)
-            except Exception as exc:  # a bug in this class: the next scan still comes
+            except BaseException as exc:  # a bug in this class: the next scan still comes
                 log.exception("worker error on scan %s", run.record.scan_id)
                 self._caught(exc)
             finally:
@@ -658,7 +658,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             try:
                 result = self._result(future)
                 self._annotate(record, start, result)
-            except Exception as exc:
+            except BaseException as exc:  # the task's, passed on by its future: even SystemExit
                 self._not_reconstructed(record, start, exc, step, notes)
             else:
                 self._publish(record, start, result, notes)
@@ -895,7 +895,9 @@ class BCDIReconstructionCallback(DocumentRouter):
             del volume
             step = "metadata"
             self._annotate(record, start, result)
-        except Exception as exc:
+        # Even SystemExit or KeyboardInterrupt from a reconstructor (in this thread they come
+        # from its code, not from a signal) fails its scan alone: the worker must go on.
+        except BaseException as exc:
             if self.executor is not None:
                 # Reported by the results thread, after the scans that stopped before it.
                 failed: Future = Future()
@@ -917,7 +919,7 @@ class BCDIReconstructionCallback(DocumentRouter):
             record.figures = result.summary()
 
     def _not_reconstructed(
-        self, record: ScanRecord, start: dict, exc: Exception, step: str, notes: list[str]
+        self, record: ScanRecord, start: dict, exc: BaseException, step: str, notes: list[str]
     ) -> None:
         """Record why a scan has no reconstruction and tell the publishers."""
         if skipped_by_design(exc):
