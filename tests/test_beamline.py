@@ -961,6 +961,32 @@ def test_a_run_without_stop_is_incomplete_and_freed(make_callback):
     assert record.status == "incomplete" and cb.records[later].status == "done"
 
 
+def test_starts_without_stops_hold_at_most_max_open_runs(make_callback, monkeypatch):
+    """A flood of starts whose stops never come: beyond MAX_OPEN_RUNS the run seen least
+    recently is closed as incomplete (its publishers told) at once, not after run_timeout,
+    and a run completed in the middle of the flood is reconstructed."""
+    from bcdi_bluesky.beamline import callback as callback_module
+
+    monkeypatch.setattr(callback_module, "MAX_OPEN_RUNS", 5)
+    hooks = _Hooks()
+    cb = make_callback(reconstructor=_Fake(), publishers=[hooks], run_timeout=None)
+    unstopped = []
+    for i in range(12):
+        docs = documents({0.0: np.ones((4, 4)), 0.1: np.ones((4, 4))}, metadata={"scan_id": i})
+        docs.pop()  # no stop
+        unstopped.append(_feed(cb, docs))
+        if i == 6:
+            whole = _feed(cb, _small_run())
+    assert cb.wait(timeout=10)
+    assert len(cb._open) == 5
+    closed = [uid for uid in unstopped if cb.records[uid].status == "incomplete"]
+    assert closed == unstopped[:7]  # the oldest, in order; the 5 latest still collecting
+    message = cb.records[closed[0]].message
+    assert message == "more than 5 runs open at once; 2 frames freed"
+    assert [c[0] for c in hooks.calls].count("failure") == 7
+    assert cb.records[whole].status == "done"
+
+
 def test_events_without_the_motor_are_counted(make_callback):
     frames = {0.1 * i: np.full((4, 4), i + 1.0) for i in range(5)}
     docs = documents(frames, page=False)

@@ -33,6 +33,7 @@ exception the worker caught.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -77,6 +78,9 @@ ScanStatus = Literal[
 
 #: Records kept by a callback (the oldest finished ones are forgotten beyond).
 MAX_RECORDS = 10_000
+#: Runs collected at once at most: a start beyond it closes the run seen least recently as
+#: ``incomplete`` (starts whose stops never come must not hold memory for ``run_timeout``).
+MAX_OPEN_RUNS = 100
 #: Statuses a record no longer leaves.
 FINAL_STATUSES = ("skipped", "dropped", "done", "failed", "incomplete")
 
@@ -230,7 +234,8 @@ class _RunCollector(DocumentRouter):
         #: Why a value of the detector's configuration was not used.
         self.config_notes: list[str] = []
         self.last_seen = time.monotonic()
-        self.expired = False
+        #: Why the run was closed without its stop ("" while it was not).
+        self.expired = ""
         #: Errors of the publishers' ``collecting`` hooks, for the scan's message.
         self.hook_errors: list[str] = []
 
@@ -434,7 +439,8 @@ class BCDIReconstructionCallback(DocumentRouter):
         self.run_timeout = run_timeout
         self.keep_results = int(keep_results)
         self.records: dict[str, ScanRecord] = {}
-        self.dropped: list[ScanRecord] = []
+        #: The scans dropped from a full queue, the latest :data:`MAX_RECORDS` of them.
+        self.dropped: deque[ScanRecord] = deque(maxlen=MAX_RECORDS)
         #: Documents of runs whose start this callback never saw (ignored).
         self.unrouted = 0
         self._router = RunRouter([self._factory], filler_class=_FillOnStop)
@@ -473,8 +479,16 @@ class BCDIReconstructionCallback(DocumentRouter):
             uid = doc.get("uid") if isinstance(doc, dict) else None
             log.warning("ignoring a start document whose uid is %r, not a string", uid)
             return name, doc
+        overflow: list[_RunCollector] = []
         try:
             with self._lock:
+                if name == "start" and len(self._open) >= MAX_OPEN_RUNS:
+                    # Starts without stops (a flood, or a source that never sends them): the
+                    # run seen least recently is closed now, not after run_timeout.
+                    oldest = min(self._open.values(), key=lambda run: run.last_seen)
+                    overflow = self._close_unstopped(
+                        [oldest], f"more than {MAX_OPEN_RUNS} runs open at once"
+                    )
                 self._router(name, doc)
         except (KeyError, UnresolvableForeignKeyError) as exc:
             if name in ("start", "stop") or _debug_callbacks():
@@ -493,6 +507,8 @@ class BCDIReconstructionCallback(DocumentRouter):
                     log.debug("ignoring a %s document of an unseen run (%s)", name, exc)
         except Exception:
             self._swallow(name)
+        for run in overflow:
+            self._tell_not_reconstructed(run.record, run.start_doc)
         return name, doc
 
     def _swallow(self, name: str) -> None:
@@ -529,13 +545,10 @@ class BCDIReconstructionCallback(DocumentRouter):
         notes += "".join(f"; {note}" for note in [*run.config_notes, *run.hook_errors])
         if run.expired:
             record.status = "incomplete"
-            record.message = (
-                f"no stop document within {self.run_timeout:g} s of the last "
-                f"document; {record.frames} frames freed" + notes
-            )
+            record.message = f"{run.expired}; {record.frames} frames freed" + notes
             run.free()
             log.warning("scan %s incomplete: %s", record.scan_id, record.message)
-            return  # the sweeper tells the publishers, outside its lock
+            return  # whoever closed it tells the publishers, outside the lock
         elif exit_status != "success" and not self.reconstruct_failed:
             record.status = "skipped"
             record.message = f"run ended with exit_status {exit_status!r}" + notes
@@ -563,8 +576,8 @@ class BCDIReconstructionCallback(DocumentRouter):
         excess = len(self.records) - MAX_RECORDS
         if excess <= 0:
             return
-        old = [uid for uid, r in self.records.items() if r.status in FINAL_STATUSES][:excess]
-        for uid in old:
+        finished = (uid for uid, r in self.records.items() if r.status in FINAL_STATUSES)
+        for uid in list(itertools.islice(finished, excess)):
             del self.records[uid]
 
     def _frame_notes(self, record: ScanRecord) -> str:
@@ -689,22 +702,30 @@ class BCDIReconstructionCallback(DocumentRouter):
         now = time.monotonic()
         with self._lock:
             stale = [run for run in self._open.values() if now - run.last_seen > self.run_timeout]
-            for run in stale:
-                run.expired = True
-                # Through the router, so that it forgets the run as after a real stop.
-                self._router(
-                    "stop",
-                    {
-                        "run_start": run.start_doc["uid"],
-                        "uid": str(uuid.uuid4()),
-                        "time": time.time(),
-                        "exit_status": "abort",
-                        "reason": "no stop document",
-                        "num_events": {},
-                    },
-                )
+            stale = self._close_unstopped(
+                stale, f"no stop document within {self.run_timeout:g} s of the last document"
+            )
         for run in stale:
             self._tell_not_reconstructed(run.record, run.start_doc)
+
+    def _close_unstopped(self, runs: list[_RunCollector], why: str) -> list[_RunCollector]:
+        """Close ``runs`` as incomplete (``why`` their stop never came) through the router,
+        so that it forgets them as after a real stop; the caller holds the lock and then
+        tells their publishers."""
+        for run in runs:
+            run.expired = why
+            self._router(
+                "stop",
+                {
+                    "run_start": run.start_doc["uid"],
+                    "uid": str(uuid.uuid4()),
+                    "time": time.time(),
+                    "exit_status": "abort",
+                    "reason": "no stop document",
+                    "num_events": {},
+                },
+            )
+        return runs
 
     def _tell_not_reconstructed(self, record: ScanRecord, start: dict) -> None:
         """The publishers' ``skipped`` (a ``skipped`` record) or ``failure`` hooks, told
