@@ -704,3 +704,21 @@ def test_text_that_latin1_cannot_hold_stays_readable(ioc, caproto_ctx):
     finally:  # the module's IOC as the other tests left it
         ioc.server.write({name: value for name, value in before.items() if name != "StatusMsg"})
         ioc.server.write({"StatusMsg": before["StatusMsg"].rstrip("\0")})
+
+
+# caproto leaves the sockets of its failed binds to the garbage collector.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.timeout(30)
+def test_an_ioc_that_cannot_bind_says_why_at_once(epics_env):
+    """An interface this host does not have (TEST-NET-1): the reason, not a wait for the
+    timeout followed by a generic line."""
+    import gc
+
+    from bcdi_bluesky.epics import IOCServer, IOCStartError
+
+    started = time.monotonic()
+    with pytest.raises(IOCStartError, match=r"could not start: .*bind failed"):
+        IOCServer(f"N{uuid.uuid4().hex[:8]}:", interfaces=["192.0.2.1"]).start(timeout=20)
+    assert time.monotonic() - started < 10
+    gc.collect()  # those sockets' warnings here, where they are expected

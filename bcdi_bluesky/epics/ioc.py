@@ -38,7 +38,7 @@ from caproto.server import (
 )
 from caproto.server.records import AiFields
 
-from ..errors import SettingsError, one_line
+from ..errors import BCDIError, SettingsError, one_line
 from ..physics import central_slices
 from ..settings import ReconstructionSettings
 
@@ -816,6 +816,10 @@ def apply_puts(settings: ReconstructionSettings, puts: dict[str, Any]) -> Recons
     return settings.replace(**changes)
 
 
+class IOCStartError(BCDIError, RuntimeError):
+    """The IOC could not serve (no port to bind on its interfaces...), or was not up in time."""
+
+
 class IOCServer:
     """Run a :class:`ReconstructionIOC` in a background thread with its own event loop.
 
@@ -839,6 +843,7 @@ class IOCServer:
         self.interfaces = interfaces
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._failure: Exception | None = None
         self._task: asyncio.Task | None = None
         self._thread = threading.Thread(target=self._run, name="bcdi-ioc", daemon=True)
 
@@ -859,6 +864,8 @@ class IOCServer:
             self.loop.run_until_complete(main())
         except asyncio.CancelledError:
             pass
+        except Exception as exc:  # it could not serve (no port to bind...): start() says why
+            self._failure = exc
         finally:
             # Let caproto's circuit tasks finish cancelling, and close the clients' connections
             # in this loop, not in a garbage-collected closed one.
@@ -875,10 +882,23 @@ class IOCServer:
         self._ready.set()
 
     def start(self, timeout: float = 10.0) -> IOCServer:
-        """Start serving; returns once the server is up."""
+        """Start serving; returns once the server is up.
+
+        Raises
+        ------
+        IOCStartError
+            It could not serve (the reason given: no port to bind on its interfaces...), or
+            was not up within ``timeout`` seconds.
+        """
         self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError(f"IOC did not start within {timeout} s")
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if not self._thread.is_alive():
+                failure = self._failure
+                why = f"{type(failure).__name__}: {failure}" if failure else "its thread ended"
+                raise IOCStartError(f"IOC {self.group.prefix} could not start: {why}")
+            if time.monotonic() >= deadline:
+                raise IOCStartError(f"IOC {self.group.prefix} did not start within {timeout:g} s")
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
