@@ -1061,15 +1061,15 @@ class Reconstructor:
         ------
         DataError
             Wrong rank, NaN/inf, negative values, an empty volume, a mask of the wrong shape,
-            an unknown ``refine``, or a geometry that cannot describe a scan (all before any
-            work).
+            or a geometry that cannot describe a scan (all before any work).
         SettingsError
-            ``settings`` that are not :class:`~bcdi_bluesky.ReconstructionSettings`.
+            An unknown ``refine``, or ``settings`` that are not
+            :class:`~bcdi_bluesky.ReconstructionSettings`.
         NoBraggPeakError
             Photon counts without a detectable Bragg peak (raised before any work).
         """
         if refine not in REFINE_MODES:
-            raise DataError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+            raise SettingsError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
         settings = _checked_settings(settings, self.settings)
         geometry = _checked_geometry(geometry)
         backend = self.backend

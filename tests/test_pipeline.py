@@ -175,7 +175,7 @@ def test_bad_geometry_or_settings_are_refused_before_any_work(rec, samples, monk
 def test_bad_mask_or_mode_is_a_clear_error(rec, samples):
     with pytest.raises(ValueError, match="mask"):
         rec.reconstruct(samples[0].counts, mask=np.ones((4, 4, 4), dtype=bool))
-    with pytest.raises(ValueError, match="refine"):
+    with pytest.raises(SettingsError, match="refine must be one of"):
         rec.reconstruct(samples[0].counts, refine="fast")
 
 
