@@ -987,6 +987,36 @@ def test_starts_without_stops_hold_at_most_max_open_runs(make_callback, monkeypa
     assert cb.records[whole].status == "done"
 
 
+def test_opted_out_runs_without_stops_are_forgotten_and_late_stops_are_quiet(
+    make_callback, monkeypatch, caplog
+):
+    """Runs opted out (``bcdi_reconstruct=False``) whose stops never come: beyond
+    MAX_OPEN_RUNS the oldest is forgotten by the router too (its later documents are
+    unrouted); a stop that comes after its run was closed is one INFO line, not a
+    traceback."""
+    import logging
+
+    from bcdi_bluesky.beamline import callback as callback_module
+
+    monkeypatch.setattr(callback_module, "MAX_OPEN_RUNS", 5)
+    cb = make_callback(reconstructor=_Fake(), run_timeout=None)
+    runs = []
+    for i in range(8):
+        docs = documents({0.0: np.ones((4, 4))}, metadata={"scan_id": i, "bcdi_reconstruct": False})
+        runs.append(docs)
+        cb(*docs[0])
+    with caplog.at_level(logging.INFO, logger="bcdi_bluesky"):
+        cb(*runs[0][1])  # the first run's descriptor: the router forgot that run
+        assert cb.unrouted == 1
+        cb(*runs[0][-1])  # and its stop, late
+        cb(*runs[7][1])  # the latest run is still known: routed (and passed over)
+        cb(*runs[7][-1])
+    assert cb.unrouted == 1
+    assert "came after it was closed: ignored" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "stop" in r.message]
+    assert all(r.status == "skipped" for r in cb.records.values())
+
+
 def test_events_without_the_motor_are_counted(make_callback):
     frames = {0.1 * i: np.full((4, 4), i + 1.0) for i in range(5)}
     docs = documents(frames, page=False)

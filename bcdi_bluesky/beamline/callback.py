@@ -445,6 +445,9 @@ class BCDIReconstructionCallback(DocumentRouter):
         self.unrouted = 0
         self._router = RunRouter([self._factory], filler_class=_FillOnStop)
         self._open: dict[str, _RunCollector] = {}
+        # Runs opted out (bcdi_reconstruct=False) whose stop has not come: uid -> monotonic
+        # time of their start. The router holds their start until a stop, real or ours.
+        self._passed_over: dict[str, float] = {}
         self._lock = threading.RLock()  # the router is fed by the RunEngine and the sweeper
         self._with_results: deque[ScanRecord] = deque()
         self._debug_errors: list[BaseException] = []
@@ -482,6 +485,13 @@ class BCDIReconstructionCallback(DocumentRouter):
         overflow: list[_RunCollector] = []
         try:
             with self._lock:
+                if name == "stop" and isinstance(doc, dict):
+                    uid = doc.get("run_start")
+                    if self._passed_over.pop(uid, None) is None and self._closed_by_us(uid):
+                        log.info("the stop of run %s came after it was closed: ignored", uid)
+                        return name, doc
+                if name == "start" and len(self._passed_over) >= MAX_OPEN_RUNS:
+                    self._forget_passed_over([next(iter(self._passed_over))])
                 if name == "start" and len(self._open) >= MAX_OPEN_RUNS:
                     # Starts without stops (a flood, or a source that never sends them): the
                     # run seen least recently is closed now, not after run_timeout.
@@ -528,6 +538,7 @@ class BCDIReconstructionCallback(DocumentRouter):
         if start.get("bcdi_reconstruct", True) is False:
             # The plan opted out in its metadata (an alignment scan, a dark series...).
             record.status, record.message = "skipped", "start metadata bcdi_reconstruct=False"
+            self._passed_over[start["uid"]] = time.monotonic()
             return [], []
         collector = _RunCollector(self, start, record)
         self._open[start["uid"]] = collector
@@ -701,6 +712,9 @@ class BCDIReconstructionCallback(DocumentRouter):
             return
         now = time.monotonic()
         with self._lock:
+            self._forget_passed_over(
+                [uid for uid, since in self._passed_over.items() if now - since > self.run_timeout]
+            )
             stale = [run for run in self._open.values() if now - run.last_seen > self.run_timeout]
             stale = self._close_unstopped(
                 stale, f"no stop document within {self.run_timeout:g} s of the last document"
@@ -714,18 +728,36 @@ class BCDIReconstructionCallback(DocumentRouter):
         tells their publishers."""
         for run in runs:
             run.expired = why
-            self._router(
-                "stop",
-                {
-                    "run_start": run.start_doc["uid"],
-                    "uid": str(uuid.uuid4()),
-                    "time": time.time(),
-                    "exit_status": "abort",
-                    "reason": "no stop document",
-                    "num_events": {},
-                },
-            )
+            self._stop_in_router(run.start_doc["uid"])
         return runs
+
+    def _closed_by_us(self, uid: Any) -> bool:
+        """Run ``uid`` was closed without its stop (incomplete, or opted out and forgotten):
+        the router no longer knows it."""
+        record = self.records.get(uid) if isinstance(uid, str) else None
+        return record is not None and uid not in self._open and record.status in FINAL_STATUSES
+
+    def _forget_passed_over(self, uids: list[str]) -> None:
+        """Opted-out runs whose stop never came: the router forgets them (the caller holds
+        the lock); their records say ``skipped`` already."""
+        for uid in uids:
+            del self._passed_over[uid]
+            self._stop_in_router(uid)
+
+    def _stop_in_router(self, uid: str) -> None:
+        """A stop document of ours for run ``uid``, through the router, which then forgets
+        the run as after a real stop."""
+        self._router(
+            "stop",
+            {
+                "run_start": uid,
+                "uid": str(uuid.uuid4()),
+                "time": time.time(),
+                "exit_status": "abort",
+                "reason": "no stop document",
+                "num_events": {},
+            },
+        )
 
     def _tell_not_reconstructed(self, record: ScanRecord, start: dict) -> None:
         """The publishers' ``skipped`` (a ``skipped`` record) or ``failure`` hooks, told
