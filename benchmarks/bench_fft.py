@@ -36,13 +36,14 @@ def _numpy_pair(x: np.ndarray) -> None:
     np.fft.ifftn(np.fft.fftn(x))
 
 
-def _candidates(n: int, cores: int, rng: np.random.Generator) -> dict[str, Callable[[], None]]:
+def _candidates(
+    n: int, cores: int, rng: np.random.Generator, pool: ThreadPoolExecutor
+) -> dict[str, Callable[[], None]]:
     """name -> one FFT pair (or, for the starts, four) on an n^3 complex64 grid."""
     shape = (n, n, n)
     one = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     four = [np.array(one) for _ in range(STARTS)]
     batch = np.stack(four)
-    pool = ThreadPoolExecutor(max_workers=max(cores, 1))
     found: dict[str, Callable[[], None]] = {
         "scipy.fft, 1 thread": lambda: _scipy_pair(one, 1),
         f"scipy.fft, {cores} threads": lambda: _scipy_pair(one, cores),
@@ -75,24 +76,36 @@ def main() -> None:
         f"{host['load_average'][0]:.1f}; numpy {np.__version__}, scipy {scipy.__version__}"
     )
     rng = np.random.default_rng(0)
-    for n in args.sizes:
-        candidates = _candidates(n, cores, rng)
-        for run in candidates.values():  # warm: plans, thread pools, first-touch memory
-            run()
-        times: dict[str, list[float]] = {name: [] for name in candidates}
-        for _ in range(args.repeat):
-            for name, run in candidates.items():
-                started = time.perf_counter()
-                for _ in range(args.pairs):
-                    run()
-                times[name].append((time.perf_counter() - started) / args.pairs)
-        reference = float(np.median(times["scipy.fft, 1 thread"]))
-        print(f"\n{n}^3 complex64, one FFT pair (the 4-start rows: four pairs, and per pair)")
-        print(f"{'':34s} {'ms':>8s} {'ms/pair':>8s} {'time / scipy 1 thread':>22s}")
-        for name, measured in times.items():
-            ms = 1e3 * float(np.median(measured))
-            per_pair = ms / STARTS if name.startswith("4 starts") else ms
-            print(f"{name:34s} {ms:8.2f} {per_pair:8.2f} {per_pair / (1e3 * reference):21.2f}x")
+    # The starts side by side use a pool of one thread per core, as the polish does.
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        for n in args.sizes:
+            _report(n, _measure(_candidates(n, cores, rng, pool), args.repeat, args.pairs))
+
+
+def _measure(
+    candidates: dict[str, Callable[[], None]], repeat: int, pairs: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one list entry a round, in alternation."""
+    for run in candidates.values():  # warm: plans, thread pools, first-touch memory
+        run()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeat):
+        for name, run in candidates.items():
+            started = time.perf_counter()
+            for _ in range(pairs):
+                run()
+            times[name].append((time.perf_counter() - started) / pairs)
+    return times
+
+
+def _report(n: int, times: dict[str, list[float]]) -> None:
+    reference = float(np.median(times["scipy.fft, 1 thread"]))
+    print(f"\n{n}^3 complex64, one FFT pair (the 4-start rows: four pairs, and per pair)")
+    print(f"{'':34s} {'ms':>8s} {'ms/pair':>8s} {'time / scipy 1 thread':>22s}")
+    for name, measured in times.items():
+        ms = 1e3 * float(np.median(measured))
+        per_pair = ms / STARTS if name.startswith("4 starts") else ms
+        print(f"{name:34s} {ms:8.2f} {per_pair:8.2f} {per_pair / (1e3 * reference):21.2f}x")
 
 
 if __name__ == "__main__":

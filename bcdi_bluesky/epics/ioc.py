@@ -707,8 +707,8 @@ def result_values(result: Any) -> dict[str, Any]:
         "Size:Z": int(extent[0]),
         "Volume": int(support.sum()),
         "Phase:RMS": float(np.sqrt(np.mean(phase**2))),
-        "Model:Name": str(result.model_name)[:39],
-        "Model:Provider": str(result.provider)[:39],
+        "Model:Name": str(result.model_name)[:STRING_LENGTH],
+        "Model:Provider": str(result.provider)[:STRING_LENGTH],
         "ES:CostHistory": np.asarray(result.es_costs[-MAX_HISTORY:] or [0.0], dtype=np.float64),
     }
     for stage in TIMED_STAGES:
