@@ -766,8 +766,10 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
     for info in ReconstructionSettings.fields_info():
         option = "--" + info.name.replace("_", "-")
         doc = info.doc.replace("%", "%%")  # argparse formats help text with %
-        if info.kind is bool:
-            group.add_argument(option, action="store_true", default=None, help=doc)
+        if info.kind is bool:  # --name sets it, --no-name clears it
+            group.add_argument(
+                option, action=argparse.BooleanOptionalAction, default=None, help=doc
+            )
             continue
         units = f" {info.units}" if info.units else ""
         group.add_argument(
@@ -800,9 +802,10 @@ def settings_table() -> str:
             if info.name in ES_MAX_ITER[1]
             else "none"
         )
-        option = "--" + info.name.replace("_", "-")
+        flag = info.name.replace("_", "-")
+        option = f"`--{flag}`, `--no-{flag}`" if info.kind is bool else f"`--{flag}`"
         rows.append(
-            f"| `{info.name}` | {info.default}{units} | {limits} | `{option}` | {pv} | {info.doc} |"
+            f"| `{info.name}` | {info.default}{units} | {limits} | {option} | {pv} | {info.doc} |"
         )
     return "\n".join(rows) + "\n"
 

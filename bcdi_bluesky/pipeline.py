@@ -70,11 +70,15 @@ from .tuning.phase_retrieval import (
     autocorrelation_seed,
     coarse_shape,
     crop_frequencies,
+    fold,
     pad_frequencies,
     polish,
     random_start,
     seeded_polish,
     shrink_wrap,
+    subsample,
+    subsampling_factors,
+    unfold,
 )
 from .tuning.refine import (
     ChiCost,
@@ -606,24 +610,27 @@ class _PolishRuns:
         grid_valid: Any,
         iterations: int,
         cost: ChiCost,
+        **options: Any,
     ) -> list[PolishResult]:
-        """:meth:`further` from each (object, support) of ``seeds``, independent runs, side by
-        side where the cores allow (:func:`side_by_side`, the cores shared among their FFTs);
-        the runs, their errors and so the result are those of one after the other, in the
-        order of ``seeds``. One after the other, no run starts after the cap cut one; side by
-        side, the cap cuts them together."""
+        """:meth:`further` from each (object, support) of ``seeds`` (with ``options``),
+        independent runs, side by side where the cores allow (:func:`side_by_side`, the cores
+        shared among their FFTs); the runs, their errors and so the result are those of one
+        after the other, in the order of ``seeds``. One after the other, no run starts after
+        the cap cut one; side by side, the cap cuts them together."""
         lanes = side_by_side(self.backend, len(seeds))
         if lanes == 1:
             done = []
             for obj, support in seeds:
-                done.append(self.further(grid_data, obj, support, grid_valid, iterations, cost))
+                done.append(
+                    self.further(grid_data, obj, support, grid_valid, iterations, cost, **options)
+                )
                 if self.cut:
                     break
             return done
 
         def run(seed: tuple[Any, Any]) -> PolishResult:
             with fft_workers_limit(FFT_WORKERS // lanes):
-                return self._run(grid_data, *seed, grid_valid, iterations, cost)
+                return self._run(grid_data, *seed, grid_valid, iterations, cost, **options)
 
         with ThreadPoolExecutor(lanes, thread_name_prefix="bcdi-polish") as pool:
             done = list(pool.map(run, seeds))
@@ -632,6 +639,56 @@ class _PolishRuns:
 
 #: A seed's support: its voxels above this fraction of its largest amplitude.
 SEED_SUPPORT_THRESHOLD = 0.1
+#: The label's end of a run on every other q (:func:`subsampling`).
+SUBSAMPLED = " on every other q"
+
+
+def _model_free_starts(
+    settings: ReconstructionSettings, sphere: np.ndarray, inside: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The starts a wrong model cannot trap, by label: the flat, uniform ``sphere`` and
+    ``random_starts`` of random amplitudes and phases inside it, drawn from ``seed``."""
+    starts = {"autocorrelation ER/HIO": (sphere, inside)}
+    for k in range(settings.random_starts):
+        rng = np.random.default_rng((settings.seed, k))
+        starts[f"random start {k + 1} ER/HIO"] = (random_start(inside, rng), inside)
+    return starts
+
+
+def _screened(
+    runs: _PolishRuns,
+    grid_data: Any,
+    grid_valid: Any,
+    cost: ChiCost,
+    starts: Mapping[str, tuple[Any, Any]],
+    suffix: str,
+) -> tuple[list[tuple[float, str, PolishResult]], list[tuple[float, str, PolishResult]]]:
+    """Every start runs :data:`SCREEN_SHARE` of ``adaptive_iterations`` steps on
+    ``grid_data``; the :data:`FINALISTS` of lowest chi run the rest (the same recipe again from
+    where they are).
+
+    Returns
+    -------
+    finalists, dropped : list of (chi, label, PolishResult)
+        Lowest chi first; labels end with ``suffix``.
+    """
+    settings = runs.settings
+    screen = max(round(settings.adaptive_iterations * SCREEN_SHARE), 1)
+    done = runs.further_each(grid_data, list(starts.values()), grid_valid, screen, cost)
+    ranked = sorted(
+        ((run.chi, label + suffix, run) for label, run in zip(starts, done, strict=False)),
+        key=lambda entry: entry[0],
+    )
+    rest = settings.adaptive_iterations - screen
+    finalists, dropped = ranked[:FINALISTS], ranked[FINALISTS:]
+    if rest > 0 and not runs.cut:
+        seeds = [(run.object, run.support) for _, _, run in finalists]
+        done = runs.further_each(grid_data, seeds, grid_valid, rest, cost)
+        finalists = sorted(
+            ((run.chi, label, run) for (_, label, _), run in zip(finalists, done, strict=False)),
+            key=lambda entry: entry[0],
+        )
+    return finalists, dropped
 
 
 def _further_starts(
@@ -643,10 +700,10 @@ def _further_starts(
     model_object: Any,
     seed_support: Any,
 ) -> tuple[list[tuple[float, str, PolishResult]], dict[str, float]]:
-    """Step 2 of :func:`polish_stage`: the model seed again and the model-free starts, on the
-    full grid or (:func:`starts_factor` above 1) on the coarse one; each runs
-    :data:`SCREEN_SHARE` of its steps, the :data:`FINALISTS` of lowest chi the rest, and on a
-    coarse grid they are then refined on the full one.
+    """Step 2 of :func:`polish_stage` where the crystal does not fit in half the field of view
+    (or ``starts_subsampling`` is off): the model seed again and the model-free starts, on the
+    full grid or (:func:`starts_factor` above 1) on the coarse one, screened
+    (:func:`_screened`); on a coarse grid the finalists are then refined on the full one.
 
     Returns
     -------
@@ -666,27 +723,9 @@ def _further_starts(
         model_start = (coarse_model, amplitude_support(coarse_model, SEED_SUPPORT_THRESHOLD))
     # From the host copy of the data: no device -> host transfer.
     sphere, inside = autocorrelation_seed(measurement.data[window])
-    starts = {"model ER/HIO": model_start, "autocorrelation ER/HIO": (sphere, inside)}
-    for k in range(settings.random_starts):
-        rng = np.random.default_rng((settings.seed, k))
-        starts[f"random start {k + 1} ER/HIO"] = (random_start(inside, rng), inside)
+    starts = {"model ER/HIO": model_start, **_model_free_starts(settings, sphere, inside)}
     suffix = "" if factor == 1 else f" at 1/{factor} resolution"
-    screen = max(round(settings.adaptive_iterations * SCREEN_SHARE), 1)
-    done = runs.further_each(coarse_data, list(starts.values()), coarse_valid, screen, coarse_cost)
-    ranked = sorted(
-        ((run.chi, label + suffix, run) for label, run in zip(starts, done, strict=False)),
-        key=lambda entry: entry[0],
-    )
-    # The finalists run the rest of their steps: the same recipe again from where they are.
-    rest = settings.adaptive_iterations - screen
-    finalists, dropped = ranked[:FINALISTS], ranked[FINALISTS:]
-    if rest > 0 and not runs.cut:
-        seeds = [(run.object, run.support) for _, _, run in finalists]
-        done = runs.further_each(coarse_data, seeds, coarse_valid, rest, coarse_cost)
-        finalists = sorted(
-            ((run.chi, label, run) for (_, label, _), run in zip(finalists, done, strict=False)),
-            key=lambda entry: entry[0],
-        )
+    finalists, dropped = _screened(runs, coarse_data, coarse_valid, coarse_cost, starts, suffix)
     if factor == 1:  # a coarse chi does not compare with the full grid's
         dropped = [(chi, f"{label}, screened out", run) for chi, label, run in dropped]
         ranked = sorted(finalists + dropped, key=lambda entry: entry[0])
@@ -700,6 +739,14 @@ def _further_starts(
         obj = pad_frequencies(coarse.object, data.shape, backend)
         seeds.append((obj, shrink_wrap(obj, backend=backend)))
     done = runs.further_each(data, seeds, valid, settings.adaptive_iterations // 2, chi_cost)
+    return _ranked_refined(finalists, done)
+
+
+def _ranked_refined(
+    finalists: Sequence[tuple[float, str, PolishResult]], done: Sequence[PolishResult]
+) -> tuple[list[tuple[float, str, PolishResult]], dict[str, float]]:
+    """The full-grid refinements ``done`` of ``finalists``, lowest chi first, and their chi by
+    label."""
     refined = sorted(
         (
             (run.chi, f"{label}, refined", run)
@@ -708,6 +755,72 @@ def _further_starts(
         key=lambda entry: entry[0],
     )
     return refined, {label: chi for chi, label, _ in refined}
+
+
+def subsampling(settings: ReconstructionSettings, support: np.ndarray) -> tuple[int, ...] | None:
+    """Policy: the factors of :func:`~bcdi_bluesky.tuning.subsample` for the further starts, from
+    the first run's ``support``; None (the starts run as :func:`_further_starts` does) when
+    ``starts_subsampling`` is off, when no axis holds the crystal in half its field of view,
+    or when the smaller grid still has an axis above
+    :data:`~bcdi_bluesky.settings.STARTS_GRID_EDGE` voxels (the coarse grid is then cheaper)."""
+    if not settings.starts_subsampling:
+        return None
+    factors = subsampling_factors(support)
+    small = [n // k for n, k in zip(support.shape, factors, strict=True)]
+    if max(factors) == 1 or max(small) > STARTS_GRID_EDGE:
+        return None
+    return factors
+
+
+def _subsampled_starts(
+    runs: _PolishRuns,
+    measurement: Measurement,
+    data: Any,
+    valid: Any,
+    chi_cost: ChiCost,
+    model_object: Any,
+    factors: tuple[int, ...],
+) -> tuple[list[tuple[float, str, PolishResult]], dict[str, float]]:
+    """Step 2 of :func:`polish_stage` on every other q (:func:`subsampling`): the crystal's own
+    intensity at the same resolution in a smaller field of view, each step about
+    ``prod(factors)`` times cheaper. The model seed and the model-free starts, screened
+    (:func:`_screened`); the :data:`FINALISTS` are carried to the full grid
+    (:func:`~bcdi_bluesky.tuning.unfold`) and refined by ``subsampled_refine_iterations`` ER
+    steps on all the data, where a start that looked second may fit better.
+
+    Returns
+    -------
+    runs, attempts : list of (chi, label, PolishResult), dict
+        The full-grid runs, lowest chi first, and each one's chi by label.
+    """
+    settings, backend = runs.settings, runs.backend
+    # From the host copies: slicing with a step is not every array library's.
+    small_data = backend.asarray(np.ascontiguousarray(subsample(measurement.data, factors)))
+    small_valid = (
+        None
+        if measurement.valid is None
+        else backend.asarray(np.ascontiguousarray(subsample(measurement.valid, factors)))
+    )
+    cost = ChiCost(small_data, small_valid, backend)
+    model = fold(backend.to_numpy(model_object), factors)
+    # The sphere is sized from all the data: the autocorrelation of every other q is folded.
+    sphere, _ = autocorrelation_seed(measurement.data)
+    sphere = fold(sphere, factors)
+    starts = {
+        "model ER/HIO": (model, amplitude_support(model, SEED_SUPPORT_THRESHOLD)),
+        **_model_free_starts(settings, sphere, np.abs(sphere) > 0),
+    }
+    finalists, _ = _screened(runs, small_data, small_valid, cost, starts, SUBSAMPLED)
+    if runs.cut:
+        return [], {}
+    seeds = []
+    for _, _, small in finalists:
+        obj = unfold(small.object, data.shape, backend)
+        seeds.append((obj, shrink_wrap(obj, backend=backend)))
+    done = runs.further_each(
+        data, seeds, valid, settings.subsampled_refine_iterations, chi_cost, hio_fraction=0.0
+    )
+    return _ranked_refined(finalists, done)
 
 
 def _uniform_amplitude_run(
@@ -798,6 +911,11 @@ def polish_stage(
        q in each direction (the crystal in k times coarser voxels, k^3 fewer, each step about k^3
        times cheaper), ranked by chi there, and the :data:`FINALISTS` best are refined on the
        full grid (``adaptive_iterations // 2`` steps from their band-limited interpolation).
+       Before that, where the first run's support fits in half the field of view along an
+       axis (:func:`subsampling`, ``starts_subsampling``), the starts run on every other q
+       along it instead: the crystal's own intensity at the same resolution, each step up to
+       8 times cheaper; the :data:`FINALISTS` are carried back (:func:`~bcdi_bluesky.tuning.
+       unfold`) and refined by ``subsampled_refine_iterations`` ER steps on the full grid.
        The lowest chi on the full grid wins, as PyNX and cohere's GA rank their runs.
     3. If the fit is still not at the noise, the uniform-amplitude run from the winner
        (:func:`_uniform_amplitude_run`: a homogeneous crystal's amplitude held inside, then
@@ -850,9 +968,15 @@ def polish_stage(
     attempts = {first.recipe: first.chi}
     expected = expected_of(best)
     if settings.adaptive_iterations > 0 and not runs.cut and not fit_at_noise(best.chi, expected):
-        ranked, more = _further_starts(
-            runs, measurement, data, valid, chi_cost, model_object, seed_support
-        )
+        factors = subsampling(settings, backend.to_numpy(first.support))
+        if factors is None:
+            ranked, more = _further_starts(
+                runs, measurement, data, valid, chi_cost, model_object, seed_support
+            )
+        else:
+            ranked, more = _subsampled_starts(
+                runs, measurement, data, valid, chi_cost, model_object, factors
+            )
         attempts.update(more)
         for chi, label, run in ranked:
             if chi < best.chi:

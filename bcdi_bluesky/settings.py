@@ -53,6 +53,10 @@ FINALISTS = 2
 #: in); a half saved less (9.5 s, median IoU 0.923 -> 0.911), a quarter little more (7.5 s,
 #: median IoU 0.914).
 SCREEN_SHARE = 1 / 3
+#: Voxels kept free between the crystal and the field of view of every other q
+#: (``starts_subsampling``, :func:`~bcdi_bluesky.tuning.subsampling_factors`): the
+#: shrink-wrap support's halo needs room, and the folded copies of the object must not touch.
+SUBSAMPLING_MARGIN = 2
 
 
 class SettingInfo(NamedTuple):
@@ -156,6 +160,20 @@ class ReconstructionSettings:
         "voxels (1 at 64^3, 2 at 128^3)",
         low=0,
         high=4,
+    )
+    starts_subsampling: bool = _setting(
+        True,
+        "where the crystal (the first run's support) spans at most half the field of view "
+        f"less {SUBSAMPLING_MARGIN} voxels along an axis, the further starts use every other "
+        "q along it: the crystal's own intensity, exactly, at the same resolution, each step "
+        f"up to 8 times cheaper; the {FINALISTS} of lowest chi are then refined on the full "
+        "grid (subsampled_refine_iterations); starts_downsampling applies where this does not",
+    )
+    subsampled_refine_iterations: int = _setting(
+        100,
+        "ER steps on the full grid from each finalist of the starts on every other q",
+        low=1,
+        high=2000,
     )
     adaptive_hio_fraction: float = _setting(
         0.65, "share of HIO steps in those further starts", low=0.0, high=1.0

@@ -283,6 +283,12 @@ def test_every_setting_is_an_option_of_reconstruct():
     changed = settings_from_args(parser.parse_args(["reconstruct", "x.npy", *given]))
     for info in ReconstructionSettings.fields_info():
         assert getattr(changed, info.name) == (True if info.kind is bool else info.high)
+    # A switch on by default is turned off with --no-NAME.
+    flags = [i for i in ReconstructionSettings.fields_info() if i.kind is bool]
+    assert any(i.default for i in flags)
+    off = ["--no-" + i.name.replace("_", "-") for i in flags]
+    cleared = settings_from_args(parser.parse_args(["reconstruct", "x.npy", *off]))
+    assert not any(getattr(cleared, i.name) for i in flags)
 
 
 def test_a_volume_too_large_for_the_memory_left_is_refused(tmp_path):

@@ -27,11 +27,13 @@ from bcdi_bluesky.physics import (
 from bcdi_bluesky.pipeline import (
     FINALISTS,
     MIN_COARSE_EDGE,
+    SUBSAMPLED,
     es_budget_scale,
     fit_at_noise,
     polish_stage,
     prepare_measurement,
     starts_factor,
+    subsampling,
 )
 from bcdi_bluesky.quality import (
     CHI_FAIR,
@@ -43,15 +45,20 @@ from bcdi_bluesky.quality import (
     out_of_distribution,
     quality_verdict,
 )
-from bcdi_bluesky.settings import STARTS_GRID_EDGE, ReconstructionSettings
+from bcdi_bluesky.settings import STARTS_GRID_EDGE, SUBSAMPLING_MARGIN, ReconstructionSettings
 from bcdi_bluesky.tuning import (
     autocorrelation_seed,
     central_slices,
+    circular_extent,
     coarse_shape,
     crop_frequencies,
+    fold,
     pad_frequencies,
     polish,
     random_start,
+    subsample,
+    subsampling_factors,
+    unfold,
 )
 
 
@@ -248,16 +255,23 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     assert strained.displacement_kind == "polynomial" and not strained.noise_free
     sphere, _ = autocorrelation_seed(strained.measured)
     measurement = prepare_measurement(strained.measured, strained.mask, 64)
-    full_grid = polish_stage(measurement, sphere, settings)
+    full_grid = polish_stage(measurement, sphere, replace(settings, starts_subsampling=False))
     starts = {"model ER/HIO", "autocorrelation ER/HIO", "random start 1 ER/HIO"}
     screened = {k for k in full_grid.attempts if k.endswith(", screened out")}
     assert len(screened) == 2 + settings.random_starts - FINALISTS
     assert starts <= {k.removesuffix(", screened out") for k in full_grid.attempts}
     # On the coarse grid the same starts run; the two best come back refined on the full one.
-    hard = polish_stage(measurement, sphere, replace(settings, starts_downsampling=2))
+    hard = polish_stage(
+        measurement, sphere, replace(settings, starts_downsampling=2, starts_subsampling=False)
+    )
     refined = [k for k in hard.attempts if k.endswith("at 1/2 resolution, refined")]
     assert len(refined) == FINALISTS and not starts & set(hard.attempts)
-    for outcome in (full_grid, hard):
+    # By default, the crystal fitting in half the field of view, the starts go on every other
+    # q, and the two best come back refined on the full grid.
+    subsampled = polish_stage(measurement, sphere, settings)
+    refined = [k for k in subsampled.attempts if k.endswith(f"{SUBSAMPLED}, refined")]
+    assert len(refined) == FINALISTS and not starts & set(subsampled.attempts)
+    for outcome in (full_grid, hard, subsampled):
         assert outcome.chi == min(outcome.attempts.values())
         assert outcome.chi <= next(iter(outcome.attempts.values()))  # never worse than the first
         assert not outcome.cut_short
@@ -281,15 +295,22 @@ def test_the_starts_grid_is_chosen_from_the_data_shape():
 
 
 @pytest.mark.timeout(300)
-def test_starts_side_by_side_give_the_result_of_one_after_the_other(monkeypatch):
+@pytest.mark.parametrize("subsampled", [False, True])
+def test_starts_side_by_side_give_the_result_of_one_after_the_other(monkeypatch, subsampled):
     # The further starts are independent runs: on a CPU they go on side by side (threads that
     # share the cores among their FFTs), and the outcome must be that of one after the other
     # to the bit; the hook sees every step counted once, from one thread at a time.
     strained = out_of_family_crystal(DEV_SEED, 9)
     measurement = prepare_measurement(strained.measured, strained.mask, 64)
-    sphere, _ = autocorrelation_seed(strained.measured)
+    # The crystal's amplitude without its strain: a first run that stays above the noise, on
+    # a support that fits in half the field of view (the starts then go on every other q).
+    seed = np.abs(strained.object).astype(np.complex64)
     settings = ReconstructionSettings(
-        polish_er_iterations=10, polish_iterations=20, adaptive_iterations=60, random_starts=3
+        polish_er_iterations=10,
+        polish_iterations=20,
+        adaptive_iterations=60,
+        random_starts=3,
+        starts_subsampling=subsampled,
     )
     calls, inside, overlapped = [], threading.Lock(), []
 
@@ -305,10 +326,13 @@ def test_starts_side_by_side_give_the_result_of_one_after_the_other(monkeypatch)
         return None
 
     assert pipeline.side_by_side(NUMPY, 5) == min(5, FFT_WORKERS)
-    together = polish_stage(measurement, sphere, settings, hook=hook)
+    together = polish_stage(measurement, seed, settings, hook=hook)
     monkeypatch.setattr(pipeline, "side_by_side", lambda backend, runs: 1)
-    in_turn = polish_stage(measurement, sphere, settings)
-    assert len(together.attempts) == 7 and together.attempts == in_turn.attempts
+    in_turn = polish_stage(measurement, seed, settings)
+    refined = [k for k in together.attempts if k.endswith(f"{SUBSAMPLED}, refined")]
+    assert len(refined) == (FINALISTS if subsampled else 0)
+    assert len(together.attempts) == (2 + FINALISTS if subsampled else 7)
+    assert together.attempts == in_turn.attempts
     assert together.recipe == in_turn.recipe and together.errors == in_turn.errors
     np.testing.assert_array_equal(together.object, in_turn.object)
     assert [step for step, _ in calls] == list(range(1, len(together.errors) + 1))
@@ -324,7 +348,9 @@ def test_a_hook_that_raises_stops_the_starts_side_by_side():
     # stopped by it too, no thread left behind.
     strained = out_of_family_crystal(DEV_SEED, 9)
     measurement = prepare_measurement(strained.measured, strained.mask, 64)
-    sphere, _ = autocorrelation_seed(strained.measured)
+    # The crystal's amplitude without its strain: a first run that stays above the noise, on
+    # a support that fits in half the field of view (the starts then go on every other q).
+    sphere = np.abs(strained.object).astype(np.complex64)
     settings = ReconstructionSettings(
         polish_er_iterations=10, polish_iterations=20, adaptive_iterations=2000
     )
@@ -355,6 +381,50 @@ def test_a_thread_s_fft_worker_limit_is_its_own():
     seen["after"] = fft_workers(big)
     assert seen == {"limited": 1, "other": FFT_WORKERS, "after": FFT_WORKERS}
     assert fft_workers(SMALL_FFT_VOXELS) == 1
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 64), (66, 64, 50), (40, 35, 24)])
+def test_every_other_q_is_the_folded_crystal_s_intensity(shape):
+    # Sampling every other q through q = 0 halves the field of view at the same resolution:
+    # the intensity there is exactly the folded object's (even axes whose half is odd too,
+    # where the samples are the odd indices; an odd axis keeps every q), and a crystal within
+    # the smaller field of view comes back whole, wherever the fold wrapped it.
+    rng = np.random.default_rng(5)
+    obj = np.zeros(shape, dtype=np.complex64)
+    box = tuple(slice(n // 2 - 5, n // 2 + 6) for n in shape)
+    fill = rng.random((11, 11, 11)) * np.exp(2j * rng.random((11, 11, 11)))
+    obj[box] = fill.astype(np.complex64)
+    factors = subsampling_factors(np.abs(obj) > 0)
+    assert factors == tuple(
+        2 if n % 2 == 0 and 11 + SUBSAMPLING_MARGIN <= n // 2 else 1 for n in shape
+    )
+    folded = fold(obj, factors)
+    assert folded.shape == tuple(n // k for n, k in zip(shape, factors, strict=True))
+    full = intensity(obj)
+    np.testing.assert_allclose(intensity(folded), subsample(full, factors), atol=1e-5 * full.max())
+    # Off centre and wrapped by the periodic grid: still the same crystal once unfolded.
+    shifted = np.roll(folded, tuple(m // 2 for m in folded.shape), axis=(0, 1, 2))
+    np.testing.assert_array_equal(unfold(shifted, shape), obj)
+    with pytest.raises(ValueError, match="cannot be subsampled"):
+        subsample(full, (3, 1, 1) if shape[0] % 3 else (5, 1, 1))
+
+
+def test_every_other_q_only_where_the_crystal_fits():
+    assert circular_extent(np.array([1, 0, 0, 0, 0, 1, 1], dtype=bool)) == 3  # across the wrap
+    assert circular_extent(np.array([0, 1, 1, 0, 1, 0, 0], dtype=bool)) == 4
+    assert circular_extent(np.zeros(5, dtype=bool)) == 0
+    support = np.zeros((64, 64, 64), dtype=bool)
+    span = 32 - SUBSAMPLING_MARGIN
+    support[10 : 10 + span, 20:30, 5 : 5 + span + 1] = True
+    assert subsampling_factors(support) == (2, 2, 1)
+    settings = ReconstructionSettings()
+    assert subsampling(settings, support) == (2, 2, 1)
+    assert subsampling(replace(settings, starts_subsampling=False), support) is None
+    assert subsampling(settings, np.ones((64, 64, 64), dtype=bool)) is None  # fits nowhere
+    # A grid whose every other q is still above the starts' grid edge: the coarse grid's.
+    big = np.zeros((4 * STARTS_GRID_EDGE,) * 3, dtype=bool)
+    big[:10, :10, :10] = True
+    assert subsampling(settings, big) is None
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 64), (33, 30, 27)])

@@ -381,6 +381,8 @@ SETTING_PVS = {
     "adaptive_hio_fraction": "Polish:AdaptiveHIOFraction",
     "random_starts": "Polish:RandomStarts",
     "starts_downsampling": "Polish:StartsDownsampling",
+    "starts_subsampling": "Polish:StartsSubsampling",
+    "subsampled_refine_iterations": "Polish:SubsampledRefineIterations",
     "converge_iterations": "Polish:ConvergeIterations",
     "converge_tolerance": "Polish:ConvergeTolerance",
     "loose_support_iterations": "Polish:LooseSupportIterations",
