@@ -156,8 +156,8 @@ class ReconstructionSettings:
         "k above 1: the further starts run on the central 1/k of q in each direction (the "
         f"crystal in k times coarser voxels, k^3 fewer) and the {FINALISTS} with the lowest chi "
         "are refined on the full grid: faster, but thin crystals lose detail; 1: every start on "
-        f"the full grid; 0: k the smallest that brings every axis to at most {STARTS_GRID_EDGE} "
-        "voxels (1 at 64^3, 2 at 128^3)",
+        "the full grid (or every other q, starts_subsampling); 0: k the smallest that brings "
+        f"every axis to at most {STARTS_GRID_EDGE} voxels (1 at 64^3, 2 at 128^3)",
         low=0,
         high=4,
     )
@@ -167,7 +167,8 @@ class ReconstructionSettings:
         f"less {SUBSAMPLING_MARGIN} voxels along an axis, the further starts use every other "
         "q along it: the crystal's own intensity, exactly, at the same resolution, each step "
         f"up to 8 times cheaper; the {FINALISTS} of lowest chi are then refined on the full "
-        "grid (subsampled_refine_iterations); starts_downsampling applies where this does not",
+        "grid (subsampled_refine_iterations); not where the starts run on a coarse grid "
+        "(starts_downsampling), nor with partial_coherence",
     )
     subsampled_refine_iterations: int = _setting(
         100,

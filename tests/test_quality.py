@@ -420,11 +420,15 @@ def test_every_other_q_only_where_the_crystal_fits():
     settings = ReconstructionSettings()
     assert subsampling(settings, support) == (2, 2, 1)
     assert subsampling(replace(settings, starts_subsampling=False), support) is None
+    # A blur over q mixes the q between the samples into each: not the folded intensity.
+    assert subsampling(replace(settings, partial_coherence=True), support) is None
     assert subsampling(settings, np.ones((64, 64, 64), dtype=bool)) is None  # fits nowhere
-    # A grid whose every other q is still above the starts' grid edge: the coarse grid's.
-    big = np.zeros((4 * STARTS_GRID_EDGE,) * 3, dtype=bool)
+    # Where the starts run on the coarse grid (above the starts' grid edge, or asked for),
+    # they stay there.
+    big = np.zeros((2 * STARTS_GRID_EDGE,) * 3, dtype=bool)
     big[:10, :10, :10] = True
     assert subsampling(settings, big) is None
+    assert subsampling(replace(settings, starts_downsampling=2), support) is None
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 64), (33, 30, 27)])
