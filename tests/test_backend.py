@@ -16,7 +16,16 @@ import bcdi_bluesky.backend as backend_module
 from bcdi_bluesky import Reconstructor
 from bcdi_bluesky.backend import NUMPY, ArrayBackend, select_backend
 from bcdi_bluesky.errors import SettingsError
-from bcdi_bluesky.physics import CrystalModel, beamstop_mask, intensity, simulate_counts
+from bcdi_bluesky.physics import (
+    DEV_SEED,
+    CrystalModel,
+    beamstop_mask,
+    intensity,
+    out_of_family_crystal,
+    simulate_counts,
+)
+from bcdi_bluesky.pipeline import SUBSAMPLED, polish_stage, prepare_measurement
+from bcdi_bluesky.settings import FINALISTS, ReconstructionSettings
 from bcdi_bluesky.tuning import ChiCost, fit_odd_shape, polish, refine_crystal
 
 pytest.importorskip("torch")
@@ -256,3 +265,27 @@ def test_a_bad_fft_worker_count_in_the_environment_is_named_and_every_core_used(
         f"BCDI_FFT_WORKERS={value!r} is not a whole number of at least 1: using "
         f"{os.cpu_count() or 1} (every core)\n"
     )
+
+
+@pytest.mark.timeout(300)
+def test_the_starts_on_every_other_q_run_on_torch():
+    """The further starts on every other q (folded seeds, the data subsampled on the host, the
+    finalists unfolded and refined on the full grid) run on the GPU code path to the same fit."""
+    crystal = out_of_family_crystal(DEV_SEED, 9)
+    measurement = prepare_measurement(crystal.measured, crystal.mask, 64)
+    seed = np.abs(crystal.object).astype(np.complex64)  # its strain left out: above the noise
+    settings = ReconstructionSettings(
+        polish_er_iterations=10,
+        polish_iterations=20,
+        adaptive_iterations=30,
+        subsampled_refine_iterations=10,
+        uniform_amplitude_iterations=0,
+    )
+    outcomes = {
+        b.library: polish_stage(measurement, seed, settings, backend=b) for b in (NUMPY, TORCH)
+    }
+    for outcome in outcomes.values():
+        refined = [k for k in outcome.attempts if k.endswith(f"{SUBSAMPLED}, refined")]
+        assert len(refined) == FINALISTS
+    assert isinstance(outcomes["numpy"].object, np.ndarray)
+    assert outcomes["torch"].chi == pytest.approx(outcomes["numpy"].chi, rel=0.05)
