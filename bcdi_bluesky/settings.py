@@ -164,8 +164,8 @@ class ReconstructionSettings:
     starts_subsampling: bool = _setting(
         True,
         "where the crystal (the first run's support) spans at most half the field of view "
-        f"less {SUBSAMPLING_MARGIN} voxels along an axis, the further starts use every other "
-        "q along it: the crystal's own intensity, exactly, at the same resolution, each step "
+        f"less {SUBSAMPLING_MARGIN} voxels along every axis, the further starts use every other "
+        "q: the crystal's own intensity, exactly, at the same resolution, each step "
         f"up to 8 times cheaper; the {FINALISTS} of lowest chi are then refined on the full "
         "grid (subsampled_refine_iterations); not where the starts run on a coarse grid "
         "(starts_downsampling), nor with partial_coherence",

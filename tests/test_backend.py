@@ -271,7 +271,7 @@ def test_a_bad_fft_worker_count_in_the_environment_is_named_and_every_core_used(
 def test_the_starts_on_every_other_q_run_on_torch():
     """The further starts on every other q (folded seeds, the data subsampled on the host, the
     finalists unfolded and refined on the full grid) run on the GPU code path to the same fit."""
-    crystal = out_of_family_crystal(DEV_SEED, 9)
+    crystal = out_of_family_crystal(DEV_SEED, 11)
     measurement = prepare_measurement(crystal.measured, crystal.mask, 64)
     seed = np.abs(crystal.object).astype(np.complex64)  # its strain left out: above the noise
     settings = ReconstructionSettings(
