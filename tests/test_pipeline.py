@@ -131,8 +131,8 @@ def test_tracking_starts_from_the_previous_scan(samples):
 def test_measured_data_sets(rec, name, bound, scan54_64, cdinn_64):
     """r_factor bounds: the median of three random cohere starts (620 iterations each) was
     0.194-0.199 (scan 54) and 0.091-0.094 (3D-CDI-NN crop) in two benchmark runs
-    (docs/benchmarks.md); the bounds sit at or just above that. Ours is deterministic, 0.176
-    and 0.083; the margin is for other FFT and BLAS builds. The CNN alone is above 0.4."""
+    (docs/benchmarks.md); the bounds sit at or just above that. Ours is deterministic, 0.151
+    and 0.067; the margin is for other FFT and BLAS builds. The CNN alone is above 0.4."""
     data = scan54_64 if name == "scan54" else cdinn_64
     result = rec.reconstruct(data, refine="full")
     assert r_factor(intensity(result.object), data) < bound
