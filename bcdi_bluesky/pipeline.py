@@ -700,8 +700,8 @@ def _further_starts(
     model_object: Any,
     seed_support: Any,
 ) -> tuple[list[tuple[float, str, PolishResult]], dict[str, float]]:
-    """Step 2 of :func:`polish_stage` where the crystal does not fit in half the field of view
-    (or ``starts_subsampling`` is off): the model seed again and the model-free starts, on the
+    """Step 2 of :func:`polish_stage` where the starts do not go on every other q
+    (:func:`subsampling` None): the model seed again and the model-free starts, on the
     full grid or (:func:`starts_factor` above 1) on the coarse one, screened
     (:func:`_screened`); on a coarse grid the finalists are then refined on the full one.
 

@@ -502,17 +502,17 @@ def subsample(data: Any, factors: tuple[int, ...]) -> Any:
     return data[tuple(window)]
 
 
-def fold(obj: Any, factors: tuple[int, ...], backend: ArrayBackend = NUMPY) -> Any:
+def fold(obj: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """The object on the grid of :func:`subsample`: summed over the copies of its field of view
     divided by ``factors`` (the sampling at every other q aliases the object modulo that field),
-    then centred. For a crystal within the smaller field of view this is the crystal itself."""
-    xp = backend.xp
-    obj = backend.asarray(obj)
+    then centred. For a crystal within the smaller field of view this is the crystal itself.
+    On the host: the starts' seeds are made there, once per scan."""
+    obj = np.asarray(obj)
     small = tuple(n // k for n, k in zip(obj.shape, factors, strict=True))
-    out = xp.zeros(small, dtype=obj.dtype)
+    out = np.zeros(small, dtype=obj.dtype)
     for corner in np.ndindex(*factors):
         out += obj[tuple(slice(c * m, (c + 1) * m) for c, m in zip(corner, small, strict=True))]
-    return xp.roll(out, tuple(m // 2 for m in small), axis=tuple(range(out.ndim)))
+    return np.roll(out, tuple(m // 2 for m in small), axis=tuple(range(out.ndim)))
 
 
 def unfold(obj: Any, shape: tuple[int, ...], backend: ArrayBackend = NUMPY) -> Any:
