@@ -844,8 +844,13 @@ def _uniform_amplitude_run(
     voxel (fixed), with the amplitude held at its median deeper than
     :data:`~bcdi_bluesky.settings.UNIFORM_AMPLITUDE_DEPTH` voxels inside the crystal (its
     voxels above ``support_threshold``, grown the same way: the shrink-wrap support's halo
-    is not crystal); then ``uniform_amplitude_iterations`` ER steps, amplitude free, on that
-    object's shrink-wrap support.
+    is not crystal); then at most ``uniform_amplitude_iterations`` ER steps, amplitude free, on
+    that object's shrink-wrap support, stopped once the error falls by less than
+    ``converge_tolerance`` over 20 steps (measured on the 40 development crystals at 64^3:
+    median 39 of the 200 steps, chi at most 0.8% above the full count's, the IoU at most 0.01
+    lower). The ER refinements of the starts' finalists run all their steps: stopped the
+    same way, they ranked the starts differently (mean IoU 0.923 -> 0.920, 5 crystals
+    0.02-0.06 lower).
 
     Why: about a centrosymmetric crystal, a smooth even phase paired with an odd amplitude
     change alters the intensity only at second order, and the free runs end in such pairs
@@ -895,6 +900,7 @@ def _uniform_amplitude_run(
         hio_fraction=0.0,
         shrink_every=0,
         kernel=held.kernel,
+        tolerance=settings.converge_tolerance,
     )
 
 

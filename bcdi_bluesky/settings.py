@@ -188,8 +188,9 @@ class ReconstructionSettings:
     )
     converge_tolerance: float = _setting(
         0.002,
-        "convergence: the final run's last ER block stops once its error fell by less "
-        "than this (relative) over 20 steps",
+        "convergence: the final run's last ER block, and the free ER steps that end the "
+        "uniform-amplitude run, stop once their error fell by less than this (relative) "
+        "over 20 steps",
         low=0.0,
         high=0.5,
     )
@@ -207,8 +208,9 @@ class ReconstructionSettings:
         "steps of the uniform-amplitude run when the fit stays above the noise: HIO then "
         f"ER (half each) on the winner's support grown by {UNIFORM_AMPLITUDE_GROWTH} voxel, "
         f"the amplitude deeper than {UNIFORM_AMPLITUDE_DEPTH} voxels inside the crystal "
-        "held at its median (a homogeneous crystal), then as many free ER steps on its "
-        "shrink-wrap support; kept if its chi is lower (0: none)",
+        "held at its median (a homogeneous crystal), then at most as many free ER steps on "
+        "its shrink-wrap support, to convergence (converge_tolerance); kept if its chi is "
+        "lower (0: none)",
         low=0,
         high=2000,
     )

@@ -107,6 +107,26 @@ def test_voxelisation_is_smooth_in_the_parameters(model64, prior64):
     np.testing.assert_allclose(changes[2] / changes[0], 4.0, rtol=0.25)
 
 
+def test_phase_is_the_documented_polynomial_of_u(model64, prior64):
+    """phi = sum_e c_e u_z^a u_y^b u_x^c with u = r / r0, at every rendered voxel, on the
+    half-size grid that the coarse refinement uses too."""
+    for model in (model64, model64.with_grid(32)):
+        for seed in range(3):
+            p = _sample(prior64, seed)
+            coefficients = p[model.slices["phase"]]
+            coefficients[:] = np.random.default_rng(seed).uniform(-3, 3, coefficients.size)
+            rendered = model.render(p)
+            centre = model.n // 2
+            u = (np.stack(np.unravel_index(rendered.flat_index, (model.n,) * 3)) - centre) / (
+                p[0] * model.n
+            )
+            expected = sum(
+                c * u[0] ** a * u[1] ** b * u[2] ** e
+                for c, (a, b, e) in zip(coefficients, model.phase_exponents, strict=True)
+            )
+            np.testing.assert_allclose(rendered.phase, expected, atol=1e-4 * np.abs(expected).max())
+
+
 def test_object_is_centred_complex64_and_inside_the_grid(model64, prior64):
     for seed in range(10):
         obj = model64.voxelise(_sample(prior64, seed))

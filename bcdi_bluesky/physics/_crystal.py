@@ -390,6 +390,7 @@ class CrystalModel:
         sh_sum = backend.matvec(p[s["sh"]], harmonics[:, :k])
         shape = xp.clip(self._surface(p, sh_sum, xp) - radius[:k] + 0.5, min=0.0, max=1.0)
         flat_index, coords, parity = flat_index[:k], coords[:, :k], parity[:k]
+        inside = None
         if backend.is_numpy:
             # On the host, leaving out the empty voxels saves the work below; on a device,
             # finding them would wait for it (a sync per forward model), so there the empty
@@ -412,15 +413,35 @@ class CrystalModel:
                 density += float(a) * xp.exp(d2 * float(-0.5 / (w * w)))
         density = xp.clip(density, min=0.0)
 
-        phase = xp.zeros_like(shape)
-        powers = [[xp.ones_like(u[a]), u[a]] for a in range(3)]
-        for a in range(3):
-            for _ in range(2, self.phase_order + 1):
-                powers[a].append(powers[a][-1] * u[a])
-        for coeff, (ez, ey, ex) in zip(p[s["phase"]], self.phase_exponents, strict=True):
-            if coeff != 0.0:
-                phase += float(coeff) * (powers[0][ez] * powers[1][ey] * powers[2][ex])
+        # sum_e c_e u^e = sum_e (c_e / r0^|e|) coords^e: one product with a table of the
+        # coordinates' monomials (a loop over the terms costs more than the FFT at 32^3).
+        coefficients = p[s["phase"]]
+        if np.any(coefficients):
+            monomials = backend.cached(
+                ("phase_monomials", self.n, self.lmax, self.phase_order),
+                lambda: backend.asarray(self._phase_monomials(table.coords)),
+            )
+            phase = backend.matvec(coefficients / r0**self.phase_degrees, monomials[:, :k])
+            if inside is not None:
+                phase = phase[inside]
+        else:
+            phase = xp.zeros_like(shape)
         return Rendered(self.n, flat_index, shape, density, phase, parity, backend)
+
+    @cached_property
+    def phase_degrees(self) -> np.ndarray:
+        """Degree of each phase monomial, in vector order."""
+        return np.array([sum(e) for e in self.phase_exponents], dtype=np.float64)
+
+    def _phase_monomials(self, coords: np.ndarray) -> np.ndarray:
+        """``coords_z^a coords_y^b coords_x^c`` of every phase term (rows) at ``coords``
+        (voxels from the centre, float32: exact for these integers)."""
+        return np.stack(
+            [
+                coords[0] ** ez * coords[1] ** ey * coords[2] ** ex
+                for ez, ey, ex in self.phase_exponents
+            ]
+        ).astype(np.float32)
 
     def voxelise(self, params: np.ndarray, backend: ArrayBackend = NUMPY) -> Any:
         """Render the complex64 ``N^3`` object of a parameter vector (an array of ``backend``)."""
