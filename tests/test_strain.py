@@ -289,7 +289,7 @@ def test_inclusion_through_phase_retrieval(e0, facet):
     """An inclusion's diffraction (1e9 photons, Poisson) through the whole pipeline, on scan
     54's sheared grid: a strongly strained ellipsoid (up to 2 rad of phase per voxel) and a
     weak inclusion in one cut by a substrate face. The displacement within 10% of its RMS
-    (measured 5.0% and 6.2%, docs/benchmarks.md; the free runs alone end at 12-19%), the
+    (measured 6.8% and 6.2%, docs/benchmarks.md; the free runs alone end at 12-19%), the
     strain RMS within 20%, the crystal's extents within 10%."""
     from bcdi_bluesky import Reconstructor
 
