@@ -114,7 +114,8 @@ class ReconstructionSettings:
     polish_er_iterations: int = _setting(
         50,
         "steps of the polish's first, ER-only run; kept when it fits the data down to the "
-        "Poisson noise",
+        "Poisson noise; also the full grid's ER steps after a first run on every other q "
+        "(polish_subsampling)",
         low=0,
         high=2000,
     )
@@ -126,6 +127,14 @@ class ReconstructionSettings:
     )
     polish_hio_fraction: float = _setting(
         0.3, "share of HIO steps in the ER/HIO run", low=0.0, high=1.0
+    )
+    polish_subsampling: bool = _setting(
+        True,
+        "where the model's crystal spans at most half the field of view less "
+        f"{SUBSAMPLING_MARGIN} voxels along every axis, the polish's first runs use every other "
+        "q (each step up to 8 times cheaper), then polish_er_iterations ER steps on the full "
+        "grid; on the full grid if the crystal they find does not fit, and with "
+        "partial_coherence",
     )
     polish_time_budget_s: float = _setting(
         300.0,

@@ -18,6 +18,7 @@ from bcdi_bluesky.backend import (
 from bcdi_bluesky.physics import (
     DEV_SEED,
     chi,
+    compare_objects,
     intensity,
     out_of_family_crystal,
     poisson_chi_expected,
@@ -27,8 +28,10 @@ from bcdi_bluesky.physics import (
 from bcdi_bluesky.pipeline import (
     FINALISTS,
     MIN_COARSE_EDGE,
+    SEED_SUPPORT_THRESHOLD,
     SUBSAMPLED,
     es_budget_scale,
+    first_run_subsampling,
     fit_at_noise,
     polish_stage,
     prepare_measurement,
@@ -247,7 +250,8 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     measurement = prepare_measurement(counted.measured, None, 64)
     # Seeded by the truth the fit reaches the noise at once: nothing more is spent.
     easy = polish_stage(measurement, counted.object, settings)
-    assert list(easy.attempts) == ["ER"] and fit_at_noise(easy.chi, easy.expected_chi)
+    assert list(easy.attempts) == [f"ER{SUBSAMPLED}, refined"]
+    assert fit_at_noise(easy.chi, easy.expected_chi)
     # A strained cube seeded by a sphere: the short polish stays above the noise, and more
     # starts run (the model seed, the flat sphere, random ones), the finalists to the end, the
     # others screened out after a share of the steps; the lowest chi wins.
@@ -269,7 +273,8 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     # By default, the crystal fitting in half the field of view, the starts go on every other
     # q, and the two best come back refined on the full grid.
     subsampled = polish_stage(measurement, sphere, settings)
-    refined = [k for k in subsampled.attempts if k.endswith(f"{SUBSAMPLED}, refined")]
+    further = list(subsampled.attempts)[1:]  # after the first run (on every other q too)
+    refined = [k for k in further if k.endswith(f"{SUBSAMPLED}, refined")]
     assert len(refined) == FINALISTS and not starts & set(subsampled.attempts)
     for outcome in (full_grid, hard, subsampled):
         assert outcome.chi == min(outcome.attempts.values())
@@ -329,7 +334,8 @@ def test_starts_side_by_side_give_the_result_of_one_after_the_other(monkeypatch,
     together = polish_stage(measurement, seed, settings, hook=hook)
     monkeypatch.setattr(pipeline, "side_by_side", lambda backend, runs: 1)
     in_turn = polish_stage(measurement, seed, settings)
-    refined = [k for k in together.attempts if k.endswith(f"{SUBSAMPLED}, refined")]
+    further = list(together.attempts)[1:]  # after the first run (on every other q too)
+    refined = [k for k in further if k.endswith(f"{SUBSAMPLED}, refined")]
     assert len(refined) == (FINALISTS if subsampled else 0)
     assert len(together.attempts) == (2 + FINALISTS if subsampled else 7)
     assert together.attempts == in_turn.attempts
@@ -359,7 +365,7 @@ def test_a_hook_that_raises_stops_the_starts_side_by_side():
         pass
 
     def hook(step, error):
-        if step > 40:  # inside the further starts (the first polish takes 30 steps)
+        if step > 70:  # inside the further starts (the first polish takes at most 60 steps)
             raise Cancelled
 
     before = threading.active_count()
@@ -431,6 +437,58 @@ def test_every_other_q_only_where_the_crystal_fits():
     big[:10, :10, :10] = True
     assert subsampling(settings, big) is None
     assert subsampling(replace(settings, starts_downsampling=2), support) is None
+    # The polish's first run, from the model: on every grid size, the same rule of fit.
+    assert first_run_subsampling(settings, support) == (2, 2, 2)
+    assert first_run_subsampling(settings, big) == (2, 2, 2)
+    assert first_run_subsampling(settings, np.ones((64, 64, 64), dtype=bool)) is None
+    support[:, :, 5 + span] = True
+    assert first_run_subsampling(settings, support) is None
+    support[:, :, 5 + span] = False
+    for off in (
+        {"polish_subsampling": False},
+        {"partial_coherence": True},
+        {"polish_er_iterations": 0},  # no ER steps to carry it back to the full grid
+    ):
+        assert first_run_subsampling(replace(settings, **off), support) is None
+
+
+@pytest.mark.timeout(120)
+def test_first_run_on_every_other_q_only_for_a_crystal_that_fits(counted):
+    settings = ReconstructionSettings(
+        polish_er_iterations=20,
+        polish_iterations=40,
+        adaptive_iterations=0,
+        uniform_amplitude_iterations=0,
+        converge_iterations=0,
+        loose_support_iterations=0,
+    )
+    # The counted crystal (27 voxels across at most) fits in half the 64^3 field of view: the
+    # first run goes on every other q, comes back refined on the full grid, and is as close
+    # to the truth as the run on the full grid.
+    measurement = prepare_measurement(counted.measured, None, 64)
+    seed = np.abs(counted.object).astype(np.complex64)
+    folded = polish_stage(measurement, seed, settings)
+    whole = polish_stage(measurement, seed, replace(settings, polish_subsampling=False))
+    assert folded.recipe == f"ER{SUBSAMPLED}, refined" and whole.recipe == "ER"
+    iou = compare_objects(counted.object, folded.object).iou
+    assert iou >= 0.95 and iou >= compare_objects(counted.object, whole.object).iou - 0.01
+    assert folded.chi <= 1.02 * whole.chi
+    # The same crystal in a 40^3 window (half of it 20 voxels), seeded by a sphere that fits:
+    # the folded run finds a crystal that does not, and the first run starts again on the full
+    # grid, to the full grid's result.
+    crystal = counted.object[12:52, 12:52, 12:52]
+    window = intensity(crystal)
+    data = (window / window.sum() * 1e9).astype(np.float32)
+    r2 = ((np.indices(data.shape) - 20) ** 2).sum(axis=0)
+    sphere = (r2 <= 49).astype(np.complex64)
+    seed_support = np.abs(sphere) > SEED_SUPPORT_THRESHOLD
+    assert first_run_subsampling(settings, seed_support) == (2, 2, 2)
+    measurement = prepare_measurement(data, None, 64)
+    again = polish_stage(measurement, sphere, settings)
+    whole = polish_stage(measurement, sphere, replace(settings, polish_subsampling=False))
+    assert SUBSAMPLED not in again.recipe and again.recipe == whole.recipe
+    np.testing.assert_array_equal(again.object, whole.object)
+    assert compare_objects(crystal, again.object).iou >= 0.9
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 64), (33, 30, 27)])

@@ -376,6 +376,7 @@ SETTING_PVS = {
     "polish_er_iterations": "Polish:ERIterations",
     "polish_iterations": "Polish:Iterations",
     "polish_hio_fraction": "Polish:HIOFraction",
+    "polish_subsampling": "Polish:Subsampling",
     "polish_time_budget_s": "Polish:TimeBudget",
     "adaptive_iterations": "Polish:AdaptiveIterations",
     "adaptive_hio_fraction": "Polish:AdaptiveHIOFraction",
