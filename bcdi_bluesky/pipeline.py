@@ -1017,7 +1017,8 @@ def polish_stage(
     """Fit-driven phase retrieval: spend more only while the fit stays above what the data allow.
 
     1. :func:`~bcdi_bluesky.tuning.seeded_polish` from the model object (ER; ER/HIO unless ER
-       fits to the noise).
+       fits to the noise), on every other q where the model's crystal fits in half the field
+       of view, then refined on the full grid (:func:`_first_run`).
     2. If the fit is not at the noise (:func:`fit_at_noise`), more starts of
        ``adaptive_iterations`` ER/HIO steps (``adaptive_hio_fraction`` HIO): the model seed
        again, and model-free ones (a wrong model cannot trap them) in a sphere sized from the
