@@ -757,6 +757,18 @@ def _ranked_refined(
     return refined, {label: chi for chi, label, _ in refined}
 
 
+def fits_every_other_q(support: np.ndarray) -> tuple[int, ...] | None:
+    """The factors of :func:`~bcdi_bluesky.tuning.subsampling_factors` where ``support`` fits
+    in half the field of view along every axis, else None.
+
+    Every axis, not some: the flat sphere has the crystal's volume, and along a thin axis
+    folded alone it fills the smaller field of view (measured on the dislocated ellipsoid of
+    the strain benchmark, folded along its 15-voxel rocking axis only: the starts ended at chi
+    0.035 against 0.011 on every q, and the dislocation was lost)."""
+    factors = subsampling_factors(support)
+    return factors if min(factors) > 1 else None
+
+
 def subsampling(settings: ReconstructionSettings, support: np.ndarray) -> tuple[int, ...] | None:
     """Policy: the factors of :func:`~bcdi_bluesky.tuning.subsample` for the further starts, from
     the first run's ``support``; None (the starts run as :func:`_further_starts` does) when
@@ -775,12 +787,7 @@ def subsampling(settings: ReconstructionSettings, support: np.ndarray) -> tuple[
         or starts_factor(settings.starts_downsampling, support.shape) > 1
     ):
         return None
-    factors = subsampling_factors(support)
-    # Every axis, not some: the flat sphere has the crystal's volume, and along a thin axis
-    # folded alone it fills the smaller field of view (measured on the dislocated ellipsoid of
-    # the strain benchmark, folded along its 15-voxel rocking axis only: the starts ended at
-    # chi 0.035 against 0.011 on every q, and the dislocation was lost).
-    return factors if min(factors) > 1 else None
+    return fits_every_other_q(support)
 
 
 def _every_other_q(
@@ -922,7 +929,7 @@ def first_run_subsampling(
     run, from the model seed's support; None (the full grid) when ``polish_subsampling`` is
     off, with ``partial_coherence`` (a blur over q: not the folded crystal's intensity), with
     no ER steps to refine on the full grid, or when some axis does not hold the crystal in
-    half its field of view (every axis, as for the starts: :func:`subsampling`). On every grid
+    half its field of view (:func:`fits_every_other_q`, as for the starts). On every grid
     size, unlike the starts: this run starts from the model, which a smaller oversampling
     does not lead astray as it does random starts."""
     if (
@@ -931,8 +938,7 @@ def first_run_subsampling(
         or settings.polish_er_iterations == 0
     ):
         return None
-    factors = subsampling_factors(seed_support)
-    return factors if min(factors) > 1 else None
+    return fits_every_other_q(seed_support)
 
 
 def _first_run(
@@ -951,7 +957,7 @@ def _first_run(
     it runs on every other q, each step up to 8 times cheaper, and is carried back
     (:func:`~bcdi_bluesky.tuning.unfold`) and refined by ``polish_er_iterations`` ER steps
     on the full grid. The crystal it found must fit there too (its shrink-wrap support,
-    :func:`~bcdi_bluesky.tuning.subsampling_factors`): a model smaller than the crystal
+    :func:`fits_every_other_q`): a model smaller than the crystal
     would fold a crystal that does not fit, and the run starts again on the full grid
     (measured on the 40 development crystals at 64^3: 5 of 40).
     """
@@ -981,7 +987,7 @@ def _first_run(
         runs.record(small)
         obj = unfold(small.object, data.shape, backend)
         support = shrink_wrap(obj, backend=backend)
-        if runs.cut or min(subsampling_factors(backend.to_numpy(support))) > 1:
+        if runs.cut or fits_every_other_q(backend.to_numpy(support)) is not None:
             refined = runs.further(
                 data,
                 obj,
