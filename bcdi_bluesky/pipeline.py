@@ -59,6 +59,7 @@ from .settings import (
     FINALISTS,
     LOOSE_SUPPORT_DILATION,
     SCREEN_SHARE,
+    SEED_SUPPORT_THRESHOLD,
     STARTS_GRID_EDGE,
     UNIFORM_AMPLITUDE_DEPTH,
     UNIFORM_AMPLITUDE_GROWTH,
@@ -68,26 +69,28 @@ from .tuning.phase_retrieval import (
     CoherenceKernel,
     PolishResult,
     autocorrelation_seed,
-    coarse_shape,
-    crop_frequencies,
-    fold,
-    pad_frequencies,
     polish,
     random_start,
     seeded_polish,
     shrink_wrap,
-    subsample,
-    subsampling_factors,
-    unfold,
 )
 from .tuning.refine import (
     ChiCost,
     best_start,
     best_twin_variant,
-    central_slices,
     coarse_chi,
     fit_odd_shape,
     refine_crystal,
+)
+from .tuning.sampling import (
+    central_slices,
+    coarse_shape,
+    crop_frequencies,
+    fits_every_other_q,
+    fold,
+    pad_frequencies,
+    subsample,
+    unfold,
 )
 
 REFINE_MODES = ("none", "es", "full")
@@ -468,6 +471,7 @@ def refine_stage(
         alternatives=[searched.params] if searched.chi < searched.chi_start else [],
         coarse_iterations=settings.es_coarse_iterations * scale,
         fine_iterations=settings.es_fine_iterations * scale,
+        fine_subsampling=settings.es_subsampling,
         time_budget_s=max(budget - (time.perf_counter() - started), 0.0),
         seed=settings.seed,
         hook=step,
@@ -637,8 +641,6 @@ class _PolishRuns:
         return [self.record(r) for r in done]
 
 
-#: A seed's support: its voxels above this fraction of its largest amplitude.
-SEED_SUPPORT_THRESHOLD = 0.1
 #: The label's end of a run on every other q (:func:`subsampling`).
 SUBSAMPLED = " on every other q"
 
@@ -757,18 +759,6 @@ def _ranked_refined(
     return refined, {label: chi for chi, label, _ in refined}
 
 
-def fits_every_other_q(support: np.ndarray) -> tuple[int, ...] | None:
-    """The factors of :func:`~bcdi_bluesky.tuning.subsampling_factors` where ``support`` fits
-    in half the field of view along every axis, else None.
-
-    Every axis, not some: the flat sphere has the crystal's volume, and along a thin axis
-    folded alone it fills the smaller field of view (measured on the dislocated ellipsoid of
-    the strain benchmark, folded along its 15-voxel rocking axis only: the starts ended at chi
-    0.035 against 0.011 on every q, and the dislocation was lost)."""
-    factors = subsampling_factors(support)
-    return factors if min(factors) > 1 else None
-
-
 def subsampling(settings: ReconstructionSettings, support: np.ndarray) -> tuple[int, ...] | None:
     """Policy: the factors of :func:`~bcdi_bluesky.tuning.subsample` for the further starts, from
     the first run's ``support``; None (the starts run as :func:`_further_starts` does) when
@@ -851,8 +841,25 @@ def _subsampled_starts(
     return _ranked_refined(finalists, done)
 
 
+def held_subsampling(
+    settings: ReconstructionSettings, support: np.ndarray
+) -> tuple[int, ...] | None:
+    """Policy: the factors of :func:`~bcdi_bluesky.tuning.subsample` for the uniform-amplitude
+    run's held steps, from their fixed ``support``; None (the full grid) as for the first run
+    (:func:`first_run_subsampling`). The support is fixed, so the folded run's crystal stays
+    in half the field of view: no check after it."""
+    if not settings.polish_subsampling or settings.partial_coherence:
+        return None
+    return fits_every_other_q(support)
+
+
 def _uniform_amplitude_run(
-    runs: _PolishRuns, data: Any, valid: Any, chi_cost: ChiCost, best: PolishResult
+    runs: _PolishRuns,
+    measurement: Measurement,
+    data: Any,
+    valid: Any,
+    chi_cost: ChiCost,
+    best: PolishResult,
 ) -> PolishResult | None:
     """Step 3 of :func:`polish_stage`: a homogeneous crystal's amplitude held, then freed.
 
@@ -869,6 +876,14 @@ def _uniform_amplitude_run(
     error 6.8% against 6.1%). The ER refinements of the starts' finalists run all their
     steps: stopped the same way, they ranked the starts differently (mean IoU 0.923 -> 0.920,
     5 crystals 0.02-0.06 lower).
+
+    Where that support fits in half the field of view along every axis
+    (:func:`held_subsampling`) the held steps run on every other q, each up to 8 times
+    cheaper, and the free ER steps on the full grid from the crystal carried back
+    (:func:`~bcdi_bluesky.tuning.unfold`). Measured on the 40 development crystals at 64^3
+    with the rest unchanged, against the held steps on the full grid: median wall time 7.4 ->
+    6.1 s, mean IoU 0.932 -> 0.929 (3 crystals up and 6 down by more than 0.02 at chi within
+    2%), mean phase RMS 0.087 -> 0.080 rad, mean complex overlap 0.979 -> 0.980.
 
     Why: about a centrosymmetric crystal, a smooth even phase paired with an odd amplitude
     change alters the intensity only at second order, and the free runs end in such pairs
@@ -891,27 +906,35 @@ def _uniform_amplitude_run(
     if not interior.any():
         return None
     steps = settings.uniform_amplitude_iterations
-    held = best
+    factors = held_subsampling(settings, support)
+    grid_data, grid_valid, cost, held = data, valid, chi_cost, best
+    if factors is not None:
+        grid_data, grid_valid, _ = _every_other_q(measurement, factors, backend)
+        cost = ChiCost(grid_data, grid_valid, backend)
+        held = PolishResult(fold(best.object, factors, backend), None)
+        support, interior = fold(support, factors), fold(interior, factors)
     support, interior = backend.asarray(support), backend.asarray(interior)
     for hio_fraction in (1.0, 0.0):
         held = runs.further(
-            data,
+            grid_data,
             held.object,
             support,
-            valid,
+            grid_valid,
             steps // 2,
-            chi_cost,
+            cost,
             hio_fraction=hio_fraction,
             shrink_every=0,
             kernel=held.kernel,
             uniform_interior=interior,
         )
-        if runs.cut:
+        if runs.cut and factors is None:
             return held
+    # After a cut on every other q the free run still comes back to the full grid (one step).
+    free = held.object if factors is None else unfold(held.object, data.shape, backend)
     return runs.further(
         data,
-        held.object,
-        shrink_wrap(held.object, backend=backend),
+        free,
+        shrink_wrap(free, backend=backend),
         valid,
         steps,
         chi_cost,
@@ -1099,7 +1122,7 @@ def polish_stage(
         and not runs.cut
         and not fit_at_noise(best.chi, expected)
     ):
-        run = _uniform_amplitude_run(runs, data, valid, chi_cost, best)
+        run = _uniform_amplitude_run(runs, measurement, data, valid, chi_cost, best)
         if run is not None:
             label = f"{best_label} +uniform amplitude"
             attempts[label] = run.chi

@@ -57,6 +57,9 @@ SCREEN_SHARE = 1 / 3
 #: (``starts_subsampling``, :func:`~bcdi_bluesky.tuning.subsampling_factors`): the
 #: shrink-wrap support's halo needs room, and the folded copies of the object must not touch.
 SUBSAMPLING_MARGIN = 2
+#: A model object's or a seed's support: its voxels above this fraction of its largest
+#: amplitude (the polish's seed support, and the crystal whose span decides every other q).
+SEED_SUPPORT_THRESHOLD = 0.1
 
 
 class SettingInfo(NamedTuple):
@@ -101,6 +104,13 @@ class ReconstructionSettings:
     es_fine_iterations: int = _setting(
         100, "extremum-seeking steps on the full grid", low=0, high=5000
     )
+    es_subsampling: bool = _setting(
+        True,
+        "where the crystal model spans at most half the field of view less "
+        f"{SUBSAMPLING_MARGIN} voxels along every axis, the fine extremum-seeking steps use "
+        "every other q (the crystal folded into half the field of view, its intensity there "
+        "exact; each step about 4 times cheaper at 64^3)",
+    )
     es_time_budget_s: float = _setting(
         30.0,
         "safety wall-time cap of the refinement stage (shape search and ES together; "
@@ -133,8 +143,9 @@ class ReconstructionSettings:
         "where the model's crystal spans at most half the field of view less "
         f"{SUBSAMPLING_MARGIN} voxels along every axis, the polish's first runs use every other "
         "q (each step up to 8 times cheaper), then polish_er_iterations ER steps on the full "
-        "grid; on the full grid if the crystal they find does not fit, and with "
-        "partial_coherence",
+        "grid (on the full grid if the crystal they find does not fit); so do the "
+        "uniform-amplitude run's held steps where its support fits, its free ER steps "
+        "following on the full grid; never with partial_coherence",
     )
     polish_time_budget_s: float = _setting(
         300.0,
@@ -180,7 +191,7 @@ class ReconstructionSettings:
         "(starts_downsampling), nor with partial_coherence",
     )
     subsampled_refine_iterations: int = _setting(
-        100,
+        50,
         "ER steps on the full grid from each finalist of the starts on every other q",
         low=1,
         high=2000,

@@ -33,6 +33,7 @@ from bcdi_bluesky.pipeline import (
     es_budget_scale,
     first_run_subsampling,
     fit_at_noise,
+    held_subsampling,
     polish_stage,
     prepare_measurement,
     starts_factor,
@@ -450,6 +451,12 @@ def test_every_other_q_only_where_the_crystal_fits():
         {"polish_er_iterations": 0},  # no ER steps to carry it back to the full grid
     ):
         assert first_run_subsampling(replace(settings, **off), support) is None
+    # The uniform-amplitude run's held steps: the same rule on their fixed support.
+    assert held_subsampling(settings, support) == (2, 2, 2)
+    assert held_subsampling(settings, big) == (2, 2, 2)
+    assert held_subsampling(settings, np.ones((64, 64, 64), dtype=bool)) is None
+    for off in ({"polish_subsampling": False}, {"partial_coherence": True}):
+        assert held_subsampling(replace(settings, **off), support) is None
 
 
 @pytest.mark.timeout(120)
@@ -489,6 +496,42 @@ def test_first_run_on_every_other_q_only_for_a_crystal_that_fits(counted):
     assert SUBSAMPLED not in again.recipe and again.recipe == whole.recipe
     np.testing.assert_array_equal(again.object, whole.object)
     assert compare_objects(crystal, again.object).iou >= 0.9
+
+
+@pytest.mark.timeout(120)
+def test_held_amplitude_steps_on_every_other_q_fit_as_on_the_full_grid(monkeypatch):
+    # A strained cube (polynomial displacement) measured as counts, seeded without its phase:
+    # the first run stays above the noise and the uniform-amplitude run follows. Its held steps
+    # on every other q, the free ones on the full grid, end as close to the data and to the
+    # truth as every step on the full grid.
+    crystal = out_of_family_crystal(DEV_SEED, 9)
+    assert crystal.labels[:2] == ["cube", "polynomial"] and crystal.mask is None
+    settings = ReconstructionSettings(
+        polish_er_iterations=0,  # the first run on the full grid, the same for both
+        polish_iterations=40,
+        adaptive_iterations=0,
+        converge_iterations=0,
+        loose_support_iterations=0,
+    )
+    measurement = prepare_measurement(crystal.measured, None, 64)
+    seed = np.abs(crystal.object).astype(np.complex64)
+    grids = []  # the grid of every held run
+
+    def recorded(data, *args, **options):
+        if options.get("uniform_interior") is not None:
+            grids.append(data.shape)
+        return polish(data, *args, **options)
+
+    monkeypatch.setattr(pipeline, "polish", recorded)
+    folded = polish_stage(measurement, seed, settings)
+    assert grids == [(32, 32, 32)] * 2
+    whole = polish_stage(measurement, seed, replace(settings, polish_subsampling=False))
+    assert grids[2:] == [(64, 64, 64)] * 2
+    assert list(folded.attempts) == list(whole.attempts) == ["ER/HIO", "ER/HIO +uniform amplitude"]
+    assert folded.attempts["ER/HIO"] == whole.attempts["ER/HIO"]
+    assert folded.chi < folded.attempts["ER/HIO"] and folded.chi <= 1.01 * whole.chi
+    iou = compare_objects(crystal.object, folded.object).iou
+    assert iou >= compare_objects(crystal.object, whole.object).iou - 0.02 and iou >= 0.85
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 64), (33, 30, 27)])

@@ -5,13 +5,16 @@ import pytest
 
 from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 from bcdi_bluesky.model.encoding import TwinBlockEncoding
-from bcdi_bluesky.physics import CrystalPrior, support_iou
+from bcdi_bluesky.physics import CrystalPrior, intensity, support, support_iou
 from bcdi_bluesky.tuning import (
     ChiCost,
     best_start,
     best_twin_variant,
     fit_odd_shape,
+    fits_every_other_q,
+    folded_chi,
     refine_crystal,
+    subsample,
 )
 
 
@@ -79,6 +82,44 @@ def test_es_runs_from_every_start_and_keeps_the_best(model64):
     # A poor alternative costs its coarse run and changes nothing else.
     worse = refine_crystal(model64, sample.params, sample.counts, alternatives=[poor], **kwargs)
     assert worse.chi <= truth_chi + 0.01
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (2, 1, 2)])
+def test_folded_chi_is_chi_on_every_other_q(model64, factors):
+    # The crystal folded into half the field of view has exactly the intensity of every other
+    # q: the folded chi of any parameters equals the full-grid intensity's chi there.
+    sample = make_sample(model64, CrystalPrior(model64), 31, TEST_STREAM, 2, 1e8)
+    mask = np.ones(sample.counts.shape, dtype=bool)
+    mask[:, 40:43] = False  # a detector gap
+    cost = folded_chi(model64, sample.counts, factors, mask)
+    exact = ChiCost(subsample(sample.counts, factors), subsample(mask, factors))
+    for params in (sample.params, _without_odd_shape(model64, sample.params)):
+        expected = exact(subsample(intensity(model64.voxelise(params)), factors))
+        assert cost(model64.normalise(params)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fine_es_on_every_other_q_where_the_crystal_fits(model64):
+    sample = make_sample(model64, CrystalPrior(model64), 31, TEST_STREAM, 2, 1e8)
+    start = _without_odd_shape(model64, sample.params)
+    start[0] *= 1.1
+    assert fits_every_other_q(support(model64.voxelise(start), 0.1)) is not None
+    kwargs = dict(coarse_iterations=60, fine_iterations=40)
+    full = refine_crystal(model64, start, sample.counts, **kwargs)
+    folded = refine_crystal(model64, start, sample.counts, fine_subsampling=True, **kwargs)
+    assert folded.iterations == full.iterations == 100
+    # The same coarse steps, then other fine ones: both lower chi, to within 2% of each other.
+    assert folded.costs[:60] == full.costs[:60] and folded.costs[60:] != full.costs[60:]
+    assert folded.chi < folded.chi_start
+    assert folded.chi == pytest.approx(full.chi, rel=0.02)
+    # A crystal wider than half the field of view: the fine steps stay on the full grid.
+    wide = start.copy()
+    wide[0] *= 2.0
+    assert fits_every_other_q(support(model64.voxelise(wide), 0.1)) is None
+    kwargs = dict(coarse_iterations=0, fine_iterations=10)
+    assert (
+        refine_crystal(model64, wide, sample.counts, fine_subsampling=True, **kwargs).costs
+        == refine_crystal(model64, wide, sample.counts, **kwargs).costs
+    )
 
 
 def test_seeded_polish_keeps_a_good_seed_and_repairs_a_poor_one(model64):

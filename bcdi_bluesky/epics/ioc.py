@@ -372,6 +372,7 @@ def _finite_limit(field: str, linked: str):
 #: (field -> PV name); the ES iteration counts share ``ES:MaxIter`` (see :data:`ES_MAX_ITER`).
 SETTING_PVS = {
     "shape_search_evaluations": "Search:Evaluations",
+    "es_subsampling": "ES:Subsampling",
     "es_time_budget_s": "ES:TimeBudget",
     "polish_er_iterations": "Polish:ERIterations",
     "polish_iterations": "Polish:Iterations",

@@ -19,8 +19,8 @@ import scipy.optimize
 
 from ..backend import NUMPY, ArrayBackend
 from ..physics import intensity, poisson_chi_floor
-from ..settings import SUBSAMPLING_MARGIN, ReconstructionSettings
-from .refine import ChiCost, central_slices
+from ..settings import ReconstructionSettings
+from .refine import ChiCost
 
 #: Fraction of the autocorrelation's maximum that defines its support
 #: (:func:`autocorrelation_seed`).
@@ -441,101 +441,6 @@ def seeded_polish(
     best.iterations = first.iterations + second.iterations
     best.seconds = time.perf_counter() - started
     return best
-
-
-def coarse_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
-    """The grid of the central ``1 / factor`` of q in each direction."""
-    return tuple(s // factor for s in shape)
-
-
-def crop_frequencies(obj: Any, factor: int, backend: ArrayBackend = NUMPY) -> Any:
-    """The object seen through the central ``1 / factor`` of q in each direction: the same
-    field of view in ``factor`` times coarser voxels (its intensity is the central region of
-    the object's, :func:`~bcdi_bluesky.tuning.central_slices`)."""
-    f = backend.fftshift(backend.fftn(backend.asarray(obj, dtype=backend.xp.complex64)))
-    window = central_slices(f.shape, coarse_shape(f.shape, factor))
-    return backend.ifftn(backend.ifftshift(f[window]))
-
-
-def pad_frequencies(obj: Any, shape: tuple[int, ...], backend: ArrayBackend = NUMPY) -> Any:
-    """A coarse object on the finer grid ``shape``: its q values put in the centre of that
-    grid's, zero elsewhere (band-limited interpolation; the inverse of
-    :func:`crop_frequencies`)."""
-    xp = backend.xp
-    f = backend.fftshift(backend.fftn(backend.asarray(obj, dtype=xp.complex64)))
-    full = xp.zeros(tuple(shape), dtype=xp.complex64)
-    full[central_slices(tuple(shape), tuple(f.shape))] = f
-    return backend.ifftn(backend.ifftshift(full))
-
-
-def circular_extent(occupied: np.ndarray) -> int:
-    """Length of the shortest arc of a ring that holds every True entry of ``occupied`` (1D):
-    the span of an object on a periodic axis, wherever the wrap cuts it."""
-    where = np.flatnonzero(occupied)
-    if where.size == 0:
-        return 0
-    gaps = np.diff(np.concatenate([where, [where[0] + occupied.size]]))
-    return int(occupied.size - (gaps.max() - 1))
-
-
-def subsampling_factors(support: np.ndarray, margin: int = SUBSAMPLING_MARGIN) -> tuple[int, ...]:
-    """Per axis, 2 where every other q holds the whole crystal: the axis has an even length
-    and ``support`` spans at most half of it less ``margin`` voxels; else 1."""
-    factors = []
-    for axis, n in enumerate(support.shape):
-        others = tuple(a for a in range(support.ndim) if a != axis)
-        span = circular_extent(np.asarray(support).any(axis=others))
-        factors.append(2 if n % 2 == 0 and span + margin <= n // 2 else 1)
-    return tuple(factors)
-
-
-def subsample(data: Any, factors: tuple[int, ...]) -> Any:
-    """Every ``factors[a]``-th q along axis ``a`` through q = 0 (centred intensity, q = 0 at
-    index ``n // 2``): the intensity of the crystal folded into a field of view ``factors``
-    times smaller (:func:`fold`), exactly, with the same resolution. Axis lengths must be
-    multiples of their factors."""
-    window = []
-    for n, k in zip(data.shape, factors, strict=True):
-        if n % k:
-            raise ValueError(f"an axis of {n} voxels cannot be subsampled by {k}")
-        window.append(slice((n // 2) % k, None, k))
-    return data[tuple(window)]
-
-
-def fold(obj: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """The object on the grid of :func:`subsample`: summed over the copies of its field of view
-    divided by ``factors`` (the sampling at every other q aliases the object modulo that field),
-    then centred. For a crystal within the smaller field of view this is the crystal itself.
-    On the host: the starts' seeds are made there, once per scan."""
-    obj = np.asarray(obj)
-    small = tuple(n // k for n, k in zip(obj.shape, factors, strict=True))
-    out = np.zeros(small, dtype=obj.dtype)
-    for corner in np.ndindex(*factors):
-        out += obj[tuple(slice(c * m, (c + 1) * m) for c, m in zip(corner, small, strict=True))]
-    return np.roll(out, tuple(m // 2 for m in small), axis=tuple(range(out.ndim)))
-
-
-def unfold(obj: Any, shape: tuple[int, ...], backend: ArrayBackend = NUMPY) -> Any:
-    """An object of :func:`subsample`'s grid on the full grid ``shape``: centred on its
-    (circular) centre of mass and placed in the middle, zero elsewhere; the inverse of
-    :func:`fold` for a crystal within the smaller field of view."""
-    xp = backend.xp
-    host = backend.to_numpy(obj)
-    power = np.abs(host) ** 2
-    shifts = []
-    for axis, m in enumerate(host.shape):
-        profile = power.sum(axis=tuple(a for a in range(host.ndim) if a != axis))
-        turn = np.angle(np.sum(profile * np.exp(2j * np.pi * np.arange(m) / m)))
-        shifts.append(m // 2 - round(turn / (2 * np.pi) * m))
-    centred = np.roll(host, shifts, axis=tuple(range(host.ndim)))
-    full = np.zeros(tuple(shape), dtype=host.dtype)
-    full[
-        tuple(
-            slice(n // 2 - m // 2, n // 2 - m // 2 + m)
-            for n, m in zip(shape, host.shape, strict=True)
-        )
-    ] = centred
-    return backend.asarray(full, dtype=xp.complex64)
 
 
 def ball_overlap_distance(threshold: float) -> float:

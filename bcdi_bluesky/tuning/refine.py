@@ -22,8 +22,11 @@ import numpy as np
 import scipy.optimize
 
 from ..backend import NUMPY, ArrayBackend
-from ..physics import CrystalModel
+from ..physics import CrystalModel, intensity
+from ..physics import support as amplitude_support
+from ..settings import SEED_SUPPORT_THRESHOLD
 from .extremum_seeking import ExtremumSeeker
+from .sampling import central_slices, fits_every_other_q, fold, subsample
 
 
 class ChiCost:
@@ -65,14 +68,6 @@ class ChiCost:
         return float(vdot(residual, residual)) ** 0.5 / self.b_norm
 
 
-def central_slices(shape: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[slice, ...]:
-    """Slices of the central ``sizes`` region of a centred volume of ``shape`` (q = 0 at index
-    ``s // 2`` stays at index ``n // 2``)."""
-    return tuple(
-        slice(s // 2 - n // 2, s // 2 - n // 2 + n) for s, n in zip(shape, sizes, strict=True)
-    )
-
-
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
     """The central ``n^3`` cube of a centred volume (q = 0 stays at index ``n // 2``)."""
     return volume[central_slices(volume.shape, (n,) * volume.ndim)]
@@ -91,6 +86,28 @@ def coarse_chi(
         central_cube(measured, half), None if mask is None else central_cube(mask, half), backend
     )
     return lambda p: cost(coarse.intensity(coarse.denormalise(p), backend))
+
+
+def folded_chi(
+    model: CrystalModel,
+    measured: np.ndarray,
+    factors: tuple[int, ...],
+    mask: np.ndarray | None = None,
+    backend: ArrayBackend = NUMPY,
+) -> Callable[[np.ndarray], float]:
+    """``chi(normalised parameters)`` on every other q (:func:`~bcdi_bluesky.tuning.subsample`
+    by ``factors``): the crystal rendered on the full grid and folded into the smaller field
+    of view (:func:`~bcdi_bluesky.tuning.fold`), whose intensity is exactly the data's there
+    while the crystal fits in it; the FFT and chi run on ``prod(factors)`` times fewer voxels."""
+    cost = ChiCost(
+        subsample(measured, factors), None if mask is None else subsample(mask, factors), backend
+    )
+
+    def chi(p: np.ndarray) -> float:
+        obj = model.voxelise(model.denormalise(p), backend)
+        return cost(intensity(fold(obj, factors, backend), backend=backend))
+
+    return chi
 
 
 def best_start(
@@ -170,6 +187,7 @@ def refine_crystal(
     alternatives: Sequence[np.ndarray] = (),
     coarse_iterations: int = 300,
     fine_iterations: int = 100,
+    fine_subsampling: bool = False,
     time_budget_s: float | None = None,
     gain: float = 3.0,
     dither: float = 0.04,
@@ -195,6 +213,10 @@ def refine_crystal(
         :func:`fit_odd_shape`'s) is a hypothesis that ES then confirms or rejects.
     coarse_iterations, fine_iterations : int
         ES steps on the central half-size cube (per start), then on the full grid.
+    fine_subsampling : bool
+        Run the fine steps on every other q (:func:`folded_chi`) where the crystal they start
+        from fits in half the field of view along every axis
+        (:func:`~bcdi_bluesky.tuning.fits_every_other_q`).
     time_budget_s : float, optional
         Wall-time budget for both stages together.
     gain, dither : float
@@ -263,7 +285,16 @@ def refine_crystal(
     elif len(starts) > 1:
         p = min((chi_full(q), i, q) for i, q in enumerate(starts))[2]
     if fine_iterations > 0 and not stop:
-        p = seek(chi_full, p, fine_iterations)[0]
+        fine = chi_full
+        if fine_subsampling:
+            start_support = amplitude_support(
+                backend.to_numpy(model.voxelise(model.denormalise(p), backend)),
+                SEED_SUPPORT_THRESHOLD,
+            )
+            factors = fits_every_other_q(start_support)
+            if factors is not None:
+                fine = folded_chi(model, measured, factors, mask, backend)
+        p = seek(fine, p, fine_iterations)[0]
     final = chi_full(p)
     if final < best_chi:
         best_p, best_chi = p, final
