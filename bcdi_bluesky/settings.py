@@ -143,9 +143,10 @@ class ReconstructionSettings:
         "where the model's crystal spans at most half the field of view less "
         f"{SUBSAMPLING_MARGIN} voxels along every axis, the polish's first runs use every other "
         "q (each step up to 8 times cheaper), then polish_er_iterations ER steps on the full "
-        "grid (on the full grid if the crystal they find does not fit); so do the "
-        "uniform-amplitude run's held steps where its support fits, its free ER steps "
-        "following on the full grid; never with partial_coherence",
+        "grid (on the full grid if the crystal they find does not fit); so do the run to "
+        "convergence and the uniform-amplitude run's held steps where the crystal they start "
+        "from fits (the free ER steps following on the full grid); never with "
+        "partial_coherence",
     )
     polish_time_budget_s: float = _setting(
         300.0,
@@ -187,12 +188,13 @@ class ReconstructionSettings:
         f"less {SUBSAMPLING_MARGIN} voxels along every axis, the further starts use every other "
         "q: the crystal's own intensity, exactly, at the same resolution, each step "
         f"up to 8 times cheaper; the {FINALISTS} of lowest chi are then refined on the full "
-        "grid (subsampled_refine_iterations); not where the starts run on a coarse grid "
-        "(starts_downsampling), nor with partial_coherence",
+        "grid (subsampled_refine_iterations); where the starts run on a coarse grid "
+        "(starts_downsampling) they stay there, and each finalist that fits is refined at full "
+        "resolution on every other q, then on the full grid; never with partial_coherence",
     )
     subsampled_refine_iterations: int = _setting(
         50,
-        "ER steps on the full grid from each finalist of the starts on every other q",
+        "ER steps on the full grid from each finalist refined on every other q",
         low=1,
         high=2000,
     )

@@ -9,7 +9,7 @@ import pytest
 import scipy.ndimage
 from builders import GENEROUS_BUDGETS
 
-from bcdi_bluesky import ReconstructionSettings, Reconstructor
+from bcdi_bluesky import ReconstructionSettings, Reconstructor, pipeline
 from bcdi_bluesky.errors import DataError, SettingsError
 from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 from bcdi_bluesky.physics import (
@@ -22,7 +22,9 @@ from bcdi_bluesky.physics import (
     out_of_family_crystal,
     r_factor,
 )
-from bcdi_bluesky.pipeline import TIMING_KEYS
+from bcdi_bluesky.pipeline import TIMING_KEYS, polish_stage, prepare_measurement
+from bcdi_bluesky.quality import CHI_GOOD
+from bcdi_bluesky.tuning import polish
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,41 @@ def test_noise_free_data_fit_the_soft_edge():
     assert result.chi < 0.5 * before
     assert r_factor(intensity(result.object), data) <= 0.01
     assert compare_objects(crystal.object, result.object).iou >= 0.9
+
+
+@pytest.mark.timeout(120)
+def test_the_run_to_convergence_goes_on_every_other_q_then_where_needed_on_the_full_grid(
+    monkeypatch,
+):
+    """Noise-free data of a crystal within half the field of view, seeded by its blurred self:
+    the run to convergence goes on every other q first; short of the fit target there, it runs
+    on the full grid as well, and the lower chi wins."""
+    crystal = out_of_family_crystal(DEV_SEED, 24)
+    assert crystal.noise_free and crystal.mask is None
+    blurred = scipy.ndimage.gaussian_filter(crystal.object.real, 1.0) + 1j * (
+        scipy.ndimage.gaussian_filter(crystal.object.imag, 1.0)
+    )
+    settings = ReconstructionSettings(
+        polish_er_iterations=20,
+        polish_iterations=40,
+        adaptive_iterations=0,
+        uniform_amplitude_iterations=0,
+        loose_support_iterations=0,
+    )
+    grids = []  # the grid of every run stopped at convergence
+
+    def recorded(data, *args, **options):
+        if options.get("tolerance"):
+            grids.append(data.shape)
+        return polish(data, *args, **options)
+
+    monkeypatch.setattr(pipeline, "polish", recorded)
+    measurement = prepare_measurement(crystal.measured, None, 64)
+    outcome = polish_stage(measurement, blurred.astype(np.complex64), settings)
+    assert grids == [(32, 32, 32), (64, 64, 64)]
+    first, converged = outcome.attempts.values()
+    assert outcome.chi == converged < 0.5 * first and converged < 1.2 * CHI_GOOD
+    assert compare_objects(crystal.object, outcome.object).iou >= 0.95
 
 
 def test_the_cnn_estimate_does_not_depend_on_the_units_of_noise_free_data(rec):

@@ -31,11 +31,12 @@ from bcdi_bluesky.pipeline import (
     SEED_SUPPORT_THRESHOLD,
     SUBSAMPLED,
     es_budget_scale,
-    first_run_subsampling,
     fit_at_noise,
     held_subsampling,
     polish_stage,
     prepare_measurement,
+    refine_subsampling,
+    refined_run_subsampling,
     starts_factor,
     subsampling,
 )
@@ -271,13 +272,19 @@ def test_polish_spends_more_only_where_the_fit_asks(counted):
     )
     refined = [k for k in hard.attempts if k.endswith("at 1/2 resolution, refined")]
     assert len(refined) == FINALISTS and not starts & set(hard.attempts)
+    # Where the finalists fit in half the field of view, their refinement at full resolution
+    # goes on every other q (then a few ER steps on the full grid).
+    coarse = polish_stage(measurement, sphere, replace(settings, starts_downsampling=2))
+    refined = [k for k in coarse.attempts if k.endswith(f"resolution, refined{SUBSAMPLED}")]
+    assert len(refined) == 1  # the other finalist does not fit: refined on the full grid
+    assert len([k for k in coarse.attempts if k.endswith("resolution, refined")]) == 1
     # By default, the crystal fitting in half the field of view, the starts go on every other
     # q, and the two best come back refined on the full grid.
     subsampled = polish_stage(measurement, sphere, settings)
     further = list(subsampled.attempts)[1:]  # after the first run (on every other q too)
     refined = [k for k in further if k.endswith(f"{SUBSAMPLED}, refined")]
     assert len(refined) == FINALISTS and not starts & set(subsampled.attempts)
-    for outcome in (full_grid, hard, subsampled):
+    for outcome in (full_grid, hard, coarse, subsampled):
         assert outcome.chi == min(outcome.attempts.values())
         assert outcome.chi <= next(iter(outcome.attempts.values()))  # never worse than the first
         assert not outcome.cut_short
@@ -439,18 +446,23 @@ def test_every_other_q_only_where_the_crystal_fits():
     assert subsampling(settings, big) is None
     assert subsampling(replace(settings, starts_downsampling=2), support) is None
     # The polish's first run, from the model: on every grid size, the same rule of fit.
-    assert first_run_subsampling(settings, support) == (2, 2, 2)
-    assert first_run_subsampling(settings, big) == (2, 2, 2)
-    assert first_run_subsampling(settings, np.ones((64, 64, 64), dtype=bool)) is None
+    assert refined_run_subsampling(settings, support) == (2, 2, 2)
+    assert refined_run_subsampling(settings, big) == (2, 2, 2)
+    assert refined_run_subsampling(settings, np.ones((64, 64, 64), dtype=bool)) is None
     support[:, :, 5 + span] = True
-    assert first_run_subsampling(settings, support) is None
+    assert refined_run_subsampling(settings, support) is None
     support[:, :, 5 + span] = False
     for off in (
         {"polish_subsampling": False},
         {"partial_coherence": True},
         {"polish_er_iterations": 0},  # no ER steps to carry it back to the full grid
     ):
-        assert first_run_subsampling(replace(settings, **off), support) is None
+        assert refined_run_subsampling(replace(settings, **off), support) is None
+    # The coarse starts' finalists: the same rule, each on its own.
+    assert refine_subsampling(settings, support) == (2, 2, 2)
+    assert refine_subsampling(settings, np.ones((64, 64, 64), dtype=bool)) is None
+    for off in ({"starts_subsampling": False}, {"partial_coherence": True}):
+        assert refine_subsampling(replace(settings, **off), support) is None
     # The uniform-amplitude run's held steps: the same rule on their fixed support.
     assert held_subsampling(settings, support) == (2, 2, 2)
     assert held_subsampling(settings, big) == (2, 2, 2)
@@ -489,7 +501,7 @@ def test_first_run_on_every_other_q_only_for_a_crystal_that_fits(counted):
     r2 = ((np.indices(data.shape) - 20) ** 2).sum(axis=0)
     sphere = (r2 <= 49).astype(np.complex64)
     seed_support = np.abs(sphere) > SEED_SUPPORT_THRESHOLD
-    assert first_run_subsampling(settings, seed_support) == (2, 2, 2)
+    assert refined_run_subsampling(settings, seed_support) == (2, 2, 2)
     measurement = prepare_measurement(data, None, 64)
     again = polish_stage(measurement, sphere, settings)
     whole = polish_stage(measurement, sphere, replace(settings, polish_subsampling=False))
