@@ -753,9 +753,7 @@ def refine_subsampling(
     coarse start's finalist, from its ``support`` on the full grid; None (the full grid) when
     ``starts_subsampling`` is off, with ``partial_coherence``, or where the support does not
     fit in half the field of view along every axis (:func:`fits_every_other_q`)."""
-    if not settings.starts_subsampling or settings.partial_coherence:
-        return None
-    return fits_every_other_q(support)
+    return _subsampling_policy(settings.starts_subsampling, settings, support)
 
 
 def _refined_at_full_resolution(
@@ -798,10 +796,9 @@ def _refined_at_full_resolution(
         )
         back = []
         for i, run in zip(which, small, strict=False):
-            obj = unfold(run.object, data.shape, backend)
-            support = shrink_wrap(obj, backend=backend)
-            if runs.cut or fits_every_other_q(backend.to_numpy(support)) is not None:
-                back.append((i, (obj, support)))
+            seed = _carried_back(runs, run.object, data.shape)
+            if seed is not None:
+                back.append((i, seed))
         refined = runs.further_each(
             data,
             [seed for _, seed in back],
@@ -847,13 +844,9 @@ def subsampling(settings: ReconstructionSettings, support: np.ndarray) -> tuple[
     IoU than every other q's (full resolution, half the oversampling) on 3 of 3. Nor with
     ``partial_coherence``: a blur over q mixes the q between the samples into each one, so
     the data there are no longer the folded crystal's intensity."""
-    if (
-        not settings.starts_subsampling
-        or settings.partial_coherence
-        or starts_factor(settings.starts_downsampling, support.shape) > 1
-    ):
+    if starts_factor(settings.starts_downsampling, support.shape) > 1:
         return None
-    return fits_every_other_q(support)
+    return _subsampling_policy(settings.starts_subsampling, settings, support)
 
 
 def _every_other_q(
@@ -870,6 +863,34 @@ def _every_other_q(
     )
     floor = poisson_chi_floor(data, valid) if measurement.counts else None
     return backend.asarray(data), None if valid is None else backend.asarray(valid), floor
+
+
+def _carried_back(
+    runs: _PolishRuns, small_object: Any, shape: tuple[int, ...]
+) -> tuple[Any, Any] | None:
+    """An object found on every other q on the full grid ``shape``
+    (:func:`~bcdi_bluesky.tuning.unfold`) and its shrink-wrap support; None where that support
+    does not fit in half the field of view (:func:`fits_every_other_q`: the folded run's
+    crystal was larger than the smaller field, so its copies overlapped), unless the safety cap
+    already cut the runs (the object then comes back as it is)."""
+    backend = runs.backend
+    obj = unfold(small_object, shape, backend)
+    support = shrink_wrap(obj, backend=backend)
+    if runs.cut or fits_every_other_q(backend.to_numpy(support)) is not None:
+        return obj, support
+    return None
+
+
+def _subsampling_policy(
+    switch: bool, settings: ReconstructionSettings, support: np.ndarray
+) -> tuple[int, ...] | None:
+    """The factors of every other q where ``switch`` is on, ``partial_coherence`` off (a blur
+    over q mixes the q between the samples into each: not the folded crystal's intensity) and
+    ``support`` fits in half the field of view along every axis (:func:`fits_every_other_q`);
+    else None."""
+    if not switch or settings.partial_coherence:
+        return None
+    return fits_every_other_q(support)
 
 
 def _subsampled_starts(
@@ -924,9 +945,7 @@ def held_subsampling(
     run's held steps, from their fixed ``support``; None (the full grid) as for the first run
     (:func:`refined_run_subsampling`). The support is fixed, so the folded run's crystal stays
     in half the field of view: no check after it."""
-    if not settings.polish_subsampling or settings.partial_coherence:
-        return None
-    return fits_every_other_q(support)
+    return _subsampling_policy(settings.polish_subsampling, settings, support)
 
 
 def _uniform_amplitude_run(
@@ -1057,11 +1076,10 @@ def _converge_run(
             ChiCost(small_data, small_valid, backend),
             tolerance=settings.converge_tolerance,
         )
-        obj = unfold(small.object, data.shape, backend)
-        support = shrink_wrap(obj, backend=backend)
-        if runs.cut or fits_every_other_q(backend.to_numpy(support)) is not None:
+        back = _carried_back(runs, small.object, data.shape)
+        if back is not None:
             folded = runs.further(
-                data, obj, support, valid, settings.polish_er_iterations, chi_cost, hio_fraction=0.0
+                data, *back, valid, settings.polish_er_iterations, chi_cost, hio_fraction=0.0
             )
             if folded.stopped_by == "iterations":
                 folded.stopped_by = small.stopped_by
@@ -1092,13 +1110,9 @@ def refined_run_subsampling(
     (:func:`fits_every_other_q`, as for the starts). On every grid size, unlike the starts:
     these runs start from a crystal, which a smaller oversampling does not lead astray as it
     does random starts."""
-    if (
-        not settings.polish_subsampling
-        or settings.partial_coherence
-        or settings.polish_er_iterations == 0
-    ):
+    if settings.polish_er_iterations == 0:
         return None
-    return fits_every_other_q(support)
+    return _subsampling_policy(settings.polish_subsampling, settings, support)
 
 
 def _first_run(
@@ -1145,17 +1159,10 @@ def _first_run(
             **recipe,
         )
         runs.record(small)
-        obj = unfold(small.object, data.shape, backend)
-        support = shrink_wrap(obj, backend=backend)
-        if runs.cut or fits_every_other_q(backend.to_numpy(support)) is not None:
+        back = _carried_back(runs, small.object, data.shape)
+        if back is not None:
             refined = runs.further(
-                data,
-                obj,
-                support,
-                valid,
-                settings.polish_er_iterations,
-                chi_cost,
-                hio_fraction=0.0,
+                data, *back, valid, settings.polish_er_iterations, chi_cost, hio_fraction=0.0
             )
             refined.recipe = f"{small.recipe}{SUBSAMPLED}, refined"
             return refined
