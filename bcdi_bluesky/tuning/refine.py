@@ -4,7 +4,8 @@ The cost is ``chi`` (cohere's error, scale fitted in closed form, masked voxels 
 forward model is the inner loop, so the refinement runs coarse-to-fine over q: first on the
 central ``N/2`` cube of the data, where the same crystal is rendered on an ``(N/2)^3`` grid of
 twice-larger voxels (same field of view, so the same q sampling, eight times cheaper), then on
-the full grid.
+the full grid, or, where the crystal fits in half the field of view, on every other q
+(:func:`folded_chi`: the same resolution, the FFT and chi on an eighth of the voxels).
 
 Two stages: :func:`fit_odd_shape` fits the crystal's asymmetry (the odd-``l`` surface terms),
 which the CNN cannot predict, by a derivative-free local search; :func:`refine_crystal` then
@@ -212,7 +213,8 @@ def refine_crystal(
         turn and the fine stage from the one that ended best: a second start (such as
         :func:`fit_odd_shape`'s) is a hypothesis that ES then confirms or rejects.
     coarse_iterations, fine_iterations : int
-        ES steps on the central half-size cube (per start), then on the full grid.
+        ES steps on the central half-size cube (per start), then on the full grid (or every
+        other q, ``fine_subsampling``).
     fine_subsampling : bool
         Run the fine steps on every other q (:func:`folded_chi`) where the crystal they start
         from fits in half the field of view along every axis
