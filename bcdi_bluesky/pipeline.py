@@ -56,6 +56,7 @@ from .quality import (
     quality_verdict,
 )
 from .settings import (
+    FAR_FROM_NOISE,
     FINALISTS,
     LOOSE_SUPPORT_DILATION,
     SCREEN_SHARE,
@@ -493,6 +494,16 @@ def fit_at_noise(chi: float, expected_chi: float | None) -> bool:
     if expected_chi is not None:
         return chi <= FIT_GOOD * expected_chi
     return chi <= CHI_GOOD
+
+
+def far_from_noise(chi: float, floor: float | None) -> bool:
+    """Policy: is a fit on every other q so far above what the data allow
+    (:data:`~bcdi_bluesky.settings.FAR_FROM_NOISE` times the target of :func:`fit_at_noise`,
+    against the :func:`~bcdi_bluesky.physics.poisson_chi_floor` of those data, ``floor``, or
+    :data:`~bcdi_bluesky.quality.CHI_GOOD` where they are not counts) that ER steps on the
+    full grid cannot bring it to the noise?"""
+    target = CHI_GOOD if floor is None else FIT_GOOD * floor
+    return chi > FAR_FROM_NOISE * target
 
 
 #: Coarse grids keep at least this many voxels along every axis (else the starts run on the
@@ -1139,7 +1150,9 @@ def _first_run(
     on the full grid. The crystal it found must fit there too (its shrink-wrap support,
     :func:`fits_every_other_q`): a model smaller than the crystal
     would fold a crystal that does not fit, and the run starts again on the full grid
-    (measured on the 40 development crystals at 64^3: 5 of 40).
+    (measured on the 40 development crystals at 64^3: 5 of 40). Where the fit on every other
+    q is far above the noise (:func:`far_from_noise`) and the further starts are on, the
+    crystal comes back without the ER steps: the starts follow whatever those steps reach.
     """
     settings, backend = runs.settings, runs.backend
     recipe = {
@@ -1166,6 +1179,17 @@ def _first_run(
         )
         runs.record(small)
         back = _carried_back(runs, small.object, data.shape)
+        if (
+            back is not None
+            and settings.adaptive_iterations > 0
+            and far_from_noise(small.chi, floor)
+        ):
+            # The further starts follow whatever the full grid's ER steps do: the run comes
+            # back as it is, a candidate among them.
+            carried = PolishResult(*back, recipe=f"{small.recipe}{SUBSAMPLED}")
+            carried.chi = chi_cost(carried.model_intensity(backend))
+            carried.stopped_by = small.stopped_by
+            return carried
         if back is not None:
             refined = runs.further(
                 data, *back, valid, settings.polish_er_iterations, chi_cost, hio_fraction=0.0
@@ -1197,7 +1221,8 @@ def polish_stage(
 
     1. :func:`~bcdi_bluesky.tuning.seeded_polish` from the model object (ER; ER/HIO unless ER
        fits to the noise), on every other q where the model's crystal fits in half the field
-       of view, then refined on the full grid (:func:`_first_run`).
+       of view, then refined on the full grid unless its fit there is far above the noise
+       (:func:`_first_run`).
     2. If the fit is not at the noise (:func:`fit_at_noise`), more starts of
        ``adaptive_iterations`` ER/HIO steps (``adaptive_hio_fraction`` HIO): the model seed
        again, and model-free ones (a wrong model cannot trap them) in a sphere sized from the

@@ -286,8 +286,10 @@ def test_the_starts_on_every_other_q_run_on_torch():
         b.library: polish_stage(measurement, seed, settings, backend=b) for b in (NUMPY, TORCH)
     }
     for outcome in outcomes.values():
+        # The first run, far above the noise, comes back without the full grid's steps; the
+        # finalists are refined there.
+        assert next(iter(outcome.attempts)).endswith(SUBSAMPLED)
         refined = [k for k in outcome.attempts if k.endswith(f"{SUBSAMPLED}, refined")]
-        assert len(refined) == 1 + FINALISTS  # the first run, then the finalists
-        assert next(iter(outcome.attempts)) == refined[0]
+        assert len(refined) == FINALISTS
     assert isinstance(outcomes["numpy"].object, np.ndarray)
     assert outcomes["torch"].chi == pytest.approx(outcomes["numpy"].chi, rel=0.05)

@@ -81,9 +81,12 @@ def test_scan54_against_cohere(full, geometry):
     assert summary["crystal_volume_nm3"] == pytest.approx(
         full.support.sum() * abs(np.linalg.det(ours)), rel=0.1
     )
-    # A nearly strain-free crystal: RMS strain in the 1e-4 range, displacement << d_111.
+    # A nearly strain-free crystal: RMS strain in the 1e-4 range, and the displacement's RMS
+    # below d_111 / 2 pi (a phase RMS under 1 rad: no wrap, no defect). Measured 0.011 and
+    # 0.024 nm (0.29 and 0.65 rad) from two fits of these data whose winning starts differ
+    # (R-factor 0.153 and 0.149).
     assert 1e-5 < summary["strain_rms"] < 2e-3
-    assert summary["displacement_rms_nm"] < 0.1 * geometry.d_spacing_nm()
+    assert summary["displacement_rms_nm"] < geometry.d_spacing_nm() / (2 * np.pi)
 
 
 def test_files_hold_the_physical_results(tmp_path, full, geometry):

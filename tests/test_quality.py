@@ -31,6 +31,7 @@ from bcdi_bluesky.pipeline import (
     SEED_SUPPORT_THRESHOLD,
     SUBSAMPLED,
     es_budget_scale,
+    far_from_noise,
     fit_at_noise,
     held_subsampling,
     polish_stage,
@@ -42,6 +43,7 @@ from bcdi_bluesky.pipeline import (
 )
 from bcdi_bluesky.quality import (
     CHI_FAIR,
+    CHI_GOOD,
     CNN_CHI_Z_LIMIT,
     FIT_FAIR,
     FIT_GOOD,
@@ -50,7 +52,12 @@ from bcdi_bluesky.quality import (
     out_of_distribution,
     quality_verdict,
 )
-from bcdi_bluesky.settings import STARTS_GRID_EDGE, SUBSAMPLING_MARGIN, ReconstructionSettings
+from bcdi_bluesky.settings import (
+    FAR_FROM_NOISE,
+    STARTS_GRID_EDGE,
+    SUBSAMPLING_MARGIN,
+    ReconstructionSettings,
+)
 from bcdi_bluesky.tuning import (
     autocorrelation_seed,
     central_slices,
@@ -509,6 +516,47 @@ def test_first_run_on_every_other_q_only_for_a_crystal_that_fits(counted):
     assert SUBSAMPLED not in again.recipe and again.recipe == whole.recipe
     np.testing.assert_array_equal(again.object, whole.object)
     assert compare_objects(crystal, again.object).iou >= 0.9
+
+
+def test_far_from_noise_is_beyond_the_fit_target():
+    floor = 0.1
+    target = FIT_GOOD * floor
+    assert not far_from_noise(FAR_FROM_NOISE * target * 0.99, floor)
+    assert far_from_noise(FAR_FROM_NOISE * target * 1.01, floor)
+    # Not counts: the absolute target.
+    assert not far_from_noise(FAR_FROM_NOISE * CHI_GOOD * 0.99, None)
+    assert far_from_noise(FAR_FROM_NOISE * CHI_GOOD * 1.01, None)
+
+
+@pytest.mark.timeout(120)
+def test_first_run_far_from_the_noise_comes_back_without_the_full_grids_steps():
+    # A strained cube measured as counts, seeded without its phase: on every other q the first
+    # run ends far above the noise, so with further starts to follow it comes back as it is
+    # (one of the candidates); without them it is refined on the full grid.
+    crystal = out_of_family_crystal(DEV_SEED, 9)
+    assert crystal.labels[:2] == ["cube", "polynomial"] and crystal.mask is None
+    settings = ReconstructionSettings(
+        polish_er_iterations=20,
+        polish_iterations=40,
+        adaptive_iterations=30,
+        random_starts=0,
+        uniform_amplitude_iterations=0,
+        converge_iterations=0,
+        loose_support_iterations=0,
+    )
+    measurement = prepare_measurement(crystal.measured, None, 64)
+    seed = np.abs(crystal.object).astype(np.complex64)
+    alone = polish_stage(measurement, seed, replace(settings, adaptive_iterations=0))
+    (refined,) = alone.attempts
+    assert refined.endswith(f"{SUBSAMPLED}, refined")
+    assert not fit_at_noise(alone.chi, alone.expected_chi)
+    started = polish_stage(measurement, seed, settings)
+    first = refined.removesuffix(", refined")
+    assert next(iter(started.attempts)) == first and refined not in started.attempts
+    # Its chi is the full grid's (within a few percent of the refined run's), and the
+    # starts' winner is kept only where it fits better.
+    assert abs(started.attempts[first] / alone.attempts[refined] - 1) < 0.05
+    assert started.chi <= started.attempts[first]
 
 
 @pytest.mark.timeout(120)

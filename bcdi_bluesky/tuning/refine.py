@@ -25,7 +25,7 @@ import scipy.optimize
 from ..backend import NUMPY, ArrayBackend
 from ..physics import CrystalModel, intensity
 from ..physics import support as amplitude_support
-from ..settings import SEED_SUPPORT_THRESHOLD
+from ..settings import ES_SCREEN_SHARE, SEED_SUPPORT_THRESHOLD
 from .extremum_seeking import ExtremumSeeker
 from .sampling import central_slices, fits_every_other_q, fold, subsample
 
@@ -179,6 +179,13 @@ class RefineResult:
     cut_short: bool = False
 
 
+def coarse_screen(iterations: int) -> int:
+    """Coarse ES steps that every start of :func:`refine_crystal` runs when it has several:
+    :data:`~bcdi_bluesky.settings.ES_SCREEN_SHARE` of ``iterations`` (at least one); the
+    start that ends lowest runs the rest."""
+    return max(round(iterations * ES_SCREEN_SHARE), 1)
+
+
 def refine_crystal(
     model: CrystalModel,
     params: np.ndarray,
@@ -210,11 +217,13 @@ def refine_crystal(
         True for valid voxels.
     alternatives : sequence of ndarray
         Other starting points (physical parameters). The coarse stage runs from each start in
-        turn and the fine stage from the one that ended best: a second start (such as
-        :func:`fit_odd_shape`'s) is a hypothesis that ES then confirms or rejects.
+        turn (:func:`coarse_screen` of its steps), the one that ended best runs the rest, and
+        the fine stage follows from it: a second start (such as :func:`fit_odd_shape`'s) is a
+        hypothesis that ES then confirms or rejects.
     coarse_iterations, fine_iterations : int
-        ES steps on the central half-size cube (per start), then on the full grid (or every
-        other q, ``fine_subsampling``).
+        ES steps on the central half-size cube (those of the start that ends best; the
+        others run :func:`coarse_screen` of them), then on the full grid (or every other q,
+        ``fine_subsampling``).
     fine_subsampling : bool
         Run the fine steps on every other q (:func:`folded_chi`) where the crystal they start
         from fits in half the field of view along every axis
@@ -260,15 +269,17 @@ def refine_crystal(
 
     cut_short = False
 
+    def seeker(start: np.ndarray) -> ExtremumSeeker:
+        return ExtremumSeeker(start, gain=gain, dither=dither, decay=0.998, seed=seed)
+
     def seek(
-        cost_fn: Callable[[np.ndarray], float], start: np.ndarray, iterations: int
+        cost_fn: Callable[[np.ndarray], float], es: ExtremumSeeker, iterations: int
     ) -> tuple[np.ndarray, float, bool]:
         nonlocal cut_short
         left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - started)
         if left is not None and left <= 0:
             cut_short = True
-            return start, np.inf, True
-        es = ExtremumSeeker(start, gain=gain, dither=dither, decay=0.998, seed=seed)
+            return es.ask(), np.inf, True
         result = es.minimise(cost_fn, max_iter=iterations, time_budget_s=left, hook=step)
         cut_short = cut_short or result.stopped_by == "time"
         return result.best_params, result.best_cost, result.stopped_by != "iterations"
@@ -277,13 +288,20 @@ def refine_crystal(
     p, stop = p0, False
     if coarse_iterations > 0 and model.n // 2 >= 16:
         coarse = coarse_chi(model, measured, mask, backend)
+        # Several starts: each runs the screen's share of the steps, the best the rest.
+        screen = coarse_iterations if len(starts) == 1 else coarse_screen(coarse_iterations)
         ends = []
         for start in starts:
-            end, cost, stop = seek(coarse, start, coarse_iterations)
-            ends.append((cost, len(ends), end))
+            es = seeker(start)
+            end, cost, stop = seek(coarse, es, screen)
+            ends.append((cost, len(ends), end, es))
             if stop:
                 break
-        p = min(ends)[2]
+        cost, _, p, es = min(ends, key=lambda entry: entry[:2])
+        if not stop and coarse_iterations > screen:
+            end, more, stop = seek(coarse, es, coarse_iterations - screen)
+            if more < cost:
+                p = end
     elif len(starts) > 1:
         p = min((chi_full(q), i, q) for i, q in enumerate(starts))[2]
     if fine_iterations > 0 and not stop:
@@ -296,7 +314,7 @@ def refine_crystal(
             factors = fits_every_other_q(start_support)
             if factors is not None:
                 fine = folded_chi(model, measured, factors, mask, backend)
-        p = seek(fine, p, fine_iterations)[0]
+        p = seek(fine, seeker(p), fine_iterations)[0]
     final = chi_full(p)
     if final < best_chi:
         best_p, best_chi = p, final
