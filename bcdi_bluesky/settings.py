@@ -157,7 +157,8 @@ class ReconstructionSettings:
         "where the model's crystal spans at most half the field of view less "
         f"{SUBSAMPLING_MARGIN} voxels along every axis, the polish's first runs use every other "
         "q (each step up to 8 times cheaper), then polish_er_iterations ER steps on the full "
-        "grid (on the full grid if the crystal they find does not fit); so do the run to "
+        "grid (none where their fit is far above the noise and the further starts follow; on "
+        "the full grid if the crystal they find does not fit); so do the run to "
         "convergence and the uniform-amplitude run's held steps where the crystal they start "
         "from fits (the free ER steps following on the full grid); never with "
         "partial_coherence",
