@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -58,6 +59,12 @@ FFT_WORKERS = _fft_workers_from_environment()
 #: Volumes up to this many voxels are transformed on one thread: for them, handing work to a
 #: second thread costs more than it saves (32^3: 0.39 ms on one thread, 0.52 ms on two).
 SMALL_FFT_VOXELS = 32**3
+
+#: :meth:`ArrayBackend.fftn_within` and :meth:`~ArrayBackend.ifftn_within` run on volumes up to
+#: this many voxels whose support spans at most this share of every axis; beyond, copying the
+#: lines costs what leaving out the empty ones saves.
+PRUNED_FFT_MAX_VOXELS = 64**3
+PRUNED_FFT_MAX_SPAN = 0.7
 
 #: What ``device=`` accepts (besides ``"cuda:N"``).
 DEVICES = ("auto", "cpu", "cuda")
@@ -173,6 +180,65 @@ class ArrayBackend:
         if self.is_numpy:
             return scipy.fft.ifftn(x, workers=fft_workers(x.size), overwrite_x=overwrite)
         return self._native.fft.ifftn(x)
+
+    def support_box(self, support: Any) -> tuple[slice, ...] | None:
+        """The bounding box of a boolean ``support`` (slices) where :meth:`prunes` says the
+        transforms within it pay, else None (and for an empty support)."""
+        if not self.prunes(support.shape, None):
+            return None
+        box = []
+        for axis in range(support.ndim):
+            others = tuple(a for a in range(support.ndim) if a != axis)
+            occupied = np.flatnonzero(np.any(support, axis=others))
+            if occupied.size == 0:
+                return None
+            box.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
+        return tuple(box) if self.prunes(support.shape, tuple(box)) else None
+
+    def prunes(self, shape: tuple[int, ...], box: tuple[slice, ...] | None) -> bool:
+        """Whether :meth:`fftn_within` and :meth:`ifftn_within` pay for a volume of ``shape``
+        that is zero outside ``box`` (None: for some box): on the numpy backend only (a GPU
+        runs the whole transform at once), up to :data:`PRUNED_FFT_MAX_VOXELS`, and where
+        the box spans at most :data:`PRUNED_FFT_MAX_SPAN` of every axis."""
+        if not self.is_numpy or math.prod(shape) > PRUNED_FFT_MAX_VOXELS:
+            return False
+        return box is None or all(
+            s.stop - s.start <= PRUNED_FFT_MAX_SPAN * n for s, n in zip(box, shape, strict=True)
+        )
+
+    def fftn_within(self, x: Any, box: tuple[slice, ...]) -> Any:
+        """:meth:`fftn` of an ``x`` that is zero outside ``box`` (:meth:`support_box`), the
+        same to the bit: the transform runs axis after axis, in the order ``fftn`` takes, and
+        leaves out the lines that hold only zeros (a third of the work for a crystal in half
+        of each axis). numpy backend only."""
+        workers = fft_workers(x.size)
+        part = x[(slice(None), *box[1:])]
+        for axis in range(x.ndim):
+            part = scipy.fft.fft(part, axis=axis, workers=workers, overwrite_x=axis > 0)
+            if axis + 1 < x.ndim:
+                # The next axis's lines: zero-padded along the axes done, cut along the rest.
+                grown = np.zeros(x.shape[: axis + 2] + part.shape[axis + 2 :], dtype=part.dtype)
+                grown[(slice(None),) * (axis + 1) + (box[axis + 1],)] = part
+                part = grown
+        return part
+
+    def ifftn_within(self, f: Any, box: tuple[slice, ...]) -> Any:
+        """:meth:`ifftn` of ``f`` on the voxels of ``box`` (:meth:`support_box`), zero
+        elsewhere; there the same to the bit: axis after axis, each transform on the lines
+        that reach the box only. numpy backend only."""
+        workers = fft_workers(f.size)
+        part = f
+        for axis in range(f.ndim):
+            # Unnormalised passes and 1/N once, after the first, as scipy's ifftn scales.
+            part = scipy.fft.ifft(
+                part, axis=axis, norm="forward", workers=workers, overwrite_x=axis > 0
+            )
+            part = part[(slice(None),) * axis + (box[axis],)]
+            if axis == 0:
+                part *= np.float32(1.0 / f.size)
+        out = np.zeros(f.shape, dtype=part.dtype)
+        out[box] = part
+        return out
 
     def fftshift(self, x: Any) -> Any:
         """Move q = 0 to index ``N // 2`` along every axis."""

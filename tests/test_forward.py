@@ -61,3 +61,97 @@ def test_fast_forward_model_equals_the_definition(model64, prior64, n):
         fast = model.intensity(p)
         assert fast.dtype == np.float32 and fast.shape == (n, n, n)
         np.testing.assert_allclose(fast, expected, rtol=1e-4, atol=1e-4 * expected.max())
+
+
+@pytest.mark.parametrize(
+    "shape, box",
+    [
+        ((32, 32, 32), (slice(9, 22), slice(10, 21), slice(8, 24))),
+        ((48, 50, 36), (slice(12, 30), slice(3, 31), slice(10, 27))),
+        ((21, 64, 40), (slice(4, 16), slice(20, 50), slice(0, 24))),
+    ],
+)
+def test_transforms_within_a_box_are_the_whole_transforms_to_the_bit(shape, box, rng):
+    from bcdi_bluesky.backend import NUMPY
+
+    obj = np.zeros(shape, np.complex64)
+    inner = obj[box].shape
+    obj[box] = rng.normal(size=inner) + 1j * rng.normal(size=inner)
+    f = NUMPY.fftn(obj)
+    assert np.array_equal(NUMPY.fftn_within(obj, box), f)
+    back = NUMPY.ifftn_within(f, box)
+    assert np.array_equal(back[box], NUMPY.ifftn(f)[box])
+    outside = np.ones(shape, bool)
+    outside[box] = False
+    assert not back[outside].any()
+
+
+def test_the_support_box_is_the_bounding_box_where_pruning_pays():
+    from bcdi_bluesky.backend import NUMPY, PRUNED_FFT_MAX_SPAN
+
+    support = np.zeros((32, 40, 24), bool)
+    support[5, 10, 3] = support[20, 12, 9] = True
+    assert NUMPY.support_box(support) == (slice(5, 21), slice(10, 13), slice(3, 10))
+    assert NUMPY.support_box(np.zeros((16,) * 3, bool)) is None
+    wide = np.zeros((32,) * 3, bool)
+    wide[0, 0, 0] = wide[int(PRUNED_FFT_MAX_SPAN * 32) + 1, 1, 1] = True
+    assert NUMPY.support_box(wide) is None
+
+
+@pytest.mark.parametrize("hio_fraction", [0.0, 0.65])
+def test_phase_retrieval_gives_the_same_bits_with_and_without_pruned_transforms(
+    monkeypatch, hio_fraction
+):
+    from bcdi_bluesky.backend import ArrayBackend
+    from bcdi_bluesky.physics import DEV_SEED, out_of_family_crystal
+    from bcdi_bluesky.tuning import polish
+
+    crystal = out_of_family_crystal(DEV_SEED, 2, 32)
+    seed = np.zeros((32,) * 3, np.complex64)
+    seed[9:22, 10:21, 8:23] = 1.0
+    mask = np.ones((32,) * 3, bool)
+    mask[:, 14:16, :] = False  # a detector gap: the masked voxels keep their own modulus
+
+    def run() -> object:
+        return polish(
+            crystal.measured,
+            seed,
+            np.abs(seed) > 0,
+            mask,
+            iterations=60,
+            hio_fraction=hio_fraction,
+            shrink_every=10,
+        )
+
+    within = ArrayBackend.ifftn_within
+    calls = []
+    monkeypatch.setattr(
+        ArrayBackend, "ifftn_within", lambda self, f, box: calls.append(box) or within(self, f, box)
+    )
+    pruned = run()
+    assert pruned.iterations == 60 and len(calls) >= 20  # every ER step, at least
+    monkeypatch.setattr(ArrayBackend, "support_box", lambda self, support: None)
+    whole = run()
+    assert np.array_equal(pruned.object, whole.object)
+    assert np.array_equal(pruned.support, whole.support)
+    assert pruned.errors == whole.errors
+
+
+def test_the_forward_model_gives_the_same_bits_with_and_without_pruned_transforms(
+    monkeypatch, model64, prior64
+):
+    from bcdi_bluesky.backend import ArrayBackend
+
+    coarse = model64.with_grid(32)
+    params = [prior64.sample(np.random.default_rng(seed)) for seed in range(3)]
+    within = ArrayBackend.fftn_within
+    calls = []
+    monkeypatch.setattr(
+        ArrayBackend, "fftn_within", lambda self, x, box: calls.append(box) or within(self, x, box)
+    )
+    pruned = [coarse.intensity(p) for p in params]
+    assert len(calls) == len(params)  # prior crystals fit well inside the grid
+    monkeypatch.setattr(ArrayBackend, "prunes", lambda self, shape, box: False)
+    for p, expected in zip(params, pruned, strict=True):
+        assert np.array_equal(coarse.intensity(p), expected)
+        np.testing.assert_allclose(expected, intensity(coarse.voxelise(p)), rtol=1e-4, atol=1e-3)

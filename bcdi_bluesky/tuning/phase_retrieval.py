@@ -272,13 +272,18 @@ def polish(
     elif kernel is None:
         kernel = CoherenceKernel(tuple(amp.shape), backend)
     measured_q = amp * amp
+    # ER leaves the object zero outside the support: the next forward FFT skips the lines
+    # outside its box, and an ER step's inverse FFT computes the box only (numpy, bit for bit
+    # the whole transform's; ``support_box`` is None where that does not pay).
+    box = backend.support_box(support)
+    object_box = box  # where the object is non-zero (None: anywhere, after an HIO step)
     done = 0
     stopped_by = "iterations"
     for i, kind in enumerate(recipe):
         out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
         if out_of_time and kind == "HIO":
             kind = "ER"
-        f = backend.fftn(obj)
+        f = backend.fftn(obj) if object_box is None else backend.fftn_within(obj, object_box)
         if kernel is not None and i >= kernel_from:
             power = backend.power(f)
             if shrink_every and (i - kernel_from) % shrink_every == 0:
@@ -297,12 +302,13 @@ def polish(
         if invalid is not None:
             factor[invalid] = 1.0
         f *= factor
-        new = backend.ifftn(f, overwrite=True)
         if kind == "ER":
+            new = backend.ifftn(f, overwrite=True) if box is None else backend.ifftn_within(f, box)
             new *= support
-            obj = new
+            obj, object_box = new, box
         else:
-            obj = backend.hio_update(obj, new, support, beta)
+            new = backend.ifftn(f, overwrite=True)
+            obj, object_box = backend.hio_update(obj, new, support, beta), None
         if interior is not None:
             modulus = xp.abs(obj)
             level = backend.median(modulus[interior])
@@ -312,6 +318,7 @@ def polish(
             support = shrink_wrap(obj, shrink_sigma, shrink_threshold, backend)
             if limit is not None:
                 support &= limit
+            box = backend.support_box(support)
         if hook is not None and hook(done, errors[-1]) is False:
             stopped_by = "hook"
             break
