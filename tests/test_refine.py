@@ -100,6 +100,25 @@ def test_folded_chi_is_chi_on_every_other_q(model64, factors):
         assert cost(model64.normalise(params)) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("factors", [(2, 2, 2), (2, 1, 2)])
+def test_a_rendered_crystal_folds_to_the_bit_without_the_full_grid(monkeypatch, model64, factors):
+    import bcdi_bluesky.tuning.sampling as sampling
+
+    sample = make_sample(model64, CrystalPrior(model64), 31, TEST_STREAM, 2, 1e8)
+    large = sample.params.copy()
+    large[0] *= 1.6  # a crystal whose cube no longer fits in half the field of view
+    folds = []
+    whole = sampling.fold
+    monkeypatch.setattr(sampling, "fold", lambda *args: folds.append(1) or whole(*args))
+    for params, fits in ((sample.params, True), (large, False)):
+        rendered = model64.render(params)
+        expected = whole(rendered.to_object(), factors)
+        folds.clear()
+        folded = sampling.fold_rendered(rendered, factors)
+        assert folded.dtype == expected.dtype and np.array_equal(folded, expected)
+        assert (not folds) == fits  # straight to the cells where the cube fits, else fold
+
+
 def test_fine_es_on_every_other_q_where_the_crystal_fits(model64):
     sample = make_sample(model64, CrystalPrior(model64), 31, TEST_STREAM, 2, 1e8)
     start = _without_odd_shape(model64, sample.params)

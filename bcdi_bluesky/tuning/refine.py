@@ -27,7 +27,7 @@ from ..physics import CrystalModel, intensity
 from ..physics import support as amplitude_support
 from ..settings import ES_SCREEN_SHARE, SEED_SUPPORT_THRESHOLD
 from .extremum_seeking import ExtremumSeeker
-from .sampling import central_slices, fits_every_other_q, fold, subsample
+from .sampling import central_slices, fits_every_other_q, fold_rendered, subsample
 
 
 class ChiCost:
@@ -105,8 +105,8 @@ def folded_chi(
     )
 
     def chi(p: np.ndarray) -> float:
-        obj = model.voxelise(model.denormalise(p), backend)
-        return cost(intensity(fold(obj, factors, backend), backend=backend))
+        rendered = model.render(model.denormalise(p), backend)
+        return cost(intensity(fold_rendered(rendered, factors, backend), backend=backend))
 
     return chi
 
