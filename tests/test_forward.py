@@ -1,15 +1,19 @@
 import numpy as np
 import pytest
 
+from bcdi_bluesky.backend import NUMPY, PRUNED_FFT_MAX_SPAN, ArrayBackend
 from bcdi_bluesky.physics import (
+    DEV_SEED,
     beamstop_mask,
     detector_gap_mask,
     far_field,
     intensity,
+    out_of_family_crystal,
     poisson_counts,
     scale_to_photons,
     simulate_counts,
 )
+from bcdi_bluesky.tuning import polish
 
 
 def test_intensity_is_centred_and_obeys_parseval(model64, prior64):
@@ -72,8 +76,6 @@ def test_fast_forward_model_equals_the_definition(model64, prior64, n):
     ],
 )
 def test_transforms_within_a_box_are_the_whole_transforms_to_the_bit(shape, box, rng):
-    from bcdi_bluesky.backend import NUMPY
-
     obj = np.zeros(shape, np.complex64)
     inner = obj[box].shape
     obj[box] = rng.normal(size=inner) + 1j * rng.normal(size=inner)
@@ -87,8 +89,6 @@ def test_transforms_within_a_box_are_the_whole_transforms_to_the_bit(shape, box,
 
 
 def test_the_support_box_is_the_bounding_box_where_pruning_pays():
-    from bcdi_bluesky.backend import NUMPY, PRUNED_FFT_MAX_SPAN
-
     support = np.zeros((32, 40, 24), bool)
     support[5, 10, 3] = support[20, 12, 9] = True
     assert NUMPY.support_box(support) == (slice(5, 21), slice(10, 13), slice(3, 10))
@@ -102,10 +102,6 @@ def test_the_support_box_is_the_bounding_box_where_pruning_pays():
 def test_phase_retrieval_gives_the_same_bits_with_and_without_pruned_transforms(
     monkeypatch, hio_fraction
 ):
-    from bcdi_bluesky.backend import ArrayBackend
-    from bcdi_bluesky.physics import DEV_SEED, out_of_family_crystal
-    from bcdi_bluesky.tuning import polish
-
     crystal = out_of_family_crystal(DEV_SEED, 2, 32)
     seed = np.zeros((32,) * 3, np.complex64)
     seed[9:22, 10:21, 8:23] = 1.0
@@ -140,8 +136,6 @@ def test_phase_retrieval_gives_the_same_bits_with_and_without_pruned_transforms(
 def test_the_forward_model_gives_the_same_bits_with_and_without_pruned_transforms(
     monkeypatch, model64, prior64
 ):
-    from bcdi_bluesky.backend import ArrayBackend
-
     coarse = model64.with_grid(32)
     params = [prior64.sample(np.random.default_rng(seed)) for seed in range(3)]
     within = ArrayBackend.fftn_within

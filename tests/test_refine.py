@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import bcdi_bluesky.tuning.sampling as sampling
 from bcdi_bluesky.model.data import TEST_STREAM, make_sample
 from bcdi_bluesky.model.encoding import TwinBlockEncoding
 from bcdi_bluesky.physics import CrystalPrior, intensity, support, support_iou
@@ -102,8 +103,6 @@ def test_folded_chi_is_chi_on_every_other_q(model64, factors):
 
 @pytest.mark.parametrize("factors", [(2, 2, 2), (2, 1, 2)])
 def test_a_rendered_crystal_folds_to_the_bit_without_the_full_grid(monkeypatch, model64, factors):
-    import bcdi_bluesky.tuning.sampling as sampling
-
     sample = make_sample(model64, CrystalPrior(model64), 31, TEST_STREAM, 2, 1e8)
     large = sample.params.copy()
     large[0] *= 1.6  # a crystal whose cube no longer fits in half the field of view
