@@ -27,9 +27,11 @@ from .errors import DataError, SettingsError
 from .model.latent import latent_vector
 from .model.runtime import OnnxCrystalModel
 from .physics import (
+    NOISE_FREE_LEVEL,
     CrystalModel,
     Geometry,
     PhysicalResult,
+    autocorrelation_noise,
     check_mask,
     check_volume,
     physical_result,
@@ -323,6 +325,7 @@ class Measurement:
     valid: np.ndarray | None  # True for valid voxels (hot pixels removed); None: all valid
     prepared: Prepared  # the data centred on the model grid
     noise_floor: float | None  # physics.poisson_chi_floor (None: not counts)
+    noise_free: bool = False  # not counts, without noise (physics.autocorrelation_noise)
 
     @property
     def counts(self) -> bool:
@@ -363,7 +366,9 @@ def prepare_measurement(intensity: np.ndarray, mask: np.ndarray | None, n: int) 
     if valid.all():
         valid = None
     check_bragg_peak(data, valid)
-    return Measurement(data, valid, fit_to_grid(data, n, valid), poisson_chi_floor(data, valid))
+    floor = poisson_chi_floor(data, valid)
+    noise_free = floor is None and autocorrelation_noise(data, valid) < NOISE_FREE_LEVEL
+    return Measurement(data, valid, fit_to_grid(data, n, valid), floor, noise_free)
 
 
 @dataclass(frozen=True)
@@ -950,17 +955,17 @@ def _subsampled_starts(
 
 
 def held_subsampling(
-    settings: ReconstructionSettings, support: np.ndarray, counts: bool
+    settings: ReconstructionSettings, support: np.ndarray, noise_free: bool
 ) -> tuple[int, ...] | None:
     """Policy: the factors of :func:`~bcdi_bluesky.tuning.subsample` for the uniform-amplitude
     run's held steps, from their fixed ``support``; None (the full grid) as for the first run
-    (:func:`refined_run_subsampling`), and for data that are not ``counts``: those are fitted
-    to an absolute target (:data:`~bcdi_bluesky.quality.CHI_GOOD`), and on a noise-free
-    benchmark crystal (an edge-dislocated octahedron with a detector gap) the held steps on
-    every other q ended at chi 0.078 against 0.015 on the full grid, which the run to
-    convergence did not recover (R-factor 0.093). The support is fixed, so the folded run's
-    crystal stays in half the field of view: no check after it."""
-    if not counts:
+    (:func:`refined_run_subsampling`), and for ``noise_free`` data (:attr:`Measurement.
+    noise_free`): those are fitted far below any noise, and on a noise-free benchmark crystal
+    (an edge-dislocated octahedron with a detector gap) the held steps on every other q ended
+    at chi 0.078 against 0.015 on the full grid, which the run to convergence did not recover
+    (R-factor 0.093). The support is fixed, so the folded run's crystal stays in half the
+    field of view: no check after it."""
+    if noise_free:
         return None
     return _subsampling_policy(settings.polish_subsampling, settings, support)
 
@@ -1018,7 +1023,7 @@ def _uniform_amplitude_run(
     if not interior.any():
         return None
     steps = settings.uniform_amplitude_iterations
-    factors = held_subsampling(settings, support, measurement.counts)
+    factors = held_subsampling(settings, support, measurement.noise_free)
     grid_data, grid_valid, cost, held = data, valid, chi_cost, best
     if factors is not None:
         grid_data, grid_valid, _ = _every_other_q(measurement, factors, backend)
@@ -1245,12 +1250,13 @@ def polish_stage(
     3. If the fit is still not at the noise, the uniform-amplitude run from the winner
        (:func:`_uniform_amplitude_run`: a homogeneous crystal's amplitude held inside, then
        free ER); kept if its chi is lower.
-    4. For data that are not counts (noise-free or corrected: no noise to stop at), if still
+    4. For noise-free data (:attr:`Measurement.noise_free`: no noise to stop at), if still
        above :data:`~bcdi_bluesky.quality.CHI_GOOD`, an ER/HIO run from the winner
        (``converge_iterations`` steps, ``adaptive_hio_fraction`` HIO) whose final ER block
        stops once the error stops falling (``converge_tolerance`` over 20 steps); kept if its
        chi is lower. On counts this only fits the noise (measured: chi 0.1% lower, IoU
-       unchanged).
+       unchanged), and so on corrected data that carry noise (scan 54: chi 0.0703 -> 0.0775,
+       lost).
     5. For data that are not counts, ``loose_support_iterations`` ER steps from the winner on its
        support grown by :data:`~bcdi_bluesky.settings.LOOSE_SUPPORT_DILATION` voxels, fixed: the
        soft edge the shrink-wrap cut is fitted (ER on a support that holds the object's only lowers
@@ -1307,7 +1313,7 @@ def polish_stage(
     converged = best.stopped_by == "converged"
     if (
         settings.converge_iterations > 0
-        and not measurement.counts
+        and measurement.noise_free
         and not runs.cut
         and not fit_at_noise(best.chi, expected)
     ):

@@ -218,8 +218,8 @@ class ReconstructionSettings:
     )
     converge_iterations: int = _setting(
         400,
-        "most steps of the final ER/HIO run to convergence when the data are not counts "
-        "(noise-free or corrected) and the fit is not yet at chi 0.0025 (0: none)",
+        "most steps of the final ER/HIO run to convergence when the data are noise-free "
+        "and the fit is not yet at chi 0.0025 (0: none)",
         low=0,
         high=5000,
     )

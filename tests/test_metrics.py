@@ -3,13 +3,17 @@ import pytest
 import scipy.ndimage
 
 from bcdi_bluesky.physics import (
+    DEV_SEED,
+    NOISE_FREE_LEVEL,
     align,
+    autocorrelation_noise,
     check_volume,
     chi,
     compare_objects,
     complex_overlap,
     fourier_shift,
     intensity,
+    out_of_family_crystal,
     phase_rms,
     poisson_chi_floor,
     poisson_nll,
@@ -147,3 +151,34 @@ def test_poisson_chi_floor_is_the_chi_of_the_truth_against_its_counts(crystal):
     # Normalised data round to zero, float32 beyond 2^24 rounds to whole numbers: not counts.
     assert poisson_chi_floor((counts / 1e13).astype(np.float32)) is None
     assert poisson_chi_floor((counts * 1e30).astype(np.float32)) is None
+
+
+def test_autocorrelation_noise_tells_noise_free_data_from_noisy_data(crystal):
+    """Noise-free intensities, in any units, with a detector gap or filling half the field of
+    view, stay below NOISE_FREE_LEVEL; counts, rescaled counts (not whole numbers) and
+    corrected measured-like data stay above it, with a level near 1 / sqrt(photons)."""
+    truth = intensity(crystal)
+    gapped = out_of_family_crystal(DEV_SEED, 1)
+    assert gapped.noise_free and gapped.mask is not None
+    n = 64
+    x = np.indices((n, n, n)) - n // 2
+    cube = (np.abs(x) < n // 4).all(axis=0) * np.exp(0.4j * x[0] / n)
+    for quiet in (
+        truth,
+        truth / truth.max(),
+        truth.astype(np.float64) * 1e13,
+        intensity(cube.astype(np.complex64)),
+    ):
+        assert autocorrelation_noise(quiet) < 0.1 * NOISE_FREE_LEVEL
+    assert autocorrelation_noise(gapped.measured, gapped.mask) < 0.1 * NOISE_FREE_LEVEL
+    # Garbage in the gap is left out by the mask.
+    garbage = np.where(gapped.mask, gapped.measured, 1e3 * gapped.measured.max())
+    assert autocorrelation_noise(garbage, gapped.mask) < 0.1 * NOISE_FREE_LEVEL
+    for photons in (1e6, 1e8, 1e10):
+        counts = simulate_counts(crystal, photons, np.random.default_rng(int(photons)))
+        level = autocorrelation_noise(counts)
+        assert level > 3 * NOISE_FREE_LEVEL
+        assert 0.1 < level * photons**0.5 < 10
+        assert autocorrelation_noise(counts * 1.37) == pytest.approx(level, rel=1e-4)
+    with pytest.raises(ValueError):
+        autocorrelation_noise(np.zeros((8, 8, 8)))

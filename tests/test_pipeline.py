@@ -274,6 +274,35 @@ def test_the_run_to_convergence_goes_on_every_other_q_then_where_needed_on_the_f
     assert compare_objects(crystal.object, outcome.object).iou >= 0.95
 
 
+@pytest.mark.timeout(120)
+def test_corrected_data_with_noise_are_not_run_to_convergence(rec, monkeypatch):
+    """Counts rescaled by a correction (not whole numbers: no Poisson floor) keep their noise,
+    which the data's autocorrelation shows: no run to convergence (it would fit the noise),
+    the held steps on every other q, and still the ER on the loosened support; the same
+    crystal's noise-free intensity is known noise-free."""
+    crystal = out_of_family_crystal(DEV_SEED, 0)
+    assert not crystal.noise_free
+    corrected = crystal.measured * 1.37
+    measurement = prepare_measurement(corrected, crystal.mask, 64)
+    assert not measurement.counts and not measurement.noise_free
+    exact = intensity(crystal.object).astype(np.float64)
+    assert prepare_measurement(exact * (1e8 / exact.sum()), None, 64).noise_free
+    assert not prepare_measurement(crystal.measured, crystal.mask, 64).noise_free  # counts
+    held = []  # the grid of every run with the amplitude held
+
+    def recorded(data, *args, **options):
+        if options.get("uniform_interior") is not None:
+            held.append(data.shape)
+        return polish(data, *args, **options)
+
+    monkeypatch.setattr(pipeline, "polish", recorded)
+    result = rec.reconstruct(corrected, crystal.mask)
+    assert not any("to convergence" in label for label in result.polish_attempts)
+    assert any(label.endswith(LOOSENED) for label in result.polish_attempts)
+    assert held and all(shape == (32, 32, 32) for shape in held)
+    assert compare_objects(crystal.object, result.object).iou >= 0.85
+
+
 def test_the_cnn_estimate_does_not_depend_on_the_units_of_noise_free_data(rec):
     """Noise-free data in arbitrary units (normalised to 1, or 1e13 in total) give the CNN the
     estimate it makes at the nearest trained photon level."""

@@ -471,12 +471,12 @@ def test_every_other_q_only_where_the_crystal_fits():
     for off in ({"starts_subsampling": False}, {"partial_coherence": True}):
         assert refine_subsampling(replace(settings, **off), support) is None
     # The uniform-amplitude run's held steps: the same rule on their fixed support.
-    assert held_subsampling(settings, support, True) == (2, 2, 2)
-    assert held_subsampling(settings, big, True) == (2, 2, 2)
-    assert held_subsampling(settings, np.ones((64, 64, 64), dtype=bool), True) is None
-    assert held_subsampling(settings, support, False) is None  # not counts: the full grid
+    assert held_subsampling(settings, support, False) == (2, 2, 2)
+    assert held_subsampling(settings, big, False) == (2, 2, 2)
+    assert held_subsampling(settings, np.ones((64, 64, 64), dtype=bool), False) is None
+    assert held_subsampling(settings, support, True) is None  # noise-free: the full grid
     for off in ({"polish_subsampling": False}, {"partial_coherence": True}):
-        assert held_subsampling(replace(settings, **off), support, True) is None
+        assert held_subsampling(replace(settings, **off), support, False) is None
 
 
 @pytest.mark.timeout(120)

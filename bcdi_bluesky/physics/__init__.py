@@ -27,8 +27,10 @@ from ._forward import (
 from ._geometry import AXIS_NAMES, PRESETS, Diffractometer, Geometry, geometry_from_start
 from ._harmonics import LMAX_LIMIT, fibonacci_directions, grid_table, real_sph_harm, sh_index
 from ._metrics import (
+    NOISE_FREE_LEVEL,
     ObjectComparison,
     align,
+    autocorrelation_noise,
     central_slices,
     chi,
     compare_objects,
@@ -70,6 +72,7 @@ __all__ = [
     "DISPLACEMENT_KINDS",
     "FFT_WORKERS",
     "LMAX_LIMIT",
+    "NOISE_FREE_LEVEL",
     "PRESETS",
     "PRIOR_PHOTONS",
     "SHAPE_KINDS",
@@ -82,6 +85,7 @@ __all__ = [
     "PhysicalResult",
     "Rendered",
     "align",
+    "autocorrelation_noise",
     "beamstop_mask",
     "central_slices",
     "check_mask",
