@@ -303,8 +303,12 @@ def polish(
             factor[invalid] = 1.0
         f *= factor
         if kind == "ER":
-            new = backend.ifftn(f, overwrite=True) if box is None else backend.ifftn_within(f, box)
-            new *= support
+            if box is None:
+                new = backend.ifftn(f, overwrite=True)
+                new *= support
+            else:  # zero outside the box already
+                new = backend.ifftn_within(f, box)
+                new[box] *= support[box]
             obj, object_box = new, box
         else:
             new = backend.ifftn(f, overwrite=True)
