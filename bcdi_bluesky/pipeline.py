@@ -325,7 +325,7 @@ class Measurement:
     valid: np.ndarray | None  # True for valid voxels (hot pixels removed); None: all valid
     prepared: Prepared  # the data centred on the model grid
     noise_floor: float | None  # physics.poisson_chi_floor (None: not counts)
-    noise_free: bool = False  # not counts, without noise (physics.autocorrelation_noise)
+    noise_free: bool  # not counts and without noise (physics.autocorrelation_noise)
 
     @property
     def counts(self) -> bool:
@@ -340,7 +340,8 @@ def oversampling(valid: np.ndarray | None, voxels: int, support: np.ndarray) -> 
 
 
 def prepare_measurement(intensity: np.ndarray, mask: np.ndarray | None, n: int) -> Measurement:
-    """Check the volume and mask, mask hot pixels, check the Bragg peak, fit to the ``n^3`` grid.
+    """Check the volume and mask, mask hot pixels, check the Bragg peak, fit to the ``n^3`` grid;
+    tell counts (their Poisson floor), noise-free data and other data apart.
 
     Raises
     ------
