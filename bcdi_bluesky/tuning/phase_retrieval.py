@@ -238,6 +238,9 @@ def polish(
     amp = backend.ifftshift(xp.sqrt(backend.asarray(measured, dtype=xp.float32)))
     valid = None if mask is None else backend.ifftshift(backend.asarray(mask, dtype=xp.bool))
     invalid = None if valid is None else ~valid
+    # numpy: the masked voxels by flat index, set in 0.014 ms per step where the boolean mask
+    # takes 0.19 ms (64^3, 2% masked); the same values.
+    invalid_at = None if invalid is None or not backend.is_numpy else np.flatnonzero(invalid)
     # The error's masked voxels weighed 0: a product, cheaper than gathering the valid ones.
     weight = None if valid is None else xp.astype(valid, xp.float32)
     support = xp.asarray(backend.asarray(seed_support, dtype=xp.bool), copy=True)
@@ -299,7 +302,9 @@ def polish(
         # Modulus projection as one real factor per voxel (f * amp / |f|): cheaper than
         # forming the unit phase; where masked the factor is 1 (the estimate keeps its own).
         factor = amp / xp.clip(mod, min=1e-12)
-        if invalid is not None:
+        if invalid_at is not None:
+            factor.reshape(-1)[invalid_at] = 1.0
+        elif invalid is not None:
             factor[invalid] = 1.0
         f *= factor
         if kind == "ER":
