@@ -108,10 +108,10 @@ COHERE_RECIPE: dict[str, Any] = {
 
 #: cohere's example preprocessing of the measured scans zeroes I <= 2 before the square root.
 COHERE_MEASURED_THRESHOLD = 2.0
-#: cohere runs (random starts) per measured set; the median one (by R-factor) is reported,
-#: with the median wall time of the runs. Our ``full`` run is timed as many times (the same
-#: result each time: the median time, as this VM's speed varies from run to run).
-COHERE_MEASURED_REPEATS = 3
+#: Runs per measured set: cohere's random starts (the median one by R-factor is reported) and
+#: our ``full`` runs (the same result each time); each side's wall time is the median of its
+#: runs, as this VM's speed varies from run to run.
+MEASURED_REPEATS = 3
 
 MEASURED_SETS = {
     "APS scan 54": "cohere_examples_scan54/S0054_intensity_64.npy",
@@ -569,7 +569,7 @@ def measured_cases(
                 **verdict(result),
             }
         repeats = [methods["full"]["seconds"]]
-        for _ in range(COHERE_MEASURED_REPEATS - 1):
+        for _ in range(MEASURED_REPEATS - 1):
             again, seconds = run_ours(rec, data, "full")
             repeats.append(seconds)
             if not np.array_equal(again.object, results["full"].object):
@@ -580,16 +580,17 @@ def measured_cases(
         if not skip_cohere:
             median_start, starts = run_cohere_starts(
                 data,
-                COHERE_MEASURED_REPEATS,
+                MEASURED_REPEATS,
                 lambda obj, data=data: figures(obj, data),
                 "r_factor",
                 COHERE_MEASURED_THRESHOLD,
             )
             cohere_obj, run = median_start.object, median_start.run
+            seconds_each = [start.run.seconds for start in starts]
             methods["cohere"] = {
                 **median_start.figures,
-                "seconds": median([start.run.seconds for start in starts]),
-                "seconds_each": [start.run.seconds for start in starts],
+                "seconds": median(seconds_each),
+                "seconds_each": seconds_each,
                 "cohere_error": run.error,
                 "chi_fit": run.chi,
                 "chi_fit_unconverted": run.chi_unconverted,
