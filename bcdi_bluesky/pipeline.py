@@ -1403,10 +1403,11 @@ class Reconstructor:
     settings : ReconstructionSettings, optional
         How much work each reconstruction may do (default: ``ReconstructionSettings()``).
     device : {"auto", "cpu", "cuda"} or "cuda:N"
-        Where the numeric stages (forward model, chi, search, ES, phase retrieval) run:
-        ``"auto"`` takes a GPU when CuPy or torch sees one (:func:`~bcdi_bluesky.backend.
-        select_backend`); falling back to the CPU is logged once. The CNN's device is the ONNX
-        Runtime provider's (``providers``).
+        Where the phase retrieval runs: ``"auto"`` takes a GPU when CuPy or torch sees one
+        (:func:`~bcdi_bluesky.backend.select_backend`); falling back to the CPU is logged
+        once. The crystal-model fit (the search and ES on the model's grid) runs on the host
+        numpy on every device, where its many small evaluations are faster. The CNN's device
+        is the ONNX Runtime provider's (``providers``).
     array_library : {"numpy", "cupy", "torch"}, optional
         Force the array library (``device="cpu", array_library="torch"`` runs the GPU code
         path on the CPU).
@@ -1515,8 +1516,13 @@ class Reconstructor:
         notify("preprocess", {"seconds": timings["preprocess"], "shift": prepared.shift})
 
         t = time.perf_counter()
-        chi_of = ChiCost(prepared.intensity, prepared.mask, backend)
-        coarse_chi_of = coarse_chi(self.model, prepared.intensity, prepared.mask, backend)
+        # The crystal-model fit runs on the host whatever the device: its volumes are the
+        # model's 64^3 grid and coarser, and it is thousands of small evaluations one after
+        # another, where a GPU's per-kernel latency costs more than the arithmetic saves
+        # (docs/benchmarks.md: 5.4 s of CuPy on an H200 against 0.9 s of numpy on 2 cores).
+        fit_backend = NUMPY
+        chi_of = ChiCost(prepared.intensity, prepared.mask, fit_backend)
+        coarse_chi_of = coarse_chi(self.model, prepared.intensity, prepared.mask, fit_backend)
         cnn = cnn_stage(
             self.runtime, self.model, prepared, chi_of, coarse_chi_of, measurement.counts
         )
@@ -1564,7 +1570,7 @@ class Reconstructor:
                 hook=lambda i, c: (
                     notify("es_step", {"iteration": i, "cost": c}) if i % 10 == 0 else None
                 ),
-                backend=backend,
+                backend=fit_backend,
             )
             params, es_costs = fitted.params, fitted.costs
             stage_chi["shape"], stage_chi["es"] = fitted.chi_shape, fitted.chi

@@ -15,6 +15,8 @@ One JSON object, printed and written to ``--output``:
   one is looser), and the complex overlap and support IoU of the two objects; all with the
   short settings of ``--quick`` (the defaults would meet the CPU's wall-time caps at 128^3). At
   256^3 the CPU reference is left out (minutes on a CPU), and says so.
+* ``sizes[N]["step"]``: one polish step (ER/HIO with shrink-wrap) and one bare FFT pair,
+  milliseconds, on the device and (up to 128^3, where a GPU is the device) on the host's numpy.
 * ``sizes[N]["cohere"]``: cohere-core's default recipe (620 ER/HIO steps from a random start)
   on the same device and data (its ``cp`` or ``torch`` backend on a GPU), seconds and chi, and
   our speed-up.
@@ -22,11 +24,18 @@ One JSON object, printed and written to ``--output``:
   CUDA as a stand-in where ``onnxruntime-gpu`` is not installed (it then says so).
 * ``max_chi_difference``: the largest stage chi difference between the device and the CPU
   path over the sizes.
+* ``set``: ``--set-count`` crystals of the out-of-family set at 64^3 (default 8; none with
+  ``--quick``), each reconstructed once on the device (default settings, after the warm-up of
+  the sizes above) and once by cohere-core on the same device (one random start, seeded per
+  crystal): support IoU and complex overlap against the true object, seconds, and the medians
+  and the ratio of the median times.
 
 ``--device cpu`` runs the GPU code path (torch tensors) on the CPU against numpy: the same code,
-the same keys. ``--quick``: 64^3 only, shorter step counts, no cohere, under 2 minutes on two
-cores. The test crystals are the out-of-family benchmark set's (``BENCHMARK_SEED``), faceted,
-strained and noisy, rendered at every size with the same oversampling.
+the same keys. ``--array-library`` forces CuPy or torch on CUDA (default: what
+``select_backend`` takes, torch first). ``--quick``: 64^3 only, shorter step counts, no cohere,
+under 2 minutes on two cores. The test crystals are the out-of-family benchmark set's
+(``BENCHMARK_SEED``), faceted, strained and noisy, rendered at every size with the same
+oversampling.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from bcdi_bluesky.backend import NUMPY, select_backend
+from bcdi_bluesky.backend import GPU_LIBRARIES, NUMPY, ArrayBackend, select_backend
 from bcdi_bluesky.io import atomic_write_bytes
 from bcdi_bluesky.physics import (
     BENCHMARK_SEED,
@@ -61,7 +70,10 @@ from bcdi_bluesky.pipeline import (
 )
 from bcdi_bluesky.preprocess import network_input
 from bcdi_bluesky.settings import ReconstructionSettings
-from bcdi_bluesky.tuning import ChiCost
+from bcdi_bluesky.tuning import ChiCost, polish
+
+# bench_pipeline (cohere-core's runs and the figures of merit) sits beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SIZES = (64, 128, 256)
 #: Crystal of the out-of-family set used at every size (a faceted, strained, noisy one).
@@ -229,21 +241,125 @@ def torch_stand_in(rec: Reconstructor, x: np.ndarray, runs: int) -> dict[str, An
     }
 
 
+def cohere_package(device: str) -> tuple[str, int]:
+    """cohere-core's array library and device index for ``device`` ("np", -1 on the CPU;
+    "cp", else "torch", on CUDA)."""
+    if device == "cpu":
+        return "np", -1
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "torch", int(device.partition(":")[2] or 0)
+    return "cp", int(device.partition(":")[2] or 0)
+
+
 def run_cohere_on(device: str, counts: np.ndarray) -> dict[str, Any]:
     """cohere-core's default recipe on the check's device, or why it did not run."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         from bench_pipeline import centre_on_max, run_cohere
     except ImportError as exc:
         return {"skipped": f"cohere-core is not installed ({exc})"}
-    package, index = ("np", -1) if device == "cpu" else ("cp", int(device.partition(":")[2] or 0))
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        package = "torch" if package == "cp" else package
+    package, index = cohere_package(device)
     centred, _ = centre_on_max(counts)
     run = run_cohere(centred, package=package, device=index)
     return {"package": package, "seconds": run.seconds, "chi": run.chi}
+
+
+def step_timings(backend: ArrayBackend, n: int, steps: int = 200) -> dict[str, Any]:
+    """One ER/HIO step of the polish (shrink-wrap every 10 steps, as the pipeline's) and a
+    bare FFT pair (``fftn`` then ``ifftn``) on ``backend`` at ``n^3``, milliseconds (medians of
+    three timed runs after a warm-up): where the step costs many FFT pairs, the step's
+    element-wise kernels and their launches, not the transforms, set the pace."""
+    counts, mask = crystal(n)
+    rng = np.random.default_rng(0)
+    support = np.zeros((n,) * 3, dtype=bool)
+    support[(slice(n // 4, 3 * n // 4),) * 3] = True
+    seed = (support * np.exp(2j * np.pi * rng.random(support.shape))).astype(np.complex64)
+
+    def run_polish(iterations: int) -> None:
+        polish(
+            counts, seed, support, mask, iterations=iterations, hio_fraction=0.5, backend=backend
+        )
+        backend.synchronize()
+
+    def pairs(count: int) -> None:
+        x = backend.asarray(seed)
+        for _ in range(count):
+            x = backend.ifftn(backend.fftn(x))
+        backend.synchronize()
+
+    out: dict[str, Any] = {}
+    for key, work, count in (("step_ms", run_polish, steps), ("fft_pair_ms", pairs, 50)):
+        work(10)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            work(count)
+            times.append((time.perf_counter() - t) / count * 1e3)
+        out[key] = statistics.median(times)
+    out["step_over_fft_pair"] = out["step_ms"] / out["fft_pair_ms"]
+    return out
+
+
+def set_check(rec: Reconstructor, count: int) -> dict[str, Any]:
+    """``count`` out-of-family crystals at 64^3 on the device: ours, ours on the host's numpy
+    (``ours_cpu``, the same settings; only where the device is a GPU) and cohere-core's (one
+    seeded start, the same device), against the truth."""
+    from bench_pipeline import centre_on_max, figures, run_cohere, undo_centring
+
+    package, index = cohere_package(rec.device)
+    ours = {"ours": rec}
+    if rec.device != "cpu":
+        ours["ours_cpu"] = Reconstructor(settings=rec.settings, device="cpu")
+    cases = []
+    for i in range(count):
+        c = out_of_family_crystal(BENCHMARK_SEED, i, n=64)
+        case: dict[str, Any] = {"index": i, "labels": c.labels}
+        for name, r in ours.items():
+            started = time.perf_counter()
+            result = r.reconstruct(c.measured, c.mask)
+            case[name] = {
+                **figures(result.object, c.measured, c.object, mask=c.mask),
+                "seconds": time.perf_counter() - started,
+                "timings_s": dict(result.timings),
+                "quality": result.quality,
+                "cut_short": list(result.cut_short),
+            }
+        seconds = case["ours"]["seconds"]
+        try:
+            centred, shift = centre_on_max(c.measured)
+            np.random.seed(1000 * i)  # noqa: NPY002 - cohere draws its start from it
+            run = run_cohere(centred, package=package, device=index)
+        except ImportError as exc:
+            case["cohere"] = {"skipped": f"cohere-core is not installed ({exc})"}
+        else:
+            obj = undo_centring(run.object, shift)
+            case["cohere"] = {
+                **figures(obj, c.measured, c.object, mask=c.mask),
+                "seconds": run.seconds,
+            }
+        cases.append(case)
+        print(f"set #{i}: ours IoU {case['ours']['iou']:.3f} in {seconds:.2f} s", file=sys.stderr)
+    out: dict[str, Any] = {"cohere_package": package, "cases": cases}
+    for method in (*ours, "cohere"):
+        done = [c[method] for c in cases if "seconds" in c[method]]
+        if done:
+            out[method] = {
+                key: statistics.median(d[key] for d in done)
+                for key in ("iou", "overlap", "seconds")
+            }
+    if "cohere" in out:
+        out["time_ratio"] = out["cohere"]["seconds"] / out["ours"]["seconds"]
+    if "ours_cpu" in out:
+        out["cpu_over_device"] = out["ours_cpu"]["seconds"] / out["ours"]["seconds"]
+    return out
+
+
+def save(report: dict[str, Any], path: str) -> str:
+    """Write ``report`` as JSON to ``path`` (atomically); return the text."""
+    text = json.dumps(report, indent=1, default=float)
+    atomic_write_bytes(Path(path), text.encode())
+    return text
 
 
 def main() -> None:
@@ -252,10 +368,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--quick", action="store_true", help="64^3, short runs, no cohere")
     parser.add_argument("--repeats", type=int, default=None, help="timed scans per size")
+    parser.add_argument(
+        "--array-library", choices=GPU_LIBRARIES, default=None, help="CuPy or torch on CUDA"
+    )
+    parser.add_argument(
+        "--set-count", type=int, default=None, help="out-of-family crystals timed at 64^3"
+    )
     parser.add_argument("--output", default="gpu_check.json")
     args = parser.parse_args()
     started = time.perf_counter()
-    library = "torch" if args.device == "cpu" else None
+    library = "torch" if args.device == "cpu" else args.array_library
     backend = select_backend(args.device, library)
     sizes = (64,) if args.quick else SIZES
     repeats = args.repeats if args.repeats is not None else (0 if args.quick else 3)
@@ -310,14 +432,20 @@ def main() -> None:
         else:
             entry["reference_chi"] = None
             entry["note"] = "no CPU reference at this size (minutes on a CPU)"
+        entry["step"] = {backend.name: step_timings(backend, n)}
+        if backend.device != "cpu" and n <= 128:
+            entry["step"][NUMPY.name] = step_timings(NUMPY, n)
         report["sizes"][str(n)] = entry
+        save(report, args.output)  # a run stopped later keeps the sizes done
         print(f"{n}^3: total {timings['total']:.3f} s, chi {result.chi:.4f}", file=sys.stderr)
     report["cnn"] = cnn_timings(device_rec, crystal(64)[0], 5 if args.quick else 20)
     report["max_chi_difference"] = max(differences)
+    set_count = args.set_count if args.set_count is not None else (0 if args.quick else 8)
+    if set_count > 0:
+        save(report, args.output)
+        report["set"] = set_check(device_rec, set_count)
     report["seconds"] = time.perf_counter() - started
-    text = json.dumps(report, indent=1, default=float)
-    atomic_write_bytes(Path(args.output), text.encode())
-    print(text)
+    print(save(report, args.output))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def pad_frequencies(obj: Any, shape: tuple[int, ...], backend: ArrayBackend = NU
     :func:`crop_frequencies`)."""
     xp = backend.xp
     f = backend.fftshift(backend.fftn(backend.asarray(obj, dtype=xp.complex64)))
-    full = xp.zeros(tuple(shape), dtype=xp.complex64)
+    full = backend.zeros(tuple(shape), xp.complex64)
     full[central_slices(tuple(shape), tuple(f.shape))] = f
     return backend.ifftn(backend.ifftshift(full))
 
