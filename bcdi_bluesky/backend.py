@@ -1,4 +1,4 @@
-"""Array backends for the numeric stages: numpy on the CPU, CuPy or torch on CUDA.
+"""Array backends for the numeric stages: numpy on the CPU, torch or CuPy on CUDA.
 
 The forward model, ``chi``, the shape search and extremum seeking's cost evaluations and the
 ER/HIO polish are written once against :class:`ArrayBackend`: the array-API namespace of

@@ -1147,7 +1147,7 @@ def _add_run_keys(p: argparse.ArgumentParser) -> None:
 
 
 def _add_device_argument(p: argparse.ArgumentParser) -> None:
-    """``--device``: where the numeric stages run (:class:`~bcdi_bluesky.Reconstructor`)."""
+    """``--device``: where the phase retrieval runs (:class:`~bcdi_bluesky.Reconstructor`)."""
     p.add_argument(
         "--device",
         default="auto",

@@ -137,9 +137,9 @@ RESULT_SCHEMA: dict[str, ResultField] = {
         "data's choice of the twin-odd signs, twin_choice), refine, polish, total",
     ),
     "provider": ResultField("", "the ONNX Runtime provider that ran the CNN"),
-    "device": ResultField("", "where the numeric stages ran: cpu or cuda:N"),
+    "device": ResultField("", "where the phase retrieval ran: cpu or cuda:N"),
     "array_library": ResultField(
-        "", "the array library of the numeric stages: numpy, cupy or torch"
+        "", "the array library of the phase retrieval: numpy, cupy or torch"
     ),
     "model": ResultField("", "name of the CNN"),
     "refine": ResultField("", "refinement mode: none, es or full"),
@@ -230,7 +230,7 @@ class ReconstructionResult:
     physical: PhysicalResult | None = None
     #: The partial-coherence kernel over q (centred, sums to 1) when the polish modelled it.
     coherence_kernel: np.ndarray | None = None
-    #: Where the numeric stages ran ("cpu", "cuda:0") and with which array library.
+    #: Where the phase retrieval ran ("cpu", "cuda:0") and with which array library.
     device: str = "cpu"
     array_library: str = "numpy"
 
@@ -366,10 +366,11 @@ def prepare_measurement(intensity: np.ndarray, mask: np.ndarray | None, n: int) 
     valid = remove_hot_pixels(data, valid)
     if valid.all():
         valid = None
-    check_bragg_peak(data, valid)
     floor = poisson_chi_floor(data, valid)
+    check_bragg_peak(data, valid, counts=floor is not None)
     noise_free = floor is None and autocorrelation_noise(data, valid) < NOISE_FREE_LEVEL
-    return Measurement(data, valid, fit_to_grid(data, n, valid), floor, noise_free)
+    prepared = fit_to_grid(data, n, valid, hot_pixels_masked=True)
+    return Measurement(data, valid, prepared, floor, noise_free)
 
 
 @dataclass(frozen=True)
@@ -1449,7 +1450,7 @@ class Reconstructor:
 
     @property
     def device(self) -> str:
-        """Where the numeric stages run ("cpu", "cuda:0")."""
+        """Where the phase retrieval runs ("cpu", "cuda:0")."""
         return self.backend.device
 
     @property

@@ -15,22 +15,32 @@ from .physics import PRIOR_PHOTONS, check_mask, check_volume
 
 
 def peak_position(
-    intensity: np.ndarray, mask: np.ndarray | None = None, smooth: float = 1.0
+    intensity: np.ndarray,
+    mask: np.ndarray | None = None,
+    smooth: float = 1.0,
+    *,
+    hot_pixels_masked: bool = False,
 ) -> tuple[int, int, int]:
     """Index of the Bragg peak: the maximum after hot-pixel removal and a light smoothing.
 
     Hot pixels (see :func:`remove_hot_pixels`) and masked voxels are ignored; the smoothing
-    keeps a noisy background voxel from being taken for the peak.
+    keeps a noisy background voxel from being taken for the peak. ``hot_pixels_masked``: the
+    ``mask`` already leaves them out (from :func:`remove_hot_pixels`), so they are not looked
+    for again (0.5 s at 256^3).
     """
-    data = np.where(remove_hot_pixels(intensity, mask), intensity, 0.0)
+    valid = mask if hot_pixels_masked else remove_hot_pixels(intensity, mask)
+    data = intensity if valid is None else np.where(valid, intensity, 0.0)
     if smooth > 0:
         data = scipy.ndimage.gaussian_filter(data.astype(np.float32), smooth, mode="wrap")
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(data)), data.shape))
 
 
-def centre_shift(intensity: np.ndarray, mask: np.ndarray | None = None) -> tuple[int, int, int]:
-    """Circular shift that brings the Bragg peak to index ``N // 2`` on every axis."""
-    peak = peak_position(intensity, mask)
+def centre_shift(
+    intensity: np.ndarray, mask: np.ndarray | None = None, *, hot_pixels_masked: bool = False
+) -> tuple[int, int, int]:
+    """Circular shift that brings the Bragg peak to index ``N // 2`` on every axis
+    (:func:`peak_position`)."""
+    peak = peak_position(intensity, mask, hot_pixels_masked=hot_pixels_masked)
     return tuple(s // 2 - p for s, p in zip(intensity.shape, peak, strict=True))
 
 
@@ -78,15 +88,22 @@ class Prepared:
     crop: tuple[int, int, int]
 
 
-def fit_to_grid(intensity: np.ndarray, n: int, mask: np.ndarray | None = None) -> Prepared:
+def fit_to_grid(
+    intensity: np.ndarray,
+    n: int,
+    mask: np.ndarray | None = None,
+    *,
+    hot_pixels_masked: bool = False,
+) -> Prepared:
     """Centre a volume on its Bragg peak and bring it to an ``n^3`` grid.
 
     Larger axes are cropped around the peak (which keeps the real-space field of view and so
-    the oversampling); smaller axes are zero-padded (and masked).
+    the oversampling); smaller axes are zero-padded (and masked). ``hot_pixels_masked``: see
+    :func:`peak_position`.
     """
     intensity = check_volume(intensity)
     mask = check_mask(mask, intensity.shape)
-    shift = centre_shift(intensity, mask)
+    shift = centre_shift(intensity, mask, hot_pixels_masked=hot_pixels_masked)
     data = np.roll(intensity, shift, axis=(0, 1, 2))
     m = None if mask is None else np.roll(mask, shift, axis=(0, 1, 2))
     out = np.zeros((n, n, n), dtype=np.float32)

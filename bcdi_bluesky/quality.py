@@ -61,7 +61,9 @@ MIN_SUPPORT_VOXELS = 27
 CNN_CHI_Z_LIMIT = 2.33
 
 
-def check_bragg_peak(data: np.ndarray, mask: np.ndarray | None = None) -> None:
+def check_bragg_peak(
+    data: np.ndarray, mask: np.ndarray | None = None, counts: bool | None = None
+) -> None:
     """Raise :class:`NoBraggPeakError` unless photon counts hold a detectable Bragg peak.
 
     The valid voxels (hot pixels already masked) must hold some signal, and with photon counts
@@ -76,6 +78,9 @@ def check_bragg_peak(data: np.ndarray, mask: np.ndarray | None = None) -> None:
         The intensity.
     mask : ndarray of bool, optional
         True for valid voxels.
+    counts : bool, optional
+        Whether the data are photon counts, where the caller knows it already (from
+        :func:`~bcdi_bluesky.physics.poisson_chi_floor`, which None calls).
     """
     values = data if mask is None else data[mask]
     if values.size == 0 or not float(values.max()) > 0:
@@ -85,7 +90,9 @@ def check_bragg_peak(data: np.ndarray, mask: np.ndarray | None = None) -> None:
             "no usable Bragg peak: no signal in the valid voxels (hot voxels and the mask "
             "removed all of it)"
         )
-    if poisson_chi_floor(values) is None:
+    if counts is None:
+        counts = poisson_chi_floor(values) is not None
+    if not counts:
         _check_peak_contrast(values)
         return
     peak = float(values.max())

@@ -118,6 +118,8 @@ def test_data_that_are_not_counts_without_a_peak_are_refused(kind, scan54_64, cd
     }[kind].astype(np.float32)
     with pytest.raises(NoBraggPeakError, match="robust standard deviations"):
         check_bragg_peak(volume)
+    with pytest.raises(NoBraggPeakError, match="robust standard deviations"):
+        check_bragg_peak(volume, counts=False)  # the caller's word, as the pipeline gives it
     for measured in (scan54_64, cdinn_64):  # corrected measured data: peaks far above
         check_bragg_peak(measured.astype(np.float32))
 
@@ -146,6 +148,9 @@ def test_weak_but_real_peak_passes(counted):
     )
     check_bragg_peak(weak)  # 1e5 photons: hundreds in the peak voxel
     check_bragg_peak(weak * 0.37)  # not counts: not judged here
+    # Taken for counts, the same data scaled down are judged by the Poisson criterion.
+    with pytest.raises(NoBraggPeakError, match="Poisson standard deviations"):
+        check_bragg_peak(weak * 1e-3, counts=True)
 
 
 def test_out_of_distribution_uses_the_fit():

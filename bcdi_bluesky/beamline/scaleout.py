@@ -49,7 +49,7 @@ class ReconstructorSpec:
     threads : int, optional
         ONNX Runtime CPU threads.
     device : str
-        Where the numeric stages run (``Reconstructor(device=...)``); ``"auto"``, the default,
+        Where the phase retrieval runs (``Reconstructor(device=...)``); ``"auto"``, the default,
         lets each worker take its GPU when it has one.
     """
 
