@@ -18,8 +18,8 @@ One JSON object, printed and written to ``--output``:
 * ``sizes[N]["step"]``: one polish step (ER/HIO with shrink-wrap) and one bare FFT pair,
   milliseconds, on the device and (up to 128^3, where a GPU is the device) on the host's numpy.
 * ``sizes[N]["cohere"]``: cohere-core's default recipe (620 ER/HIO steps from a random start)
-  on the same device and data (its ``cp`` or ``torch`` backend on a GPU), seconds and chi, and
-  our speed-up.
+  on the same device and data (its ``cp`` or ``torch`` backend on a GPU), after an untimed
+  first run (its kernels compile then): seconds, chi and our speed-up.
 * ``cnn``: the network's median time through ONNX Runtime's provider, and through torch on
   CUDA as a stand-in where ``onnxruntime-gpu`` is not installed (it then says so).
 * ``max_chi_difference``: the largest stage chi difference between the device and the CPU
@@ -401,6 +401,10 @@ def main() -> None:
         "sizes": {},
     }
     differences = []
+    if not args.quick:
+        # cohere's first run on a GPU compiles its kernels (measured on an H200: 9.7-12.3 s
+        # against 0.6-1.0 s for the next 64^3 runs): an untimed run first.
+        run_cohere_on(backend.device, crystal(64)[0])
     for n in sizes:
         backend.reset_memory_peak()
         counts, mask = crystal(n)
