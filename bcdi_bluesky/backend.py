@@ -69,7 +69,7 @@ PRUNED_FFT_MAX_SPAN = 0.7
 #: What ``device=`` accepts (besides ``"cuda:N"``).
 DEVICES = ("auto", "cpu", "cuda")
 #: Array libraries, in the order ``"cuda"`` tries them: torch first, as its element-wise
-#: kernels cost less per call (a 64^3 polish step on an H200: 0.30 ms on torch, 1.11 ms on
+#: kernels cost less per call (a 64^3 polish step on an H200: 0.20 ms on torch, 1.11 ms on
 #: CuPy through array-api-compat; docs/benchmarks.md).
 GPU_LIBRARIES = ("torch", "cupy")
 LIBRARIES = ("numpy", *GPU_LIBRARIES)

@@ -1404,7 +1404,7 @@ class Reconstructor:
     settings : ReconstructionSettings, optional
         How much work each reconstruction may do (default: ``ReconstructionSettings()``).
     device : {"auto", "cpu", "cuda"} or "cuda:N"
-        Where the phase retrieval runs: ``"auto"`` takes a GPU when CuPy or torch sees one
+        Where the phase retrieval runs: ``"auto"`` takes a GPU when torch or CuPy sees one
         (:func:`~bcdi_bluesky.backend.select_backend`); falling back to the CPU is logged
         once. The crystal-model fit (the search and ES on the model's grid) runs on the host
         numpy on every device, where its many small evaluations are faster. The CNN's device
@@ -1520,7 +1520,7 @@ class Reconstructor:
         # The crystal-model fit runs on the host whatever the device: its volumes are the
         # model's 64^3 grid and coarser, and it is thousands of small evaluations one after
         # another, where a GPU's per-kernel latency costs more than the arithmetic saves
-        # (docs/benchmarks.md: 5.4 s of CuPy on an H200 against 0.9 s of numpy on 2 cores).
+        # (docs/benchmarks.md: 5.4 s on CuPy on an H200, 1.7 s on numpy on the same host).
         fit_backend = NUMPY
         chi_of = ChiCost(prepared.intensity, prepared.mask, fit_backend)
         coarse_chi_of = coarse_chi(self.model, prepared.intensity, prepared.mask, fit_backend)
