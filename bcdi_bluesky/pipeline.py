@@ -1518,7 +1518,7 @@ class Reconstructor:
 
         t = time.perf_counter()
         # The crystal-model fit runs on the host whatever the device: its volumes are the
-        # model's 64^3 grid and coarser, and it is thousands of small evaluations one after
+        # model's 64^3 grid and coarser, and it is hundreds of small evaluations one after
         # another, where a GPU's per-kernel latency costs more than the arithmetic saves
         # (docs/benchmarks.md: 5.4 s on CuPy on an H200, 1.7 s on numpy on the same host).
         fit_backend = NUMPY
