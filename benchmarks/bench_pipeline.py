@@ -326,6 +326,8 @@ def run_cohere_starts(
     key: str,
     threshold: float = 0.0,
     seeds: Callable[[int], int] | None = None,
+    package: str = "np",
+    device: int = -1,
 ) -> tuple[CohereStart, list[CohereStart]]:
     """``count`` cohere runs from random starts on ``data`` (centred on its maximum for
     cohere, the objects carried back by :func:`undo_centring`), each object's figures
@@ -333,7 +335,8 @@ def run_cohere_starts(
 
     cohere starts from a random object, so one run is a draw: the median by ``key`` stands
     for it, and the others are returned too. ``seeds(k)`` seeds numpy's global state (which
-    cohere draws from) before start ``k``; None leaves it as it is.
+    cohere draws from) before start ``k``; None leaves it as it is. ``package`` and
+    ``device``: cohere's array library and GPU (:func:`run_cohere`).
 
     Returns
     -------
@@ -346,7 +349,7 @@ def run_cohere_starts(
         if seeds is not None:
             np.random.seed(seeds(k))  # noqa: NPY002
         cpu = time.process_time()
-        run = run_cohere(centred, threshold)
+        run = run_cohere(centred, threshold, package, device)
         cpu = time.process_time() - cpu
         obj = undo_centring(run.object, shift)
         start = CohereStart(run, obj, measure(obj), cpu, tuple(shift))

@@ -246,11 +246,12 @@ def cohere_package(device: str) -> tuple[str, int]:
     "cp", else "torch", on CUDA)."""
     if device == "cpu":
         return "np", -1
+    index = int(device.partition(":")[2] or 0)
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "torch", int(device.partition(":")[2] or 0)
-    return "cp", int(device.partition(":")[2] or 0)
+        return "torch", index
+    return "cp", index
 
 
 def run_cohere_on(device: str, counts: np.ndarray) -> dict[str, Any]:
@@ -305,7 +306,7 @@ def set_check(rec: Reconstructor, count: int) -> dict[str, Any]:
     """``count`` out-of-family crystals at 64^3 on the device: ours, ours on the host's numpy
     (``ours_cpu``, the same settings; only where the device is a GPU) and cohere-core's (one
     seeded start, the same device), against the truth."""
-    from bench_pipeline import centre_on_max, figures, run_cohere, undo_centring
+    from bench_pipeline import figures, run_cohere_starts
 
     package, index = cohere_package(rec.device)
     ours = {"ours": rec}
@@ -327,17 +328,19 @@ def set_check(rec: Reconstructor, count: int) -> dict[str, Any]:
             }
         seconds = case["ours"]["seconds"]
         try:
-            centred, shift = centre_on_max(c.measured)
-            np.random.seed(1000 * i)  # noqa: NPY002 - cohere draws its start from it
-            run = run_cohere(centred, package=package, device=index)
+            start, _ = run_cohere_starts(
+                c.measured,
+                1,
+                lambda obj, c=c: figures(obj, c.measured, c.object, mask=c.mask),
+                "chi",
+                seeds=lambda k, i=i: 1000 * i + k,
+                package=package,
+                device=index,
+            )
         except ImportError as exc:
             case["cohere"] = {"skipped": f"cohere-core is not installed ({exc})"}
         else:
-            obj = undo_centring(run.object, shift)
-            case["cohere"] = {
-                **figures(obj, c.measured, c.object, mask=c.mask),
-                "seconds": run.seconds,
-            }
+            case["cohere"] = {**start.figures, "seconds": start.run.seconds}
         cases.append(case)
         print(f"set #{i}: ours IoU {case['ours']['iou']:.3f} in {seconds:.2f} s", file=sys.stderr)
     out: dict[str, Any] = {"cohere_package": package, "cases": cases}
