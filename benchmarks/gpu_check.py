@@ -266,12 +266,14 @@ def run_cohere_on(device: str, counts: np.ndarray) -> dict[str, Any]:
     return {"package": package, "seconds": run.seconds, "chi": run.chi}
 
 
-def step_timings(backend: ArrayBackend, n: int, steps: int = 200) -> dict[str, Any]:
-    """One ER/HIO step of the polish (shrink-wrap every 10 steps, as the pipeline's) and a
-    bare FFT pair (``fftn`` then ``ifftn``) on ``backend`` at ``n^3``, milliseconds (medians of
-    three timed runs after a warm-up): where the step costs many FFT pairs, the step's
-    element-wise kernels and their launches, not the transforms, set the pace."""
-    counts, mask = crystal(n)
+def step_timings(
+    backend: ArrayBackend, counts: np.ndarray, mask: np.ndarray | None, steps: int = 200
+) -> dict[str, Any]:
+    """One ER/HIO step of the polish on ``counts`` (shrink-wrap every 10 steps, as the
+    pipeline's) and a bare FFT pair (``fftn`` then ``ifftn``) on ``backend``, milliseconds
+    (medians of three timed runs after a warm-up): where the step costs many FFT pairs, the
+    step's element-wise kernels and their launches, not the transforms, set the pace."""
+    n = counts.shape[0]
     rng = np.random.default_rng(0)
     support = np.zeros((n,) * 3, dtype=bool)
     support[(slice(n // 4, 3 * n // 4),) * 3] = True
@@ -439,9 +441,9 @@ def main() -> None:
         else:
             entry["reference_chi"] = None
             entry["note"] = "no CPU reference at this size (minutes on a CPU)"
-        entry["step"] = {backend.name: step_timings(backend, n)}
+        entry["step"] = {backend.name: step_timings(backend, counts, mask)}
         if backend.device != "cpu" and n <= 128:
-            entry["step"][NUMPY.name] = step_timings(NUMPY, n)
+            entry["step"][NUMPY.name] = step_timings(NUMPY, counts, mask)
         report["sizes"][str(n)] = entry
         save(report, args.output)  # a run stopped later keeps the sizes done
         print(f"{n}^3: total {timings['total']:.3f} s, chi {result.chi:.4f}", file=sys.stderr)
