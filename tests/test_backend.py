@@ -179,6 +179,17 @@ def test_phase_retrieval_is_the_same_on_torch(measured, partial_coherence, hold)
     assert abs(chis["torch"] - chis["numpy"]) <= 1e-3
 
 
+def test_the_median_is_the_lower_middle_value_on_every_library():
+    """numpy partitions where torch sorts: the same value, the lower middle one for an even
+    count."""
+    rng = np.random.default_rng(4)
+    for count in (1, 2, 7, 8, 1001):
+        values = rng.uniform(size=count).astype(np.float32)
+        expected = float(np.sort(values)[(count - 1) // 2])
+        for backend in (NUMPY, TORCH):
+            assert backend.median(backend.asarray(values)) == expected
+
+
 def test_gaussian_blur_is_scipy_s_for_an_object_inside_its_box():
     rng = np.random.default_rng(2)
     volume = np.zeros((32, 32, 40), dtype=np.float32)
