@@ -58,6 +58,7 @@ from .quality import (
     quality_verdict,
 )
 from .settings import (
+    CONVERGED_NEAR,
     FAR_FROM_NOISE,
     FINALISTS,
     LOOSE_SUPPORT_DILATION,
@@ -1078,9 +1079,10 @@ def _converge_run(
     Where ``best``'s support fits in half the field of view (:func:`refined_run_subsampling`)
     they run on every other q first, each step up to 8 times cheaper, and the crystal is
     carried back (:func:`~bcdi_bluesky.tuning.unfold`) and refined by
-    ``polish_er_iterations`` ER steps on the full grid. That is the run if it reaches
-    :data:`~bcdi_bluesky.quality.CHI_GOOD`; else (or if the crystal found does not fit) the
-    steps run on the full grid too, and the lower chi wins. Half the oversampling finishes a
+    ``polish_er_iterations`` ER steps on the full grid. That is the run if it comes within
+    :data:`~bcdi_bluesky.settings.CONVERGED_NEAR` of :data:`~bcdi_bluesky.quality.CHI_GOOD`
+    (closer, the full grid's run ended no lower); else (or if the crystal found does not fit)
+    the steps run on the full grid too, and the lower chi wins. Half the oversampling finishes a
     fit but repairs less: measured on the 3 of the 11 noise-free development crystals at 64^3
     that ran this step, from the winner of the starts and the uniform-amplitude run (chi
     0.003-0.008), the run on every other q ended at chi 0.0013-0.0027 as the full grid's
@@ -1107,7 +1109,7 @@ def _converge_run(
             )
             if folded.stopped_by == "iterations":
                 folded.stopped_by = small.stopped_by
-            if runs.cut or fit_at_noise(folded.chi, None):
+            if runs.cut or folded.chi <= CONVERGED_NEAR * CHI_GOOD:
                 return folded
     whole = runs.further(
         data,

@@ -67,6 +67,13 @@ ES_SCREEN_SHARE = 0.5
 #: times the floor on every other q; those above 1.5 x 1.15 of it ended 1.28-2.08 times the
 #: expected chi after the full grid's ER steps, and none of them won.
 FAR_FROM_NOISE = 1.5
+#: The run to convergence on every other q (noise-free data) is kept without the full grid's
+#: run where its chi after the full grid's ER steps is at most this factor times ``CHI_GOOD``.
+#: Measured on the 30 noise-free development crystals among the first 120 at 64^3: the full
+#: grid's run from the same start ended no lower on the 4 whose folded run ended at 1.09-1.14
+#: times ``CHI_GOOD`` (chi 0.0028-0.0031 against 0.0027-0.0028, 1.5-2.2 s each), and lower on
+#: the one at 1.32 (0.0015 against 0.0033) and the one above its start.
+CONVERGED_NEAR = 1.2
 #: Voxels kept free between the crystal and the field of view of every other q
 #: (``starts_subsampling``, :func:`~bcdi_bluesky.tuning.subsampling_factors`): the
 #: shrink-wrap support's halo needs room, and the folded copies of the object must not touch.
