@@ -185,6 +185,7 @@ def polish(
     partial_coherence: bool = False,
     kernel: CoherenceKernel | None = None,
     uniform_interior: Any | None = None,
+    relaxation: float = 1.0,
 ) -> PolishResult:
     """Refine ``seed_object`` against ``measured`` by ER/HIO with shrink-wrap.
 
@@ -231,7 +232,16 @@ def polish(
         Voxels inside the support whose amplitude every step sets to its median over them,
         keeping their phase: a homogeneous crystal, whose density the data alone do not fix
         where an even phase and an odd amplitude change fit them alike.
+    relaxation : float
+        Over-relaxed ER, for ER-only runs on a fixed support (``hio_fraction`` 0,
+        ``shrink_every`` 0): each step moves the estimate ``relaxation`` times the way to its
+        projection (1: plain ER). Below 2 the run has the same fixed points as ER and, where ER
+        creeps, reaches them in fewer steps; from 2 on it diverges.
     """
+    if not 1.0 <= relaxation < 2.0:
+        raise ValueError(f"relaxation must be in [1, 2), got {relaxation}")
+    if relaxation != 1.0 and (hio_fraction > 0 or shrink_every):
+        raise ValueError("relaxation is for ER-only runs on a fixed support")
     started = time.perf_counter()
     xp = backend.xp
     # Work in unshifted q: shift the data once instead of the field at every step.
@@ -314,9 +324,16 @@ def polish(
             if box is None:
                 new = backend.ifftn(f, overwrite=True)
                 new *= support
-            else:  # zero outside the box already
+                if relaxation != 1.0:
+                    new = obj + relaxation * (new - obj)
+            else:  # zero outside the box already, as the estimate is (a fixed support)
                 new = backend.ifftn_within(f, box)
-                new[box] *= support[box]
+                inside = new[box]
+                inside *= support[box]
+                if relaxation != 1.0:
+                    inside -= obj[box]
+                    inside *= np.float32(relaxation)
+                    inside += obj[box]
             obj, object_box = new, box
         else:
             new = backend.ifftn(f, overwrite=True)
