@@ -997,9 +997,9 @@ def _uniform_amplitude_run(
     ``converge_tolerance`` over 20 steps (measured with plain ER on the 40 development
     crystals at 64^3: median 39 of the 200 steps, chi at most 0.8% above the full count's, the
     IoU at most 0.01 lower; on the strain benchmark's strongest inclusion chi 3% higher and the
-    displacement error 6.8% against 6.1%). The ER refinements of the starts' finalists run all their
-    steps: stopped the same way, they ranked the starts differently (mean IoU 0.923 -> 0.920,
-    5 crystals 0.02-0.06 lower).
+    displacement error 6.8% against 6.1%). The ER refinements of the starts' finalists run all
+    their steps: stopped the same way, they ranked the starts differently (mean IoU 0.923 ->
+    0.920, 5 crystals 0.02-0.06 lower).
 
     Where that support fits in half the field of view along every axis
     (:func:`held_subsampling`) the held steps run on every other q, each up to 8 times

@@ -236,7 +236,8 @@ def polish(
         Over-relaxed ER, for ER-only runs on a fixed support (``hio_fraction`` 0,
         ``shrink_every`` 0): each step moves the estimate ``relaxation`` times the way to its
         projection (1: plain ER). Below 2 the run has the same fixed points as ER and, where ER
-        creeps, reaches them in fewer steps; from 2 on it diverges.
+        creeps, reaches them in fewer steps; 2 and above are refused (at 2.2 every run tried
+        diverged).
     """
     if not 1.0 <= relaxation < 2.0:
         raise ValueError(f"relaxation must be in [1, 2), got {relaxation}")
