@@ -65,8 +65,10 @@ class ChiCost:
         # scale 0, residual -b, chi 1.
         scale = xp.where(aa > 0, vdot(a, self.b) / xp.where(aa > 0, aa, 1.0), 0.0)
         # float64 and the explicit residual: ||b||^2 - s <a, b> cancels badly at small chi.
-        residual = scale * a - self.b
-        return float(vdot(residual, residual)) ** 0.5 / self.b_norm
+        # In place: ``a`` is this call's own copy.
+        a *= scale
+        a -= self.b
+        return float(vdot(a, a)) ** 0.5 / self.b_norm
 
 
 def central_cube(volume: np.ndarray, n: int) -> np.ndarray:
