@@ -185,6 +185,17 @@ class QualityEvidence:
     support_voxels: int | None = None
 
 
+def poor_fit(chi: float, expected_chi: float | None) -> bool:
+    """Does a fit miss what the data show (the verdict's ``poor`` on the fit)? Counts: chi
+    above :data:`FIT_FAIR` times what Poisson noise alone leaves, ``expected_chi``, and above
+    :data:`CHI_FAIR` (at 1e8-1e9 photons the noise is so low that a sound reconstruction of a
+    measured crystal, whose detector and coherence no model holds exactly, still sits several
+    times above it); other data (``expected_chi`` None): chi above :data:`CHI_FAIR`."""
+    if expected_chi is not None and expected_chi > 0:
+        return chi > FIT_FAIR * expected_chi and chi > CHI_FAIR
+    return chi > CHI_FAIR
+
+
 def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
     """``good``, ``fair`` or ``poor``, and the reasons for anything below ``good``.
 
@@ -203,10 +214,7 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
     level = 0
     if e.expected_chi is not None and e.expected_chi > 0:
         ratio = e.chi / e.expected_chi
-        # Poor takes a misfit against the noise and in absolute terms: at 1e8-1e9 photons
-        # the noise is so low that a sound reconstruction of a measured crystal (whose
-        # detector and coherence no model holds exactly) still sits several times above it.
-        if ratio > FIT_FAIR and e.chi > CHI_FAIR:
+        if poor_fit(e.chi, e.expected_chi):
             level = 2
         elif ratio > FIT_GOOD:
             level = 1
@@ -216,7 +224,7 @@ def quality_verdict(evidence: QualityEvidence) -> tuple[str, list[str]]:
                 f"{e.expected_chi:.4f})"
             )
     else:
-        if e.chi > CHI_FAIR:
+        if poor_fit(e.chi, None):
             level = 2
             reasons.append(f"fit chi {e.chi:.4f} above {CHI_FAIR:g} (data not counts)")
         elif e.chi > CHI_GOOD:
@@ -274,5 +282,6 @@ __all__ = [
     "QualityEvidence",
     "check_bragg_peak",
     "out_of_distribution",
+    "poor_fit",
     "quality_verdict",
 ]

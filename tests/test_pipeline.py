@@ -380,3 +380,29 @@ def test_a_crystal_too_small_for_an_interior_skips_the_uniform_amplitude_run():
     assert any(k.startswith("random start 1 ER/HIO") for k in result.polish_attempts)
     assert not any("uniform amplitude" in label for label in result.polish_attempts)
     assert result.quality == "poor"
+
+
+@pytest.mark.timeout(300)
+def test_a_poor_fit_is_rescued_by_starts_of_cohere_recipe(rec):
+    """A polynomially strained rod (a development crystal) whose polish keeps half of it and
+    ends poor: the rescue starts (shrink-wrap after every step, 87% HIO, on the full grid, each
+    with its uniform-amplitude run) fit it lower and find the whole crystal; without them it
+    stays poor."""
+    crystal = out_of_family_crystal(DEV_SEED, 54)
+    results = {
+        starts: rec.reconstruct(
+            crystal.measured,
+            crystal.mask,
+            settings=ReconstructionSettings(**{**GENEROUS_BUDGETS, "rescue_starts": starts}),
+        )
+        for starts in (0, 3)
+    }
+    plain, rescued = results[0], results[3]
+    assert plain.quality == "poor" and not plain.polish_recipe.startswith("rescue")
+    assert compare_objects(crystal.object, plain.object).iou < 0.6
+    assert rescued.polish_recipe.startswith("rescue start")
+    assert rescued.chi < 0.8 * plain.chi
+    assert rescued.quality != "poor"
+    assert compare_objects(crystal.object, rescued.object).iou > 0.8
+    labels = [label for label in rescued.polish_attempts if label.startswith("rescue")]
+    assert len(labels) == 6  # each start, and each with its uniform-amplitude run

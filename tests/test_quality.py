@@ -546,6 +546,7 @@ def test_first_run_far_from_the_noise_comes_back_without_the_full_grids_steps():
         adaptive_iterations=30,
         random_starts=0,
         uniform_amplitude_iterations=0,
+        rescue_starts=0,
         converge_iterations=0,
         loose_support_iterations=0,
     )
@@ -623,8 +624,9 @@ def test_the_coarse_grid_sees_the_central_q_region(shape):
 @pytest.mark.timeout(300)
 def test_a_random_start_finds_what_the_flat_sphere_misses():
     # A screw-dislocated cube (development seed): ER/HIO from the flat, uniform sphere keeps to
-    # a strain-free-like solution; from random amplitudes and phases in the same sphere it
-    # reaches a lower chi and the better crystal, so ranking the runs by chi picks it.
+    # a strain-free-like solution; from random amplitudes and phases in the same sphere the
+    # runs end in other minima, and the lowest of four draws is below the flat start's, with
+    # the better crystal, so ranking the runs by chi picks it.
     crystal = out_of_family_crystal(DEV_SEED, 25)
     assert crystal.displacement_kind == "screw dislocation" and not crystal.noise_free
     flat, support = autocorrelation_seed(crystal.measured)
@@ -633,13 +635,16 @@ def test_a_random_start_finds_what_the_flat_sphere_misses():
     np.testing.assert_array_equal(drawn, again)  # drawn from the seed: deterministic
     np.testing.assert_array_equal(support, np.abs(drawn) > 0)
     assert np.ptp(np.angle(drawn[support])) > 6.0 and np.ptp(np.angle(flat[support])) == 0
+    seeds = {"flat": flat, 0: drawn}
+    seeds.update({k: random_start(support, np.random.default_rng((0, k))) for k in (1, 2, 3)})
     runs = {
         name: polish(
             crystal.measured, seed, support, crystal.mask, iterations=600, hio_fraction=0.65
         )
-        for name, seed in (("flat", flat), ("random", drawn))
+        for name, seed in seeds.items()
     }
     chis = {k: chi(intensity(r.object), crystal.measured, crystal.mask) for k, r in runs.items()}
     ious = {k: support_iou(crystal.object, r.object) for k, r in runs.items()}
-    assert chis["random"] < chis["flat"]
-    assert ious["random"] > ious["flat"] + 0.05
+    best = min((k for k in chis if k != "flat"), key=chis.get)
+    assert chis[best] < 0.9 * chis["flat"]
+    assert ious[best] > ious["flat"] + 0.05

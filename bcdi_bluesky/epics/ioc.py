@@ -389,6 +389,7 @@ SETTING_PVS = {
     "converge_tolerance": "Polish:ConvergeTolerance",
     "loose_support_iterations": "Polish:LooseSupportIterations",
     "uniform_amplitude_iterations": "Polish:UniformAmplitudeIterations",
+    "rescue_starts": "Polish:RescueStarts",
     "partial_coherence": "Polish:PartialCoherence",
     "support_threshold": "Support:Threshold",
     "track": "Track",
