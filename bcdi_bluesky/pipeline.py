@@ -1095,9 +1095,9 @@ def _rescue_starts(
     Why: where the polish ends poor, its runs (shrink-wrap every 10 steps, most of them on
     every other q) have kept part of the crystal; a support shrink-wrapped after every HIO
     step follows the whole crystal (measured: :data:`~bcdi_bluesky.settings.
-    RESCUE_ITERATIONS`). Each start's chi is judged after
-    its uniform-amplitude run: before it, the start that ended lowest was not the one that
-    ended lowest after it (a development crystal: IoU 0.52 against 0.91).
+    RESCUE_ITERATIONS`). Each start's chi is judged after its uniform-amplitude run: on a
+    development crystal, with another draw, the start that ended lowest before it ended at IoU
+    0.52 after it, another at 0.91.
 
     Returns
     -------

@@ -627,7 +627,8 @@ def out_of_family_cases(
     Ours with ``refine="full"``, each of ``ours`` (name -> reconstructor: ``full``, the
     defaults; ``whole_q``, the further starts on every q (not on every other one: as on the
     full grid or the coarse one where the crystal does not fit in half the field of view);
-    ``no_starts``, without the further starts and the run to convergence; ``base``,
+    ``no_starts``, without the further starts, the rescue starts and the run to convergence;
+    ``base``,
     without spending more at all, nor the uniform-amplitude run: the ablations of the
     fit-driven polish); cohere-core
     from ``cohere_starts`` random starts (the median by chi is its figure; each start's IoU and
@@ -1149,7 +1150,9 @@ def main() -> None:
     # are a safety net, and a result they cut says so (``cut_short``, in the JSON).
     rec = Reconstructor()
     plain = Reconstructor(settings=rec.settings, shape_search_evaluations=0)
-    no_starts = Reconstructor(settings=rec.settings, adaptive_iterations=0, converge_iterations=0)
+    no_starts = Reconstructor(
+        settings=rec.settings, adaptive_iterations=0, converge_iterations=0, rescue_starts=0
+    )
     base = Reconstructor(settings=no_starts.settings, uniform_amplitude_iterations=0)
     whole_q = Reconstructor(settings=rec.settings, starts_subsampling=False)
     ours = {"full": rec, "whole_q": whole_q, "no_starts": no_starts, "base": base}

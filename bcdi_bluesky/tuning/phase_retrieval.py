@@ -316,8 +316,8 @@ def polish(
         errors.append(float(xp.sum(diff)) ** 0.5 / amp_norm)
         # Modulus projection as one real factor per voxel (f * amp / |f|): cheaper than
         # forming the unit phase; where masked the factor is 1 (the estimate keeps its own).
-        # |f| + 1e-12, not a clip (4x cheaper): the same value where |f| > 2e-5 (below half
-        # its float32 spacing), and no 0/0 where f is zero.
+        # |f| + 1e-12, not a clip (4x cheaper): the same value where |f| > 2e-5 (1e-12 is
+        # below half the float32 spacing there), and no 0/0 where f is zero.
         mod += 1e-12
         factor = amp / mod
         if invalid_at is not None:
