@@ -283,8 +283,9 @@ class ReconstructionSettings:
     )
     rescue_starts: int = _setting(
         3,
-        "when the polished fit is still poor (as the quality verdict judges a fit), "
-        "random starts of cohere's recipe "
+        "when the polished fit is still poor (as the quality verdict judges a fit) on a grid "
+        f"of at most {STARTS_GRID_EDGE} voxels along every axis, random starts of cohere's "
+        "recipe "
         f"({RESCUE_ITERATIONS} steps, {RESCUE_HIO_FRACTION:.0%} HIO, shrink-wrap after every "
         "step) on the full grid, each followed by the uniform-amplitude run; the lowest chi "
         "is kept if lower (0: none)",

@@ -406,3 +406,7 @@ def test_a_poor_fit_is_rescued_by_starts_of_cohere_recipe(rec):
     assert compare_objects(crystal.object, rescued.object).iou > 0.8
     labels = [label for label in rescued.polish_attempts if label.startswith("rescue")]
     assert len(labels) == 6  # each start, and each with its uniform-amplitude run
+    # Measured at 64^3: not on larger grids, where their cost grows with the volume.
+    assert pipeline.rescues(rec.settings, (64, 64, 64))
+    assert not pipeline.rescues(rec.settings, (64, 96, 96))
+    assert not pipeline.rescues(rec.settings.replace(rescue_starts=0), (64, 64, 64))
