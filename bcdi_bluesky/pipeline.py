@@ -65,6 +65,7 @@ from .settings import (
     FREE_ER_RELAXATION,
     FREE_ER_SHARE,
     LOOSE_SUPPORT_DILATION,
+    RESCUE_GRID_EDGE,
     RESCUE_HIO_FRACTION,
     RESCUE_ITERATIONS,
     SCREEN_SHARE,
@@ -1076,10 +1077,8 @@ def _uniform_amplitude_run(
 def rescues(settings: ReconstructionSettings, shape: tuple[int, ...]) -> bool:
     """Policy: may a poor fit on a grid of ``shape`` run the rescue starts
     (:func:`_rescue_starts`)? Where ``rescue_starts`` is above 0 and no axis is longer than
-    :data:`~bcdi_bluesky.settings.STARTS_GRID_EDGE`: they were measured at 64^3 (about 9 s on
-    2 cores), and their cost grows with the volume (the demo's low-exposure scan, 64 x 96 x 96,
-    fitted 1.31 times the noise at IoU 0.91: 27 s more for a chi 1% lower)."""
-    return settings.rescue_starts > 0 and max(shape) <= STARTS_GRID_EDGE
+    :data:`~bcdi_bluesky.settings.RESCUE_GRID_EDGE` (why: there)."""
+    return settings.rescue_starts > 0 and max(shape) <= RESCUE_GRID_EDGE
 
 
 #: The rescue starts' random draws: ``(seed, RESCUE_SEED_STREAM, k)`` for k from 1, apart from
@@ -1331,9 +1330,8 @@ def polish_stage(
        free ER); kept if its chi is lower.
     4. If the fit is still poor (:func:`~bcdi_bluesky.quality.poor_fit`, as the quality
        verdict judges it) on a grid where :func:`rescues`, ``rescue_starts`` random starts of
-       cohere's recipe on the full grid,
-       each followed by the uniform-amplitude run (:func:`_rescue_starts`); the lowest chi is
-       kept if lower.
+       cohere's recipe on the full grid, each followed by the uniform-amplitude run
+       (:func:`_rescue_starts`); the lowest chi is kept if lower.
     5. For noise-free data (:attr:`Measurement.noise_free`: no noise to stop at), if still
        above :data:`~bcdi_bluesky.quality.CHI_GOOD`, an ER/HIO run from the winner
        (``converge_iterations`` steps, ``adaptive_hio_fraction`` HIO) whose final ER block
